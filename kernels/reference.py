@@ -1,0 +1,112 @@
+"""Pure-torch paged KV store and paged attention: the CPU path and the ground truth.
+
+Layout shared with the Triton kernels:
+  k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim]  (one layer)
+  block_tables:      [num_seqs, max_blocks] int32, physical block ids, row i valid up to
+                     ceil(context_lens[i] / block_size)
+  context_lens:      [num_seqs] tokens in the cache per sequence, this step's new ones included
+  query_start_loc:   [num_seqs + 1] offsets of each sequence's new tokens in the flat batch
+The new tokens of a sequence are its last `query_len` positions, so query token t of
+sequence i sits at position context_lens[i] - query_len + t and sees keys 0..position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int, slot = block * block_size + offset; < 0 skipped
+) -> None:
+    """Write each token's K and V into its slot of the paged cache."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its cached pages.
+
+    Sequences with one new token (decode) run as one padded batch; the others (prefill,
+    or extend after a cached prefix) one by one. Lengths are host ints: no device sync.
+    """
+    out = torch.empty_like(query)
+    query_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
+    decode = [i for i, n in enumerate(query_lens) if n == 1]
+    if decode:
+        rows = torch.tensor([query_start_loc[i] for i in decode], device=query.device)
+        out[rows] = _decode(
+            query[rows], k_cache, v_cache, block_tables[decode], [context_lens[i] for i in decode],
+            scale, sliding_window,
+        )  # fmt: skip
+    for i, n in enumerate(query_lens):
+        if n > 1:
+            a, b = query_start_loc[i], query_start_loc[i + 1]
+            out[a:b] = _extend(
+                query[a:b], k_cache, v_cache, block_tables[i], context_lens[i], scale,
+                sliding_window,
+            )  # fmt: skip
+    return out
+
+
+def gather_pages(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
+) -> torch.Tensor:  # [num_seqs, max_len, num_kv_heads, head_dim]
+    """The first `max_len` tokens of each sequence's pages, in logical order."""
+    block_size = cache.shape[1]
+    num_blocks = -(-max_len // block_size)
+    pages = cache[block_tables[:, :num_blocks].long()]  # [S, nb, bs, H, D]
+    return pages.flatten(1, 2)[:, :max_len]
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _decode(query, k_cache, v_cache, block_tables, context_lens, scale, window):
+    # query: [S, Hq, D]; one token per sequence at position context_len - 1
+    max_len = max(context_lens)
+    keys = gather_pages(k_cache, block_tables, max_len).transpose(1, 2)  # [S, Hkv, L, D]
+    values = gather_pages(v_cache, block_tables, max_len).transpose(1, 2)
+    lens = torch.tensor(context_lens, device=query.device)
+    k_pos = torch.arange(max_len, device=query.device)[None, :]
+    mask = _visible((lens - 1)[:, None], k_pos, window) & (k_pos < lens[:, None])
+    # Padded positions read other blocks; they are masked, and finite because the cache
+    # is zero-initialised (0 * NaN would poison the row).
+    out = F.scaled_dot_product_attention(
+        query[:, :, None].to(keys.dtype), keys, values, attn_mask=mask[:, None, None, :],
+        scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return out[:, :, 0].to(query.dtype)
+
+
+def _extend(query, k_cache, v_cache, block_table, context_len, scale, window):
+    # query: [Q, Hq, D] for positions context_len - Q .. context_len - 1
+    num_new = query.shape[0]
+    keys = gather_pages(k_cache, block_table[None], context_len)[0].transpose(0, 1)
+    values = gather_pages(v_cache, block_table[None], context_len)[0].transpose(0, 1)
+    q_pos = torch.arange(context_len - num_new, context_len, device=query.device)[:, None]
+    mask = _visible(q_pos, torch.arange(context_len, device=query.device)[None, :], window)
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None].to(keys.dtype), keys[None], values[None],
+        attn_mask=mask[None, None], scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return out[0].transpose(0, 1).to(query.dtype)

@@ -1,0 +1,19 @@
+"""pagedbatch: offline batch generation for LLMs on a paged KV cache."""
+
+from __future__ import annotations
+
+from pagedbatch.config import EngineConfig
+from pagedbatch.llm import LLM
+from pagedbatch.outputs import Completion, RecordError, RequestOutput
+from pagedbatch.records import Record
+from pagedbatch.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "Completion",
+    "EngineConfig",
+    "Record",
+    "RecordError",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,77 @@
+"""Our attention, plugged into transformers through its attention interface.
+
+A model loaded with `attn_implementation="pagedbatch"` calls `attention_forward` in
+every layer; the step's `Batch` and the `PagedAttention` that owns the KV cache arrive
+as keyword arguments of the model's forward (no global state).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from pagedbatch.batch import Batch
+from pagedbatch.kernels import reference
+from pagedbatch.kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "pagedbatch"
+BACKENDS = ("auto", "torch", "triton")
+
+
+class PagedAttention:
+    """Stores a step's new K/V in the paged cache and attends over it."""
+
+    def __init__(self, kv_cache: KVCache, backend: str = "torch") -> None:
+        if backend != "torch":
+            raise ValueError(f"attention backend {backend!r} is not available; use 'torch'")
+        self.kv_cache = kv_cache
+        self.backend = backend
+
+    def __call__(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,
+        batch: Batch,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        return reference.paged_attention(
+            query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
+            batch.query_start_loc_host, scale, sliding_window,
+        )  # fmt: skip
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, num_heads, num_tokens, head_dim]
+    key: torch.Tensor,  # [1, num_kv_heads, num_tokens, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    paged_attention: PagedAttention | None = None,
+    paged_batch: Batch | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The transformers attention-interface entry point; returns [1, num_tokens, heads, dim]."""
+    if paged_attention is None or paged_batch is None:
+        raise RuntimeError(
+            "a model loaded with attn_implementation='pagedbatch' runs only inside the pagedbatch engine"
+        )
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"pagedbatch attention does not support {unsupported}")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(
+        module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+        value[0].transpose(0, 1), paged_batch, scale, sliding_window,
+    )  # fmt: skip
+    return out[None], None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)

@@ -1,0 +1,39 @@
+"""The flattened ragged batch of one step, as the model and attention see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """All scheduled tokens of all sequences of one step, as one row.
+
+    Device tensors feed the model and kernels; the host lists are the same lengths,
+    kept so the torch path never synchronises to read them.
+    """
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    slot_mapping: torch.Tensor  # [num_tokens] physical KV slot of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor  # [num_seqs] KV length after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    logits_indices: torch.Tensor  # [num_sampled] token index of each sampled sequence's last token
+    context_lens_host: list[int]
+    query_start_loc_host: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_host)
+
+    @property
+    def max_query_len(self) -> int:
+        q = self.query_start_loc_host
+        return max(b - a for a, b in zip(q[:-1], q[1:]))

@@ -1,0 +1,176 @@
+"""The library entry point: `LLM(...).generate(records or prompts, params, on_output=...)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from pagedbatch.attention import ATTN_IMPLEMENTATION
+from pagedbatch.config import EngineConfig
+from pagedbatch.engine import Engine, EngineStats, make_generator
+from pagedbatch.kv_cache import KVCache, KVCacheSpec, blocks_for_memory, parse_memory
+from pagedbatch.models import check_supported, eos_token_ids, load_model
+from pagedbatch.outputs import (
+    INVALID_PARAMS,
+    INVALID_RECORD,
+    PROMPT_TOO_LONG,
+    Completion,
+    RecordError,
+    RequestOutput,
+)
+from pagedbatch.prompts import PromptBuilder, PromptError
+from pagedbatch.records import Record, parse_record
+from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.sequence import Sequence
+from pagedbatch.stopping import StopChecker
+
+Input = str | Mapping[str, Any] | Record | list[int]
+CPU_KV_CAP = 4 * 2**30
+
+
+class LLM:
+    """A model on a paged KV cache, ready to generate for many records.
+
+    `LLM()` loads the embedded SmolLM2-135M-Instruct; pass `model=` (a directory, a
+    .gguf file, a hub id) and any EngineConfig field, or a whole `config=`.
+    """
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kw: Any):
+        config = config or EngineConfig()
+        self.config = config.replace(**kw, **({"model": model} if model else {}))
+        self.device, dtype = self.config.torch_device, self.config.torch_dtype
+        self.model, self.tokenizer = load_model(
+            self.config.model, device=self.device, dtype=dtype,
+            attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
+        )  # fmt: skip
+        check_supported(self.model)
+        context = self.model.config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
+        self.kv_cache = KVCache(spec, self._num_blocks(spec), self.device)
+        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
+        self.engine = Engine(
+            self.model, self.kv_cache, stop, self.config.max_batch_tokens,
+            self.config.max_num_seqs, "torch",
+        )  # fmt: skip
+        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
+        self._seq_ids = itertools.count()
+
+    def _num_blocks(self, spec: KVCacheSpec) -> int:
+        if self.config.num_blocks is not None:
+            return self.config.num_blocks
+        if self.config.kv_memory is not None:
+            memory = parse_memory(self.config.kv_memory)
+        else:
+            memory = 0.8 if self.device.type == "cuda" else 0.25
+        blocks = blocks_for_memory(spec, memory, self.device)
+        if self.device.type == "cpu" and self.config.kv_memory is None:
+            blocks = min(blocks, CPU_KV_CAP // spec.bytes_per_block)
+        if blocks < 1:
+            raise ValueError("kv_memory holds no KV block of this model; give more memory")
+        return blocks
+
+    def generate(
+        self,
+        inputs: Iterable[Input],
+        params: SamplingParams | None = None,
+        *,
+        on_output: Callable[[RequestOutput], None] | None = None,
+        on_step: Callable[[EngineStats], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every input; return outputs in input order.
+
+        `on_output` is called as each record finishes (errors first, before any step);
+        `on_step` after every engine step with the engine's statistics.
+        """
+        params = params or SamplingParams()
+        records = [to_record(x, i) for i, x in enumerate(inputs)]
+        results: dict[int, RequestOutput] = {}
+        owner: dict[int, int] = {}
+
+        def emit(index: int, output: RequestOutput) -> None:
+            results[index] = output
+            if on_output is not None:
+                on_output(output)
+
+        for index, record in enumerate(records):
+            item = self._prepare(record, params)
+            if isinstance(item, RequestOutput):
+                emit(index, item)
+            else:
+                owner[item.seq_id] = index
+                self.engine.add(item)
+        while self.engine.has_unfinished():
+            for seq in self.engine.step():
+                index = owner.pop(seq.seq_id)
+                emit(index, self._output(records[index], seq))
+            if on_step is not None:
+                on_step(self.engine.stats())
+        return [results[i] for i in range(len(records))]
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def _prepare(self, record: Record, defaults: SamplingParams) -> Sequence | RequestOutput:
+        """A sequence ready to run, or the error output that replaces it."""
+        if record.error is not None:
+            return RequestOutput(record.id, error=record.error)
+        try:
+            params = defaults.with_overrides(record.overrides)
+        except (TypeError, ValueError) as e:
+            return _error(record, INVALID_PARAMS, str(e))
+        try:
+            ids = self.prompts.token_ids(record)
+        except PromptError as e:
+            return _error(record, INVALID_RECORD, str(e))
+        if not ids:
+            return _error(record, INVALID_RECORD, "the prompt is empty")
+        problem = self._length_problem(len(ids), params)
+        if problem:
+            return _error(record, PROMPT_TOO_LONG, problem, prompt_tokens=len(ids))
+        generator = None if params.greedy else make_generator(params.seed, self.device)
+        return Sequence(
+            seq_id=next(self._seq_ids), token_ids=ids, num_prompt_tokens=len(ids), params=params,
+            max_len=min(self.max_model_len, len(ids) + params.max_tokens), generator=generator,
+            request_id=record.id,
+        )  # fmt: skip
+
+    def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
+        if prompt_len >= self.max_model_len:
+            return f"the prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
+        total = min(self.max_model_len, prompt_len + params.max_tokens)
+        block_size = self.kv_cache.spec.block_size
+        needed = -(-total // block_size)
+        if needed > self.kv_cache.num_blocks:
+            return (
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs {needed} KV "
+                f"blocks but the cache has {self.kv_cache.num_blocks}; raise --kv-memory or "
+                "--num-blocks, or lower max_tokens"
+            )
+        return None
+
+    def _output(self, record: Record, seq: Sequence) -> RequestOutput:
+        text = self.engine.stop_checker.text(seq)
+        completion = Completion(0, text, tuple(seq.output_ids), seq.finish_reason)
+        return RequestOutput(
+            record.id, (completion,), prompt_tokens=seq.num_prompt_tokens,
+            cached_tokens=seq.num_cached_tokens,
+        )  # fmt: skip
+
+
+def to_record(item: Input, index: int) -> Record:
+    """A Record from a prompt string, a JSONL-style dict, token ids, or a Record."""
+    if isinstance(item, Record):
+        return item
+    if isinstance(item, str):
+        return Record(id=index, prompt=item)
+    if isinstance(item, Mapping):
+        return parse_record(item, default_id=index)
+    if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+        return Record(id=index, prompt_token_ids=tuple(item))
+    raise TypeError(f"input {index}: expected a string, a dict, token ids or a Record")
+
+
+def _error(record: Record, code: str, message: str, prompt_tokens: int = 0) -> RequestOutput:
+    return RequestOutput(record.id, prompt_tokens=prompt_tokens, error=RecordError(code, message))

@@ -1,0 +1,65 @@
+"""What a finished record turns into: plain data, serialised by io.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+# Error codes of a record that did not run; the rest of the job goes on.
+INVALID_RECORD = "invalid_record"
+INVALID_PARAMS = "invalid_params"
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+@dataclass(frozen=True)
+class RecordError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """The result of one record: completions, or an error."""
+
+    id: str | int
+    completions: tuple[Completion, ...] = ()
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: RecordError | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.completions)
+
+    @property
+    def text(self) -> str:
+        """The first completion's text ('' for an error)."""
+        return self.completions[0].text if self.completions else ""
+
+    def to_json(self) -> dict:
+        """The output line of this record, as documented in the README."""
+        line: dict = {"id": self.id}
+        if self.error is not None:
+            line["error"] = {"code": self.error.code, "message": self.error.message}
+        else:
+            line["choices"] = [
+                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+                for c in self.completions
+            ]
+        line["usage"] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+        return line

@@ -1,0 +1,75 @@
+"""How one record is sampled: the job defaults, overridden per record."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Fields a record may override, as they are spelled in the input file.
+OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request.
+
+    `temperature == 0` is greedy decoding. `top_k == 0` and `top_p == 1` switch those
+    filters off. `seed` fixes the random stream of this request alone, so the same seed
+    gives the same text whatever else runs in the batch.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("top_k", self.top_k, minimum=0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.stop, tuple) or not all(
+            isinstance(s, str) and s for s in self.stop
+        ):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> SamplingParams:
+        """These params with some fields replaced; raises ValueError naming a bad field."""
+        unknown = set(overrides) - set(OVERRIDABLE)
+        if unknown:
+            raise ValueError(f"unknown sampling field(s): {', '.join(sorted(unknown))}")
+        if not overrides:
+            return self
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -1,0 +1,49 @@
+"""The settings of one `pagedbatch run`: built-in defaults < preset < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pagedbatch.config import EngineConfig, load_preset
+from pagedbatch.records import FieldMap
+from pagedbatch.sampling_params import SamplingParams
+
+_ENGINE = {f.name for f in fields(EngineConfig)}
+_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every knob of a run, flat, as the CLI and the TOML presets spell them."""
+
+    output: Path | None = None
+    split: str | None = None
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    id_field: str = "id"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def fields(self) -> FieldMap:
+        return FieldMap(prompt=self.prompt_field, messages=self.messages_field, id=self.id_field)
+
+
+def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSettings:
+    """Merge a preset (name or TOML path) with the flags given; raises ValueError when invalid."""
+    values = dict(load_preset(preset)) if preset else {}
+    unknown = set(values) - _ENGINE - _SAMPLING - {f.name for f in fields(RunSettings)}
+    if unknown:
+        raise ValueError(f"config {preset}: unknown setting(s): {', '.join(sorted(unknown))}")
+    values.update(flags)
+    if "stop" in values:
+        values["stop"] = tuple(values["stop"])
+    if isinstance(values.get("output"), str):
+        values["output"] = Path(values["output"])
+    engine = EngineConfig(**{k: v for k, v in values.items() if k in _ENGINE})
+    sampling = SamplingParams(**{k: v for k, v in values.items() if k in _SAMPLING})
+    rest = {k: v for k, v in values.items() if k not in _ENGINE and k not in _SAMPLING}
+    return dataclasses.replace(RunSettings(**rest), engine=engine, sampling=sampling)

@@ -1,0 +1,107 @@
+"""Scheduler on tiny pools: admission, chunked prefill, decode, preemption, cleanup."""
+
+from __future__ import annotations
+
+from pagedbatch.block_manager import BlockManager
+from pagedbatch.block_pool import BlockPool
+from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.scheduler import Scheduler
+from pagedbatch.sequence import Sequence, SequenceStatus
+
+
+def make_scheduler(num_blocks: int, budget: int, block_size: int = 4, max_seqs: int = 8):
+    pool = BlockPool(num_blocks)
+    return Scheduler(BlockManager(pool, block_size), budget, max_seqs), pool
+
+
+def make_seq(seq_id: int, prompt_len: int, max_new: int) -> Sequence:
+    return Sequence(
+        seq_id, [1] * prompt_len, prompt_len, SamplingParams(max_tokens=max_new), prompt_len + max_new
+    )
+
+
+def step(scheduler: Scheduler) -> list[tuple[int, int]]:
+    """One engine step without a model: every sampling sequence appends token 0."""
+    out = scheduler.schedule()
+    plan = [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled]
+    sampling = [s.seq for s in out.scheduled if s.samples]
+    for seq, n in out.scheduled:
+        seq.num_computed_tokens += n
+    for seq in sampling:
+        seq.token_ids.append(0)
+        if seq.num_tokens >= seq.max_len:
+            scheduler.finish(seq)
+    return plan
+
+
+def test_admits_first_come_first_served_and_chunks_the_prompt_that_overflows_the_budget():
+    scheduler, pool = make_scheduler(num_blocks=16, budget=16)
+    seqs = [make_seq(i, 10, 3) for i in range(3)]
+    for s in seqs:
+        scheduler.add(s)
+    assert step(scheduler) == [(0, 10), (1, 6)]
+    assert seqs[0].block_table == [0, 1, 2]
+    assert seqs[1].block_table == [3, 4]
+    assert seqs[0].num_output_tokens == 1  # its prompt is done: it sampled
+    assert seqs[1].num_output_tokens == 0  # chunk 1 of 2: nothing sampled
+    # Decode of seq 0 first, then the rest of seq 1's prompt, then seq 2 gets what is left.
+    assert step(scheduler) == [(0, 1), (1, 4), (2, 10)]
+    assert seqs[2].status is SequenceStatus.RUNNING
+
+
+def test_decodes_one_token_per_running_sequence_each_step():
+    scheduler, _ = make_scheduler(num_blocks=16, budget=64)
+    seqs = [make_seq(i, 5, 4) for i in range(3)]
+    for s in seqs:
+        scheduler.add(s)
+    assert step(scheduler) == [(0, 5), (1, 5), (2, 5)]
+    assert step(scheduler) == [(0, 1), (1, 1), (2, 1)]
+    assert [s.num_output_tokens for s in seqs] == [2, 2, 2]
+
+
+def test_preempts_the_most_recently_admitted_sequence_when_blocks_run_out():
+    scheduler, pool = make_scheduler(num_blocks=4, budget=64)
+    old, new = make_seq(0, 8, 6), make_seq(1, 7, 6)
+    scheduler.add(old)
+    scheduler.add(new)
+    assert step(scheduler) == [(0, 8), (1, 7)]  # blocks 0,1 and 2,3: pool full
+    assert (old.block_table, new.block_table) == ([0, 1], [2, 3])
+    # old's 9th token needs a third block: new is preempted and its blocks freed.
+    assert step(scheduler) == [(0, 1)]
+    assert scheduler.num_preemptions == 1
+    assert scheduler.num_recomputed_tokens == 7
+    assert new.status is SequenceStatus.WAITING and new.block_table == []
+    assert new.num_computed_tokens == 0 and new.num_output_tokens == 1
+    assert old.block_table == [0, 1, 2]
+    assert list(scheduler.waiting) == [new]
+
+
+def test_a_lone_sequence_that_cannot_grow_preempts_itself_and_resumes():
+    scheduler, pool = make_scheduler(num_blocks=3, budget=64)
+    a, b = make_seq(0, 4, 5), make_seq(1, 4, 5)
+    scheduler.add(a)
+    scheduler.add(b)
+    while scheduler.has_unfinished():
+        step(scheduler)
+        pool.check_integrity()
+    assert a.num_output_tokens == 5 and b.num_output_tokens == 5
+    assert scheduler.num_preemptions >= 1
+    assert pool.num_free == 3
+
+
+def test_every_block_is_free_after_a_run_with_chunking_and_preemption():
+    scheduler, pool = make_scheduler(num_blocks=10, budget=7, max_seqs=4)
+    seqs = [make_seq(i, 3 + 5 * i % 13, 8 + 3 * (i % 4)) for i in range(9)]
+    for s in seqs:
+        scheduler.add(s)
+    steps = 0
+    while scheduler.has_unfinished():
+        plan = step(scheduler)
+        assert sum(n for _, n in plan) <= 7
+        assert len(scheduler.running) <= 4
+        pool.check_integrity()
+        steps += 1
+        assert steps < 500, "no progress: the scheduler deadlocked"
+    assert all(s.num_output_tokens == s.max_len - s.num_prompt_tokens for s in seqs)
+    assert pool.num_free == 10
+    assert scheduler.num_preemptions > 0
