@@ -89,8 +89,10 @@ def _decode(query, k_cache, v_cache, block_tables, context_lens, scale, window):
     lens = torch.tensor(context_lens, device=query.device)
     k_pos = torch.arange(max_len, device=query.device)[None, :]
     mask = _visible((lens - 1)[:, None], k_pos, window) & (k_pos < lens[:, None])
-    # Padded positions read other blocks; they are masked, and finite because the cache
-    # is zero-initialised (0 * NaN would poison the row).
+    # Padded positions read other blocks, whose contents may be anything (NaN included):
+    # zero them, since a masked score still multiplies its value (0 * NaN = NaN).
+    pad = ~(k_pos < lens[:, None])[:, None, :, None]
+    keys, values = keys.masked_fill(pad, 0), values.masked_fill(pad, 0)
     out = F.scaled_dot_product_attention(
         query[:, :, None].to(keys.dtype), keys, values, attn_mask=mask[:, None, None, :],
         scale=scale, enable_gqa=True,

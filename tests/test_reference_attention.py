@@ -1,0 +1,83 @@
+"""The torch paged store and attention against dense causal attention on random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedbatch.kernels.reference import paged_attention, store_kv
+
+
+def dense_attention(q, k, v, scale, window=None):
+    """Causal attention of the last q.shape[0] positions over k, v: [L, H, D] per sequence."""
+    num_q, length = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    q_pos = torch.arange(length - num_q, length)[:, None]
+    k_pos = torch.arange(length)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
+
+
+def fill_pages(lengths, block_size, kv_heads, head_dim, num_blocks, gen):
+    """A paged cache holding random K/V of each sequence in shuffled, non-contiguous blocks.
+
+    Every slot no sequence owns is NaN: attention must never let one leak in.
+    """
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, keys, values = [], [], []
+    for n in lengths:
+        table = [free.pop() for _ in range(-(-n // block_size))]
+        k = torch.randn(n, kv_heads, head_dim, generator=gen)
+        v = torch.randn(n, kv_heads, head_dim, generator=gen)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
+        store_kv(k, v, k_cache, v_cache, slots)
+        tables.append(table)
+        keys.append(k)
+        values.append(v)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return k_cache, v_cache, padded, keys, values
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_paged_attention_matches_dense_causal_attention(block_size, heads, kv_heads, window):
+    gen = torch.Generator().manual_seed(block_size * 100 + heads + (window or 0))
+    head_dim = 16
+    # Context lengths around block boundaries; query lengths 1 (decode) and longer (extend).
+    lengths = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 2, 40]
+    query_lens = [1, block_size - 1, 1, 5, 3 * block_size + 2, 1]
+    k_cache, v_cache, tables, keys, values = fill_pages(
+        lengths, block_size, kv_heads, head_dim, num_blocks=64, gen=gen
+    )
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    query = torch.randn(starts[-1], heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    out = paged_attention(query, k_cache, v_cache, tables, lengths, starts, scale, window)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        expected = dense_attention(query[starts[i] : starts[i + 1]], k, v, scale, window)
+        torch.testing.assert_close(out[starts[i] : starts[i + 1]].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_store_writes_exactly_the_given_slots_and_skips_negative_ones():
+    k_cache = torch.zeros(3, 4, 2, 8)
+    v_cache = torch.zeros(3, 4, 2, 8)
+    key = torch.randn(3, 2, 8)
+    value = torch.randn(3, 2, 8)
+    store_kv(key, value, k_cache, v_cache, torch.tensor([9, -1, 2]))
+    assert torch.equal(k_cache[2, 1], key[0]) and torch.equal(v_cache[2, 1], value[0])
+    assert torch.equal(k_cache[0, 2], key[2]) and torch.equal(v_cache[0, 2], value[2])
+    touched = torch.zeros(3, 4, dtype=torch.bool)
+    touched[2, 1] = touched[0, 2] = True
+    assert (k_cache[~touched] == 0).all() and (v_cache[~touched] == 0).all()
