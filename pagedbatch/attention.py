@@ -61,7 +61,8 @@ def attention_forward(
     """The transformers attention-interface entry point; returns [1, num_tokens, heads, dim]."""
     if paged_attention is None or paged_batch is None:
         raise RuntimeError(
-            "a model loaded with attn_implementation='pagedbatch' runs only inside the pagedbatch engine"
+            "a model loaded with attn_implementation='pagedbatch' runs only inside "
+            "the pagedbatch engine"
         )
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:

@@ -40,11 +40,17 @@ class EngineConfig:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
         if self.attention not in BACKENDS:
-            raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
+            raise ValueError(
+                f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}"
+            )
         if self.attention == "triton":
-            raise ValueError("--attention triton is not available in this version; use torch or auto")
+            raise ValueError(
+                "--attention triton is not available in this version; use torch or auto"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         for name in ("num_blocks", "max_model_len"):
@@ -87,7 +93,9 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     else:
         preset = resources.files("pagedbatch.configs") / f"{name_or_path}.toml"
         if not preset.is_file():
-            raise ValueError(f"unknown config {name_or_path!r}; presets: {', '.join(preset_names())}")
+            raise ValueError(
+                f"unknown config {name_or_path!r}; presets: {', '.join(preset_names())}"
+            )
         text = preset.read_text()
     try:
         return tomllib.loads(text)

@@ -45,8 +45,12 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.k = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +67,16 @@ class KVCache:
             cache[dst] = cache[src]
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 def parse_memory(text: str | float | int) -> int | float:
@@ -73,7 +86,9 @@ def parse_memory(text: str | float | int) -> int | float:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"kv_memory must look like '2GiB', '512MB' or a fraction like 0.5, got {text!r}")
+            raise ValueError(
+                f"kv_memory must look like '2GiB', '512MB' or a fraction like 0.5, got {text!r}"
+            )
         number, unit = float(m.group(1)), m.group(2).lower()
         if unit or number > 1:
             return int(number * _UNITS[unit])

@@ -138,15 +138,17 @@ class LLM:
 
     def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
         if prompt_len >= self.max_model_len:
-            return f"the prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
+            return (
+                f"the prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
+            )
         total = min(self.max_model_len, prompt_len + params.max_tokens)
         block_size = self.kv_cache.spec.block_size
         needed = -(-total // block_size)
         if needed > self.kv_cache.num_blocks:
             return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs {needed} KV "
-                f"blocks but the cache has {self.kv_cache.num_blocks}; raise --kv-memory or "
-                "--num-blocks, or lower max_tokens"
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"{needed} KV blocks but the cache has {self.kv_cache.num_blocks}; "
+                "raise --kv-memory or --num-blocks, or lower max_tokens"
             )
         return None
 

@@ -51,7 +51,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:  # [num_sampled, vocab]
-        """Apply pending block copies, run the model, and return logits of the sampling positions."""
+        """Apply pending block copies, run the model, return the logits of sampling positions."""
         self.attention.kv_cache.copy_blocks(out.copies)
         batch = self.prepare(out)
         result = self.model(

@@ -43,7 +43,9 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
     if rid is None:
         rid = default_id
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return Record(id=default_id, error=_invalid(f"'{fields.id}' must be a string or an integer"))
+        return Record(
+            id=default_id, error=_invalid(f"'{fields.id}' must be a string or an integer")
+        )
     overrides = {k: row[k] for k in OVERRIDABLE if row.get(k) is not None}
     prompt, messages = row.get(fields.prompt), row.get(fields.messages)
     if prompt is not None and messages is not None:
@@ -54,9 +56,7 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
             return Record(id=rid, error=_invalid(problem))
         return Record(id=rid, messages=tuple(dict(m) for m in messages), overrides=overrides)
     if prompt is None:
-        return Record(
-            id=rid, error=_invalid(f"missing '{fields.prompt}' (or '{fields.messages}')")
-        )
+        return Record(id=rid, error=_invalid(f"missing '{fields.prompt}' (or '{fields.messages}')"))
     if not isinstance(prompt, str):
         return Record(
             id=rid,

@@ -27,7 +27,9 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
     probs = filter_top_k_top_p(logits / temperature[:, None], top_k, top_p).softmax(dim=-1)
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race).
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=s.generator) for s in seqs])
+    noise = torch.stack(
+        [torch.empty_like(probs[0]).exponential_(generator=s.generator) for s in seqs]
+    )
     return (probs / noise).argmax(dim=-1)
 
 

@@ -44,10 +44,10 @@ class SamplingParams:
         _check_int("top_k", self.top_k, minimum=0)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.stop, tuple) or not all(
-            isinstance(s, str) and s for s in self.stop
-        ):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(
+                f"stop must be a non-empty string or a list of them, got {self.stop!r}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -112,7 +112,9 @@ def test_fork_at_a_block_boundary_copies_nothing():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("nafx"), st.integers(0, 5), st.integers(1, 9)), max_size=40))
+@given(
+    st.lists(st.tuples(st.sampled_from("nafx"), st.integers(0, 5), st.integers(1, 9)), max_size=40)
+)
 def test_random_operations_keep_refcounts_equal_to_holders(ops):
     pool = BlockPool(12)
     manager = BlockManager(pool, block_size=4)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 from pagedbatch.kernels.reference import paged_attention, store_kv
 
 
@@ -37,7 +35,9 @@ def fill_pages(lengths, block_size, kv_heads, head_dim, num_blocks, gen):
         table = [free.pop() for _ in range(-(-n // block_size))]
         k = torch.randn(n, kv_heads, head_dim, generator=gen)
         v = torch.randn(n, kv_heads, head_dim, generator=gen)
-        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
+        slots = torch.tensor(
+            [table[p // block_size] * block_size + p % block_size for p in range(n)]
+        )
         store_kv(k, v, k_cache, v_cache, slots)
         tables.append(table)
         keys.append(k)
@@ -67,7 +67,9 @@ def test_paged_attention_matches_dense_causal_attention(block_size, heads, kv_he
     out = paged_attention(query, k_cache, v_cache, tables, lengths, starts, scale, window)
     for i, (k, v) in enumerate(zip(keys, values)):
         expected = dense_attention(query[starts[i] : starts[i + 1]], k, v, scale, window)
-        torch.testing.assert_close(out[starts[i] : starts[i + 1]].double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out[starts[i] : starts[i + 1]].double(), expected, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_store_writes_exactly_the_given_slots_and_skips_negative_ones():

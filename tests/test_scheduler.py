@@ -16,7 +16,11 @@ def make_scheduler(num_blocks: int, budget: int, block_size: int = 4, max_seqs: 
 
 def make_seq(seq_id: int, prompt_len: int, max_new: int) -> Sequence:
     return Sequence(
-        seq_id, [1] * prompt_len, prompt_len, SamplingParams(max_tokens=max_new), prompt_len + max_new
+        seq_id,
+        [1] * prompt_len,
+        prompt_len,
+        SamplingParams(max_tokens=max_new),
+        prompt_len + max_new,
     )
 
 

@@ -1,0 +1,5 @@
+"""`python -m pagedbatch` is the `pagedbatch` command."""
+
+from pagedbatch.cli import app
+
+app(prog_name="pagedbatch")

@@ -1,0 +1,150 @@
+"""The `pagedbatch` command end to end: real files, real models, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pagedbatch.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "reviews.jsonl"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["run", *map(str, args)])
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def one_line_error(result) -> str:
+    """The error the command printed: exactly one line, no traceback."""
+    assert result.exit_code == 2, result.output
+    text = result.stderr.strip()
+    assert "Traceback" not in result.output
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
+@pytest.mark.slow
+def test_example_job_on_the_embedded_model(tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = invoke(EXAMPLE, "--output", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    inputs = [json.loads(line) for line in EXAMPLE.read_text().splitlines() if line.strip()]
+    lines = read_lines(out)
+    assert sorted(o["id"] for o in lines) == sorted(r["id"] for r in inputs)
+    by_id = {o["id"]: o for o in lines}
+    errors = {i: o["error"]["code"] for i, o in by_id.items() if "error" in o}
+    assert errors == {
+        "bad-missing-prompt": "invalid_record",
+        "bad-prompt-not-string": "invalid_record",
+        "bad-negative-max-tokens": "invalid_params",
+        "bad-negative-temperature": "invalid_params",
+    }
+    for record in inputs:
+        line = by_id[record["id"]]
+        if "error" in line:
+            continue
+        usage = line["usage"]
+        assert usage["completion_tokens"] <= record.get("max_tokens", 256)
+        assert usage["prompt_tokens"] > 0 and line["choices"][0]["finish_reason"] in (
+            "stop",
+            "length",
+        )
+    labels = [by_id[f"r{i:03d}"]["choices"][0]["text"].strip().lower() for i in range(1, 52)]
+    # A real instruct model labels reviews: most answers name one of the labels.
+    assert sum(any(w in t for w in ("positive", "negative", "mixed")) for t in labels) >= 30, labels
+    assert re.search(r"Wrote 61 records .*57 ok, 4 failed", result.stderr)
+
+
+def test_tiny_preset_runs_with_chunking_and_preemption(tmp_path, tiny_model_dirs):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "".join(json.dumps({"prompt": f"story number {i} " * 6}) + "\n" for i in range(12))
+    )
+    out = tmp_path / "out.jsonl"
+    result = invoke(src, "-m", tiny_model_dirs["llama"], "--config", "tiny", "--max-tokens", "40",
+                    "--output", out, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [line["id"] for line in sorted(read_lines(out), key=lambda o: o["id"])] == list(
+        range(1, 13)
+    )
+    preemptions = int(re.search(r"(\d+) preemptions", result.stderr).group(1))
+    assert preemptions > 0
+    assert "peak KV blocks 24/24" in result.stderr
+
+
+def test_flags_win_over_the_preset(tmp_path, tiny_model_dirs):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "hello"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = invoke(src, "-m", tiny_model_dirs["llama"], "--config", "tiny", "--num-blocks", "7",
+                    "--output", out, "--no-progress", "--max-tokens", "3")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "/7," in result.stderr
+    assert read_lines(out)[0]["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"prompt": "a"}\n{"prompt": "b",}\n', "line 2: invalid JSON"),
+        (b'{"prompt": "a"}\n[1, 2]\n', "line 2: expected a JSON object, got array"),
+        (b'{"prompt": "a"}\n\n{"prompt": "\xff\xfe"}\n', "line 3: not valid UTF-8"),
+        (b'{"prompt": "a"}\n{"prompt": "b', "line 2: cut off"),
+        (b'{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "duplicate id"),
+    ],
+)
+def test_malformed_files_stop_before_any_work_with_exit_2(tmp_path, content, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    error = one_line_error(invoke(src, "--output", out, "-m", "no-such-model-needed"))
+    assert "bad.jsonl" in error and message in error
+    assert not out.exists()
+
+
+def test_missing_input_and_unknown_model_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "no such file" in one_line_error(invoke(tmp_path / "nope.jsonl"))
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    assert "no-such/model" in one_line_error(
+        invoke(src, "-m", "no-such/model", "-o", tmp_path / "o")
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--attention", "triton"], "triton is not available"),
+        (["--block-size", "12"], "power of two"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--config", "nosuch"], "unknown config 'nosuch'"),
+        (["--kv-memory", "lots"], "kv_memory must look like"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path, flags, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    assert message in one_line_error(invoke(src, *flags))
+
+
+def test_help_documents_every_option():
+    result = CliRunner().invoke(app, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in (
+        "--output", "--config", "--split", "--prompt-field", "--messages-field", "--id-field",
+        "--chat", "--model", "--device", "--dtype", "--attention", "--max-model-len",
+        "--cache-dir", "--block-size", "--num-blocks", "--kv-memory", "--max-batch-tokens",
+        "--max-num-seqs", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
+        "--stop", "--progress",
+    ):  # fmt: skip
+        assert option in result.output, option
