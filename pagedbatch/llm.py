@@ -10,7 +10,7 @@ from pagedbatch.attention import ATTN_IMPLEMENTATION
 from pagedbatch.config import EngineConfig
 from pagedbatch.engine import Engine, EngineStats, make_generator
 from pagedbatch.kv_cache import KVCache, KVCacheSpec, blocks_for_memory, parse_memory
-from pagedbatch.models import check_supported, eos_token_ids, load_model
+from pagedbatch.models import eos_token_ids, load_model
 from pagedbatch.outputs import (
     INVALID_PARAMS,
     INVALID_RECORD,
@@ -44,7 +44,6 @@ class LLM:
             self.config.model, device=self.device, dtype=dtype,
             attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
         )  # fmt: skip
-        check_supported(self.model)
         context = self.model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or context, context)
         spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)

@@ -83,3 +83,35 @@ def test_block_size_does_not_change_greedy_tokens(block_size, tiny_model_dirs, r
     prompts, expected = references("llama")
     llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=block_size)
     assert generated(llm, prompts[:6], SamplingParams(max_tokens=NUM_NEW)) == expected[:6]
+
+
+TEXT = (
+    "The night shift at the lighthouse began, as always, with a cup of bitter tea and a check "
+    "of the lamp. Mara climbed the spiral stairs, counting the steps out of habit, and found the "
+    "lens clean and the oil full. Outside, the sea was restless; gulls wheeled above the rocks and "
+    "a fishing boat fought its way home against the tide. She wrote the time in the logbook, "
+    "noted the wind from the north-east, and settled by the window to watch. Reviews of the new "
+    "harbour cafe were mixed: some loved the chowder, others said the service was slow and the "
+    "prices far too high for what you got. Translate the following sentence into French: the "
+    "weather is cold but the people are warm. Summarise the main argument of the essay in one "
+    "line. Question: what is the capital of Portugal, and why did it move there? Answer briefly. "
+)
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_generate_on_the_embedded_smollm2(smollm2_dir):
+    llm = LLM(str(smollm2_dir), device="cpu")
+    ids = llm.tokenizer(TEXT * 3)["input_ids"]
+    lengths = torch.linspace(10, 400, 16).long().tolist()
+    prompts = [ids[(7 * i) % 50 : (7 * i) % 50 + n] for i, n in enumerate(lengths)]
+    prompts[3] = llm.prompts.token_ids(
+        llm_record({"messages": [{"role": "user", "content": "Name three colours."}]})
+    )
+    expected = reference_tokens(smollm2_dir, prompts)
+    assert generated(llm, prompts, SamplingParams(max_tokens=NUM_NEW)) == expected
+
+
+def llm_record(row):
+    from pagedbatch.records import parse_record
+
+    return parse_record(row, default_id=0)
