@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,3 +74,12 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def derive_seed(base: int, salt: str | int) -> int:
+    """A seed of its own for `salt` (a record id, a sample index), stable across runs.
+
+    `1` and `"1"` give different seeds, as they are different ids.
+    """
+    digest = hashlib.blake2b(f"{base}:{salt!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
