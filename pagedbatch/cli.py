@@ -70,6 +70,8 @@ def run(
     top_k: Annotated[Int, opt(SAMPLING, f"Sample among the k most likely tokens; 0 is off. [default: {S.top_k}]")] = None,
     seed: Annotated[Int, opt(SAMPLING, "Seed of every record without its own seed. [default: random]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING, "Stop string (repeatable); the text ends before it.")] = None,
+    n: Annotated[Int, opt(SAMPLING, f"Samples per record (a record's n wins); the prompt is computed once and its pages shared. [default: {S.n}]", "--n")] = None,
+    prefix_sharing: Annotated[bool | None, opt(MEMORY, "Share the KV pages of common prompt prefixes (radix cache) and run records sharing a prefix together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT)] = True,
 ) -> None:  # fmt: skip
     """Generate a completion for every record of INPUT and write them to a JSONL file."""

@@ -34,6 +34,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     chat: bool = False
+    prefix_sharing: bool = True
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pagedbatch.attention import PagedAttention
@@ -11,28 +9,12 @@ from pagedbatch.block_manager import BlockManager
 from pagedbatch.block_pool import BlockPool
 from pagedbatch.kv_cache import KVCache
 from pagedbatch.model_runner import ModelRunner
+from pagedbatch.radix_cache import RadixCache
 from pagedbatch.sampler import sample
 from pagedbatch.scheduler import Scheduler, SchedulerOutput
 from pagedbatch.sequence import Sequence
+from pagedbatch.stats import EngineStats, StatsCounter, blocks_in_use
 from pagedbatch.stopping import StopChecker
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's counters (plain data, for progress and reports)."""
-
-    steps: int
-    prompt_tokens: int
-    computed_tokens: int
-    generated_tokens: int
-    finished_seqs: int
-    running_seqs: int
-    waiting_seqs: int
-    preemptions: int
-    recomputed_tokens: int
-    num_blocks: int
-    blocks_in_use: int
-    peak_blocks_in_use: int
 
 
 class Engine:
@@ -46,18 +28,20 @@ class Engine:
         max_batch_tokens: int,
         max_num_seqs: int,
         attention_backend: str = "torch",
+        prefix_sharing: bool = True,
     ) -> None:
+        block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
-        self.block_manager = BlockManager(self.pool, kv_cache.spec.block_size)
+        self.prefix_cache = RadixCache(self.pool, block_size) if prefix_sharing else None
+        self.block_manager = BlockManager(self.pool, block_size, self.prefix_cache)
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         attention = PagedAttention(kv_cache, attention_backend)
         self.runner = ModelRunner(model, attention, self.block_manager)
         self.stop_checker = stop_checker
-        self._steps = self._prompt_tokens = self._computed = self._generated = 0
-        self._finished = self._peak_blocks = 0
+        self.counter = StatsCounter()
 
     def add(self, seq: Sequence) -> None:
-        self._prompt_tokens += seq.num_prompt_tokens
+        """Queue a sequence (its `forks` join when its prompt is done)."""
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -68,43 +52,67 @@ class Engine:
         out = self.scheduler.schedule()
         logits = self.runner.run(out)
         sampling = [s.seq for s in out.scheduled if s.samples]
-        tokens = sample(logits, sampling)
-        return self._postprocess(out, sampling, tokens)
+        seqs, rows = _with_forks(sampling)
+        tokens = sample(logits if len(rows) == len(sampling) else logits[rows], seqs)
+        return self._postprocess(out, seqs, tokens)
 
     def _postprocess(
-        self, out: SchedulerOutput, sampling: list[Sequence], tokens: list[int]
+        self, out: SchedulerOutput, seqs: list[Sequence], tokens: list[int]
     ) -> list[Sequence]:
-        self._steps += 1
-        self._computed += out.num_tokens
-        self._generated += len(tokens)
-        self._peak_blocks = max(self._peak_blocks, self.pool.num_used)
         for seq, n in out.scheduled:
-            seq.num_computed_tokens += n
+            self.block_manager.commit(seq, n)
+        for seq in seqs:
+            self._fork(seq)
+        self.counter.step(out.num_tokens, len(tokens), self.scheduler.running)
         finished = []
-        for seq, token in zip(sampling, tokens):
+        for seq, token in zip(seqs, tokens):
             seq.token_ids.append(token)
             seq.finish_reason = self.stop_checker.check(seq)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+                self.counter.finished(seq)
                 finished.append(seq)
-        self._finished += len(finished)
         return finished
 
+    def _fork(self, parent: Sequence) -> None:
+        """Start the other samples of `parent`'s record on its computed prompt."""
+        for child in parent.forks:
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+        parent.forks = []
+
     def stats(self) -> EngineStats:
+        c, cache = self.counter, self.prefix_cache
+        physical, _ = blocks_in_use(self.scheduler.running)
         return EngineStats(
-            steps=self._steps,
-            prompt_tokens=self._prompt_tokens,
-            computed_tokens=self._computed,
-            generated_tokens=self._generated,
-            finished_seqs=self._finished,
+            steps=c.steps,
+            prompt_tokens=c.prompt_tokens,
+            cached_tokens=c.cached_tokens,
+            computed_tokens=c.computed_tokens,
+            generated_tokens=c.generated_tokens,
+            finished_seqs=c.finished_seqs,
             running_seqs=len(self.scheduler.running),
             waiting_seqs=len(self.scheduler.waiting),
             preemptions=self.scheduler.num_preemptions,
             recomputed_tokens=self.scheduler.num_recomputed_tokens,
             num_blocks=self.pool.num_blocks,
-            blocks_in_use=self.pool.num_used,
-            peak_blocks_in_use=self._peak_blocks,
+            blocks_in_use=physical,
+            cached_blocks=self.pool.num_used - physical,
+            free_blocks=self.pool.num_free,
+            peak_blocks_in_use=c.peak_blocks_in_use,
+            peak_logical_blocks=c.peak_logical_blocks,
+            evicted_blocks=cache.num_evicted_blocks if cache else 0,
         )
+
+
+def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    """Sequences to sample and the logits row of each: forks sample from their parent's."""
+    seqs, rows = [], []
+    for row, seq in enumerate(sampling):
+        for s in (seq, *seq.forks):
+            seqs.append(s)
+            rows.append(row)
+    return seqs, rows
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pagedbatch.attention import ATTN_IMPLEMENTATION
 from pagedbatch.config import EngineConfig
-from pagedbatch.engine import Engine, EngineStats, make_generator
+from pagedbatch.engine import Engine, make_generator
 from pagedbatch.kv_cache import KVCache, KVCacheSpec, blocks_for_memory, parse_memory
 from pagedbatch.models import eos_token_ids, load_model
 from pagedbatch.outputs import (
@@ -21,8 +21,9 @@ from pagedbatch.outputs import (
 )
 from pagedbatch.prompts import PromptBuilder, PromptError
 from pagedbatch.records import Record, parse_record
-from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.sampling_params import SamplingParams, sample_seed
 from pagedbatch.sequence import Sequence
+from pagedbatch.stats import EngineStats
 from pagedbatch.stopping import StopChecker
 
 Input = str | Mapping[str, Any] | Record | list[int]
@@ -51,7 +52,7 @@ class LLM:
         stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
-            self.config.max_num_seqs, "torch",
+            self.config.max_num_seqs, "torch", prefix_sharing=self.config.prefix_sharing,
         )  # fmt: skip
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
         self._seq_ids = itertools.count()
@@ -86,33 +87,50 @@ class LLM:
         params = params or SamplingParams()
         records = [to_record(x, i) for i, x in enumerate(inputs)]
         results: dict[int, RequestOutput] = {}
-        owner: dict[int, int] = {}
 
         def emit(index: int, output: RequestOutput) -> None:
             results[index] = output
             if on_output is not None:
                 on_output(output)
 
+        groups: list[_Group] = []
         for index, record in enumerate(records):
             item = self._prepare(record, params)
             if isinstance(item, RequestOutput):
                 emit(index, item)
             else:
-                owner[item.seq_id] = index
-                self.engine.add(item)
+                groups.append(_Group(index, item))
+        self._run(groups, lambda g: emit(g.index, self._output(records[g.index], g.seqs)), on_step)
+        return [results[i] for i in range(len(records))]
+
+    def _run(self, groups: list[_Group], done: Callable[[_Group], None], on_step) -> None:
+        """Run every group's sequences; call `done` when all samples of a group finished.
+
+        With prefix sharing, records are admitted in depth-first order of their prompts
+        (sorted token ids), so records sharing a prefix run together while it is cached.
+        """
+        if self.config.prefix_sharing:
+            groups = sorted(groups, key=lambda g: g.seqs[0].token_ids)
+        owner = {}
+        for group in groups:
+            for seq in group.seqs:
+                owner[seq.seq_id] = group
+            for seq in group.seqs if not group.seqs[0].forks else group.seqs[:1]:
+                self.engine.add(seq)
         while self.engine.has_unfinished():
             for seq in self.engine.step():
-                index = owner.pop(seq.seq_id)
-                emit(index, self._output(records[index], seq))
+                group = owner.pop(seq.seq_id)
+                group.pending -= 1
+                if group.pending == 0:
+                    done(group)
             if on_step is not None:
                 on_step(self.engine.stats())
-        return [results[i] for i in range(len(records))]
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def _prepare(self, record: Record, defaults: SamplingParams) -> Sequence | RequestOutput:
-        """A sequence ready to run, or the error output that replaces it."""
+    def _prepare(self, record: Record, defaults: SamplingParams) -> list[Sequence] | RequestOutput:
+        """The record's sequences (one per sample), or the error output that replaces them."""
         if record.error is not None:
             return RequestOutput(record.id, error=record.error)
         try:
@@ -128,11 +146,23 @@ class LLM:
         problem = self._length_problem(len(ids), params)
         if problem:
             return _error(record, PROMPT_TOO_LONG, problem, prompt_tokens=len(ids))
-        generator = None if params.greedy else make_generator(params.seed, self.device)
+        seed = self._record_seed(record, params)
+        seqs = [self._sequence(record, ids, params, sample_seed(seed, k)) for k in range(params.n)]
+        if self.config.prefix_sharing:
+            seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
+        return seqs
+
+    def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
+        return params.seed
+
+    def _sequence(
+        self, record: Record, ids: list[int], params: SamplingParams, seed: int | None
+    ) -> Sequence:
+        generator = None if params.greedy else make_generator(seed, self.device)
         return Sequence(
-            seq_id=next(self._seq_ids), token_ids=ids, num_prompt_tokens=len(ids), params=params,
-            max_len=min(self.max_model_len, len(ids) + params.max_tokens), generator=generator,
-            request_id=record.id,
+            seq_id=next(self._seq_ids), token_ids=list(ids), num_prompt_tokens=len(ids),
+            params=params, max_len=min(self.max_model_len, len(ids) + params.max_tokens),
+            generator=generator, request_id=record.id,
         )  # fmt: skip
 
     def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
@@ -151,13 +181,24 @@ class LLM:
             )
         return None
 
-    def _output(self, record: Record, seq: Sequence) -> RequestOutput:
-        text = self.engine.stop_checker.text(seq)
-        completion = Completion(0, text, tuple(seq.output_ids), seq.finish_reason)
+    def _output(self, record: Record, seqs: list[Sequence]) -> RequestOutput:
+        completions = tuple(
+            Completion(k, self.engine.stop_checker.text(s), tuple(s.output_ids), s.finish_reason)
+            for k, s in enumerate(seqs)
+        )
         return RequestOutput(
-            record.id, (completion,), prompt_tokens=seq.num_prompt_tokens,
-            cached_tokens=seq.num_cached_tokens,
+            record.id, completions, prompt_tokens=seqs[0].num_prompt_tokens,
+            cached_tokens=seqs[0].num_cached_tokens,
         )  # fmt: skip
+
+
+class _Group:
+    """The sequences of one record (one per sample) and how many are still running."""
+
+    def __init__(self, index: int, seqs: list[Sequence]) -> None:
+        self.index = index
+        self.seqs = seqs
+        self.pending = len(seqs)
 
 
 def to_record(item: Input, index: int) -> Record:

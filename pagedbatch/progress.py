@@ -15,7 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pagedbatch.engine import EngineStats
+from pagedbatch.stats import EngineStats
 
 
 class JobProgress:
@@ -54,5 +54,6 @@ class JobProgress:
         self._progress.update(
             self._task,
             speed=f"{stats.generated_tokens / elapsed:7.1f} tok/s",
-            blocks=f"KV {stats.blocks_in_use}/{stats.num_blocks} blocks",
+            blocks=f"KV {stats.blocks_in_use} used + {stats.cached_blocks} cached"
+            f" / {stats.num_blocks} blocks",
         )

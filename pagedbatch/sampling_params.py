@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Fields a record may override, as they are spelled in the input file.
-OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class SamplingParams:
 
     `temperature == 0` is greedy decoding. `top_k == 0` and `top_p == 1` switch those
     filters off. `seed` fixes the random stream of this request alone, so the same seed
-    gives the same text whatever else runs in the batch.
+    gives the same text whatever else runs in the batch. `n` samples are drawn per
+    record; sample k > 0 uses `sample_seed(seed, k)`.
     """
 
     max_tokens: int = 256
@@ -29,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +45,7 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k, minimum=0)
+        _check_int("n", self.n, minimum=1)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
@@ -83,3 +86,10 @@ def derive_seed(base: int, salt: str | int) -> int:
     """
     digest = hashlib.blake2b(f"{base}:{salt!r}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample `index` of a record whose seed is `seed` (sample 0: `seed` itself)."""
+    if seed is None or index == 0:
+        return seed
+    return derive_seed(seed, index)

@@ -84,8 +84,10 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self.block_manager.attach_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_append(seq, n):
+                self.block_manager.free(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -99,6 +101,11 @@ class Scheduler:
         self.num_recomputed_tokens += seq.num_computed_tokens
         self.block_manager.free(seq)
         self.add_front(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that already holds its blocks (a fork) joins the running set."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def add_front(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagedbatch.outputs import FinishReason
 from pagedbatch.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedbatch.radix_cache import Node
 
 
 class SequenceStatus(enum.Enum):
@@ -24,6 +28,11 @@ class Sequence:
     `num_computed_tokens` tokens have their K/V in the cache (in `block_table`); the
     rest are computed by the next steps. A preempted sequence frees its blocks and
     starts again from 0, keeping the tokens it has generated (recompute).
+
+    With prefix sharing, `cache_node` is the end of the sequence's path in the radix
+    cache (locked while the sequence holds blocks) and `num_inserted_blocks` how many of
+    its blocks are in the cache. `forks` are the other samples of the same record,
+    forked from this one when its prompt is done.
     """
 
     seq_id: int
@@ -39,6 +48,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None
+    cache_node: Node | None = None
+    num_inserted_blocks: int = 0
+    forks: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

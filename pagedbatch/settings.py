@@ -12,7 +12,7 @@ from pagedbatch.records import FieldMap
 from pagedbatch.sampling_params import SamplingParams
 
 _ENGINE = {f.name for f in fields(EngineConfig)}
-_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""Engine statistics: plain data for progress displays and memory reports."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from pagedbatch.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters.
+
+    Blocks "in use" are the distinct blocks held by running sequences; "logical" blocks
+    count every block-table entry, so a block shared by three sequences is one in use
+    and three logical. Cached blocks are held only by the prefix cache.
+    """
+
+    steps: int
+    prompt_tokens: int
+    cached_tokens: int
+    computed_tokens: int
+    generated_tokens: int
+    finished_seqs: int
+    running_seqs: int
+    waiting_seqs: int
+    preemptions: int
+    recomputed_tokens: int
+    num_blocks: int
+    blocks_in_use: int
+    cached_blocks: int
+    free_blocks: int
+    peak_blocks_in_use: int
+    peak_logical_blocks: int
+    evicted_blocks: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens taken from the prefix cache / prompt tokens of finished sequences."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def sharing_saving(self) -> float:
+        """1 - physical / logical blocks, at the peak of blocks in use."""
+        if not self.peak_logical_blocks:
+            return 0.0
+        return 1 - self.peak_blocks_in_use / self.peak_logical_blocks
+
+
+@dataclass
+class StatsCounter:
+    """Accumulates what each step did; the engine turns it into EngineStats."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    computed_tokens: int = 0
+    generated_tokens: int = 0
+    finished_seqs: int = 0
+    peak_blocks_in_use: int = 0
+    peak_logical_blocks: int = 0
+
+    def step(self, num_tokens: int, num_sampled: int, running: list[Sequence]) -> None:
+        self.steps += 1
+        self.computed_tokens += num_tokens
+        self.generated_tokens += num_sampled
+        physical, logical = blocks_in_use(running)
+        if physical > self.peak_blocks_in_use:
+            self.peak_blocks_in_use, self.peak_logical_blocks = physical, logical
+
+    def finished(self, seq: Sequence) -> None:
+        self.finished_seqs += 1
+        self.prompt_tokens += seq.num_prompt_tokens
+        self.cached_tokens += seq.num_cached_tokens
+
+
+def blocks_in_use(running: list[Sequence]) -> tuple[int, int]:
+    """(distinct, total) block-table entries of `running`."""
+    tables = [s.block_table for s in running]
+    return len(set(itertools.chain.from_iterable(tables))), sum(map(len, tables))
