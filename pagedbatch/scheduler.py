@@ -86,7 +86,7 @@ class Scheduler:
             seq = self.waiting[0]
             self.block_manager.attach_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_append(seq, n):
+            if self._waits_for_prefix(seq) or not self.block_manager.can_append(seq, n):
                 self.block_manager.free(seq)
                 break
             self.waiting.popleft()
@@ -95,6 +95,23 @@ class Scheduler:
             out.copies += self.block_manager.append(seq, n)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+
+    def _waits_for_prefix(self, seq: Sequence) -> bool:
+        """True when a running sequence is still computing the next block `seq` would compute.
+
+        Admitting `seq` now would compute that block a second time; a step later it is
+        in the prefix cache. (Records sharing a prefix arrive one after another.)
+        """
+        if self.block_manager.prefix_cache is None:
+            return False
+        end = seq.num_computed_tokens + self.block_manager.block_size
+        if end > seq.num_prompt_tokens:
+            return False
+        head = seq.token_ids[:end]
+        return any(
+            r.num_computed_tokens < end <= r.num_prompt_tokens and r.token_ids[:end] == head
+            for r in self.running
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

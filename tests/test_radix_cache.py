@@ -1,0 +1,138 @@
+"""RadixCache on a tiny pool: exact blocks, refcounts, splits, locks, LRU eviction."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedbatch.block_pool import BlockPool
+from pagedbatch.radix_cache import RadixCache
+
+BS = 2  # block size: tokens are written in pairs below
+
+
+def make(num_blocks: int = 16) -> tuple[BlockPool, RadixCache]:
+    pool = BlockPool(num_blocks)
+    return pool, RadixCache(pool, BS)
+
+
+def cache_tokens(pool: BlockPool, cache: RadixCache, tokens: list[int]):
+    """What a sequence does: allocate blocks for `tokens`, cache them, drop its own hold."""
+    blocks = pool.allocate(len(tokens) // BS)
+    node = cache.insert(tokens, blocks)
+    pool.free(blocks)
+    return blocks, node
+
+
+def test_insert_then_match_returns_the_same_blocks_of_whole_blocks_only():
+    pool, cache = make()
+    blocks, _ = cache_tokens(pool, cache, [1, 2, 3, 4, 5, 6])
+    assert blocks == [0, 1, 2]
+    assert [pool.refcount(b) for b in blocks] == [1, 1, 1]  # the tree's own reference
+    assert cache.match([1, 2, 3, 4, 5, 6, 7]).blocks == [0, 1, 2]
+    assert cache.match([1, 2, 3, 4, 5]).blocks == [0, 1]  # 5 alone is not a whole block
+    assert cache.match([1, 2, 3, 9]).blocks == [0]
+    assert cache.match([9, 9]).blocks == []
+    assert cache.num_cached_blocks == 3 and cache.num_evictable_blocks == 3
+    cache.check_integrity()
+
+
+def test_a_match_ending_inside_a_node_splits_it():
+    pool, cache = make()
+    _, leaf = cache_tokens(pool, cache, [1, 2, 3, 4, 5, 6])
+    match = cache.match([1, 2, 3, 4, 7, 7])
+    assert match.blocks == [0, 1]
+    assert match.node.tokens == [1, 2, 3, 4] and match.node.blocks == [0, 1]
+    # The original node object is now the lower part, hanging under the new one.
+    assert leaf.tokens == [5, 6] and leaf.blocks == [2] and leaf.parent is match.node
+    cache.check_integrity()
+
+
+def test_insert_keeps_existing_blocks_and_adds_only_the_new_tail():
+    pool, cache = make()
+    cache_tokens(pool, cache, [1, 2, 3, 4])  # blocks 0, 1
+    # Another sequence computed the same first block itself (block 2) and more (3).
+    mine = pool.allocate(2)
+    assert mine == [2, 3]
+    node = cache.insert([1, 2, 5, 6], mine)
+    assert node.blocks == [3] and node.tokens == [5, 6]
+    assert cache.match([1, 2, 5, 6, 0]).blocks == [0, 3]
+    assert [pool.refcount(b) for b in range(4)] == [1, 1, 1, 2]  # block 2 stays the sequence's
+    assert cache.num_cached_blocks == 3
+    cache.check_integrity()
+
+
+def test_evict_frees_least_recently_used_unlocked_leaves_first():
+    pool, cache = make(8)
+    cache_tokens(pool, cache, [1, 1, 2, 2])  # blocks 0, 1
+    cache_tokens(pool, cache, [3, 3])  # block 2
+    cache_tokens(pool, cache, [4, 4])  # block 3
+    cache.match([1, 1, 2, 2])  # now the most recently used
+    assert cache.evict(1) == 1
+    assert pool.refcount(2) == 0 and cache.match([3, 3]).blocks == []
+    assert cache.evict(1) == 1  # [4, 4] is next, then the older path [1,1,2,2]
+    assert cache.match([4, 4]).blocks == []
+    assert cache.evict(5) == 2
+    assert cache.num_cached_blocks == 0 and pool.num_free == 8
+    assert cache.num_evicted_blocks == 4
+    cache.check_integrity()
+
+
+def test_locked_paths_are_not_evicted_and_unlocking_makes_them_evictable():
+    pool, cache = make(8)
+    _, leaf = cache_tokens(pool, cache, [1, 1, 2, 2])
+    cache_tokens(pool, cache, [1, 1, 3, 3])  # splits: [1,1] -> {[2,2], [3,3]}
+    cache.lock(leaf)
+    assert cache.num_evictable_blocks == 1  # only [3, 3]: [1,1] and [2,2] are pinned
+    assert cache.evict(10) == 1
+    assert cache.match([1, 1, 2, 2]).blocks == [0, 1]
+    cache.unlock(leaf)
+    assert cache.num_evictable_blocks == 2
+    assert cache.evict(10) == 2
+    assert pool.num_free == 8
+    cache.check_integrity()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "match", "lock", "unlock", "evict"]),
+            st.lists(st.integers(0, 2), min_size=0, max_size=10),
+            st.integers(0, 6),
+        ),
+        max_size=40,
+    )
+)
+def test_random_interleavings_keep_the_tree_and_pool_consistent(ops):
+    pool, cache = make(24)
+    locked = []
+    for op, tokens, k in ops:
+        tokens = tokens[: len(tokens) // BS * BS]
+        if op == "insert" and tokens:
+            n = len(tokens) // BS
+            if pool.num_free + cache.num_evictable_blocks >= n:
+                if pool.num_free < n:
+                    cache.evict(n - pool.num_free)
+                cache_tokens(pool, cache, tokens)
+        elif op == "match":
+            match = cache.match(tokens)
+            assert len(match.blocks) * BS <= len(tokens)
+        elif op == "lock":
+            node = cache.match(tokens).node
+            if node is not cache.root:
+                cache.lock(node)
+                locked.append(node)
+        elif op == "unlock" and locked:
+            cache.unlock(locked.pop(k % len(locked)))
+        elif op == "evict":
+            before = cache.num_evictable_blocks
+            freed = cache.evict(k)
+            assert freed <= before and (freed >= k or cache.num_evictable_blocks == 0)
+        cache.check_integrity()
+        pool.check_integrity()
+        assert pool.num_used == cache.num_cached_blocks  # the tree is the only holder
+    for node in locked:
+        cache.unlock(node)
+    cache.evict(10**6)
+    assert pool.num_free == pool.num_blocks, "a block leaked"
