@@ -112,3 +112,20 @@ def test_sharing_with_preemption_and_eviction_keeps_greedy_tokens(tiny_model_dir
     assert stats.preemptions > 0 and stats.evicted_blocks > 0
     small.engine.prefix_cache.check_integrity()
     small.engine.pool.check_integrity()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_gives_the_same_labels_with_and_without_sharing(smollm2_dir):
+    from pathlib import Path
+
+    from pagedbatch.io import read_records
+
+    job = read_records(Path(__file__).parent.parent / "examples" / "label_job.jsonl")[:6]
+    params = SamplingParams(max_tokens=8)
+    runs = {}
+    for sharing in (True, False):
+        llm = LLM(str(smollm2_dir), device="cpu", prefix_sharing=sharing)
+        runs[sharing] = (tokens(llm.generate(job, params)), llm.stats())
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].prefix_hit_rate > 0.8
+    assert runs[True][1].computed_tokens < runs[False][1].computed_tokens / 4
