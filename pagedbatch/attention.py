@@ -7,6 +7,8 @@ as keyword arguments of the model's forward (no global state).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers import AttentionInterface
 
@@ -18,14 +20,57 @@ ATTN_IMPLEMENTATION = "pagedbatch"
 BACKENDS = ("auto", "torch", "triton")
 
 
+def triton_problem(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    try:
+        from pagedbatch.kernels.triton_common import launch_problem
+    except ImportError as e:
+        return (
+            f"attention 'triton' needs the triton package ({e}): pip install triton, "
+            "or use attention 'torch'"
+        )
+    return launch_problem(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run: 'auto' is triton on CUDA when Triton runs there, else torch."""
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and triton_problem(device) is None else "torch"
+
+
+class StepShape(NamedTuple):
+    """Host-side facts about one step's batch that size the Triton launches."""
+
+    max_query_len: int
+    max_context_len: int
+    has_decode: bool  # some sequence has exactly one new token
+
+
 class PagedAttention:
-    """Stores a step's new K/V in the paged cache and attends over it."""
+    """Stores a step's new K/V in the paged cache and attends over it.
+
+    backend "torch": `kernels.reference` (gathers pages, then SDPA). Backend "triton":
+    the store kernel, then the decode kernel for sequences with one new token and the
+    prefill kernel for the others, both writing into one output; launches are sized
+    from the batch's host lists, so nothing waits on the device.
+    """
 
     def __init__(self, kv_cache: KVCache, backend: str = "torch") -> None:
-        if backend != "torch":
-            raise ValueError(f"attention backend {backend!r} is not available; use 'torch'")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"attention backend must be 'torch' or 'triton', got {backend!r}")
+        if backend == "triton":
+            problem = triton_problem(kv_cache.k[0].device)
+            if problem is not None:
+                raise ValueError(problem)
+            from pagedbatch.kernels import decode_attention, prefill_attention, store
+
+            self._store = store.store_kv
+            self._decode = decode_attention.decode_attention
+            self._prefill = prefill_attention.prefill_attention
         self.kv_cache = kv_cache
         self.backend = backend
+        self._last_shape: tuple[Batch, StepShape] | None = None
 
     def __call__(
         self,
@@ -38,11 +83,44 @@ class PagedAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        if self.backend == "triton":
+            return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
         reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
         return reference.paged_attention(
             query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
             batch.query_start_loc_host, scale, sliding_window,
         )  # fmt: skip
+
+    def _triton(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: Batch,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        self._store(key, value, k_cache, v_cache, batch.slot_mapping)
+        shape = self._step_shape(batch)
+        out = torch.empty_like(query)
+        args = (query, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                batch.query_start_loc, scale)  # fmt: skip
+        if shape.has_decode:
+            self._decode(*args, shape.max_context_len, sliding_window, out=out)
+        if shape.max_query_len > 1:
+            self._prefill(*args, shape.max_query_len, sliding_window, min_query_len=2, out=out)
+        return out
+
+    def _step_shape(self, batch: Batch) -> StepShape:
+        """Worked out once per step (at the first layer) from the host lists."""
+        if self._last_shape is None or self._last_shape[0] is not batch:
+            starts = batch.query_start_loc_host
+            query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+            shape = StepShape(max(query_lens), max(batch.context_lens_host), 1 in query_lens)
+            self._last_shape = (batch, shape)
+        return self._last_shape[1]
 
 
 def attention_forward(

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pagedbatch.attention import BACKENDS
+from pagedbatch.attention import BACKENDS, resolve_backend
 from pagedbatch.kv_cache import parse_memory
 from pagedbatch.models import DEFAULT_MODEL
 
@@ -48,10 +48,6 @@ class EngineConfig:
             raise ValueError(
                 f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}"
             )
-        if self.attention == "triton":
-            raise ValueError(
-                "--attention triton is not available in this version; use torch or auto"
-            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         for name in ("num_blocks", "max_model_len"):
@@ -78,6 +74,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention to run: 'auto' is triton on CUDA when Triton imports, else torch."""
+        return resolve_backend(self.attention, self.torch_device)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

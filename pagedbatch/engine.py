@@ -8,12 +8,13 @@ from pagedbatch.attention import PagedAttention
 from pagedbatch.block_manager import BlockManager
 from pagedbatch.block_pool import BlockPool
 from pagedbatch.kv_cache import KVCache
+from pagedbatch.memory import KVSnapshot, snapshot
 from pagedbatch.model_runner import ModelRunner
 from pagedbatch.radix_cache import RadixCache
 from pagedbatch.sampler import sample
 from pagedbatch.scheduler import Scheduler, SchedulerOutput
 from pagedbatch.sequence import Sequence
-from pagedbatch.stats import EngineStats, StatsCounter, blocks_in_use
+from pagedbatch.stats import EngineStats, StatsCounter
 from pagedbatch.stopping import StopChecker
 
 
@@ -29,6 +30,7 @@ class Engine:
         max_num_seqs: int,
         attention_backend: str = "torch",
         prefix_sharing: bool = True,
+        keep_timeline: bool = False,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -38,7 +40,7 @@ class Engine:
         attention = PagedAttention(kv_cache, attention_backend)
         self.runner = ModelRunner(model, attention, self.block_manager)
         self.stop_checker = stop_checker
-        self.counter = StatsCounter()
+        self.counter = StatsCounter(keep_timeline)
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (its `forks` join when its prompt is done)."""
@@ -63,7 +65,7 @@ class Engine:
             self.block_manager.commit(seq, n)
         for seq in seqs:
             self._fork(seq)
-        self.counter.step(out.num_tokens, len(tokens), self.scheduler.running)
+        self.counter.step(out.num_tokens, len(tokens), self._snapshot())
         finished = []
         for seq, token in zip(seqs, tokens):
             seq.token_ids.append(token)
@@ -81,9 +83,14 @@ class Engine:
             self.scheduler.add_running(child)
         parent.forks = []
 
+    def _snapshot(self) -> KVSnapshot:
+        return snapshot(
+            self.counter.steps, self.scheduler.running, self.pool.num_used, self.pool.num_free,
+            self.block_manager.block_size,
+        )  # fmt: skip
+
     def stats(self) -> EngineStats:
-        c, cache = self.counter, self.prefix_cache
-        physical, _ = blocks_in_use(self.scheduler.running)
+        c, cache, now = self.counter, self.prefix_cache, self._snapshot()
         return EngineStats(
             steps=c.steps,
             prompt_tokens=c.prompt_tokens,
@@ -96,11 +103,11 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             recomputed_tokens=self.scheduler.num_recomputed_tokens,
             num_blocks=self.pool.num_blocks,
-            blocks_in_use=physical,
-            cached_blocks=self.pool.num_used - physical,
-            free_blocks=self.pool.num_free,
-            peak_blocks_in_use=c.peak_blocks_in_use,
-            peak_logical_blocks=c.peak_logical_blocks,
+            blocks_in_use=now.in_use,
+            cached_blocks=now.cached,
+            free_blocks=now.free,
+            peak_blocks_in_use=c.peak.in_use if c.peak else 0,
+            peak_logical_blocks=c.peak.logical if c.peak else 0,
             evicted_blocks=cache.num_evicted_blocks if cache else 0,
         )
 

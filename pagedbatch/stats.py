@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pagedbatch.memory import KVSnapshot
 from pagedbatch.sequence import Sequence
 
 
@@ -50,32 +50,31 @@ class EngineStats:
 
 @dataclass
 class StatsCounter:
-    """Accumulates what each step did; the engine turns it into EngineStats."""
+    """Accumulates what each step did; the engine turns it into EngineStats.
 
+    With `keep_timeline`, every step's KVSnapshot is kept (for the memory report).
+    """
+
+    keep_timeline: bool = False
     steps: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     computed_tokens: int = 0
     generated_tokens: int = 0
     finished_seqs: int = 0
-    peak_blocks_in_use: int = 0
-    peak_logical_blocks: int = 0
+    peak: KVSnapshot | None = None
+    timeline: list[KVSnapshot] = field(default_factory=list)
 
-    def step(self, num_tokens: int, num_sampled: int, running: list[Sequence]) -> None:
+    def step(self, num_tokens: int, num_sampled: int, kv: KVSnapshot) -> None:
         self.steps += 1
         self.computed_tokens += num_tokens
         self.generated_tokens += num_sampled
-        physical, logical = blocks_in_use(running)
-        if physical > self.peak_blocks_in_use:
-            self.peak_blocks_in_use, self.peak_logical_blocks = physical, logical
+        if self.peak is None or kv.in_use > self.peak.in_use:
+            self.peak = kv
+        if self.keep_timeline:
+            self.timeline.append(kv)
 
     def finished(self, seq: Sequence) -> None:
         self.finished_seqs += 1
         self.prompt_tokens += seq.num_prompt_tokens
         self.cached_tokens += seq.num_cached_tokens
-
-
-def blocks_in_use(running: list[Sequence]) -> tuple[int, int]:
-    """(distinct, total) block-table entries of `running`."""
-    tables = [s.block_table for s in running]
-    return len(set(itertools.chain.from_iterable(tables))), sum(map(len, tables))

@@ -1,0 +1,159 @@
+"""Triton paged prefill / extend attention (reference: `reference.paged_attention`).
+
+The new tokens of each sequence attend causally to themselves and to the sequence's
+cached pages; a prompt whose prefix is cached computes only its suffix. Ragged batches
+through `query_start_loc`.
+
+Grid (num_seqs, row tiles, num_kv_heads). The query heads of one KV head are folded
+into the rows: row r of a sequence is new token r // group, query head
+kv_head * group + r % group. So each K/V tile is loaded once for all query heads that
+share it, for any group size (3 included), and a tile of BLOCK_M rows holds
+BLOCK_M / group tokens. A program walks the keys its rows may see, from the first
+row's window start to the last row's position, flash-attention style.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from pagedbatch.kernels.triton_common import (
+    LOG2_E,
+    NO_WINDOW,
+    attend_tile,
+    check_attention_args,
+    dot_in_float32,
+    head_tile_size,
+    key_tile_size,
+    load_page_tile,
+)
+
+BLOCK_M = 64  # (token, head) rows per program
+
+
+@triton.jit
+def _prefill_kernel(
+    query_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    qk_scale,
+    window,
+    min_query_len,
+    group,
+    head_dim,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_cd,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    first_row = tl.program_id(1) * BLOCK_M
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if (query_len < min_query_len) | (first_row >= query_len * group):
+        return
+    prefix_len = tl.load(context_lens_ptr + seq) - query_len  # keys cached before this step
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    token = rows // group  # [BLOCK_M] index among the new tokens
+    heads = kv_head * group + rows % group
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_mask = token < query_len
+    d_mask = offs_d < head_dim
+    io_mask = row_mask[:, None] & d_mask[None, :]
+    q_ptrs = (
+        query_ptr + (q_start + token)[:, None] * stride_qt + heads[:, None] * stride_qh
+        + offs_d[None, :] * stride_qd
+    )  # fmt: skip
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    q_pos = prefix_len + token  # [BLOCK_M]
+    lo = tl.maximum(prefix_len + first_row // group - window + 1, 0)
+    hi = prefix_len + tl.minimum((first_row + BLOCK_M - 1) // group, query_len - 1) + 1
+    table_ptr = block_tables_ptr + seq * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for tile in range(lo, hi, BLOCK_N):
+        pos = tile + offs_n
+        pos_mask = pos < hi
+        k = load_page_tile(k_cache_ptr, table_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                           stride_cb, stride_ct, stride_ch, stride_cd, BLOCK_SIZE)  # fmt: skip
+        v = load_page_tile(v_cache_ptr, table_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                           stride_cb, stride_ct, stride_ch, stride_cd, BLOCK_SIZE)  # fmt: skip
+        visible = (
+            pos_mask[None, :]
+            & (pos[None, :] <= q_pos[:, None])
+            & (pos[None, :] > q_pos[:, None] - window)
+        )
+        m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_F32)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence's tokens see nothing
+    o_ptrs = (
+        out_ptr + (q_start + token)[:, None] * stride_ot + heads[:, None] * stride_oh
+        + offs_d[None, :] * stride_od
+    )  # fmt: skip
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int, padded with any valid id
+    context_lens: torch.Tensor,  # [num_seqs] int, KV length including the new tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int
+    scale: float,
+    max_query_len: int,  # host-side upper bound of the new tokens per sequence (sizes the grid)
+    sliding_window: int | None = None,
+    *,
+    min_query_len: int = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its pages (cached prefix included).
+
+    Sequences with fewer than `min_query_len` new tokens are skipped and their rows of
+    `out` left as they were (`min_query_len=2` leaves decode rows to `decode_attention`).
+    No host synchronisation.
+    """
+    out = torch.empty_like(query) if out is None else out
+    group = check_attention_args(query, k_cache, v_cache, block_tables, context_lens,
+                                 query_start_loc, out, sliding_window)  # fmt: skip
+    num_seqs, head_dim = block_tables.shape[0], query.shape[2]
+    if num_seqs == 0 or max_query_len < max(min_query_len, 1):
+        return out
+    grid = (num_seqs, triton.cdiv(max_query_len * group, BLOCK_M), k_cache.shape[2])
+    _prefill_kernel[grid](
+        query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
+        context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc, out_ptr=out,
+        qk_scale=scale * LOG2_E, window=sliding_window or NO_WINDOW,
+        min_query_len=min_query_len, group=group, head_dim=head_dim,
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_qd=query.stride(2),
+        stride_cb=k_cache.stride(0), stride_ct=k_cache.stride(1), stride_ch=k_cache.stride(2),
+        stride_cd=k_cache.stride(3), stride_bt=block_tables.stride(0),
+        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=key_tile_size(head_dim, query.dtype),
+        BLOCK_D=head_tile_size(head_dim), DOT_F32=dot_in_float32(query.dtype, query.device),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,88 @@
+"""Triton store of a step's new K and V into the paged cache (reference: `reference.store_kv`)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from pagedbatch.kernels.triton_common import check_head_dim, check_tensors
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    num_kv_heads,
+    head_dim,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_cd,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per new token: all its KV heads.
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < head_dim)[None, :]
+    dst = (
+        (slot // BLOCK_SIZE) * stride_cb
+        + (slot % BLOCK_SIZE) * stride_ct
+        + offs_h[:, None] * stride_ch
+        + offs_d[None, :] * stride_cd
+    )
+    k_src = token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd
+    v_src = token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd
+    k = tl.load(key_ptr + k_src, mask=mask)
+    v = tl.load(value_ptr + v_src, mask=mask)
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int, block * block_size + offset; < 0 skipped
+) -> None:
+    """Write each token's K and V into its slot of the paged cache."""
+    check_tensors(key.dtype, key=key, value=value, k_cache=k_cache, v_cache=v_cache,
+                  slot_mapping=slot_mapping)  # fmt: skip
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same shape and strides")
+    if k_cache.dim() != 4 or k_cache.shape[2:] != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"cache shape {tuple(k_cache.shape)} does not hold [*, *, {num_kv_heads}, {head_dim}]"
+        )
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)} != ({num_tokens},)")
+    check_head_dim(head_dim)
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key_ptr=key, value_ptr=value, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
+        slot_mapping_ptr=slot_mapping, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        stride_kt=key.stride(0), stride_kh=key.stride(1), stride_kd=key.stride(2),
+        stride_vt=value.stride(0), stride_vh=value.stride(1), stride_vd=value.stride(2),
+        stride_cb=k_cache.stride(0), stride_ct=k_cache.stride(1), stride_ch=k_cache.stride(2),
+        stride_cd=k_cache.stride(3), BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )  # fmt: skip

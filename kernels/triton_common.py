@@ -1,0 +1,182 @@
+"""What the Triton kernels share: where they can run, tile loads from the pages, one
+online-softmax step.
+
+Where: CUDA tensors always; CPU tensors only under Triton's interpreter, which needs
+`TRITON_INTERPRET=1` in the environment before triton is imported, and importing torch
+(2.13) imports triton: set it before Python starts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+# "No sliding window" is a window wider than any context (kept well inside int32).
+NO_WINDOW = 2**30
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _probe() -> None:
+    pass
+
+
+# Triton decides when a function is defined whether it runs in the interpreter: ours at
+# this import, its standard library (tl.max, tl.sum, tl.cdiv, ...) at triton's import.
+# Both must be interpreted for the kernels to run on CPU.
+_OURS_INTERPRETED = isinstance(_probe, InterpretedFunction)
+_TRITONS_INTERPRETED = isinstance(tl.max, InterpretedFunction)
+INTERPRETED = _OURS_INTERPRETED and _TRITONS_INTERPRETED
+
+
+def launch_problem(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on `device`, or None when they can."""
+    if _OURS_INTERPRETED != _TRITONS_INTERPRETED:
+        return (
+            "TRITON_INTERPRET changed after triton was imported (importing torch imports it): "
+            "set it in the environment before starting Python"
+        )
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+        return None
+    if device.type == "cpu":
+        return (
+            "Triton kernels run on CPU only in Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before starting (slow; for tests), or use attention 'torch'"
+        )
+    return f"Triton kernels need a CUDA device, got {device.type!r}"
+
+
+def check_tensors(dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all `tensors` share `dtype` (one we support) and a device."""
+    if dtype not in DTYPES:
+        raise ValueError(f"Triton kernels support float32, float16, bfloat16; got {dtype}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"tensors on several devices: {sorted(map(str, devices))}")
+    problem = launch_problem(devices.pop())
+    if problem is not None:
+        raise ValueError(problem)
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype}, expected {dtype}")
+
+
+def check_head_dim(head_dim: int) -> None:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+
+
+def dot_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether tl.dot should take float32 operands (computed in IEEE precision).
+
+    Always for float32 caches (TF32 would cost ~1e-3 relative error). Also on CPU:
+    the interpreter of Triton 3.6 multiplies bfloat16 bit patterns as integers in
+    tl.dot, so the interpreter upcasts; CUDA multiplies 16-bit operands natively.
+    """
+    return dtype == torch.float32 or device.type == "cpu"
+
+
+@triton.jit
+def load_page_tile(
+    cache_ptr,
+    table_ptr,  # this sequence's row of block_tables
+    pos,  # [BLOCK_N] token positions in the sequence
+    pos_mask,  # [BLOCK_N] which positions to read (others read as 0)
+    kv_head,
+    offs_d,  # [BLOCK_D]
+    d_mask,  # [BLOCK_D]
+    stride_block,
+    stride_token,
+    stride_head,
+    stride_d,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """K or V of one KV head at `pos`: [BLOCK_N, BLOCK_D], each token looked up in its page."""
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
+    row = block * stride_block + (pos % BLOCK_SIZE) * stride_token + kv_head * stride_head
+    ptrs = cache_ptr + row[:, None] + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def attend_tile(
+    q,  # [BLOCK_M, BLOCK_D], already in the dot dtype
+    k,  # [BLOCK_N, BLOCK_D]
+    v,  # [BLOCK_N, BLOCK_D]
+    visible,  # [BLOCK_M, BLOCK_N] which scores count
+    m_i,  # [BLOCK_M] running max of scores (base-2 exponent), -inf before any
+    l_i,  # [BLOCK_M] running sum of exp2(score - m_i)
+    acc,  # [BLOCK_M, BLOCK_D] float32 running sum of exp2(score - m_i) * v
+    qk_scale,  # softmax scale * log2(e)
+    DOT_F32: tl.constexpr,
+):
+    """One key tile of the online softmax; returns the updated (m_i, l_i, acc).
+
+    A row with no visible key so far keeps m_i = -inf, l_i = 0, acc = 0 (no NaN).
+    """
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not DOT_F32:
+        p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+def check_attention_args(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int
+    context_lens: torch.Tensor,  # [num_seqs] int
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int
+    out: torch.Tensor,  # like query
+    sliding_window: int | None,
+) -> int:
+    """Raise ValueError on a malformed paged attention call; return query heads per KV head."""
+    check_tensors(query.dtype, query=query, k_cache=k_cache, v_cache=v_cache, out=out,
+                  block_tables=block_tables, context_lens=context_lens,
+                  query_start_loc=query_start_loc)  # fmt: skip
+    if query.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError("query must be [tokens, heads, dim] and caches [blocks, size, heads, dim]")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same shape and strides")
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"cache head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    check_head_dim(head_dim)
+    num_seqs = block_tables.shape[0]
+    if block_tables.dim() != 2 or context_lens.shape != (num_seqs,):
+        raise ValueError("block_tables must be [num_seqs, max_blocks], context_lens [num_seqs]")
+    if query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(f"query_start_loc must be [{num_seqs + 1}]")
+    if out.shape != query.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} != query shape {tuple(query.shape)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    return num_heads // num_kv_heads
+
+
+def head_tile_size(head_dim: int) -> int:
+    """BLOCK_D: head_dim rounded up to a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def key_tile_size(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per tile: 64, or 32 where a row of a tile is over 256 bytes (registers)."""
+    row_bytes = head_tile_size(head_dim) * torch.empty((), dtype=dtype).element_size()
+    return 64 if row_bytes <= 256 else 32

@@ -1,0 +1,319 @@
+"""Triton kernels against the torch references in kernels/reference.py, and the engine on them.
+
+CPU: the kernels run in Triton's interpreter, which TRITON_INTERPRET=1 turns on only if
+it is set before triton is imported, and importing torch imports triton. So a plain
+`pytest` on a machine without CUDA runs this file again in a child process with it set
+(`test_cpu_cases_in_triton_interpreter`); `TRITON_INTERPRET=1 pytest ...` runs the CPU
+cases in-process. Small shapes and a covering subset of the grid keep them quick.
+CUDA (marked `cuda`, skipped without a GPU): the full grid, long contexts, no host sync.
+
+Every case draws fresh random inputs; outputs and every cache slot not holding a live
+token are NaN, so a kernel that reads or skips the wrong slot fails. The store must
+match exactly; attention within TOLERANCE of the float32 reference on the same inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedbatch.kernels import reference, triton_common  # noqa: E402
+from pagedbatch.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
+from pagedbatch.kernels.prefill_attention import prefill_attention  # noqa: E402
+from pagedbatch.kernels.store import store_kv  # noqa: E402
+
+from pagedbatch import LLM, SamplingParams  # noqa: E402
+from pagedbatch.attention import PagedAttention, resolve_backend  # noqa: E402
+from pagedbatch.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+
+# Triton 3.6's interpreter converts one-element arrays to ints, which numpy deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # rtol = atol
+NAN = float("nan")
+
+HAS_CUDA = torch.cuda.is_available() and not triton_common.INTERPRETED
+ON_CPU = pytest.mark.skipif(
+    not triton_common.INTERPRETED,
+    reason="runs under Triton's interpreter (test_cpu_cases_in_triton_interpreter, no CUDA)",
+)
+ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+
+@pytest.mark.skipif(
+    triton_common.INTERPRETED or torch.cuda.is_available(), reason="the cases run in-process"
+)
+def test_cpu_cases_in_triton_interpreter():
+    """This file again, in a child process whose environment turns the interpreter on."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=Path(__file__).parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+class Case(NamedTuple):
+    device: str
+    dtype: torch.dtype
+    group: int  # query heads per KV head
+    block_size: int
+    head_dim: int
+
+    @property
+    def num_kv_heads(self) -> int:
+        return 2 if self.device == "cpu" else 4
+
+    @property
+    def long(self) -> int:
+        """A context spanning many blocks (interpreter: ~10 blocks; CUDA: thousands of tokens)."""
+        return 9 * self.block_size + 5 if self.device == "cpu" else 3001
+
+
+def _cases() -> list:
+    """CPU: every pair of dtype, GQA ratio, block size, head dim; CUDA: every combination.
+
+    Head dims 80 and 96 are masked tails of a 128 tile; 8 is padded up to tl.dot's 16.
+    """
+    sizes, dims = (8, 16, 32), (64, 128, 80)
+    cpu = [
+        Case("cpu", dtype, group, sizes[(a + b) % 3], dims[(a + 2 * b) % 3])
+        for (a, dtype), (b, group) in itertools.product(enumerate(DTYPES), enumerate((1, 3, 8)))
+    ] + [Case("cpu", torch.float32, 2, 16, 8)]
+    cuda = [
+        Case("cuda", *c)
+        for c in itertools.product(DTYPES, (1, 2, 3, 4, 8), sizes, (64, 128, 80, 96, 8))
+    ]
+    return [pytest.param(c, marks=ON_CPU, id=_case_id(c)) for c in cpu] + [
+        pytest.param(c, marks=ON_CUDA, id=_case_id(c)) for c in cuda
+    ]
+
+
+def _case_id(c: Case) -> str:
+    return f"{c.device}-{str(c.dtype)[6:]}-gqa{c.group}-bs{c.block_size}-d{c.head_dim}"
+
+
+CASES = _cases()
+
+
+class Paged(NamedTuple):
+    """One layer's paged inputs: live slots random, every other slot NaN."""
+
+    query: torch.Tensor  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    context_lens: list[int]
+    query_start_loc: list[int]
+
+    def device_lens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.query.device
+        return (
+            torch.tensor(self.context_lens, dtype=torch.int32, device=device),
+            torch.tensor(self.query_start_loc, dtype=torch.int32, device=device),
+        )
+
+    def reference(self, scale: float, window: int | None = None) -> torch.Tensor:
+        """The float32 reference on the same (rounded) inputs."""
+        return reference.paged_attention(
+            self.query.float(), self.k_cache.float(), self.v_cache.float(), self.block_tables,
+            self.context_lens, self.query_start_loc, scale, window,
+        )  # fmt: skip
+
+
+def paged_inputs(case: Case, context_lens: list[int], query_lens: list[int]) -> Paged:
+    """Sequences on shuffled (non-contiguous) blocks of a pool with a few spare blocks."""
+    bs, heads, dim = case.block_size, case.num_kv_heads, case.head_dim
+    counts = [-(-n // bs) for n in context_lens]
+    num_blocks = sum(counts) + 3
+    ids = torch.randperm(num_blocks).tolist()
+    tables, slots = [], []
+    for n, count in zip(context_lens, counts):
+        table, ids = ids[:count], ids[count:]
+        tables.append(table + [0] * (max(counts) - count))
+        slots += [table[p // bs] * bs + p % bs for p in range(n)]
+    caches = []
+    for _ in range(2):
+        cache = torch.full((num_blocks, bs, heads, dim), NAN, dtype=case.dtype)
+        cache.view(-1, heads, dim)[slots] = torch.randn(len(slots), heads, dim).to(case.dtype)
+        caches.append(cache.to(case.device))
+    starts = list(itertools.accumulate(query_lens, initial=0))
+    query = torch.randn(starts[-1], heads * case.group, dim).to(case.device, case.dtype)
+    block_tables = torch.tensor(tables, dtype=torch.int32, device=case.device)
+    return Paged(query, *caches, block_tables, context_lens, starts)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def ragged(case: Case) -> list[int]:
+    bs = case.block_size
+    return [1, bs - 1, bs, bs + 1, case.long]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_store_kv_writes_exactly_the_reference_slots(case: Case):
+    heads, dim = case.num_kv_heads, case.head_dim
+    num_blocks = 7
+    num_tokens = 2 * case.block_size + 3
+    slots = torch.randperm(num_blocks * case.block_size)[:num_tokens]
+    slots[::5] = -1  # padding
+    # Strided like the engine's views of the attention projections.
+    key = torch.randn(heads, num_tokens, dim).to(case.device, case.dtype).transpose(0, 1)
+    value = torch.randn(heads, num_tokens, dim).to(case.device, case.dtype).transpose(0, 1)
+    k_cache = torch.full((num_blocks, case.block_size, heads, dim), NAN, dtype=case.dtype)
+    k_cache, v_cache = k_cache.to(case.device), k_cache.clone().to(case.device)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    slots = slots.to(case.device)
+
+    store_kv(key, value, k_cache, v_cache, slots)
+
+    reference.store_kv(key, value, expected_k, expected_v, slots)
+    torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decode_matches_reference(case: Case):
+    lens = ragged(case)
+    paged = paged_inputs(case, lens, [1] * len(lens))
+    context_lens, query_start_loc = paged.device_lens()
+    # Several splits where the default would give one (the interpreter counts 1 SM):
+    # chunks of whole key tiles, empty ones past a short sequence's end.
+    num_splits = 4 if case.group != 3 else None
+    out = torch.full_like(paged.query, NAN)
+
+    decode_attention(
+        paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+        query_start_loc, 0.125, max(lens), num_splits=num_splits, out=out,
+    )  # fmt: skip
+
+    assert_close(out, paged.reference(0.125), case.dtype)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_matches_reference_with_cached_prefixes(case: Case):
+    bs = case.block_size
+    # (new tokens, context): whole prompts of ragged lengths, suffixes after a cached
+    # prefix, and a single new token.
+    pairs = [(1, 1), (bs - 1, bs - 1), (bs, bs), (bs + 1, bs + 1), (3, case.long),
+             (2 * bs + 3, case.long + 7), (1, 2 * bs)]  # fmt: skip
+    query_lens, lens = zip(*pairs)
+    paged = paged_inputs(case, list(lens), list(query_lens))
+    context_lens, query_start_loc = paged.device_lens()
+    out = torch.full_like(paged.query, NAN)
+
+    prefill_attention(
+        paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+        query_start_loc, 0.125, max(query_lens), out=out,
+    )  # fmt: skip
+
+    assert_close(out, paged.reference(0.125), case.dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].head_dim == 64])
+def test_mixed_batch_with_sliding_window(case: Case):
+    """The engine's dispatch: decode rows by one kernel, the rest by the other, one output."""
+    bs = case.block_size
+    window = bs + 3
+    pairs = [(1, case.long), (bs + 2, bs + 2), (1, 2), (5, case.long - 4), (1, window + 1)]
+    query_lens, lens = zip(*pairs)
+    paged = paged_inputs(case, list(lens), list(query_lens))
+    context_lens, query_start_loc = paged.device_lens()
+    args = (paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+            query_start_loc, 0.125)  # fmt: skip
+    out = torch.full_like(paged.query, NAN)
+
+    decode_attention(*args, max(lens), window, num_splits=3, out=out)
+    prefill_attention(*args, max(query_lens), window, min_query_len=2, out=out)
+
+    assert_close(out, paged.reference(0.125, window), case.dtype)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or triton_common.INTERPRETED), reason="no Triton device here")
+def test_bad_calls_are_value_errors():
+    case = Case("cuda" if HAS_CUDA else "cpu", torch.float32, 2, 16, 64)
+    paged = paged_inputs(case, [5], [5])
+    context_lens, query_start_loc = paged.device_lens()
+    tail = (paged.block_tables, context_lens, query_start_loc, 0.125, 5)
+    with pytest.raises(ValueError, match="k_cache is torch.float32, expected torch.bfloat16"):
+        prefill_attention(paged.query.bfloat16(), paged.k_cache, paged.v_cache, *tail)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of . KV heads"):
+        prefill_attention(paged.query[:, :3], paged.k_cache, paged.v_cache, *tail)
+    big = torch.zeros(2, 16, 2, 320, device=case.device)
+    with pytest.raises(ValueError, match="head_dim must be in 1..256"):
+        decode_attention(torch.zeros(5, 4, 320, device=case.device), big, big, *tail)
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        decode_attention(paged.query, paged.k_cache, paged.v_cache, *tail, 0)
+
+
+def test_split_count_is_host_arithmetic_on_shapes():
+    cpu = torch.device("cpu")  # counts as one SM: PROGRAMS_PER_SM programs wanted
+    assert num_splits_for(1, 1, 100, cpu) == 1  # too short to split
+    assert num_splits_for(1, 1, 8192, cpu) == 4
+    assert num_splits_for(2, 2, 8192, cpu) == 1  # enough programs already
+
+
+def test_triton_attention_without_interpreter_on_cpu_is_refused(monkeypatch):
+    monkeypatch.setattr(triton_common, "INTERPRETED", False)
+    cache = KVCache(KVCacheSpec(1, 2, 16, 8, torch.float32), 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 in the environment"):
+        PagedAttention(cache, "triton")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def _greedy(model_dir, prompts: list[list[int]], **config) -> list[list[int]]:
+    llm = LLM(model_dir, num_blocks=64, **config)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=8))
+    return [list(out.completions[0].token_ids) for out in outputs]
+
+
+ENGINE_DEVICES = [
+    pytest.param("cpu", marks=ON_CPU, id="cpu"),
+    pytest.param("cuda", marks=ON_CUDA, id="cuda"),
+]
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: the sliding-window path
+def test_engine_greedy_tokens_match_torch_attention(tiny_model_dirs, arch, device):
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 400, (n,), generator=gen).tolist() for n in (3, 17, 40, 70)]
+    # 32 tokens a step: long prompts are prefilled in chunks, later chunks extend a cached prefix.
+    config = {"device": device, "dtype": "float32", "max_batch_tokens": 32}
+    expected = _greedy(tiny_model_dirs[arch], prompts, attention="torch", **config)
+    assert _greedy(tiny_model_dirs[arch], prompts, attention="triton", **config) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_launches_never_synchronise_with_the_host():
+    case = Case("cuda", torch.bfloat16, 3, 16, 64)
+    paged = paged_inputs(case, [1, 700, 2000], [1, 1, 30])
+    context_lens, query_start_loc = paged.device_lens()
+    args = (paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+            query_start_loc, 0.125)  # fmt: skip
+    out = torch.empty_like(paged.query)
+    decode_attention(*args, 2000, out=out)  # compile outside the checked region
+    prefill_attention(*args, 30, min_query_len=2, out=out)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decode_attention(*args, 2000, out=out)
+        prefill_attention(*args, 30, min_query_len=2, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(out, paged.reference(0.125), case.dtype)
