@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 from tiny_models import ARCHS, build_tiny_model
 
 from pagedbatch.models import DEFAULT_MODEL, alias_gguf_path, convert_gguf
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One model cache for the whole session (fixtures, CLI runs, subprocesses), never
+    the user's own unless PAGEDBATCH_CACHE points there: the embedded model converts once."""
+    os.environ.setdefault("PAGEDBATCH_CACHE", tempfile.mkdtemp(prefix="pagedbatch-cache-"))
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +26,6 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The converted embedded SmolLM2; kept in `$PAGEDBATCH_CACHE` when set (CI keeps it warm)."""
-    env = os.environ.get("PAGEDBATCH_CACHE")
-    cache_dir = Path(env) if env else tmp_path_factory.mktemp("pagedbatch_cache")
-    return convert_gguf(alias_gguf_path(DEFAULT_MODEL), cache_dir)
+def smollm2_dir() -> Path:
+    """The converted embedded SmolLM2, in the session's model cache."""
+    return convert_gguf(alias_gguf_path(DEFAULT_MODEL), Path(os.environ["PAGEDBATCH_CACHE"]))
