@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shlex
+import signal
 import sys
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from pagedbatch.cli_bench import bench
+from pagedbatch.interrupts import Interrupts
+from pagedbatch.job import JobResult, ResumePolicy
+from pagedbatch.progress import JobProgress
 from pagedbatch.settings import RunSettings, resolve_settings
+
+if TYPE_CHECKING:
+    from pagedbatch.job import Job
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +48,8 @@ def main() -> None:
 
 
 def opt(panel: str, help: str, *names: str) -> Any:
-    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
+    # Escaped: "[default: ...]" in a help text is not Rich markup.
+    return typer.Option(*names, help=escape(help), rich_help_panel=panel, show_default=False)
 
 
 E, S = D.engine, D.sampling
@@ -45,18 +58,28 @@ Str, Int, Float = str | None, int | None, float | None
 
 @app.command()
 def run(
-    input: Annotated[str, typer.Argument(help="JSONL file, local data file (json, csv, parquet), dataset saved with save_to_disk, or a Hugging Face dataset name.", show_default=False)],
+    ctx: typer.Context,
+    input: Annotated[str, typer.Argument(help="JSONL file (plain or OpenAI batch), local data file (json, csv, parquet), dataset saved with save_to_disk, or a Hugging Face dataset name.", show_default=False)],
     output: Annotated[Path | None, opt(OUTPUT, "Output JSONL path. [default: <input name>.output.jsonl]", "--output", "-o")] = None,
+    resume: Annotated[bool | None, opt(OUTPUT, "Continue the job whose output this is: skip every record it holds, run the rest.", "--resume")] = None,
+    retry_errors: Annotated[bool | None, opt(OUTPUT, "Resume, and run again the records whose line is an error.", "--retry-errors")] = None,
+    overwrite: Annotated[bool | None, opt(OUTPUT, "Start over, replacing an output that already has lines.", "--overwrite")] = None,
+    force: Annotated[bool | None, opt(OUTPUT, "Resume even though the job fingerprint stored beside the output differs.", "--force")] = None,
+    errors: Annotated[Path | None, opt(OUTPUT, "Also write each failed record's input line, with its error, to this file (feed it back as input).")] = None,
+    order: Annotated[Str, opt(OUTPUT, f"completion (lines as records finish) or input (the lines of a sequential run, in input order). [default: {D.order}]")] = None,
     config: Annotated[Str, opt(MODEL, "Preset name from configs/ (cpu, gpu, tiny) or a TOML file; flags given here win.")] = None,
     split: Annotated[Str, opt(INPUT, "Dataset split. [default: train, or the only one]")] = None,
     prompt_field: Annotated[Str, opt(INPUT, f"Field holding the prompt text. [default: {D.prompt_field}]")] = None,
     messages_field: Annotated[Str, opt(INPUT, f"Field holding chat messages. [default: {D.messages_field}]")] = None,
     id_field: Annotated[Str, opt(INPUT, f"Field holding the record id (missing: line number, or row index). [default: {D.id_field}]")] = None,
+    template: Annotated[Str, opt(INPUT, 'Build each prompt from the record\'s fields, e.g. "Classify the review: {text}".')] = None,
+    system: Annotated[Str, opt(INPUT, "System message put before each prompt (implies --chat).")] = None,
     chat: Annotated[bool | None, opt(INPUT, "Render plain prompts through the model's chat template too. [default: no-chat]", "--chat/--no-chat")] = None,
+    skip_invalid: Annotated[bool | None, opt(INPUT, "Turn lines that are not JSON objects into invalid_record error lines instead of stopping.", "--skip-invalid")] = None,
     model: Annotated[Str, opt(MODEL, f"Local model directory, .gguf file, hub id, or the alias smollm2-135m (embedded). [default: {E.model}]", "--model", "-m")] = None,
     device: Annotated[Str, opt(MODEL, f"auto, cpu or cuda. [default: {E.device}]")] = None,
     dtype: Annotated[Str, opt(MODEL, "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16. [default: auto]")] = None,
-    attention: Annotated[Str, opt(MODEL, "Attention implementation: auto or torch (triton is not available yet). [default: auto]")] = None,
+    attention: Annotated[Str, opt(MODEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
     max_model_len: Annotated[Int, opt(MODEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
     cache_dir: Annotated[Str, opt(MODEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
     block_size: Annotated[Int, opt(MEMORY, f"Tokens per KV block (power of two). [default: {E.block_size}]")] = None,
@@ -68,59 +91,142 @@ def run(
     temperature: Annotated[Float, opt(SAMPLING, f"0 is greedy. [default: {S.temperature}]")] = None,
     top_p: Annotated[Float, opt(SAMPLING, f"Nucleus sampling mass, in (0, 1]. [default: {S.top_p}]")] = None,
     top_k: Annotated[Int, opt(SAMPLING, f"Sample among the k most likely tokens; 0 is off. [default: {S.top_k}]")] = None,
-    seed: Annotated[Int, opt(SAMPLING, "Seed of every record without its own seed. [default: random]")] = None,
+    seed: Annotated[Int, opt(SAMPLING, f"Job seed: a record without its own seed samples with a seed derived from this and its id. [default: {S.seed}]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING, "Stop string (repeatable); the text ends before it.")] = None,
-    n: Annotated[Int, opt(SAMPLING, f"Samples per record (a record's n wins); the prompt is computed once and its pages shared. [default: {S.n}]", "--n")] = None,
-    prefix_sharing: Annotated[bool | None, opt(MEMORY, "Share the KV pages of common prompt prefixes (radix cache) and run records sharing a prefix together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
+    n: Annotated[Int, opt(SAMPLING, f"Samples per record (a record's n wins): the prompt is computed once, its pages shared. [default: {S.n}]", "--n")] = None,
+    ignore_eos: Annotated[bool | None, opt(SAMPLING, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
+    prefix_sharing: Annotated[bool | None, opt(MEMORY, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
+    memory_timeline: Annotated[bool | None, opt(OUTPUT, "At the end, show the KV memory report and write it to <output>.memory.json (and .memory.png with matplotlib).", "--memory-report")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT)] = True,
 ) -> None:  # fmt: skip
     """Generate a completion for every record of INPUT and write them to a JSONL file."""
-    given = {
-        k: v
-        for k, v in locals().items()
-        if v is not None and k not in ("input", "config", "progress")
-    }
+    given = {k: v for k, v in locals().items() if v is not None and k not in _NOT_SETTINGS}
     try:
         settings = resolve_settings(given, config)
+        policy = ResumePolicy(
+            resume=bool(resume), overwrite=bool(overwrite), force=bool(force),
+            retry_errors=bool(retry_errors),
+        )  # fmt: skip
     except ValueError as e:
         fail(str(e))
-    _run_job(input, settings, progress)
+    _run_job(input, settings, policy, progress, resume_command(ctx))
 
 
-def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+app.command()(bench)
+
+# Flags of one invocation, not settings; a resume command leaves them out.
+_NOT_RESUMED = ("resume", "retry_errors", "overwrite", "force")
+_NOT_SETTINGS = ("ctx", "input", "config", "progress", *_NOT_RESUMED)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _run_job(source: str, settings: RunSettings, show_progress: bool) -> None:
-    from pagedbatch.io import InputError, OutputWriter, read_records
-    from pagedbatch.llm import LLM
+def resume_command(ctx: typer.Context) -> str:
+    """The command line that resumes this run: its arguments as given, plus --resume."""
+    words = ["pagedbatch", "run"]
+    for param in ctx.command.params:
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        if name in _NOT_RESUMED or getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[name]
+        if param.param_type_name != "option":  # (typer vendors click: no isinstance checks)
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            flag = max(param.opts, key=len)
+            for item in value if param.multiple else [value]:
+                words += [flag, str(item)]
+    return shlex.join([*words, "--resume"])
+
+
+def _run_job(
+    source: str, settings: RunSettings, policy: ResumePolicy, show_progress: bool, resume: str
+) -> None:
+    from pagedbatch.io import InputError
+    from pagedbatch.job import Job, JobError
     from pagedbatch.models import ModelLoadError
-    from pagedbatch.progress import JobProgress
 
     _quiet_libraries()
-
-    try:
-        records = read_records(source, split=settings.split, fields=settings.fields)
-    except InputError as e:
-        fail(str(e))
-    output = settings.output or Path(f"{Path(source.rstrip('/')).stem}.output.jsonl")
     started = time.monotonic()
+    with Interrupts() as interrupts:
+        try:
+            job = Job(source, settings, policy)
+        except (InputError, JobError, ModelLoadError) as e:
+            fail(str(e))
+        interrupts.on_first = _say_stopping
+        interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
+        llm = _load_llm(settings) if job.todo and not interrupts.requested() else None
+        result = _run_with_progress(job, llm, interrupts, show_progress, resume)
+    _summary(job, result, llm, time.monotonic() - started)
+    if llm is not None and settings.engine.memory_timeline:
+        _memory_report(llm, job.output)
+    if interrupts.requested() and result.not_run:
+        console.print(
+            f"Interrupted by {interrupts.name}: {result.not_run} records not run yet. "
+            f"Resume with:\n  {resume}",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
+        raise typer.Exit(interrupts.exit_code)
+
+
+def _load_llm(settings: RunSettings) -> Any:
+    from pagedbatch.llm import LLM
+    from pagedbatch.models import ModelLoadError
+
     try:
         with console.status(f"Loading {settings.engine.model} ..."):
-            llm = LLM(config=settings.engine)
+            return LLM(config=settings.engine)
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
-    codes: Counter[str] = Counter()
-    with OutputWriter(output) as writer, JobProgress(console, len(records), show_progress) as bar:
 
-        def on_output(out: Any) -> None:
-            writer.write(out)
-            codes[out.error.code if out.error else "ok"] += 1
-            bar.record_done()
 
-        llm.generate(records, settings.sampling, on_output=on_output, on_step=bar.step)
-    _summary(output, codes, llm.stats(), time.monotonic() - started)
+def _run_with_progress(
+    job: Job, llm: Any, interrupts: Interrupts, show_progress: bool, resume: str
+) -> JobResult:
+    import torch
+
+    enabled = show_progress and llm is not None
+    try:
+        with JobProgress(console, len(job.todo), enabled) as bar:
+            return job.run(
+                llm, should_stop=interrupts.requested, on_step=bar.step,
+                on_output=lambda output: bar.record_done(),
+            )  # fmt: skip
+    except OSError as e:
+        where = e.filename or job.output
+        fail(f"cannot write {where}: {e.strerror or e}; the lines before are safe. "
+             f"Resume with: {resume}", code=1)  # fmt: skip
+    except torch.OutOfMemoryError as e:
+        fail(f"out of memory in a step ({_first_line(e)}); lower --kv-memory, "
+             f"--max-batch-tokens or --max-num-seqs, then resume with: {resume}", code=1)  # fmt: skip
+
+
+def _say_stopping(signum: int) -> None:
+    name = signal.Signals(signum).name
+    _raw_stderr(f"\n{name}: stopping after the current step (again: exit at once)\n")
+
+
+def _exit_now(job: Job, signum: int, resume: str) -> None:
+    """The second signal: cut the files to whole lines, say how to resume, exit."""
+    job.abandon()
+    name = signal.Signals(signum).name
+    _raw_stderr(
+        f"\n{name} again: exiting now; {job.output} ends on a whole line. "
+        f"Resume with:\n  {resume}\n"
+    )
+    os._exit(128 + signum)
+
+
+def _raw_stderr(text: str) -> None:
+    """Write from a signal handler: no Rich, no Python buffers (which may be mid-write)."""
+    show_cursor = "\x1b[?25h" if os.isatty(2) else ""
+    with contextlib.suppress(OSError):
+        os.write(2, (show_cursor + text).encode(errors="replace"))
 
 
 def _quiet_libraries() -> None:
@@ -137,17 +243,56 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def _summary(output: Path, codes: Counter[str], stats: Any, seconds: float) -> None:
-    failed = sum(n for code, n in codes.items() if code != "ok")
+def _summary(job: Job, result: JobResult, llm: Any, seconds: float) -> None:
+    if not job.records:
+        console.print(
+            f"The input has no records; {job.output} is empty.",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
+        return
+    if not job.todo:
+        console.print(
+            f"Nothing to do: all {len(job.records)} records are already in {job.output}.",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
+        return
+    codes = result.codes
+    failed = result.written - codes["ok"]
     detail = ", ".join(f"{n} {code}" for code, n in sorted(codes.items()) if code != "ok")
-    console.print(
-        f"Wrote {sum(codes.values())} records to {output} ({codes['ok']} ok"
-        + (f", {failed} failed: {detail}" if failed else "")
-        + f") in {seconds:.1f} s; {stats.generated_tokens / max(seconds, 1e-9):.1f} output tok/s, "
-        f"peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
-        f"{stats.preemptions} preemptions.",
-        soft_wrap=True,
+    text = f"Wrote {result.written} records to {job.output} ({codes['ok']} ok" + (
+        f", {failed} failed: {detail})" if failed else ")"
     )
+    if result.skipped:
+        text += f"; skipped {result.skipped} already done"
+    if llm is not None:
+        stats = llm.stats()
+        text += (
+            f" in {seconds:.1f} s; {stats.generated_tokens / max(seconds, 1e-9):.1f} output "
+            f"tok/s, peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
+            f"{stats.preemptions} preemptions"
+        )
+    if failed and job.errors_path is not None:
+        text += f"; failed records in {job.errors_path}"
+    console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
+
+
+def _memory_report(llm: Any, output: Path) -> None:
+    from pagedbatch.report import memory_table, write_timeline_png
+
+    report = llm.memory_report()
+    console.print(memory_table(report))
+    base = output.with_name(output.name.removesuffix(".jsonl"))
+    json_path, png_path = base.with_suffix(".memory.json"), base.with_suffix(".memory.png")
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    drawn = write_timeline_png(report, png_path)
+    console.print(
+        f"Memory report: {json_path}" + (f", {png_path}" if drawn else " (pip install "
+        "matplotlib for the timeline chart)"), soft_wrap=True, markup=False, highlight=False,
+    )  # fmt: skip
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

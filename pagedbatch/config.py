@@ -35,6 +35,7 @@ class EngineConfig:
     max_model_len: int | None = None
     chat: bool = False
     prefix_sharing: bool = True
+    memory_timeline: bool = False  # keep a KV snapshot per step, for memory_report()
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -85,7 +85,7 @@ class Engine:
 
     def _snapshot(self) -> KVSnapshot:
         return snapshot(
-            self.counter.steps, self.scheduler.running, self.pool.num_used, self.pool.num_free,
+            self.counter.steps + 1, self.scheduler.running, self.pool.num_used, self.pool.num_free,
             self.block_manager.block_size,
         )  # fmt: skip
 

@@ -1,22 +1,27 @@
-"""The file edge of pagedbatch: input records in, output lines out.
+"""The input edge of pagedbatch: files, datasets and hub names in, records out.
 
-JSON Lines files are read strictly by our own reader, so that a broken file is reported
-with its line number before any work starts. Everything else goes through the Hugging
-Face `datasets` library, imported only when it is needed.
+JSON Lines files are read strictly by our own reader (jsonl.py), so that a broken file
+is reported with its line number before any work starts. Everything else goes through
+the Hugging Face `datasets` library, imported only when it is needed. Rows shaped like
+OpenAI batch requests are read as such (openai_batch.py). Output lines go out through
+`OutputWriter` (output_writer.py).
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from pagedbatch.outputs import RequestOutput
-from pagedbatch.records import FieldMap, Record, parse_record
+from pagedbatch.jsonl import JsonlError, jsonl_rows
+from pagedbatch.openai_batch import is_batch_request, parse_batch_request
+from pagedbatch.output_writer import OutputWriter
+from pagedbatch.records import FieldMap, Record, invalid, parse_record
+
+__all__ = ["InputError", "OutputWriter", "read_records"]
 
 # Files read by our strict JSON Lines reader (a .json file only if it is JSON Lines).
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -37,13 +42,16 @@ def read_records(
     *,
     split: str | None = None,
     fields: FieldMap = _DEFAULT_FIELDS,
+    skip_invalid: bool = False,
 ) -> list[Record]:
     """Read every record of a JSONL file, a local data file, a dataset directory or a hub name.
 
     Raises InputError, before any record is used, for a problem with the input as a
     whole (unreadable, broken JSON, duplicate ids, unknown split). A problem with one
-    record only is left on that record's `error`. Records without an id get their
-    1-based line number (JSONL) or 0-based row index (datasets).
+    record only is left on that record's `error`; with `skip_invalid`, so is a JSONL
+    line that is not a JSON object. Records without an id get their 1-based line number
+    (JSONL) or 0-based row index (datasets). When the first row is an OpenAI batch
+    request, every row is read as one (their records have an `endpoint`).
     """
     name = os.fspath(source)
     path = Path(name)
@@ -51,53 +59,19 @@ def read_records(
     if mode is not None and stat.S_ISDIR(mode):
         return _dataset_records(_load_directory(path, name), name, split, fields)
     if mode is not None:
-        return _file_records(path, name, split, fields)
+        return _file_records(path, name, split, fields, skip_invalid)
     if path.suffix.lower() in _JSON_SUFFIXES + _DATA_FILE_SUFFIXES or _looks_like_path(name):
         raise InputError(f"{name}: no such file")
     return _hub_records(name, split, fields)
 
 
-class OutputWriter:
-    """Appends one JSON line per RequestOutput to a file; a context manager.
-
-    Each line goes out in one write call and is flushed at once, so a line on disk is
-    either whole or the last, partial one (what a later resume has to trim).
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8", newline="\n")
-        self.count = 0  # lines written by this writer
-
-    def write(self, output: RequestOutput) -> None:
-        """Append the output's JSON line and flush it."""
-        if self._file is None:
-            raise ValueError(f"{self.path}: OutputWriter is closed")
-        self._file.write(json.dumps(output.to_json(), ensure_ascii=False) + "\n")
-        self._file.flush()
-        self.count += 1
-
-    def close(self) -> None:
-        """Flush, fsync and close the file; closing twice is a no-op."""
-        if self._file is None:
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-
-    def __enter__(self) -> OutputWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _file_records(path: Path, name: str, split: str | None, fields: FieldMap) -> list[Record]:
+def _file_records(
+    path: Path, name: str, split: str | None, fields: FieldMap, skip_invalid: bool
+) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix in _JSON_SUFFIXES:
-        return _json_records(_read_bytes(path, name), name, suffix, split, fields)
+        data = _read_bytes(path, name)
+        return _json_records(data, name, suffix, split, fields, skip_invalid)
     if suffix not in _DATA_FILE_SUFFIXES:
         kinds = ", ".join(_JSON_SUFFIXES + _DATA_FILE_SUFFIXES)
         raise InputError(
@@ -108,56 +82,20 @@ def _file_records(path: Path, name: str, split: str | None, fields: FieldMap) ->
 
 
 def _json_records(
-    data: bytes, name: str, suffix: str, split: str | None, fields: FieldMap
+    data: bytes, name: str, suffix: str, split: str | None, fields: FieldMap, skip_invalid: bool
 ) -> list[Record]:
     """JSON Lines, strictly; a .json file that is one JSON document goes to `datasets`."""
     try:
-        records = _jsonl_records(data, name, fields)
-    except InputError:
-        if suffix == ".jsonl" or not _is_one_json_document(data):
-            raise
-        loaded = _load(name, lambda ds: ds.load_dataset("json", data_files=name), "cannot read")
-        return _dataset_records(loaded, name, split, fields)
+        rows = jsonl_rows(data)
+    except JsonlError as e:
+        if suffix == ".json" and _is_one_json_document(data):
+            loaded = _load(name, lambda ds: ds.load_dataset("json", data_files=name), "cannot read")
+            return _dataset_records(loaded, name, split, fields)
+        if not skip_invalid:
+            raise InputError(f"{name}: {e}") from None
+        rows = jsonl_rows(data, keep_going=True)
     _check_file_split(name, split)
-    return records
-
-
-def _jsonl_records(data: bytes, name: str, fields: FieldMap) -> list[Record]:
-    numbered = []
-    for n, value in _jsonl_values(data, name):
-        if not isinstance(value, dict):
-            raise InputError(
-                f"{name}: line {n}: expected a JSON object, got {_json_type_name(value)}"
-            )
-        numbered.append((n, parse_record(value, default_id=n, fields=fields)))
-    return _unique(numbered, name, "line")
-
-
-def _jsonl_values(data: bytes, name: str) -> list[tuple[int, Any]]:
-    """(1-based line number, value) of every non-blank line."""
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    lines = data.split(b"\n")
-    # Only the last piece can lack a trailing newline; it is b"" when the file ends in one.
-    return [
-        (n, _parse_line(raw, name, n, cut_off=n == len(lines)))
-        for n, raw in enumerate(lines, start=1)
-        if raw.strip()
-    ]
-
-
-def _parse_line(raw: bytes, name: str, n: int, *, cut_off: bool) -> Any:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{name}: line {n}: not valid UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        reason = f"invalid JSON: {e.msg}: column {e.colno}"
-        if cut_off:
-            reason = "cut off (incomplete JSON at end of file)"
-        raise InputError(f"{name}: line {n}: {reason}") from None
+    return _records(rows, name, fields, "line")
 
 
 def _is_one_json_document(data: bytes) -> bool:
@@ -201,11 +139,27 @@ def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
 
 def _dataset_records(data: Any, name: str, split: str | None, fields: FieldMap) -> list[Record]:
     rows = _select_split(data, name, split).with_format(None)
-    numbered = [
-        (i, parse_record(_plain_row(row, fields), default_id=i, fields=fields))
-        for i, row in enumerate(rows)
-    ]
-    return _unique(numbered, name, "row")
+    return _records(
+        [(i, _plain_row(row, fields)) for i, row in enumerate(rows)], name, fields, "row"
+    )
+
+
+def _records(rows: list[tuple[int, Any]], name: str, fields: FieldMap, unit: str) -> list[Record]:
+    """The record of every (position, row or JsonlError); `unit` is 'line' or 'row'."""
+    first = next((row for _, row in rows if isinstance(row, Mapping)), None)
+    batch = first is not None and is_batch_request(first)
+    if batch and (fields.template is not None or fields.system is not None):
+        raise InputError(f"{name}: is an OpenAI batch file: --template and --system do not apply")
+    numbered = []
+    for position, row in rows:
+        if isinstance(row, JsonlError):
+            record = Record(id=position, error=invalid(str(row)), source={"raw_line": row.raw})
+        elif batch:
+            record = parse_batch_request(row, default_id=position)
+        else:
+            record = parse_record(row, default_id=position, fields=fields)
+        numbered.append((position, record))
+    return _unique(numbered, name, unit)
 
 
 def _select_split(data: Any, name: str, split: str | None) -> Any:
@@ -284,11 +238,6 @@ def _os_error(name: str, e: OSError) -> InputError:
 def _looks_like_path(name: str) -> bool:
     """True for names that cannot be a hub dataset id ('name' or 'owner/name')."""
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
-
-
-def _json_type_name(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean"}
-    return "null" if value is None else names.get(type(value), "number")
 
 
 def _short_reason(e: BaseException) -> str:

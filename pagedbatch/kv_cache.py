@@ -45,11 +45,13 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # Uninitialised: kernels read only slots a sequence wrote (padding they gather is
+        # masked and zeroed), and on CPU pages never touched cost no RAM.
         self.k = [
-            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+            torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
         ]
         self.v = [
-            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+            torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
         ]
 
     @property
@@ -113,3 +115,29 @@ def blocks_for_memory(spec: KVCacheSpec, kv_memory: int | float, device: torch.d
     """How many blocks `kv_memory` (bytes, or a fraction of free memory) holds."""
     budget = kv_memory if isinstance(kv_memory, int) else int(kv_memory * free_memory(device))
     return budget // spec.bytes_per_block
+
+
+CPU_KV_CAP = 4 * 2**30  # the default CPU cache stops here, whatever the RAM
+
+
+def num_blocks_for(
+    spec: KVCacheSpec,
+    device: torch.device,
+    num_blocks: int | None = None,
+    kv_memory: str | float | None = None,
+) -> int:
+    """Blocks of the KV cache: `num_blocks`, or what `kv_memory` holds.
+
+    Default memory: 0.8 of free GPU memory, or a quarter of available RAM up to 4 GiB.
+    """
+    if num_blocks is not None:
+        return num_blocks
+    memory = parse_memory(kv_memory) if kv_memory is not None else None
+    if memory is None:
+        memory = 0.8 if device.type == "cuda" else 0.25
+    blocks = blocks_for_memory(spec, memory, device)
+    if device.type == "cpu" and kv_memory is None:
+        blocks = min(blocks, CPU_KV_CAP // spec.bytes_per_block)
+    if blocks < 1:
+        raise ValueError("kv_memory holds no KV block of this model; give more memory")
+    return blocks

@@ -9,9 +9,11 @@ from typing import Any
 from pagedbatch.attention import ATTN_IMPLEMENTATION
 from pagedbatch.config import EngineConfig
 from pagedbatch.engine import Engine, make_generator
-from pagedbatch.kv_cache import KVCache, KVCacheSpec, blocks_for_memory, parse_memory
+from pagedbatch.kv_cache import KVCache, KVCacheSpec, num_blocks_for
+from pagedbatch.memory import memory_report
 from pagedbatch.models import eos_token_ids, load_model
 from pagedbatch.outputs import (
+    ENGINE_ERROR,
     INVALID_PARAMS,
     INVALID_RECORD,
     PROMPT_TOO_LONG,
@@ -21,13 +23,12 @@ from pagedbatch.outputs import (
 )
 from pagedbatch.prompts import PromptBuilder, PromptError
 from pagedbatch.records import Record, parse_record
-from pagedbatch.sampling_params import SamplingParams, sample_seed
+from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed
 from pagedbatch.sequence import Sequence
 from pagedbatch.stats import EngineStats
 from pagedbatch.stopping import StopChecker
 
 Input = str | Mapping[str, Any] | Record | list[int]
-CPU_KV_CAP = 4 * 2**30
 
 
 class LLM:
@@ -48,28 +49,18 @@ class LLM:
         context = self.model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or context, context)
         spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
-        self.kv_cache = KVCache(spec, self._num_blocks(spec), self.device)
+        num_blocks = num_blocks_for(
+            spec, self.device, self.config.num_blocks, self.config.kv_memory
+        )
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
         stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
-            self.config.max_num_seqs, "torch", prefix_sharing=self.config.prefix_sharing,
+            self.config.max_num_seqs, self.config.attention_backend,
+            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_timeline,
         )  # fmt: skip
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
         self._seq_ids = itertools.count()
-
-    def _num_blocks(self, spec: KVCacheSpec) -> int:
-        if self.config.num_blocks is not None:
-            return self.config.num_blocks
-        if self.config.kv_memory is not None:
-            memory = parse_memory(self.config.kv_memory)
-        else:
-            memory = 0.8 if self.device.type == "cuda" else 0.25
-        blocks = blocks_for_memory(spec, memory, self.device)
-        if self.device.type == "cpu" and self.config.kv_memory is None:
-            blocks = min(blocks, CPU_KV_CAP // spec.bytes_per_block)
-        if blocks < 1:
-            raise ValueError("kv_memory holds no KV block of this model; give more memory")
-        return blocks
 
     def generate(
         self,
@@ -78,11 +69,16 @@ class LLM:
         *,
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[EngineStats], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every input; return outputs in input order.
 
         `on_output` is called as each record finishes (errors first, before any step);
         `on_step` after every engine step with the engine's statistics.
+        `should_stop` is asked before each record is prepared and after each step; once
+        it returns True, no record is admitted any more, the sequences still running or
+        waiting are dropped (their blocks freed, the LLM stays usable) and `generate`
+        returns the outputs of the records that finished, in input order.
         """
         params = params or SamplingParams()
         records = [to_record(x, i) for i, x in enumerate(inputs)]
@@ -95,15 +91,23 @@ class LLM:
 
         groups: list[_Group] = []
         for index, record in enumerate(records):
+            if should_stop is not None and should_stop():
+                return [results[i] for i in sorted(results)]
             item = self._prepare(record, params)
             if isinstance(item, RequestOutput):
                 emit(index, item)
             else:
                 groups.append(_Group(index, item))
-        self._run(groups, lambda g: emit(g.index, self._output(records[g.index], g.seqs)), on_step)
-        return [results[i] for i in range(len(records))]
 
-    def _run(self, groups: list[_Group], done: Callable[[_Group], None], on_step) -> None:
+        def finish(group: _Group) -> None:
+            emit(group.index, self._output(records[group.index], group.seqs))
+
+        self._run(groups, finish, on_step, should_stop)
+        return [results[i] for i in sorted(results)]
+
+    def _run(
+        self, groups: list[_Group], done: Callable[[_Group], None], on_step, should_stop
+    ) -> None:
         """Run every group's sequences; call `done` when all samples of a group finished.
 
         With prefix sharing, records are admitted in depth-first order of their prompts
@@ -118,6 +122,9 @@ class LLM:
             for seq in group.seqs if not group.seqs[0].forks else group.seqs[:1]:
                 self.engine.add(seq)
         while self.engine.has_unfinished():
+            if should_stop is not None and should_stop():
+                self.engine.scheduler.abort_all()
+                break
             for seq in self.engine.step():
                 group = owner.pop(seq.seq_id)
                 group.pending -= 1
@@ -125,6 +132,21 @@ class LLM:
                     done(group)
             if on_step is not None:
                 on_step(self.engine.stats())
+
+    def memory_report(self) -> dict:
+        """The KV memory figures of everything generated so far (plain, JSON-ready data).
+
+        The per-step timeline is there only with `memory_timeline=True`.
+        """
+        stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
+        return memory_report(
+            counter.peak, counter.kv_waste_mean, counter.timeline,
+            block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
+            kv_bytes_per_token=spec.bytes_per_token,
+            model_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
+            recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
+        )  # fmt: skip
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -141,8 +163,13 @@ class LLM:
             ids = self.prompts.token_ids(record)
         except PromptError as e:
             return _error(record, INVALID_RECORD, str(e))
+        except Exception as e:  # the tokenizer failing on this record's text only
+            return _error(record, ENGINE_ERROR, f"tokenizing failed: {type(e).__name__}: {e}")
         if not ids:
             return _error(record, INVALID_RECORD, "the prompt is empty")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not 0 <= min(ids) <= max(ids) < vocab:
+            return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
         problem = self._length_problem(len(ids), params)
         if problem:
             return _error(record, PROMPT_TOO_LONG, problem, prompt_tokens=len(ids))
@@ -153,7 +180,11 @@ class LLM:
         return seqs
 
     def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
-        return params.seed
+        """The record's own seed; else one derived from the job seed (`params.seed`) and the
+        record id, so that a record samples the same text in any order, batch or resumed run."""
+        if "seed" in record.overrides or params.seed is None:
+            return params.seed
+        return derive_seed(params.seed, record.id)
 
     def _sequence(
         self, record: Record, ids: list[int], params: SamplingParams, seed: int | None

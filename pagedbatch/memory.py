@@ -31,14 +31,11 @@ class KVSnapshot:
     live_slots: int
     reserved_tokens: int
     padded_tokens: int
+    kv_waste: float  # 1 - live slots / slots of the in-use blocks
 
     @property
     def in_use(self) -> int:
         return self.private + self.shared
-
-    def waste(self, block_size: int) -> float:
-        """1 - live slots / allocated slots of the in-use blocks."""
-        return 1 - self.live_slots / (self.in_use * block_size) if self.in_use else 0.0
 
 
 def snapshot(
@@ -53,6 +50,7 @@ def snapshot(
         if empty > 0:
             partial[seq.block_table[-1]] = min(partial.get(seq.block_table[-1], block_size), empty)
     longest = max((s.max_len for s in running), default=0)
+    live = len(holders) * block_size - sum(partial.values())
     return KVSnapshot(
         step=step,
         running=len(running),
@@ -61,13 +59,16 @@ def snapshot(
         cached=num_used - len(holders),
         free=num_free,
         logical=sum(holders.values()),
-        live_slots=len(holders) * block_size - sum(partial.values()),
+        live_slots=live,
         reserved_tokens=sum(s.max_len for s in running),
         padded_tokens=longest * len(running),
+        kv_waste=1 - live / (len(holders) * block_size) if holders else 0.0,
     )
 
 
 def memory_report(
+    peak: KVSnapshot | None,
+    kv_waste_mean: float,
     timeline: list[KVSnapshot],
     *,
     block_size: int,
@@ -79,10 +80,11 @@ def memory_report(
     recomputed_tokens: int,
     evictions: int,
 ) -> dict[str, Any]:
-    """The figures of `--memory-report`, as plain JSON-ready data."""
+    """The figures of `--memory-report`, as plain JSON-ready data.
+
+    `peak` is the step with the most KV blocks in use; `timeline` may be empty.
+    """
     block_bytes = kv_bytes_per_token * block_size
-    peak = max(timeline, key=lambda s: s.in_use, default=None)
-    wastes = [s.waste(block_size) for s in timeline if s.in_use]
     return {
         "model_bytes": model_bytes,
         "num_blocks": num_blocks,
@@ -93,8 +95,8 @@ def memory_report(
         "peak_step": peak.step if peak else None,
         "peak_running_seqs": peak.running if peak else 0,
         "paged_peak_bytes": peak.in_use * block_bytes if peak else 0,
-        "kv_waste_peak": peak.waste(block_size) if peak else 0.0,
-        "kv_waste_mean": sum(wastes) / len(wastes) if wastes else 0.0,
+        "kv_waste_peak": peak.kv_waste if peak else 0.0,
+        "kv_waste_mean": kv_waste_mean,
         "sharing_saving": 1 - peak.in_use / peak.logical if peak and peak.logical else 0.0,
         "prefix_hit_rate": prefix_hit_rate,
         "preemptions": preemptions,

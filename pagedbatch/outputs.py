@@ -11,6 +11,8 @@ FinishReason = Literal["stop", "length"]
 INVALID_RECORD = "invalid_record"
 INVALID_PARAMS = "invalid_params"
 PROMPT_TOO_LONG = "prompt_too_long"
+ENGINE_ERROR = "engine_error"
+ERROR_CODES = (INVALID_RECORD, INVALID_PARAMS, PROMPT_TOO_LONG, ENGINE_ERROR)
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedbatch.outputs import INVALID_RECORD, RecordError
+from pagedbatch.prompt_template import PromptTemplate, TemplateError
 from pagedbatch.sampling_params import OVERRIDABLE
 
 
 @dataclass(frozen=True)
 class FieldMap:
-    """Which input fields hold the prompt, the chat messages and the id."""
+    """How a row becomes a record: the fields holding prompt, messages and id.
+
+    With a `template`, the prompt is the template filled from the row's fields
+    instead. With a `system` message, the record is a chat: [system, user prompt], or
+    its messages with the system message first (unless they start with one already).
+    """
 
     prompt: str = "prompt"
     messages: str = "messages"
     id: str = "id"
+    template: PromptTemplate | None = None
+    system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,8 @@ class Record:
     says why none is.
     `overrides` holds the per-record sampling fields as given (validated later, so that
     a bad value becomes an `invalid_params` error of this record only).
+    `endpoint` is the OpenAI batch `url` the record came with (None for plain input);
+    `source` is the input row as read, kept to quarantine the record when it fails.
     """
 
     id: str | int
@@ -35,6 +45,8 @@ class Record:
     prompt_token_ids: tuple[int, ...] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     error: RecordError | None = None
+    endpoint: str | None = None
+    source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = FieldMap()) -> Record:
@@ -43,29 +55,56 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
     if rid is None:
         rid = default_id
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return Record(
-            id=default_id, error=_invalid(f"'{fields.id}' must be a string or an integer")
-        )
-    overrides = {k: row[k] for k in OVERRIDABLE if row.get(k) is not None}
-    prompt, messages = row.get(fields.prompt), row.get(fields.messages)
-    if prompt is not None and messages is not None:
-        return Record(id=rid, error=_invalid(f"has both '{fields.prompt}' and '{fields.messages}'"))
-    if messages is not None:
-        problem = _messages_problem(messages, fields.messages)
+        problem = f"'{fields.id}' must be a string or an integer"
+        return Record(id=default_id, error=invalid(problem), source=row)
+    if fields.template is not None:
+        try:
+            prompt, messages = fields.template.fill(row), None
+        except TemplateError as e:
+            return Record(id=rid, error=invalid(str(e)), source=row)
+    else:
+        prompt, messages = row.get(fields.prompt), row.get(fields.messages)
+        problem = _prompt_problem(prompt, messages, fields)
         if problem:
-            return Record(id=rid, error=_invalid(problem))
-        return Record(id=rid, messages=tuple(dict(m) for m in messages), overrides=overrides)
+            return Record(id=rid, error=invalid(problem), source=row)
+    if fields.system is not None:
+        prompt, messages = None, with_system(fields.system, prompt, messages)
+    overrides = {k: row[k] for k in OVERRIDABLE if row.get(k) is not None}
+    return Record(
+        id=rid,
+        prompt=prompt,
+        messages=None if messages is None else tuple(dict(m) for m in messages),
+        overrides=overrides,
+        source=row,
+    )
+
+
+def with_system(system: str, prompt: str | None, messages: Any) -> list[Mapping[str, Any]]:
+    """The chat of a record with a system message first (a record's own system message wins)."""
+    if messages is None:
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    if messages[0]["role"] == "system":
+        return list(messages)
+    return [{"role": "system", "content": system}, *messages]
+
+
+def invalid(message: str) -> RecordError:
+    return RecordError(INVALID_RECORD, message)
+
+
+def _prompt_problem(prompt: Any, messages: Any, fields: FieldMap) -> str | None:
+    if prompt is not None and messages is not None:
+        return f"has both '{fields.prompt}' and '{fields.messages}'"
+    if messages is not None:
+        return messages_problem(messages, fields.messages)
     if prompt is None:
-        return Record(id=rid, error=_invalid(f"missing '{fields.prompt}' (or '{fields.messages}')"))
+        return f"missing '{fields.prompt}' (or '{fields.messages}')"
     if not isinstance(prompt, str):
-        return Record(
-            id=rid,
-            error=_invalid(f"'{fields.prompt}' must be a string, got {type(prompt).__name__}"),
-        )
-    return Record(id=rid, prompt=prompt, overrides=overrides)
+        return f"'{fields.prompt}' must be a string, got {type(prompt).__name__}"
+    return None
 
 
-def _messages_problem(messages: Any, name: str) -> str | None:
+def messages_problem(messages: Any, name: str) -> str | None:
     if not isinstance(messages, (list, tuple)) or not messages:
         return f"'{name}' must be a non-empty list of {{role, content}} objects"
     for i, m in enumerate(messages):
@@ -74,7 +113,3 @@ def _messages_problem(messages: Any, name: str) -> str | None:
         if not isinstance(m.get("content"), str):
             return f"'{name}'[{i}].content must be a string"
     return None
-
-
-def _invalid(message: str) -> RecordError:
-    return RecordError(INVALID_RECORD, message)

@@ -133,3 +133,13 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.running.remove(seq)
         self.block_manager.free(seq)
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every unfinished sequence, freeing its blocks (an interrupted job); return them."""
+        aborted = [*self.running, *self.waiting]
+        for seq in aborted:
+            seq.status = SequenceStatus.FINISHED
+            self.block_manager.free(seq)
+        self.running.clear()
+        self.waiting.clear()
+        return aborted

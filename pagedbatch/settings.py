@@ -8,11 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from pagedbatch.config import EngineConfig, load_preset
+from pagedbatch.prompt_template import PromptTemplate
 from pagedbatch.records import FieldMap
 from pagedbatch.sampling_params import SamplingParams
 
 _ENGINE = {f.name for f in fields(EngineConfig)}
-_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n"}
+_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
+ORDERS = ("completion", "input")
+# The job seed: a record without a seed samples with derive_seed(job seed, record id), so a
+# resumed or reordered run samples the same text. Fixed, so that this holds by default.
+DEFAULT_JOB_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -20,16 +25,33 @@ class RunSettings:
     """Every knob of a run, flat, as the CLI and the TOML presets spell them."""
 
     output: Path | None = None
+    errors: Path | None = None
     split: str | None = None
     prompt_field: str = "prompt"
     messages_field: str = "messages"
     id_field: str = "id"
+    template: str | None = None
+    system: str | None = None
+    skip_invalid: bool = False
+    order: str = "completion"
     engine: EngineConfig = field(default_factory=EngineConfig)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(seed=DEFAULT_JOB_SEED))
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.template is not None:
+            PromptTemplate(self.template)  # raises ValueError naming the problem
 
     @property
     def fields(self) -> FieldMap:
-        return FieldMap(prompt=self.prompt_field, messages=self.messages_field, id=self.id_field)
+        return FieldMap(
+            prompt=self.prompt_field,
+            messages=self.messages_field,
+            id=self.id_field,
+            template=None if self.template is None else PromptTemplate(self.template),
+            system=self.system,
+        )
 
 
 def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSettings:
@@ -41,9 +63,14 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
     values.update(flags)
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
-    if isinstance(values.get("output"), str):
-        values["output"] = Path(values["output"])
+    for name in ("output", "errors"):
+        if isinstance(values.get(name), str):
+            values[name] = Path(values[name])
+    if values.get("system") is not None:
+        values["chat"] = True  # a system message needs the chat template
     engine = EngineConfig(**{k: v for k, v in values.items() if k in _ENGINE})
-    sampling = SamplingParams(**{k: v for k, v in values.items() if k in _SAMPLING})
+    sampling = SamplingParams(
+        **{"seed": DEFAULT_JOB_SEED, **{k: v for k, v in values.items() if k in _SAMPLING}}
+    )
     rest = {k: v for k, v in values.items() if k not in _ENGINE and k not in _SAMPLING}
     return dataclasses.replace(RunSettings(**rest), engine=engine, sampling=sampling)

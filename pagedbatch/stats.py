@@ -64,6 +64,8 @@ class StatsCounter:
     finished_seqs: int = 0
     peak: KVSnapshot | None = None
     timeline: list[KVSnapshot] = field(default_factory=list)
+    waste_sum: float = 0.0
+    waste_steps: int = 0
 
     def step(self, num_tokens: int, num_sampled: int, kv: KVSnapshot) -> None:
         self.steps += 1
@@ -71,8 +73,16 @@ class StatsCounter:
         self.generated_tokens += num_sampled
         if self.peak is None or kv.in_use > self.peak.in_use:
             self.peak = kv
+        if kv.in_use:
+            self.waste_sum += kv.kv_waste
+            self.waste_steps += 1
         if self.keep_timeline:
             self.timeline.append(kv)
+
+    @property
+    def kv_waste_mean(self) -> float:
+        """Mean over steps (with blocks in use) of the KV waste."""
+        return self.waste_sum / self.waste_steps if self.waste_steps else 0.0
 
     def finished(self, seq: Sequence) -> None:
         self.finished_seqs += 1

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from pagedbatch.cli import app
@@ -112,7 +113,8 @@ def test_malformed_files_stop_before_any_work_with_exit_2(tmp_path, content, mes
 
 
 def test_missing_input_and_unknown_model_are_one_line_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Offline, the hub lookup fails at once (huggingface_hub read the variable at import).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert "no such file" in one_line_error(invoke(tmp_path / "nope.jsonl"))
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "hi"}\n')
@@ -124,14 +126,20 @@ def test_missing_input_and_unknown_model_are_one_line_errors(tmp_path, monkeypat
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--attention", "triton"], "triton is not available"),
+        (["--attention", "flash"], "attention must be one of auto, torch, triton"),
         (["--block-size", "12"], "power of two"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--config", "nosuch"], "unknown config 'nosuch'"),
         (["--kv-memory", "lots"], "kv_memory must look like"),
+        (["--order", "sideways"], "order must be one of completion, input, got 'sideways'"),
+        (["--template", "Label {}"], "every {} needs a field name, like {text}"),
+        (["--force"], "--force only applies to --resume"),
+        (["--resume", "--overwrite"], "--overwrite starts over; it does not go with --resume"),
+        (["-o", "same.jsonl", "--errors", "same.jsonl"], "is the output file; give another path"),
     ],
 )
-def test_bad_options_are_one_line_errors(tmp_path, flags, message):
+def test_bad_options_are_one_line_errors(tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "hi"}\n')
     assert message in one_line_error(invoke(src, *flags))
@@ -145,6 +153,31 @@ def test_help_documents_every_option():
         "--chat", "--model", "--device", "--dtype", "--attention", "--max-model-len",
         "--cache-dir", "--block-size", "--num-blocks", "--kv-memory", "--max-batch-tokens",
         "--max-num-seqs", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
-        "--stop", "--progress",
+        "--stop", "--progress", "--resume", "--retry-errors", "--overwrite", "--force", "--errors",
+        "--order", "--template", "--system", "--skip-invalid",
     ):  # fmt: skip
         assert option in result.output, option
+
+
+def test_template_and_system_message_build_chat_prompts(tmp_path, tiny_model_dirs):
+    rows = [{"id": "a", "text": "Great phone"}, {"id": "b", "title": "no text"}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    result = invoke(src, "-m", tiny_model_dirs["qwen2"], "--num-blocks", "32", "--max-tokens", "2",
+                    "--template", "Classify the review: {text}", "--system", "One word.",
+                    "-o", out, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = {line["id"]: line for line in read_lines(out)}
+    assert lines["b"]["error"] == {
+        "code": "invalid_record",
+        "message": "missing field 'text' that the template uses",
+    }
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["qwen2"])
+    chat = [
+        {"role": "system", "content": "One word."},
+        {"role": "user", "content": "Classify the review: Great phone"},
+    ]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    expected = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert lines["a"]["usage"]["prompt_tokens"] == expected

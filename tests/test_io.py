@@ -11,8 +11,14 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pagedbatch.io import InputError, OutputWriter, read_records
-from pagedbatch.outputs import INVALID_RECORD, Completion, RecordError, RequestOutput
+from pagedbatch.io import InputError, read_records
+from pagedbatch.output_writer import OutputWriter
+from pagedbatch.outputs import (
+    INVALID_RECORD,
+    Completion,
+    RecordError,
+    RequestOutput,
+)
 from pagedbatch.records import FieldMap, Record
 
 USER_HI = {"role": "user", "content": "hi"}

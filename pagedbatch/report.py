@@ -1,0 +1,69 @@
+"""The memory report for people: a Rich table; a PNG of the timeline with matplotlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+_MiB = 2**20
+
+
+def memory_table(report: dict[str, Any]) -> Table:
+    """The headline figures of a memory report (see `LLM.memory_report`)."""
+    table = Table(title="KV cache memory", show_header=False, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    r = report
+    rows = [
+        ("model weights", _mib(r["model_bytes"])),
+        ("KV pool", f"{r['num_blocks']} blocks of {r['block_size']} tokens, "
+                    f"{_mib(r['kv_pool_bytes'])}"),
+        ("KV bytes per token", f"{r['kv_bytes_per_token']:,}"),
+        ("peak KV in use (paged)", f"{r['peak_blocks']} blocks, {_mib(r['paged_peak_bytes'])}"
+                                   f" for {r['peak_running_seqs']} sequences"),
+        ("same peak, contiguous cache", _mib(r["naive_contiguous_bytes"])),
+        ("same peak, padded static batch", _mib(r["padded_batch_bytes"])),
+        ("KV waste at peak / mean", f"{r['kv_waste_peak']:.1%} / {r['kv_waste_mean']:.1%}"),
+        ("sharing saving at peak", f"{r['sharing_saving']:.1%}"),
+        ("prefix hit rate", f"{r['prefix_hit_rate']:.1%}"),
+        ("preemptions / recomputed tokens", f"{r['preemptions']} / {r['recomputed_tokens']}"),
+        ("evicted cached blocks", str(r["evictions"])),
+    ]  # fmt: skip
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def write_timeline_png(report: dict[str, Any], path: Path) -> bool:
+    """Draw the block timeline as a stacked area chart; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    timeline = report["timeline"]
+    steps = [s["step"] for s in timeline]
+    layers = [(k, [s[k] for s in timeline]) for k in ("private", "shared", "cached", "free")]
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    colors = ["#3b7dd8", "#2ca25f", "#f0a830", "#dddddd"]
+    ax.stackplot(steps, *[v for _, v in layers], labels=[k for k, _ in layers], colors=colors)
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("KV blocks")
+    ax.set_title(
+        f"KV blocks per step: peak {report['peak_blocks']} in use, "
+        f"waste {report['kv_waste_peak']:.1%}, sharing saves {report['sharing_saving']:.1%}"
+    )
+    ax.margins(x=0, y=0)
+    ax.legend(loc="upper right", ncols=4)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MiB:,.1f} MiB"

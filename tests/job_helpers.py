@@ -1,0 +1,101 @@
+"""Helpers of the job tests: run the CLI in process or as a real process, read outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pagedbatch.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin: holds the `pagedbatch` script
+
+
+def invoke(*args: object):
+    """`pagedbatch run ARGS` in this process; the CliRunner result."""
+    return CliRunner().invoke(app, ["run", *map(str, args)])
+
+
+def tiny_args(model_dir: Path, *extra: object) -> list[str]:
+    """Flags of a fast job on a tiny model: a small KV cache, greedy, 8 tokens."""
+    return [
+        "-m", str(model_dir), "--device", "cpu", "--num-blocks", "64", "--max-tokens", "8",
+        "--no-progress", *map(str, extra),
+    ]  # fmt: skip
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def prompts(n: int, words: int = 3) -> list[dict]:
+    """n plain records with distinct prompts and string ids r000, r001, ..."""
+    return [{"id": f"r{i:03d}", "prompt": f"story number {i} " * words} for i in range(n)]
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Every line of a JSONL file, each of which must be a whole JSON line."""
+    text = path.read_text(encoding="utf-8")
+    assert text == "" or text.endswith("\n"), "the file must end on a whole line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def by_id(lines: list[dict]) -> dict:
+    """id -> line, checking that every id is there once."""
+    ids = [line.get("custom_id", line.get("id")) for line in lines]
+    assert len(ids) == len(set(ids)), f"duplicate ids: {sorted(ids, key=str)}"
+    return dict(zip(ids, lines))
+
+
+def one_line_error(result, code: int = 2) -> str:
+    """The error the command printed: exactly one line, no traceback."""
+    assert result.exit_code == code, result.output
+    text = result.stderr.strip()
+    assert "Traceback" not in result.output
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`pagedbatch run ARGS` as a real process (its own process group), output piped."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagedbatch", "run", *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A printed command line, run by the shell with the venv's scripts on PATH."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 60) -> int:
+    """Wait until `path` holds at least `count` newlines; returns how many it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_bytes().count(b"\n") if path.exists() else 0
+        if lines >= count:
+            return lines
+        if process.poll() is not None:
+            raise AssertionError(f"the job ended first: {process.communicate()[1][-2000:]}")
+        time.sleep(0.005)
+    raise AssertionError(f"{path} did not reach {count} lines in {timeout} s")
+
+
+def resume_command(stderr: str) -> str:
+    """The command printed after 'Resume with:'."""
+    lines = stderr.splitlines()
+    index = next(i for i, line in enumerate(lines) if "Resume with:" in line)
+    command = lines[index].split("Resume with:", 1)[1].strip() or lines[index + 1].strip()
+    assert command.startswith("pagedbatch run "), command
+    return command
