@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pagedbatch.cli_bench import bench
+from pagedbatch.cli_plan import plan
 from pagedbatch.interrupts import Interrupts
 from pagedbatch.job import JobResult, ResumePolicy
 from pagedbatch.progress import JobProgress
@@ -113,6 +114,7 @@ def run(
 
 
 app.command()(bench)
+app.command()(plan)
 
 # Flags of one invocation, not settings; a resume command leaves them out.
 _NOT_RESUMED = ("resume", "retry_errors", "overwrite", "force")

@@ -82,16 +82,17 @@ def make_plan(
         blocks_needed_shared=sum(private),
         num_blocks=num_blocks,
         concurrent_sequences=int(num_blocks // max(mean_private, 1)),
-        largest_shared_prefixes=_largest_groups(lcps, top) if prefix_sharing else [],
+        largest_shared_prefixes=_largest_groups(lcps, top, block_size) if prefix_sharing else [],
     )
 
 
-def _largest_groups(lcps: list[int], top: int) -> list[SharedPrefix]:
+def _largest_groups(lcps: list[int], top: int, min_extra: int) -> list[SharedPrefix]:
     """Shared prefixes from the neighbour LCPs of sorted prompts (LCP intervals).
 
     `lcps[i]` is the common prefix of sorted prompts i-1 and i. Each interval is a run
-    of consecutive prompts whose common prefix is `tokens` long; ranked by the tokens
-    that sharing saves, (records - 1) * tokens.
+    of consecutive prompts whose common prefix is `tokens` long; a sub-group is listed
+    only when it shares at least `min_extra` tokens more than the group around it.
+    Ranked by the tokens that sharing saves, (records - 1) * tokens.
     """
     groups: list[SharedPrefix] = []
     stack: list[tuple[int, int]] = [(0, 0)]  # (common prefix, first prompt of the run)
@@ -99,7 +100,8 @@ def _largest_groups(lcps: list[int], top: int) -> list[SharedPrefix]:
         lcp, left = (lcps[i] if i < len(lcps) else 0), i - 1
         while stack[-1][0] > lcp:
             value, left = stack.pop()
-            groups.append(SharedPrefix(value, i - left))
+            if value - max(lcp, stack[-1][0]) >= min_extra or stack[-1][0] == 0 == lcp:
+                groups.append(SharedPrefix(value, i - left))
         if stack[-1][0] < lcp:
             stack.append((lcp, left))
     groups.sort(key=lambda g: (g.records - 1) * g.tokens, reverse=True)
