@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from pagedbatch.random_models import RANDOM_PRESETS, build_random_model
+
 
 class ModelLoadError(Exception):
     """A model cannot be loaded or run; the message is one line meant for the user."""
@@ -58,13 +60,19 @@ def load_model(
     attn_implementation: str | None = None,
     cache_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `name` (alias, .gguf file, model directory or hub id) and its tokenizer.
+    """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its tokenizer.
 
     The model is in eval mode on `device` with `dtype` and needs no gradients.
     Raises ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run
     it (see `check_supported`).
     """
     name = os.fspath(name)
+    if name in RANDOM_PRESETS:
+        model, tokenizer = build_random_model(
+            name, device=device, dtype=dtype, attn_implementation=attn_implementation
+        )
+        check_supported(model)
+        return model, tokenizer
     source = _resolve_source(name, cache_dir)
     config = _load_config(source, name)
     _check_config(config, _architecture(config))
@@ -80,6 +88,23 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def load_tokenizer_and_config(
+    name: str, cache_dir: Path | None = None
+) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
+    """The tokenizer and config of `name`, without its weights (for planning a job)."""
+    if name in RANDOM_PRESETS:
+        meta = torch.device("meta")
+        model, tokenizer = build_random_model(name, device=meta, dtype=torch.float32)
+        return tokenizer, model.config
+    source = _resolve_source(os.fspath(name), cache_dir)
+    config = _load_config(source, name)
+    try:
+        return AutoTokenizer.from_pretrained(source), config
+    except Exception as exc:
+        reason = _short_reason(exc)
+        raise ModelLoadError(f"cannot load the tokenizer of '{name}': {reason}") from exc
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -221,7 +246,7 @@ def _load_config(source: str, name: str) -> PretrainedConfig:
     except Exception as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
-        aliases = ", ".join(ALIASES)
+        aliases = ", ".join([*ALIASES, *RANDOM_PRESETS])
         raise ModelLoadError(
             f"cannot load model '{name}': not a local directory, .gguf file or known alias "
             f"({aliases}), and the hub lookup failed ({_short_reason(exc)})"
