@@ -1,0 +1,262 @@
+"""`pagedbatch bench`: workloads, contenders, random presets and the table, on CPU.
+
+Every run here is tiny (a 2-layer model, a few prompts, short outputs): the tests check
+what each contender produced and what pagedbatch's cache did, never how fast it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from pagedbatch.bench import (
+    IN_PROCESS,
+    BenchOptions,
+    bench_llm,
+    load_llm,
+    run_file_benchmark,
+    run_workload_benchmark,
+    vocab_size,
+)
+from pagedbatch.bench_result import BenchReport
+from pagedbatch.cli import app
+from pagedbatch.cli_bench import tables
+from pagedbatch.config import EngineConfig
+from pagedbatch.decode_probe import DecodeTiming, weight_bytes
+from pagedbatch.models import load_model
+from pagedbatch.random_models import RANDOM_PRESETS, preset_config
+from pagedbatch.workloads import WORKLOADS, Workload, workload_prompts
+
+SMALL_ENGINE = {"device": "cpu", "num_blocks": 512}
+TINY_WORKLOADS = {
+    "label": WORKLOADS["label"].scaled(num_prompts=4, max_tokens=6),
+    "share": WORKLOADS["share"].scaled(num_prompts=4, max_tokens=4),
+    "mixed": dataclasses.replace(
+        WORKLOADS["mixed"], num_prompts=3, unique_tokens=(10, 60), output_tokens=(2, 8)
+    ),
+}
+
+
+def options(model_dir: Path, **kw: object) -> BenchOptions:
+    return BenchOptions(EngineConfig(model=str(model_dir), **SMALL_ENGINE), **kw)
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_model_dirs) -> dict[str, BenchReport]:
+    """Every in-process contender on each tiny workload, once for the module."""
+    opts = options(tiny_model_dirs["llama"])
+    return {name: run_workload_benchmark(w, opts) for name, w in TINY_WORKLOADS.items()}
+
+
+def test_workloads_are_those_of_the_design():
+    assert WORKLOADS["label"] == Workload("label", 256, 250, (10, 80), (16, 16))
+    assert WORKLOADS["share"] == Workload("share", 256, 512, (32, 160), (128, 128))
+    assert WORKLOADS["mixed"] == Workload("mixed", 256, 0, (100, 1024), (100, 1024))
+    with pytest.raises(ValueError, match="num_prompts"):
+        WORKLOADS["label"].scaled(num_prompts=0)
+
+
+def test_workload_prompts_are_seeded_shared_and_in_range():
+    share = WORKLOADS["share"].scaled(num_prompts=5)
+    prompts = workload_prompts(share, vocab_size=300, special_ids=(0, 1, 2), seed=3)
+    assert prompts == workload_prompts(share, vocab_size=300, special_ids=(0, 1, 2), seed=3)
+    assert prompts != workload_prompts(share, vocab_size=300, special_ids=(0, 1, 2), seed=4)
+    ids = prompts.token_ids
+    assert len(ids) == 5 and len({p[:512] for p in ids}) == 1
+    assert all(32 <= len(p) - 512 <= 160 for p in ids)
+    assert all(3 <= t < 300 for p in ids for t in p)
+    assert prompts.max_tokens == (128,) * 5 and prompts.output_tokens == 640
+    mixed = workload_prompts(WORKLOADS["mixed"], vocab_size=300)
+    assert all(100 <= len(p) <= 1024 for p in mixed.token_ids)
+    assert all(100 <= n <= 1024 for n in mixed.max_tokens) and len(set(mixed.max_tokens)) > 100
+    records = prompts.records()
+    assert records[2].prompt_token_ids == ids[2] and records[2].overrides == {"max_tokens": 128}
+
+
+@pytest.mark.parametrize("name", TINY_WORKLOADS)
+def test_every_contender_generates_every_token(reports, name):
+    report = reports[name]
+    assert [r.contender for r in report.results] == list(IN_PROCESS)
+    assert report.prompts == TINY_WORKLOADS[name].num_prompts
+    for result in report.results:
+        assert result.records == report.prompts, result.name
+        assert result.output_tokens == report.output_tokens, result.name
+        assert result.seconds > 0 and result.details["load_s"] > 0
+    ours = report.get("pagedbatch").details
+    assert ours["decode_steps"] > 0 and ours["decode_ms"] > 0
+    assert "floor_fraction" not in ours  # CUDA only
+    assert report.copy_bandwidth is None
+
+
+def test_label_decode_steps_are_counted_exactly(reports):
+    """Without sharing, all 4 prompts are computed in the first step (which samples their
+    first tokens), so each of the 5 later tokens is a decode step of all 4."""
+    details = reports["label"].get("pagedbatch-no-sharing").details
+    assert details["decode_steps"] == 5 and details["decode_batch"] == 4
+
+
+def test_share_hits_the_prefix_cache_only_with_sharing(reports):
+    report = reports["share"]
+    shared, plain = report.get("pagedbatch").details, report.get("pagedbatch-no-sharing").details
+    # The first prompt computes the 512 shared tokens; all the others find them cached.
+    expected = (report.prompts - 1) * 512 / report.prompt_tokens
+    assert shared["prefix_hit_rate"] == pytest.approx(expected) and expected > 0.6
+    assert plain["prefix_hit_rate"] == 0.0
+    assert shared["peak_blocks"] < plain["peak_blocks"]
+
+
+def test_skip_leaves_contenders_out(tiny_model_dirs):
+    opts = options(tiny_model_dirs["qwen3"], skip=frozenset({"pagedbatch", "generate_batch"}))
+    report = run_workload_benchmark(TINY_WORKLOADS["label"].scaled(2, max_tokens=2), opts)
+    assert [r.contender for r in report.results] == ["pagedbatch-no-sharing", "generate"]
+    with pytest.raises(ValueError, match="unknown contender"):
+        options(tiny_model_dirs["llama"], skip=frozenset({"vllm"}))
+    with pytest.raises(ValueError, match="leaves none"):
+        options(tiny_model_dirs["llama"], skip=frozenset(IN_PROCESS))
+
+
+def test_file_input_runs_the_whole_process_too(tiny_model_dirs, tmp_path):
+    rows = [
+        {"id": "a", "prompt": "The quick brown fox", "max_tokens": 99},  # 99: overridden
+        {"id": "bad"},  # no prompt: left out
+        {"id": "b", "messages": [{"role": "user", "content": "Label the review."}]},
+        {"id": "c", "prompt": "Once upon a time"},
+        {"id": "d", "prompt": "beyond num_records"},
+    ]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = options(tiny_model_dirs["llama"])
+    report = run_file_benchmark(str(source), 5, opts, num_records=3)
+    assert report.title.endswith("job.jsonl (3 records)")
+    assert [r.contender for r in report.results] == ["run", *IN_PROCESS]
+    assert all(r.records == 3 and r.output_tokens == 15 for r in report.results)
+
+
+def test_random_presets_have_the_real_shapes():
+    small, big = preset_config("smollm2-135m-random"), preset_config("llama-1b-random")
+    assert (small.num_hidden_layers, small.hidden_size, small.intermediate_size) == (30, 576, 1536)
+    assert (small.num_attention_heads, small.num_key_value_heads, small.head_dim) == (9, 3, 64)
+    assert (big.num_hidden_layers, big.hidden_size, big.intermediate_size) == (16, 2048, 8192)
+    assert (big.num_attention_heads, big.num_key_value_heads, big.head_dim) == (32, 8, 64)
+    assert (small.vocab_size, big.vocab_size) == (49152, 128256) and big.tie_word_embeddings
+    with torch.device("meta"):  # shapes only: no 1B-parameter init on this CPU
+        from transformers import AutoModelForCausalLM
+
+        llama = AutoModelForCausalLM.from_config(big)
+    assert sum(p.numel() for p in llama.parameters()) == 1_235_814_400  # Llama-3.2-1B
+    assert set(RANDOM_PRESETS) == {"smollm2-135m-random", "llama-1b-random"}
+
+
+def test_random_preset_loads_seeded_with_a_tokenizer_for_every_id():
+    cpu = torch.device("cpu")
+    model, tokenizer = load_model("smollm2-135m-random", device=cpu, dtype=torch.float32)
+    again, _ = load_model("smollm2-135m-random", device=cpu, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert 0.019 < model.model.layers[0].mlp.up_proj.weight.std() < 0.021
+    assert len(tokenizer) == 49152 and tokenizer.eos_token_id == model.config.eos_token_id == 2
+    assert isinstance(tokenizer.decode(list(range(49152))), str)
+    text = "Label: héllo"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    # weight bytes of a decode step: tied embeddings are read once, as the LM head
+    assert weight_bytes(model) == 4 * 134_515_008
+
+
+def test_weight_bytes_leave_out_an_untied_input_embedding(tiny_model_dirs):
+    model, _ = load_model(tiny_model_dirs["llama"], device=torch.device("cpu"), dtype=torch.float32)
+    embedding = model.get_input_embeddings().weight.numel()
+    assert weight_bytes(model) == 4 * (sum(p.numel() for p in model.parameters()) - embedding)
+
+
+def test_bandwidth_floor_of_decode_steps():
+    timing = DecodeTiming(steps=10, seconds=0.02, sequences=40, context_tokens=4000)
+    assert timing.ms_per_step == 2.0 and timing.mean_batch == 4.0
+    # 10 steps x 1 MB weights + 4000 tokens x 1 kB of K/V = 14 MB at 1 TB/s: 14 us
+    assert timing.floor_seconds(10**6, 10**3, 1e12) == pytest.approx(14e-6)
+
+
+def test_bandwidth_floor_path_without_cuda(tiny_model_dirs):
+    """The CUDA-only figures, computed from a given copy bandwidth, and their table column."""
+    llm, load_s = load_llm(EngineConfig(model=str(tiny_model_dirs["llama"]), **SMALL_ENGINE))
+    prompts = workload_prompts(TINY_WORKLOADS["label"].scaled(2), vocab_size(llm.model))
+    result = bench_llm(llm, prompts, load_s, copy_bw=1e12)
+    assert 0 < result.details["floor_fraction"] < 1
+    assert "schedule" not in vars(llm.engine.scheduler)  # the probe unwrapped it
+    report = BenchReport("label", "tiny", "cuda", 2, 1, 12, 3e12, (result,))
+    console = Console(record=True, width=200)
+    for table in tables(report):
+        console.print(table)
+    text = console.export_text()
+    assert "% floor" in text and f"{result.details['floor_fraction']:.0%}" in text
+
+
+def small_config(tmp_path: Path) -> str:
+    path = tmp_path / "small.toml"
+    path.write_text('device = "cpu"\nnum_blocks = 256\n')
+    return str(path)
+
+
+def test_cli_prints_the_tables(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["mistral"])
+    args = ["bench", "--workload", "share", "--num-prompts", "3", "--max-tokens", "3",
+            "--model", model, "--config", small_config(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "share workload (3 prompts)" in out and "3 prompts, " in out and "9 output tokens" in out
+    for text in (
+        "x generate",
+        "x generate_batch",
+        "hit rate",
+        "ms/step",
+        "runs for INPUT files only",
+    ):
+        assert text in out
+    for name in ("pagedbatch ", "pagedbatch-no-sharing", "generate (batch 16)", "generate_batch"):
+        assert name in out
+    assert "% floor" not in out  # CUDA only
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "not both or neither"),
+        (["--workload", "chat"], "unknown workload 'chat'"),
+        (["--workload", "label", "--skip", "vllm"], "unknown contender(s) to skip: vllm"),
+    ],
+)
+def test_cli_refuses_bad_arguments(args, message):
+    result = CliRunner().invoke(app, ["bench", *args, "--device", "cpu"], terminal_width=200)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+BLOCKED = """
+import sys
+sys.modules.update(datasets=None, gguf=None)  # as on the GPU machines: not installed
+import torch
+from pagedbatch.cli import app
+from pagedbatch.cli_bench import tables
+from pagedbatch.models import load_model
+load_model("smollm2-135m-random", device=torch.device("cpu"), dtype=torch.float32)
+app(sys.argv[1:])
+"""
+
+
+def test_bench_runs_without_datasets_and_gguf(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["llama"])
+    args = ["bench", "--workload", "label", "--num-prompts", "2", "--max-tokens", "2",
+            "--model", model, "--config", small_config(tmp_path)]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "generate_batch" in done.stdout
