@@ -256,11 +256,13 @@ def pagedbatch_process(records: list[Record], max_tokens: int, engine: EngineCon
         if done.returncode != 0:
             raise RuntimeError(f"`pagedbatch run` failed ({shlex.join(command)}): {done.stderr}")
         lines = out.read_text().splitlines()
-    tokens = sum(json.loads(line).get("usage", {}).get("completion_tokens", 0) for line in lines)
-    if len(lines) != len(records) or tokens != len(records) * max_tokens:
+    rows = [json.loads(line) for line in lines]
+    tokens = sum(row.get("usage", {}).get("completion_tokens", 0) for row in rows)
+    if len(rows) != len(records) or tokens != len(records) * max_tokens:
+        errors = [row["error"] for row in rows if row.get("error")]
         raise RuntimeError(
-            f"pagedbatch run wrote {len(lines)} lines with {tokens} tokens for {len(records)} "
-            f"records of {max_tokens} tokens"
+            f"pagedbatch run wrote {len(rows)} lines with {tokens} tokens for {len(records)} "
+            f"records of {max_tokens} tokens" + (f"; first error: {errors[0]}" if errors else "")
         )
     return BenchResult("run", "pagedbatch run (process)", seconds, len(lines), tokens)
 

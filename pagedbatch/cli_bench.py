@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich import box
@@ -13,7 +13,10 @@ from rich.table import Table
 from pagedbatch.bench_result import BenchReport, BenchResult
 from pagedbatch.models import DEFAULT_MODEL
 from pagedbatch.random_models import RANDOM_PRESETS
-from pagedbatch.workloads import WORKLOADS
+from pagedbatch.workloads import WORKLOADS, Workload
+
+if TYPE_CHECKING:
+    from pagedbatch.bench import BenchOptions
 
 FILE_MAX_TOKENS = 8
 PRESETS = ", ".join(RANDOM_PRESETS)
@@ -42,14 +45,13 @@ def bench(
     CPU labelling job:  pagedbatch bench examples/label_job.jsonl
     GPU, random weights: pagedbatch bench --workload share --model llama-1b-random
     """
-    from pagedbatch.bench import BenchOptions, run_file_benchmark, run_workload_benchmark
+    from pagedbatch.bench import BenchOptions
     from pagedbatch.models import ModelLoadError
     from pagedbatch.settings import resolve_settings
 
-    _quiet_transformers()
-
     if (input is None) == (workload is None):
         _fail("give an INPUT file or --workload, not both or neither")
+    _quiet_transformers()
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
              "max_num_seqs": max_num_seqs}  # fmt: skip
     console = Console()
@@ -58,25 +60,39 @@ def bench(
     try:
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
         options = BenchOptions(engine, batch_size, frozenset(skip or ()), seed)
-        if workload is not None:
-            spec = _workload(workload).scaled(num_prompts, max_tokens)
-            console.print(
-                f"Benchmark: {spec.name} workload, {spec.num_prompts} prompts, {model} ..."
-            )
-            report = run_workload_benchmark(spec, options, on_result=lambda r: _said(console, r))
-        else:
-            tokens = max_tokens or FILE_MAX_TOKENS
-            console.print(f"Benchmark: {input}, {tokens} tokens per record, {model} ...")
-            report = run_file_benchmark(
-                input, tokens, options, lambda r: _said(console, r), num_prompts
-            )
+        report = _run(console, options, input, workload, num_prompts, max_tokens)
     except (ValueError, ModelLoadError) as e:
         _fail(str(e))
+    except RuntimeError as e:  # a contender did not produce what it had to
+        _fail(str(e), code=1)
     console.print(_header(report), highlight=False)
     if workload is not None:
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
+
+
+def _run(
+    console: Console,
+    options: BenchOptions,
+    input: str | None,
+    workload: str | None,
+    num_prompts: int | None,
+    max_tokens: int | None,
+) -> BenchReport:
+    from pagedbatch.bench import run_file_benchmark, run_workload_benchmark
+
+    def said(result: BenchResult) -> None:
+        console.print(f"  {escape(result.name)}: {result.seconds:.1f} s", highlight=False)
+
+    model = options.engine.model
+    if input is not None:
+        tokens = max_tokens or FILE_MAX_TOKENS
+        console.print(f"Benchmark: {input}, {tokens} tokens per record, {model} ...")
+        return run_file_benchmark(input, tokens, options, said, num_prompts)
+    spec = _workload(workload).scaled(num_prompts, max_tokens)
+    console.print(f"Benchmark: {spec.name} workload, {spec.num_prompts} prompts, {model} ...")
+    return run_workload_benchmark(spec, options, said)
 
 
 def _quiet_transformers() -> None:
@@ -87,19 +103,15 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _workload(name: str) -> Any:
+def _workload(name: str | None) -> Workload:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; workloads: {', '.join(WORKLOADS)}")
     return WORKLOADS[name]
 
 
-def _said(console: Console, result: BenchResult) -> None:
-    console.print(f"  {escape(result.name)}: {result.seconds:.1f} s", highlight=False)
-
-
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _header(report: BenchReport) -> str:
@@ -121,18 +133,13 @@ def throughput_table(report: BenchReport) -> Table:
     bases = [(c, report.get(c)) for c in ("generate", "generate_batch")]
     bases = [(c, base) for c, base in bases if base is not None]
     table = Table(
-        title="Throughput (generation only; x: records/s against that baseline)",
-        caption="generate, generate_batch: transformers, on the same model",
+        title="Throughput (x: records/s against that baseline)",
+        caption="generate, generate_batch: transformers, on the same model. Times exclude "
+        "loading,\nexcept for pagedbatch run (process): the whole command, as a user starts it.",
         box=box.SIMPLE_HEAD,
     )
-    for column in (
-        "contender",
-        "s",
-        "load s",
-        "records/s",
-        "out tok/s",
-        *(f"x {c}" for c, _ in bases),
-    ):
+    columns = ("contender", "s", "load s", "records/s", "out tok/s", *(f"x {c}" for c, _ in bases))
+    for column in columns:
         table.add_column(column, justify="left" if column == "contender" else "right")
     for r in report.results:
         ratios = [f"{r.records_per_s / base.records_per_s:.2f}" for _, base in bases]
@@ -148,7 +155,7 @@ def pagedbatch_table(report: BenchReport) -> Table:
     floors = any("floor_fraction" in r.details for r in ours)
     table = Table(
         title="pagedbatch: KV cache and decode-only steps",
-        caption="% floor: (weight + KV bytes read) / copy bandwidth, over the step time"
+        caption="% floor: (weight + K/V bytes read) / copy bandwidth, over the measured time"
         if floors else None,
         box=box.SIMPLE_HEAD,
     )  # fmt: skip

@@ -84,8 +84,9 @@ def build_random_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     model.to_empty(device=device)
-    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-    with torch.no_grad():
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stays
+        torch.manual_seed(seed)
         model.init_weights()  # also ties lm_head to the embeddings
     model.eval()
     model.requires_grad_(False)
