@@ -30,6 +30,12 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
 
 
+# New tokens up to which a sequence joins the padded batch; longer ones run alone, so one
+# long prefill does not pad every other sequence's queries to its length. On CPU, SDPA
+# over padded extends measured slower than one call per extend: only decodes are padded.
+PADDED_QUERY_LEN = 1
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,
@@ -39,23 +45,27 @@ def paged_attention(
     query_start_loc: list[int],
     scale: float,
     sliding_window: int | None = None,
+    padded_query_len: int = PADDED_QUERY_LEN,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its cached pages.
 
-    Sequences with one new token (decode) run as one padded batch; the others (prefill,
-    or extend after a cached prefix) one by one. Lengths are host ints: no device sync.
+    Sequences with at most `padded_query_len` new tokens (decodes) run as one padded
+    batch; the others (prefill, or extend after a cached prefix) one by one. Lengths
+    are host ints: no device sync.
     """
     out = torch.empty_like(query)
     query_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
-    decode = [i for i, n in enumerate(query_lens) if n == 1]
-    if decode:
-        rows = torch.tensor([query_start_loc[i] for i in decode], device=query.device)
-        out[rows] = _decode(
-            query[rows], k_cache, v_cache, block_tables[decode], [context_lens[i] for i in decode],
-            scale, sliding_window,
+    short = [i for i, n in enumerate(query_lens) if n <= padded_query_len]
+    if short:
+        rows = [r for i in short for r in range(query_start_loc[i], query_start_loc[i + 1])]
+        rows = torch.tensor(rows, device=query.device)
+        out[rows] = _padded(
+            query, [query_start_loc[i] for i in short], [query_lens[i] for i in short],
+            k_cache, v_cache, block_tables[short], [context_lens[i] for i in short], scale,
+            sliding_window,
         )  # fmt: skip
     for i, n in enumerate(query_lens):
-        if n > 1:
+        if n > padded_query_len:
             a, b = query_start_loc[i], query_start_loc[i + 1]
             out[a:b] = _extend(
                 query[a:b], k_cache, v_cache, block_tables[i], context_lens[i], scale,
@@ -81,23 +91,36 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return mask
 
 
-def _decode(query, k_cache, v_cache, block_tables, context_lens, scale, window):
-    # query: [S, Hq, D]; one token per sequence at position context_len - 1
-    max_len = max(context_lens)
-    keys = gather_pages(k_cache, block_tables, max_len).transpose(1, 2)  # [S, Hkv, L, D]
-    values = gather_pages(v_cache, block_tables, max_len).transpose(1, 2)
-    lens = torch.tensor(context_lens, device=query.device)
-    k_pos = torch.arange(max_len, device=query.device)[None, :]
-    mask = _visible((lens - 1)[:, None], k_pos, window) & (k_pos < lens[:, None])
-    # Padded positions read other blocks, whose contents may be anything (NaN included):
-    # zero them, since a masked score still multiplies its value (0 * NaN = NaN).
-    pad = ~(k_pos < lens[:, None])[:, None, :, None]
-    keys, values = keys.masked_fill(pad, 0), values.masked_fill(pad, 0)
+def _padded(query, starts, query_lens, k_cache, v_cache, block_tables, context_lens, scale, window):
+    """Sequences padded to the longest query and context among them; returns their rows,
+    concatenated in order ([sum(query_lens), Hq, D])."""
+    device, max_q, max_len = query.device, max(query_lens), max(context_lens)
+    q_idx = torch.tensor(starts, device=device)[:, None] + torch.arange(max_q, device=device)
+    q_lens = torch.tensor(query_lens, device=device)
+    valid_q = torch.arange(max_q, device=device)[None, :] < q_lens[:, None]  # [S, Q]
+    q = query[q_idx.clamp(max=query.shape[0] - 1)].transpose(1, 2)  # [S, Hq, Q, D]
+    lens = torch.tensor(context_lens, device=device)
+    slots = _padded_slots(block_tables, lens, max_len, k_cache.shape[1])  # [S, L]
+    keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [S, Hkv, L, D]
+    values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+    k_pos = torch.arange(max_len, device=device)[None, None, :]
+    q_pos = (lens - q_lens)[:, None, None] + torch.arange(max_q, device=device)[None, :, None]
+    mask = _visible(q_pos, k_pos, window) & (k_pos < lens[:, None, None])  # [S, Q, L]
+    mask = mask | ~valid_q[:, :, None]  # padded query rows: any key, results dropped
     out = F.scaled_dot_product_attention(
-        query[:, :, None].to(keys.dtype), keys, values, attn_mask=mask[:, None, None, :],
-        scale=scale, enable_gqa=True,
+        q.to(keys.dtype), keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=True,
     )  # fmt: skip
-    return out[:, :, 0].to(query.dtype)
+    return out.transpose(1, 2)[valid_q].to(query.dtype)
+
+
+def _padded_slots(block_tables, lens, max_len, block_size):
+    """[S, L] cache slot of each position; positions past a sequence's end read its first
+    token instead, a written slot, so the masked scores multiply finite values (never
+    NaN from a slot nobody wrote)."""
+    pos = torch.arange(max_len, device=lens.device)[None, :]
+    pos = torch.where(pos < lens[:, None], pos, 0)
+    blocks = torch.gather(block_tables.long(), 1, pos // block_size)
+    return blocks * block_size + pos % block_size
 
 
 def _extend(query, k_cache, v_cache, block_table, context_len, scale, window):

@@ -167,12 +167,10 @@ def bench_llm(
     warm_up = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
     llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True))
     before = llm.stats()
-    with DecodeProbe(llm.engine) as probe:
-        started = time.perf_counter()
-        outs = llm.generate(
-            prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step
-        )
-        seconds = time.perf_counter() - started
+    probe = DecodeProbe(llm.engine)
+    started = time.perf_counter()
+    outs = llm.generate(prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step)
+    seconds = time.perf_counter() - started
     failed = [o for o in outs if o.error is not None]
     if failed:
         raise RuntimeError(f"pagedbatch failed on record {failed[0].id}: {failed[0].error}")

@@ -6,20 +6,17 @@ token of every sequence it decodes, so it cannot take less than
 device-to-device copy (bytes read + written per second). The fraction
 `floor / measured step time` is how close a step comes to what the memory allows.
 
-Only `copy_bandwidth` touches CUDA; the probe itself reads host clocks and the
-scheduler's host-side lists (a step ends when its sampled tokens reach the host, so the
-host clock sees the whole step).
+Only `copy_bandwidth` touches CUDA; the probe reads the engine's own step trace (host
+clock: a step ends when its sampled tokens reach the host, so it sees the whole step).
 """
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import torch
 
 from pagedbatch.engine import Engine
-from pagedbatch.scheduler import SchedulerOutput
 from pagedbatch.stats import EngineStats
 
 
@@ -46,53 +43,27 @@ class DecodeTiming(NamedTuple):
 
 
 class DecodeProbe:
-    """Times an engine's decode-only steps while in its `with` block.
+    """Accumulates the timing of an engine's decode-only steps.
 
-    It wraps the scheduler's `schedule` (to see each step's sequences before they run)
-    and needs `on_step` passed to `LLM.generate(on_step=...)`, which the engine calls
-    right after each step. Leaving the block restores the scheduler.
+    Pass its `on_step` to `LLM.generate(on_step=...)`: the engine calls it right after
+    each step, with `engine.last_step` describing that step.
     """
 
     def __init__(self, engine: Engine) -> None:
-        self.scheduler = engine.scheduler
-        self._started = 0.0
-        self._step: tuple[int, int] | None = None  # (sequences, context tokens) if decode
+        self.engine = engine
         self._timing = DecodeTiming(0, 0.0, 0, 0)
 
-    def __enter__(self) -> DecodeProbe:
-        schedule = self.scheduler.schedule
-
-        def timed_schedule() -> SchedulerOutput:
-            self._started = time.perf_counter()
-            out = schedule()
-            self._step = _decode_shape(out)
-            return out
-
-        self.scheduler.schedule = timed_schedule  # an instance attribute over the method
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        del self.scheduler.schedule
-
     def on_step(self, stats: EngineStats) -> None:
-        if self._step is None:
+        step = self.engine.last_step
+        if step is None or not step.decode_only:
             return
-        seconds = time.perf_counter() - self._started
         steps, total, seqs, context = self._timing
         self._timing = DecodeTiming(
-            steps + 1, total + seconds, seqs + self._step[0], context + self._step[1]
+            steps + 1, total + step.seconds, seqs + step.num_seqs, context + step.context_tokens
         )
-        self._step = None
 
     def timing(self) -> DecodeTiming:
         return self._timing
-
-
-def _decode_shape(out: SchedulerOutput) -> tuple[int, int] | None:
-    """(sequences, context tokens) of a decode-only step; None for any other step."""
-    if not out.scheduled or any(s.num_new_tokens != 1 or not s.samples for s in out.scheduled):
-        return None
-    return len(out.scheduled), sum(s.seq.num_computed_tokens + 1 for s in out.scheduled)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

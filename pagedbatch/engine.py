@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pagedbatch.attention import PagedAttention
@@ -14,7 +16,7 @@ from pagedbatch.radix_cache import RadixCache
 from pagedbatch.sampler import sample
 from pagedbatch.scheduler import Scheduler, SchedulerOutput
 from pagedbatch.sequence import Sequence
-from pagedbatch.stats import EngineStats, StatsCounter
+from pagedbatch.stats import EngineStats, StatsCounter, StepTrace
 from pagedbatch.stopping import StopChecker
 
 
@@ -41,6 +43,7 @@ class Engine:
         self.runner = ModelRunner(model, attention, self.block_manager)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
+        self.last_step: StepTrace | None = None
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (its `forks` join when its prompt is done)."""
@@ -51,12 +54,16 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """Run one step; return the sequences that finished in it."""
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         logits = self.runner.run(out)
         sampling = [s.seq for s in out.scheduled if s.samples]
         seqs, rows = _with_forks(sampling)
         tokens = sample(logits if len(rows) == len(sampling) else logits[rows], seqs)
-        return self._postprocess(out, seqs, tokens)
+        trace = _trace(out, len(sampling))
+        finished = self._postprocess(out, seqs, tokens)
+        self.last_step = trace._replace(seconds=time.perf_counter() - started)
+        return finished
 
     def _postprocess(
         self, out: SchedulerOutput, seqs: list[Sequence], tokens: list[int]
@@ -110,6 +117,13 @@ class Engine:
             peak_logical_blocks=c.peak.logical if c.peak else 0,
             evicted_blocks=cache.num_evicted_blocks if cache else 0,
         )
+
+
+def _trace(out: SchedulerOutput, num_sampling: int) -> StepTrace:
+    """The shape of a step (before its tokens are committed); seconds filled in after."""
+    context = sum(seq.num_computed_tokens + n for seq, n in out.scheduled)
+    decode = num_sampling == len(out.scheduled) == out.num_tokens > 0
+    return StepTrace(0.0, len(out.scheduled), out.num_tokens, context, decode)
 
 
 def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pagedbatch.memory import KVSnapshot
 from pagedbatch.sequence import Sequence
@@ -46,6 +47,16 @@ class EngineStats:
         if not self.peak_logical_blocks:
             return 0.0
         return 1 - self.peak_blocks_in_use / self.peak_logical_blocks
+
+
+class StepTrace(NamedTuple):
+    """What the last step ran, and how long it took (host clock, sampled tokens on host)."""
+
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    context_tokens: int  # K/V tokens its attention read, the new ones included
+    decode_only: bool  # every sequence computed exactly one token and sampled
 
 
 @dataclass

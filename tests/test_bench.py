@@ -190,7 +190,8 @@ def test_bandwidth_floor_path_without_cuda(tiny_model_dirs):
     prompts = workload_prompts(TINY_WORKLOADS["label"].scaled(2), vocab_size(llm.model))
     result = bench_llm(llm, prompts, load_s, copy_bw=1e12)
     assert 0 < result.details["floor_fraction"] < 1
-    assert "schedule" not in vars(llm.engine.scheduler)  # the probe unwrapped it
+    last = llm.engine.last_step  # the last step of a run decodes the last tokens
+    assert last.decode_only and last.num_tokens == last.num_seqs > 0 and last.seconds > 0
     report = BenchReport("label", "tiny", "cuda", 2, 1, 12, 3e12, (result,))
     console = Console(record=True, width=200)
     for table in tables(report):

@@ -50,21 +50,28 @@ def fill_pages(lengths, block_size, kv_heads, head_dim, num_blocks, gen):
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_attention_matches_dense_causal_attention(block_size, heads, kv_heads, window):
+@pytest.mark.parametrize("padded_query_len", [1, 64])
+def test_paged_attention_matches_dense_causal_attention(
+    block_size, heads, kv_heads, window, padded_query_len
+):
     gen = torch.Generator().manual_seed(block_size * 100 + heads + (window or 0))
     head_dim = 16
     # Context lengths around block boundaries; query lengths 1 (decode) and longer (extend).
-    lengths = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 2, 40]
-    query_lens = [1, block_size - 1, 1, 5, 3 * block_size + 2, 1]
+    # Padded batches of decodes only (the default), or of everything up to 64 new tokens:
+    # the 70-token prompt then still runs alone.
+    lengths = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 2, 40, 90]
+    query_lens = [1, block_size - 1, 1, 5, 3 * block_size + 2, 1, 70]
     k_cache, v_cache, tables, keys, values = fill_pages(
-        lengths, block_size, kv_heads, head_dim, num_blocks=64, gen=gen
+        lengths, block_size, kv_heads, head_dim, num_blocks=96, gen=gen
     )
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
     query = torch.randn(starts[-1], heads, head_dim, generator=gen)
     scale = head_dim**-0.5
-    out = paged_attention(query, k_cache, v_cache, tables, lengths, starts, scale, window)
+    out = paged_attention(
+        query, k_cache, v_cache, tables, lengths, starts, scale, window, padded_query_len
+    )
     for i, (k, v) in enumerate(zip(keys, values)):
         expected = dense_attention(query[starts[i] : starts[i + 1]], k, v, scale, window)
         torch.testing.assert_close(
