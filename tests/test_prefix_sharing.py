@@ -125,7 +125,9 @@ def test_embedded_smollm2_gives_the_same_labels_with_and_without_sharing(smollm2
     runs = {}
     for sharing in (True, False):
         llm = LLM(str(smollm2_dir), device="cpu", prefix_sharing=sharing)
-        runs[sharing] = (tokens(llm.generate(job, params)), llm.stats())
-    assert runs[True][0] == runs[False][0]
-    assert runs[True][1].prefix_hit_rate > 0.8
+        runs[sharing] = (llm.generate(job, params), llm.stats())
+    assert tokens(runs[True][0]) == tokens(runs[False][0])
+    # The first record computes the ~620-token instruction; every other one reuses it.
+    cached = sorted(o.cached_tokens for o in runs[True][0])
+    assert cached[0] == 0 and cached[1] >= 600
     assert runs[True][1].computed_tokens < runs[False][1].computed_tokens / 4
