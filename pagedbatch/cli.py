@@ -283,8 +283,9 @@ def _memory_report(llm: Any, output: Path) -> None:
 
     report = llm.memory_report()
     console.print(memory_table(report))
-    base = output.with_name(output.name.removesuffix(".jsonl"))
-    json_path, png_path = base.with_suffix(".memory.json"), base.with_suffix(".memory.png")
+    base = output.name.removesuffix(".jsonl")  # labels.v2.jsonl -> labels.v2.memory.json
+    json_path = output.with_name(base + ".memory.json")
+    png_path = output.with_name(base + ".memory.png")
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drawn = write_timeline_png(report, png_path)
     console.print(

@@ -154,9 +154,23 @@ def test_help_documents_every_option():
         "--cache-dir", "--block-size", "--num-blocks", "--kv-memory", "--max-batch-tokens",
         "--max-num-seqs", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
         "--stop", "--progress", "--resume", "--retry-errors", "--overwrite", "--force", "--errors",
-        "--order", "--template", "--system", "--skip-invalid",
+        "--order", "--template", "--system", "--skip-invalid", "--n", "--ignore-eos",
+        "--prefix-sharing", "--no-prefix-sharing", "--memory-report",
     ):  # fmt: skip
         assert option in result.output, option
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "bench"])
+def test_every_option_of_every_command_has_help(command):
+    import click
+    import typer.main
+
+    params = typer.main.get_command(app).commands[command].params
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    for param in params:
+        if isinstance(param, click.Option):
+            assert param.help and param.help.strip(), f"{command} {param.opts} has no help"
+            assert param.opts[0] in result.output, param.opts
 
 
 def test_template_and_system_message_build_chat_prompts(tmp_path, tiny_model_dirs):
@@ -181,3 +195,20 @@ def test_template_and_system_message_build_chat_prompts(tmp_path, tiny_model_dir
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     expected = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert lines["a"]["usage"]["prompt_tokens"] == expected
+
+
+def test_memory_report_prints_and_writes_json_and_png(tmp_path, tiny_model_dirs):
+    src = tmp_path / "in.jsonl"
+    shared = "the shared instruction of this job " * 8
+    src.write_text("".join(json.dumps({"prompt": f"{shared} item {i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "labels.v2.jsonl"
+    result = invoke(src, "-m", tiny_model_dirs["llama"], "--num-blocks", "64", "--max-tokens", "4",
+                    "--output", out, "--no-progress", "--memory-report")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "labels.v2.memory.json").read_text())
+    assert report["num_blocks"] == 64 and report["block_size"] == 16
+    assert report["prefix_hit_rate"] > 0.5 and report["peak_blocks"] > 0
+    assert len(report["timeline"]) == report["timeline"][-1]["step"] > 0
+    assert (tmp_path / "labels.v2.memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "KV cache memory" in result.stdout + result.stderr
+    assert "sharing saving at peak" in result.stdout + result.stderr
