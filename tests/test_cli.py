@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
+from job_helpers import ROOT, invoke, one_line_error, read_lines
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from pagedbatch.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "reviews.jsonl"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, ["run", *map(str, args)])
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def one_line_error(result) -> str:
-    """The error the command printed: exactly one line, no traceback."""
-    assert result.exit_code == 2, result.output
-    text = result.stderr.strip()
-    assert "Traceback" not in result.output
-    assert text.startswith("error: ") and "\n" not in text, text
-    return text
 
 
 @pytest.mark.slow

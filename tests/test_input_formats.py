@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
+from test_io import USER_HI, write_bytes, write_jsonl
 
 from pagedbatch.io import InputError, read_records
 from pagedbatch.outputs import INVALID_RECORD, RecordError
 from pagedbatch.prompt_template import PromptTemplate
 from pagedbatch.records import FieldMap, Record
-
-USER_HI = {"role": "user", "content": "hi"}
-
-
-def write_bytes(tmp_path: Path, data: bytes, name: str = "in.jsonl") -> Path:
-    path = tmp_path / name
-    path.write_bytes(data)
-    return path
-
-
-def write_jsonl(tmp_path: Path, rows: list[object], name: str = "in.jsonl") -> Path:
-    return write_bytes(tmp_path, "".join(json.dumps(r) + "\n" for r in rows).encode(), name)
 
 
 def input_error(source: object, **kwargs: object) -> str:
