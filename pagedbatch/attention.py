@@ -7,8 +7,6 @@ as keyword arguments of the model's forward (no global state).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from transformers import AttentionInterface
 
@@ -39,14 +37,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_problem(device) is None else "torch"
 
 
-class StepShape(NamedTuple):
-    """Host-side facts about one step's batch that size the Triton launches."""
-
-    max_query_len: int
-    max_context_len: int
-    has_decode: bool  # some sequence has exactly one new token
-
-
 class PagedAttention:
     """Stores a step's new K/V in the paged cache and attends over it.
 
@@ -70,7 +60,6 @@ class PagedAttention:
             self._prefill = prefill_attention.prefill_attention
         self.kv_cache = kv_cache
         self.backend = backend
-        self._last_shape: tuple[Batch, StepShape] | None = None
 
     def __call__(
         self,
@@ -103,24 +92,14 @@ class PagedAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:
         self._store(key, value, k_cache, v_cache, batch.slot_mapping)
-        shape = self._step_shape(batch)
         out = torch.empty_like(query)
         args = (query, k_cache, v_cache, batch.block_tables, batch.context_lens,
                 batch.query_start_loc, scale)  # fmt: skip
-        if shape.has_decode:
-            self._decode(*args, shape.max_context_len, sliding_window, out=out)
-        if shape.max_query_len > 1:
-            self._prefill(*args, shape.max_query_len, sliding_window, min_query_len=2, out=out)
+        if batch.has_decode:
+            self._decode(*args, batch.max_context_len, sliding_window, out=out)
+        if batch.max_query_len > 1:
+            self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out)
         return out
-
-    def _step_shape(self, batch: Batch) -> StepShape:
-        """Worked out once per step (at the first layer) from the host lists."""
-        if self._last_shape is None or self._last_shape[0] is not batch:
-            starts = batch.query_start_loc_host
-            query_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
-            shape = StepShape(max(query_lens), max(batch.context_lens_host), 1 in query_lens)
-            self._last_shape = (batch, shape)
-        return self._last_shape[1]
 
 
 def attention_forward(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -12,7 +13,8 @@ class Batch:
     """All scheduled tokens of all sequences of one step, as one row.
 
     Device tensors feed the model and kernels; the host lists are the same lengths,
-    kept so the torch path never synchronises to read them.
+    kept so that nothing synchronises to read them. The derived host facts below are
+    worked out once per step (the first layer asks), not once per layer.
     """
 
     input_ids: torch.Tensor  # [num_tokens]
@@ -33,7 +35,20 @@ class Batch:
     def num_seqs(self) -> int:
         return len(self.context_lens_host)
 
-    @property
-    def max_query_len(self) -> int:
+    @cached_property
+    def query_lens_host(self) -> list[int]:
         q = self.query_start_loc_host
-        return max(b - a for a, b in zip(q[:-1], q[1:]))
+        return [b - a for a, b in zip(q[:-1], q[1:])]
+
+    @cached_property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_host)
+
+    @cached_property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_host)
+
+    @cached_property
+    def has_decode(self) -> bool:
+        """Some sequence has exactly one new token."""
+        return 1 in self.query_lens_host
