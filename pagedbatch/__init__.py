@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pagedbatch.config import EngineConfig
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.job.records import Record
 from pagedbatch.llm import LLM
 from pagedbatch.outputs import Completion, RecordError, RequestOutput
-from pagedbatch.records import Record
 from pagedbatch.sampling_params import SamplingParams
 
 __all__ = [

@@ -1,5 +1,5 @@
 """`python -m pagedbatch` is the `pagedbatch` command."""
 
-from pagedbatch.cli import app
+from pagedbatch.cli.app import app
 
 app(prog_name="pagedbatch")

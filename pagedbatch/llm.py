@@ -6,12 +6,18 @@ import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from pagedbatch.attention import ATTN_IMPLEMENTATION
-from pagedbatch.config import EngineConfig
-from pagedbatch.engine import Engine, make_generator
-from pagedbatch.kv_cache import KVCache, KVCacheSpec, num_blocks_for
-from pagedbatch.memory import memory_report
-from pagedbatch.models import eos_token_ids, load_model
+from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
+from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.engine import Engine, make_generator
+from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, num_blocks_for
+from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.stats import EngineStats
+from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.job.prompts import PromptBuilder, PromptError
+from pagedbatch.job.records import Record, parse_record
+from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -21,12 +27,7 @@ from pagedbatch.outputs import (
     RecordError,
     RequestOutput,
 )
-from pagedbatch.prompts import PromptBuilder, PromptError
-from pagedbatch.records import Record, parse_record
 from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed
-from pagedbatch.sequence import Sequence
-from pagedbatch.stats import EngineStats
-from pagedbatch.stopping import StopChecker
 
 Input = str | Mapping[str, Any] | Record | list[int]
 
@@ -57,7 +58,7 @@ class LLM:
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.config.attention_backend,
-            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_timeline,
+            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
         )  # fmt: skip
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
         self._seq_ids = itertools.count()
@@ -136,7 +137,7 @@ class LLM:
     def memory_report(self) -> dict:
         """The KV memory figures of everything generated so far (plain, JSON-ready data).
 
-        The per-step timeline is there only with `memory_timeline=True`.
+        The per-step timeline is there only with `memory_report=True`.
         """
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
         return memory_report(
@@ -202,8 +203,7 @@ class LLM:
                 f"the prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
             )
         total = min(self.max_model_len, prompt_len + params.max_tokens)
-        block_size = self.kv_cache.spec.block_size
-        needed = -(-total // block_size)
+        needed = blocks_for(total, self.kv_cache.spec.block_size)
         if needed > self.kv_cache.num_blocks:
             return (
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
@@ -219,7 +219,7 @@ class LLM:
         )
         return RequestOutput(
             record.id, completions, prompt_tokens=seqs[0].num_prompt_tokens,
-            cached_tokens=seqs[0].num_cached_tokens,
+            cached_tokens=seqs[0].num_prefix_hit_tokens,
         )  # fmt: skip
 
 

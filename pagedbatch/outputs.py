@@ -20,6 +20,10 @@ class RecordError:
     code: str
     message: str
 
+    def to_json(self) -> dict[str, str]:
+        """The error object of every output shape: `{"code", "message"}`."""
+        return {"code": self.code, "message": self.message}
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -53,7 +57,7 @@ class RequestOutput:
         """The output line of this record, as documented in the README."""
         line: dict = {"id": self.id}
         if self.error is not None:
-            line["error"] = {"code": self.error.code, "message": self.error.message}
+            line["error"] = self.error.to_json()
         else:
             line["choices"] = [
                 {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}

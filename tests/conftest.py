@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_models import ARCHS, build_tiny_model
 
-from pagedbatch.models import DEFAULT_MODEL, alias_gguf_path, convert_gguf
+from pagedbatch.models.loader import DEFAULT_MODEL, alias_gguf_path, convert_gguf
 
 
 def pytest_configure(config: pytest.Config) -> None:

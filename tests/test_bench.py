@@ -17,7 +17,9 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from pagedbatch.bench import (
+from pagedbatch.bench.decode_probe import DecodeTiming, weight_bytes
+from pagedbatch.bench.result import BenchReport
+from pagedbatch.bench.runner import (
     IN_PROCESS,
     BenchOptions,
     bench_llm,
@@ -26,14 +28,12 @@ from pagedbatch.bench import (
     run_workload_benchmark,
     vocab_size,
 )
-from pagedbatch.bench_result import BenchReport
-from pagedbatch.cli import app
-from pagedbatch.cli_bench import tables
-from pagedbatch.config import EngineConfig
-from pagedbatch.decode_probe import DecodeTiming, weight_bytes
-from pagedbatch.models import load_model
-from pagedbatch.random_models import RANDOM_PRESETS, preset_config
-from pagedbatch.workloads import WORKLOADS, Workload, workload_prompts
+from pagedbatch.bench.workloads import WORKLOADS, Workload, workload_prompts
+from pagedbatch.cli.app import app
+from pagedbatch.cli.bench import tables
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.models.loader import load_model
+from pagedbatch.models.random_presets import RANDOM_PRESETS, preset_config
 
 SMALL_ENGINE = {"device": "cpu", "num_blocks": 512}
 TINY_WORKLOADS = {
@@ -244,9 +244,9 @@ BLOCKED = """
 import sys
 sys.modules.update(datasets=None, gguf=None)  # as on the GPU machines: not installed
 import torch
-from pagedbatch.cli import app
-from pagedbatch.cli_bench import tables
-from pagedbatch.models import load_model
+from pagedbatch.cli.app import app
+from pagedbatch.cli.bench import tables
+from pagedbatch.models.loader import load_model
 load_model("smollm2-135m-random", device=torch.device("cpu"), dtype=torch.float32)
 app(sys.argv[1:])
 """

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedbatch.block_manager import BlockCopy, BlockManager
-from pagedbatch.block_pool import BlockPool
+from pagedbatch.engine.block_manager import BlockCopy, BlockManager
+from pagedbatch.engine.block_pool import BlockPool
+from pagedbatch.engine.sequence import Sequence
 from pagedbatch.sampling_params import SamplingParams
-from pagedbatch.sequence import Sequence
 
 
 def make_seq(seq_id: int, num_tokens: int) -> Sequence:

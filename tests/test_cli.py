@@ -10,7 +10,7 @@ from job_helpers import ROOT, invoke, one_line_error, read_lines
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from pagedbatch.cli import app
+from pagedbatch.cli.app import app
 
 EXAMPLE = ROOT / "examples" / "reviews.jsonl"
 

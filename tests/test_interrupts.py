@@ -28,7 +28,7 @@ from job_helpers import (
     write_jsonl,
 )
 
-from pagedbatch.progress import JobProgress
+from pagedbatch.cli.progress import JobProgress
 
 NUM_RECORDS = 30
 
@@ -128,7 +128,7 @@ def test_an_interrupted_input_order_file_is_a_prefix_and_resumes_exactly(
     job, tmp_path, monkeypatch
 ):
     root, src, flags, _ = job
-    monkeypatch.setattr("pagedbatch.job.MIN_WINDOW", 8)
+    monkeypatch.setattr("pagedbatch.job.job.MIN_WINDOW", 8)
     flags = [*flags, "--order", "input"]
     reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
     assert invoke(root / src, "-o", reference, *flags).exit_code == 0

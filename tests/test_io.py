@@ -11,15 +11,15 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pagedbatch.io import InputError, read_records
-from pagedbatch.output_writer import OutputWriter
+from pagedbatch.job.output_writer import OutputWriter
+from pagedbatch.job.reader import InputError, read_records
+from pagedbatch.job.records import FieldMap, Record
 from pagedbatch.outputs import (
     INVALID_RECORD,
     Completion,
     RecordError,
     RequestOutput,
 )
-from pagedbatch.records import FieldMap, Record
 
 USER_HI = {"role": "user", "content": "hi"}
 
@@ -268,12 +268,15 @@ def test_directory_of_data_files_or_of_nothing(tmp_path: Path) -> None:
 
 def test_unreachable_hub_name(tmp_path: Path) -> None:
     # Offline mode makes the hub lookup fail at once instead of retrying on the network.
-    code = "from pagedbatch.io import read_records\nread_records('no-such-owner/no-such-dataset')"
+    code = (
+        "from pagedbatch.job.reader import read_records\n"
+        "read_records('no-such-owner/no-such-dataset')"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(
-        "pagedbatch.io.InputError: no-such-owner/no-such-dataset: "
+        "pagedbatch.job.reader.InputError: no-such-owner/no-such-dataset: "
         "not a file, directory or reachable Hugging Face dataset ("
     )
 

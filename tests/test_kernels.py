@@ -32,8 +32,8 @@ from pagedbatch.kernels.prefill_attention import prefill_attention  # noqa: E402
 from pagedbatch.kernels.store import store_kv  # noqa: E402
 
 from pagedbatch import LLM, SamplingParams  # noqa: E402
-from pagedbatch.attention import PagedAttention, resolve_backend  # noqa: E402
-from pagedbatch.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+from pagedbatch.engine.attention import PagedAttention, resolve_backend  # noqa: E402
+from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
 
 # Triton 3.6's interpreter converts one-element arrays to ints, which numpy deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")

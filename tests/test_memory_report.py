@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from pagedbatch import LLM, Record, SamplingParams
-from pagedbatch.io import read_records
+from pagedbatch.job.reader import read_records
 
 SHARED = list(range(10, 18))  # 8 tokens: two full blocks of 4
 
 
 def test_crafted_job_figures(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, memory_timeline=True)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, memory_report=True)
     job = [
         Record(id="a", prompt_token_ids=tuple(SHARED + [30, 31])),
         Record(id="b", prompt_token_ids=tuple(SHARED + [40, 41])),
@@ -48,7 +48,7 @@ def test_labelling_job_on_the_embedded_model_wastes_less_than_a_block_per_sequen
     # Block size 8: each record's private tail is ~30 tokens (unique text, the partly
     # shared last block, 8 output tokens), so 16-token blocks leave ~17% of slots empty at
     # the peak (0.10 on average over the run); 8-token blocks leave ~4%.
-    llm = LLM(str(smollm2_dir), device="cpu", memory_timeline=True, block_size=8)
+    llm = LLM(str(smollm2_dir), device="cpu", memory_report=True, block_size=8)
     llm.generate(job, SamplingParams(max_tokens=8))
     report = llm.memory_report()
     size = report["block_size"]

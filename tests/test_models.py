@@ -19,8 +19,8 @@ from transformers import (
     PretrainedConfig,
 )
 
-import pagedbatch.models as models
-from pagedbatch.models import ModelLoadError, check_supported, eos_token_ids, load_model
+import pagedbatch.models.loader as models
+from pagedbatch.models.loader import ModelLoadError, check_supported, eos_token_ids, load_model
 
 CPU = torch.device("cpu")
 

@@ -8,13 +8,13 @@ import os
 
 import pytest
 
-from pagedbatch.output_scan import (
+from pagedbatch.job.output_scan import (
     OutputFileError,
     cut_torn_line,
     drop_error_lines,
     scan_output,
 )
-from pagedbatch.output_writer import OutputWriter, encode_line
+from pagedbatch.job.output_writer import OutputWriter, encode_line
 
 OK = b'{"id": "a", "choices": []}\n'
 ERR = b'{"id": 2, "error": {"code": "invalid_params", "message": "bad"}}\n'

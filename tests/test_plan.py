@@ -8,9 +8,9 @@ import random
 from typer.testing import CliRunner
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.cli import app
-from pagedbatch.io import read_records
-from pagedbatch.plan import SharedPrefix, make_plan
+from pagedbatch.cli.app import app
+from pagedbatch.job.plan import SharedPrefix, make_plan
+from pagedbatch.job.reader import read_records
 
 
 def test_crafted_plan_figures():

@@ -43,10 +43,10 @@ def test_greedy_outputs_are_identical_with_and_without_sharing(arch, tiny_model_
     assert tokens(shared_out) == tokens(plain_out)
     assert [o.id for o in shared_out] == [r.id for r in job]  # input order kept
     s, p = with_sharing.stats(), without.stats()
-    assert p.cached_tokens == 0 and all(o.cached_tokens == 0 for o in plain_out)
-    assert s.cached_tokens == sum(o.cached_tokens for o in shared_out) > 0
+    assert p.prefix_hit_tokens == 0 and all(o.cached_tokens == 0 for o in plain_out)
+    assert s.prefix_hit_tokens == sum(o.cached_tokens for o in shared_out) > 0
     assert all(o.cached_tokens % 8 == 0 and o.cached_tokens < o.prompt_tokens for o in shared_out)
-    assert s.computed_tokens == p.computed_tokens - s.cached_tokens
+    assert s.computed_tokens == p.computed_tokens - s.prefix_hit_tokens
     with_sharing.engine.prefix_cache.check_integrity()
     with_sharing.engine.pool.check_integrity()
     assert s.blocks_in_use == 0 and s.cached_blocks == with_sharing.engine.pool.num_used
@@ -59,7 +59,7 @@ def test_hit_rate_is_exact_when_records_run_one_after_another(tiny_model_dirs):
     outs = llm.generate(job, SamplingParams(max_tokens=3))
     assert [o.cached_tokens for o in outs] == [0, 12, 12, 12, 12]
     stats = llm.stats()
-    assert stats.prompt_tokens == 5 * 14 and stats.cached_tokens == 48
+    assert stats.prompt_tokens == 5 * 14 and stats.prefix_hit_tokens == 48
     assert stats.prefix_hit_rate == pytest.approx(48 / 70)
 
 
@@ -118,7 +118,7 @@ def test_sharing_with_preemption_and_eviction_keeps_greedy_tokens(tiny_model_dir
 def test_embedded_smollm2_gives_the_same_labels_with_and_without_sharing(smollm2_dir):
     from pathlib import Path
 
-    from pagedbatch.io import read_records
+    from pagedbatch.job.reader import read_records
 
     job = read_records(Path(__file__).parent.parent / "examples" / "label_job.jsonl")[:6]
     params = SamplingParams(max_tokens=8)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedbatch.block_pool import BlockPool
-from pagedbatch.radix_cache import RadixCache
+from pagedbatch.engine.block_pool import BlockPool
+from pagedbatch.engine.radix_cache import RadixCache
 
 BS = 2  # block size: tokens are written in pairs below
 

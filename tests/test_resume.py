@@ -17,8 +17,8 @@ from job_helpers import (
 )
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.output_writer import encode_line
-from pagedbatch.prompts import PromptBuilder
+from pagedbatch.job.output_writer import encode_line
+from pagedbatch.job.prompts import PromptBuilder
 
 BAD = [
     {"id": "bad-params", "prompt": "x", "max_tokens": -1},
@@ -152,7 +152,7 @@ def test_errors_file_of_lines_without_ids_names_the_line_number(tmp_path, tiny_m
 
 def test_order_input_writes_the_lines_of_a_sequential_run(job, tiny_model_dirs, monkeypatch):
     src, out, flags = job
-    monkeypatch.setattr("pagedbatch.job.MIN_WINDOW", 5)  # several windows of 5 records
+    monkeypatch.setattr("pagedbatch.job.job.MIN_WINDOW", 5)  # several windows of 5 records
     flags = [*flags, "--temperature", "0.8", "--max-num-seqs", "4"]
     result = invoke(src, "-o", out, *flags, "--order", "input")
     assert result.exit_code == 0, result.output

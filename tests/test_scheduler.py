@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pagedbatch.block_manager import BlockManager
-from pagedbatch.block_pool import BlockPool
+from pagedbatch.engine.block_manager import BlockManager
+from pagedbatch.engine.block_pool import BlockPool
+from pagedbatch.engine.scheduler import Scheduler
+from pagedbatch.engine.sequence import Sequence, SequenceStatus
 from pagedbatch.sampling_params import SamplingParams
-from pagedbatch.scheduler import Scheduler
-from pagedbatch.sequence import Sequence, SequenceStatus
 
 
 def make_scheduler(num_blocks: int, budget: int, block_size: int = 4, max_seqs: int = 8):

@@ -1,0 +1,295 @@
+"""`pagedbatch bench` as a library: every contender on the same prompts, in one process.
+
+Contenders (names as `--skip` spells them):
+- `run`: the whole `pagedbatch run` command in a child process (interpreter, load,
+  job, output file); file inputs only;
+- `pagedbatch`, `pagedbatch-no-sharing`: `LLM.generate` in this process, with and
+  without prefix sharing;
+- `generate`, `generate_batch`: the transformers baselines (`hf_baselines.py`) on the
+  same model (same weights: a random preset is rebuilt from the same seed).
+
+Every contender generates exactly each prompt's output length (EOS ignored) from the
+same prompt token ids, and times generation only, after a warm-up; loading is reported
+apart (`load_s`). On CUDA the device's copy bandwidth is measured first, and
+pagedbatch's decode-only steps are compared with the bandwidth floor
+(`decode_probe.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagedbatch.bench.decode_probe import DecodeProbe, DecodeTiming, copy_bandwidth, weight_bytes
+from pagedbatch.bench.result import CONTENDERS, BenchReport, BenchResult
+from pagedbatch.bench.workloads import BenchPrompts, Workload, record_prompts, workload_prompts
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.job.records import Record
+from pagedbatch.llm import LLM
+from pagedbatch.models.loader import load_model
+from pagedbatch.sampling_params import SamplingParams
+
+IN_PROCESS = CONTENDERS[1:]
+# (tokenizer, vocabulary size) -> the prompts; called with the first model loaded.
+PromptSource = Callable[[Any, int], BenchPrompts]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to run the contenders: the engine (model, device, budgets) and what to leave out.
+
+    `batch_size` is the static batch of transformers `generate` (None: 64 on CUDA, 16
+    on CPU); `seed` draws the synthetic prompts.
+    """
+
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    batch_size: int | None = None
+    skip: frozenset[str] = frozenset()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.skip) - set(CONTENDERS)
+        if unknown:
+            raise ValueError(
+                f"unknown contender(s) to skip: {', '.join(sorted(unknown))}; "
+                f"contenders: {', '.join(CONTENDERS)}"
+            )
+        if not set(IN_PROCESS) - set(self.skip):
+            raise ValueError(f"skip leaves none of {', '.join(IN_PROCESS)} to run")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def runs(self, contender: str) -> bool:
+        return contender not in self.skip
+
+
+def run_workload_benchmark(
+    workload: Workload,
+    options: BenchOptions,
+    on_result: Callable[[BenchResult], None] = lambda r: None,
+) -> BenchReport:
+    """Every in-process contender on the seeded prompts of `workload`."""
+
+    def source(tokenizer, vocab_size: int) -> BenchPrompts:
+        return workload_prompts(workload, vocab_size, tokenizer.all_special_ids, options.seed)
+
+    title = f"{workload.name} workload ({workload.num_prompts} prompts)"
+    return _run(title, source, options, [], on_result)
+
+
+def run_file_benchmark(
+    source: str,
+    max_tokens: int,
+    options: BenchOptions,
+    on_result: Callable[[BenchResult], None] = lambda r: None,
+    num_records: int | None = None,
+) -> BenchReport:
+    """Every contender on the records of the JSONL file `source` (the first `num_records`
+    valid ones if given), `max_tokens` each."""
+    from pagedbatch.job.reader import read_records
+
+    if num_records is not None and num_records < 1:
+        raise ValueError(f"num_records must be >= 1, got {num_records}")
+    # Per-record overrides would make contenders generate different lengths: dropped.
+    records = [
+        dataclasses.replace(r, overrides={}) for r in read_records(source) if r.error is None
+    ][:num_records]
+    if not records:
+        raise ValueError(f"{source} has no valid record to benchmark")
+
+    def tokenize(tokenizer, vocab_size: int) -> BenchPrompts:
+        return record_prompts(records, tokenizer, max_tokens)
+
+    results: list[BenchResult] = []
+    if options.runs("run"):
+        results.append(pagedbatch_process(records, max_tokens, options.engine))
+        on_result(results[-1])
+    return _run(f"{source} ({len(records)} records)", tokenize, options, results, on_result)
+
+
+def _run(
+    title: str,
+    source: PromptSource,
+    options: BenchOptions,
+    results: list[BenchResult],
+    on_result: Callable[[BenchResult], None],
+) -> BenchReport:
+    engine = options.engine
+    device = engine.torch_device
+    copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
+
+    def record(result: BenchResult) -> None:
+        results.append(result)
+        on_result(result)
+
+    prompts = None
+    for sharing in (True, False):
+        if options.runs("pagedbatch" if sharing else "pagedbatch-no-sharing"):
+            llm, load_s = load_llm(engine.replace(prefix_sharing=sharing))
+            if prompts is None:
+                prompts = source(llm.tokenizer, vocab_size(llm.model))
+            record(bench_llm(llm, prompts, load_s, copy_bw))
+            del llm
+            release_memory(device)
+    if options.runs("generate") or options.runs("generate_batch"):
+        prompts = _run_baselines(options, source, prompts, record)
+    if prompts is None:  # BenchOptions refuses a skip list that leaves no such contender
+        raise RuntimeError("no in-process contender ran")
+    return BenchReport(
+        title, engine.model, device_name(device), len(prompts), prompts.prompt_tokens,
+        prompts.output_tokens, copy_bw, tuple(results),
+    )  # fmt: skip
+
+
+def load_llm(config: EngineConfig) -> tuple[LLM, float]:
+    """The LLM of `config`, and the seconds its loading took."""
+    started = time.perf_counter()
+    llm = LLM(config=config)
+    return llm, time.perf_counter() - started
+
+
+def bench_llm(
+    llm: LLM, prompts: BenchPrompts, load_s: float = 0.0, copy_bw: float | None = None
+) -> BenchResult:
+    """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics."""
+    warm_up = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
+    llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True))
+    before = llm.stats()
+    probe = DecodeProbe(llm.engine)
+    started = time.perf_counter()
+    outs = llm.generate(prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step)
+    seconds = time.perf_counter() - started
+    failed = [o for o in outs if o.error is not None]
+    if failed:
+        raise RuntimeError(f"pagedbatch failed on record {failed[0].id}: {failed[0].error}")
+    tokens = sum(len(c.token_ids) for o in outs for c in o.completions)
+    if tokens != prompts.output_tokens:
+        raise RuntimeError(f"pagedbatch produced {tokens} of {prompts.output_tokens} tokens")
+    after = llm.stats()
+    prompt_tokens = after.prompt_tokens - before.prompt_tokens
+    details = {
+        "load_s": load_s,
+        "prefix_hit_rate": (after.prefix_hit_tokens - before.prefix_hit_tokens) / prompt_tokens,
+        "peak_blocks": after.peak_blocks_in_use,
+        "num_blocks": after.num_blocks,
+        "sharing_saving": after.sharing_saving,
+        "preemptions": after.preemptions - before.preemptions,
+        **_decode_details(probe.timing(), llm, copy_bw),
+    }
+    contender = "pagedbatch" if llm.config.prefix_sharing else "pagedbatch-no-sharing"
+    return BenchResult(contender, contender, seconds, len(outs), tokens, details)
+
+
+def _decode_details(timing: DecodeTiming, llm: LLM, copy_bw: float | None) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "decode_steps": timing.steps,
+        "decode_ms": timing.ms_per_step,
+        "decode_batch": timing.mean_batch,
+    }
+    if copy_bw is not None and timing.steps:
+        bytes_per_token = llm.kv_cache.spec.bytes_per_token
+        floor = timing.floor_seconds(weight_bytes(llm.model), bytes_per_token, copy_bw)
+        details["floor_fraction"] = floor / timing.seconds
+    return details
+
+
+def _run_baselines(
+    options: BenchOptions,
+    source: PromptSource,
+    prompts: BenchPrompts | None,
+    record: Callable[[BenchResult], None],
+) -> BenchPrompts:
+    from pagedbatch.bench.baselines import hf_generate, hf_generate_batch
+
+    engine = options.engine
+    device = engine.torch_device
+    started = time.perf_counter()
+    model, tokenizer = load_model(
+        engine.model, device=device, dtype=engine.torch_dtype, attn_implementation="sdpa",
+        cache_dir=None if engine.cache_dir is None else Path(engine.cache_dir),
+    )  # fmt: skip
+    load_s = time.perf_counter() - started
+    if prompts is None:
+        prompts = source(tokenizer, vocab_size(model))
+    if options.runs("generate"):
+        batch_size = options.batch_size or (64 if device.type == "cuda" else 16)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        result = hf_generate(model, prompts, batch_size, pad_id)
+        record(dataclasses.replace(result, details={"load_s": load_s}))
+    if options.runs("generate_batch"):
+        result = hf_generate_batch(model, prompts)
+        record(dataclasses.replace(result, details={"load_s": load_s}))
+    del model
+    release_memory(device)
+    return prompts
+
+
+def pagedbatch_process(records: list[Record], max_tokens: int, engine: EngineConfig) -> BenchResult:
+    """The whole `pagedbatch run` command as a user starts it: interpreter, load, job.
+
+    Its settings go in a TOML config (`run` has no flag for ignore_eos)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out, config = (Path(tmp) / n for n in ("in.jsonl", "out.jsonl", "bench.toml"))
+        source.write_text("".join(json.dumps(_as_line(r)) + "\n" for r in records))
+        config.write_text(_run_config(engine, max_tokens))
+        command = [
+            sys.executable, "-m", "pagedbatch", "run", str(source), "--config", str(config),
+            "--no-progress", "--output", str(out),
+        ]  # fmt: skip
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"`pagedbatch run` failed ({shlex.join(command)}): {done.stderr}")
+        lines = out.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    tokens = sum(row.get("usage", {}).get("completion_tokens", 0) for row in rows)
+    if len(rows) != len(records) or tokens != len(records) * max_tokens:
+        errors = [row["error"] for row in rows if row.get("error")]
+        raise RuntimeError(
+            f"pagedbatch run wrote {len(rows)} lines with {tokens} tokens for {len(records)} "
+            f"records of {max_tokens} tokens" + (f"; first error: {errors[0]}" if errors else "")
+        )
+    return BenchResult("run", "pagedbatch run (process)", seconds, len(lines), tokens)
+
+
+def _run_config(engine: EngineConfig, max_tokens: int) -> str:
+    """`engine` and the benchmark's sampling as a `pagedbatch run` TOML config."""
+    values = {**dataclasses.asdict(engine), "max_tokens": max_tokens, "ignore_eos": True}
+    # JSON strings, numbers and booleans are TOML values too.
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None)
+
+
+def _as_line(record: Record) -> dict:
+    if record.messages is not None:
+        return {"id": record.id, "messages": list(record.messages)}
+    return {"id": record.id, "prompt": record.prompt}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a dropped model and KV cache held, before the next contender loads."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,166 @@
+"""`pagedbatch bench`: pagedbatch against the transformers baselines, as a table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from pagedbatch.bench.result import BenchReport, BenchResult
+from pagedbatch.bench.workloads import WORKLOADS, Workload
+from pagedbatch.cli.common import fail, quiet_libraries
+from pagedbatch.models.loader import DEFAULT_MODEL
+from pagedbatch.models.random_presets import RANDOM_PRESETS
+
+if TYPE_CHECKING:
+    from pagedbatch.bench.runner import BenchOptions
+
+FILE_MAX_TOKENS = 8
+PRESETS = ", ".join(RANDOM_PRESETS)
+
+
+def bench(
+    input: Annotated[str | None, typer.Argument(help="JSONL job to run with every contender (e.g. examples/label_job.jsonl); or give --workload.", show_default=False)] = None,
+    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/DESIGN.md).", show_default=False)] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Prompts of the workload, or the first records of INPUT. On a 2-core CPU with a 135M model: about 8 for label, 4 for share, 2 for mixed (outputs up to 1024 tokens). \\[default: 256, or all of INPUT]", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
+    max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline. \\[default: 64 on CUDA, 16 on CPU]", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-sharing, generate, generate_batch.", show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
+    config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
+) -> None:  # fmt: skip
+    """Time pagedbatch (with and without prefix sharing; for INPUT also the whole `pagedbatch
+    run` process) against transformers generate (padded static batches) and generate_batch
+    (continuous batching), on the same model and prompts, in one run. Every contender
+    generates the same number of tokens per prompt, EOS ignored; times exclude loading.
+
+    \b
+    CPU labelling job:  pagedbatch bench examples/label_job.jsonl
+    GPU, random weights: pagedbatch bench --workload share --model llama-1b-random
+    """
+    from pagedbatch.bench.runner import BenchOptions
+    from pagedbatch.job.settings import resolve_settings
+    from pagedbatch.models.loader import ModelLoadError
+
+    if (input is None) == (workload is None):
+        fail("give an INPUT file or --workload, not both or neither")
+    quiet_libraries()
+    flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
+             "max_num_seqs": max_num_seqs}  # fmt: skip
+    console = Console()
+    if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
+        console = Console(width=max(console.width, 110))
+    try:
+        engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
+        options = BenchOptions(engine, batch_size, frozenset(skip or ()), seed)
+        report = _run(console, options, input, workload, num_prompts, max_tokens)
+    except (ValueError, ModelLoadError) as e:
+        fail(str(e))
+    except RuntimeError as e:  # a contender did not produce what it had to
+        fail(str(e), code=1)
+    console.print(_header(report), highlight=False)
+    if workload is not None:
+        console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
+    for table in tables(report):
+        console.print(table)
+
+
+def _run(
+    console: Console,
+    options: BenchOptions,
+    input: str | None,
+    workload: str | None,
+    num_prompts: int | None,
+    max_tokens: int | None,
+) -> BenchReport:
+    from pagedbatch.bench.runner import run_file_benchmark, run_workload_benchmark
+
+    def said(result: BenchResult) -> None:
+        console.print(f"  {escape(result.name)}: {result.seconds:.1f} s", highlight=False)
+
+    model = options.engine.model
+    if input is not None:
+        tokens = max_tokens or FILE_MAX_TOKENS
+        console.print(f"Benchmark: {input}, {tokens} tokens per record, {model} ...")
+        return run_file_benchmark(input, tokens, options, said, num_prompts)
+    spec = _workload(workload).scaled(num_prompts, max_tokens)
+    console.print(f"Benchmark: {spec.name} workload, {spec.num_prompts} prompts, {model} ...")
+    return run_workload_benchmark(spec, options, said)
+
+
+def _workload(name: str | None) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; workloads: {', '.join(WORKLOADS)}")
+    return WORKLOADS[name]
+
+
+def _header(report: BenchReport) -> str:
+    text = (
+        f"{escape(report.title)} on {escape(report.model)}, {report.device}: {report.prompts} "
+        f"prompts, {report.prompt_tokens} prompt tokens, {report.output_tokens} output tokens"
+    )
+    if report.copy_bandwidth is not None:
+        text += f"; copy bandwidth {report.copy_bandwidth / 1e9:.0f} GB/s (read + written)"
+    return text
+
+
+def tables(report: BenchReport) -> tuple[Table, Table]:
+    """Throughput of every contender, and pagedbatch's cache and decode-step figures."""
+    return throughput_table(report), pagedbatch_table(report)
+
+
+def throughput_table(report: BenchReport) -> Table:
+    bases = [(c, report.get(c)) for c in ("generate", "generate_batch")]
+    bases = [(c, base) for c, base in bases if base is not None]
+    table = Table(
+        title="Throughput (x: records/s against that baseline)",
+        caption="generate, generate_batch: transformers, on the same model. Times exclude "
+        "loading,\nexcept for pagedbatch run (process): the whole command, as a user starts it.",
+        box=box.SIMPLE_HEAD,
+    )
+    columns = ("contender", "s", "load s", "records/s", "out tok/s", *(f"x {c}" for c, _ in bases))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "contender" else "right")
+    for r in report.results:
+        ratios = [f"{r.records_per_s / base.records_per_s:.2f}" for _, base in bases]
+        table.add_row(
+            escape(r.name), f"{r.seconds:.2f}", _num(r.details.get("load_s"), "{:.1f}"),
+            f"{r.records_per_s:.2f}", f"{r.tokens_per_s:.1f}", *ratios,
+        )  # fmt: skip
+    return table
+
+
+def pagedbatch_table(report: BenchReport) -> Table:
+    ours = [r for r in report.results if "decode_steps" in r.details]
+    floors = any("floor_fraction" in r.details for r in ours)
+    table = Table(
+        title="pagedbatch: KV cache and decode-only steps",
+        caption="% floor: (weight + K/V bytes read) / copy bandwidth, over the measured time"
+        if floors else None,
+        box=box.SIMPLE_HEAD,
+    )  # fmt: skip
+    columns = ("contender", "hit rate", "peak KV blocks", "preempted", "decode steps",
+               "ms/step", "batch", *(["% floor"] if floors else []))  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "contender" else "right")
+    for r in ours:
+        d = r.details
+        row = [escape(r.name), f"{d['prefix_hit_rate']:.2f}", f"{d['peak_blocks']}/{d['num_blocks']}",
+               str(d["preemptions"]), str(d["decode_steps"]), f"{d['decode_ms']:.2f}",
+               f"{d['decode_batch']:.1f}"]  # fmt: skip
+        if floors:
+            row.append(_num(d.get("floor_fraction"), "{:.0%}"))
+        table.add_row(*row)
+    return table
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)

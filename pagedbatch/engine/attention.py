@@ -1,0 +1,135 @@
+"""Our attention, plugged into transformers through its attention interface.
+
+A model loaded with `attn_implementation="pagedbatch"` calls `attention_forward` in
+every layer; the step's `Batch` and the `PagedAttention` that owns the KV cache arrive
+as keyword arguments of the model's forward (no global state).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from pagedbatch.engine.batch import Batch
+from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.kernels import reference
+
+ATTN_IMPLEMENTATION = "pagedbatch"
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_problem(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    try:
+        from pagedbatch.kernels.triton_common import launch_problem
+    except ImportError as e:
+        return (
+            f"attention 'triton' needs the triton package ({e}): pip install triton, "
+            "or use attention 'torch'"
+        )
+    return launch_problem(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run: 'auto' is triton on CUDA when Triton runs there, else torch."""
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and triton_problem(device) is None else "torch"
+
+
+class PagedAttention:
+    """Stores a step's new K/V in the paged cache and attends over it.
+
+    backend "torch": `kernels.reference` (gathers pages, then SDPA). Backend "triton":
+    the store kernel, then the decode kernel for sequences with one new token and the
+    prefill kernel for the others, both writing into one output; launches are sized
+    from the batch's host lists, so nothing waits on the device.
+    """
+
+    def __init__(self, kv_cache: KVCache, backend: str = "torch") -> None:
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"attention backend must be 'torch' or 'triton', got {backend!r}")
+        if backend == "triton":
+            problem = triton_problem(kv_cache.k[0].device)
+            if problem is not None:
+                raise ValueError(problem)
+            from pagedbatch.kernels import decode_attention, prefill_attention, store
+
+            self._store = store.store_kv
+            self._decode = decode_attention.decode_attention
+            self._prefill = prefill_attention.prefill_attention
+        self.kv_cache = kv_cache
+        self.backend = backend
+
+    def __call__(
+        self,
+        layer: int,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,
+        batch: Batch,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        if self.backend == "triton":
+            return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
+        reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        return reference.paged_attention(
+            query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
+            batch.query_start_loc_host, scale, sliding_window,
+        )  # fmt: skip
+
+    def _triton(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: Batch,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        self._store(key, value, k_cache, v_cache, batch.slot_mapping)
+        out = torch.empty_like(query)
+        args = (query, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                batch.query_start_loc, scale)  # fmt: skip
+        if batch.has_decode:
+            self._decode(*args, batch.max_context_len, sliding_window, out=out)
+        if batch.max_query_len > 1:
+            self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out)
+        return out
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, num_heads, num_tokens, head_dim]
+    key: torch.Tensor,  # [1, num_kv_heads, num_tokens, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    paged_attention: PagedAttention | None = None,
+    paged_batch: Batch | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The transformers attention-interface entry point; returns [1, num_tokens, heads, dim]."""
+    if paged_attention is None or paged_batch is None:
+        raise RuntimeError(
+            "a model loaded with attn_implementation='pagedbatch' runs only inside "
+            "the pagedbatch engine"
+        )
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"pagedbatch attention does not support {unsupported}")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(
+        module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+        value[0].transpose(0, 1), paged_batch, scale, sliding_window,
+    )  # fmt: skip
+    return out[None], None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)

@@ -1,0 +1,147 @@
+"""Block tables of sequences: growing them, forking them, copy-on-write, freeing."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from pagedbatch.engine.block_pool import BlockPool, blocks_for
+from pagedbatch.engine.radix_cache import RadixCache
+from pagedbatch.engine.sequence import Sequence
+
+
+class BlockCopy(NamedTuple):
+    """Copy the KV contents of block `src` into block `dst` before the step runs."""
+
+    src: int
+    dst: int
+
+
+class BlockManager:
+    """Maps each sequence's logical blocks to physical ones from a BlockPool.
+
+    Block tables are append-only. A block may be shared by several tables (after
+    `fork`, or through the prefix cache); a shared block that is not full is copied
+    before it is written (copy-on-write), so no block is written while its refcount > 1.
+
+    With a `prefix_cache`, a sequence starts from the cached blocks of its longest
+    cached prefix (`attach_cached_prefix`), its full blocks are cached as they are
+    computed (`commit`), and cached blocks nobody uses are evicted when the pool runs
+    out of free blocks.
+    """
+
+    def __init__(
+        self, pool: BlockPool, block_size: int, prefix_cache: RadixCache | None = None
+    ) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.prefix_cache = prefix_cache
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return blocks_for(num_tokens, self.block_size)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Free blocks that `append(seq, num_new_tokens)` would take."""
+        end = seq.num_computed_tokens + num_new_tokens
+        needed = self.blocks_for(end) - len(seq.block_table)
+        return max(needed, 0) + int(self._needs_copy(seq, num_new_tokens))
+
+    @property
+    def num_available(self) -> int:
+        """Free blocks, counting cached blocks that eviction could free."""
+        cache = self.prefix_cache
+        return self.pool.num_free + (cache.num_evictable_blocks if cache else 0)
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= self.num_available
+
+    def _allocate(self, n: int) -> list[int]:
+        if self.pool.num_free < n and self.prefix_cache is not None:
+            self.prefix_cache.evict(n - self.pool.num_free)
+        return self.pool.allocate(n)
+
+    def append(self, seq: Sequence, num_new_tokens: int) -> list[BlockCopy]:
+        """Make room for the next `num_new_tokens` tokens of `seq` (KV not yet computed).
+
+        Returns the block copies that must run before the step writes the new tokens.
+        """
+        copies = []
+        if self._needs_copy(seq, num_new_tokens):
+            index = (seq.num_computed_tokens - 1) // self.block_size
+            old = seq.block_table[index]
+            (new,) = self._allocate(1)
+            seq.block_table[index] = new
+            self.pool.free([old])
+            copies.append(BlockCopy(old, new))
+        end = seq.num_computed_tokens + num_new_tokens
+        missing = self.blocks_for(end) - len(seq.block_table)
+        if missing > 0:
+            seq.block_table.extend(self._allocate(missing))
+        return copies
+
+    def commit(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Mark the next `num_new_tokens` tokens computed; cache blocks that became full."""
+        seq.num_computed_tokens += num_new_tokens
+        full = seq.num_computed_tokens // self.block_size
+        if self.prefix_cache is None or full <= seq.num_inserted_blocks:
+            return
+        node = self.prefix_cache.insert(
+            seq.token_ids[: full * self.block_size], seq.block_table[:full]
+        )
+        self._move_lock(seq, node)
+        seq.num_inserted_blocks = full
+
+    def attach_cached_prefix(self, seq: Sequence) -> None:
+        """Start a sequence that holds no blocks from its longest cached prefix.
+
+        At least the last token is left to compute: its logits are needed.
+        """
+        if self.prefix_cache is None or seq.block_table:
+            return
+        match = self.prefix_cache.match(seq.token_ids[: seq.num_tokens - 1])
+        self.pool.share(match.blocks)
+        seq.block_table = list(match.blocks)
+        seq.num_inserted_blocks = match.num_blocks
+        seq.num_computed_tokens = match.num_blocks * self.block_size
+        self._move_lock(seq, match.node)
+        if seq.num_output_tokens == 0:
+            seq.num_prefix_hit_tokens = seq.num_computed_tokens
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child` the same blocks as `parent`, shared by reference."""
+        if child.block_table:
+            raise RuntimeError("fork() into a sequence that already holds blocks")
+        self.pool.share(parent.block_table)
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_inserted_blocks = parent.num_inserted_blocks
+        if parent.cache_node is not None:
+            self._move_lock(child, parent.cache_node)
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of `seq` and forget what it had computed.
+
+        Blocks the prefix cache holds stay there (evictable once nobody uses them).
+        """
+        self._move_lock(seq, None)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_inserted_blocks = 0
+
+    def _move_lock(self, seq: Sequence, node) -> None:
+        if node is not None:
+            self.prefix_cache.lock(node)
+        if seq.cache_node is not None:
+            self.prefix_cache.unlock(seq.cache_node)
+        seq.cache_node = node
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        """The physical KV slot of token `position` of `seq`."""
+        block = seq.block_table[position // self.block_size]
+        return block * self.block_size + position % self.block_size
+
+    def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
+        # The next write lands in the last block only when it is partially filled.
+        if num_new_tokens == 0 or seq.num_computed_tokens % self.block_size == 0:
+            return False
+        last = seq.block_table[(seq.num_computed_tokens - 1) // self.block_size]
+        return self.pool.refcount(last) > 1

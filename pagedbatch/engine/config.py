@@ -1,0 +1,111 @@
+"""Engine configuration, and the named presets in configs/ that the CLI loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagedbatch.engine.attention import BACKENDS, resolve_backend
+from pagedbatch.engine.kv_cache import parse_memory
+from pagedbatch.models.loader import DEFAULT_MODEL
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes the engine (sampling defaults live in SamplingParams)."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_memory: str | float | None = None
+    max_batch_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    chat: bool = False
+    prefix_sharing: bool = True
+    memory_report: bool = False  # keep a KV snapshot per step, for memory_report()
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(
+                f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.attention not in BACKENDS:
+            raise ValueError(
+                f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}"
+            )
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("num_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
+        if self.num_blocks is not None and self.kv_memory is not None:
+            raise ValueError("give num_blocks or kv_memory, not both")
+        if self.kv_memory is not None:
+            parse_memory(self.kv_memory)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention to run: 'auto' is triton on CUDA when Triton imports, else torch."""
+        return resolve_backend(self.attention, self.torch_device)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """The settings of a preset: a name from configs/ (e.g. 'cpu') or a TOML file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read config {name_or_path}: {e.strerror}") from None
+    else:
+        preset = resources.files("pagedbatch.configs") / f"{name_or_path}.toml"
+        if not preset.is_file():
+            raise ValueError(
+                f"unknown config {name_or_path!r}; presets: {', '.join(preset_names())}"
+            )
+        text = preset.read_text()
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config {name_or_path}: invalid TOML ({e})") from None
+
+
+def preset_names() -> list[str]:
+    files = resources.files("pagedbatch.configs").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".toml"))

@@ -1,0 +1,146 @@
+"""The synchronous step loop: schedule -> run -> sample -> postprocess."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pagedbatch.engine.attention import PagedAttention
+from pagedbatch.engine.block_manager import BlockManager
+from pagedbatch.engine.block_pool import BlockPool
+from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.engine.memory import KVSnapshot, snapshot
+from pagedbatch.engine.model_runner import ModelRunner
+from pagedbatch.engine.radix_cache import RadixCache
+from pagedbatch.engine.sampler import sample
+from pagedbatch.engine.scheduler import Scheduler, SchedulerOutput
+from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
+from pagedbatch.engine.stopping import StopChecker
+
+
+class Engine:
+    """Runs sequences to completion on one model and one paged KV cache."""
+
+    def __init__(
+        self,
+        model,
+        kv_cache: KVCache,
+        stop_checker: StopChecker,
+        max_batch_tokens: int,
+        max_num_seqs: int,
+        attention_backend: str = "torch",
+        prefix_sharing: bool = True,
+        keep_timeline: bool = False,
+    ) -> None:
+        block_size = kv_cache.spec.block_size
+        self.pool = BlockPool(kv_cache.num_blocks)
+        self.prefix_cache = RadixCache(self.pool, block_size) if prefix_sharing else None
+        self.block_manager = BlockManager(self.pool, block_size, self.prefix_cache)
+        self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
+        attention = PagedAttention(kv_cache, attention_backend)
+        self.runner = ModelRunner(model, attention, self.block_manager)
+        self.stop_checker = stop_checker
+        self.counter = StatsCounter(keep_timeline)
+        self.last_step: StepTrace | None = None
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (its `forks` join when its prompt is done)."""
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Run one step; return the sequences that finished in it."""
+        started = time.perf_counter()
+        out = self.scheduler.schedule()
+        logits = self.runner.run(out)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        seqs, rows = _with_forks(sampling)
+        tokens = sample(logits if len(rows) == len(sampling) else logits[rows], seqs)
+        trace = _trace(out, len(sampling))
+        finished = self._postprocess(out, seqs, tokens)
+        self.last_step = trace._replace(seconds=time.perf_counter() - started)
+        return finished
+
+    def _postprocess(
+        self, out: SchedulerOutput, seqs: list[Sequence], tokens: list[int]
+    ) -> list[Sequence]:
+        for seq, n in out.scheduled:
+            self.block_manager.commit(seq, n)
+        for seq in seqs:
+            self._fork(seq)
+        self.counter.step(out.num_tokens, len(tokens), self._snapshot())
+        finished = []
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+            seq.finish_reason = self.stop_checker.check(seq)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                self.counter.finished(seq)
+                finished.append(seq)
+        return finished
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the other samples of `parent`'s record on its computed prompt."""
+        for child in parent.forks:
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+        parent.forks = []
+
+    def _snapshot(self) -> KVSnapshot:
+        return snapshot(
+            self.counter.steps + 1, self.scheduler.running, self.pool.num_used, self.pool.num_free,
+            self.block_manager.block_size,
+        )  # fmt: skip
+
+    def stats(self) -> EngineStats:
+        c, cache, now = self.counter, self.prefix_cache, self._snapshot()
+        return EngineStats(
+            steps=c.steps,
+            prompt_tokens=c.prompt_tokens,
+            prefix_hit_tokens=c.prefix_hit_tokens,
+            computed_tokens=c.computed_tokens,
+            generated_tokens=c.generated_tokens,
+            finished_seqs=c.finished_seqs,
+            running_seqs=len(self.scheduler.running),
+            waiting_seqs=len(self.scheduler.waiting),
+            preemptions=self.scheduler.num_preemptions,
+            recomputed_tokens=self.scheduler.num_recomputed_tokens,
+            num_blocks=self.pool.num_blocks,
+            blocks_in_use=now.in_use,
+            cached_blocks=now.cached,
+            free_blocks=now.free,
+            peak_blocks_in_use=c.peak.in_use if c.peak else 0,
+            peak_logical_blocks=c.peak.logical if c.peak else 0,
+            evicted_blocks=cache.num_evicted_blocks if cache else 0,
+        )
+
+
+def _trace(out: SchedulerOutput, num_sampling: int) -> StepTrace:
+    """The shape of a step (before its tokens are committed); seconds filled in after."""
+    context = sum(seq.num_computed_tokens + n for seq, n in out.scheduled)
+    decode = num_sampling == len(out.scheduled) == out.num_tokens > 0
+    return StepTrace(0.0, len(out.scheduled), out.num_tokens, context, decode)
+
+
+def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    """Sequences to sample and the logits row of each: forks sample from their parent's."""
+    seqs, rows = [], []
+    for row, seq in enumerate(sampling):
+        for s in (seq, *seq.forks):
+            seqs.append(s)
+            rows.append(row)
+    return seqs, rows
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A random stream of its own for one sequence; seeded when `seed` is given."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

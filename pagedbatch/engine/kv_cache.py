@@ -1,0 +1,143 @@
+"""The paged KV cache tensors of one model, and how many blocks fit in memory."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pagedbatch.engine.block_manager import BlockCopy
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of the cache: what one token and one block cost."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_model_config(cls, config, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+class KVCache:
+    """Per-layer K and V pools of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # Uninitialised: kernels read only slots a sequence wrote (padding they gather is
+        # masked and zeroed), and on CPU pages never touched cost no RAM.
+        self.k = [
+            torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        self.v = [
+            torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.spec.bytes_per_block
+
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        """Copy whole blocks (copy-on-write) in every layer."""
+        if not copies:
+            return
+        device = self.k[0].device
+        src = torch.tensor([c.src for c in copies], device=device)
+        dst = torch.tensor([c.dst for c in copies], device=device)
+        for cache in (*self.k, *self.v):
+            cache[dst] = cache[src]
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_memory(text: str | float | int) -> int | float:
+    """'2GiB' -> bytes (int); '0.5' or 0.5 -> a fraction (float) of free memory."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"kv_memory must look like '2GiB', '512MB' or a fraction like 0.5, got {text!r}"
+            )
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit or number > 1:
+            return int(number * _UNITS[unit])
+        value = number
+    if 0 < value <= 1:
+        return float(value)
+    if value > 1:
+        return int(value)
+    raise ValueError(f"kv_memory must be positive, got {text!r}")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that could still be allocated on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def blocks_for_memory(spec: KVCacheSpec, kv_memory: int | float, device: torch.device) -> int:
+    """How many blocks `kv_memory` (bytes, or a fraction of free memory) holds."""
+    budget = kv_memory if isinstance(kv_memory, int) else int(kv_memory * free_memory(device))
+    return budget // spec.bytes_per_block
+
+
+CPU_KV_CAP = 4 * 2**30  # the default CPU cache stops here, whatever the RAM
+
+
+def num_blocks_for(
+    spec: KVCacheSpec,
+    device: torch.device,
+    num_blocks: int | None = None,
+    kv_memory: str | float | None = None,
+) -> int:
+    """Blocks of the KV cache: `num_blocks`, or what `kv_memory` holds.
+
+    Default memory: 0.8 of free GPU memory, or a quarter of available RAM up to 4 GiB.
+    """
+    if num_blocks is not None:
+        return num_blocks
+    memory = parse_memory(kv_memory) if kv_memory is not None else None
+    if memory is None:
+        memory = 0.8 if device.type == "cuda" else 0.25
+    blocks = blocks_for_memory(spec, memory, device)
+    if device.type == "cpu" and kv_memory is None:
+        blocks = min(blocks, CPU_KV_CAP // spec.bytes_per_block)
+    if blocks < 1:
+        raise ValueError("kv_memory holds no KV block of this model; give more memory")
+    return blocks

@@ -1,0 +1,196 @@
+"""Prefix sharing: a radix tree over token ids whose nodes own full KV blocks."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence as Seq
+from typing import NamedTuple
+
+from pagedbatch.engine.block_pool import BlockPool
+
+
+class Node:
+    """A run of full blocks: `tokens` (a multiple of block_size) and the `blocks` holding them.
+
+    `lock_ref` counts running sequences whose cached path goes through this node; a
+    node with lock_ref 0 (and so all its descendants) may be evicted, leaves first.
+    """
+
+    __slots__ = ("tokens", "blocks", "parent", "children", "lock_ref", "last_access")
+
+    def __init__(self, tokens: list[int], blocks: list[int], parent: Node | None) -> None:
+        self.tokens = tokens
+        self.blocks = blocks
+        self.parent = parent
+        self.children: dict[tuple[int, ...], Node] = {}
+        self.lock_ref = 0
+        self.last_access = 0
+
+
+class MatchResult(NamedTuple):
+    """The longest cached prefix: its blocks, in order, and the node where it ends."""
+
+    blocks: list[int]
+    node: Node
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+class RadixCache:
+    """Full KV blocks of computed prefixes, shared by reference between sequences.
+
+    The tree holds one reference (BlockPool refcount) on every block of its nodes; a
+    sequence that uses cached blocks holds its own. Only full blocks are cached, so a
+    cached block is never written again.
+    """
+
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.root = Node([], [], None)
+        self.root.lock_ref = 1  # never evicted
+        self._clock = itertools.count(1)
+        self.num_cached_blocks = 0
+        self.num_evictable_blocks = 0
+        self.num_evicted_blocks = 0
+
+    def _key(self, tokens: Seq[int], start: int) -> tuple[int, ...]:
+        return tuple(tokens[start : start + self.block_size])
+
+    def match(self, tokens: Seq[int]) -> MatchResult:
+        """Blocks of the longest cached prefix of `tokens` (whole blocks only).
+
+        A match that ends inside a node splits it, so that the result ends on a node.
+        """
+        node, blocks, pos, now = self.root, [], 0, next(self._clock)
+        while len(tokens) - pos >= self.block_size:
+            child = node.children.get(self._key(tokens, pos))
+            if child is None:
+                break
+            shared = self._shared_blocks(child, tokens, pos)
+            if shared < len(child.blocks):
+                child = self._split(child, shared)
+            child.last_access = now
+            blocks += child.blocks
+            pos += len(child.tokens)
+            node = child
+        return MatchResult(blocks, node)
+
+    def insert(self, tokens: Seq[int], blocks: list[int]) -> Node:
+        """Cache `blocks` as holding the full-block prefix `tokens`; return its last node.
+
+        Where the tree already holds some of these tokens it keeps its own blocks; only
+        the new tail is added (and referenced).
+        """
+        if len(tokens) != len(blocks) * self.block_size:
+            raise ValueError(f"insert() of {len(tokens)} tokens with {len(blocks)} blocks")
+        match = self.match(tokens)
+        done = match.num_blocks
+        if done == len(blocks):
+            return match.node
+        start = done * self.block_size
+        node = Node(list(tokens[start:]), blocks[done:], match.node)
+        node.last_access = next(self._clock)
+        match.node.children[self._key(node.tokens, 0)] = node
+        self.pool.share(node.blocks)
+        self.num_cached_blocks += len(node.blocks)
+        self.num_evictable_blocks += len(node.blocks)
+        return node
+
+    def lock(self, node: Node) -> None:
+        """Pin the path root..node: none of it is evicted until `unlock`."""
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self.num_evictable_blocks -= len(node.blocks)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not self.root:
+            if node.lock_ref < 1:
+                raise RuntimeError("unlock() of an unlocked node")
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.num_evictable_blocks += len(node.blocks)
+            node = node.parent
+
+    def evict(self, num_blocks: int) -> int:
+        """Drop least recently used unlocked leaves until `num_blocks` blocks are freed.
+
+        Returns the number of blocks given back to the pool (whole nodes, so it may
+        exceed `num_blocks`; less when not enough is evictable).
+        """
+        leaves = [(n.last_access, id(n), n) for n in self._nodes() if self._evictable_leaf(n)]
+        heapq.heapify(leaves)
+        freed = 0
+        while freed < num_blocks and leaves:
+            _, _, node = heapq.heappop(leaves)
+            freed += self._remove_leaf(node)
+            parent = node.parent
+            if self._evictable_leaf(parent):
+                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+        return freed
+
+    def _evictable_leaf(self, node: Node) -> bool:
+        return node is not self.root and not node.children and node.lock_ref == 0
+
+    def _remove_leaf(self, node: Node) -> int:
+        del node.parent.children[self._key(node.tokens, 0)]
+        self.pool.free(node.blocks)
+        count = len(node.blocks)
+        self.num_cached_blocks -= count
+        self.num_evictable_blocks -= count
+        self.num_evicted_blocks += count
+        return count
+
+    def _shared_blocks(self, node: Node, tokens: Seq[int], pos: int) -> int:
+        """How many leading blocks of `node` equal `tokens` from `pos` on."""
+        size = self.block_size
+        for i in range(len(node.blocks)):
+            start = pos + i * size
+            if len(tokens) - start < size:
+                return i
+            if node.tokens[i * size : (i + 1) * size] != list(tokens[start : start + size]):
+                return i
+        return len(node.blocks)
+
+    def _split(self, node: Node, num_blocks: int) -> Node:
+        """Cut `node` after `num_blocks` blocks; return the new upper part.
+
+        The original object stays the lower part, so references to it (the end of
+        some sequence's path) remain valid; the new parent inherits its lock count.
+        """
+        cut = num_blocks * self.block_size
+        upper = Node(node.tokens[:cut], node.blocks[:num_blocks], node.parent)
+        upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
+        node.parent.children[self._key(upper.tokens, 0)] = upper
+        node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[num_blocks:], upper
+        upper.children[self._key(node.tokens, 0)] = node
+        return upper
+
+    def _nodes(self) -> list[Node]:
+        nodes, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children.values())
+        return nodes
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError when the tree, its counters and the pool disagree."""
+        cached = evictable = 0
+        for node in self._nodes():
+            if node is self.root:
+                continue
+            assert len(node.tokens) == len(node.blocks) * self.block_size > 0
+            assert node.parent.children.get(self._key(node.tokens, 0)) is node
+            assert node.lock_ref >= sum(c.lock_ref for c in node.children.values())
+            for block in node.blocks:
+                assert self.pool.refcount(block) >= 1, f"cached block {block} is free"
+            cached += len(node.blocks)
+            evictable += len(node.blocks) if node.lock_ref == 0 else 0
+        assert cached == self.num_cached_blocks, (cached, self.num_cached_blocks)
+        assert evictable == self.num_evictable_blocks, (evictable, self.num_evictable_blocks)

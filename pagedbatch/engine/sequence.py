@@ -1,0 +1,73 @@
+"""One sequence being generated: its tokens, its KV blocks and its progress."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedbatch.outputs import FinishReason
+from pagedbatch.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedbatch.engine.radix_cache import Node
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt plus generated tokens of one completion.
+
+    `num_computed_tokens` tokens have their K/V in the cache (in `block_table`); the
+    rest are computed by the next steps. A preempted sequence frees its blocks and
+    starts again from 0, keeping the tokens it has generated (recompute).
+
+    With prefix sharing, `cache_node` is the end of the sequence's path in the radix
+    cache (locked while the sequence holds blocks) and `num_inserted_blocks` how many of
+    its blocks are in the cache. `forks` are the other samples of the same record,
+    forked from this one when its prompt is done.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_len: int
+    generator: torch.Generator | None = None
+    request_id: str | int | None = None
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_text_end: int | None = None
+    cache_node: Node | None = None
+    num_inserted_blocks: int = 0
+    forks: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

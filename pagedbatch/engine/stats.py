@@ -1,0 +1,101 @@
+"""Engine statistics: plain data for progress displays and memory reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from pagedbatch.engine.memory import KVSnapshot
+from pagedbatch.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters.
+
+    Blocks "in use" are the distinct blocks held by running sequences; "logical" blocks
+    count every block-table entry, so a block shared by three sequences is one in use
+    and three logical. Cached blocks are held only by the prefix cache.
+    """
+
+    steps: int
+    prompt_tokens: int
+    prefix_hit_tokens: int
+    computed_tokens: int
+    generated_tokens: int
+    finished_seqs: int
+    running_seqs: int
+    waiting_seqs: int
+    preemptions: int
+    recomputed_tokens: int
+    num_blocks: int
+    blocks_in_use: int
+    cached_blocks: int
+    free_blocks: int
+    peak_blocks_in_use: int
+    peak_logical_blocks: int
+    evicted_blocks: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens taken from the prefix cache / prompt tokens of finished sequences."""
+        return self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def sharing_saving(self) -> float:
+        """1 - physical / logical blocks, at the peak of blocks in use."""
+        if not self.peak_logical_blocks:
+            return 0.0
+        return 1 - self.peak_blocks_in_use / self.peak_logical_blocks
+
+
+class StepTrace(NamedTuple):
+    """What the last step ran, and how long it took (host clock, sampled tokens on host)."""
+
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    context_tokens: int  # K/V tokens its attention read, the new ones included
+    decode_only: bool  # every sequence computed exactly one token and sampled
+
+
+@dataclass
+class StatsCounter:
+    """Accumulates what each step did; the engine turns it into EngineStats.
+
+    With `keep_timeline`, every step's KVSnapshot is kept (for the memory report).
+    """
+
+    keep_timeline: bool = False
+    steps: int = 0
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    computed_tokens: int = 0
+    generated_tokens: int = 0
+    finished_seqs: int = 0
+    peak: KVSnapshot | None = None
+    timeline: list[KVSnapshot] = field(default_factory=list)
+    waste_sum: float = 0.0
+    waste_steps: int = 0
+
+    def step(self, num_tokens: int, num_sampled: int, kv: KVSnapshot) -> None:
+        self.steps += 1
+        self.computed_tokens += num_tokens
+        self.generated_tokens += num_sampled
+        if self.peak is None or kv.in_use > self.peak.in_use:
+            self.peak = kv
+        if kv.in_use:
+            self.waste_sum += kv.kv_waste
+            self.waste_steps += 1
+        if self.keep_timeline:
+            self.timeline.append(kv)
+
+    @property
+    def kv_waste_mean(self) -> float:
+        """Mean over steps (with blocks in use) of the KV waste."""
+        return self.waste_sum / self.waste_steps if self.waste_steps else 0.0
+
+    def finished(self, seq: Sequence) -> None:
+        self.finished_seqs += 1
+        self.prompt_tokens += seq.num_prompt_tokens
+        self.prefix_hit_tokens += seq.num_prefix_hit_tokens

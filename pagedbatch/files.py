@@ -1,0 +1,58 @@
+"""Files that are whole or absent: written beside their place, fsynced, renamed into it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[Any]]:
+    """Open `<path>.tmp` for writing; on a clean exit fsync it and rename it over `path`.
+
+    A crash at any point leaves `path` either as it was or complete; on an exception the
+    temporary file is removed and `path` is untouched.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open(mode, **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """A fresh staging directory beside `target`, renamed to `target` on a clean exit.
+
+    If another process created `target` first, its copy wins and ours is dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_file(src: Path, dst: Path) -> None:
+    """Rename `src` over `dst` and make the rename itself durable."""
+    os.replace(src, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,151 @@
+"""A job's identity, stored beside its output so that `--resume` can refuse another job.
+
+The fingerprint holds what decides the text of every line: the model and tokenizer
+files, the prompt shaping (template, system message, chat, field names, context cap),
+the sampling defaults with the job seed, and the input's content. Device, dtype and
+KV cache size are left out: a job may resume on another machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pagedbatch.files import atomic_write
+from pagedbatch.job.settings import RunSettings
+from pagedbatch.models.loader import ALIASES, alias_gguf_path
+
+SUFFIX = ".job.json"
+# Stored for people to read, not compared: a moved input or model is the same job.
+_INFO_KEYS = ("model_name", "input_path")
+_TOKENIZER_PREFIXES = (
+    "tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
+)  # fmt: skip
+_WHOLE_FILE_BYTES = 16 * 2**20  # bigger files (weights) are hashed by size, head and tail
+_HEAD_TAIL_BYTES = 4 * 2**20
+_CHUNK = 2**20
+
+Fingerprint = dict[str, Any]
+
+
+def fingerprint_path(output: Path) -> Path:
+    return output.with_name(output.name + SUFFIX)
+
+
+def job_fingerprint(source: str, settings: RunSettings) -> Fingerprint:
+    """The fingerprint of running `settings` over `source`; raises ModelLoadError for an alias
+    whose package is missing."""
+    model, tokenizer = model_identity(settings.engine.model)
+    sampling = dataclasses.asdict(settings.sampling)
+    sampling["stop"] = list(sampling["stop"])
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "max_model_len": settings.engine.max_model_len,
+        "chat": settings.engine.chat,
+        "template": settings.template,
+        "system": settings.system,
+        "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
+        **sampling,
+        "input": input_identity(source, settings.split),
+        "model_name": settings.engine.model,
+        "input_path": os.path.abspath(source) if os.path.exists(source) else source,
+    }
+
+
+def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:
+    """`key (old -> new)` for every compared key that differs."""
+    keys = sorted((stored.keys() | current.keys()) - set(_INFO_KEYS))
+    return [
+        f"{k} ({_short(stored.get(k))} -> {_short(current.get(k))})"
+        for k in keys
+        if stored.get(k) != current.get(k)
+    ]
+
+
+def job_digest(fingerprint: Fingerprint) -> str:
+    """A short id of the job (of the compared keys): 16 hex digits."""
+    compared = {k: v for k, v in fingerprint.items() if k not in _INFO_KEYS}
+    text = json.dumps(compared, sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def load_fingerprint(path: Path) -> Fingerprint | None:
+    """The stored fingerprint; None when there is none, {} when it cannot be read."""
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def save_fingerprint(path: Path, fingerprint: Fingerprint) -> None:
+    """Write the fingerprint atomically (beside, then renamed into place)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def model_identity(model: str) -> tuple[str, str]:
+    """(model digest, tokenizer digest) of an alias, a .gguf file, a directory or a hub id."""
+    path = alias_gguf_path(model) if model in ALIASES else Path(model).expanduser()
+    if path.is_file():  # a GGUF file holds its tokenizer
+        digest = _digest([path])
+        return digest, digest
+    if not path.is_dir():
+        return f"hub:{model}", f"hub:{model}"
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    tokenizer = [f for f in files if f.name.startswith(_TOKENIZER_PREFIXES)]
+    return _digest([f for f in files if f not in tokenizer]), _digest(tokenizer)
+
+
+def input_identity(source: str, split: str | None) -> str:
+    """A digest of the input's content (every file under a directory), or of a hub name."""
+    path = Path(source)
+    h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+        for file in files:
+            h.update(f"\0{file.relative_to(path)}\0".encode())
+            _hash_file(h, file, whole=True)
+    elif path.exists():
+        _hash_file(h, path, whole=True)
+    else:
+        h.update(f"hub:{source}".encode())
+    return h.hexdigest()
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for file in files:
+        h.update(f"\0{file.name}\0".encode())
+        _hash_file(h, file, whole=False)
+    return h.hexdigest()
+
+
+def _hash_file(h: Any, path: Path, *, whole: bool) -> None:
+    size = path.stat().st_size
+    h.update(f"{size}\0".encode())
+    with path.open("rb") as f:
+        if whole or size <= _WHOLE_FILE_BYTES:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+            return
+        h.update(f.read(_HEAD_TAIL_BYTES))
+        f.seek(size - _HEAD_TAIL_BYTES)
+        h.update(f.read(_HEAD_TAIL_BYTES))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,285 @@
+"""One `pagedbatch run` job: what is left to do in its output, and doing it without loss.
+
+`Job(source, settings, policy)` reads the input and checks the output against the
+policy (resume, overwrite, force) and the stored fingerprint, touching no file.
+`Job.run(llm)` then makes the files ready (drops a torn last line, error lines to retry,
+or the old output; stores the fingerprint; rebuilds the errors file) and appends one
+line per record as records finish, in completion or input order, until all are done or
+`should_stop` says so. Nothing here prints: the CLI does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pagedbatch.files import atomic_write
+from pagedbatch.job.fingerprint import (
+    changes,
+    fingerprint_path,
+    job_digest,
+    job_fingerprint,
+    load_fingerprint,
+    save_fingerprint,
+)
+from pagedbatch.job.openai_batch import batch_output_line
+from pagedbatch.job.output_scan import (
+    OutputFileError,
+    OutputScan,
+    cut_torn_line,
+    drop_error_lines,
+    scan_output,
+)
+from pagedbatch.job.output_writer import OutputWriter, encode_line
+from pagedbatch.job.reader import read_records
+from pagedbatch.job.records import Record
+from pagedbatch.job.settings import RunSettings
+from pagedbatch.outputs import RecordError, RequestOutput
+
+# --order input runs the records in windows of this many per running sequence (at least
+# MIN_WINDOW): a window's lines wait for its earlier records, so at most one window of
+# finished outputs is held in memory.
+WINDOW_PER_SEQ = 4
+MIN_WINDOW = 64
+QUARANTINE_KEY = "pagedbatch_error"
+
+
+class JobError(Exception):
+    """A job that cannot start as asked; `str()` is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """What to do with an output file that already holds lines."""
+
+    resume: bool = False  # skip the records it holds, run the rest
+    overwrite: bool = False  # start over
+    force: bool = False  # resume although the stored fingerprint differs (or is missing)
+    retry_errors: bool = False  # resume, and run again the records whose line is an error
+
+    def __post_init__(self) -> None:
+        if self.overwrite and (self.resume or self.retry_errors):
+            raise ValueError("--overwrite starts over; it does not go with --resume")
+        if self.force and not (self.resume or self.retry_errors):
+            raise ValueError("--force only applies to --resume")
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume or self.retry_errors
+
+
+@dataclass
+class JobResult:
+    """What one run did: lines written by code ("ok" or an error code), and what it left."""
+
+    codes: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0  # already in the output when the run started
+    not_run: int = 0  # left for a resume (the run was stopped)
+
+    @property
+    def written(self) -> int:
+        return sum(self.codes.values())
+
+
+def default_output(source: str) -> Path:
+    return Path(f"{Path(source.rstrip('/')).stem}.output.jsonl")
+
+
+class Job:
+    """The records of an input, and which of them an output file still lacks."""
+
+    def __init__(self, source: str, settings: RunSettings, policy: ResumePolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.output = settings.output or default_output(source)
+        self.errors_path = settings.errors
+        if self.errors_path is not None and self.errors_path.resolve() == self.output.resolve():
+            raise JobError(f"--errors {self.errors_path} is the output file; give another path")
+        self.records = read_records(
+            source, split=settings.split, fields=settings.fields, skip_invalid=settings.skip_invalid
+        )
+        self.batch = any(r.endpoint is not None for r in self.records)
+        self.fingerprint = job_fingerprint(source, settings)
+        self.digest = job_digest(self.fingerprint)
+        self._by_id = {r.id: r for r in self.records}
+        self._scan = self._check_output()
+        done = self._scan.done if not policy.retry_errors else self._scan.ok
+        self.todo = [r for r in self.records if r.id not in done]
+        self.skipped = len(self.records) - len(self.todo)
+        self._writers: list[OutputWriter] = []
+        self._created = int(time.time())
+
+    def run(
+        self,
+        llm: Any,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_output: Callable[[RequestOutput], None] | None = None,
+        on_step: Callable[[Any], None] | None = None,
+    ) -> JobResult:
+        """Make the files ready, then run every record still to do (`llm` may be None when
+        there is none); returns what was written. A write error (a full disk) is raised,
+        with every line before it whole on disk."""
+        self._prepare_files()
+        result = JobResult(skipped=self.skipped)
+        with self._open_writers() as (out, quarantine):
+
+            def write(output: RequestOutput) -> None:
+                out.write_line(self._line(output))
+                if output.error is not None and quarantine is not None:
+                    error = output.error.to_json()
+                    quarantine.write_line(self._quarantine_line(output.id, error))
+                result.codes[output.error.code if output.error else "ok"] += 1
+                if on_output is not None:
+                    on_output(output)
+
+            def step(stats: Any) -> None:
+                for writer in self._writers:
+                    writer.sync_if_due()
+                if on_step is not None:
+                    on_step(stats)
+
+            if self.todo and not should_stop():
+                self._generate(llm, write, step, should_stop)
+        result.not_run = len(self.todo) - result.written
+        return result
+
+    def abandon(self) -> None:
+        """Close the files at once, each ending on a whole line (for a second Ctrl-C)."""
+        for writer in self._writers:
+            writer.abandon()
+
+    def _generate(self, llm: Any, write: Callable, step: Callable, should_stop: Callable) -> None:
+        sampling = self.settings.sampling
+        if self.settings.order == "completion":
+            llm.generate(
+                self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop
+            )
+            return
+        # On a stop, outputs held behind an unfinished record are dropped: the file stays
+        # a prefix of the sequential run's, and a resume completes it exactly.
+        window = max(MIN_WINDOW, WINDOW_PER_SEQ * llm.config.max_num_seqs)
+        for start in range(0, len(self.todo), window):
+            chunk = self.todo[start : start + window]
+            in_order = _InputOrder(chunk, write)
+            llm.generate(chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop)
+            if should_stop():
+                return
+
+    def _check_output(self) -> OutputScan:
+        """The output's lines when resuming; raises JobError when the policy forbids the run."""
+        try:
+            scan = scan_output(self.output)
+        except OutputFileError as e:
+            raise JobError(str(e)) from None
+        except OSError as e:
+            raise JobError(f"{self.output}: cannot read the output ({e.strerror or e})") from None
+        if not self.policy.resuming:
+            self._refuse_to_overwrite(scan)
+            return OutputScan()
+        if scan.empty or self.policy.force:
+            return scan
+        stored = load_fingerprint(fingerprint_path(self.output))
+        if stored is None:
+            raise JobError(
+                f"{self.output} has no job fingerprint beside it ({fingerprint_path(self.output)}),"
+                " so this cannot be checked to be the same job; pass --force to resume anyway"
+            )
+        diff = changes(stored, self.fingerprint)
+        if diff:
+            raise JobError(
+                f"{self.output} was written by a different job: {'; '.join(diff)}. Resume with "
+                "the same settings and input, pass --force to resume anyway, or --overwrite "
+                "to start over"
+            )
+        return scan
+
+    def _refuse_to_overwrite(self, scan: OutputScan) -> None:
+        if self.policy.overwrite:
+            return
+        files = [self.output] if not scan.empty else []
+        if self.errors_path is not None and _non_empty(self.errors_path):
+            files.append(self.errors_path)
+        if files:
+            names = " and ".join(str(f) for f in files)
+            raise JobError(
+                f"{names} already exist{'s' if len(files) == 1 else ''} "
+                f"({len(scan.done)} records done); pass --resume to continue that job "
+                "(--retry-errors also re-runs its errors), or --overwrite to start over"
+            )
+
+    def _prepare_files(self) -> None:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        if not self.policy.resuming:
+            self.output.write_bytes(b"")
+        else:
+            cut_torn_line(self.output, self._scan)
+            if self.policy.retry_errors and self._scan.errors:
+                drop_error_lines(self.output, self._scan)
+        path = fingerprint_path(self.output)
+        if load_fingerprint(path) != self.fingerprint:
+            save_fingerprint(path, self.fingerprint)
+        if self.errors_path is not None:
+            self._rebuild_quarantine(self.errors_path)
+
+    def _rebuild_quarantine(self, path: Path) -> None:
+        """The errors file holds exactly the failed records of the output, as input lines."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            for rid, error in self._scan.errors.items():
+                if rid in self._by_id:
+                    f.write(encode_line(self._quarantine_line(rid, error)))
+
+    @contextlib.contextmanager
+    def _open_writers(self) -> Iterator[tuple[OutputWriter, OutputWriter | None]]:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(OutputWriter(self.output))
+            quarantine = None
+            if self.errors_path is not None:
+                quarantine = stack.enter_context(OutputWriter(self.errors_path))
+            self._writers = [w for w in (out, quarantine) if w is not None]
+            yield out, quarantine
+
+    def _line(self, output: RequestOutput) -> dict[str, Any]:
+        if not self.batch:
+            return output.to_json()
+        endpoint = self._by_id[output.id].endpoint or ""
+        return batch_output_line(
+            output, endpoint, self.settings.engine.model, self.digest, self._created
+        )
+
+    def _quarantine_line(self, rid: Any, error: Mapping[str, Any]) -> dict[str, Any]:
+        """The failed record's input line, its id made explicit, with the error added."""
+        record = self._by_id[rid]
+        line = dict(record.source or {})
+        line.setdefault("custom_id" if record.endpoint is not None else self.settings.id_field, rid)
+        line[QUARANTINE_KEY] = RecordError(error.get("code"), error.get("message")).to_json()
+        return line
+
+
+class _InputOrder:
+    """Passes outputs on in the order of `records`, holding those that finish early."""
+
+    def __init__(self, records: list[Record], write: Callable[[RequestOutput], None]) -> None:
+        self._position = {r.id: i for i, r in enumerate(records)}
+        self._held: dict[int, RequestOutput] = {}
+        self._next = 0
+        self._write = write
+
+    def __call__(self, output: RequestOutput) -> None:
+        self._held[self._position[output.id]] = output
+        while self._next in self._held:
+            self._write(self._held.pop(self._next))
+            self._next += 1
+
+
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False

