@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
+from pagedbatch.engine.memory import KVUsage
 from pagedbatch.engine.radix_cache import RadixCache
 from pagedbatch.engine.sequence import Sequence
 
@@ -35,6 +36,7 @@ class BlockManager:
         self.pool = pool
         self.block_size = block_size
         self.prefix_cache = prefix_cache
+        self.usage = KVUsage(pool.num_blocks, block_size)
 
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
@@ -57,7 +59,11 @@ class BlockManager:
     def _allocate(self, n: int) -> list[int]:
         if self.pool.num_free < n and self.prefix_cache is not None:
             self.prefix_cache.evict(n - self.pool.num_free)
-        return self.pool.allocate(n)
+        blocks = self.pool.allocate(n)
+        for block in blocks:
+            self.usage.allocated(block)
+            self.usage.hold(block)
+        return blocks
 
     def append(self, seq: Sequence, num_new_tokens: int) -> list[BlockCopy]:
         """Make room for the next `num_new_tokens` tokens of `seq` (KV not yet computed).
@@ -70,6 +76,7 @@ class BlockManager:
             old = seq.block_table[index]
             (new,) = self._allocate(1)
             seq.block_table[index] = new
+            self.usage.release(old)
             self.pool.free([old])
             copies.append(BlockCopy(old, new))
         end = seq.num_computed_tokens + num_new_tokens
@@ -80,8 +87,12 @@ class BlockManager:
 
     def commit(self, seq: Sequence, num_new_tokens: int) -> None:
         """Mark the next `num_new_tokens` tokens computed; cache blocks that became full."""
-        seq.num_computed_tokens += num_new_tokens
-        full = seq.num_computed_tokens // self.block_size
+        begin = seq.num_computed_tokens
+        end = seq.num_computed_tokens = begin + num_new_tokens
+        size = self.block_size
+        for index in range(begin // size, blocks_for(end, size)):
+            self.usage.fill(seq.block_table[index], min(size, end - index * size))
+        full = end // size
         if self.prefix_cache is None or full <= seq.num_inserted_blocks:
             return
         node = self.prefix_cache.insert(
@@ -98,7 +109,7 @@ class BlockManager:
         if self.prefix_cache is None or seq.block_table:
             return
         match = self.prefix_cache.match(seq.token_ids[: seq.num_tokens - 1])
-        self.pool.share(match.blocks)
+        self._share(match.blocks)
         seq.block_table = list(match.blocks)
         seq.num_inserted_blocks = match.num_blocks
         seq.num_computed_tokens = match.num_blocks * self.block_size
@@ -110,7 +121,7 @@ class BlockManager:
         """Give `child` the same blocks as `parent`, shared by reference."""
         if child.block_table:
             raise RuntimeError("fork() into a sequence that already holds blocks")
-        self.pool.share(parent.block_table)
+        self._share(parent.block_table)
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_inserted_blocks = parent.num_inserted_blocks
@@ -123,9 +134,17 @@ class BlockManager:
         Blocks the prefix cache holds stay there (evictable once nobody uses them).
         """
         self._move_lock(seq, None)
+        for block in seq.block_table:
+            self.usage.release(block)
         self.pool.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = seq.num_inserted_blocks = 0
+
+    def _share(self, blocks: list[int]) -> None:
+        """One more table holds each of `blocks`."""
+        self.pool.share(blocks)
+        for block in blocks:
+            self.usage.hold(block)
 
     def _move_lock(self, seq: Sequence, node) -> None:
         if node is not None:

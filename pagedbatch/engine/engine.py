@@ -10,7 +10,7 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool
 from pagedbatch.engine.kv_cache import KVCache
-from pagedbatch.engine.memory import KVSnapshot, snapshot
+from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.radix_cache import RadixCache
 from pagedbatch.engine.sampler import sample
@@ -44,6 +44,9 @@ class Engine:
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
+        # What StepTrace's seconds are read from: wall time; time.thread_time gives the
+        # host's CPU time instead, which a busy machine disturbs less (bench --host-overhead).
+        self.clock = time.perf_counter
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (its `forks` join when its prompt is done)."""
@@ -54,15 +57,23 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """Run one step; return the sequences that finished in it."""
-        started = time.perf_counter()
+        started = self.clock()
         out = self.scheduler.schedule()
-        logits = self.runner.run(out)
+        batch = self.runner.prepare(out)
+        forward_start = self.clock()
+        logits = self.runner.forward(batch)
+        sample_start = self.clock()
         sampling = [s.seq for s in out.scheduled if s.samples]
         seqs, rows = _with_forks(sampling)
         tokens = sample(logits if len(rows) == len(sampling) else logits[rows], seqs)
+        sample_end = self.clock()
         trace = _trace(out, len(sampling))
         finished = self._postprocess(out, seqs, tokens)
-        self.last_step = trace._replace(seconds=time.perf_counter() - started)
+        self.last_step = trace._replace(
+            seconds=self.clock() - started,
+            forward_seconds=sample_start - forward_start,
+            sample_seconds=sample_end - sample_start,
+        )
         return finished
 
     def _postprocess(
@@ -72,7 +83,7 @@ class Engine:
             self.block_manager.commit(seq, n)
         for seq in seqs:
             self._fork(seq)
-        self.counter.step(out.num_tokens, len(tokens), self._snapshot())
+        self.counter.step(out.num_tokens, len(tokens), self.block_manager.usage, self._snapshot)
         finished = []
         for seq, token in zip(seqs, tokens):
             seq.token_ids.append(token)
@@ -91,13 +102,13 @@ class Engine:
         parent.forks = []
 
     def _snapshot(self) -> KVSnapshot:
-        return snapshot(
-            self.counter.steps + 1, self.scheduler.running, self.pool.num_used, self.pool.num_free,
-            self.block_manager.block_size,
-        )  # fmt: skip
+        """The KV blocks of now, as the step being counted (`counter.steps`) left them."""
+        return self.block_manager.usage.snapshot(
+            self.counter.steps, self.scheduler.running, self.pool.num_used, self.pool.num_free
+        )
 
     def stats(self) -> EngineStats:
-        c, cache, now = self.counter, self.prefix_cache, self._snapshot()
+        c, cache, usage = self.counter, self.prefix_cache, self.block_manager.usage
         return EngineStats(
             steps=c.steps,
             prompt_tokens=c.prompt_tokens,
@@ -110,9 +121,9 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             recomputed_tokens=self.scheduler.num_recomputed_tokens,
             num_blocks=self.pool.num_blocks,
-            blocks_in_use=now.in_use,
-            cached_blocks=now.cached,
-            free_blocks=now.free,
+            blocks_in_use=usage.in_use,
+            cached_blocks=self.pool.num_used - usage.in_use,
+            free_blocks=self.pool.num_free,
             peak_blocks_in_use=c.peak.in_use if c.peak else 0,
             peak_logical_blocks=c.peak.logical if c.peak else 0,
             evicted_blocks=cache.num_evicted_blocks if cache else 0,
@@ -123,7 +134,7 @@ def _trace(out: SchedulerOutput, num_sampling: int) -> StepTrace:
     """The shape of a step (before its tokens are committed); seconds filled in after."""
     context = sum(seq.num_computed_tokens + n for seq, n in out.scheduled)
     decode = num_sampling == len(out.scheduled) == out.num_tokens > 0
-    return StepTrace(0.0, len(out.scheduled), out.num_tokens, context, decode)
+    return StepTrace(0.0, 0.0, 0.0, len(out.scheduled), out.num_tokens, context, decode)
 
 
 def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:

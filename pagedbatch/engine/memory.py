@@ -38,10 +38,89 @@ class KVSnapshot:
         return self.private + self.shared
 
 
-def snapshot(
+class KVUsage:
+    """Counters of the blocks that block tables hold, kept as blocks move.
+
+    The BlockManager calls `hold` / `release` for every block-table entry it adds or
+    drops and `fill` as tokens are computed, so reading the figures costs O(1) per step
+    (`count_snapshot` recounts them from the tables, for the tests). A block's `filled`
+    slots only grow while it is held (no block is written while shared, and tables are
+    append-only); a block starts empty when it is allocated.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.holders = [0] * num_blocks  # block tables holding each block
+        self.filled = [0] * num_blocks  # computed slots of each block
+        self.in_use = 0  # blocks held by at least one table
+        self.shared = 0  # blocks held by two or more tables
+        self.logical = 0  # block-table entries
+        self.live_slots = 0  # computed slots of the blocks in use
+
+    def allocated(self, block: int, filled: int = 0) -> None:
+        """`block` came off the free list (holding `filled` copied slots)."""
+        self.filled[block] = filled
+
+    def hold(self, block: int) -> None:
+        n = self.holders[block]
+        self.holders[block] = n + 1
+        self.logical += 1
+        if n == 0:
+            self.in_use += 1
+            self.live_slots += self.filled[block]
+        elif n == 1:
+            self.shared += 1
+
+    def release(self, block: int) -> None:
+        n = self.holders[block] - 1
+        self.holders[block] = n
+        self.logical -= 1
+        if n == 0:
+            self.in_use -= 1
+            self.live_slots -= self.filled[block]
+        elif n == 1:
+            self.shared -= 1
+
+    def fill(self, block: int, slots: int) -> None:
+        """`block` now holds `slots` computed slots (never fewer than before)."""
+        grown = slots - self.filled[block]
+        if grown > 0:
+            self.filled[block] = slots
+            if self.holders[block]:
+                self.live_slots += grown
+
+    def snapshot(
+        self, step: int, running: list[Sequence], num_used: int, num_free: int
+    ) -> KVSnapshot:
+        """The KVSnapshot of now: the counters, plus O(running) for the reserved figures."""
+        in_use, block_size = self.in_use, self.block_size
+        longest = max((s.max_len for s in running), default=0)
+        return KVSnapshot(
+            step=step,
+            running=len(running),
+            private=in_use - self.shared,
+            shared=self.shared,
+            cached=num_used - in_use,
+            free=num_free,
+            logical=self.logical,
+            live_slots=self.live_slots,
+            reserved_tokens=sum(s.max_len for s in running),
+            padded_tokens=longest * len(running),
+            kv_waste=1 - self.live_slots / (in_use * block_size) if in_use else 0.0,
+        )
+
+    @property
+    def kv_waste(self) -> float:
+        """1 - live slots / slots of the blocks in use (0 with none in use)."""
+        slots = self.in_use * self.block_size
+        return 1 - self.live_slots / slots if slots else 0.0
+
+
+def count_snapshot(
     step: int, running: list[Sequence], num_used: int, num_free: int, block_size: int
 ) -> KVSnapshot:
-    """Count the blocks of `running` (O(blocks), at C speed for the block sets)."""
+    """Count the blocks of `running` from their block tables (O(blocks)): what `KVUsage`
+    must always agree with."""
     holders = Counter(b for seq in running for b in seq.block_table)
     shared = sum(1 for n in holders.values() if n > 1)
     partial: dict[int, int] = {}  # last block -> empty slots in it

@@ -20,7 +20,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def prepare(self, out: SchedulerOutput) -> Batch:
-        """Flatten the scheduled tokens of all sequences into one ragged batch."""
+        """Run the step's block copies; flatten its scheduled tokens into one ragged batch."""
+        self.attention.kv_cache.copy_blocks(out.copies)
         input_ids, positions, slots, starts, lens, last = [], [], [], [0], [], []
         for seq, n in out.scheduled:
             begin = seq.num_computed_tokens
@@ -50,10 +51,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> torch.Tensor:  # [num_sampled, vocab]
-        """Apply pending block copies, run the model, return the logits of sampling positions."""
-        self.attention.kv_cache.copy_blocks(out.copies)
-        batch = self.prepare(out)
+    def forward(self, batch: Batch) -> torch.Tensor:  # [num_sampled, vocab]
+        """Run the model over `batch`; return the logits of the sampling positions."""
         result = self.model(
             input_ids=batch.input_ids[None],
             position_ids=batch.positions[None],

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pagedbatch.engine.memory import KVSnapshot
+from pagedbatch.engine.memory import KVSnapshot, KVUsage
 from pagedbatch.engine.sequence import Sequence
 
 
@@ -53,6 +54,8 @@ class StepTrace(NamedTuple):
     """What the last step ran, and how long it took (host clock, sampled tokens on host)."""
 
     seconds: float
+    forward_seconds: float  # the model forward (block copies and input upload included)
+    sample_seconds: float  # sampling, the device-to-host copy of the tokens included
     num_seqs: int
     num_tokens: int
     context_tokens: int  # K/V tokens its attention read, the new ones included
@@ -78,16 +81,21 @@ class StatsCounter:
     waste_sum: float = 0.0
     waste_steps: int = 0
 
-    def step(self, num_tokens: int, num_sampled: int, kv: KVSnapshot) -> None:
+    def step(
+        self, num_tokens: int, num_sampled: int, usage: KVUsage, snapshot: Callable[[], KVSnapshot]
+    ) -> None:
+        """Count a step from the usage counters (O(1)); `snapshot()` is taken only for a new
+        peak of blocks in use and, with `keep_timeline`, every step."""
         self.steps += 1
         self.computed_tokens += num_tokens
         self.generated_tokens += num_sampled
-        if self.peak is None or kv.in_use > self.peak.in_use:
-            self.peak = kv
-        if kv.in_use:
-            self.waste_sum += kv.kv_waste
+        kv = snapshot() if self.keep_timeline else None
+        if self.peak is None or usage.in_use > self.peak.in_use:
+            self.peak = kv or snapshot()
+        if usage.in_use:
+            self.waste_sum += usage.kv_waste
             self.waste_steps += 1
-        if self.keep_timeline:
+        if kv is not None:
             self.timeline.append(kv)
 
     @property

@@ -34,6 +34,13 @@ CHAT_TEMPLATE = (
 )
 
 _SHAPES: dict[str, dict[str, Any]] = {
+    # One small layer: steps cost almost nothing but the engine's own host work.
+    "tiny-random": {
+        "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+        "vocab_size": 512, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+        "rope_theta": 10000.0,
+    },
     # SmolLM2-135M: what the embedded default model looks like.
     "smollm2-135m-random": {
         "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
