@@ -17,8 +17,16 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from pagedbatch.bench.baselines import (
+    generated_lengths,
+    hf_generate,
+    padded_row_bytes,
+    padding_fraction,
+    static_batch_size,
+    static_batches,
+)
 from pagedbatch.bench.decode_probe import DecodeTiming, weight_bytes
-from pagedbatch.bench.result import BenchReport
+from pagedbatch.bench.result import BenchReport, BenchResult, token_count_error
 from pagedbatch.bench.runner import (
     IN_PROCESS,
     BenchOptions,
@@ -28,7 +36,7 @@ from pagedbatch.bench.runner import (
     run_workload_benchmark,
     vocab_size,
 )
-from pagedbatch.bench.workloads import WORKLOADS, Workload, workload_prompts
+from pagedbatch.bench.workloads import WORKLOADS, BenchPrompts, Workload, workload_prompts
 from pagedbatch.cli.app import app
 from pagedbatch.cli.bench import tables
 from pagedbatch.engine.config import EngineConfig
@@ -87,6 +95,7 @@ def test_every_contender_generates_every_token(reports, name):
     assert [r.contender for r in report.results] == list(IN_PROCESS)
     assert report.prompts == TINY_WORKLOADS[name].num_prompts
     for result in report.results:
+        assert result.error is None, result.error
         assert result.records == report.prompts, result.name
         assert result.output_tokens == report.output_tokens, result.name
         assert result.seconds > 0 and result.details["load_s"] > 0
@@ -94,6 +103,104 @@ def test_every_contender_generates_every_token(reports, name):
     assert ours["decode_steps"] > 0 and ours["decode_ms"] > 0
     assert "floor_fraction" not in ours  # CUDA only
     assert report.copy_bandwidth is None
+
+
+def test_report_says_what_each_contender_was_given(reports):
+    report = reports["mixed"]  # 3 prompts; the engine's defaults and 512 blocks
+    generate = report.get("generate").given
+    assert generate == {
+        "batch_size": 256, "batches": 1, "order": "sorted by prompt length, then output length",
+        "padding": generate["padding"], "batch_size_from": "max_num_seqs",
+    }  # fmt: skip
+    assert report.get("generate").name == "generate (batch 3)"
+    orders = {"pagedbatch": "by prompt token ids", "pagedbatch-no-sharing": "input order"}
+    for contender, order in orders.items():
+        assert report.get(contender).given == {
+            "max_num_seqs": 256, "max_batch_tokens": 2048, "num_blocks": 512, "block_size": 16,
+            "order": order,
+        }  # fmt: skip
+    batching = report.get("generate_batch").given
+    assert batching["max_batch_tokens"] == 2048 and batching["num_blocks"] >= 3
+    assert batching["order"] == "descending token ids"
+    console = Console(record=True, width=300)
+    for table in tables(report):
+        console.print(table)
+    text = console.export_text()
+    assert "What each contender was given" in text and text.count("exact") == 4
+    assert "batch_size=256, batches=1, order=sorted by prompt length" in text
+    assert "max_num_seqs=256, max_batch_tokens=2048, num_blocks=512" in text
+
+
+def prompts_of(lengths: list[int], outputs: list[int]) -> BenchPrompts:
+    return BenchPrompts(tuple((5,) * n for n in lengths), tuple(outputs))
+
+
+def test_static_batches_are_sorted_by_prompt_then_output_length():
+    prompts = prompts_of([30, 10, 20, 10, 40, 20, 10], [8, 9, 1, 2, 5, 1, 2])
+    assert static_batches(prompts, 3) == [(3, 6, 1), (2, 5, 0), (4,)]
+    assert static_batches(prompts, 7) == [(3, 6, 1, 2, 5, 0, 4)]
+    assert static_batches(prompts, 1) == [(3,), (6,), (1,), (2,), (5,), (0,), (4,)]
+    # Sorted, the batches pad less than in prompt order.
+    in_order = [(0, 1, 2), (3, 4, 5), (6,)]
+    assert padding_fraction(prompts, static_batches(prompts, 3)) < padding_fraction(
+        prompts, in_order
+    )
+    assert padding_fraction(prompts_of([4, 4], [2, 2]), [(0, 1)]) == 0.0
+
+
+def test_static_batch_size_is_max_num_seqs_as_far_as_memory_allows():
+    config = preset_config("smollm2-135m-random")
+    prompts = prompts_of([100, 300], [50, 20])
+    row = padded_row_bytes(config, torch.float32, 300, 50)
+    kv = 350 * 2 * 30 * 3 * 64 * 4  # tokens x K,V x layers x KV heads x head_dim x float32
+    assert kv < row < 3 * kv
+    assert static_batch_size(config, torch.float32, prompts, 256, 10**12) == (256, "max_num_seqs")
+    size, reason = static_batch_size(config, torch.float32, prompts, 256, 40 * row)
+    assert size == 36 and reason.startswith("memory: ") and "300+50 tokens a row" in reason
+    assert static_batch_size(config, torch.float32, prompts, 256, row // 2).size == 1
+
+
+def test_token_count_check_flags_a_short_contender():
+    assert token_count_error((6, 6, 4), (6, 6, 4)) is None
+    error = token_count_error((6, 6, 4), (6, 5, 4))
+    assert (
+        error == "1 of 3 prompts got the wrong number of tokens (15 of 16 in all); prompt 1: 5 of 6"
+    )
+    assert token_count_error((6, 6), (6, 6, 6)) == "returned 3 results for 2 prompts"
+    short = BenchResult.counted("generate", "generate", 1.0, (6, 6), (6, 5), {"batch_size": 2})
+    assert short.error.endswith("prompt 1: 5 of 6") and short.output_tokens == 11
+    ok = BenchResult.counted("generate_batch", "generate_batch", 1.0, (6, 6), (6, 6), {})
+    report = BenchReport("label", "tiny", "cpu", 2, 10, 12, None, (short, ok))
+    assert report.errors == (f"generate: {short.error}",)
+    console = Console(record=True, width=300)
+    for table in tables(report):
+        console.print(table)
+    assert f"ERROR {short.error}" in console.export_text()
+
+
+def test_generated_lengths_count_what_generate_returned():
+    eos, pad = frozenset({2}), 0
+    new_tokens = torch.tensor(
+        [
+            [7, 8, 9, 10],  # ran to the batch's longest output
+            [7, 2, 0, 0],  # finished early: EOS, then pad fill
+            [7, 0, 0, 0],  # generated pad ids, but no EOS: all its own
+            [7, 2, 8, 0],  # an EOS it ran past (EOS ignored)
+        ]
+    )
+    assert generated_lengths(new_tokens, [4, 4, 4, 4], eos, pad) == [4, 2, 4, 4]
+    assert generated_lengths(new_tokens, [3, 1, 2, 4], eos, pad) == [3, 1, 2, 4]
+    assert generated_lengths(new_tokens[:, :2], [3, 3, 3, 3], eos, pad) == [2, 2, 2, 2]
+
+
+def test_generate_baseline_counts_its_output_not_the_request(tiny_model_dirs, monkeypatch):
+    model, _ = load_model(tiny_model_dirs["llama"], device=torch.device("cpu"), dtype=torch.float32)
+    prompts = prompts_of([5, 9, 7], [3, 2, 3])
+    assert hf_generate(model, prompts, 2, pad_id=0).error is None
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: generate(**kw)[:, :-1])  # one short
+    short = hf_generate(model, prompts, 2, pad_id=0)
+    assert short.output_tokens == 5 and short.error.startswith("3 of 3 prompts")
 
 
 def test_label_decode_steps_are_counted_exactly(reports):
@@ -152,7 +259,7 @@ def test_random_presets_have_the_real_shapes():
 
         llama = AutoModelForCausalLM.from_config(big)
     assert sum(p.numel() for p in llama.parameters()) == 1_235_814_400  # Llama-3.2-1B
-    assert set(RANDOM_PRESETS) == {"smollm2-135m-random", "llama-1b-random"}
+    assert set(RANDOM_PRESETS) == {"tiny-random", "smollm2-135m-random", "llama-1b-random"}
 
 
 def test_random_preset_loads_seeded_with_a_tokenizer_for_every_id():
@@ -209,7 +316,7 @@ def small_config(tmp_path: Path) -> str:
 def test_cli_prints_the_tables(tiny_model_dirs, tmp_path):
     model = str(tiny_model_dirs["mistral"])
     args = ["bench", "--workload", "share", "--num-prompts", "3", "--max-tokens", "3",
-            "--model", model, "--config", small_config(tmp_path)]  # fmt: skip
+            "--batch-size", "2", "--model", model, "--config", small_config(tmp_path)]  # fmt: skip
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
     out = result.output
@@ -220,9 +327,12 @@ def test_cli_prints_the_tables(tiny_model_dirs, tmp_path):
         "hit rate",
         "ms/step",
         "runs for INPUT files only",
+        "What each contender was given",
+        "batch_size=2, batches=2",
+        "batch_size_from=--batch-size",
     ):
         assert text in out
-    for name in ("pagedbatch ", "pagedbatch-no-sharing", "generate (batch 16)", "generate_batch"):
+    for name in ("pagedbatch ", "pagedbatch-no-sharing", "generate (batch 2)", "generate_batch"):
         assert name in out
     assert "% floor" not in out  # CUDA only
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +14,17 @@ CONTENDERS = ("run", "pagedbatch", "pagedbatch-no-sharing", "generate", "generat
 class BenchResult:
     """One contender's run: generation wall time (loading excluded, see `details`).
 
-    `contender` is one of CONTENDERS; `name` says it for people, with its settings.
+    `contender` is one of CONTENDERS; `name` says it for people. `output_tokens` counts
+    what the contender returned, never what it was asked for; `error` says how that (or
+    anything else) went wrong, and then its figures compare nothing.
 
-    `details` holds what only some contenders have: `load_s` (pagedbatch), and for
-    pagedbatch also `prefix_hit_rate`, `peak_blocks`, `sharing_saving`, `preemptions`,
-    `decode_steps`, `decode_ms` (mean decode-only step), `decode_batch` (mean sequences
-    per decode step) and, on CUDA, `floor_fraction` (bandwidth floor / step time).
+    `given` is what the contender was given to work with: batch size, order of the
+    prompts, token and sequence budgets, cache size (see `runner.py`).
+
+    `details` holds what only some contenders have: `load_s`, and for pagedbatch also
+    `prefix_hit_rate`, `peak_blocks`, `sharing_saving`, `preemptions`, `decode_steps`,
+    `decode_ms` (mean decode-only step), `decode_batch` (mean sequences per decode step)
+    and, on CUDA, `floor_fraction` (bandwidth floor / step time).
     """
 
     contender: str
@@ -27,6 +33,24 @@ class BenchResult:
     records: int
     output_tokens: int
     details: dict[str, Any] = field(default_factory=dict)
+    given: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def counted(
+        cls,
+        contender: str,
+        name: str,
+        seconds: float,
+        requested: Sequence[int],
+        produced: Sequence[int],
+        given: Mapping[str, Any],
+        error: str | None = None,
+    ) -> BenchResult:
+        """The result of a contender that returned `produced[i]` tokens for prompt `i`
+        when asked for `requested[i]`; a difference is its error (unless it has one)."""
+        error = error or token_count_error(requested, produced)
+        return cls(contender, name, seconds, len(produced), sum(produced), {}, dict(given), error)
 
     @property
     def records_per_s(self) -> float:
@@ -35,6 +59,21 @@ class BenchResult:
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds
+
+
+def token_count_error(requested: Sequence[int], produced: Sequence[int]) -> str | None:
+    """None when every prompt produced exactly the tokens asked of it, else what differs."""
+    if len(produced) != len(requested):
+        return f"returned {len(produced)} results for {len(requested)} prompts"
+    wrong = [i for i, (want, got) in enumerate(zip(requested, produced)) if want != got]
+    if not wrong:
+        return None
+    first = wrong[0]
+    return (
+        f"{len(wrong)} of {len(requested)} prompts got the wrong number of tokens "
+        f"({sum(produced)} of {sum(requested)} in all); prompt {first}: "
+        f"{produced[first]} of {requested[first]}"
+    )
 
 
 @dataclass(frozen=True)
@@ -53,3 +92,8 @@ class BenchReport:
     def get(self, contender: str) -> BenchResult | None:
         """The result of `contender` (one of CONTENDERS), if it ran."""
         return next((r for r in self.results if r.contender == contender), None)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """`name: error` of every contender that did not do what it was asked."""
+        return tuple(f"{r.name}: {r.error}" for r in self.results if r.error is not None)

@@ -1,45 +1,46 @@
 """`pagedbatch bench` as a library: every contender on the same prompts, in one process.
 
 Contenders (names as `--skip` spells them):
-- `run`: the whole `pagedbatch run` command in a child process (interpreter, load,
-  job, output file); file inputs only;
+- `run`: the whole `pagedbatch run` command in a child process (`process.py`); file
+  inputs only;
 - `pagedbatch`, `pagedbatch-no-sharing`: `LLM.generate` in this process, with and
   without prefix sharing;
-- `generate`, `generate_batch`: the transformers baselines (`hf_baselines.py`) on the
+- `generate`, `generate_batch`: the transformers baselines (`baselines.py`) on the
   same model (same weights: a random preset is rebuilt from the same seed).
 
 Every contender generates exactly each prompt's output length (EOS ignored) from the
 same prompt token ids, and times generation only, after a warm-up; loading is reported
-apart (`load_s`). On CUDA the device's copy bandwidth is measured first, and
-pagedbatch's decode-only steps are compared with the bandwidth floor
-(`decode_probe.py`).
+apart (`load_s`). What each returned is counted per prompt: a count that differs is the
+contender's `error` in the report. Each result says what the contender was `given`
+(batch size, prompt order, budgets, cache). On CUDA the device's copy bandwidth is
+measured first, and pagedbatch's decode-only steps are compared with the bandwidth
+floor (`decode_probe.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
-import shlex
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pagedbatch.bench.decode_probe import DecodeProbe, DecodeTiming, copy_bandwidth, weight_bytes
+from pagedbatch.bench.process import engine_given, pagedbatch_process
 from pagedbatch.bench.result import CONTENDERS, BenchReport, BenchResult
 from pagedbatch.bench.workloads import BenchPrompts, Workload, record_prompts, workload_prompts
 from pagedbatch.engine.config import EngineConfig
-from pagedbatch.job.records import Record
+from pagedbatch.engine.kv_cache import free_memory
 from pagedbatch.llm import LLM
 from pagedbatch.models.loader import load_model
 from pagedbatch.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedbatch.bench.baselines import StaticBatchSize
 
 IN_PROCESS = CONTENDERS[1:]
 # (tokenizer, vocabulary size) -> the prompts; called with the first model loaded.
@@ -50,8 +51,9 @@ PromptSource = Callable[[Any, int], BenchPrompts]
 class BenchOptions:
     """How to run the contenders: the engine (model, device, budgets) and what to leave out.
 
-    `batch_size` is the static batch of transformers `generate` (None: 64 on CUDA, 16
-    on CPU); `seed` draws the synthetic prompts.
+    `batch_size` is the static batch of transformers `generate` (None: the engine's
+    max_num_seqs, fewer if a padded batch would not fit in free memory); `seed` draws
+    the synthetic prompts.
     """
 
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -171,14 +173,11 @@ def bench_llm(
     started = time.perf_counter()
     outs = llm.generate(prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step)
     seconds = time.perf_counter() - started
+    tokens = {o.id: o.completion_tokens for o in outs}
     failed = [o for o in outs if o.error is not None]
-    if failed:
-        raise RuntimeError(f"pagedbatch failed on record {failed[0].id}: {failed[0].error}")
-    tokens = sum(len(c.token_ids) for o in outs for c in o.completions)
-    if tokens != prompts.output_tokens:
-        raise RuntimeError(f"pagedbatch produced {tokens} of {prompts.output_tokens} tokens")
+    error = f"record {failed[0].id}: {failed[0].error}" if failed else None
     after = llm.stats()
-    prompt_tokens = after.prompt_tokens - before.prompt_tokens
+    prompt_tokens = max(1, after.prompt_tokens - before.prompt_tokens)
     details = {
         "load_s": load_s,
         "prefix_hit_rate": (after.prefix_hit_tokens - before.prefix_hit_tokens) / prompt_tokens,
@@ -189,7 +188,12 @@ def bench_llm(
         **_decode_details(probe.timing(), llm, copy_bw),
     }
     contender = "pagedbatch" if llm.config.prefix_sharing else "pagedbatch-no-sharing"
-    return BenchResult(contender, contender, seconds, len(outs), tokens, details)
+    produced = [tokens.get(i, 0) for i in range(len(prompts))]
+    given = engine_given(llm.config, after.num_blocks)
+    result = BenchResult.counted(
+        contender, contender, seconds, prompts.max_tokens, produced, given, error
+    )
+    return dataclasses.replace(result, details=details)
 
 
 def _decode_details(timing: DecodeTiming, llm: LLM, copy_bw: float | None) -> dict[str, Any]:
@@ -224,58 +228,28 @@ def _run_baselines(
     if prompts is None:
         prompts = source(tokenizer, vocab_size(model))
     if options.runs("generate"):
-        batch_size = options.batch_size or (64 if device.type == "cuda" else 16)
+        size, reason = _static_batch_size(options, model, prompts)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        result = hf_generate(model, prompts, batch_size, pad_id)
-        record(dataclasses.replace(result, details={"load_s": load_s}))
+        result = hf_generate(model, prompts, size, pad_id)
+        given = {**result.given, "batch_size_from": reason}
+        record(dataclasses.replace(result, details={"load_s": load_s}, given=given))
     if options.runs("generate_batch"):
-        result = hf_generate_batch(model, prompts)
+        result = hf_generate_batch(model, prompts, engine.max_batch_tokens)
         record(dataclasses.replace(result, details={"load_s": load_s}))
     del model
     release_memory(device)
     return prompts
 
 
-def pagedbatch_process(records: list[Record], max_tokens: int, engine: EngineConfig) -> BenchResult:
-    """The whole `pagedbatch run` command as a user starts it: interpreter, load, job.
+def _static_batch_size(options: BenchOptions, model, prompts: BenchPrompts) -> StaticBatchSize:
+    """--batch-size, else pagedbatch's max_num_seqs as far as free memory allows."""
+    from pagedbatch.bench.baselines import StaticBatchSize, static_batch_size
 
-    Its settings go in a TOML config (`run` has no flag for ignore_eos)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        source, out, config = (Path(tmp) / n for n in ("in.jsonl", "out.jsonl", "bench.toml"))
-        source.write_text("".join(json.dumps(_as_line(r)) + "\n" for r in records))
-        config.write_text(_run_config(engine, max_tokens))
-        command = [
-            sys.executable, "-m", "pagedbatch", "run", str(source), "--config", str(config),
-            "--no-progress", "--output", str(out),
-        ]  # fmt: skip
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        if done.returncode != 0:
-            raise RuntimeError(f"`pagedbatch run` failed ({shlex.join(command)}): {done.stderr}")
-        lines = out.read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    tokens = sum(row.get("usage", {}).get("completion_tokens", 0) for row in rows)
-    if len(rows) != len(records) or tokens != len(records) * max_tokens:
-        errors = [row["error"] for row in rows if row.get("error")]
-        raise RuntimeError(
-            f"pagedbatch run wrote {len(rows)} lines with {tokens} tokens for {len(records)} "
-            f"records of {max_tokens} tokens" + (f"; first error: {errors[0]}" if errors else "")
-        )
-    return BenchResult("run", "pagedbatch run (process)", seconds, len(lines), tokens)
-
-
-def _run_config(engine: EngineConfig, max_tokens: int) -> str:
-    """`engine` and the benchmark's sampling as a `pagedbatch run` TOML config."""
-    values = {**dataclasses.asdict(engine), "max_tokens": max_tokens, "ignore_eos": True}
-    # JSON strings, numbers and booleans are TOML values too.
-    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None)
-
-
-def _as_line(record: Record) -> dict:
-    if record.messages is not None:
-        return {"id": record.id, "messages": list(record.messages)}
-    return {"id": record.id, "prompt": record.prompt}
+    if options.batch_size is not None:
+        return StaticBatchSize(options.batch_size, "--batch-size")
+    config, device = model.config.get_text_config(), options.engine.torch_device
+    want = options.engine.max_num_seqs
+    return static_batch_size(config, model.dtype, prompts, want, free_memory(device))
 
 
 def device_name(device: torch.device) -> str:

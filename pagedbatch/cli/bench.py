@@ -29,7 +29,7 @@ def bench(
     num_prompts: Annotated[int | None, typer.Option(help="Prompts of the workload, or the first records of INPUT. On a 2-core CPU with a 135M model: about 8 for label, 4 for share, 2 for mixed (outputs up to 1024 tokens). \\[default: 256, or all of INPUT]", show_default=False)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline. \\[default: 64 on CUDA, 16 on CPU]", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
     skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-sharing, generate, generate_batch.", show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
@@ -64,13 +64,15 @@ def bench(
         report = _run(console, options, input, workload, num_prompts, max_tokens)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
-    except RuntimeError as e:  # a contender did not produce what it had to
+    except RuntimeError as e:  # a contender failed outright
         fail(str(e), code=1)
     console.print(_header(report), highlight=False)
     if workload is not None:
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
+    if report.errors:  # a contender did not produce what it was asked for
+        fail("; ".join(report.errors), code=1)
 
 
 def _run(
@@ -112,9 +114,10 @@ def _header(report: BenchReport) -> str:
     return text
 
 
-def tables(report: BenchReport) -> tuple[Table, Table]:
-    """Throughput of every contender, and pagedbatch's cache and decode-step figures."""
-    return throughput_table(report), pagedbatch_table(report)
+def tables(report: BenchReport) -> tuple[Table, Table, Table]:
+    """Throughput of every contender, what each was given (and whether it produced every
+    token), and pagedbatch's cache and decode-step figures."""
+    return throughput_table(report), given_table(report), pagedbatch_table(report)
 
 
 def throughput_table(report: BenchReport) -> Table:
@@ -135,6 +138,21 @@ def throughput_table(report: BenchReport) -> Table:
             escape(r.name), f"{r.seconds:.2f}", _num(r.details.get("load_s"), "{:.1f}"),
             f"{r.records_per_s:.2f}", f"{r.tokens_per_s:.1f}", *ratios,
         )  # fmt: skip
+    return table
+
+
+def given_table(report: BenchReport) -> Table:
+    table = Table(
+        title="What each contender was given",
+        caption="tokens: each prompt's output counted from what the contender returned",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("contender", "given", "tokens"):
+        table.add_column(column)
+    for r in report.results:
+        given = ", ".join(f"{k}={v}" for k, v in r.given.items())
+        check = "exact" if r.error is None else f"[bold red]ERROR[/] {escape(r.error)}"
+        table.add_row(escape(r.name), escape(given), check)
     return table
 
 
