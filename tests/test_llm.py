@@ -6,6 +6,8 @@ import json
 import shutil
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedbatch import LLM, Record, SamplingParams
 
@@ -78,9 +80,8 @@ def test_bad_records_get_their_own_error_and_the_rest_runs(llm):
         {"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
     ]
     seen = []
-    outs = llm.generate(
-        records, SamplingParams(max_tokens=5), on_output=lambda o: seen.append(o.id)
-    )
+    params = SamplingParams(max_tokens=5, ignore_eos=True)  # every record runs to its limit
+    outs = llm.generate(records, params, on_output=lambda o: seen.append(o.id))
     by_id = {o.id: o for o in outs}
     assert [o.id for o in outs] == ["ok", "neg", "temp", "none", "long", "chat"]
     assert sorted(seen) == sorted(by_id)
@@ -95,14 +96,11 @@ def test_bad_records_get_their_own_error_and_the_rest_runs(llm):
     )
     assert by_id["none"].error.code == "invalid_record" and "prompt" in by_id["none"].error.message
     assert by_id["long"].error.code == "prompt_too_long" and "256" in by_id["long"].error.message
-    assert by_id["ok"].error is None and by_id["ok"].completions[0].finish_reason in (
-        "stop",
-        "length",
-    )
-    assert (
-        by_id["chat"].completions[0].token_ids and len(by_id["chat"].completions[0].token_ids) <= 3
-    )
-    assert by_id["ok"].to_json()["usage"]["prompt_tokens"] == by_id["ok"].prompt_tokens > 0
+    ok, chat = by_id["ok"], by_id["chat"]
+    assert ok.error is None and chat.error is None
+    assert [(len(c.token_ids), c.finish_reason) for c in ok.completions] == [(5, "length")]
+    assert [(len(c.token_ids), c.finish_reason) for c in chat.completions] == [(3, "length")]
+    assert ok.prompt_tokens == len(llm.tokenizer("Hello there")["input_ids"])
 
 
 def test_a_record_that_cannot_fit_the_pool_even_alone_is_an_error_not_a_deadlock(tiny_model_dirs):
@@ -119,15 +117,29 @@ def test_a_record_that_cannot_fit_the_pool_even_alone_is_an_error_not_a_deadlock
     assert outs[1].error is None and outs[1].completions
 
 
-def test_output_json_shape(llm):
-    out = llm.generate([{"id": 7, "prompt": "Hello"}], SamplingParams(max_tokens=4))[0]
-    line = out.to_json()
-    assert set(line) == {"id", "choices", "usage"}
-    assert line["id"] == 7
-    assert line["choices"][0]["index"] == 0
-    assert line["choices"][0]["finish_reason"] in ("stop", "length")
-    assert line["usage"] == {
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": len(out.completions[0].token_ids),
-        "cached_tokens": 0,
+def test_output_json_line_holds_independently_computed_values(llm, tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer("Hello")["input_ids"]
+    assert len(prompt_ids) < llm.config.block_size  # shorter than a block: nothing cached
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(4):  # plain greedy, EOS or not
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    greedy = ids[len(prompt_ids) :]
+
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    out = llm.generate([{"id": 7, "prompt": "Hello"}], params)[0]
+    assert out.completions[0].token_ids == tuple(greedy)
+    assert json.loads(json.dumps(out.to_json())) == {
+        "id": 7,
+        "choices": [
+            {
+                "index": 0,
+                "text": tokenizer.decode(greedy, skip_special_tokens=True),
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 4, "cached_tokens": 0},
     }

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
-from tiny_models import ARCHS, build_tiny_tokenizer
+from test_generate import reference_tokens
+from tiny_models import ARCHS, VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     BartConfig,
     BartForConditionalGeneration,
     BloomConfig,
@@ -20,6 +23,7 @@ from transformers import (
 )
 
 import pagedbatch.models.loader as models
+from pagedbatch import LLM, SamplingParams
 from pagedbatch.models.loader import ModelLoadError, check_supported, eos_token_ids, load_model
 
 CPU = torch.device("cpu")
@@ -37,21 +41,54 @@ def _greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_model_loads_and_generates(arch: str, tiny_model_dirs: dict[str, Path]) -> None:
+def test_a_model_directory_loads_its_saved_weights_ready_for_inference(
+    arch: str, tiny_model_dirs: dict[str, Path]
+) -> None:
     model, tokenizer = _load(tiny_model_dirs[arch])
     assert model.config.model_type == arch
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert model.dtype == torch.float32
-    assert tokenizer.eos_token == "<|im_end|>"
-    assert eos_token_ids(model, tokenizer) == {2}
-    prompt = tokenizer("The quick brown fox")["input_ids"]
-    assert len(_greedy(model, prompt, 8)) == 8
+    text = "The quick brown fox"
+    saved = AutoTokenizer.from_pretrained(tiny_model_dirs[arch])
+    assert tokenizer(text)["input_ids"] == saved(text)["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
+    ids = torch.tensor([saved(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference.eval()(ids).logits)
 
 
-def test_mistral_keeps_its_sliding_window(tiny_model_dirs: dict[str, Path]) -> None:
-    model, _ = _load(tiny_model_dirs["mistral"])
-    assert model.config.sliding_window == 4096
+def test_a_sliding_window_from_the_config_is_kept_and_applied(tmp_path: Path) -> None:
+    # The same seeded weights, with a window of 8 tokens and without one.
+    windowed = build_tiny_model("mistral", tmp_path / "window", sliding_window=8)
+    unwindowed = build_tiny_model("mistral", tmp_path / "no_window", sliding_window=None)
+    model, _ = _load(windowed)
+    assert model.config.sliding_window == 8
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=generator).tolist() for n in (23, 40)]
+    params = SamplingParams(max_tokens=12)
+
+    def paged(model_dir: Path) -> list[list[int]]:
+        llm = LLM(str(model_dir), device="cpu", block_size=4)
+        return [list(o.completions[0].token_ids) for o in llm.generate(prompts, params)]
+
+    expected = reference_tokens(windowed, prompts, max_new=12)
+    assert paged(windowed) == expected
+    assert paged(unwindowed) != expected  # the window changes the tokens
+
+
+def test_eos_token_ids_unite_generation_config_config_and_tokenizer(tmp_path: Path) -> None:
+    path = build_tiny_model("llama", tmp_path / "model")
+    for name, eos in (("generation_config.json", [5, 8]), ("config.json", 6)):
+        data = json.loads((path / name).read_text())
+        data["eos_token_id"] = eos
+        (path / name).write_text(json.dumps(data))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(7)
+    tokenizer.save_pretrained(path)
+    model, tokenizer = _load(path)
+    assert tokenizer.eos_token_id == 7
+    assert eos_token_ids(model, tokenizer) == {5, 6, 7, 8}
 
 
 def test_attn_implementation_is_passed_through(tiny_model_dirs: dict[str, Path]) -> None:
