@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
+from pagedbatch.engine.block_tables import BlockTables
 from pagedbatch.engine.memory import KVUsage
 from pagedbatch.engine.radix_cache import RadixCache
 from pagedbatch.engine.sequence import Sequence
@@ -31,21 +32,31 @@ class BlockManager:
     """
 
     def __init__(
-        self, pool: BlockPool, block_size: int, prefix_cache: RadixCache | None = None
+        self,
+        pool: BlockPool,
+        block_size: int,
+        prefix_cache: RadixCache | None = None,
+        *,
+        max_num_seqs: int = 8,
+        max_blocks_per_seq: int = 8,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.prefix_cache = prefix_cache
         self.usage = KVUsage(pool.num_blocks, block_size)
+        # Every table also lives as a row here (sized for the usual maximum; it grows).
+        self.tables = BlockTables(max_num_seqs, max_blocks_per_seq)
 
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Free blocks that `append(seq, num_new_tokens)` would take."""
-        end = seq.num_computed_tokens + num_new_tokens
-        needed = self.blocks_for(end) - len(seq.block_table)
-        return max(needed, 0) + int(self._needs_copy(seq, num_new_tokens))
+        """Free blocks that `append(seq, num_new_tokens)` would take (0: append does nothing)."""
+        size, computed = self.block_size, seq.num_computed_tokens
+        needed = max(-(-(computed + num_new_tokens) // size) - len(seq.block_table), 0)
+        if num_new_tokens and computed % size:  # the next write lands in a partial block
+            needed += self.pool.refcount(seq.block_table[(computed - 1) // size]) > 1
+        return needed
 
     @property
     def num_available(self) -> int:
@@ -76,13 +87,16 @@ class BlockManager:
             old = seq.block_table[index]
             (new,) = self._allocate(1)
             seq.block_table[index] = new
+            self.tables.write(seq.seq_id, index, [new])
             self.usage.release(old)
             self.pool.free([old])
             copies.append(BlockCopy(old, new))
         end = seq.num_computed_tokens + num_new_tokens
         missing = self.blocks_for(end) - len(seq.block_table)
         if missing > 0:
+            start = len(seq.block_table)
             seq.block_table.extend(self._allocate(missing))
+            self.tables.write(seq.seq_id, start, seq.block_table[start:])
         return copies
 
     def commit(self, seq: Sequence, num_new_tokens: int) -> None:
@@ -111,6 +125,8 @@ class BlockManager:
         match = self.prefix_cache.match(seq.token_ids[: seq.num_tokens - 1])
         self._share(match.blocks)
         seq.block_table = list(match.blocks)
+        if seq.block_table:
+            self.tables.write(seq.seq_id, 0, seq.block_table)
         seq.num_inserted_blocks = match.num_blocks
         seq.num_computed_tokens = match.num_blocks * self.block_size
         self._move_lock(seq, match.node)
@@ -123,6 +139,7 @@ class BlockManager:
             raise RuntimeError("fork() into a sequence that already holds blocks")
         self._share(parent.block_table)
         child.block_table = list(parent.block_table)
+        self.tables.write(child.seq_id, 0, child.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_inserted_blocks = parent.num_inserted_blocks
         if parent.cache_node is not None:
@@ -137,6 +154,7 @@ class BlockManager:
         for block in seq.block_table:
             self.usage.release(block)
         self.pool.free(seq.block_table)
+        self.tables.release(seq.seq_id)
         seq.block_table = []
         seq.num_computed_tokens = seq.num_inserted_blocks = 0
 

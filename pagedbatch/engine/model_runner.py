@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
 from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
+from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.scheduler import SchedulerOutput
 
 
@@ -20,34 +24,49 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def prepare(self, out: SchedulerOutput) -> Batch:
-        """Run the step's block copies; flatten its scheduled tokens into one ragged batch."""
+        """Run the step's block copies; flatten its scheduled tokens into one ragged batch.
+
+        Host work is a few list comprehensions over the scheduled sequences plus numpy
+        over tokens; the block tables are not rebuilt (they are rows of the persistent
+        `BlockTables`), and every integer input travels to the device in one copy.
+        """
         self.attention.kv_cache.copy_blocks(out.copies)
-        input_ids, positions, slots, starts, lens, last = [], [], [], [0], [], []
-        for seq, n in out.scheduled:
-            begin = seq.num_computed_tokens
-            input_ids += seq.token_ids[begin : begin + n]
-            positions += range(begin, begin + n)
-            slots += [self.block_manager.slot(seq, p) for p in range(begin, begin + n)]
-            starts.append(starts[-1] + n)
-            lens.append(begin + n)
-        last = [starts[i + 1] - 1 for i, s in enumerate(out.scheduled) if s.samples]
-        width = max(len(s.seq.block_table) for s in out.scheduled)
-        tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in out.scheduled]
+        scheduled = out.scheduled
+        tables = self.block_manager.tables
+        rows = np.array([tables.row(s.seq.seq_id) for s in scheduled], dtype=np.int64)
+        begins = np.array([s.seq.num_computed_tokens for s in scheduled], dtype=np.int64)
+        counts = np.array([s.num_new_tokens for s in scheduled], dtype=np.int64)
+        input_ids = _new_token_ids(scheduled, begins, counts)
+        ends = begins + counts
+        starts = np.zeros(len(scheduled) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        # positions: begin of the token's sequence + its index within the sequence's run
+        positions = np.repeat(begins - starts[:-1], counts) + np.arange(starts[-1])
+        size = self.block_manager.block_size
+        blocks = tables.host[np.repeat(rows, counts), positions // size]
+        slots = blocks.astype(np.int64) * size + positions % size
+        samples = ends == np.array([s.seq.num_tokens for s in scheduled], dtype=np.int64)
+        last = starts[1:][samples] - 1
+        staged = torch.from_numpy(
+            np.concatenate([input_ids, positions, slots, ends, starts, last, rows])
+        )
         device = self.device
-
-        def tensor(values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+        if device.type != "cpu":
+            staged = staged.pin_memory().to(device, non_blocking=True)
+        t, s = len(positions), len(scheduled)
+        cuts = (t, t, t, s, s + 1, len(last), s)
+        ids, pos, slot, lens, loc, logits_rows, row_ids = staged.split(cuts)
+        width = blocks_for(int(ends.max()), size)
         return Batch(
-            input_ids=tensor(input_ids),
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
-            block_tables=tensor(tables, torch.int32),
-            context_lens=tensor(lens, torch.int32),
-            query_start_loc=tensor(starts, torch.int32),
-            logits_indices=tensor(last),
-            context_lens_host=lens,
-            query_start_loc_host=starts,
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=slot,
+            block_tables=tables.device(device)[row_ids, :width],
+            context_lens=lens.to(torch.int32),
+            query_start_loc=loc.to(torch.int32),
+            logits_indices=logits_rows,
+            context_lens_host=ends.tolist(),
+            query_start_loc_host=starts.tolist(),
         )
 
     @torch.inference_mode()
@@ -62,3 +81,17 @@ class ModelRunner:
             paged_batch=batch,
         )
         return result.logits[0]
+
+
+def _new_token_ids(scheduled: list, begins: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The token ids each scheduled sequence computes this step, concatenated."""
+    if counts.max() == 1:  # decode (or one-token chunks): one id per sequence
+        return np.array([s.seq.token_ids[s.seq.num_computed_tokens] for s in scheduled])
+    return np.fromiter(
+        itertools.chain.from_iterable(
+            s.seq.token_ids[b : b + n]
+            for s, b, n in zip(scheduled, begins.tolist(), counts.tolist())
+        ),
+        dtype=np.int64,
+        count=int(counts.sum()),
+    )

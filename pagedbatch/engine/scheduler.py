@@ -66,16 +66,20 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        manager, running = self.block_manager, self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_append(seq, n) and self.running[-1] is not seq:
-                self._preempt(self.running.pop())
-            if not self.block_manager.can_append(seq, n):
-                self._preempt(self.running.pop())
+            needed = manager.blocks_needed(seq, n)  # mostly 0: a decode inside its last block
+            while needed and needed > manager.num_available and running[-1] is not seq:
+                self._preempt(running.pop())
+                needed = manager.blocks_needed(seq, n)  # a preempted fork may unshare a block
+            if needed and needed > manager.num_available:
+                self._preempt(running.pop())
                 break
-            out.copies += self.block_manager.append(seq, n)
+            if needed:
+                out.copies += manager.append(seq, n)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1

@@ -1,12 +1,15 @@
-"""KV usage counters, kept as blocks move, agree with a recount after every step."""
+"""The engine's persistent step state agrees with a recount from the Python block tables
+after every step: the KV usage counters and the rows of the in-place block tables."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from pagedbatch import LLM, Record, SamplingParams
+from pagedbatch.engine.block_tables import BlockTables
 from pagedbatch.engine.memory import count_snapshot
 
 
@@ -27,7 +30,7 @@ def _jobs(seed: int, count: int) -> list[Record]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_counters_equal_a_recount_after_every_step(tiny_model_dirs, seed):
+def test_step_state_equals_a_recount_after_every_step(tiny_model_dirs, seed):
     # A small pool (preemption, eviction), small steps (chunked prefill), shared prefixes
     # (cached blocks), n > 1 (forks and copy-on-write of a shared partial block).
     llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, num_blocks=16,
@@ -44,6 +47,14 @@ def test_counters_equal_a_recount_after_every_step(tiny_model_dirs, seed):
         assert now == recount, f"step {stats.steps}"
         assert stats.blocks_in_use == recount.in_use
         assert stats.cached_blocks == recount.cached and stats.free_blocks == recount.free
+        tables = engine.block_manager.tables
+        device_rows = tables.device(torch.device("cpu"))
+        rows = [tables.row(seq.seq_id) for seq in running]
+        assert len(set(rows)) == len(rows), "two sequences share a row"
+        for seq, row in zip(running, rows):
+            n = len(seq.block_table)
+            assert tables.host[row, :n].tolist() == seq.block_table, f"step {stats.steps}"
+            assert device_rows[row, :n].tolist() == seq.block_table
         checked.append(recount.shared)
 
     params = SamplingParams(temperature=0.8, seed=seed, ignore_eos=True)
@@ -65,3 +76,25 @@ def test_peak_is_the_same_with_and_without_the_timeline(tiny_model_dirs):
     assert with_timeline["timeline"] and not without["timeline"]
     with_timeline.pop("timeline"), without.pop("timeline")
     assert with_timeline == without
+
+
+def test_block_tables_reuse_rows_and_grow_keeping_every_row():
+    tables = BlockTables(num_rows=2, width=2)
+    tables.write(10, 0, [5, 6])
+    tables.write(11, 0, [7])
+    view = tables.device(torch.device("cpu"))
+    assert (tables.row(10), tables.row(11)) == (0, 1)
+    tables.write(10, 2, [8, 9, 4])  # past the width: doubles it, rows kept
+    tables.write(12, 0, [3])  # past the rows: doubles them
+    assert tables.host.shape == (4, 5) and tables.version == 1
+    assert tables.host[tables.row(10), :5].tolist() == [5, 6, 8, 9, 4]
+    assert tables.host[tables.row(11), :1].tolist() == [7]
+    assert tables.row(12) == 2
+    grown = tables.device(torch.device("cpu"))
+    assert grown is not view and tables.version == 2
+    assert grown[tables.row(10), :5].tolist() == [5, 6, 8, 9, 4]
+    tables.release(11)
+    tables.write(13, 0, [1])
+    assert tables.row(13) == 1  # the freed row is taken again
+    tables.host[0, 0] = 42  # on the CPU the device copy is the array itself
+    assert tables.device(torch.device("cpu"))[0, 0].item() == 42
