@@ -42,7 +42,7 @@ def _decode_split_kernel(
     block_tables_ptr,
     context_lens_ptr,
     query_start_loc_ptr,
-    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32; WRITE_OUT: the output
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, log2 of the softmax sum
     qk_scale,
     window,
@@ -69,6 +69,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
+    WRITE_OUT: tl.constexpr,  # one split: write the final rows (by token) and no lse
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -109,14 +110,19 @@ def _decode_split_kernel(
         m_i, l_i, acc = attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+    row = q_row if WRITE_OUT else seq
     o_ptrs = (
-        part_out_ptr + seq * stride_ps + heads[:, None] * stride_ph + split * stride_pk
+        part_out_ptr + row * stride_ps + heads[:, None] * stride_ph + split * stride_pk
         + offs_d[None, :] * stride_pd
     )  # fmt: skip
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=h_mask[:, None] & d_mask[None, :])
-    l_ptrs = part_lse_ptr + seq * stride_ls + heads * stride_lh + split * stride_lk
-    tl.store(l_ptrs, lse, mask=h_mask)
+    result = acc / l_safe[:, None]
+    tl.store(
+        o_ptrs, result.to(part_out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :]
+    )
+    if not WRITE_OUT:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+        l_ptrs = part_lse_ptr + seq * stride_ls + heads * stride_lh + split * stride_lk
+        tl.store(l_ptrs, lse, mask=h_mask)
 
 
 @triton.jit
@@ -162,6 +168,29 @@ def _decode_merge_kernel(
     tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+class SplitWorkspace:
+    """The split kernel's partial outputs and log-sum-exps, allocated once and grown.
+
+    `buffers(...)` returns strided views of the first rows and splits, so a caller that
+    keeps one workspace (one per engine) allocates nothing per step once it has grown.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.out = torch.empty((0, 0, 0, 0), dtype=torch.float32, device=device)
+        self.lse = torch.empty((0, 0, 0), dtype=torch.float32, device=device)
+
+    def buffers(
+        self, num_seqs: int, num_heads: int, num_splits: int, head_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        want = (num_seqs, num_heads, num_splits, head_dim)
+        if any(w > h for w, h in zip(want, self.out.shape)):
+            shape = tuple(max(w, h) for w, h in zip(want, self.out.shape))
+            self.out = self.out.new_empty(shape)
+            self.lse = self.lse.new_empty(shape[:3])
+        out = self.out[:num_seqs, :num_heads, :num_splits, :head_dim]
+        return out, self.lse[:num_seqs, :num_heads, :num_splits]
+
+
 def num_splits_for(
     num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
@@ -190,12 +219,15 @@ def decode_attention(
     *,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    workspace: SplitWorkspace | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Attention of each sequence's one new token over its pages.
 
     Sequences with another number of new tokens are skipped and their rows of `out`
     left as they were, so a mixed batch can run this and
     `prefill_attention(min_query_len=2)` into the same `out`. No host synchronisation.
+    With one split the first kernel writes `out` itself and the merge does not run;
+    otherwise the partial results go to `workspace` (allocated here when None).
     """
     out = torch.empty_like(query) if out is None else out
     group = check_attention_args(query, k_cache, v_cache, block_tables, context_lens,
@@ -208,12 +240,12 @@ def decode_attention(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_seqs == 0:
         return out
-    part_out = torch.empty(
-        (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device
-    )
-    part_lse = torch.empty(
-        (num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device
-    )
+    direct = num_splits == 1
+    if direct:  # the "partial" output is the output, by token row; no lse is written
+        part_out, part_lse = out[:, :, None, :], out[:, :, None, 0]
+    else:
+        workspace = workspace or SplitWorkspace(query.device)
+        part_out, part_lse = workspace.buffers(num_seqs, num_heads, num_splits, head_dim)
     block_d = head_tile_size(head_dim)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
@@ -228,9 +260,11 @@ def decode_attention(
         stride_lk=part_lse.stride(2), BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=key_tile_size(head_dim, query.dtype), BLOCK_D=block_d,
-        DOT_F32=dot_in_float32(query.dtype, query.device),
+        DOT_F32=dot_in_float32(query.dtype, query.device), WRITE_OUT=direct,
         num_warps=4, num_stages=2,
     )  # fmt: skip
+    if direct:
+        return out
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out_ptr=part_out, part_lse_ptr=part_lse, out_ptr=out,
         query_start_loc_ptr=query_start_loc, num_splits=num_splits, head_dim=head_dim,

@@ -27,7 +27,11 @@ import torch
 pytest.importorskip("triton")
 
 from pagedbatch.kernels import reference, triton_common  # noqa: E402
-from pagedbatch.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
+from pagedbatch.kernels.decode_attention import (  # noqa: E402
+    SplitWorkspace,
+    decode_attention,
+    num_splits_for,
+)
 from pagedbatch.kernels.prefill_attention import prefill_attention  # noqa: E402
 from pagedbatch.kernels.store import store_kv  # noqa: E402
 
@@ -202,6 +206,24 @@ def test_decode_matches_reference(case: Case):
     )  # fmt: skip
 
     assert_close(out, paged.reference(0.125), case.dtype)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_decode_reuses_one_split_workspace_and_writes_directly_with_one_split(case: Case):
+    lens = ragged(case)
+    paged = paged_inputs(case, lens, [1] * len(lens))
+    context_lens, query_start_loc = paged.device_lens()
+    args = (paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+            query_start_loc, 0.125, max(lens))  # fmt: skip
+    workspace = SplitWorkspace(paged.query.device)
+    for splits in (4, 2, 1):
+        out = torch.full_like(paged.query, NAN)
+        decode_attention(*args, num_splits=splits, out=out, workspace=workspace)
+        assert_close(out, paged.reference(0.125), case.dtype)
+        if splits == 4:
+            storage = workspace.out.data_ptr()
+    assert workspace.out.data_ptr() == storage, "a smaller call reallocated the workspace"
+    assert workspace.out.shape[:3] == (len(lens), paged.query.shape[1], 4)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -43,10 +43,14 @@ class PagedAttention:
     backend "torch": `kernels.reference` (gathers pages, then SDPA). Backend "triton":
     the store kernel, then the decode kernel for sequences with one new token and the
     prefill kernel for the others, both writing into one output; launches are sized
-    from the batch's host lists, so nothing waits on the device.
+    from the batch's host lists, so nothing waits on the device. The decode split count
+    follows the batch size and `max_model_len` (not the step's context: a decode step's
+    launches depend only on its batch size), and its split buffers are allocated once.
     """
 
-    def __init__(self, kv_cache: KVCache, backend: str = "torch") -> None:
+    def __init__(
+        self, kv_cache: KVCache, backend: str = "torch", max_model_len: int | None = None
+    ) -> None:
         if backend not in ("torch", "triton"):
             raise ValueError(f"attention backend must be 'torch' or 'triton', got {backend!r}")
         if backend == "triton":
@@ -58,8 +62,10 @@ class PagedAttention:
             self._store = store.store_kv
             self._decode = decode_attention.decode_attention
             self._prefill = prefill_attention.prefill_attention
+            self._workspace = decode_attention.SplitWorkspace(kv_cache.k[0].device)
         self.kv_cache = kv_cache
         self.backend = backend
+        self.max_model_len = max_model_len
 
     def __call__(
         self,
@@ -96,7 +102,8 @@ class PagedAttention:
         args = (query, k_cache, v_cache, batch.block_tables, batch.context_lens,
                 batch.query_start_loc, scale)  # fmt: skip
         if batch.has_decode:
-            self._decode(*args, batch.max_context_len, sliding_window, out=out)
+            bound = self.max_model_len or batch.max_context_len
+            self._decode(*args, bound, sliding_window, out=out, workspace=self._workspace)
         if batch.max_query_len > 1:
             self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out)
         return out
