@@ -64,10 +64,14 @@ def test_eos_ends_a_sequence_with_stop(llm, tiny_model_dirs, tmp_path):
         data = json.loads((copy / name).read_text())
         data["eos_token_id"] = eos
         (copy / name).write_text(json.dumps(data))
-    out = LLM(str(copy), device="cpu").generate(PROMPTS[:1], SamplingParams(max_tokens=12))[0]
+    with_eos = LLM(str(copy), device="cpu")
+    out = with_eos.generate(PROMPTS[:1], SamplingParams(max_tokens=12))[0]
     c = out.completions[0]
     assert c.finish_reason == "stop"
     assert list(c.token_ids) == ids[: ids.index(eos) + 1]
+    # ignore_eos runs past that EOS to the length limit, with the same tokens.
+    out = with_eos.generate(PROMPTS[:1], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert (list(out.completions[0].token_ids), out.completions[0].finish_reason) == (ids, "length")
 
 
 def test_bad_records_get_their_own_error_and_the_rest_runs(llm):
