@@ -43,6 +43,21 @@ def test_triton_float32_matches_transformers_on_cuda(arch, tiny_model_dirs):
     assert llm.stats().preemptions > 0  # 64 blocks: the small pool path on the GPU too
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_graph_decode_matches_eager_and_transformers(arch, tiny_model_dirs):
+    # 16 prompts and max_num_seqs 12: decode steps of 12, then of fewer (padded buckets),
+    # with the tail replayed from smaller graphs as sequences finish.
+    runs = {}
+    for graphs in (True, False):
+        llm = LLM(tiny_model_dirs[arch], device="cuda", dtype="float32", attention="triton",
+                  num_blocks=256, max_num_seqs=12, cuda_graphs=graphs)  # fmt: skip
+        assert (llm.engine.runner.graphs is not None) == graphs
+        prompts = random_prompts(llm.model.config.vocab_size)
+        runs[graphs] = tokens(llm, prompts)
+        assert not graphs or llm.engine.runner.graphs.replays > NUM_NEW // 2
+    assert runs[True] == runs[False] == cuda_reference(tiny_model_dirs[arch], prompts)
+
+
 # A tie in bf16, in logits. On the tiny llama (logits up to ~12, bf16 steps of 1/16 there)
 # transformers' eager and sdpa attention, both bf16, move a top-2 gap by up to ~0.5 on
 # prompts of 10 to 400 tokens; the two pagedbatch paths (Triton in its CPU interpreter)

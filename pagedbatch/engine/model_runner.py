@@ -11,6 +11,7 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.cuda_graphs import CudaGraphRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
 
 
@@ -22,6 +23,15 @@ class ModelRunner:
         self.attention = attention
         self.block_manager = block_manager
         self.device = next(model.parameters()).device
+        self.graphs: CudaGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """From now on, replay decode-only steps from CUDA graphs (see cuda_graphs.py)."""
+        width = blocks_for(max_model_len, self.block_manager.block_size)
+        graphs = CudaGraphRunner(self._eager, max_num_seqs, width, max_model_len, self.device)
+        with torch.inference_mode():
+            graphs.capture()
+        self.graphs = graphs
 
     def prepare(self, out: SchedulerOutput) -> Batch:
         """Run the step's block copies; flatten its scheduled tokens into one ragged batch.
@@ -72,6 +82,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:  # [num_sampled, vocab]
         """Run the model over `batch`; return the logits of the sampling positions."""
+        if self.graphs is not None:
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
+        return self._eager(batch)
+
+    def _eager(self, batch: Batch) -> torch.Tensor:
         result = self.model(
             input_ids=batch.input_ids[None],
             position_ids=batch.positions[None],
