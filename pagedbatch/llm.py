@@ -6,13 +6,15 @@ import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+
 from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.config import EngineConfig
-from pagedbatch.engine.engine import Engine, make_generator
+from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, num_blocks_for
 from pagedbatch.engine.memory import memory_report
-from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
 from pagedbatch.job.prompts import PromptBuilder, PromptError
@@ -42,6 +44,8 @@ class LLM:
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kw: Any):
         config = config or EngineConfig()
         self.config = config.replace(**kw, **({"model": model} if model else {}))
+        if (threads := self.config.torch_threads) is not None:
+            torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
         self.model, self.tokenizer = load_model(
             self.config.model, device=self.device, dtype=dtype,
@@ -57,7 +61,7 @@ class LLM:
         stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
-            self.config.max_num_seqs, self.config.attention_backend,
+            self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
         )  # fmt: skip
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
@@ -190,11 +194,10 @@ class LLM:
     def _sequence(
         self, record: Record, ids: list[int], params: SamplingParams, seed: int | None
     ) -> Sequence:
-        generator = None if params.greedy else make_generator(seed, self.device)
         return Sequence(
             seq_id=next(self._seq_ids), token_ids=list(ids), num_prompt_tokens=len(ids),
             params=params, max_len=min(self.max_model_len, len(ids) + params.max_tokens),
-            generator=generator, request_id=record.id,
+            seed=random_seed() if seed is None else seed, request_id=record.id,
         )  # fmt: skip
 
     def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.block_manager import BlockManager
-from pagedbatch.engine.block_pool import BlockPool
+from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.kv_cache import KVCache
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
@@ -30,16 +28,21 @@ class Engine:
         stop_checker: StopChecker,
         max_batch_tokens: int,
         max_num_seqs: int,
+        max_model_len: int,
         attention_backend: str = "torch",
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
         self.prefix_cache = RadixCache(self.pool, block_size) if prefix_sharing else None
-        self.block_manager = BlockManager(self.pool, block_size, self.prefix_cache)
+        self.block_manager = BlockManager(
+            self.pool, block_size, self.prefix_cache, max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=blocks_for(max_model_len, block_size),
+        )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
-        attention = PagedAttention(kv_cache, attention_backend)
+        attention = PagedAttention(kv_cache, attention_backend, max_model_len)
         self.runner = ModelRunner(model, attention, self.block_manager)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
@@ -47,6 +50,8 @@ class Engine:
         # What StepTrace's seconds are read from: wall time; time.thread_time gives the
         # host's CPU time instead, which a busy machine disturbs less (bench --host-overhead).
         self.clock = time.perf_counter
+        if cuda_graphs:
+            self.runner.capture_cuda_graphs(max_num_seqs, max_model_len)
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (its `forks` join when its prompt is done)."""
@@ -145,13 +150,3 @@ def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
             seqs.append(s)
             rows.append(row)
     return seqs, rows
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A random stream of its own for one sequence; seeded when `seed` is given."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator

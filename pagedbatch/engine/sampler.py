@@ -1,47 +1,139 @@
-"""Next tokens from logits: greedy, temperature, top-k, top-p, per-sequence seeds."""
+"""Next tokens from logits: greedy, temperature, top-k, top-p, per-sequence seeds.
+
+All rows are sampled by one set of tensor ops. The randomness is counter-based: the noise
+of vocab entry `v` when a sequence with seed `s` samples its token at position `t` is a
+hash of `(s, t, v)` alone, so a seeded sequence draws the same tokens alone, in any
+batch, in any row, and again after a preemption (which samples the same positions).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from pagedbatch.engine.sequence import Sequence
+from pagedbatch.sampling_params import SamplingParams
+
+_U64 = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """The low 64 bits of `value` as a two's-complement int64."""
+    value &= _U64
+    return value - (1 << 64) if value >> 63 else value
+
+
+# SplitMix64's constants (Steele, Lea, Flood 2014), as int64 for torch.
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+_UNIFORM_BITS = 23  # (k + 1/2) / 2^23 for a 23-bit k is exact in float32 and never 0 or 1
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """One token per row of `logits` [num_seqs, vocab], with each sequence's params.
 
-    Random rows draw from their own sequence's generator, so a seeded sequence samples
-    the same tokens whatever else is in the batch.
+    The step's one device-to-host copy: the sampled tokens.
     """
-    tokens = logits.argmax(dim=-1)
-    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if rows:
-        tokens[rows] = _sample_rows(logits[rows].float(), [seqs[i] for i in rows])
-    return tokens.tolist()
+    return sample_tokens(logits, seqs).tolist()
 
 
-def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    device = logits.device
-    temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
-    top_k = torch.tensor([s.params.top_k for s in seqs], device=device)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    probs = filter_top_k_top_p(logits / temperature[:, None], top_k, top_p).softmax(dim=-1)
-    # argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race).
-    noise = torch.stack(
-        [torch.empty_like(probs[0]).exponential_(generator=s.generator) for s in seqs]
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The tokens of `sample` [num_seqs] int64, on the device of `logits`, without a host
+    sync: the per-row params go up in one asynchronous copy (none when all are greedy)."""
+    greedy = logits.argmax(dim=-1)  # [n]
+    randoms = [s.params for s in seqs if not s.params.greedy]
+    if not randoms:
+        return greedy
+    packed = _upload(_pack(seqs), logits.device)  # [n, 5] int64
+    seed, position, top_k = packed[:, 0], packed[:, 1], packed[:, 2]
+    temperature, top_p = packed[:, 3:].view(torch.float64).float().unbind(dim=-1)
+    random = temperature > 0
+    scaled = logits.float() / torch.where(random, temperature, 1.0)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1 for p in randoms):  # sorting the vocab costs most
+        scaled = filter_top_k_top_p(scaled, top_k, top_p, _sort_width(randoms, logits.shape[-1]))
+    # Gumbel-max: argmax(logits / T + G) with G = -log(-log U) draws from softmax(logits / T);
+    # it is the exponential race argmax(p / E) with E = -log U, taken in logs.
+    noisy = uniform_noise(seed, position, logits.shape[-1]).log_().neg_().log_().neg_()
+    noisy += scaled
+    return torch.where(random, noisy.argmax(dim=-1), greedy)
+
+
+def _sort_width(params: list[SamplingParams], vocab_size: int) -> int:
+    """How many of the largest logits the filters of `params` need sorted: the largest
+    top-k when every row has one, else the whole vocab."""
+    if all(p.top_k > 0 for p in params):
+        return min(vocab_size, max(p.top_k for p in params))
+    return vocab_size
+
+
+def _pack(seqs: list[Sequence]) -> torch.Tensor:
+    """Per-row params on the host [n, 5] int64: seed, position of the token being sampled,
+    top-k, then temperature and top-p as float64 bits."""
+    ints = torch.tensor(
+        [(_int64(s.seed), s.num_tokens, s.params.top_k) for s in seqs], dtype=torch.int64
     )
-    return (probs / noise).argmax(dim=-1)
+    floats = torch.tensor(
+        [(s.params.temperature, s.params.top_p) for s in seqs], dtype=torch.float64
+    )
+    return torch.cat([ints, floats.view(torch.int64)], dim=1)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device` without a host sync (pinned memory, asynchronous copy)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """U(0, 1) noise [n, vocab_size] float32: entry (i, v) is a hash of (seed[i], position[i], v).
+
+    Row i is SplitMix64's stream from the key mix64(mix64(seed + golden) + position):
+    entry v is mix64(key + v * golden), of which the top 23 bits are used.
+    """
+    key = _mix64(_mix64(seed + _GOLDEN) + position)  # [n]
+    steps = torch.arange(vocab_size, device=seed.device) * _GOLDEN  # [vocab]
+    z = key[:, None] + steps[None, :]  # [n, vocab]
+    scratch = torch.empty_like(z)  # in place from here: no [n, vocab] temporaries
+    for shift, factor in ((30, _MIX1), (27, _MIX2)):
+        z ^= _shift_right(z, shift, out=scratch)
+        z *= factor
+    # mix64's last step, z ^ (z >>> 31), leaves the top 33 bits as they are: skipped.
+    bits = _shift_right(z, 64 - _UNIFORM_BITS, out=scratch)
+    return bits.float().add_(0.5).mul_(2.0**-_UNIFORM_BITS)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer, a bijection of int64 (torch's int64 arithmetic wraps)."""
+    for shift, factor in ((30, _MIX1), (27, _MIX2)):
+        z = (z ^ _shift_right(z, shift)) * factor
+    return z ^ _shift_right(z, 31)
+
+
+def _shift_right(z: torch.Tensor, shift: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The logical shift z >>> shift (torch's >> on int64 copies the sign bit in)."""
+    shifted = torch.bitwise_right_shift(z, shift, out=out)
+    return shifted.bitwise_and_((1 << (64 - shift)) - 1)
 
 
 def filter_top_k_top_p(
     logits: torch.Tensor,  # [n, vocab]
     top_k: torch.Tensor,  # [n] int, 0 = off
     top_p: torch.Tensor,  # [n] float, 1 = off
+    width: int | None = None,
 ) -> torch.Tensor:
-    """Logits with every token outside the top-k, then outside the top-p mass, set to -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])
+    """Logits with every token outside the top-k, then outside the top-p mass, set to -inf.
+
+    With `width`, only the `width` largest logits of a row are sorted and the rest set to
+    -inf: right for rows whose top-k is at most `width`.
+    """
+    vocab_size = logits.shape[-1]
+    if width is None or width >= vocab_size:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+    else:
+        sorted_logits, order = logits.topk(width, dim=-1)  # [n, width], largest first
+    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab_size)
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     # Keep a token while the mass before it is below p (the first token always stays).

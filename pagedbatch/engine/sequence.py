@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import torch
 
 from pagedbatch.outputs import FinishReason
 from pagedbatch.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedbatch.engine.detokenizer import IncrementalDetokenizer
     from pagedbatch.engine.radix_cache import Node
+
+
+def random_seed() -> int:
+    """A seed for a sequence whose record has none (63 bits, as `derive_seed`'s)."""
+    return secrets.randbits(63)
 
 
 class SequenceStatus(enum.Enum):
@@ -33,6 +38,10 @@ class Sequence:
     cache (locked while the sequence holds blocks) and `num_inserted_blocks` how many of
     its blocks are in the cache. `forks` are the other samples of the same record,
     forked from this one when its prompt is done.
+
+    `seed` keys the sampler's noise (with the position of the token being sampled); a
+    sequence created without one draws a random 63-bit seed. `detokenizer` holds the
+    decoded tail of the output while stop strings are searched.
     """
 
     seq_id: int
@@ -40,7 +49,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     max_len: int
-    generator: torch.Generator | None = None
+    seed: int = field(default_factory=random_seed)
     request_id: str | int | None = None
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -48,6 +57,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None
+    detokenizer: IncrementalDetokenizer | None = None
     cache_node: Node | None = None
     num_inserted_blocks: int = 0
     forks: list[Sequence] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagedbatch.engine.detokenizer import IncrementalDetokenizer
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.outputs import FinishReason
 
@@ -20,15 +21,34 @@ class StopChecker:
         """'stop' on EOS or a stop string (recording where the text ends), 'length' at the limit."""
         if not seq.params.ignore_eos and seq.token_ids[-1] in self.eos_token_ids:
             return "stop"
-        if seq.params.stop:
-            text = self.decode(seq.output_ids)
-            hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-            if hits:
-                seq.stop_text_end = min(hits)
-                return "stop"
+        if seq.params.stop and self._stop_string_end(seq) is not None:
+            return "stop"
         if seq.num_tokens >= seq.max_len:
             return "length"
         return None
+
+    def _stop_string_end(self, seq: Sequence) -> int | None:
+        """Where the output text ends if it now holds a stop string (kept in the sequence).
+
+        Only the newly decoded text, after the last (longest stop - 1) characters before
+        it, is searched each step. On a hit, the whole output is decoded once to find the
+        earliest stop string in it, as the text that `text` cuts is that decode.
+        """
+        stops = seq.params.stop
+        if seq.detokenizer is None:
+            keep = max(len(s) for s in stops) - 1
+            seq.detokenizer = IncrementalDetokenizer(self.decode, seq.num_prompt_tokens, keep)
+        window = seq.detokenizer.update(seq.token_ids)
+        if window is not None and not any(s in window for s in stops):
+            return None
+        text = self.decode(seq.output_ids)
+        if window is None:
+            seq.detokenizer.resync(seq.token_ids, text)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if not hits:
+            return None
+        seq.stop_text_end = min(hits)
+        return seq.stop_text_end
 
     def text(self, seq: Sequence) -> str:
         """The sequence's output text, cut before the stop string that ended it."""
