@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -36,6 +37,9 @@ def bench(
     max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
+    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead: print one JSON object.")] = False,
 ) -> None:  # fmt: skip
     """Time pagedbatch (with and without prefix sharing; for INPUT also the whole `pagedbatch
     run` process) against transformers generate (padded static batches) and generate_batch
@@ -50,16 +54,19 @@ def bench(
     from pagedbatch.job.settings import resolve_settings
     from pagedbatch.models.loader import ModelLoadError
 
+    if host_overhead:
+        return _host_overhead(device or "cpu", as_json)
     if (input is None) == (workload is None):
         fail("give an INPUT file or --workload, not both or neither")
     quiet_libraries()
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
-             "max_num_seqs": max_num_seqs}  # fmt: skip
+             "max_num_seqs": max_num_seqs, "threads": threads}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))
     try:
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
+        engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
         options = BenchOptions(engine, batch_size, frozenset(skip or ()), seed)
         report = _run(console, options, input, workload, num_prompts, max_tokens)
     except (ValueError, ModelLoadError) as e:
@@ -73,6 +80,29 @@ def bench(
         console.print(table)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
+
+
+def _host_overhead(device: str, as_json: bool) -> None:
+    from pagedbatch.bench.host_overhead import measure_host_overhead
+
+    quiet_libraries()
+    try:
+        runs = [measure_host_overhead(blocks_per_seq=b, device=device) for b in (16, 64, 128)]
+    except (ValueError, RuntimeError) as e:
+        fail(str(e), code=1)
+    main = runs[1].to_json()  # 64 blocks per sequence: the headline figure
+    main["by_blocks_per_seq"] = [r.to_json() for r in runs]
+    if as_json:
+        print(json.dumps(main))
+        return
+    table = Table(title=f"Host work per decode step ({main['device']}, {main['running_seqs']} "
+                  "sequences, CPU time, torch on 1 thread)", box=box.SIMPLE_HEAD)  # fmt: skip
+    for column in ("blocks/seq", "steps", "host ms", "iteration ms", "forward ms", "sample ms"):
+        table.add_column(column, justify="right")
+    for r in runs:
+        table.add_row(str(r.blocks_per_seq), str(r.steps), f"{r.host_ms_per_step:.2f}",
+                      f"{r.iteration_ms:.2f}", f"{r.forward_ms:.2f}", f"{r.sample_ms:.2f}")  # fmt: skip
+    Console().print(table)
 
 
 def _run(

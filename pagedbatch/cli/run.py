@@ -58,6 +58,7 @@ def run(
     attention: Annotated[Str, opt(MODEL_PANEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
     max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
     cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
+    threads: Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less the share the 1-minute load average says is busy, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")] = None,
     block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
     num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,
     kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction of free memory like 0.5. [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,

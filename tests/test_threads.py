@@ -1,0 +1,100 @@
+"""Torch's CPU threads: the CPUs a process may use, the default, --threads and presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from job_helpers import ROOT, invoke, one_line_error, prompts, read_lines, tiny_args, write_jsonl
+
+from pagedbatch.engine.config import EngineConfig, default_threads, usable_cpus
+from pagedbatch.job.settings import resolve_settings
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "cpu_count", "expected"),
+    [
+        ({0, 1, 2, 3}, None, 8, 4),  # the affinity set, not the machine's count
+        ({0, 1, 2, 3}, "max 100000\n", 8, 4),  # no quota
+        ({0, 1, 2, 3}, "200000 100000\n", 8, 2),  # a 2-CPU quota caps it
+        ({0, 1, 2, 3}, "150000 100000\n", 8, 1),  # 1.5 CPUs round down
+        ({0, 1}, "800000 100000\n", 8, 2),  # a quota above the affinity caps nothing
+        ({0}, "50000 100000\n", 8, 1),  # at least 1
+        (None, None, 8, 8),  # no affinity (macOS): the machine's count
+        (None, None, None, 1),
+        ({0, 1}, "not a quota", 8, 2),  # unreadable: ignored
+    ],
+)
+def test_usable_cpus(affinity, cpu_max, cpu_count, expected):
+    assert usable_cpus(affinity, cpu_max, cpu_count) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "cpus", "load", "machine", "expected"),
+    [
+        ("cpu", 2, 0.2, 2, 2),  # idle: every CPU
+        ("cpu", 2, 1.0, 2, 1),  # another process holds one core
+        ("cpu", 2, 7.0, 2, 1),  # overloaded: still 1
+        ("cpu", 16, 4.0, 16, 12),
+        ("cpu", 4, 32.0, 64, 2),  # 4 of a half-busy 64-CPU host
+        ("cpu", 2, -1.0, 2, 2),
+        ("cuda", 16, 0.0, 16, None),  # torch's own
+    ],
+)
+def test_default_threads(device, cpus, load, machine, expected):
+    assert default_threads(device, cpus, load, machine) == expected
+
+
+def test_threads_given_win_and_omp_num_threads_is_respected(monkeypatch):
+    assert EngineConfig(device="cpu", threads=3).torch_threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert EngineConfig(device="cpu").torch_threads is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert EngineConfig(device="cpu").torch_threads >= 1
+
+
+def test_zero_threads_is_refused():
+    with pytest.raises(ValueError, match=r"threads must be >= 1, got 0; leave it unset"):
+        EngineConfig(threads=0)
+    message = one_line_error(invoke("in.jsonl", "--threads", "0"))
+    assert "threads must be >= 1, got 0" in message
+
+
+def test_a_preset_sets_threads_and_the_flag_wins(tmp_path):
+    preset = tmp_path / "one.toml"
+    preset.write_text('device = "cpu"\nthreads = 1\n')
+    assert resolve_settings({}, str(preset)).engine.threads == 1
+    assert resolve_settings({"threads": 2}, str(preset)).engine.threads == 2
+    assert resolve_settings({}, "cpu").engine.threads is None
+
+
+def test_help_shows_threads_and_its_default():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "--threads" in result.output and "OMP_NUM_THREADS" in result.output
+
+
+# Runs `pagedbatch run ARGS` in a fresh process, then prints torch's thread count there.
+_RUN_AND_REPORT_THREADS = """
+import sys, torch
+from pagedbatch.cli.app import app
+torch.set_num_threads(3)  # not what the run asks for
+try:
+    app(["run", *sys.argv[1:]])
+finally:
+    print("threads", torch.get_num_threads())
+"""
+
+
+def test_run_with_threads_sets_torchs_thread_count(tmp_path, tiny_model_dirs):
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "out.jsonl"
+    args = [source, "-o", out, *tiny_args(tiny_model_dirs["llama"], "--threads", "1")]
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT_THREADS, *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "threads 1"
+    assert sorted(line["id"] for line in read_lines(out)) == ["r000", "r001", "r002"]
