@@ -128,7 +128,7 @@ class LLM:
                 self.engine.add(seq)
         while self.engine.has_unfinished():
             if should_stop is not None and should_stop():
-                self.engine.scheduler.abort_all()
+                self.engine.abort_all()
                 break
             for seq in self.engine.step():
                 group = owner.pop(seq.seq_id)

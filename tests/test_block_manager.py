@@ -73,14 +73,14 @@ def check(manager: BlockManager, *seqs: Sequence) -> None:
     assert refcounts(manager) == [holders[b] for b in range(pool.num_blocks)]
     assert pool.num_free == sum(holders[b] == 0 for b in range(pool.num_blocks))
     for node in tree:
-        users = [s.seq_id for s in seqs if node in path(cache, s.cache_node)]
+        users = [s.seq_id for s in seqs if node in path(cache, manager.cache_node(s))]
         assert node.lock_ref == len(users), (node.tokens, node.lock_ref, users)
         if node.lock_ref == 0:
             assert [pool.refcount(b) for b in node.blocks] == [1] * len(node.blocks)
     for s in seqs:  # a sequence locks the path of its own cached tokens
-        locked = [t for node in reversed(path(cache, s.cache_node)) for t in node.tokens]
+        locked = [t for node in reversed(path(cache, manager.cache_node(s))) for t in node.tokens]
         assert locked == s.token_ids[: len(locked)]
-        assert s.num_inserted_blocks * BS == len(locked)
+        assert manager.num_inserted_blocks(s) * BS == len(locked)
 
 
 def test_attach_takes_whole_cached_blocks_but_never_the_last_token():
@@ -138,14 +138,14 @@ def test_commit_caches_blocks_as_they_fill_and_moves_the_lock_to_the_deepest_nod
     seq = make_seq(0, list(range(10)))
     run(manager, seq, 6)  # a first prompt chunk: block 0 full, block 1 half
     assert seq.block_table == [0, 1]
-    top = seq.cache_node
+    top = manager.cache_node(seq)
     assert (top.tokens, top.blocks, top.lock_ref) == ([0, 1, 2, 3], [0], 1)
-    assert seq.num_inserted_blocks == 1 and cache.num_cached_blocks == 1
+    assert manager.num_inserted_blocks(seq) == 1 and cache.num_cached_blocks == 1
     assert refcounts(manager)[:2] == [2, 1]
     check(manager, seq)
 
     run(manager, seq, 4)  # the rest: block 1 full, block 2 has 2 tokens
-    middle = seq.cache_node
+    middle = manager.cache_node(seq)
     assert (middle.blocks, middle.parent, middle.lock_ref, top.lock_ref) == ([1], top, 1, 1)
     assert seq.block_table == [0, 1, 2] and refcounts(manager)[:3] == [2, 2, 1]
     assert cache.num_evictable_blocks == 0
@@ -153,17 +153,17 @@ def test_commit_caches_blocks_as_they_fill_and_moves_the_lock_to_the_deepest_nod
 
     seq.token_ids.append(50)
     run(manager, seq, 1)  # 11 tokens: no block became full, nothing inserted
-    assert seq.cache_node is middle and cache.num_cached_blocks == 2
+    assert manager.cache_node(seq) is middle and cache.num_cached_blocks == 2
     check(manager, seq)
     seq.token_ids.append(51)
     run(manager, seq, 1)  # 12 tokens: block 2 is full
-    assert seq.cache_node.blocks == [2] and seq.cache_node.parent is middle
-    assert [n.lock_ref for n in path(cache, seq.cache_node)] == [1, 1, 1]
-    assert seq.num_inserted_blocks == 3
+    assert manager.cache_node(seq).blocks == [2] and manager.cache_node(seq).parent is middle
+    assert [n.lock_ref for n in path(cache, manager.cache_node(seq))] == [1, 1, 1]
+    assert manager.num_inserted_blocks(seq) == 3
     check(manager, seq)
 
     manager.free(seq)
-    assert seq.block_table == [] and seq.cache_node is None
+    assert seq.block_table == [] and manager.cache_node(seq) is None
     assert refcounts(manager) == [1, 1, 1, 0, 0, 0, 0, 0]
     assert cache.num_evictable_blocks == cache.num_cached_blocks == 3
     check(manager, seq)
@@ -176,21 +176,21 @@ def test_two_sequences_sharing_a_prefix_lock_and_unlock_their_own_paths():
     a = make_seq(0, prefix + [1, 1, 1, 1])
     b = make_seq(1, prefix + [2, 2, 2, 2])
     run(manager, a, 12)
-    a_leaf = a.cache_node
+    a_leaf = manager.cache_node(a)
     assert a.block_table == [0, 1, 2] and a_leaf.blocks == [0, 1, 2]
     check(manager, a, b)
 
     # b's match ends inside a's node: it splits, the upper part carries both locks.
     manager.attach_cached_prefix(b)
-    shared = b.cache_node
+    shared = manager.cache_node(b)
     assert b.block_table == [0, 1] and b.num_computed_tokens == 8
     assert (shared.blocks, shared.lock_ref) == ([0, 1], 2)
     assert (a_leaf.blocks, a_leaf.parent, a_leaf.lock_ref) == ([2], shared, 1)
-    assert a.cache_node is a_leaf
+    assert manager.cache_node(a) is a_leaf
     check(manager, a, b)
 
     run(manager, b, 4)
-    b_leaf = b.cache_node
+    b_leaf = manager.cache_node(b)
     assert b.block_table == [0, 1, 3]
     assert (b_leaf.blocks, b_leaf.parent, b_leaf.lock_ref) == ([3], shared, 1)
     assert shared.lock_ref == 2 and cache.num_evictable_blocks == 0
@@ -277,7 +277,8 @@ def test_fork_shares_blocks_and_copies_the_shared_partial_last_block_on_first_wr
     manager.fork(parent, child)
     child.token_ids = list(parent.token_ids)
     assert child.block_table == [0, 1] and child.num_computed_tokens == 6
-    assert child.cache_node is parent.cache_node and parent.cache_node.lock_ref == 2
+    node = manager.cache_node(parent)
+    assert manager.cache_node(child) is node and node.lock_ref == 2
     assert refcounts(manager)[:3] == [3, 2, 0]
     check(manager, parent, child)
 
@@ -300,7 +301,7 @@ def test_fork_shares_blocks_and_copies_the_shared_partial_last_block_on_first_wr
         check(manager, parent, child)
     assert cache.match(parent.token_ids).blocks == [0, 1]
     assert cache.match(child.token_ids).blocks == [0, 2]
-    assert [n.lock_ref for n in path(cache, child.cache_node)] == [1, 2]
+    assert [n.lock_ref for n in path(cache, manager.cache_node(child))] == [1, 2]
 
     manager.free(parent)
     manager.free(child)
@@ -347,13 +348,13 @@ def test_admission_waits_one_step_for_the_block_a_running_sequence_is_computing(
     scheduler.add(b)
 
     assert sched_step(scheduler) == [(0, 10)]  # the budget goes to a's first chunk
-    assert a.block_table == [0, 1, 2] and a.num_inserted_blocks == 2
+    assert a.block_table == [0, 1, 2] and manager.num_inserted_blocks(a) == 2
     check(manager, a, b)
 
     # b could start from blocks 0, 1, but a is computing block 2 of the same prefix now:
     # b waits, holding nothing, rather than computing block 2 a second time.
     assert sched_step(scheduler) == [(0, 6)]
-    assert list(scheduler.waiting) == [b] and b.block_table == [] and b.cache_node is None
+    assert list(scheduler.waiting) == [b] and b.block_table == [] and manager.cache_node(b) is None
     assert a.block_table == [0, 1, 2, 3]
     check(manager, a, b)
 

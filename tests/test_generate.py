@@ -60,7 +60,7 @@ def test_greedy_matches_transformers_generate(arch, tiny_model_dirs, references)
     stats = llm.stats()
     assert stats.preemptions == 0
     assert stats.blocks_in_use == 0
-    llm.engine.pool.check_integrity()
+    llm.engine.check_integrity()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -75,7 +75,7 @@ def test_greedy_matches_with_preemption_and_chunked_prefill(arch, tiny_model_dir
     assert stats.recomputed_tokens > 0
     assert stats.peak_blocks_in_use == 40
     assert stats.blocks_in_use == 0
-    llm.engine.pool.check_integrity()
+    llm.engine.check_integrity()
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32])

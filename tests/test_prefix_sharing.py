@@ -47,9 +47,8 @@ def test_greedy_outputs_are_identical_with_and_without_sharing(arch, tiny_model_
     assert s.prefix_hit_tokens == sum(o.cached_tokens for o in shared_out) > 0
     assert all(o.cached_tokens % 8 == 0 and o.cached_tokens < o.prompt_tokens for o in shared_out)
     assert s.computed_tokens == p.computed_tokens - s.prefix_hit_tokens
-    with_sharing.engine.prefix_cache.check_integrity()
-    with_sharing.engine.pool.check_integrity()
-    assert s.blocks_in_use == 0 and s.cached_blocks == with_sharing.engine.pool.num_used
+    with_sharing.engine.check_integrity()
+    assert s.blocks_in_use == 0 and s.cached_blocks == s.num_blocks - s.free_blocks > 0
 
 
 def test_hit_rate_is_exact_when_records_run_one_after_another(tiny_model_dirs):
@@ -95,8 +94,7 @@ def test_n_samples_share_the_prompt_and_equal_single_runs_with_their_seeds(tiny_
             [Record(id="x", prompt_token_ids=prompt, overrides={"seed": sample_seed(7, k)})], params
         )[0]
         assert alone.completions[0].token_ids == choice.token_ids, f"sample {k}"
-    llm.engine.pool.check_integrity()
-    llm.engine.prefix_cache.check_integrity()
+    llm.engine.check_integrity()
 
 
 def test_sharing_with_preemption_and_eviction_keeps_greedy_tokens(tiny_model_dirs):
@@ -110,8 +108,7 @@ def test_sharing_with_preemption_and_eviction_keeps_greedy_tokens(tiny_model_dir
     assert tokens(small.generate(job, params)) == expected
     stats = small.stats()
     assert stats.preemptions > 0 and stats.evicted_blocks > 0
-    small.engine.prefix_cache.check_integrity()
-    small.engine.pool.check_integrity()
+    small.engine.check_integrity()
 
 
 @pytest.mark.slow

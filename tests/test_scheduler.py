@@ -1,12 +1,19 @@
-"""Scheduler on tiny pools: admission, chunked prefill, decode, preemption, cleanup."""
+"""Scheduler on tiny pools, without a model: admission, chunked prefill, decode,
+preemption, cleanup, and the step's postprocess (commit, forks, append, stop, finish)."""
 
 from __future__ import annotations
+
+from tiny_models import build_tiny_tokenizer
 
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool
 from pagedbatch.engine.scheduler import Scheduler
 from pagedbatch.engine.sequence import Sequence, SequenceStatus
+from pagedbatch.engine.stopping import StopChecker
 from pagedbatch.sampling_params import SamplingParams
+
+EOS = 2  # the tiny tokenizer's <|im_end|>
+STOP = StopChecker(build_tiny_tokenizer(), frozenset({EOS}))
 
 
 def make_scheduler(num_blocks: int, budget: int, block_size: int = 4, max_seqs: int = 8):
@@ -14,27 +21,23 @@ def make_scheduler(num_blocks: int, budget: int, block_size: int = 4, max_seqs: 
     return Scheduler(BlockManager(pool, block_size), budget, max_seqs), pool
 
 
-def make_seq(seq_id: int, prompt_len: int, max_new: int) -> Sequence:
+def make_seq(seq_id: int, prompt_len: int, max_new: int, **params: object) -> Sequence:
     return Sequence(
         seq_id,
         [1] * prompt_len,
         prompt_len,
-        SamplingParams(max_tokens=max_new),
+        SamplingParams(max_tokens=max_new, **params),
         prompt_len + max_new,
     )
 
 
-def step(scheduler: Scheduler) -> list[tuple[int, int]]:
-    """One engine step without a model: every sampling sequence appends token 0."""
+def step(scheduler: Scheduler, token: int = 0) -> list[tuple[int, int]]:
+    """One engine step without a model: every sampling sequence samples `token`."""
     out = scheduler.schedule()
     plan = [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled]
     sampling = [s.seq for s in out.scheduled if s.samples]
-    for seq, n in out.scheduled:
-        seq.num_computed_tokens += n
-    for seq in sampling:
-        seq.token_ids.append(0)
-        if seq.num_tokens >= seq.max_len:
-            scheduler.finish(seq)
+    scheduler.commit(out, sampling)
+    scheduler.postprocess(sampling, [token] * len(sampling), STOP)
     return plan
 
 
@@ -109,3 +112,43 @@ def test_every_block_is_free_after_a_run_with_chunking_and_preemption():
     assert all(s.num_output_tokens == s.max_len - s.num_prompt_tokens for s in seqs)
     assert pool.num_free == 10
     assert scheduler.num_preemptions > 0
+
+
+def test_postprocess_appends_and_finishes_on_eos_or_length_and_frees_the_blocks():
+    scheduler, pool = make_scheduler(num_blocks=8, budget=64)
+    short, long, deaf = make_seq(0, 3, 1), make_seq(1, 3, 5), make_seq(2, 3, 5, ignore_eos=True)
+    for s in (short, long, deaf):
+        scheduler.add(s)
+    out = scheduler.schedule()
+    scheduler.commit(out, [short, long, deaf])
+    assert [s.num_computed_tokens for s in (short, long, deaf)] == [3, 3, 3]
+    assert scheduler.postprocess([short, long, deaf], [7, 8, 9], STOP) == [short]
+    assert short.token_ids == [1, 1, 1, 7] and short.finish_reason == "length"
+    assert short.status is SequenceStatus.FINISHED and short.block_table == []
+    assert scheduler.running == [long, deaf] and pool.num_free == 6
+    out = scheduler.schedule()
+    scheduler.commit(out, [long, deaf])
+    assert scheduler.postprocess([long, deaf], [EOS, EOS], STOP) == [long]
+    assert long.finish_reason == "stop" and long.token_ids[-1] == EOS
+    assert deaf.finish_reason is None and scheduler.running == [deaf]  # ignore_eos
+    pool.check_integrity()
+
+
+def test_commit_starts_the_forks_on_the_computed_prompt():
+    scheduler, pool = make_scheduler(num_blocks=8, budget=64)
+    parent = make_seq(0, 6, 3)
+    parent.forks = [make_seq(1, 6, 3), make_seq(2, 6, 3)]
+    scheduler.add(parent)
+    out = scheduler.schedule()
+    assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [(0, 6)]
+    children = list(parent.forks)
+    scheduler.commit(out, [parent, *children])
+    assert parent.forks == [] and scheduler.running == [parent, *children]
+    assert all(c.block_table == [0, 1] and c.num_computed_tokens == 6 for c in children)
+    assert [pool.refcount(b) for b in (0, 1)] == [3, 3]
+    assert scheduler.postprocess([parent, *children], [4, 5, 6], STOP) == []
+    assert [s.token_ids[-1] for s in (parent, *children)] == [4, 5, 6]
+    # The next write lands in shared block 1 (2 of its 4 slots used): all but one copy it.
+    out = scheduler.schedule()
+    assert len(out.copies) == 2 and {c.src for c in out.copies} == {1}
+    pool.check_integrity()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.block_tables import BlockTables
 from pagedbatch.engine.memory import KVUsage
-from pagedbatch.engine.radix_cache import RadixCache
+from pagedbatch.engine.radix_cache import Node, RadixCache
 from pagedbatch.engine.sequence import Sequence
 
 
@@ -28,7 +28,9 @@ class BlockManager:
     With a `prefix_cache`, a sequence starts from the cached blocks of its longest
     cached prefix (`attach_cached_prefix`), its full blocks are cached as they are
     computed (`commit`), and cached blocks nobody uses are evicted when the pool runs
-    out of free blocks.
+    out of free blocks. A sequence's path in the cache is the manager's to keep: the node
+    it ends at (locked while the sequence holds blocks) and how many of the sequence's
+    blocks it covers.
     """
 
     def __init__(
@@ -46,6 +48,16 @@ class BlockManager:
         self.usage = KVUsage(pool.num_blocks, block_size)
         # Every table also lives as a row here (sized for the usual maximum; it grows).
         self.tables = BlockTables(max_num_seqs, max_blocks_per_seq)
+        self._cache_nodes: dict[int, Node] = {}  # seq_id -> end of its locked cached path
+        self._inserted: dict[int, int] = {}  # seq_id -> its blocks in the cache (> 0)
+
+    def cache_node(self, seq: Sequence) -> Node | None:
+        """The end of `seq`'s path in the prefix cache, locked for it (None: no path)."""
+        return self._cache_nodes.get(seq.seq_id)
+
+    def num_inserted_blocks(self, seq: Sequence) -> int:
+        """How many of `seq`'s blocks are in the prefix cache."""
+        return self._inserted.get(seq.seq_id, 0)
 
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
@@ -107,13 +119,13 @@ class BlockManager:
         for index in range(begin // size, blocks_for(end, size)):
             self.usage.fill(seq.block_table[index], min(size, end - index * size))
         full = end // size
-        if self.prefix_cache is None or full <= seq.num_inserted_blocks:
+        if self.prefix_cache is None or full <= self.num_inserted_blocks(seq):
             return
         node = self.prefix_cache.insert(
             seq.token_ids[: full * self.block_size], seq.block_table[:full]
         )
         self._move_lock(seq, node)
-        seq.num_inserted_blocks = full
+        self._inserted[seq.seq_id] = full
 
     def attach_cached_prefix(self, seq: Sequence) -> None:
         """Start a sequence that holds no blocks from its longest cached prefix.
@@ -127,7 +139,7 @@ class BlockManager:
         seq.block_table = list(match.blocks)
         if seq.block_table:
             self.tables.write(seq.seq_id, 0, seq.block_table)
-        seq.num_inserted_blocks = match.num_blocks
+        self._set_inserted(seq, match.num_blocks)
         seq.num_computed_tokens = match.num_blocks * self.block_size
         self._move_lock(seq, match.node)
         if seq.num_output_tokens == 0:
@@ -141,9 +153,9 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         self.tables.write(child.seq_id, 0, child.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
-        child.num_inserted_blocks = parent.num_inserted_blocks
-        if parent.cache_node is not None:
-            self._move_lock(child, parent.cache_node)
+        self._set_inserted(child, self.num_inserted_blocks(parent))
+        if (node := self.cache_node(parent)) is not None:
+            self._move_lock(child, node)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq` and forget what it had computed.
@@ -156,7 +168,8 @@ class BlockManager:
         self.pool.free(seq.block_table)
         self.tables.release(seq.seq_id)
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_inserted_blocks = 0
+        seq.num_computed_tokens = 0
+        self._inserted.pop(seq.seq_id, None)
 
     def _share(self, blocks: list[int]) -> None:
         """One more table holds each of `blocks`."""
@@ -164,12 +177,22 @@ class BlockManager:
         for block in blocks:
             self.usage.hold(block)
 
-    def _move_lock(self, seq: Sequence, node) -> None:
+    def _set_inserted(self, seq: Sequence, num_blocks: int) -> None:
+        if num_blocks:
+            self._inserted[seq.seq_id] = num_blocks
+        else:
+            self._inserted.pop(seq.seq_id, None)
+
+    def _move_lock(self, seq: Sequence, node: Node | None) -> None:
+        """`seq`'s cached path now ends at `node`: lock it, unlock the old end."""
         if node is not None:
             self.prefix_cache.lock(node)
-        if seq.cache_node is not None:
-            self.prefix_cache.unlock(seq.cache_node)
-        seq.cache_node = node
+            old = self._cache_nodes.get(seq.seq_id)
+            self._cache_nodes[seq.seq_id] = node
+        else:
+            old = self._cache_nodes.pop(seq.seq_id, None)
+        if old is not None:
+            self.prefix_cache.unlock(old)
 
     def slot(self, seq: Sequence, position: int) -> int:
         """The physical KV slot of token `position` of `seq`."""

@@ -73,7 +73,11 @@ class Engine:
         tokens = sample(logits if len(rows) == len(sampling) else logits[rows], seqs)
         sample_end = self.clock()
         trace = _trace(out, len(sampling))
-        finished = self._postprocess(out, seqs, tokens)
+        self.scheduler.commit(out, seqs)
+        self.counter.step(out.num_tokens, len(tokens), self.block_manager.usage, self._snapshot)
+        finished = self.scheduler.postprocess(seqs, tokens, self.stop_checker)
+        for seq in finished:
+            self.counter.finished(seq)
         self.last_step = trace._replace(
             seconds=self.clock() - started,
             forward_seconds=sample_start - forward_start,
@@ -81,30 +85,15 @@ class Engine:
         )
         return finished
 
-    def _postprocess(
-        self, out: SchedulerOutput, seqs: list[Sequence], tokens: list[int]
-    ) -> list[Sequence]:
-        for seq, n in out.scheduled:
-            self.block_manager.commit(seq, n)
-        for seq in seqs:
-            self._fork(seq)
-        self.counter.step(out.num_tokens, len(tokens), self.block_manager.usage, self._snapshot)
-        finished = []
-        for seq, token in zip(seqs, tokens):
-            seq.token_ids.append(token)
-            seq.finish_reason = self.stop_checker.check(seq)
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                self.counter.finished(seq)
-                finished.append(seq)
-        return finished
+    def check_integrity(self) -> None:
+        """Assert the block pool's and the prefix cache's invariants (tests, debugging)."""
+        self.pool.check_integrity()
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_integrity()
 
-    def _fork(self, parent: Sequence) -> None:
-        """Start the other samples of `parent`'s record on its computed prompt."""
-        for child in parent.forks:
-            self.block_manager.fork(parent, child)
-            self.scheduler.add_running(child)
-        parent.forks = []
+    def abort_all(self) -> list[Sequence]:
+        """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
+        return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:
         """The KV blocks of now, as the step being counted (`counter.steps`) left them."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pagedbatch.engine.block_manager import BlockCopy, BlockManager
 from pagedbatch.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from pagedbatch.engine.stopping import StopChecker
 
 
 class ScheduledSeq(NamedTuple):
@@ -122,6 +125,31 @@ class Scheduler:
         self.num_recomputed_tokens += seq.num_computed_tokens
         self.block_manager.free(seq)
         self.add_front(seq)
+
+    def commit(self, out: SchedulerOutput, sampled: list[Sequence]) -> None:
+        """After the forward: the step's tokens are computed (full blocks go into the prefix
+        cache), and the forks of each `sampled` sequence start on its computed prompt."""
+        for seq, n in out.scheduled:
+            self.block_manager.commit(seq, n)
+        for parent in sampled:
+            for child in parent.forks:
+                self.block_manager.fork(parent, child)
+                self.add_running(child)
+            parent.forks = []
+
+    def postprocess(
+        self, seqs: list[Sequence], tokens: list[int], stop: StopChecker
+    ) -> list[Sequence]:
+        """Append each sequence's sampled token; finish those that `stop` says are done
+        (their blocks freed). Returns the finished sequences."""
+        finished = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.token_ids.append(token)
+            seq.finish_reason = stop.check(seq)
+            if seq.finish_reason is not None:
+                self.finish(seq)
+                finished.append(seq)
+        return finished
 
     def add_running(self, seq: Sequence) -> None:
         """A sequence that already holds its blocks (a fork) joins the running set."""

@@ -12,7 +12,6 @@ from pagedbatch.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedbatch.engine.detokenizer import IncrementalDetokenizer
-    from pagedbatch.engine.radix_cache import Node
 
 
 def random_seed() -> int:
@@ -34,10 +33,8 @@ class Sequence:
     rest are computed by the next steps. A preempted sequence frees its blocks and
     starts again from 0, keeping the tokens it has generated (recompute).
 
-    With prefix sharing, `cache_node` is the end of the sequence's path in the radix
-    cache (locked while the sequence holds blocks) and `num_inserted_blocks` how many of
-    its blocks are in the cache. `forks` are the other samples of the same record,
-    forked from this one when its prompt is done.
+    `forks` are the other samples of the same record, forked from this one when its
+    prompt is done. (Its path in the prefix cache is the BlockManager's to keep.)
 
     `seed` keys the sampler's noise (with the position of the token being sampled); a
     sequence created without one draws a random 63-bit seed. `detokenizer` holds the
@@ -58,8 +55,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None
     detokenizer: IncrementalDetokenizer | None = None
-    cache_node: Node | None = None
-    num_inserted_blocks: int = 0
     forks: list[Sequence] = field(default_factory=list)
 
     @property
