@@ -64,8 +64,26 @@ class LLM:
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
         )  # fmt: skip
+        self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
+        if self.config.use_cuda_graphs:
+            self._capture_cuda_graphs()
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
         self._seq_ids = itertools.count()
+
+    def _capture_cuda_graphs(self) -> None:
+        """Capture the decode graphs; when they were not asked for by name (the CUDA
+        default), a failure leaves the engine eager and says why in `cuda_graphs_problem`."""
+        try:
+            self.engine.capture_cuda_graphs()
+        except Exception as e:  # a capture failure (memory, an op that cannot be captured)
+            lines = str(e).strip().splitlines()
+            problem = f"{type(e).__name__}: {lines[0] if lines else ''}"
+            if self.config.cuda_graphs:
+                raise ValueError(
+                    f"capturing the CUDA graphs failed ({problem}); "
+                    "run with --no-cuda-graphs (cuda_graphs=False)"
+                ) from e
+            self.cuda_graphs_problem = problem
 
     def generate(
         self,

@@ -59,6 +59,7 @@ def run(
     max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
     cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
     threads: Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less the share the 1-minute load average says is busy, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")] = None,
+    cuda_graphs: Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps from CUDA graphs captured at load (needs triton attention); prefill and mixed steps run eagerly. [default: on with CUDA and triton attention; if the capture fails, off with a warning]", "--cuda-graphs/--no-cuda-graphs")] = None,
     block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
     num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,
     kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction of free memory like 0.5. [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,
@@ -150,9 +151,15 @@ def _load_llm(settings: RunSettings) -> Any:
 
     try:
         with console.status(f"Loading {settings.engine.model} ..."):
-            return LLM(config=settings.engine)
+            llm = LLM(config=settings.engine)
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
+    if llm.cuda_graphs_problem:
+        console.print(
+            f"CUDA graphs are off, decode runs eagerly: {llm.cuda_graphs_problem}",
+            style="yellow", soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
+    return llm
 
 
 def _run_with_progress(
@@ -227,6 +234,8 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float) -> None:
             f"tok/s, peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
             f"{stats.preemptions} preemptions"
         )
+        if stats.graph_steps:
+            text += f", {stats.graph_steps} decode steps from CUDA graphs"
     if failed and job.errors_path is not None:
         text += f"; failed records in {job.errors_path}"
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)

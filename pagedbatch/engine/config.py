@@ -40,6 +40,7 @@ class EngineConfig:
     memory_report: bool = False  # keep a KV snapshot per step, for memory_report()
     cache_dir: str | None = None
     threads: int | None = None  # torch's intra-op threads; None: see torch_threads
+    cuda_graphs: bool | None = None  # decode from CUDA graphs; None: see use_cuda_graphs
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -62,6 +63,11 @@ class EngineConfig:
             raise ValueError(
                 f"threads must be >= 1, got {self.threads}; leave it unset for the default "
                 f"({process_cpus()} CPUs usable here)"
+            )
+        if self.cuda_graphs and (self.device == "cpu" or self.attention == "torch"):
+            raise ValueError(
+                "cuda_graphs needs a CUDA device and triton attention, got device "
+                f"{self.device} and attention {self.attention}"
             )
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
@@ -88,6 +94,19 @@ class EngineConfig:
     def attention_backend(self) -> str:
         """The attention to run: 'auto' is triton on CUDA when Triton imports, else torch."""
         return resolve_backend(self.attention, self.torch_device)
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Replay decode steps from CUDA graphs: `cuda_graphs`, else on for CUDA with triton
+        attention. The torch backend sizes each step's gathers from its contexts on the
+        host, so a graph of it would be wrong for the next step: True then is refused."""
+        capturable = self.torch_device.type == "cuda" and self.attention_backend == "triton"
+        if self.cuda_graphs and not capturable:  # device or attention auto, resolved here
+            raise ValueError(
+                "cuda_graphs needs a CUDA device and triton attention, got device "
+                f"{self.torch_device.type} and attention {self.attention_backend}"
+            )
+        return capturable if self.cuda_graphs is None else self.cuda_graphs
 
     @property
     def torch_threads(self) -> int | None:

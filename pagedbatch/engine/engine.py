@@ -32,7 +32,6 @@ class Engine:
         attention_backend: str = "torch",
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
-        cuda_graphs: bool = False,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -50,8 +49,11 @@ class Engine:
         # What StepTrace's seconds are read from: wall time; time.thread_time gives the
         # host's CPU time instead, which a busy machine disturbs less (bench --host-overhead).
         self.clock = time.perf_counter
-        if cuda_graphs:
-            self.runner.capture_cuda_graphs(max_num_seqs, max_model_len)
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+
+    def capture_cuda_graphs(self) -> None:
+        """From now on, run decode-only steps from CUDA graphs (engine/cuda_graphs.py)."""
+        self.runner.capture_cuda_graphs(self.max_num_seqs, self.max_model_len)
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (its `forks` join when its prompt is done)."""
@@ -121,6 +123,7 @@ class Engine:
             peak_blocks_in_use=c.peak.in_use if c.peak else 0,
             peak_logical_blocks=c.peak.logical if c.peak else 0,
             evicted_blocks=cache.num_evicted_blocks if cache else 0,
+            graph_steps=self.runner.graphs.replays if self.runner.graphs else 0,
         )
 
 

@@ -36,6 +36,7 @@ class EngineStats:
     peak_blocks_in_use: int
     peak_logical_blocks: int
     evicted_blocks: int
+    graph_steps: int  # decode steps replayed from a CUDA graph
 
     @property
     def prefix_hit_rate(self) -> float:
