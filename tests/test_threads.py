@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from job_helpers import ROOT, invoke, one_line_error, prompts, read_lines, tiny_args, write_jsonl
 
-from pagedbatch.engine.config import EngineConfig, default_threads, usable_cpus
+from pagedbatch.engine import threads
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.threads import busy_cpus, default_threads, usable_cpus
 from pagedbatch.job.settings import resolve_settings
 
 
@@ -31,19 +34,54 @@ def test_usable_cpus(affinity, cpu_max, cpu_count, expected):
 
 
 @pytest.mark.parametrize(
-    ("device", "cpus", "load", "machine", "expected"),
+    ("cpus", "busy", "expected"),
     [
-        ("cpu", 2, 0.2, 2, 2),  # idle: every CPU
-        ("cpu", 2, 1.0, 2, 1),  # another process holds one core
-        ("cpu", 2, 7.0, 2, 1),  # overloaded: still 1
-        ("cpu", 16, 4.0, 16, 12),
-        ("cpu", 4, 32.0, 64, 2),  # 4 of a half-busy 64-CPU host
-        ("cpu", 2, -1.0, 2, 2),
-        ("cuda", 16, 0.0, 16, None),  # torch's own
+        (2, 0.1, 2),  # idle: every CPU
+        (2, 0.5, 2),  # half a core busy: rounds to none
+        (2, 1.0, 1),  # another process holds one core
+        (2, 7.0, 1),  # overloaded: still 1
+        (16, 4.2, 12),
+        (2, -1.0, 2),
     ],
 )
-def test_default_threads(device, cpus, load, machine, expected):
-    assert default_threads(device, cpus, load, machine) == expected
+def test_default_threads(cpus, busy, expected):
+    assert default_threads(cpus, busy) == expected
+
+
+# Two reads of /proc/stat 100 jiffies apart: cpu0 all busy (user+system), cpu1 all idle,
+# cpu2 a quarter busy (iowait counts as idle; guest time is inside user time).
+_BEFORE = """cpu  900 0 300 5000 10 0 0 0 0 0
+cpu0 100 0 100 1000 0 0 0 0 0 0
+cpu1 100 0 100 2000 10 0 0 0 0 0
+cpu2 100 0 100 2000 0 0 0 0 50 0
+intr 12345
+"""
+_AFTER = """cpu  1100 0 350 5150 20 0 0 0 0 0
+cpu0 170 0 130 1000 0 0 0 0 0 0
+cpu1 100 0 100 2090 20 0 0 0 0 0
+cpu2 125 0 100 2065 10 0 0 0 75 0
+intr 12399
+"""
+
+
+def test_busy_cpus_sums_the_non_idle_share_of_the_cpus_asked_about():
+    assert busy_cpus(_BEFORE, _AFTER, None) == pytest.approx(1.25)
+    assert busy_cpus(_BEFORE, _AFTER, {1, 2}) == pytest.approx(0.25)
+    assert busy_cpus(_BEFORE, _AFTER, {0}) == pytest.approx(1.0)
+    assert busy_cpus(_BEFORE, _BEFORE, None) == 0.0  # no time passed
+
+
+@pytest.mark.skipif(not threads.PROC_STAT.exists(), reason="needs /proc/stat")
+def test_a_process_spinning_on_our_cpus_is_seen_busy(monkeypatch):
+    monkeypatch.setattr(threads, "_last_sample", None)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        monkeypatch.setattr(threads, "SAMPLE_SECONDS", 0.5)
+        time.sleep(0.3)  # (interpreter start)
+        assert threads.cpus_busy_elsewhere() >= 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_threads_given_win_and_omp_num_threads_is_respected(monkeypatch):

@@ -58,7 +58,7 @@ def run(
     attention: Annotated[Str, opt(MODEL_PANEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
     max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
     cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
-    threads: Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less the share the 1-minute load average says is busy, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")] = None,
+    threads: Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less those other processes keep busy at start, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")] = None,
     cuda_graphs: Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps from CUDA graphs captured at load (needs triton attention); prefill and mixed steps run eagerly. [default: on with CUDA and triton attention; if the capture fails, off with a warning]", "--cuda-graphs/--no-cuda-graphs")] = None,
     block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
     num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from pagedbatch.engine.attention import BACKENDS, resolve_backend
 from pagedbatch.engine.kv_cache import parse_memory
+from pagedbatch.engine.threads import cpus_busy_elsewhere, default_threads, process_cpus
 from pagedbatch.models.loader import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,14 +110,16 @@ class EngineConfig:
 
     @property
     def torch_threads(self) -> int | None:
-        """The intra-op threads to give torch: `threads`, else default_threads() of this
-        machine now; None (leave torch's own) on CUDA or when OMP_NUM_THREADS is set."""
+        """The intra-op threads to give torch: `threads`, else (on CPU) the CPUs this process
+        may use less those other processes keep busy now, at least 1 (engine/threads.py);
+        None (torch's own) on CUDA or when OMP_NUM_THREADS is set."""
         if self.threads is not None:
             return self.threads
         if "OMP_NUM_THREADS" in os.environ:
             return None
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        return default_threads(self.torch_device.type, process_cpus(), load, os.cpu_count() or 1)
+        if self.torch_device.type != "cpu":
+            return None  # the host thread mostly launches kernels
+        return default_threads(process_cpus(), cpus_busy_elsewhere())
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -147,45 +149,3 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 def preset_names() -> list[str]:
     files = resources.files("pagedbatch.configs").iterdir()
     return sorted(f.name[:-5] for f in files if f.name.endswith(".toml"))
-
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def usable_cpus(
-    affinity: Collection[int] | None, cpu_max: str | None, cpu_count: int | None
-) -> int:
-    """CPUs a process may keep busy: its affinity set (else `cpu_count`), capped by a cgroup
-    v2 quota (`cpu.max`: "<quota> <period>", or "max <period>" for none), at least 1.
-
-    A fractional quota rounds down: a thread beyond it is throttled, and the others wait
-    for it at every parallel region.
-    """
-    cpus = len(affinity) if affinity else (cpu_count or 1)
-    quota, _, period = (cpu_max or "max").strip().partition(" ")
-    if quota.isdigit() and period.isdigit() and int(period) > 0:  # else no (readable) quota
-        cpus = min(cpus, int(quota) // int(period))
-    return max(1, cpus)
-
-
-def process_cpus() -> int:
-    """usable_cpus() of this process, from its affinity and its cgroup's cpu.max."""
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    try:
-        cpu_max: str | None = CGROUP_CPU_MAX.read_text()
-    except OSError:
-        cpu_max = None
-    return usable_cpus(affinity, cpu_max, os.cpu_count())
-
-
-def default_threads(device_type: str, cpus: int, load: float, machine_cpus: int) -> int | None:
-    """Threads when none are asked for. On CPU: our `cpus` less their busy share (the
-    1-minute `load` average over the `machine_cpus` it counts), at least 1. torch's threads
-    meet at every op, so one that shares a core with another process stalls them all: on a
-    busy 2-core machine 2 threads ran a job about 10x slower than 1 (README, Options).
-    On CUDA: None, torch's own (the host thread mostly launches kernels).
-    """
-    if device_type != "cpu":
-        return None
-    busy = min(max(load, 0.0) / max(machine_cpus, 1), 1.0)
-    return max(1, cpus - round(cpus * busy))
