@@ -136,3 +136,69 @@ def test_random_interleavings_keep_the_tree_and_pool_consistent(ops):
         cache.unlock(node)
     cache.evict(10**6)
     assert pool.num_free == pool.num_blocks, "a block leaked"
+
+
+class ScanLRU(RadixCache):
+    """The eviction rule written plainly: walk the whole tree for the least recently used
+    evictable leaf, every time (what evict() did before its heap)."""
+
+    def evict(self, num_blocks: int) -> int:
+        freed = 0
+        while freed < num_blocks:
+            leaves = [n for n in self._nodes() if self._evictable_leaf(n)]
+            if not leaves:
+                break
+            freed += self._remove_leaf(min(leaves, key=lambda n: n.last_access))
+        return freed
+
+
+def contents(cache: RadixCache) -> dict[tuple[int, ...], list[int]]:
+    """Every cached path (its tokens from the root) -> the blocks of its last node."""
+    out, stack = {}, [(cache.root, ())]
+    while stack:
+        node, prefix = stack.pop()
+        for child in node.children.values():
+            path = prefix + tuple(child.tokens)
+            out[path] = child.blocks
+            stack.append((child, path))
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "insert", "match", "lock", "unlock", "evict"]),
+            st.lists(st.integers(0, 2), min_size=0, max_size=12),
+            st.integers(0, 6),
+        ),
+        max_size=60,
+    )
+)
+def test_evicts_exactly_what_a_full_scan_lru_evicts(ops):
+    pools_caches = [(BlockPool(20), None), (BlockPool(20), None)]
+    pools_caches = [(p, cls(p, BS)) for (p, _), cls in zip(pools_caches, (RadixCache, ScanLRU))]
+    locked: list[list] = [[], []]
+    for op, tokens, k in ops:
+        tokens = tokens[: len(tokens) // BS * BS]
+        for (pool, cache), held in zip(pools_caches, locked):
+            if op == "insert" and tokens:
+                n = len(tokens) // BS
+                if pool.num_free + cache.num_evictable_blocks >= n:
+                    if pool.num_free < n:
+                        cache.evict(n - pool.num_free)
+                    cache_tokens(pool, cache, tokens)
+            elif op == "match":
+                cache.match(tokens)
+            elif op == "lock" and (node := cache.match(tokens).node) is not cache.root:
+                cache.lock(node)
+                held.append(node)
+            elif op == "unlock" and held:
+                cache.unlock(held.pop(k % len(held)))
+            elif op == "evict":
+                cache.evict(k)
+        (pool, heap), (_, scan) = pools_caches
+        assert contents(heap) == contents(scan)
+        assert heap.num_evicted_blocks == scan.num_evicted_blocks
+        heap.check_integrity()
+        pool.check_integrity()

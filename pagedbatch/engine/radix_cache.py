@@ -15,6 +15,7 @@ class Node:
 
     `lock_ref` counts running sequences whose cached path goes through this node; a
     node with lock_ref 0 (and so all its descendants) may be evicted, leaves first.
+    `parent` is None for the root and for a node evicted from the tree.
     """
 
     __slots__ = ("tokens", "blocks", "parent", "children", "lock_ref", "last_access")
@@ -45,6 +46,12 @@ class RadixCache:
     The tree holds one reference (BlockPool refcount) on every block of its nodes; a
     sequence that uses cached blocks holds its own. Only full blocks are cached, so a
     cached block is never written again.
+
+    Eviction takes the least recently used evictable leaf from a heap kept as nodes
+    change (a leaf is pushed when it is made, unlocked, touched, or its last child goes),
+    so it costs O(log n) per node evicted, not a walk of the tree. Entries go stale
+    rather than being removed: one counts only while its node is still an evictable
+    leaf in the tree with the same `last_access`.
     """
 
     def __init__(self, pool: BlockPool, block_size: int) -> None:
@@ -56,6 +63,9 @@ class RadixCache:
         self.num_cached_blocks = 0
         self.num_evictable_blocks = 0
         self.num_evicted_blocks = 0
+        self.num_nodes = 0  # not counting the root
+        self._leaves: list[tuple[int, int, Node]] = []  # (last_access, tiebreak, node)
+        self._tiebreak = itertools.count()
 
     def _key(self, tokens: Seq[int], start: int) -> tuple[int, ...]:
         return tuple(tokens[start : start + self.block_size])
@@ -74,6 +84,7 @@ class RadixCache:
             if shared < len(child.blocks):
                 child = self._split(child, shared)
             child.last_access = now
+            self._push_if_leaf(child)
             blocks += child.blocks
             pos += len(child.tokens)
             node = child
@@ -98,6 +109,8 @@ class RadixCache:
         self.pool.share(node.blocks)
         self.num_cached_blocks += len(node.blocks)
         self.num_evictable_blocks += len(node.blocks)
+        self.num_nodes += 1
+        self._push_if_leaf(node)
         return node
 
     def lock(self, node: Node) -> None:
@@ -115,6 +128,7 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.num_evictable_blocks += len(node.blocks)
+                self._push_if_leaf(node)
             node = node.parent
 
     def evict(self, num_blocks: int) -> int:
@@ -123,22 +137,34 @@ class RadixCache:
         Returns the number of blocks given back to the pool (whole nodes, so it may
         exceed `num_blocks`; less when not enough is evictable).
         """
-        leaves = [(n.last_access, id(n), n) for n in self._nodes() if self._evictable_leaf(n)]
-        heapq.heapify(leaves)
         freed = 0
-        while freed < num_blocks and leaves:
-            _, _, node = heapq.heappop(leaves)
-            freed += self._remove_leaf(node)
+        while freed < num_blocks and self._leaves:
+            access, _, node = heapq.heappop(self._leaves)
+            if not self._is_current(access, node):
+                continue  # stale: touched, locked, given a child or evicted since
             parent = node.parent
-            if self._evictable_leaf(parent):
-                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+            freed += self._remove_leaf(node)
+            self._push_if_leaf(parent)
         return freed
 
     def _evictable_leaf(self, node: Node) -> bool:
-        return node is not self.root and not node.children and node.lock_ref == 0
+        return node.parent is not None and not node.children and node.lock_ref == 0
+
+    def _is_current(self, access: int, node: Node) -> bool:
+        return node.last_access == access and self._evictable_leaf(node)
+
+    def _push_if_leaf(self, node: Node) -> None:
+        if not self._evictable_leaf(node):
+            return
+        heapq.heappush(self._leaves, (node.last_access, next(self._tiebreak), node))
+        if len(self._leaves) > 4 * self.num_nodes + 64:  # mostly stale: keep it O(nodes)
+            self._leaves = [e for e in self._leaves if self._is_current(e[0], e[2])]
+            heapq.heapify(self._leaves)
 
     def _remove_leaf(self, node: Node) -> int:
         del node.parent.children[self._key(node.tokens, 0)]
+        node.parent = None
+        self.num_nodes -= 1
         self.pool.free(node.blocks)
         count = len(node.blocks)
         self.num_cached_blocks -= count
@@ -169,6 +195,7 @@ class RadixCache:
         node.parent.children[self._key(upper.tokens, 0)] = upper
         node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[num_blocks:], upper
         upper.children[self._key(node.tokens, 0)] = node
+        self.num_nodes += 1
         return upper
 
     def _nodes(self) -> list[Node]:
@@ -182,9 +209,14 @@ class RadixCache:
     def check_integrity(self) -> None:
         """Raise AssertionError when the tree, its counters and the pool disagree."""
         cached = evictable = 0
-        for node in self._nodes():
+        current = {id(e[2]) for e in self._leaves if self._is_current(e[0], e[2])}
+        nodes = self._nodes()
+        assert len(nodes) - 1 == self.num_nodes, (len(nodes) - 1, self.num_nodes)
+        for node in nodes:
             if node is self.root:
                 continue
+            if self._evictable_leaf(node):
+                assert id(node) in current, "an evictable leaf is missing from the heap"
             assert len(node.tokens) == len(node.blocks) * self.block_size > 0
             assert node.parent.children.get(self._key(node.tokens, 0)) is node
             assert node.lock_ref >= sum(c.lock_ref for c in node.children.values())
