@@ -12,6 +12,8 @@ sequence i sits at position context_lens[i] - query_len + t and sees keys 0..pos
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -135,3 +137,112 @@ def _extend(query, k_cache, v_cache, block_table, context_len, scale, window):
         attn_mask=mask[None, None], scale=scale, enable_gqa=True,
     )  # fmt: skip
     return out[0].transpose(0, 1).to(query.dtype)
+
+
+def cascade_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+    groups: list[tuple[list[int], torch.Tensor]],  # (sequences, their shared prefix's blocks)
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """`paged_attention` (no sliding window) where each group of sequences shares the
+    pages of a prefix: the group's query tokens attend to the prefix's keys together (its
+    pages gathered once), each sequence to its own keys after the prefix, and the two
+    parts are merged by their log-sum-exps. Sequences in no group take `paged_attention`.
+
+    Every query of a group comes after the whole prefix (the prefix blocks are full and
+    were computed before the step), so the prefix part needs no mask.
+    """
+    out = torch.empty_like(query)
+    qsl, block_size, device = query_start_loc, k_cache.shape[1], query.device
+    grouped = [i for seqs, _ in groups for i in seqs]
+    loose = sorted(set(range(len(context_lens))) - set(grouped))
+    if loose:
+        rows = _rows(qsl, loose, device)
+        sub_qsl = [0, *itertools.accumulate(qsl[i + 1] - qsl[i] for i in loose)]
+        out[rows] = paged_attention(
+            query[rows], k_cache, v_cache, block_tables[loose], [context_lens[i] for i in loose],
+            sub_qsl, scale,
+        )  # fmt: skip
+    prefix_out, prefix_lse = [], []
+    starts = [0] * len(context_lens)  # the first key position a sequence reads by itself
+    for seqs, blocks in groups:
+        q = query[_rows(qsl, seqs, device)].transpose(0, 1)[None]  # [1, Hq, T, D]
+        keys = k_cache[blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
+        values = v_cache[blocks].flatten(0, 1).transpose(0, 1)[None]
+        o, lse = _attend(q, keys, values, None, scale)
+        prefix_out.append(o[0].transpose(0, 1))  # [T, Hq, D]
+        prefix_lse.append(lse[0].transpose(0, 1))  # [T, Hq]
+        for i in seqs:
+            starts[i] = blocks.shape[0] * block_size
+    own_out = torch.empty(query.shape, dtype=torch.float32, device=device)
+    own_lse = torch.empty(query.shape[:2], dtype=torch.float32, device=device)
+    decodes = [i for i in grouped if qsl[i + 1] - qsl[i] == 1]
+    extends = [[i] for i in grouped if qsl[i + 1] - qsl[i] > 1]
+    for seqs in ([decodes] if decodes else []) + extends:
+        rows = _rows(qsl, seqs, device)
+        own_out[rows], own_lse[rows] = _attend_range(
+            query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts
+        )
+    rows = _rows(qsl, grouped, device)
+    o1, l1 = torch.cat(prefix_out), torch.cat(prefix_lse)
+    o2, l2 = own_out[rows], own_lse[rows]
+    top = torch.maximum(l1, l2)
+    w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
+    out[rows] = ((o1 * w1 + o2 * w2) / (w1 + w2)).to(query.dtype)
+    return out
+
+
+def _rows(query_start_loc: list[int], seqs: list[int], device: torch.device) -> torch.Tensor:
+    """The flat token indices of `seqs`' new tokens, in order."""
+    q = query_start_loc
+    return torch.tensor([r for i in seqs for r in range(q[i], q[i + 1])], device=device)
+
+
+def _attend(q, k, v, mask, scale):
+    """Attention with its log-sum-exp, in float32. q [B, Hq, Q, D]; k, v [B, Hkv, L, D]
+    (grouped-query heads: Hq a multiple of Hkv); mask [B, Q, L] bool or None.
+    Returns out [B, Hq, Q, D] and lse [B, Hq, Q]."""
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    q = q.float().reshape(b, hkv, g * nq, d)  # head h = kv head h // g: rows (g, q)
+    scores = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, L]
+    if mask is not None:
+        full = mask[:, None, None].expand(b, 1, g, nq, mask.shape[-1]).reshape(b, 1, g * nq, -1)
+        scores.masked_fill_(~full, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G*Q]
+    probs = (scores - lse[..., None]).exp_()
+    out = torch.matmul(probs, v.float())  # [B, Hkv, G*Q, D]
+    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def _attend_range(query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts):
+    """Causal attention of `seqs`' new tokens over their keys from `starts[i]` on, padded
+    together; returns their rows' out [T, Hq, D] and lse [T, Hq] (float32), in order."""
+    device = query.device
+    q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in seqs], device=device)
+    lens = torch.tensor([context_lens[i] for i in seqs], device=device)
+    first = torch.tensor([starts[i] for i in seqs], device=device)
+    max_q, max_len = int(q_lens.max()), int((lens - first).max())
+    q_idx = torch.tensor([qsl[i] for i in seqs], device=device)[:, None] + torch.arange(
+        max_q, device=device
+    )
+    valid_q = torch.arange(max_q, device=device)[None, :] < q_lens[:, None]  # [S, Q]
+    q = query[q_idx.clamp(max=query.shape[0] - 1)].transpose(1, 2)  # [S, Hq, Q, D]
+    k_pos = first[:, None] + torch.arange(max_len, device=device)[None, :]  # [S, L]
+    in_range = k_pos < lens[:, None]
+    pos = torch.where(in_range, k_pos, first[:, None])  # past the end: a written slot
+    tables = block_tables[seqs].long()
+    slots = torch.gather(tables, 1, pos // k_cache.shape[1]) * k_cache.shape[1]
+    slots += pos % k_cache.shape[1]
+    keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [S, Hkv, L, D]
+    values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+    q_pos = (lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [S, Q]
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & in_range[:, None, :]
+    out, lse = _attend(q, keys, values, mask, scale)
+    return out.transpose(1, 2)[valid_q], lse.transpose(1, 2)[valid_q]

@@ -63,6 +63,7 @@ class LLM:
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
+            cascade=self.config.cascade,
         )  # fmt: skip
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
@@ -169,6 +170,7 @@ class LLM:
             model_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
+            cascade_saved_token_reads=stats.cascade_saved_token_reads,
         )  # fmt: skip
 
     def stats(self) -> EngineStats:

@@ -113,11 +113,13 @@ def test_report_says_what_each_contender_was_given(reports):
         "padding": generate["padding"], "batch_size_from": "max_num_seqs",
     }  # fmt: skip
     assert report.get("generate").name == "generate (batch 3)"
-    orders = {"pagedbatch": "by prompt token ids", "pagedbatch-no-sharing": "input order"}
-    for contender, order in orders.items():
+    given = {"pagedbatch": ("by prompt token ids", True),
+             "pagedbatch-no-cascade": ("by prompt token ids", False),
+             "pagedbatch-no-sharing": ("input order", True)}  # fmt: skip
+    for contender, (order, cascade) in given.items():
         assert report.get(contender).given == {
             "max_num_seqs": 256, "max_batch_tokens": 2048, "num_blocks": 512, "block_size": 16,
-            "order": order,
+            "order": order, "cascade": cascade,
         }  # fmt: skip
     batching = report.get("generate_batch").given
     assert batching["max_batch_tokens"] == 2048 and batching["num_blocks"] >= 3
@@ -126,7 +128,7 @@ def test_report_says_what_each_contender_was_given(reports):
     for table in tables(report):
         console.print(table)
     text = console.export_text()
-    assert "What each contender was given" in text and text.count("exact") == 4
+    assert "What each contender was given" in text and text.count("exact") == 5
     assert "batch_size=256, batches=1, order=sorted by prompt length" in text
     assert "max_num_seqs=256, max_batch_tokens=2048, num_blocks=512" in text
 
@@ -218,10 +220,16 @@ def test_share_hits_the_prefix_cache_only_with_sharing(reports):
     assert shared["prefix_hit_rate"] == pytest.approx(expected) and expected > 0.6
     assert plain["prefix_hit_rate"] == 0.0
     assert shared["peak_blocks"] < plain["peak_blocks"]
+    # Cascade: every decode step reads the 512 shared tokens once for all the prompts.
+    uncascaded = report.get("pagedbatch-no-cascade").details
+    assert shared["cascade_saved_token_reads"] > 0
+    assert uncascaded["cascade_saved_token_reads"] == plain["cascade_saved_token_reads"] == 0
+    assert uncascaded["prefix_hit_rate"] == shared["prefix_hit_rate"]
 
 
 def test_skip_leaves_contenders_out(tiny_model_dirs):
-    opts = options(tiny_model_dirs["qwen3"], skip=frozenset({"pagedbatch", "generate_batch"}))
+    skip = frozenset({"pagedbatch", "pagedbatch-no-cascade", "generate_batch"})
+    opts = options(tiny_model_dirs["qwen3"], skip=skip)
     report = run_workload_benchmark(TINY_WORKLOADS["label"].scaled(2, max_tokens=2), opts)
     assert [r.contender for r in report.results] == ["pagedbatch-no-sharing", "generate"]
     with pytest.raises(ValueError, match="unknown contender"):

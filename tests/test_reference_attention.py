@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagedbatch.kernels.reference import paged_attention, store_kv
+from pagedbatch.kernels.reference import cascade_attention, paged_attention, store_kv
 
 
 def dense_attention(q, k, v, scale, window=None):
@@ -90,3 +90,53 @@ def test_store_writes_exactly_the_given_slots_and_skips_negative_ones():
     touched = torch.zeros(3, 4, dtype=torch.bool)
     touched[2, 1] = touched[0, 2] = True
     assert (k_cache[~touched] == 0).all() and (v_cache[~touched] == 0).all()
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
+def test_cascade_attention_equals_paged_attention(block_size, heads, kv_heads):
+    """Two groups sharing prefixes of 3 and 1 blocks, with decodes and extends in each,
+    next to sequences in no group; slots nobody owns are NaN."""
+    gen = torch.Generator().manual_seed(block_size + heads)
+    head_dim, num_blocks = 8, 64
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+
+    def write(blocks, first_pos, n):  # random K/V for positions first_pos .. first_pos + n
+        slots = [blocks[p // block_size] * block_size + p % block_size
+                 for p in range(first_pos, first_pos + n)]  # fmt: skip
+        k = torch.randn(n, kv_heads, head_dim, generator=gen)
+        store_kv(k, torch.randn_like(k), k_cache, v_cache, torch.tensor(slots))
+
+    prefixes = []
+    for num in (3, 1):
+        blocks = [free.pop() for _ in range(num)]
+        write(blocks, 0, num * block_size)
+        prefixes.append(blocks)
+    # (prefix or None, context length, new tokens)
+    shapes = [(0, 3 * block_size + 1, 1), (None, 9, 1), (0, 3 * block_size + 7, 5),
+              (1, block_size + 2, 1), (0, 4 * block_size + 3, 1), (None, 20, 6),
+              (1, 3 * block_size, 1)]  # fmt: skip
+    tables, context_lens, query_lens = [], [], []
+    for prefix, length, new in shapes:
+        own_from = len(prefixes[prefix]) * block_size if prefix is not None else 0
+        table = list(prefixes[prefix]) if prefix is not None else []
+        table += [free.pop() for _ in range(-(-length // block_size) - len(table))]
+        write(table, own_from, length - own_from)
+        tables.append(table)
+        context_lens.append(length)
+        query_lens.append(new)
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    qsl = [0]
+    for n in query_lens:
+        qsl.append(qsl[-1] + n)
+    query = torch.randn(qsl[-1], heads, head_dim, generator=gen)
+    groups = [([0, 2, 4], torch.tensor(prefixes[0])), ([3, 6], torch.tensor(prefixes[1]))]
+    scale = head_dim**-0.5
+    want = paged_attention(query, k_cache, v_cache, block_tables, context_lens, qsl, scale)
+    got = cascade_attention(query, k_cache, v_cache, block_tables, context_lens, qsl, scale,
+                            groups)  # fmt: skip
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The contenders, as `--skip` spells them (see bench.py).
-CONTENDERS = ("run", "pagedbatch", "pagedbatch-no-sharing", "generate", "generate_batch")
+CONTENDERS = (
+    "run", "pagedbatch", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
+    "generate_batch",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class BenchResult:
     prompts, token and sequence budgets, cache size (see `runner.py`).
 
     `details` holds what only some contenders have: `load_s`, and for pagedbatch also
-    `prefix_hit_rate`, `peak_blocks`, `sharing_saving`, `preemptions`, `decode_steps`,
+    `prefix_hit_rate`, `peak_blocks`, `sharing_saving`, `preemptions`,
+    `cascade_saved_token_reads` (K/V token reads, over layers, that cascade saved), `decode_steps`,
     `decode_ms` (mean decode-only step), `decode_batch` (mean sequences per decode step)
     and, on CUDA, `floor_fraction` (bandwidth floor / step time).
     """

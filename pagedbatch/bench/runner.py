@@ -3,8 +3,9 @@
 Contenders (names as `--skip` spells them):
 - `run`: the whole `pagedbatch run` command in a child process (`process.py`); file
   inputs only;
-- `pagedbatch`, `pagedbatch-no-sharing`: `LLM.generate` in this process, with and
-  without prefix sharing;
+- `pagedbatch`, `pagedbatch-no-cascade`, `pagedbatch-no-sharing`: `LLM.generate` in this
+  process; as configured, without cascade attention, and without prefix sharing (so
+  without cascade);
 - `generate`, `generate_batch`: the transformers baselines (`baselines.py`) on the
   same model (same weights: a random preset is rebuilt from the same seed).
 
@@ -43,6 +44,12 @@ if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
 
 IN_PROCESS = CONTENDERS[1:]
+# Each pagedbatch contender: the engine config's changes.
+PAGEDBATCH = {
+    "pagedbatch": {},
+    "pagedbatch-no-cascade": {"cascade": False},
+    "pagedbatch-no-sharing": {"prefix_sharing": False},
+}
 # (tokenizer, vocabulary size) -> the prompts; called with the first model loaded.
 PromptSource = Callable[[Any, int], BenchPrompts]
 
@@ -137,12 +144,12 @@ def _run(
         on_result(result)
 
     prompts = None
-    for sharing in (True, False):
-        if options.runs("pagedbatch" if sharing else "pagedbatch-no-sharing"):
-            llm, load_s = load_llm(engine.replace(prefix_sharing=sharing))
+    for contender, changes in PAGEDBATCH.items():
+        if options.runs(contender):
+            llm, load_s = load_llm(engine.replace(**changes))
             if prompts is None:
                 prompts = source(llm.tokenizer, vocab_size(llm.model))
-            record(bench_llm(llm, prompts, load_s, copy_bw))
+            record(bench_llm(llm, prompts, load_s, copy_bw, contender))
             del llm
             release_memory(device)
     if options.runs("generate") or options.runs("generate_batch"):
@@ -163,7 +170,11 @@ def load_llm(config: EngineConfig) -> tuple[LLM, float]:
 
 
 def bench_llm(
-    llm: LLM, prompts: BenchPrompts, load_s: float = 0.0, copy_bw: float | None = None
+    llm: LLM,
+    prompts: BenchPrompts,
+    load_s: float = 0.0,
+    copy_bw: float | None = None,
+    contender: str = "pagedbatch",
 ) -> BenchResult:
     """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics."""
     warm_up = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
@@ -185,9 +196,11 @@ def bench_llm(
         "num_blocks": after.num_blocks,
         "sharing_saving": after.sharing_saving,
         "preemptions": after.preemptions - before.preemptions,
+        "cascade_saved_token_reads": (
+            after.cascade_saved_token_reads - before.cascade_saved_token_reads
+        ),
         **_decode_details(probe.timing(), llm, copy_bw),
     }
-    contender = "pagedbatch" if llm.config.prefix_sharing else "pagedbatch-no-sharing"
     produced = [tokens.get(i, 0) for i in range(len(prompts))]
     given = engine_given(llm.config, after.num_blocks)
     result = BenchResult.counted(

@@ -31,7 +31,7 @@ def bench(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-sharing, generate, generate_batch.", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch.", show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
@@ -41,8 +41,8 @@ def bench(
     host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead: print one JSON object.")] = False,
 ) -> None:  # fmt: skip
-    """Time pagedbatch (with and without prefix sharing; for INPUT also the whole `pagedbatch
-    run` process) against transformers generate (padded static batches) and generate_batch
+    """Time pagedbatch (as configured, without cascade attention, without prefix sharing; for
+    INPUT also the whole `pagedbatch run` process) against transformers generate (padded static batches) and generate_batch
     (continuous batching), on the same model and prompts, in one run. Every contender
     generates the same number of tokens per prompt, EOS ignored; times exclude loading.
 
@@ -195,19 +195,28 @@ def pagedbatch_table(report: BenchReport) -> Table:
         if floors else None,
         box=box.SIMPLE_HEAD,
     )  # fmt: skip
-    columns = ("contender", "hit rate", "peak KV blocks", "preempted", "decode steps",
-               "ms/step", "batch", *(["% floor"] if floors else []))  # fmt: skip
+    columns = ("contender", "hit rate", "peak KV blocks", "preempted", "KV reads saved",
+               "decode steps", "ms/step", "batch", *(["% floor"] if floors else []))  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column == "contender" else "right")
     for r in ours:
         d = r.details
         row = [escape(r.name), f"{d['prefix_hit_rate']:.2f}", f"{d['peak_blocks']}/{d['num_blocks']}",
-               str(d["preemptions"]), str(d["decode_steps"]), f"{d['decode_ms']:.2f}",
+               str(d["preemptions"]), _count(d["cascade_saved_token_reads"]),
+               str(d["decode_steps"]), f"{d['decode_ms']:.2f}",
                f"{d['decode_batch']:.1f}"]  # fmt: skip
         if floors:
             row.append(_num(d.get("floor_fraction"), "{:.0%}"))
         table.add_row(*row)
     return table
+
+
+def _count(n: int) -> str:
+    """A count for people: 950, 12.3k, 4.1M."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _num(value: float | None, fmt: str) -> str:

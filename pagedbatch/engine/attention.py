@@ -66,6 +66,8 @@ class PagedAttention:
         self.kv_cache = kv_cache
         self.backend = backend
         self.max_model_len = max_model_len
+        # K/V token reads (summed over layers and KV heads' worth) that cascade saved.
+        self.cascade_saved_token_reads = 0
 
     def __call__(
         self,
@@ -81,6 +83,16 @@ class PagedAttention:
         if self.backend == "triton":
             return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
         reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        plan = batch.cascade
+        if sliding_window is not None and sliding_window < batch.max_context_len:
+            plan = None  # the window hides some keys: the plain path masks them
+        if plan is not None:
+            self.cascade_saved_token_reads += plan.saved_token_reads
+            groups = [(list(g.seqs), b) for g, b in zip(plan.groups, plan.prefix_blocks)]
+            return reference.cascade_attention(
+                query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
+                batch.query_start_loc_host, scale, groups,
+            )  # fmt: skip
         return reference.paged_attention(
             query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
             batch.query_start_loc_host, scale, sliding_window,

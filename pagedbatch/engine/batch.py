@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pagedbatch.engine.cascade import CascadePlan
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Batch:
     logits_indices: torch.Tensor  # [num_sampled] token index of each sampled sequence's last token
     context_lens_host: list[int]
     query_start_loc_host: list[int]
+    cascade: CascadePlan | None = None  # sequences sharing prefix pages (torch attention)
 
     @property
     def num_tokens(self) -> int:

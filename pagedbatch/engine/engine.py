@@ -32,6 +32,7 @@ class Engine:
         attention_backend: str = "torch",
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
+        cascade: bool = True,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -41,8 +42,10 @@ class Engine:
             max_blocks_per_seq=blocks_for(max_model_len, block_size),
         )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
-        attention = PagedAttention(kv_cache, attention_backend, max_model_len)
-        self.runner = ModelRunner(model, attention, self.block_manager)
+        self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
+        # Cascade attention is in the torch backend only (kernels/reference.py).
+        plan = cascade and attention_backend == "torch"
+        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=plan)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
@@ -124,6 +127,7 @@ class Engine:
             peak_logical_blocks=c.peak.logical if c.peak else 0,
             evicted_blocks=cache.num_evicted_blocks if cache else 0,
             graph_steps=self.runner.graphs.replays if self.runner.graphs else 0,
+            cascade_saved_token_reads=self.attention.cascade_saved_token_reads,
         )
 
 

@@ -158,6 +158,7 @@ def memory_report(
     preemptions: int,
     recomputed_tokens: int,
     evictions: int,
+    cascade_saved_token_reads: int,
 ) -> dict[str, Any]:
     """The figures of `--memory-report`, as plain JSON-ready data.
 
@@ -181,6 +182,7 @@ def memory_report(
         "preemptions": preemptions,
         "recomputed_tokens": recomputed_tokens,
         "evictions": evictions,
+        "cascade_saved_token_reads": cascade_saved_token_reads,
         "naive_contiguous_bytes": peak.reserved_tokens * kv_bytes_per_token if peak else 0,
         "padded_batch_bytes": peak.padded_tokens * kv_bytes_per_token if peak else 0,
         "timeline": [asdict(s) for s in timeline],

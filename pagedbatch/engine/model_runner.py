@@ -11,6 +11,7 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.cascade import make_plan, plan_cascade
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
 
@@ -18,8 +19,15 @@ from pagedbatch.engine.scheduler import SchedulerOutput
 class ModelRunner:
     """Turns a SchedulerOutput into a Batch, runs the model, returns the logits to sample."""
 
-    def __init__(self, model, attention: PagedAttention, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        model,
+        attention: PagedAttention,
+        block_manager: BlockManager,
+        cascade: bool = False,
+    ) -> None:
         self.model = model
+        self.cascade = cascade  # plan cascade attention for sequences sharing prefix pages
         self.attention = attention
         self.block_manager = block_manager
         self.device = next(model.parameters()).device
@@ -67,6 +75,11 @@ class ModelRunner:
         cuts = (t, t, t, s, s + 1, len(last), s)
         ids, pos, slot, lens, loc, logits_rows, row_ids = staged.split(cuts)
         width = blocks_for(int(ends.max()), size)
+        cascade = None
+        if self.cascade:
+            own_rows = tables.host[rows]
+            groups = plan_cascade(own_rows, -(-ends // size), begins, size)
+            cascade = make_plan(groups, own_rows, size, starts.tolist(), device)
         return Batch(
             input_ids=ids,
             positions=pos,
@@ -77,6 +90,7 @@ class ModelRunner:
             logits_indices=logits_rows,
             context_lens_host=ends.tolist(),
             query_start_loc_host=starts.tolist(),
+            cascade=cascade,
         )
 
     @torch.inference_mode()

@@ -37,6 +37,8 @@ class EngineStats:
     peak_logical_blocks: int
     evicted_blocks: int
     graph_steps: int  # decode steps replayed from a CUDA graph
+    # K/V tokens not read thanks to cascade attention, summed over layers (per KV head)
+    cascade_saved_token_reads: int
 
     @property
     def prefix_hit_rate(self) -> float:

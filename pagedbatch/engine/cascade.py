@@ -1,0 +1,108 @@
+"""Cascade attention's plan: which sequences of a step read the same prefix pages.
+
+Sequences whose block tables start with the same physical blocks (a prefix from the radix
+cache, or a fork's prompt) hold the same keys and values there. Attention for such a
+group is computed in two parts, merged by log-sum-exp: every query token of the group
+against the shared prefix at once (its pages read once per step, not once per
+sequence), and each sequence against its own remaining pages
+(`kernels.reference.cascade_attention`).
+
+A block shared by two tables is full and was computed before this step (the prefix
+cache holds only full blocks; a step copies a shared partial block before writing it),
+so every query of the group sees every key of the prefix: no causal mask there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+MIN_GROUP_SEQS = 2  # a group of one would only split its attention in two
+MIN_PREFIX_BLOCKS = 1
+
+
+@dataclass(frozen=True)
+class CascadeGroup:
+    """Sequences (indices in the step's batch) sharing their first `num_prefix_blocks`."""
+
+    seqs: tuple[int, ...]
+    num_prefix_blocks: int
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """The groups of one step, with the device index tensors every layer reuses."""
+
+    groups: tuple[CascadeGroup, ...]
+    block_size: int
+    query_start_loc: tuple[int, ...]
+    prefix_blocks: tuple[torch.Tensor, ...]  # per group: its prefix's block ids (device)
+
+    @property
+    def saved_token_reads(self) -> int:
+        """Key/value tokens per layer and KV head not read this step thanks to the plan."""
+        return sum((len(g.seqs) - 1) * g.num_prefix_blocks for g in self.groups) * (self.block_size)
+
+    @cached_property
+    def grouped_seqs(self) -> list[int]:
+        return sorted(i for g in self.groups for i in g.seqs)
+
+    def rows(self, seqs: list[int] | tuple[int, ...]) -> list[int]:
+        """The query rows (flat token indices) of `seqs`, in order."""
+        q = self.query_start_loc
+        return [r for i in seqs for r in range(q[i], q[i + 1])]
+
+
+def plan_cascade(
+    rows: np.ndarray,  # [num_seqs, width] int32: each scheduled sequence's block table row
+    num_blocks: np.ndarray,  # [num_seqs] blocks each sequence holds after this step
+    begins: np.ndarray,  # [num_seqs] each sequence's first new position (KV before it cached)
+    block_size: int,
+) -> list[CascadeGroup]:
+    """Groups of sequences that start with the same physical blocks.
+
+    Sequences are grouped by their first block; a group's prefix is the longest run of
+    blocks all its members share, and never reaches a member's first new token. Groups
+    of fewer than MIN_GROUP_SEQS or with a prefix under MIN_PREFIX_BLOCKS are dropped.
+    """
+    if len(rows) < MIN_GROUP_SEQS:
+        return []
+    usable = np.minimum(num_blocks, begins // block_size)  # whole blocks before new tokens
+    candidates = np.flatnonzero(usable >= MIN_PREFIX_BLOCKS)
+    if len(candidates) < MIN_GROUP_SEQS:
+        return []
+    first = rows[candidates, 0]
+    order = np.argsort(first, kind="stable")
+    bounds = np.flatnonzero(np.diff(first[order])) + 1
+    groups = []
+    for members in np.split(candidates[order], bounds):
+        if len(members) < MIN_GROUP_SEQS:
+            continue
+        width = int(usable[members].min())
+        table = rows[members, :width]
+        same = (table == table[0]).all(axis=0)
+        shared = width if same.all() else int(np.argmin(same))
+        if shared >= MIN_PREFIX_BLOCKS:
+            groups.append(CascadeGroup(tuple(int(i) for i in sorted(members)), shared))
+    return groups
+
+
+def make_plan(
+    groups: list[CascadeGroup],
+    rows: np.ndarray,
+    block_size: int,
+    query_start_loc: list[int],
+    device: torch.device,
+) -> CascadePlan | None:
+    """The plan of `groups` (None when there is none)."""
+    if not groups:
+        return None
+    prefix = [torch.from_numpy(rows[g.seqs[0], : g.num_prefix_blocks].astype(np.int64))
+              for g in groups]  # fmt: skip
+    return CascadePlan(
+        tuple(groups), block_size, tuple(query_start_loc),
+        tuple(p.to(device, non_blocking=True) for p in prefix),
+    )  # fmt: skip

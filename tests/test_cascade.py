@@ -1,0 +1,122 @@
+"""Cascade attention: the plan's groups, and the same tokens and logits as without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import ARCHS
+
+from pagedbatch import LLM, SamplingParams
+from pagedbatch.engine.cascade import CascadeGroup, plan_cascade
+
+BS = 4
+
+
+def test_plan_groups_by_shared_leading_blocks_and_stops_before_new_tokens():
+    rows = np.array(
+        [
+            [7, 8, 9, 20, 0],  # 0: shares 7, 8, 9 with 2 and 7, 8 with 4
+            [3, 4, 0, 0, 0],  # 1: alone
+            [7, 8, 9, 21, 0],
+            [5, 6, 10, 0, 0],  # 3: shares 5 with 5, but 5 computes from position 2
+            [7, 8, 30, 31, 32],
+            [5, 11, 0, 0, 0],
+        ],
+        dtype=np.int32,
+    )
+    num_blocks = np.array([4, 2, 4, 3, 5, 2])
+    begins = np.array([13, 5, 14, 9, 17, 2])  # new tokens start here
+    groups = plan_cascade(rows, num_blocks, begins, BS)
+    assert groups == [CascadeGroup((0, 2, 4), 2)]
+    # Without 4, the group shares three blocks.
+    assert plan_cascade(rows[[0, 2]], num_blocks[[0, 2]], begins[[0, 2]], BS) == [
+        CascadeGroup((0, 1), 3)
+    ]
+    # A prefix never reaches a member's new tokens: 2 starts in its third block.
+    begins_early = np.array([13, 5, 9, 9, 17, 2])
+    assert plan_cascade(rows, num_blocks, begins_early, BS) == [CascadeGroup((0, 2, 4), 2)]
+    begins_earlier = np.array([13, 5, 5, 9, 17, 2])
+    assert plan_cascade(rows, num_blocks, begins_earlier, BS) == [CascadeGroup((0, 2, 4), 1)]
+    assert plan_cascade(rows[:1], num_blocks[:1], begins[:1], BS) == []
+
+
+def shared_prompts(vocab: int, seed: int) -> list[list[int]]:
+    """Two families of prompts behind shared instructions of 21 and 9 tokens, plus loners."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=gen).tolist()
+
+    first, second = rand(21), rand(9)
+    return ([first + rand(3 + i) for i in range(5)] + [second + rand(2 + i) for i in range(4)]
+            + [rand(7), rand(12)])  # fmt: skip
+
+
+def run(model_dir, cascade: bool, **kw):
+    llm = LLM(model_dir, device="cpu", block_size=BS, cascade=cascade, **kw)
+    logits = []
+    forward = llm.engine.runner.forward  # the real forward, its logits recorded
+
+    def recording(batch):
+        out = forward(batch)
+        logits.append(out.clone())
+        return out
+
+    llm.engine.runner.forward = recording
+    prompts = shared_prompts(llm.model.config.vocab_size, seed=7)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
+    return llm, [[c.token_ids for c in o.completions] for o in outputs], logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cascade_gives_the_tokens_and_logits_of_the_plain_path(arch, tiny_model_dirs):
+    on, tokens_on, logits_on = run(tiny_model_dirs[arch], True, num_blocks=128)
+    off, tokens_off, logits_off = run(tiny_model_dirs[arch], False, num_blocks=128)
+    assert tokens_on == tokens_off
+    assert len(logits_on) == len(logits_off)
+    for a, b in zip(logits_on, logits_off):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert on.stats().cascade_saved_token_reads > 0
+    assert off.stats().cascade_saved_token_reads == 0
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        {"num_blocks": 24, "max_num_seqs": 6},  # preemption and eviction
+        {"num_blocks": 128, "max_batch_tokens": 16},  # chunked prefill
+    ],
+    ids=["small-pool", "chunked"],
+)
+def test_cascade_with_forks_preemption_and_chunked_prefill(engine, tiny_model_dirs):
+    results = {}
+    for cascade in (True, False):
+        llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=BS, cascade=cascade,
+                  **engine)  # fmt: skip
+        prompts = shared_prompts(llm.model.config.vocab_size, seed=11)
+        params = SamplingParams(max_tokens=8, ignore_eos=True, n=3, temperature=0.8, seed=5)
+        outputs = llm.generate(prompts, params)
+        results[cascade] = [[c.token_ids for c in o.completions] for o in outputs]
+        stats = llm.stats()
+        assert (stats.cascade_saved_token_reads > 0) == cascade
+        llm.engine.check_integrity()
+    assert results[True] == results[False]
+    if engine.get("num_blocks") == 24:
+        assert stats.preemptions > 0
+
+
+def test_a_sliding_window_narrower_than_the_context_takes_the_plain_path(tmp_path):
+    from tiny_models import build_tiny_model
+
+    model_dir = build_tiny_model("mistral", tmp_path / "m", sliding_window=8)
+    tokens, saved = {}, {}
+    for cascade in (True, False):
+        llm = LLM(model_dir, device="cpu", block_size=BS, num_blocks=128, cascade=cascade)
+        prompts = shared_prompts(llm.model.config.vocab_size, seed=3)
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+        tokens[cascade] = [o.completions[0].token_ids for o in outputs]
+        saved[cascade] = llm.stats().cascade_saved_token_reads
+    assert tokens[True] == tokens[False]
+    assert saved == {True: 0, False: 0}
