@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,23 @@ def test_a_sliding_window_narrower_than_the_context_takes_the_plain_path(tmp_pat
         saved[cascade] = llm.stats().cascade_saved_token_reads
     assert tokens[True] == tokens[False]
     assert saved == {True: 0, False: 0}
+
+
+def test_the_cli_turns_cascade_off(tmp_path, tiny_model_dirs):
+    from job_helpers import invoke, read_lines, tiny_args, write_jsonl
+
+    instruction = "Read the review below and say whether it is positive or negative. "
+    records = [{"id": i, "prompt": instruction + f"Review {i}: it was fine."} for i in range(4)]
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    lines = {}
+    for flag in ("--cascade", "--no-cascade"):
+        out = tmp_path / f"out{flag}.jsonl"
+        args = tiny_args(tiny_model_dirs["llama"], flag, "--block-size", "4")
+        result = invoke(source, "-o", out, "--memory-report", *args)
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.with_name(out.name.removesuffix(".jsonl") + ".memory.json")
+                            .read_text())  # fmt: skip
+        lines[flag] = ([line["choices"] for line in read_lines(out)],
+                       report["cascade_saved_token_reads"])  # fmt: skip
+    assert lines["--cascade"][0] == lines["--no-cascade"][0]
+    assert lines["--cascade"][1] > 0 and lines["--no-cascade"][1] == 0
