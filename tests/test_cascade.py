@@ -38,8 +38,10 @@ def test_plan_groups_by_shared_leading_blocks_and_stops_before_new_tokens():
     # A prefix never reaches a member's new tokens: 2 starts in its third block.
     begins_early = np.array([13, 5, 9, 9, 17, 2])
     assert plan_cascade(rows, num_blocks, begins_early, BS) == [CascadeGroup((0, 2, 4), 2)]
+    # 2 now has one whole block: (0, 4) x 2 blocks saves as much as (0, 2, 4) x 1 block,
+    # and the longer prefix wins the tie.
     begins_earlier = np.array([13, 5, 5, 9, 17, 2])
-    assert plan_cascade(rows, num_blocks, begins_earlier, BS) == [CascadeGroup((0, 2, 4), 1)]
+    assert plan_cascade(rows, num_blocks, begins_earlier, BS) == [CascadeGroup((0, 4), 2)]
     assert plan_cascade(rows[:1], num_blocks[:1], begins[:1], BS) == []
 
 
@@ -142,3 +144,20 @@ def test_the_cli_turns_cascade_off(tmp_path, tiny_model_dirs):
                        report["cascade_saved_token_reads"])  # fmt: skip
     assert lines["--cascade"][0] == lines["--no-cascade"][0]
     assert lines["--cascade"][1] > 0 and lines["--no-cascade"][1] == 0
+
+
+def test_a_member_sharing_little_is_left_out_rather_than_cutting_the_prefix():
+    rows = np.array([[7, 8, 9, 10, 11, 40], [7, 8, 9, 10, 11, 41], [7, 8, 9, 10, 11, 42],
+                     [7, 50, 0, 0, 0, 0]], dtype=np.int32)  # fmt: skip
+    num_blocks = np.array([6, 6, 6, 2])
+    begins = np.array([21, 21, 22, 5])
+    # Three members x 5 blocks beat four members x 1 block: 3 runs alone.
+    assert plan_cascade(rows, num_blocks, begins, BS) == [CascadeGroup((0, 1, 2), 5)]
+    # With only two sharing the long prefix, four sharing one block save more: (4-1)x1 >
+    # (2-1)x... no: 1 x 5 = 5 > 3. Shorten the long prefix to 2 blocks instead.
+    short = begins.copy()
+    short[:3] = 9
+    assert plan_cascade(rows, num_blocks, short, BS) == [CascadeGroup((0, 1, 2), 2)]
+    one_block = np.array([6, 6, 6, 2])
+    early = np.array([5, 5, 5, 5])  # everyone has one whole block before its new tokens
+    assert plan_cascade(rows, one_block, early, BS) == [CascadeGroup((0, 1, 2, 3), 1)]

@@ -64,9 +64,14 @@ def plan_cascade(
 ) -> list[CascadeGroup]:
     """Groups of sequences that start with the same physical blocks.
 
-    Sequences are grouped by their first block; a group's prefix is the longest run of
-    blocks all its members share, and never reaches a member's first new token. Groups
-    of fewer than MIN_GROUP_SEQS or with a prefix under MIN_PREFIX_BLOCKS are dropped.
+    Sequences are grouped by their first block, and each group keeps the members and
+    prefix that save the most reads: with `l_i` the blocks member i shares with the
+    member that has the most whole blocks before its new tokens (never reaching i's own
+    first new token), the prefix is the `t` among them that maximises the reads saved,
+    (number of members with l_i >= t, less one) x t, the longer on a tie; members with
+    l_i < t run without cascade. So one member that shares only a block does not cut
+    the whole group's prefix to one block. Groups of fewer than
+    MIN_GROUP_SEQS or with a prefix under MIN_PREFIX_BLOCKS are dropped.
     """
     if len(rows) < MIN_GROUP_SEQS:
         return []
@@ -81,13 +86,24 @@ def plan_cascade(
     for members in np.split(candidates[order], bounds):
         if len(members) < MIN_GROUP_SEQS:
             continue
-        width = int(usable[members].min())
-        table = rows[members, :width]
-        same = (table == table[0]).all(axis=0)
-        shared = width if same.all() else int(np.argmin(same))
-        if shared >= MIN_PREFIX_BLOCKS:
-            groups.append(CascadeGroup(tuple(int(i) for i in sorted(members)), shared))
+        shared = _shared_blocks(rows[members], usable[members])
+        counts = (shared[None, :] >= shared[:, None]).sum(axis=1)  # members sharing >= l_i
+        saved = (counts - 1) * shared
+        prefix = int(shared[saved == saved.max()].max())
+        kept = members[shared >= prefix]
+        if len(kept) >= MIN_GROUP_SEQS and prefix >= MIN_PREFIX_BLOCKS:
+            groups.append(CascadeGroup(tuple(int(i) for i in sorted(kept)), prefix))
     return groups
+
+
+def _shared_blocks(rows: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Per member: how many leading blocks it shares with the member of most `usable`
+    blocks, at most its own `usable`."""
+    ref = int(np.argmax(usable))
+    width = int(usable[ref])
+    equal = rows[:, :width] == rows[ref, :width]  # [members, width]
+    run = np.where(equal.all(axis=1), width, np.argmin(equal, axis=1))
+    return np.minimum(run, usable)
 
 
 def make_plan(
