@@ -24,6 +24,16 @@ def cache_tokens(pool: BlockPool, cache: RadixCache, tokens: list[int]):
     return blocks, node
 
 
+def cache_evicting(pool: BlockPool, cache: RadixCache, tokens: list[int]) -> None:
+    """cache_tokens(), evicting first when the pool is short; nothing when even eviction
+    cannot make room (what the BlockManager does when it allocates)."""
+    n = len(tokens) // BS
+    if pool.num_free + cache.num_evictable_blocks >= n:
+        if pool.num_free < n:
+            cache.evict(n - pool.num_free)
+        cache_tokens(pool, cache, tokens)
+
+
 def test_insert_then_match_returns_the_same_blocks_of_whole_blocks_only():
     pool, cache = make()
     blocks, _ = cache_tokens(pool, cache, [1, 2, 3, 4, 5, 6])
@@ -110,11 +120,7 @@ def test_random_interleavings_keep_the_tree_and_pool_consistent(ops):
     for op, tokens, k in ops:
         tokens = tokens[: len(tokens) // BS * BS]
         if op == "insert" and tokens:
-            n = len(tokens) // BS
-            if pool.num_free + cache.num_evictable_blocks >= n:
-                if pool.num_free < n:
-                    cache.evict(n - pool.num_free)
-                cache_tokens(pool, cache, tokens)
+            cache_evicting(pool, cache, tokens)
         elif op == "match":
             match = cache.match(tokens)
             assert len(match.blocks) * BS <= len(tokens)
@@ -183,11 +189,7 @@ def test_evicts_exactly_what_a_full_scan_lru_evicts(ops):
         tokens = tokens[: len(tokens) // BS * BS]
         for (pool, cache), held in zip(pools_caches, locked):
             if op == "insert" and tokens:
-                n = len(tokens) // BS
-                if pool.num_free + cache.num_evictable_blocks >= n:
-                    if pool.num_free < n:
-                        cache.evict(n - pool.num_free)
-                    cache_tokens(pool, cache, tokens)
+                cache_evicting(pool, cache, tokens)
             elif op == "match":
                 cache.match(tokens)
             elif op == "lock" and (node := cache.match(tokens).node) is not cache.root:
