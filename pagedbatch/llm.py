@@ -28,6 +28,7 @@ from pagedbatch.outputs import (
     Completion,
     RecordError,
     RequestOutput,
+    TokenLogprob,
 )
 from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed
 
@@ -237,13 +238,32 @@ class LLM:
 
     def _output(self, record: Record, seqs: list[Sequence]) -> RequestOutput:
         completions = tuple(
-            Completion(k, self.engine.stop_checker.text(s), tuple(s.output_ids), s.finish_reason)
+            Completion(
+                k,
+                self.engine.stop_checker.text(s),
+                tuple(s.output_ids),
+                s.finish_reason,
+                self._logprobs(s),
+            )  # fmt: skip
             for k, s in enumerate(seqs)
         )
         return RequestOutput(
             record.id, completions, prompt_tokens=seqs[0].num_prompt_tokens,
             cached_tokens=seqs[0].num_prefix_hit_tokens,
         )  # fmt: skip
+
+    def _logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...] | None:
+        """The sequence's token logprobs with the tokens' texts (None when not asked for)."""
+        if seq.params.logprobs is None:
+            return None
+        text = self._token_text
+        return tuple(
+            TokenLogprob(text(t), t, lp, tuple((text(i), i, v) for i, v in top))
+            for t, (lp, top) in zip(seq.output_ids, seq.logprobs, strict=True)
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
 
 class _Group:

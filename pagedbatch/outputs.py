@@ -31,6 +31,23 @@ class Completion:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token (its text and id) with its log-probability under the model, and
+    the most likely tokens at that position as (text, id, logprob), most likely first."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: tuple[tuple[str, int, float], ...] = ()
+
+    def to_json(self) -> dict:
+        """The compact shape of a plain output line (README, Output)."""
+        return {"token": self.token, "id": self.token_id, "logprob": self.logprob,
+                "top": [list(t) for t in self.top]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,13 +76,17 @@ class RequestOutput:
         if self.error is not None:
             line["error"] = self.error.to_json()
         else:
-            line["choices"] = [
-                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
-                for c in self.completions
-            ]
+            line["choices"] = [_choice_json(c) for c in self.completions]
         line["usage"] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
         }
         return line
+
+
+def _choice_json(c: Completion) -> dict:
+    choice: dict = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        choice["logprobs"] = [t.to_json() for t in c.logprobs]
+    return choice

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # Fields a record may override, as they are spelled in the input file.
-OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
+OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs")
+MAX_LOGPROBS = 20  # most alternatives a token may report (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,9 @@ class SamplingParams:
     `temperature == 0` is greedy decoding. `top_k == 0` and `top_p == 1` switch those
     filters off. `seed` fixes the random stream of this request alone, so the same seed
     gives the same text whatever else runs in the batch. `n` samples are drawn per
-    record; sample k > 0 uses `sample_seed(seed, k)`.
+    record; sample k > 0 uses `sample_seed(seed, k)`. `logprobs` (0 to MAX_LOGPROBS):
+    each generated token reports its log-probability under the model and the `logprobs`
+    most likely tokens with theirs (None: none reported).
     """
 
     max_tokens: int = 256
@@ -31,6 +34,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     n: int = 1
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +52,10 @@ class SamplingParams:
         _check_int("n", self.n, minimum=1)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(
                 f"stop must be a non-empty string or a list of them, got {self.stop!r}"

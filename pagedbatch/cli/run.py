@@ -71,6 +71,7 @@ def run(
     top_k: Annotated[Int, opt(SAMPLING_PANEL, f"Sample among the k most likely tokens; 0 is off. [default: {DEFAULT.sampling.top_k}]")] = None,
     seed: Annotated[Int, opt(SAMPLING_PANEL, f"Job seed: a record without its own seed samples with a seed derived from this and its id. [default: {DEFAULT.sampling.seed}]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING_PANEL, "Stop string (repeatable); the text ends before it.")] = None,
+    logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
     n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,

@@ -11,7 +11,7 @@ from pagedbatch.engine.kv_cache import KVCache
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.radix_cache import RadixCache
-from pagedbatch.engine.sampler import sample
+from pagedbatch.engine.sampler import sample_tokens, token_logprobs
 from pagedbatch.engine.scheduler import Scheduler, SchedulerOutput
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
@@ -75,7 +75,12 @@ class Engine:
         sample_start = self.clock()
         sampling = [s.seq for s in out.scheduled if s.samples]
         seqs, rows = _with_forks(sampling)
-        tokens = sample(logits if len(rows) == len(sampling) else logits[rows], seqs)
+        rows_logits = logits if len(rows) == len(sampling) else logits[rows]
+        sampled = sample_tokens(rows_logits, seqs)
+        tokens = sampled.tolist()
+        for seq, entry in zip(seqs, token_logprobs(rows_logits, sampled, seqs)):
+            if entry is not None:
+                seq.logprobs.append(entry)
         sample_end = self.clock()
         trace = _trace(out, len(sampling))
         self.scheduler.commit(out, seqs)

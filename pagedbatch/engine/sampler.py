@@ -58,6 +58,30 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return torch.where(random, noisy.argmax(dim=-1), greedy)
 
 
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per row whose sequence asks for logprobs: the log-probability of its sampled token
+    under the model (log-softmax of the logits, before temperature and filters) and the
+    `params.logprobs` most likely tokens with theirs; None for the other rows. One
+    device-to-host copy, none when no row asks."""
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not wanted:
+        return [None] * len(seqs)
+    rows = torch.tensor(wanted, device=logits.device)
+    logprobs = logits[rows].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[rows][:, None])  # [w, 1]
+    width = max(seqs[i].params.logprobs for i in wanted)
+    top_values, top_ids = logprobs.topk(width, dim=-1)  # [w, width], most likely first
+    values = torch.cat([chosen, top_values], dim=1).tolist()
+    ids = top_ids.tolist()
+    entries: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
+    for i, v, t in zip(wanted, values, ids, strict=True):
+        k = seqs[i].params.logprobs
+        entries[i] = (v[0], list(zip(t[:k], v[1 : k + 1])))
+    return entries
+
+
 def _sort_width(params: list[SamplingParams], vocab_size: int) -> int:
     """How many of the largest logits the filters of `params` need sorted: the largest
     top-k when every row has one, else the whole vocab."""

@@ -55,6 +55,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    # With params.logprobs: per output token, (its logprob, [(token id, logprob)] of the
+    # most likely tokens), as the sampler saw them.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     forks: list[Sequence] = field(default_factory=list)
 
     @property

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pagedbatch.job.records import Record, invalid, messages_problem
-from pagedbatch.outputs import RequestOutput
+from pagedbatch.outputs import RequestOutput, TokenLogprob
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -87,6 +87,11 @@ def _overrides(body: Mapping[str, Any]) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
+    logprobs = body.get("logprobs")
+    if logprobs is True:  # chat: logprobs true, top_logprobs the alternatives
+        overrides["logprobs"] = body.get("top_logprobs") or 0
+    elif logprobs is not None and logprobs is not False:  # completions: the alternatives
+        overrides["logprobs"] = logprobs
     return overrides
 
 
@@ -130,7 +135,9 @@ def _chat_body(output: RequestOutput) -> dict[str, Any]:
         {
             "index": c.index,
             "message": {"role": "assistant", "content": c.text},
-            "logprobs": None,
+            "logprobs": None
+            if c.logprobs is None
+            else {"content": [_chat_logprob(t) for t in c.logprobs]},
             "finish_reason": c.finish_reason,
         }
         for c in output.completions
@@ -140,7 +147,32 @@ def _chat_body(output: RequestOutput) -> dict[str, Any]:
 
 def _completion_body(output: RequestOutput) -> dict[str, Any]:
     choices = [
-        {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": _completion_logprobs(c.logprobs),
+            "finish_reason": c.finish_reason,
+        }  # fmt: skip
         for c in output.completions
     ]
     return {"id": "", "object": "text_completion", "choices": choices}
+
+
+def _chat_logprob(t: TokenLogprob) -> dict[str, Any]:
+    """One entry of a chat choice's `logprobs.content`, as OpenAI writes it."""
+    return {
+        "token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
+        "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())}
+                         for s, _, v in t.top],
+    }  # fmt: skip
+
+
+def _completion_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """A completions choice's `logprobs`, in the legacy shape (no text_offset)."""
+    if tokens is None:
+        return None
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{s: v for s, _, v in t.top} for t in tokens],
+    }

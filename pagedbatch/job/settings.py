@@ -13,7 +13,7 @@ from pagedbatch.job.records import FieldMap
 from pagedbatch.sampling_params import SamplingParams
 
 _ENGINE = {f.name for f in fields(EngineConfig)}
-_SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
+_SAMPLING = {f.name for f in fields(SamplingParams)}
 ORDERS = ("completion", "input")
 # The job seed: a record without a seed samples with derive_seed(job seed, record id), so a
 # resumed or reordered run samples the same text. Fixed, so that this holds by default.
