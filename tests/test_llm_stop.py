@@ -60,3 +60,28 @@ def test_records_without_a_seed_derive_it_from_the_job_seed_and_their_id(llm):
         PROMPTS[:3], SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True)
     )
     assert [o.completions for o in other] != [o.completions for o in derived]
+
+
+def test_a_length_cut_inside_a_character_leaves_its_bytes_out_of_the_text():
+    from tiny_models import build_tiny_tokenizer
+
+    from pagedbatch.engine.sequence import Sequence
+    from pagedbatch.engine.stopping import StopChecker
+    from pagedbatch.sampling_params import SamplingParams
+
+    tokenizer = build_tiny_tokenizer()
+    hi = tokenizer.encode("Hi", add_special_tokens=False)
+    first_byte = tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3: the first half of "é"
+    second_byte = tokenizer.convert_tokens_to_ids("©")  # byte 0xA9: its second half
+    assert tokenizer.decode([*hi, first_byte]) == "Hi\ufffd"
+    checker = StopChecker(tokenizer, frozenset({2}))
+
+    def finished(output: list[int], reason: str) -> Sequence:
+        seq = Sequence(0, [5, *output], 1, SamplingParams(max_tokens=len(output)), 1 + len(output))
+        seq.finish_reason = reason
+        return seq
+
+    cut = finished([*hi, first_byte], "length")
+    assert checker.text(cut) == "Hi" and cut.output_ids == [*hi, first_byte]
+    assert checker.text(finished([*hi, first_byte, second_byte], "length")) == "Hié"
+    assert checker.text(finished([*hi, first_byte], "stop")) == "Hi\ufffd"  # EOS: as decoded

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedbatch.engine.detokenizer import IncrementalDetokenizer
+from pagedbatch.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.outputs import FinishReason
 
@@ -51,6 +51,15 @@ class StopChecker:
         return seq.stop_text_end
 
     def text(self, seq: Sequence) -> str:
-        """The sequence's output text, cut before the stop string that ended it."""
+        """The sequence's output text, cut before the stop string that ended it.
+
+        Output cut by the length limit may end inside a character (a byte-level token
+        holding only its first bytes): the decode shows U+FFFD for those bytes, and they
+        are left out of the text (the token ids keep them).
+        """
         text = self.decode(seq.output_ids)
-        return text if seq.stop_text_end is None else text[: seq.stop_text_end]
+        if seq.stop_text_end is not None:
+            return text[: seq.stop_text_end]
+        if seq.finish_reason == "length":
+            return text.rstrip(REPLACEMENT)
+        return text
