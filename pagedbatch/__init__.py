@@ -1,13 +1,30 @@
-"""pagedbatch: offline batch generation for LLMs on a paged KV cache."""
+"""pagedbatch: offline batch generation for LLMs on a paged KV cache.
+
+The names below are imported on first use, so that `import pagedbatch` (and every
+`pagedbatch` command that stops on a bad argument) does not pay for torch.
+"""
 
 from __future__ import annotations
 
-from pagedbatch.engine.config import EngineConfig
-from pagedbatch.job.records import Record
-from pagedbatch.llm import LLM
-from pagedbatch.outputs import Completion, RecordError, RequestOutput
-from pagedbatch.sampling_params import SamplingParams
+import importlib
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from pagedbatch.engine.config import EngineConfig
+    from pagedbatch.job.records import Record
+    from pagedbatch.llm import LLM
+    from pagedbatch.outputs import Completion, RecordError, RequestOutput
+    from pagedbatch.sampling_params import SamplingParams
+
+_HOMES = {
+    "LLM": "pagedbatch.llm",
+    "Completion": "pagedbatch.outputs",
+    "EngineConfig": "pagedbatch.engine.config",
+    "Record": "pagedbatch.job.records",
+    "RecordError": "pagedbatch.outputs",
+    "RequestOutput": "pagedbatch.outputs",
+    "SamplingParams": "pagedbatch.sampling_params",
+}
 __all__ = [
     "LLM",
     "Completion",
@@ -17,3 +34,15 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'pagedbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -14,7 +14,7 @@ from rich.table import Table
 from pagedbatch.bench.result import BenchReport, BenchResult
 from pagedbatch.bench.workloads import WORKLOADS, Workload
 from pagedbatch.cli.common import fail, quiet_libraries
-from pagedbatch.models.loader import DEFAULT_MODEL
+from pagedbatch.models.names import DEFAULT_MODEL
 from pagedbatch.models.random_presets import RANDOM_PRESETS
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def bench(
     """
     from pagedbatch.bench.runner import BenchOptions
     from pagedbatch.job.settings import resolve_settings
-    from pagedbatch.models.loader import ModelLoadError
+    from pagedbatch.models.names import ModelLoadError
 
     if host_overhead:
         return _host_overhead(device or "cpu", as_json)

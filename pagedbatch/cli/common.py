@@ -30,14 +30,9 @@ def first_line(e: BaseException) -> str:
 
 
 def quiet_libraries() -> None:
-    """Our own display replaces the progress bars and warnings of the libraries below."""
+    """Our own display replaces the progress bars and warnings of transformers (the job
+    reader quiets `datasets` itself)."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        import datasets
-    except ImportError:
-        return
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()

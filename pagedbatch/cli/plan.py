@@ -65,7 +65,7 @@ def plan(
     }
     from pagedbatch.job.reader import InputError
     from pagedbatch.job.settings import resolve_settings
-    from pagedbatch.models.loader import ModelLoadError
+    from pagedbatch.models.names import ModelLoadError
 
     try:
         settings = resolve_settings(given, config)
@@ -81,18 +81,23 @@ def plan(
 
 def plan_job(source: str, settings: RunSettings) -> Plan:
     """Read and tokenize the job's records as `run` would, then plan them."""
+    from pagedbatch.job.reader import read_records
+    from pagedbatch.models.names import resolve_model_name
+
+    engine = settings.engine
+    records = read_records(source, split=settings.split, fields=settings.fields)  # input first
+    resolve_model_name(engine.model)  # then the model name, before torch is imported
+
     from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
     from pagedbatch.job.plan import make_plan
     from pagedbatch.job.prompts import PromptBuilder, PromptError
-    from pagedbatch.job.reader import read_records
     from pagedbatch.models.loader import load_tokenizer_and_config
 
-    engine = settings.engine
     tokenizer, model_config = load_tokenizer_and_config(engine.model, engine.cache_dir)
     builder = PromptBuilder(tokenizer, engine.chat)
     context = model_config.max_position_embeddings
     prompts = []
-    for record in read_records(source, split=settings.split, fields=settings.fields):
+    for record in records:
         try:
             params = settings.sampling.with_overrides(record.overrides)
             ids = builder.token_ids(record) if record.error is None else None

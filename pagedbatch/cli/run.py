@@ -122,13 +122,14 @@ def _run_job(
 ) -> None:
     from pagedbatch.job.job import Job, JobError
     from pagedbatch.job.reader import InputError
-    from pagedbatch.models.loader import ModelLoadError
+    from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
-    quiet_libraries()
     started = time.monotonic()
     with Interrupts() as interrupts:
         try:
             job = Job(source, settings, policy)
+            if job.todo:
+                resolve_model_name(settings.engine.model)
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
         interrupts.on_first = _say_stopping
@@ -149,8 +150,9 @@ def _run_job(
 
 def _load_llm(settings: RunSettings) -> Any:
     from pagedbatch.llm import LLM
-    from pagedbatch.models.loader import ModelLoadError
+    from pagedbatch.models.names import ModelLoadError
 
+    quiet_libraries()
     try:
         with console.status(f"Loading {settings.engine.model} ..."):
             llm = LLM(config=settings.engine)

@@ -15,7 +15,6 @@ from pagedbatch.engine.kv_cache import KVCache
 from pagedbatch.kernels import reference
 
 ATTN_IMPLEMENTATION = "pagedbatch"
-BACKENDS = ("auto", "torch", "triton")
 
 
 def triton_problem(device: torch.device) -> str | None:

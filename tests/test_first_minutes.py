@@ -1,0 +1,160 @@
+"""A new user's first commands: help and every argument, file or model error answer at once.
+
+The installed `pagedbatch` command runs as a real process; what is measured is the CPU
+time it used (getrusage of the children), so the machine's load does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from job_helpers import BIN, read_lines
+
+from pagedbatch.models.names import ModelLoadError, resolve_model_name
+
+CPU_LIMIT = 1.0  # seconds of CPU for an answer that needs no model
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An environment with an empty hub cache and a hub that refuses connections."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=UNREACHABLE_HUB, **extra)
+    return env
+
+
+def _pagedbatch(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, float]:
+    """Run the installed command: (exit code, stderr, CPU seconds it used)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        [str(BIN / "pagedbatch"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return done.returncode, done.stderr, cpu
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "Hi"}\n')
+    (tmp_path / "text.jsonl").write_text('{"id": "a", "text": "Hi", "stars": 5}\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["run", "--help"], ["plan", "--help"], ["bench", "--help"]],
+)
+def test_help_answers_in_well_under_a_cpu_second(tmp_path, args):
+    code, stderr, cpu = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 0, stderr
+    assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nosuch.jsonl"], "nosuch.jsonl: no such file"),
+        (["run", "in.jsonl", "--model", "gpt2"], "the hub (127.0.0.1) cannot be reached"),
+        (["run", "in.jsonl", "--model", "owner/model"], "not in the hub cache"),
+        (["run", "in.jsonl", "--model", "./no-such-dir"], "'./no-such-dir': no such directory"),
+        (["run", "in.jsonl", "--model", "absent.gguf"], "no such GGUF file"),
+        (["run", "text.jsonl"], "no record has a 'prompt' or 'messages' field"),
+        (["run", "in.jsonl", "--block-size", "12"], "power of two"),
+        (["run", "in.jsonl", "--temperature", "-1"], "temperature must be >= 0"),
+        (["run", "in.jsonl", "--kv-memory", "lots"], "kv_memory must look like"),
+        (["run", "in.jsonl", "--config", "nosuch"], "unknown config 'nosuch'"),
+        (["plan", "nosuch.jsonl"], "nosuch.jsonl: no such file"),
+    ],
+)
+def test_errors_are_one_line_exit_2_in_well_under_a_cpu_second(tmp_path, job, args, message):
+    code, stderr, cpu = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
+    if "--model" in args:
+        assert "a local model directory, a .gguf file, or a hub id cached here" in lines[0]
+    assert not (tmp_path / "in.output.jsonl").exists()
+
+
+def test_a_file_without_the_prompt_field_names_its_fields_and_the_options(tmp_path):
+    src = tmp_path / "reviews.csv"
+    src.write_text('text,stars\n"Great phone",5\n"Bad",1\n')
+    code, stderr, _ = _pagedbatch(["run", str(src)], tmp_path, _env(tmp_path))
+    assert code == 2
+    line = stderr.strip()
+    assert "\n" not in line and "reviews.csv: no record has a 'prompt'" in line
+    for part in ("'text', 'stars'", "--prompt-field text", "--messages-field", "--template"):
+        assert part in line, line
+
+
+def test_commands_and_the_job_reader_do_not_import_torch(tmp_path, job):
+    code = f"""
+import sys
+import pagedbatch, pagedbatch.cli.app
+from pagedbatch.job.job import Job, ResumePolicy
+from pagedbatch.job.settings import resolve_settings
+from pagedbatch.models.names import resolve_model_name
+job = Job({str(job)!r}, resolve_settings({{}}), ResumePolicy())
+resolve_model_name(job.settings.engine.model)
+assert len(job.todo) == 1
+heavy = sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules)
+print(",".join(heavy))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"imported before the model loads: {done.stdout}"
+
+
+def _cache_as_hub_model(model_dir: Path, hub_cache: Path, repo_id: str) -> None:
+    """Lay `model_dir` out in a hub cache as the client does: refs/main -> snapshots/<commit>."""
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+
+
+def test_a_cached_hub_model_runs_with_the_hub_unreachable(tmp_path, job, tiny_model_dirs):
+    _cache_as_hub_model(tiny_model_dirs["llama"], tmp_path / "hub", "pagedbatch-tests/tiny")
+    args = ["run", "in.jsonl", "--model", "pagedbatch-tests/tiny", "--max-tokens", "3",
+            "--num-blocks", "16", "--no-progress"]  # fmt: skip
+    code, stderr, _ = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 0, stderr
+    [line] = read_lines(tmp_path / "in.output.jsonl")
+    assert line["id"] == "a" and line["usage"]["completion_tokens"] >= 1, json.dumps(line)
+
+
+def test_model_names_resolve_without_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve_model_name("smollm2-135m").kind == "alias"
+    assert resolve_model_name("tiny-random").kind == "random"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model_name(str(gguf)) == ("gguf", gguf, False)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "config.json").write_text("{}")
+    assert resolve_model_name(str(tmp_path / "dir")).kind == "directory"
+    snapshot = tmp_path / "hub" / "models--o--m" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    assert resolve_model_name("o/m") == ("hub", None, True)  # cached, hub unreachable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the hub cache, and HF_HUB_OFFLINE is set"):
+        resolve_model_name("o/other")
+    with pytest.raises(ModelLoadError, match="it is a file but not a .gguf file"):
+        resolve_model_name(str(tmp_path / "dir" / "config.json"))
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        resolve_model_name("a/b/c")
