@@ -95,11 +95,13 @@ class LLM:
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[EngineStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_prepared: Callable[[int, int], None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every input; return outputs in input order.
 
         `on_output` is called as each record finishes (errors first, before any step);
-        `on_step` after every engine step with the engine's statistics.
+        `on_step` after every engine step with the engine's statistics; `on_prepared(done,
+        total)` as records are tokenized, before the first step.
         `should_stop` is asked before each record is prepared and after each step; once
         it returns True, no record is admitted any more, the sequences still running or
         waiting are dropped (their blocks freed, the LLM stays usable) and `generate`
@@ -123,6 +125,8 @@ class LLM:
                 emit(index, item)
             else:
                 groups.append(_Group(index, item))
+            if on_prepared is not None:
+                on_prepared(index + 1, len(records))
 
         def finish(group: _Group) -> None:
             emit(group.index, self._output(records[group.index], group.seqs))

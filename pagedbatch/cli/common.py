@@ -7,6 +7,7 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 console = Console(stderr=True, highlight=False)
 
@@ -36,3 +37,40 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+# What an option's value is, in help: typer would show Python types (<str>, <bool>).
+_METAVARS = {"str": "TEXT", "int": "N", "float": "X", "Path": "PATH", "list[str]": "TEXT"}
+
+
+def _tidy_metavars(params: list[Any]) -> list[Any]:
+    """Help that reads as a command's: INPUT, not {input}; no <bool> after a flag."""
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = (param.name or "").upper()
+            param.display_type_rich = lambda ctx: None  # its help says what it is
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        else:
+            param.metavar = _METAVARS.get(param.bare_type(), "VALUE")
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _tidy_metavars(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """`[OPTIONS] INPUT` (typer writes a required argument as {INPUT})."""
+        pieces = [self.options_metavar or "[OPTIONS]"]
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _tidy_metavars(super().get_params(ctx))

@@ -1,59 +1,235 @@
-"""The live Rich display of a job: records, tokens per second, KV blocks, time."""
+"""What a job shows while it runs: its phase, then records, tokens per second, KV blocks, ETA.
+
+On a terminal, a live Rich display: a spinner while the input is read and the model
+loads, then one bar that counts records as they are tokenized and then as they finish.
+When stderr is not a terminal (a log file, a pipe), one plain line every `interval`
+seconds and a last one when the records are done, so that a log neither fills with
+redraws nor cuts lines to the terminal's width.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 
 from pagedbatch.engine.stats import EngineStats
 
+DEFAULT_LOG_INTERVAL = 10.0  # seconds between plain lines; PAGEDBATCH_LOG_INTERVAL overrides
+RATE_TIME_CONSTANT = 20.0  # seconds: the moving average of tokens/s forgets at this pace
+
+
+class Eta:
+    """Seconds left in a job, from output tokens rather than records.
+
+    Records finish in bursts (a group sharing a prefix ends together), so a rate of
+    records jumps; tokens come out at a steady pace. The rate is an exponential moving
+    average of output tokens per second (time constant RATE_TIME_CONSTANT); the tokens
+    still to come are the records left times the mean output of the records finished
+    (the `prior`, e.g. max_tokens x n, until one has), less what the running records
+    have generated already.
+    """
+
+    def __init__(self, records: int, prior_tokens_per_record: float) -> None:
+        self.records = records
+        self.prior = prior_tokens_per_record
+        self.rate: float | None = None  # output tokens per second, smoothed
+        self.records_done = 0
+        self._finished_tokens = 0  # output tokens of the records done
+        self._generated = 0  # output tokens of every record, running ones included
+        self._last: tuple[float, int] | None = None
+
+    def step(self, now: float, generated_tokens: int) -> None:
+        """After an engine step: the total output tokens generated so far."""
+        self._generated = generated_tokens
+        if self._last is None:
+            self._last = (now, generated_tokens)
+            return
+        then, before = self._last
+        dt = now - then
+        if dt <= 0:
+            return
+        rate = (generated_tokens - before) / dt
+        if self.rate is None:
+            self.rate = rate
+        else:
+            self.rate += (1 - math.exp(-dt / RATE_TIME_CONSTANT)) * (rate - self.rate)
+        self._last = (now, generated_tokens)
+
+    def record_done(self, output_tokens: int) -> None:
+        self.records_done += 1
+        self._finished_tokens += output_tokens
+
+    @property
+    def tokens_left(self) -> float:
+        left = self.records - self.records_done
+        mean = self._finished_tokens / self.records_done if self.records_done else self.prior
+        running = max(self._generated - self._finished_tokens, 0)
+        return max(left * mean - running, 0.0)
+
+    def seconds_left(self) -> float | None:
+        if self.records_done >= self.records:
+            return 0.0
+        if not self.rate or self.rate <= 0:
+            return None
+        return self.tokens_left / self.rate
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def log_interval() -> float:
+    try:
+        return max(float(os.environ.get("PAGEDBATCH_LOG_INTERVAL", DEFAULT_LOG_INTERVAL)), 0.01)
+    except ValueError:
+        return DEFAULT_LOG_INTERVAL
+
 
 class JobProgress:
-    """Context manager fed by the engine's callbacks; shows nothing when disabled."""
+    """The display of one job; a no-op when disabled. Feed it `phase` before generation
+    (reading, loading), then `generating`, `prepared`, `step` and `record_done`."""
 
-    def __init__(self, console: Console, total: int, enabled: bool = True) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]records"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[speed]}"),
-            TextColumn("{task.fields[blocks]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-            transient=False,
-        )
-        self._task = self._progress.add_task("job", total=total, speed="", blocks="")
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self._phase = ""
+        self._phase_started = time.monotonic()
         self._started = time.monotonic()
+        self._ended: float | None = None
+        self._eta: Eta | None = None
+        self._prepared = 0
+        self._stats: EngineStats | None = None
+        self._progress: Progress | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def __enter__(self) -> JobProgress:
-        self._progress.start()
+        if self.enabled and not self.live:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        self._stop.set()
+        if self._progress is not None:
+            self._progress.stop()
 
-    def record_done(self) -> None:
-        self._progress.advance(self._task)
+    @contextmanager
+    def phase(self, text: str) -> Iterator[None]:
+        """A phase before generation, shown as a spinner (terminal) or in the plain lines."""
+        with self._lock:
+            self._phase, self._phase_started = text, time.monotonic()
+        if self.live:
+            with self.console.status(escape(text) + " ..."):
+                yield
+        else:
+            yield
+        with self._lock:
+            self._phase = ""
+
+    def generating(self, records: int, prior_tokens_per_record: float) -> None:
+        """The records are about to be tokenized and run."""
+        self._eta = Eta(records, prior_tokens_per_record)
+        self._started = time.monotonic()
+        if not self.live:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._task = self._progress.add_task("tokenizing", total=records, detail="")
+        self._progress.start()
+
+    def prepared(self, done: int, total: int) -> None:
+        """`done` of the `total` records are tokenized."""
+        self._prepared = done
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
 
     def step(self, stats: EngineStats) -> None:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        self._progress.update(
-            self._task,
-            speed=f"{stats.generated_tokens / elapsed:7.1f} tok/s",
-            blocks=f"KV {stats.blocks_in_use} used + {stats.cached_blocks} cached"
-            f" / {stats.num_blocks} blocks",
-        )
+        with self._lock:
+            self._stats = stats
+            if self._eta is not None:
+                self._eta.step(time.monotonic(), stats.generated_tokens)
+        self._redraw()
+
+    def record_done(self, output_tokens: int = 0) -> None:
+        with self._lock:
+            if self._eta is not None:
+                self._eta.record_done(output_tokens)
+        self._redraw()
+
+    @property
+    def generation_seconds(self) -> float:
+        """Seconds from `generating` to `finish` (0 when nothing was generated)."""
+        if self._eta is None:
+            return 0.0
+        return (self._ended or time.monotonic()) - self._started
+
+    def finish(self) -> None:
+        """The records are done (or stopped): a last plain line, when lines are shown."""
+        self._ended = time.monotonic()
+        if self.enabled and not self.live and self._eta is not None:
+            self._stop.set()
+            self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False)
+
+    def line(self) -> str:
+        """The state in one plain line."""
+        with self._lock:
+            now = time.monotonic()
+            if self._eta is None:
+                return f"{self._phase} ({clock(now - self._phase_started)})"
+            eta = self._eta
+            if eta.records_done == 0 and self._stats is None:
+                return f"tokenizing {self._prepared}/{eta.records} records"
+            share = eta.records_done / eta.records if eta.records else 1.0
+            return (
+                f"records {eta.records_done}/{eta.records} ({share:.0%}) | {self._detail()} | "
+                f"elapsed {clock(now - self._started)}"
+            )
+
+    def _detail(self) -> str:
+        eta, stats = self._eta, self._stats
+        assert eta is not None
+        parts = [f"{eta.rate:.1f} tok/s" if eta.rate is not None else "- tok/s"]
+        if stats is not None:
+            parts.append(
+                f"KV {stats.blocks_in_use} used + {stats.cached_blocks} cached / "
+                f"{stats.num_blocks} blocks"
+            )
+        parts.append(f"ETA {clock(eta.seconds_left())}")
+        return " | ".join(parts)
+
+    def _redraw(self) -> None:
+        if self._progress is None or self._eta is None:
+            return
+        with self._lock:
+            detail = self._detail()
+            done = self._eta.records_done
+        self._progress.update(self._task, description="records", completed=done, detail=detail)
+
+    def _tick(self) -> None:
+        interval = log_interval()
+        while not self._stop.wait(interval):
+            with self._lock:
+                idle = not self._phase and self._eta is None
+            if not idle:
+                self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False)

@@ -125,23 +125,27 @@ def _run_job(
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
     started = time.monotonic()
-    with Interrupts() as interrupts:
+    with Interrupts() as interrupts, JobProgress(console, show_progress) as progress:
         try:
-            job = Job(source, settings, policy)
+            with progress.phase(f"reading {source}"):
+                job = Job(source, settings, policy)
             if job.todo:
                 resolve_model_name(settings.engine.model)
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
         interrupts.on_first = _say_stopping
         interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
-        llm = _load_llm(settings) if job.todo and not interrupts.requested() else None
-        result = _run_with_progress(job, llm, interrupts, show_progress, resume)
-    _summary(job, result, llm, time.monotonic() - started)
+        llm = None
+        if job.todo and not interrupts.requested():
+            with progress.phase(f"loading {settings.engine.model}"):
+                llm = _load_llm(settings)
+        result = _run_with_progress(job, llm, interrupts, progress, resume)
+    _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
     if llm is not None and settings.engine.memory_report:
         _memory_report(llm, job.output)
     if interrupts.requested() and result.not_run:
         console.print(
-            f"Interrupted by {interrupts.name}: {result.not_run} records not run yet. "
+            f"Interrupted by {interrupts.name}: {records(result.not_run)} not run yet. "
             f"Resume with:\n  {resume}",
             soft_wrap=True, markup=False, highlight=False,
         )  # fmt: skip
@@ -154,8 +158,7 @@ def _load_llm(settings: RunSettings) -> Any:
 
     quiet_libraries()
     try:
-        with console.status(f"Loading {settings.engine.model} ..."):
-            llm = LLM(config=settings.engine)
+        llm = LLM(config=settings.engine)
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
     if llm.cuda_graphs_problem:
@@ -167,17 +170,20 @@ def _load_llm(settings: RunSettings) -> Any:
 
 
 def _run_with_progress(
-    job: Job, llm: Any, interrupts: Interrupts, show_progress: bool, resume: str
+    job: Job, llm: Any, interrupts: Interrupts, progress: JobProgress, resume: str
 ) -> JobResult:
+    if llm is None:
+        return job.run(None, should_stop=interrupts.requested)
     import torch
 
-    enabled = show_progress and llm is not None
+    sampling = job.settings.sampling
+    progress.generating(len(job.todo), prior_tokens_per_record=sampling.max_tokens * sampling.n)
     try:
-        with JobProgress(console, len(job.todo), enabled) as bar:
-            return job.run(
-                llm, should_stop=interrupts.requested, on_step=bar.step,
-                on_output=lambda output: bar.record_done(),
-            )  # fmt: skip
+        return job.run(
+            llm, should_stop=interrupts.requested, on_step=progress.step,
+            on_output=lambda output: progress.record_done(output.completion_tokens),
+            on_prepared=progress.prepared,
+        )  # fmt: skip
     except OSError as e:
         where = e.filename or job.output
         fail(f"cannot write {where}: {e.strerror or e}; the lines before are safe. "
@@ -185,6 +191,8 @@ def _run_with_progress(
     except torch.OutOfMemoryError as e:
         fail(f"out of memory in a step ({first_line(e)}); lower --kv-memory, "
              f"--max-batch-tokens or --max-num-seqs, then resume with: {resume}", code=1)  # fmt: skip
+    finally:
+        progress.finish()
 
 
 def _say_stopping(signum: int) -> None:
@@ -210,7 +218,11 @@ def _raw_stderr(text: str) -> None:
         os.write(2, (show_cursor + text).encode(errors="replace"))
 
 
-def _summary(job: Job, result: JobResult, llm: Any, seconds: float) -> None:
+def records(n: int) -> str:
+    return f"{n} record" if n == 1 else f"{n} records"
+
+
+def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: float) -> None:
     if not job.records:
         console.print(
             f"The input has no records; {job.output} is empty.",
@@ -219,14 +231,14 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float) -> None:
         return
     if not job.todo:
         console.print(
-            f"Nothing to do: all {len(job.records)} records are already in {job.output}.",
+            f"Nothing to do: all {records(len(job.records))} are already in {job.output}.",
             soft_wrap=True, markup=False, highlight=False,
         )  # fmt: skip
         return
     codes = result.codes
     failed = result.written - codes["ok"]
     detail = ", ".join(f"{n} {code}" for code, n in sorted(codes.items()) if code != "ok")
-    text = f"Wrote {result.written} records to {job.output} ({codes['ok']} ok" + (
+    text = f"Wrote {records(result.written)} to {job.output} ({codes['ok']} ok" + (
         f", {failed} failed: {detail})" if failed else ")"
     )
     if result.skipped:
@@ -234,9 +246,10 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float) -> None:
     if llm is not None:
         stats = llm.stats()
         text += (
-            f" in {seconds:.1f} s; {stats.generated_tokens / max(seconds, 1e-9):.1f} output "
-            f"tok/s, peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
-            f"{stats.preemptions} preemptions"
+            f" in {seconds:.1f} s ({generating:.1f} s generating, "
+            f"{stats.generated_tokens / max(generating, 1e-9):.1f} output tok/s); peak KV "
+            f"blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, {stats.preemptions} "
+            "preemptions"
         )
         if stats.graph_steps:
             text += f", {stats.graph_steps} decode steps from CUDA graphs"

@@ -121,6 +121,7 @@ class Job:
         should_stop: Callable[[], bool] = lambda: False,
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[Any], None] | None = None,
+        on_prepared: Callable[[int, int], None] | None = None,
     ) -> JobResult:
         """Make the files ready, then run every record still to do (`llm` may be None when
         there is none); returns what was written. A write error (a full disk) is raised,
@@ -145,7 +146,7 @@ class Job:
                     on_step(stats)
 
             if self.todo and not should_stop():
-                self._generate(llm, write, step, should_stop)
+                self._generate(llm, write, step, should_stop, on_prepared)
         result.not_run = len(self.todo) - result.written
         return result
 
@@ -154,12 +155,16 @@ class Job:
         for writer in self._writers:
             writer.abandon()
 
-    def _generate(self, llm: Any, write: Callable, step: Callable, should_stop: Callable) -> None:
+    def _generate(
+        self, llm: Any, write: Callable, step: Callable, should_stop: Callable, on_prepared: Any
+    ) -> None:
         sampling = self.settings.sampling
+        total = len(self.todo)
         if self.settings.order == "completion":
             llm.generate(
-                self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop
-            )
+                self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop,
+                on_prepared=on_prepared and (lambda done, _: on_prepared(done, total)),
+            )  # fmt: skip
             return
         # On a stop, outputs held behind an unfinished record are dropped: the file stays
         # a prefix of the sequential run's, and a resume completes it exactly.
@@ -167,7 +172,10 @@ class Job:
         for start in range(0, len(self.todo), window):
             chunk = self.todo[start : start + window]
             in_order = _InputOrder(chunk, write)
-            llm.generate(chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop)
+            llm.generate(
+                chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop,
+                on_prepared=on_prepared and (lambda done, _, s=start: on_prepared(s + done, total)),
+            )  # fmt: skip
             if should_stop():
                 return
 

@@ -1,0 +1,90 @@
+"""The job's progress: an ETA that does not jump when records finish in bursts, plain lines
+when stderr is not a terminal, and help that reads as a command's."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from job_helpers import invoke, tiny_args, write_jsonl
+from typer.testing import CliRunner
+
+from pagedbatch.cli.app import app
+from pagedbatch.cli.progress import RATE_TIME_CONSTANT, Eta, clock
+
+
+def test_eta_counts_tokens_left_at_the_smoothed_rate():
+    eta = Eta(records=10, prior_tokens_per_record=8)
+    assert eta.seconds_left() is None  # no rate yet
+    eta.step(0.0, 0)
+    eta.step(1.0, 40)  # 40 tok/s
+    assert eta.rate == 40
+    assert eta.tokens_left == 10 * 8 - 40  # the prior, less what running records made
+    assert math.isclose(eta.seconds_left(), 1.0)
+    eta.step(2.0, 60)  # 20 tok/s for a second: the average moves a little towards it
+    alpha = 1 - math.exp(-1 / RATE_TIME_CONSTANT)
+    assert math.isclose(eta.rate, 40 + alpha * (20 - 40))
+    for _ in range(4):  # four records finish with 5 tokens each: the mean replaces the prior
+        eta.record_done(5)
+    assert eta.tokens_left == 0  # 6 x 5 left, but the running ones made 60 - 20 already
+    eta.step(3.0, 60)
+    eta.record_done(0)  # a record that generated nothing: the running made 40, mean 4
+    assert math.isclose(eta.tokens_left, 5 * 4 - 40 if 5 * 4 > 40 else 0)
+    eta.record_done(40)  # the mean is now 10 over 6 records, 4 left, none running
+    assert math.isclose(eta.tokens_left, 4 * 10)
+    assert math.isclose(eta.seconds_left(), 40 / eta.rate)
+
+
+def test_eta_does_not_jump_when_a_burst_of_records_finishes():
+    # A steady 100 tok/s; records end in bursts of 20 every 2 s (10 tokens each).
+    eta, estimates, generated = Eta(records=200, prior_tokens_per_record=10), [], 0
+    for tick in range(1, 201):
+        now = tick * 0.1
+        generated += 10
+        eta.step(now, generated)
+        if tick % 20 == 0:
+            for _ in range(20):
+                eta.record_done(10)
+        if tick >= 10:
+            estimates.append(now + eta.seconds_left())  # the predicted end
+    # The true end is 20 s; every prediction along the way is within 1 s of it.
+    assert all(abs(end - 20) < 1.0 for end in estimates), estimates
+
+
+def test_clock():
+    assert clock(None) == "-:--:--"
+    assert clock(3725.4) == "1:02:05"
+
+
+def test_plain_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_model_dirs, monkeypatch):
+    monkeypatch.setenv("PAGEDBATCH_LOG_INTERVAL", "0.01")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"p {i}"} for i in range(6)])
+    args = [a for a in tiny_args(tiny_model_dirs["llama"]) if a != "--no-progress"]
+    result = invoke(src, "-o", tmp_path / "out.jsonl", *args)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    last = [line for line in lines if line.startswith("records ")][-1]
+    assert re.fullmatch(
+        r"records 6/6 \(100%\) \| [\d.]+ tok/s \| KV \d+ used \+ \d+ cached / 64 blocks \| "
+        r"ETA 0:00:00 \| elapsed \d:\d\d:\d\d",
+        last,
+    ), last
+    assert "\x1b" not in result.stderr and "…" not in result.stderr  # no redraws, no cuts
+    assert re.search(r"Wrote 6 records .* s generating, [\d.]+ output tok/s\)", lines[-1])
+
+
+def test_help_reads_as_a_commands():
+    result = CliRunner().invoke(app, ["--help"], terminal_width=100)
+    assert result.exit_code == 0
+    for name in ("run", "plan", "bench"):  # one sentence each, not cut mid-way
+        assert re.search(rf"│ {name} +[A-Z][^│]*\. +│", result.output), result.output
+    result = CliRunner().invoke(app, ["run", "--help"], terminal_width=100)
+    assert "run [OPTIONS] INPUT" in result.output
+    assert "<bool>" not in result.output and "{input}" not in result.output
+    assert re.search(r"--output +-o +PATH", result.output), result.output
+
+
+def test_one_record_is_not_records(tmp_path, tiny_model_dirs):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "hi"}])
+    result = invoke(src, "-o", tmp_path / "out.jsonl", *tiny_args(tiny_model_dirs["llama"]))
+    assert "Wrote 1 record to" in result.stderr
