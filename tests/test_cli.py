@@ -37,6 +37,7 @@ def test_example_job_on_the_embedded_model(tmp_path):
             continue
         usage = line["usage"]
         assert usage["completion_tokens"] <= record.get("max_tokens", 256)
+        assert line["choices"][0]["text"].strip(), f"{record['id']}: empty text"
         assert usage["prompt_tokens"] > 0 and line["choices"][0]["finish_reason"] in (
             "stop",
             "length",
