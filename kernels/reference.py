@@ -158,7 +158,7 @@ def cascade_attention(
     were computed before the step), so the prefix part needs no mask.
     """
     out = torch.empty_like(query)
-    qsl, block_size, device = query_start_loc, k_cache.shape[1], query.device
+    qsl, device = query_start_loc, query.device
     grouped = [i for seqs, _ in groups for i in seqs]
     loose = sorted(set(range(len(context_lens))) - set(grouped))
     if loose:
@@ -168,17 +168,9 @@ def cascade_attention(
             query[rows], k_cache, v_cache, block_tables[loose], [context_lens[i] for i in loose],
             sub_qsl, scale,
         )  # fmt: skip
-    prefix_out, prefix_lse = [], []
-    starts = [0] * len(context_lens)  # the first key position a sequence reads by itself
-    for seqs, blocks in groups:
-        q = query[_rows(qsl, seqs, device)].transpose(0, 1)[None]  # [1, Hq, T, D]
-        keys = k_cache[blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
-        values = v_cache[blocks].flatten(0, 1).transpose(0, 1)[None]
-        o, lse = _attend(q, keys, values, None, scale)
-        prefix_out.append(o[0].transpose(0, 1))  # [T, Hq, D]
-        prefix_lse.append(lse[0].transpose(0, 1))  # [T, Hq]
-        for i in seqs:
-            starts[i] = blocks.shape[0] * block_size
+    if not groups:
+        return out
+    prefix_out, prefix_lse, starts = _prefix_attention(query, k_cache, v_cache, qsl, scale, groups)
     own_out = torch.empty(query.shape, dtype=torch.float32, device=device)
     own_lse = torch.empty(query.shape[:2], dtype=torch.float32, device=device)
     decodes = [i for i in grouped if qsl[i + 1] - qsl[i] == 1]
@@ -189,12 +181,42 @@ def cascade_attention(
             query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts
         )
     rows = _rows(qsl, grouped, device)
-    o1, l1 = torch.cat(prefix_out), torch.cat(prefix_lse)
-    o2, l2 = own_out[rows], own_lse[rows]
-    top = torch.maximum(l1, l2)
-    w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
-    out[rows] = ((o1 * w1 + o2 * w2) / (w1 + w2)).to(query.dtype)
+    merged = merge_by_lse(prefix_out, prefix_lse, own_out[rows], own_lse[rows])
+    out[rows] = merged.to(query.dtype)
     return out
+
+
+def _prefix_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qsl: list[int],
+    scale: float,
+    groups: list[tuple[list[int], torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+    """Each group's queries against its prefix's pages, gathered once per group: the
+    outputs and log-sum-exps of the grouped tokens (in group order), and the first key
+    position each grouped sequence reads by itself."""
+    outs, lses, starts = [], [], {}
+    block_size = k_cache.shape[1]
+    for seqs, blocks in groups:
+        q = query[_rows(qsl, seqs, query.device)].transpose(0, 1)[None]  # [1, Hq, T, D]
+        keys = k_cache[blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
+        values = v_cache[blocks].flatten(0, 1).transpose(0, 1)[None]
+        o, lse = _attend(q, keys, values, None, scale)
+        outs.append(o[0].transpose(0, 1))  # [T, Hq, D]
+        lses.append(lse[0].transpose(0, 1))  # [T, Hq]
+        starts.update(dict.fromkeys(seqs, blocks.shape[0] * block_size))
+    return torch.cat(outs), torch.cat(lses), starts
+
+
+def merge_by_lse(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> torch.Tensor:
+    """Attention over two disjoint key sets, from each part's output and log-sum-exp."""
+    top = torch.maximum(lse1, lse2)
+    w1, w2 = (lse1 - top).exp_()[..., None], (lse2 - top).exp_()[..., None]
+    return (o1 * w1 + o2 * w2) / (w1 + w2)
 
 
 def _rows(query_start_loc: list[int], seqs: list[int], device: torch.device) -> torch.Tensor:
