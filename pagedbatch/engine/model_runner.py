@@ -11,7 +11,7 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import blocks_for
-from pagedbatch.engine.cascade import make_plan, plan_cascade
+from pagedbatch.engine.cascade import CascadePlan, make_plan, plan_cascade
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
 
@@ -75,11 +75,6 @@ class ModelRunner:
         cuts = (t, t, t, s, s + 1, len(last), s)
         ids, pos, slot, lens, loc, logits_rows, row_ids = staged.split(cuts)
         width = blocks_for(int(ends.max()), size)
-        cascade = None
-        if self.cascade:
-            own_rows = tables.host[rows]
-            groups = plan_cascade(own_rows, -(-ends // size), begins, size)
-            cascade = make_plan(groups, own_rows, size, starts.tolist(), device)
         return Batch(
             input_ids=ids,
             positions=pos,
@@ -90,8 +85,17 @@ class ModelRunner:
             logits_indices=logits_rows,
             context_lens_host=ends.tolist(),
             query_start_loc_host=starts.tolist(),
-            cascade=cascade,
+            cascade=self._cascade_plan(rows, begins, ends, starts) if self.cascade else None,
         )
+
+    def _cascade_plan(
+        self, rows: np.ndarray, begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
+    ) -> CascadePlan | None:
+        """Which scheduled sequences attend to a shared prefix's pages together this step."""
+        tables, size = self.block_manager.tables, self.block_manager.block_size
+        own_rows = tables.host[rows]
+        groups = plan_cascade(own_rows, -(-ends // size), begins, size)
+        return make_plan(groups, own_rows, size, starts.tolist(), self.device)
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:  # [num_sampled, vocab]
