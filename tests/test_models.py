@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -140,12 +139,9 @@ def test_smollm2_converts_once_then_reads_cache(
     assert conversions == [models.alias_gguf_path("smollm2-135m").resolve()]
     assert (entry / "model.safetensors").is_file()
     assert [p.name for p in (tmp_path / "models").iterdir()] == [entry.name]  # no staging left
-    start = time.perf_counter()
     second, _ = _load("smollm2-135m", cache_dir=tmp_path)
-    elapsed = time.perf_counter() - start
     assert len(conversions) == 1, "the second load converted the GGUF again"
     assert first.name_or_path == second.name_or_path == str(entry)
-    assert elapsed < 10, f"cached load took {elapsed:.1f} s"
 
 
 @pytest.mark.slow
@@ -173,10 +169,8 @@ def test_unknown_model_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     name = "pagedbatch-tests/no-such-model"
-    start = time.perf_counter()
-    with pytest.raises(ModelLoadError) as info:
+    with pytest.raises(ModelLoadError) as info:  # at once: see tests/test_first_minutes.py
         _load(name)
-    assert time.perf_counter() - start < 10
     message = str(info.value)
     assert f"'{name}'" in message and "not in the hub cache" in message
     assert "\n" not in message
