@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from pagedbatch.outputs import (
     INVALID_PARAMS,
     INVALID_RECORD,
     PROMPT_TOO_LONG,
+    ChoiceScore,
     Completion,
     RecordError,
     RequestOutput,
@@ -200,6 +202,8 @@ class LLM:
         vocab = self.model.get_input_embeddings().num_embeddings
         if not 0 <= min(ids) <= max(ids) < vocab:
             return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+        if params.choices is not None:
+            return self._choice_sequences(record, ids, params)
         problem = self._length_problem(len(ids), params)
         if problem:
             return _error(record, PROMPT_TOO_LONG, problem, prompt_tokens=len(ids))
@@ -209,6 +213,38 @@ class LLM:
             seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
         return seqs
 
+    def _choice_sequences(
+        self, record: Record, ids: list[int], params: SamplingParams
+    ) -> list[Sequence] | RequestOutput:
+        """One sequence per choice: the prompt and the choice's tokens but the last, scored
+        from the prompt's last position on. With prefix sharing, a scores_only parent
+        computes the prompt once and the choices are forked from it."""
+        assert params.choices is not None
+        choices = []
+        for text in params.choices:
+            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+            if not tokens:
+                return _error(record, INVALID_PARAMS, f"choice {text!r} has no tokens")
+            length = len(ids) + len(tokens) - 1  # its last token is scored, not computed
+            blocks = blocks_for(length, self.kv_cache.spec.block_size)
+            if length > self.max_model_len or blocks > self.kv_cache.num_blocks:
+                return _error(
+                    record, INVALID_PARAMS,
+                    f"choice {text!r} ({len(tokens)} tokens) after the prompt ({len(ids)} "
+                    f"tokens) does not fit the context ({self.max_model_len}) or the KV cache",
+                    prompt_tokens=len(ids),
+                )  # fmt: skip
+            choices.append(tokens)
+        seqs = [
+            self._sequence(record, ids + tokens[:-1], params, 0, choice_ids=tuple(tokens))
+            for tokens in choices
+        ]
+        if not self.config.prefix_sharing:
+            return seqs
+        parent = self._sequence(record, ids, params, 0)
+        parent.scores_only, parent.forks = True, seqs
+        return [parent, *seqs]
+
     def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
         """The record's own seed; else one derived from the job seed (`params.seed`) and the
         record id, so that a record samples the same text in any order, batch or resumed run."""
@@ -217,12 +253,16 @@ class LLM:
         return derive_seed(params.seed, record.id)
 
     def _sequence(
-        self, record: Record, ids: list[int], params: SamplingParams, seed: int | None
-    ) -> Sequence:
+        self, record: Record, ids: list[int], params: SamplingParams, seed: int | None,
+        choice_ids: tuple[int, ...] | None = None,
+    ) -> Sequence:  # fmt: skip
+        scored = choice_ids is not None or params.choices is not None
         return Sequence(
             seq_id=next(self._seq_ids), token_ids=list(ids), num_prompt_tokens=len(ids),
-            params=params, max_len=min(self.max_model_len, len(ids) + params.max_tokens),
+            params=params,
+            max_len=len(ids) if scored else min(self.max_model_len, len(ids) + params.max_tokens),
             seed=random_seed() if seed is None else seed, request_id=record.id,
+            choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
         )  # fmt: skip
 
     def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
@@ -241,6 +281,8 @@ class LLM:
         return None
 
     def _output(self, record: Record, seqs: list[Sequence]) -> RequestOutput:
+        if seqs[0].params.choices is not None:
+            return _choice_output(record, seqs)
         completions = tuple(
             Completion(
                 k,
@@ -268,6 +310,30 @@ class LLM:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+
+def _choice_output(record: Record, seqs: list[Sequence]) -> RequestOutput:
+    """The scored choices of a record: each choice's summed log-probability, and the
+    softmax over the choices of their scores (sums, or per-token means)."""
+    params = seqs[0].params
+    assert params.choices is not None
+    scored = [s for s in seqs if s.choice_ids is not None]
+    sums = [math.fsum(s.choice_logprobs) for s in scored]  # every entry set by now
+    ranks = sums if params.choice_score == "sum" else [
+        total / len(s.choice_ids) for total, s in zip(sums, scored)
+    ]  # fmt: skip
+    top = max(ranks)
+    weights = [math.exp(r - top) for r in ranks]
+    probs = [w / math.fsum(weights) for w in weights]
+    choices = tuple(
+        ChoiceScore(text, total, prob, len(s.choice_ids))
+        for text, total, prob, s in zip(params.choices, sums, probs, scored, strict=True)
+    )
+    first = seqs[0]
+    return RequestOutput(
+        record.id, choices=choices, prompt_tokens=first.num_prompt_tokens,
+        cached_tokens=first.num_prefix_hit_tokens,
+    )  # fmt: skip
 
 
 class _Group:

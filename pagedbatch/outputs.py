@@ -51,8 +51,25 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ChoiceScore:
+    """One choice of a record scored instead of generated: the sum of its tokens'
+    log-probabilities after the prompt, its probability among the record's choices (the
+    softmax of their scores: the sums, or with `choice_score="mean"` the per-token means),
+    and its token count."""
+
+    text: str
+    logprob: float
+    prob: float
+    tokens: int
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "logprob": self.logprob, "prob": self.prob,
+                "tokens": self.tokens}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class RequestOutput:
-    """The result of one record: completions, or an error."""
+    """The result of one record: completions, scored choices, or an error."""
 
     id: str | int
     completions: tuple[Completion, ...] = ()
@@ -60,6 +77,14 @@ class RequestOutput:
     cached_tokens: int = 0
     error: RecordError | None = None
     extra: dict = field(default_factory=dict)
+    choices: tuple[ChoiceScore, ...] | None = None  # scored choices, in the given order
+
+    @property
+    def label(self) -> str | None:
+        """The most probable choice (the first of equals), when choices were scored."""
+        if not self.choices:
+            return None
+        return max(self.choices, key=lambda c: c.prob).text
 
     @property
     def completion_tokens(self) -> int:
@@ -67,7 +92,9 @@ class RequestOutput:
 
     @property
     def text(self) -> str:
-        """The first completion's text ('' for an error)."""
+        """The first completion's text, or the label of scored choices ('' for an error)."""
+        if self.choices:
+            return self.label or ""
         return self.completions[0].text if self.completions else ""
 
     def to_json(self) -> dict:
@@ -75,6 +102,9 @@ class RequestOutput:
         line: dict = {"id": self.id}
         if self.error is not None:
             line["error"] = self.error.to_json()
+        elif self.choices is not None:
+            line["label"] = self.label
+            line["choices"] = [c.to_json() for c in self.choices]
         else:
             line["choices"] = [_choice_json(c) for c in self.completions]
         line["usage"] = {

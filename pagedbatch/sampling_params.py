@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 # Fields a record may override, as they are spelled in the input file.
-OVERRIDABLE = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs")
+OVERRIDABLE = (
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs", "choices",
+)  # fmt: skip
 MAX_LOGPROBS = 20  # most alternatives a token may report (OpenAI's limit)
+CHOICE_SCORES = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,9 @@ class SamplingParams:
     record; sample k > 0 uses `sample_seed(seed, k)`. `logprobs` (0 to MAX_LOGPROBS):
     each generated token reports its log-probability under the model and the `logprobs`
     most likely tokens with theirs (None: none reported).
+
+    `choices`: instead of generating, score each choice as a continuation of the prompt:
+    the sum of its tokens' log-probabilities (`choice_score="mean"`: their mean).
     """
 
     max_tokens: int = 256
@@ -35,6 +41,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None
+    choices: tuple[str, ...] | None = None
+    choice_score: str = "sum"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +68,29 @@ class SamplingParams:
             raise ValueError(
                 f"stop must be a non-empty string or a list of them, got {self.stop!r}"
             )
+        if self.choice_score not in CHOICE_SCORES:
+            raise ValueError(
+                f"choice_score must be one of {', '.join(CHOICE_SCORES)}, got {self.choice_score!r}"
+            )
+        if self.choices is not None:
+            self._check_choices()
+
+    def _check_choices(self) -> None:
+        choices = self.choices
+        if isinstance(choices, list):
+            choices = tuple(choices)
+            object.__setattr__(self, "choices", choices)
+        if not isinstance(choices, tuple) or not choices:
+            raise ValueError(f"choices must be a non-empty list of strings, got {choices!r}")
+        for choice in choices:
+            if not isinstance(choice, str) or not choice:
+                raise ValueError(f"every choice must be a non-empty string, got {choice!r}")
+        if len(set(choices)) < len(choices):
+            raise ValueError(f"choices must differ from each other, got {list(choices)!r}")
+        if self.n > 1:
+            raise ValueError("choices are scored once: n must be 1 with choices")
+        if self.logprobs is not None:
+            raise ValueError("logprobs applies to generated tokens, not to choices")
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,18 @@ import torch
 
 if TYPE_CHECKING:
     from pagedbatch.engine.cascade import CascadePlan
+    from pagedbatch.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ScoreRows:
+    """The logits rows a step computes to score choices, after the sampling rows: row
+    `num_sample_rows + j` gives the log-probability of `targets[j]`, which belongs in
+    `owners[j]` = (sequence, index into its choice_logprobs)."""
+
+    num_sample_rows: int
+    targets: torch.Tensor  # [num_score_rows] token ids, on the device
+    owners: list[tuple[Sequence, int]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,7 @@ class Batch:
     context_lens_host: list[int]
     query_start_loc_host: list[int]
     cascade: CascadePlan | None = None  # sequences sharing prefix pages (torch attention)
+    scores: ScoreRows | None = None  # logits rows that score choices (after the sampling rows)
 
     @property
     def num_tokens(self) -> int:

@@ -130,11 +130,13 @@ class BlockManager:
     def attach_cached_prefix(self, seq: Sequence) -> None:
         """Start a sequence that holds no blocks from its longest cached prefix.
 
-        At least the last token is left to compute: its logits are needed.
+        At least the last token is left to compute: its logits are needed (a choice's
+        sequence: every position from its `first_scored_position` on).
         """
         if self.prefix_cache is None or seq.block_table:
             return
-        match = self.prefix_cache.match(seq.token_ids[: seq.num_tokens - 1])
+        keep = min(seq.num_tokens - 1, seq.first_scored_position)
+        match = self.prefix_cache.match(seq.token_ids[:keep])
         self._share(match.blocks)
         seq.block_table = list(match.blocks)
         if seq.block_table:

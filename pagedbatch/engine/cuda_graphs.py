@@ -42,7 +42,7 @@ def bucket_for(num_seqs: int, buckets: list[int]) -> int | None:
 def is_graph_step(batch: Batch) -> bool:
     """A decode-only step: one new token per sequence, every sequence sampling."""
     return batch.num_tokens == batch.num_seqs == batch.logits_indices.shape[0] > 0 and (
-        batch.max_query_len == 1
+        batch.max_query_len == 1 and batch.scores is None
     )
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from pagedbatch.engine.attention import PagedAttention
+from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.kv_cache import KVCache
@@ -74,6 +77,11 @@ class Engine:
         logits = self.runner.forward(batch)
         sample_start = self.clock()
         sampling = [s.seq for s in out.scheduled if s.samples]
+        trace = _trace(out, len(sampling))
+        parents: list[Sequence] = []
+        scored: list[Sequence] = []
+        if batch.scores is not None or any(seq.scores_only for seq in sampling):
+            logits, sampling, parents, scored = _score_choices(batch, logits, sampling)
         seqs, rows = _with_forks(sampling)
         rows_logits = logits if len(rows) == len(sampling) else logits[rows]
         sampled = sample_tokens(rows_logits, seqs)
@@ -82,10 +90,11 @@ class Engine:
             if entry is not None:
                 seq.logprobs.append(entry)
         sample_end = self.clock()
-        trace = _trace(out, len(sampling))
-        self.scheduler.commit(out, seqs)
+        self.scheduler.commit(out, seqs + parents)
         self.counter.step(out.num_tokens, len(tokens), self.block_manager.usage, self._snapshot)
         finished = self.scheduler.postprocess(seqs, tokens, self.stop_checker)
+        if parents or scored:
+            finished += self._finish_scored(parents, scored)
         for seq in finished:
             self.counter.finished(seq)
         self.last_step = trace._replace(
@@ -94,6 +103,18 @@ class Engine:
             sample_seconds=sample_end - sample_start,
         )
         return finished
+
+    def _finish_scored(self, parents: list[Sequence], scored: list[Sequence]) -> list[Sequence]:
+        """End the choices' prompt parents (their choices run on, forked) and the choices
+        whose tokens are all computed (scored); a one-token choice is done at its fork."""
+        done = [*scored, *parents]
+        done += [c for p in parents for c in p.forks if c.num_uncomputed_tokens == 0]
+        for seq in done:
+            seq.finish_reason = "stop"
+            self.scheduler.finish(seq)
+        for parent in parents:
+            parent.forks = []
+        return done
 
     def check_integrity(self) -> None:
         """Assert the block pool's and the prefix cache's invariants (tests, debugging)."""
@@ -141,6 +162,30 @@ def _trace(out: SchedulerOutput, num_sampling: int) -> StepTrace:
     context = sum(seq.num_computed_tokens + n for seq, n in out.scheduled)
     decode = num_sampling == len(out.scheduled) == out.num_tokens > 0
     return StepTrace(0.0, 0.0, 0.0, len(out.scheduled), out.num_tokens, context, decode)
+
+
+def _score_choices(
+    batch: Batch, logits: torch.Tensor, sampling: list[Sequence]
+) -> tuple[torch.Tensor, list[Sequence], list[Sequence], list[Sequence]]:
+    """Put this step's choice-token log-probabilities in their sequences; return the logits
+    and sequences that sample, the scores_only parents whose prompt is done (each gives its
+    choices the first token's log-probability), and the choices scored to their end."""
+    rowed = [seq for seq in sampling if seq.choice_ids is None]  # logits rows, in order
+    scored = [seq for seq in sampling if seq.choice_ids is not None]
+    if batch.scores is not None:
+        rows = logits[batch.scores.num_sample_rows :].float()
+        targets = batch.scores.targets[:, None]
+        values = torch.log_softmax(rows, dim=-1).gather(1, targets)[:, 0].tolist()
+        for (seq, k), value in zip(batch.scores.owners, values, strict=True):
+            seq.choice_logprobs[k] = value
+    parents = [(row, seq) for row, seq in enumerate(rowed) if seq.scores_only]
+    for row, parent in parents:
+        firsts = [child.choice_ids[0] for child in parent.forks]
+        values = torch.log_softmax(logits[row].float(), dim=-1)[firsts].tolist()
+        for child, value in zip(parent.forks, values, strict=True):
+            child.choice_logprobs[0] = value
+    keep = [row for row, seq in enumerate(rowed) if not seq.scores_only]
+    return logits[keep], [rowed[row] for row in keep], [p for _, p in parents], scored
 
 
 def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from pagedbatch.engine.attention import PagedAttention
-from pagedbatch.engine.batch import Batch
+from pagedbatch.engine.batch import Batch, ScoreRows
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.cascade import CascadePlan, make_plan, plan_cascade
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
+from pagedbatch.engine.sequence import Sequence
 
 
 class ModelRunner:
@@ -64,7 +65,16 @@ class ModelRunner:
         blocks = tables.host[np.repeat(rows, counts), positions // size]
         slots = blocks.astype(np.int64) * size + positions % size
         samples = ends == np.array([s.seq.num_tokens for s in scheduled], dtype=np.int64)
+        scoring = [i for i, s in enumerate(scheduled) if s.seq.choice_ids is not None]
+        if scoring:
+            samples[scoring] = False  # a choice's sequence is scored, not sampled
         last = starts[1:][samples] - 1
+        scores = None
+        if scoring:
+            score_rows, targets, owners = _score_rows(scheduled, scoring, begins, ends, starts)
+            targets = torch.tensor(targets, dtype=torch.int64, device=self.device)
+            scores = ScoreRows(len(last), targets, owners)
+            last = np.concatenate([last, score_rows])
         staged = torch.from_numpy(
             np.concatenate([input_ids, positions, slots, ends, starts, last, rows])
         )
@@ -86,6 +96,7 @@ class ModelRunner:
             context_lens_host=ends.tolist(),
             query_start_loc_host=starts.tolist(),
             cascade=self._cascade_plan(rows, begins, ends, starts) if self.cascade else None,
+            scores=scores,
         )
 
     def _cascade_plan(
@@ -116,6 +127,26 @@ class ModelRunner:
             paged_batch=batch,
         )
         return result.logits[0]
+
+
+def _score_rows(
+    scheduled: list, scoring: list[int], begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, list[int], list[tuple[Sequence, int]]]:
+    """The flat token index of every position this step computes that scores a choice
+    token (from each choice sequence's `first_scored_position` on), its target token, and
+    where its log-probability goes."""
+    rows: list[int] = []
+    targets: list[int] = []
+    owners: list[tuple[Sequence, int]] = []
+    for i in scoring:
+        seq = scheduled[i].seq
+        first = seq.first_scored_position
+        begin, end = int(begins[i]), int(ends[i])
+        for position in range(max(begin, first), end):
+            rows.append(int(starts[i]) + position - begin)
+            targets.append(seq.choice_ids[position - first])
+            owners.append((seq, position - first))
+    return np.array(rows, dtype=np.int64), targets, owners
 
 
 def _new_token_ids(scheduled: list, begins: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -39,6 +39,14 @@ class Sequence:
     `seed` keys the sampler's noise (with the position of the token being sampled); a
     sequence created without one draws a random 63-bit seed. `detokenizer` holds the
     decoded tail of the output while stop strings are searched.
+
+    Scoring a choice instead of generating: `choice_ids` are the choice's tokens, of which
+    `token_ids` (the prompt, then all but the last choice token) are followed; the
+    log-probability of choice token k goes to `choice_logprobs[k]`, from the logits of
+    position `num_tokens - len(choice_ids) + k`. Such a sequence never samples: it is
+    done when its tokens are computed. With prefix sharing, a `scores_only` parent
+    computes the prompt once, gives each choice (its `forks`) the first token's
+    log-probability from its last logits, forks them and ends.
     """
 
     seq_id: int
@@ -59,6 +67,16 @@ class Sequence:
     # most likely tokens), as the sampler saw them.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     forks: list[Sequence] = field(default_factory=list)
+    choice_ids: tuple[int, ...] | None = None
+    choice_logprobs: list[float | None] = field(default_factory=list)
+    scores_only: bool = False
+
+    @property
+    def first_scored_position(self) -> int:
+        """The first position whose logits a choice sequence needs (num_tokens if none)."""
+        if self.choice_ids is None:
+            return self.num_tokens
+        return self.num_tokens - len(self.choice_ids)
 
     @property
     def num_tokens(self) -> int:
