@@ -45,11 +45,13 @@ class Eta:
         self._finished_tokens = 0  # output tokens of the records done
         self._generated = 0  # output tokens of every record, running ones included
         self._last: tuple[float, int] | None = None
+        self._first = 0.0
 
     def step(self, now: float, generated_tokens: int) -> None:
         """After an engine step: the total output tokens generated so far."""
         self._generated = generated_tokens
         if self._last is None:
+            self._first = now
             self._last = (now, generated_tokens)
             return
         then, before = self._last
@@ -77,6 +79,10 @@ class Eta:
     def seconds_left(self) -> float | None:
         if self.records_done >= self.records:
             return 0.0
+        if self.prior == 0 and self.records_done and self._last is not None:
+            # Nothing is generated (choices are scored): the mean time per record so far.
+            elapsed = self._last[0] - self._first
+            return elapsed / self.records_done * (self.records - self.records_done)
         if not self.rate or self.rate <= 0:
             return None
         return self.tokens_left / self.rate

@@ -72,6 +72,8 @@ def run(
     seed: Annotated[Int, opt(SAMPLING_PANEL, f"Job seed: a record without its own seed samples with a seed derived from this and its id. [default: {DEFAULT.sampling.seed}]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING_PANEL, "Stop string (repeatable); the text ends before it.")] = None,
     logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
+    choices: Annotated[Str, opt(SAMPLING_PANEL, 'Score these labels instead of generating: "positive,negative,neutral" (stripped), or a JSON list to keep spaces (\'[" yes", " no"]\'); each line gets the best label and every choice\'s logprob and probability (a record\'s choices win).', "--choices")] = None,
+    choice_score: Annotated[Str, opt(SAMPLING_PANEL, "How choices are compared: sum (their log-probability) or mean (per token, which does not favour short choices). [default: sum]", "--choice-score")] = None,
     n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
@@ -177,7 +179,8 @@ def _run_with_progress(
     import torch
 
     sampling = job.settings.sampling
-    progress.generating(len(job.todo), prior_tokens_per_record=sampling.max_tokens * sampling.n)
+    prior = 0 if sampling.choices else sampling.max_tokens * sampling.n
+    progress.generating(len(job.todo), prior_tokens_per_record=prior)
     try:
         return job.run(
             llm, should_stop=interrupts.requested, on_step=progress.step,
@@ -245,9 +248,13 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
         text += f"; skipped {result.skipped} already done"
     if llm is not None:
         stats = llm.stats()
+        rate = (
+            f"{stats.generated_tokens / max(generating, 1e-9):.1f} output tok/s"
+            if stats.generated_tokens
+            else f"{result.written / max(generating, 1e-9):.1f} records/s"
+        )
         text += (
-            f" in {seconds:.1f} s ({generating:.1f} s generating, "
-            f"{stats.generated_tokens / max(generating, 1e-9):.1f} output tok/s); peak KV "
+            f" in {seconds:.1f} s ({generating:.1f} s generating, {rate}); peak KV "
             f"blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, {stats.preemptions} "
             "preemptions"
         )

@@ -90,11 +90,12 @@ class Engine:
             if entry is not None:
                 seq.logprobs.append(entry)
         sample_end = self.clock()
-        self.scheduler.commit(out, seqs + parents)
+        forked = [child for parent in parents for child in parent.forks]
+        self.scheduler.commit(out, seqs + parents)  # forks the parents' choices
         self.counter.step(out.num_tokens, len(tokens), self.block_manager.usage, self._snapshot)
         finished = self.scheduler.postprocess(seqs, tokens, self.stop_checker)
         if parents or scored:
-            finished += self._finish_scored(parents, scored)
+            finished += self._finish_scored(parents, scored, forked)
         for seq in finished:
             self.counter.finished(seq)
         self.last_step = trace._replace(
@@ -104,16 +105,16 @@ class Engine:
         )
         return finished
 
-    def _finish_scored(self, parents: list[Sequence], scored: list[Sequence]) -> list[Sequence]:
-        """End the choices' prompt parents (their choices run on, forked) and the choices
-        whose tokens are all computed (scored); a one-token choice is done at its fork."""
-        done = [*scored, *parents]
-        done += [c for p in parents for c in p.forks if c.num_uncomputed_tokens == 0]
+    def _finish_scored(
+        self, parents: list[Sequence], scored: list[Sequence], forked: list[Sequence]
+    ) -> list[Sequence]:
+        """End the choices' prompt parents (their choices, `forked` from them, run on) and
+        the choices whose tokens are all computed (scored); a one-token choice is scored
+        by its parent's logits alone, so it ends at its fork."""
+        done = [*scored, *parents, *(c for c in forked if c.num_uncomputed_tokens == 0)]
         for seq in done:
             seq.finish_reason = "stop"
             self.scheduler.finish(seq)
-        for parent in parents:
-            parent.forks = []
         return done
 
     def check_integrity(self) -> None:

@@ -20,7 +20,8 @@ COMPLETIONS = "/v1/completions"
 ENDPOINTS = (CHAT, COMPLETIONS)
 # Body fields that become the record's sampling overrides (checked later, per record, as
 # invalid_params); other fields (model, logprobs, ...) are ignored.
-_BODY_PARAMS = ("temperature", "top_p", "seed", "stop", "n")
+# "choices" is pagedbatch's: score these texts instead of generating (README, Choices).
+_BODY_PARAMS = ("temperature", "top_p", "seed", "stop", "n", "choices")
 
 
 def is_batch_request(row: Mapping[str, Any]) -> bool:
@@ -61,6 +62,9 @@ def batch_output_line(
         line["error"] = output.error.to_json()
         return line
     body = _chat_body(output) if endpoint == CHAT else _completion_body(output)
+    if output.choices is not None:  # scored choices: the label is the answer
+        body["choices"] = [_label_choice(output.label or "", endpoint)]
+        body["choice_scores"] = [c.to_json() for c in output.choices]
     body.update(
         created=created,
         model=model,
@@ -128,6 +132,13 @@ def _completion_prompt(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _label_choice(label: str, endpoint: str) -> dict[str, Any]:
+    if endpoint == CHAT:
+        message = {"role": "assistant", "content": label}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    return {"index": 0, "text": label, "logprobs": None, "finish_reason": "stop"}
 
 
 def _chat_body(output: RequestOutput) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,20 @@ class RunSettings:
         )
 
 
+def parse_choices(text: str) -> tuple[str, ...]:
+    """`--choices`: comma-separated labels, each stripped ("positive, negative"), or a JSON
+    list of strings to keep spaces and commas ('[" yes", " no"]')."""
+    if text.lstrip().startswith("["):
+        try:
+            choices = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"choices: not a JSON list ({e})") from None
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"choices must be a JSON list of strings, got {text}")
+        return tuple(choices)
+    return tuple(part.strip() for part in text.split(","))
+
+
 def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSettings:
     """Merge a preset (name or TOML path) with the flags given; raises ValueError when invalid."""
     values = dict(load_preset(preset)) if preset else {}
@@ -63,6 +78,8 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
     values.update(flags)
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
+    if isinstance(values.get("choices"), str):
+        values["choices"] = parse_choices(values["choices"])
     for name in ("output", "errors"):
         if isinstance(values.get(name), str):
             values[name] = Path(values[name])
