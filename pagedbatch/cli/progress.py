@@ -34,7 +34,8 @@ class Eta:
     average of output tokens per second (time constant RATE_TIME_CONSTANT); the tokens
     still to come are the records left times the mean output of the records finished
     (the `prior`, e.g. max_tokens x n, until one has), less what the running records
-    have generated already.
+    have generated already. A job that generates nothing (prior 0: choices are scored)
+    takes the mean time per record done since the first step.
     """
 
     def __init__(self, records: int, prior_tokens_per_record: float) -> None:
