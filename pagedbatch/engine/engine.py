@@ -72,6 +72,8 @@ class Engine:
         """Run one step; return the sequences that finished in it."""
         started = self.clock()
         out = self.scheduler.schedule()
+        if not out.scheduled:  # every running sequence was preempted; the next step admits
+            return []
         batch = self.runner.prepare(out)
         forward_start = self.clock()
         logits = self.runner.forward(batch)
