@@ -13,6 +13,7 @@ from pagedbatch.cli.common import Int, Str, fail
 from pagedbatch.cli.common import opt as common_opt
 
 if TYPE_CHECKING:
+    from pagedbatch.engine.config import EngineConfig
     from pagedbatch.job.plan import Plan
     from pagedbatch.job.settings import RunSettings
 
@@ -43,7 +44,10 @@ def plan(
     block_size: Annotated[Int, opt("Tokens per KV block.")] = None,
     num_blocks: Annotated[Int, opt("KV blocks (instead of --kv-memory).")] = None,
     kv_memory: Annotated[
-        Str, opt("KV cache size: 2GiB, 512MB or a fraction of free memory.")
+        Str,
+        opt(
+            "KV cache size: 2GiB, 512MB or a fraction of the memory free once the weights are loaded."
+        ),
     ] = None,
     device: Annotated[Str, opt("auto, cpu or cuda: where the KV memory would live.")] = None,
     dtype: Annotated[Str, opt("KV dtype: auto, float32, bfloat16, float16.")] = None,
@@ -81,7 +85,6 @@ def plan(
 
 def plan_job(source: str, settings: RunSettings) -> Plan:
     """Read and tokenize the job's records as `run` would, then plan them."""
-    from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
     from pagedbatch.job.plan import make_plan
     from pagedbatch.job.prompts import PromptBuilder, PromptError
     from pagedbatch.job.reader import read_records
@@ -100,13 +103,26 @@ def plan_job(source: str, settings: RunSettings) -> Plan:
             ids = None
         if ids:
             prompts.append((record.id, ids, params.max_tokens))
-    spec = KVCacheSpec.from_model_config(model_config, engine.block_size, engine.torch_dtype)
     return make_plan(
         prompts,
         block_size=engine.block_size,
-        num_blocks=num_blocks_for(spec, engine.torch_device, engine.num_blocks, engine.kv_memory),
+        num_blocks=kv_blocks(engine, model_config),
         max_model_len=min(engine.max_model_len or context, context),
         prefix_sharing=engine.prefix_sharing,
+    )
+
+
+def kv_blocks(engine: EngineConfig, model_config: Any) -> int:
+    """The KV blocks `LLM(config=engine)` would allocate here now, without loading weights:
+    the same `num_blocks_for`, with the weights' bytes computed from the config."""
+    from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
+    from pagedbatch.models.weights import config_model_bytes
+
+    dtype = engine.torch_dtype
+    spec = KVCacheSpec.from_model_config(model_config, engine.block_size, dtype)
+    weights = 0 if engine.num_blocks is not None else config_model_bytes(model_config, dtype)
+    return num_blocks_for(
+        spec, engine.torch_device, engine.num_blocks, engine.kv_memory, weight_bytes=weights
     )
 
 
