@@ -14,7 +14,7 @@ from pagedbatch.cli.common import opt as common_opt
 
 if TYPE_CHECKING:
     from pagedbatch.engine.config import EngineConfig
-    from pagedbatch.job.plan import Plan
+    from pagedbatch.job.plan import Plan, SharedPrefix
     from pagedbatch.job.settings import RunSettings
 
 
@@ -142,9 +142,17 @@ def _tables(p: Plan, block_size: int) -> Table:
         ("sequences that fit at once", f"{p.concurrent_sequences:,}"),
     ]
     rows += [
-        (f"shared prefix #{i + 1}", f"{g.tokens} tokens x {g.records} records")
+        (f"shared prefix #{i + 1}", f"{_token_range(g)} tokens x {g.records} records")
         for i, g in enumerate(p.largest_shared_prefixes)
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _token_range(group: SharedPrefix) -> str:
+    """'621' or '621-645': what every record of the group shares, and the longest prefix
+    some of them share."""
+    if group.longest_tokens == group.tokens:
+        return f"{group.tokens:,}"
+    return f"{group.tokens:,}-{group.longest_tokens:,}"
