@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.job.estimate import Estimate
+
+
+class PlanPrompt(NamedTuple):
+    """One record to plan: its prompt's token ids, max_tokens and samples (`n`)."""
+
+    id: Any
+    token_ids: list[int]
+    max_tokens: int
+    n: int = 1
 
 
 class SharedPrefix(NamedTuple):
@@ -30,10 +41,14 @@ class Plan:
     num_blocks: int
     concurrent_sequences: int
     largest_shared_prefixes: list[SharedPrefix] = field(default_factory=list)
+    output_tokens: int = 0  # the most the records can generate: max_tokens x n each
+    max_model_len: int = 0  # the cap on prompt + output tokens planned with
+    estimate: Estimate | None = None  # the job's time, when rates were measured or stored
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["largest_shared_prefixes"] = [p._asdict() for p in self.largest_shared_prefixes]
+        data["estimate"] = self.estimate.to_json() if self.estimate else None
         return data
 
 
@@ -50,7 +65,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def make_plan(
-    prompts: list[tuple[Any, list[int], int]],
+    prompts: Sequence[tuple[Any, ...]],
     *,
     block_size: int,
     num_blocks: int,
@@ -58,15 +73,18 @@ def make_plan(
     prefix_sharing: bool = True,
     top: int = 5,
 ) -> Plan:
-    """Plan `prompts` = [(record id, prompt token ids, max_tokens)] as the engine runs them.
+    """Plan `prompts` = [PlanPrompt (id, token ids, max_tokens[, n])] as the engine runs them.
 
     Records run in sorted (depth-first) order; a record reuses the whole blocks it
     shares with the records before it, which in sorted order is the common prefix with
     its predecessor (capped so that its last token is computed). This assumes the cache
     keeps what a group needs while the group runs, which the engine's ordering aims at.
     """
-    too_long = [rid for rid, ids, _ in prompts if len(ids) >= max_model_len]
-    ok = sorted(((ids, n) for _, ids, n in prompts if len(ids) < max_model_len), key=lambda p: p[0])
+    planned = [PlanPrompt(*p) for p in prompts]
+    too_long = [p.id for p in planned if len(p.token_ids) >= max_model_len]
+    runs = sorted((p for p in planned if len(p.token_ids) < max_model_len), key=lambda p: p[1])
+    ok = [(p.token_ids, p.max_tokens) for p in runs]
+    outputs = sum(min(p.max_tokens, max_model_len - len(p.token_ids)) * p.n for p in runs)
     lcps = [0] + [common_prefix(a[0], b[0]) for a, b in zip(ok, ok[1:])]
     cached = [0] * len(ok)
     if prefix_sharing:
@@ -89,6 +107,8 @@ def make_plan(
         num_blocks=num_blocks,
         concurrent_sequences=int(num_blocks // max(mean_private, 1)),
         largest_shared_prefixes=groups[:top],
+        output_tokens=outputs,
+        max_model_len=max_model_len,
     )
 
 
