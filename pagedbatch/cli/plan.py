@@ -51,8 +51,12 @@ def plan(
             "KV cache size: 2GiB, 512MB or a fraction of the memory free once the weights are loaded."
         ),
     ] = None,
-    device: Annotated[Str, opt("auto, cpu or cuda: where the KV memory would live.")] = None,
-    dtype: Annotated[Str, opt("KV dtype: auto, float32, bfloat16, float16.")] = None,
+    max_batch_tokens: Annotated[
+        Int, opt("Token budget of one step, as for run (the probe prefills one step).")
+    ] = None,
+    max_num_seqs: Annotated[Int, opt("Most sequences running at once, as for run.")] = None,
+    device: Annotated[Str, opt("auto, cpu or cuda: where the model would run.")] = None,
+    dtype: Annotated[Str, opt("Weights and KV dtype: auto, float32, bfloat16, float16.")] = None,
     prefix_sharing: Annotated[
         bool | None,
         opt(
