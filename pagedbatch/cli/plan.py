@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pagedbatch.cli.common import Int, Str, fail, first_line
+from pagedbatch.cli.common import Int, Str, fail, first_line, quiet_libraries
 from pagedbatch.cli.common import opt as common_opt
 
 if TYPE_CHECKING:
@@ -106,7 +106,8 @@ def plan(
         fail(str(e))
     problem = None
     if estimate:
-        with console.status(f"Probing {settings.engine.model} ..." if probe else "Estimating ..."):
+        quiet_libraries()
+        with console.status("Estimating the time (a probe loads the model) ..."):
             result, problem = estimate_job(result, prompts, settings, probe=probe)
     if as_json:
         data = result.to_json()
@@ -161,6 +162,7 @@ def estimate_job(
 
     from pagedbatch.job.estimate import estimate_time
     from pagedbatch.job.rates import last_run_rates
+    from pagedbatch.models.loader import ModelLoadError
 
     engine = settings.engine
     fits = [p for p in prompts if len(p.token_ids) < plan.max_model_len]
@@ -173,7 +175,7 @@ def estimate_job(
 
         try:
             result = probe_rates(engine, [p.token_ids for p in fits], running, plan.max_model_len)
-        except (ValueError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        except (ValueError, RuntimeError, ModelLoadError) as e:  # OutOfMemoryError: Runtime
             return plan, f"the probe failed: {first_line(e)}"
         rates, load = result.rates, result.load_seconds
     estimate = estimate_time(
