@@ -13,7 +13,7 @@ from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.engine import Engine
-from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, num_blocks_for
+from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.engine.stats import EngineStats
@@ -21,6 +21,7 @@ from pagedbatch.engine.stopping import StopChecker
 from pagedbatch.job.prompts import PromptBuilder, PromptError
 from pagedbatch.job.records import Record, parse_record
 from pagedbatch.models.loader import eos_token_ids, load_model
+from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -50,6 +51,7 @@ class LLM:
         if (threads := self.config.torch_threads) is not None:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
+        free = free_memory(self.device)  # before the weights: see num_blocks_for
         self.model, self.tokenizer = load_model(
             self.config.model, device=self.device, dtype=dtype,
             attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
@@ -58,8 +60,9 @@ class LLM:
         self.max_model_len = min(self.config.max_model_len or context, context)
         spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
         num_blocks = num_blocks_for(
-            spec, self.device, self.config.num_blocks, self.config.kv_memory
-        )
+            spec, self.device, self.config.num_blocks, self.config.kv_memory,
+            weight_bytes=model_bytes(self.model), free=free,
+        )  # fmt: skip
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(
@@ -174,7 +177,7 @@ class LLM:
             counter.peak, counter.kv_waste_mean, counter.timeline,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
             kv_bytes_per_token=spec.bytes_per_token,
-            model_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            model_bytes=model_bytes(self.model),
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from pagedbatch import LLM, SamplingParams
 from pagedbatch.cli.app import app
-from pagedbatch.job.plan import SharedPrefix, make_plan
+from pagedbatch.job.plan import SharedPrefix, make_plan, near_duplicate_tokens
 from pagedbatch.job.reader import read_records
 
 
@@ -30,7 +30,8 @@ def test_crafted_plan_figures():
     assert plan.predicted_hit_rate == 12 / 27
     assert plan.blocks_needed == 4 + 4 + 3 + 2  # ceil((len + 4) / 4) each
     assert plan.blocks_needed_shared == 4 + (4 - 2) + (3 - 1) + 2
-    assert plan.largest_shared_prefixes[0] == SharedPrefix(tokens=6, records=3)
+    # a and b share 8 tokens, 2 more than all three: one group, 6 to 8 tokens.
+    assert plan.largest_shared_prefixes == [SharedPrefix(tokens=6, records=3, longest_tokens=8)]
     unshared = make_plan(
         prompts, block_size=4, num_blocks=100, max_model_len=40, prefix_sharing=False
     )
@@ -60,3 +61,69 @@ def test_plan_predicts_the_hit_rate_of_the_run(tiny_model_dirs, tmp_path):
     assert plan["prompt_tokens"] == stats.prompt_tokens
     assert abs(plan["predicted_hit_rate"] - stats.prefix_hit_rate) <= 0.05
     assert plan["predicted_hit_rate"] > 0.5
+
+
+INSTRUCTION = list(range(100, 400))  # 300 tokens
+
+
+def test_one_instruction_with_near_duplicate_tails_is_one_group():
+    # 20 records: the instruction, then pairs that go on alike for j tokens (the label job's
+    # 645/644/643/642-token pairs), then a tail of their own.
+    prompts = [
+        (i, INSTRUCTION + list(range(500, 500 + i // 2)) + [1000 + i, 7, 8], 4) for i in range(20)
+    ]
+    plan = make_plan(prompts, block_size=16, num_blocks=1000, max_model_len=1000)
+    assert plan.largest_shared_prefixes == [
+        SharedPrefix(tokens=300, records=20, longest_tokens=309)
+    ]
+
+
+def test_instructions_that_differ_only_at_the_end_are_one_group():
+    ends = ([1, 2], [3, 4, 5])
+    prompts = [(i, INSTRUCTION + ends[i % 2] + [1000 + i], 4) for i in range(10)]
+    plan = make_plan(prompts, block_size=16, num_blocks=1000, max_model_len=1000)
+    assert plan.largest_shared_prefixes == [
+        SharedPrefix(tokens=300, records=10, longest_tokens=303)
+    ]
+
+
+def test_distinct_instructions_after_a_common_preamble_are_groups_of_their_own():
+    preamble = list(range(20))
+    a, b = preamble + list(range(100, 300)), preamble + list(range(300, 480))
+    prompts = [(i, (a if i % 2 else b) + [1000 + i], 4) for i in range(20)]
+    plan = make_plan(prompts, block_size=16, num_blocks=1000, max_model_len=1000)
+    assert plan.largest_shared_prefixes == [
+        SharedPrefix(tokens=220, records=10, longest_tokens=220),
+        SharedPrefix(tokens=200, records=10, longest_tokens=200),
+        SharedPrefix(tokens=20, records=20, longest_tokens=20),
+    ]
+    # A prefix shorter than a block shares no KV block: no group.
+    short = make_plan(prompts, block_size=32, num_blocks=1000, max_model_len=1000)
+    assert [g.tokens for g in short.largest_shared_prefixes] == [220, 200]
+
+
+def test_near_duplicate_rule():
+    assert near_duplicate_tokens(100, 16) == 32  # two blocks
+    assert near_duplicate_tokens(621, 16) == 77  # an eighth
+
+
+def test_plan_table_shows_one_group_for_one_instruction(tmp_path):
+    # tiny-random's tokenizer is byte-level: one token per byte.
+    instruction = "Label the review as positive, negative or mixed. " * 8  # 400 bytes
+    starts = ["The blender", "The blanket", "The lamp", "I returned it", "Great", "Awful"]
+    lines = [
+        {"id": i, "prompt": f"{instruction}\nReview: {starts[i % 6]} {'x' * i}\nLabel:"}
+        for i in range(24)
+    ]
+    src = tmp_path / "job.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["plan", str(src), "-m", "tiny-random", "--device", "cpu", "--num-blocks", "4096"]
+    result = CliRunner().invoke(app, [*args, "--no-estimate", "--json"])
+    assert result.exit_code == 0, result.output
+    groups = json.loads(result.stdout)["largest_shared_prefixes"]
+    assert len(groups) == 1 and groups[0]["records"] == 24
+    assert 400 <= groups[0]["tokens"] < groups[0]["longest_tokens"] <= 400 + 50
+    table = CliRunner().invoke(app, [*args, "--no-estimate"])
+    assert table.exit_code == 0, table.output
+    expected = f"{groups[0]['tokens']}-{groups[0]['longest_tokens']} tokens x 24 records"
+    assert expected in table.stdout and "shared prefix #2" not in table.stdout

@@ -1,4 +1,5 @@
-"""`pagedbatch plan`: what a job will cost, from its prompts alone (no model weights run)."""
+"""`pagedbatch plan`: what a job will cost: its prompts' sharing and KV blocks (no weights
+needed), and its time from the last run's rates or a short probe of the model."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pagedbatch.cli.common import Int, Str, fail
+from pagedbatch.cli.common import Int, Str, fail, first_line, quiet_libraries
 from pagedbatch.cli.common import opt as common_opt
 
 if TYPE_CHECKING:
-    from pagedbatch.job.plan import Plan
+    from pagedbatch.engine.config import EngineConfig
+    from pagedbatch.job.estimate import Estimate
+    from pagedbatch.job.plan import Plan, PlanPrompt, SharedPrefix
     from pagedbatch.job.settings import RunSettings
 
 
@@ -43,44 +46,81 @@ def plan(
     block_size: Annotated[Int, opt("Tokens per KV block.")] = None,
     num_blocks: Annotated[Int, opt("KV blocks (instead of --kv-memory).")] = None,
     kv_memory: Annotated[
-        Str, opt("KV cache size: 2GiB, 512MB or a fraction of free memory.")
+        Str,
+        opt(
+            "KV cache size: 2GiB, 512MB or a fraction of the memory free once the weights are loaded."
+        ),
     ] = None,
-    device: Annotated[Str, opt("auto, cpu or cuda: where the KV memory would live.")] = None,
-    dtype: Annotated[Str, opt("KV dtype: auto, float32, bfloat16, float16.")] = None,
+    max_batch_tokens: Annotated[
+        Int, opt("Token budget of one step, as for run (the probe prefills one step).")
+    ] = None,
+    max_num_seqs: Annotated[Int, opt("Most sequences running at once, as for run.")] = None,
+    device: Annotated[Str, opt("auto, cpu or cuda: where the model would run.")] = None,
+    dtype: Annotated[Str, opt("Weights and KV dtype: auto, float32, bfloat16, float16.")] = None,
     prefix_sharing: Annotated[
         bool | None,
         opt(
             "Plan with prefix sharing (default) or without.", "--prefix-sharing/--no-prefix-sharing"
         ),
     ] = None,
+    cache_dir: Annotated[
+        Str, opt("Where converted models and the last runs' rates are kept, as for run.")
+    ] = None,
+    threads: Annotated[
+        Int, opt("CPU threads, as for run (the probe and the rates use it).")
+    ] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate/--no-estimate",
+            help="Estimate the job's time from the rates the last run of this model, device, "
+            "dtype and thread count stored, or else from a short probe: it loads the model "
+            "and runs a few real steps (seconds on CPU for a small model).",
+        ),
+    ] = True,
+    probe: Annotated[
+        bool,
+        typer.Option("--probe", help="Measure with the probe even when a last run's rates exist."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Tokenize every record and build the prefix tree, without running the model: records,
-    prompt tokens, tokens left to compute after sharing, predicted hit rate, the largest
-    shared prefixes, records too long, KV blocks needed and sequences that fit at once."""
+    """Tokenize every record and build the prefix tree: records, prompt tokens, tokens left
+    to compute after sharing, predicted hit rate, the largest shared prefixes, records too
+    long, KV blocks needed and sequences that fit at once; then estimate the time (an upper
+    bound: every record generating its max_tokens), unless --no-estimate."""
     given = {
         k: v
         for k, v in locals().items()
-        if v is not None and k not in ("input", "config", "as_json")
+        if v is not None and k not in ("input", "config", "as_json", "estimate", "probe")
     }
     from pagedbatch.job.reader import InputError
     from pagedbatch.job.settings import resolve_settings
     from pagedbatch.models.names import ModelLoadError
 
+    console = Console(stderr=as_json)
     try:
         settings = resolve_settings(given, config)
-        result = plan_job(input, settings)
+        with console.status("Tokenizing the records ..."):
+            result, prompts = plan_job(input, settings)
     except (ValueError, InputError, ModelLoadError) as e:
         fail(str(e))
-    console = Console()
+    problem = None
+    if estimate:
+        quiet_libraries()
+        with console.status("Estimating the time (a probe loads the model) ..."):
+            result, problem = estimate_job(result, prompts, settings, probe=probe)
     if as_json:
-        console.print_json(json.dumps(result.to_json()))
+        data = result.to_json()
+        if problem:
+            data["estimate_problem"] = problem
+        Console().print_json(json.dumps(data))
     else:
-        console.print(_tables(result, settings.engine.block_size))
+        console.print(_tables(result, settings.engine.block_size, estimate, problem))
 
 
-def plan_job(source: str, settings: RunSettings) -> Plan:
-    """Read and tokenize the job's records as `run` would, then plan them."""
+def plan_job(source: str, settings: RunSettings) -> tuple[Plan, list[PlanPrompt]]:
+    """Read and tokenize the job's records as `run` would, then plan them; also returns
+    the prompts planned."""
     from pagedbatch.job.reader import read_records
     from pagedbatch.models.names import resolve_model_name
 
@@ -88,14 +128,12 @@ def plan_job(source: str, settings: RunSettings) -> Plan:
     records = read_records(source, split=settings.split, fields=settings.fields)  # input first
     resolve_model_name(engine.model)  # then the model name, before torch is imported
 
-    from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
-    from pagedbatch.job.plan import make_plan
+    from pagedbatch.job.plan import PlanPrompt, make_plan
     from pagedbatch.job.prompts import PromptBuilder, PromptError
     from pagedbatch.models.loader import load_tokenizer_and_config
 
     tokenizer, model_config = load_tokenizer_and_config(engine.model, engine.cache_dir)
     builder = PromptBuilder(tokenizer, engine.chat)
-    context = model_config.max_position_embeddings
     prompts = []
     for record in records:
         try:
@@ -104,18 +142,68 @@ def plan_job(source: str, settings: RunSettings) -> Plan:
         except (TypeError, ValueError, PromptError):
             ids = None
         if ids:
-            prompts.append((record.id, ids, params.max_tokens))
-    spec = KVCacheSpec.from_model_config(model_config, engine.block_size, engine.torch_dtype)
-    return make_plan(
+            prompts.append(PlanPrompt(record.id, ids, params.max_tokens, params.n))
+    plan = make_plan(
         prompts,
         block_size=engine.block_size,
-        num_blocks=num_blocks_for(spec, engine.torch_device, engine.num_blocks, engine.kv_memory),
-        max_model_len=min(engine.max_model_len or context, context),
+        num_blocks=kv_blocks(engine, model_config),
+        max_model_len=max_model_len(engine, model_config),
         prefix_sharing=engine.prefix_sharing,
+    )
+    return plan, prompts
+
+
+def max_model_len(engine: EngineConfig, model_config: Any) -> int:
+    context = model_config.max_position_embeddings
+    return min(engine.max_model_len or context, context)
+
+
+def estimate_job(
+    plan: Plan, prompts: list[PlanPrompt], settings: RunSettings, *, probe: bool = False
+) -> tuple[Plan, str | None]:
+    """`plan` with its time estimate, from the last run's stored rates (unless `probe`)
+    or else a probe of the model; or `plan` as it was and why there is no estimate."""
+    import dataclasses
+
+    from pagedbatch.job.estimate import estimate_time
+    from pagedbatch.job.rates import last_run_rates
+    from pagedbatch.models.loader import ModelLoadError
+
+    engine = settings.engine
+    fits = [p for p in prompts if len(p.token_ids) < plan.max_model_len]
+    running = min(engine.max_num_seqs, plan.concurrent_sequences, sum(p.n for p in fits))
+    if not fits:
+        return plan, "no record would run"
+    rates, load = None if probe else last_run_rates(engine), None
+    if rates is None:
+        from pagedbatch.bench.rate_probe import probe_rates
+
+        try:
+            result = probe_rates(engine, [p.token_ids for p in fits], running, plan.max_model_len)
+        except (ValueError, RuntimeError, ModelLoadError) as e:  # OutOfMemoryError: Runtime
+            return plan, f"the probe failed: {first_line(e)}"
+        rates, load = result.rates, result.load_seconds
+    estimate = estimate_time(
+        plan.tokens_to_compute, plan.output_tokens, rates, running_seqs=running, load_seconds=load
+    )
+    return dataclasses.replace(plan, estimate=estimate), None
+
+
+def kv_blocks(engine: EngineConfig, model_config: Any) -> int:
+    """The KV blocks `LLM(config=engine)` would allocate here now, without loading weights:
+    the same `num_blocks_for`, with the weights' bytes computed from the config."""
+    from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
+    from pagedbatch.models.weights import config_model_bytes
+
+    dtype = engine.torch_dtype
+    spec = KVCacheSpec.from_model_config(model_config, engine.block_size, dtype)
+    weights = 0 if engine.num_blocks is not None else config_model_bytes(model_config, dtype)
+    return num_blocks_for(
+        spec, engine.torch_device, engine.num_blocks, engine.kv_memory, weight_bytes=weights
     )
 
 
-def _tables(p: Plan, block_size: int) -> Table:
+def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table:
     table = Table(title="Plan", show_header=False, title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -131,9 +219,52 @@ def _tables(p: Plan, block_size: int) -> Table:
         ("sequences that fit at once", f"{p.concurrent_sequences:,}"),
     ]
     rows += [
-        (f"shared prefix #{i + 1}", f"{g.tokens} tokens x {g.records} records")
+        (f"shared prefix #{i + 1}", f"{_token_range(g)} tokens x {g.records} records")
         for i, g in enumerate(p.largest_shared_prefixes)
     ]
+    if p.estimate is not None:
+        rows += _estimate_rows(p.estimate)
+    else:
+        rows.append(
+            ("time estimate", problem or ("not asked (--no-estimate)" if not asked else ""))
+        )
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _estimate_rows(e: Estimate) -> list[tuple[str, str]]:
+    r = e.rates
+    at = f"{r.decode_seqs:,.0f} seqs per step"
+    if round(r.decode_seqs) != e.running_seqs:
+        at += f"; this job runs up to {e.running_seqs:,}"
+    if r.source == "probe":
+        source = f"probe just now (loading the model took {duration(e.load_seconds or 0)})"
+    else:
+        source = f"last run, {r.measured_at} (same model, device, dtype, threads)"
+    return [
+        ("time estimate", f"~ {duration(e.seconds)} (outputs at max_tokens; model load not included)"),
+        ("  prefill", f"{e.prefill_tokens:,} tokens at {r.prefill_tok_s:,.0f} tok/s: {duration(e.prefill_seconds)}"),
+        ("  decode", f"{e.output_tokens:,} tokens at {r.decode_tok_s:,.0f} tok/s ({at}): {duration(e.decode_seconds)}"),
+        ("  rates from", source),
+    ]  # fmt: skip
+
+
+def duration(seconds: float) -> str:
+    """'0.4 s', '12 s', '3 min 05 s', '2 h 07 min'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _token_range(group: SharedPrefix) -> str:
+    """'621' or '621-645': what every record of the group shares, and the longest prefix
+    some of them share."""
+    if group.longest_tokens == group.tokens:
+        return f"{group.tokens:,}"
+    return f"{group.tokens:,}-{group.longest_tokens:,}"

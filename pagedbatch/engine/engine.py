@@ -105,6 +105,7 @@ class Engine:
             forward_seconds=sample_start - forward_start,
             sample_seconds=sample_end - sample_start,
         )
+        self.counter.timed(self.last_step)
         return finished
 
     def _finish_scored(
@@ -157,6 +158,11 @@ class Engine:
             evicted_blocks=cache.num_evicted_blocks if cache else 0,
             graph_steps=self.runner.graphs.replays if self.runner.graphs else 0,
             cascade_saved_token_reads=self.attention.cascade_saved_token_reads,
+            prefill_step_seconds=c.prefill_step_seconds,
+            prefill_step_tokens=c.prefill_step_tokens,
+            decode_step_seconds=c.decode_step_seconds,
+            decode_step_tokens=c.decode_step_tokens,
+            decode_steps=c.decode_steps,
         )
 
 

@@ -78,12 +78,6 @@ def free_memory(device: torch.device) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def blocks_for_memory(spec: KVCacheSpec, kv_memory: int | float, device: torch.device) -> int:
-    """How many blocks `kv_memory` (bytes, or a fraction of free memory) holds."""
-    budget = kv_memory if isinstance(kv_memory, int) else int(kv_memory * free_memory(device))
-    return budget // spec.bytes_per_block
-
-
 CPU_KV_CAP = 4 * 2**30  # the default CPU cache stops here, whatever the RAM
 
 
@@ -92,17 +86,32 @@ def num_blocks_for(
     device: torch.device,
     num_blocks: int | None = None,
     kv_memory: str | float | None = None,
+    *,
+    weight_bytes: int = 0,
+    free: int | None = None,
 ) -> int:
     """Blocks of the KV cache: `num_blocks`, or what `kv_memory` holds.
 
-    Default memory: 0.8 of free GPU memory, or a quarter of available RAM up to 4 GiB.
+    A fraction of free memory is a fraction of what is free once the model's weights are
+    resident: `free` (bytes free on `device` before the weights load; measured now when
+    None) less `weight_bytes`. `LLM` measures `free` before it loads the model and passes
+    the loaded parameters' bytes; `pagedbatch plan` loads no weights, measures `free` then
+    and passes the bytes the config implies (models/weights.py): one rule on the same
+    inputs, so both size the same pool on the same machine. (Free memory measured after
+    loading would depend on how the weights load: on CPU a float32 checkpoint is mapped
+    from the page cache, which still counts as available, a converted one is copied.)
+
+    Default memory: 0.8 of that on a GPU, or a quarter of it up to 4 GiB on CPU.
     """
     if num_blocks is not None:
         return num_blocks
     memory = parse_memory(kv_memory) if kv_memory is not None else None
     if memory is None:
         memory = 0.8 if device.type == "cuda" else 0.25
-    blocks = blocks_for_memory(spec, memory, device)
+    if isinstance(memory, float):
+        available = (free_memory(device) if free is None else free) - weight_bytes
+        memory = int(memory * max(available, 0))
+    blocks = memory // spec.bytes_per_block
     if device.type == "cpu" and kv_memory is None:
         blocks = min(blocks, CPU_KV_CAP // spec.bytes_per_block)
     if blocks < 1:

@@ -39,6 +39,13 @@ class EngineStats:
     graph_steps: int  # decode steps replayed from a CUDA graph
     # K/V tokens not read thanks to cascade attention, summed over layers (per KV head)
     cascade_saved_token_reads: int
+    # Wall time of the steps that computed prompt tokens (tokens: every token they
+    # computed), and of the decode-only steps (tokens: one per sequence): the job's rates.
+    prefill_step_seconds: float = 0.0
+    prefill_step_tokens: int = 0
+    decode_step_seconds: float = 0.0
+    decode_step_tokens: int = 0
+    decode_steps: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -83,6 +90,11 @@ class StatsCounter:
     timeline: list[KVSnapshot] = field(default_factory=list)
     waste_sum: float = 0.0
     waste_steps: int = 0
+    prefill_step_seconds: float = 0.0
+    prefill_step_tokens: int = 0
+    decode_step_seconds: float = 0.0
+    decode_step_tokens: int = 0
+    decode_steps: int = 0
 
     def step(
         self, num_tokens: int, num_sampled: int, usage: KVUsage, snapshot: Callable[[], KVSnapshot]
@@ -100,6 +112,16 @@ class StatsCounter:
             self.waste_steps += 1
         if kv is not None:
             self.timeline.append(kv)
+
+    def timed(self, trace: StepTrace) -> None:
+        """Add a finished step's time to the prefill or the decode totals."""
+        if trace.decode_only:
+            self.decode_step_seconds += trace.seconds
+            self.decode_step_tokens += trace.num_tokens
+            self.decode_steps += 1
+        else:
+            self.prefill_step_seconds += trace.seconds
+            self.prefill_step_tokens += trace.num_tokens
 
     @property
     def kv_waste_mean(self) -> float:

@@ -36,6 +36,7 @@ from pagedbatch.job.output_scan import (
     scan_output,
 )
 from pagedbatch.job.output_writer import OutputWriter, encode_line
+from pagedbatch.job.rates import store_run_rates
 from pagedbatch.job.reader import read_records
 from pagedbatch.job.records import Record
 from pagedbatch.job.settings import RunSettings
@@ -125,7 +126,8 @@ class Job:
     ) -> JobResult:
         """Make the files ready, then run every record still to do (`llm` may be None when
         there is none); returns what was written. A write error (a full disk) is raised,
-        with every line before it whole on disk."""
+        with every line before it whole on disk. The rates the run reached are stored in
+        the cache dir (job/rates.py)."""
         self._prepare_files()
         result = JobResult(skipped=self.skipped)
         with self._open_writers() as (out, quarantine):
@@ -147,6 +149,7 @@ class Job:
 
             if self.todo and not should_stop():
                 self._generate(llm, write, step, should_stop, on_prepared)
+                store_run_rates(self.settings.engine, llm.stats())  # for `pagedbatch plan`
         result.not_run = len(self.todo) - result.written
         return result
 
