@@ -15,7 +15,7 @@ import typer
 
 from pagedbatch.cli.common import Float, Int, Str, console, fail, first_line, opt, quiet_libraries
 from pagedbatch.cli.progress import JobProgress
-from pagedbatch.job.interrupts import Interrupts
+from pagedbatch.job.interrupts import Interrupts, Stopped
 from pagedbatch.job.job import JobResult, ResumePolicy
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
@@ -124,20 +124,25 @@ def _run_job(
     from pagedbatch.job.reader import InputError
     from pagedbatch.models.loader import ModelLoadError
 
-    quiet_libraries()
     started = time.monotonic()
-    with Interrupts() as interrupts:
+    with Interrupts() as interrupts, contextlib.ExitStack() as files:
         try:
-            job = Job(source, settings, policy)
+            quiet_libraries()
+            job = files.enter_context(Job(source, settings, policy))  # holds the output's lock
+            if job.input_note:
+                console.print(job.input_note, soft_wrap=True, markup=False, highlight=False)
+            llm = _load_llm(settings) if job.todo else None
+            interrupts.on_first = _say_stopping
+            interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
+            interrupts.started = True  # from here a signal stops the job between steps
+        except Stopped as e:
+            fail(f"stopped by {e.name} before the job started; nothing was written", e.exit_code)
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
-        interrupts.on_first = _say_stopping
-        interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
-        llm = _load_llm(settings) if job.todo and not interrupts.requested() else None
         result = _run_with_progress(job, llm, interrupts, show_progress, resume)
-    _summary(job, result, llm, time.monotonic() - started)
-    if llm is not None and settings.engine.memory_report:
-        _memory_report(llm, job.output)
+        _summary(job, result, llm, time.monotonic() - started)
+        if llm is not None and settings.engine.memory_report:
+            _memory_report(llm, job.output)
     if interrupts.requested() and result.not_run:
         console.print(
             f"Interrupted by {interrupts.name}: {result.not_run} records not run yet. "

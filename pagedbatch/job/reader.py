@@ -9,19 +9,20 @@ OpenAI batch requests are read as such (openai_batch.py). Output lines go out th
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagedbatch.job.jsonl import JsonlError, jsonl_rows
+from pagedbatch.job.guard import file_kind
+from pagedbatch.job.jsonl import JsonlError, jsonl_rows, loads
 from pagedbatch.job.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.job.output_writer import OutputWriter
 from pagedbatch.job.records import FieldMap, Record, invalid, parse_record
 
-__all__ = ["InputError", "OutputWriter", "read_records"]
+__all__ = ["InputData", "InputError", "OutputWriter", "read_input", "read_records"]
 
 # Files read by our strict JSON Lines reader (a .json file only if it is JSON Lines).
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -37,6 +38,15 @@ class InputError(Exception):
     """A problem with the input as a whole; `str()` is one line naming the file (and line)."""
 
 
+@dataclass(frozen=True)
+class InputData:
+    """The records of an input, and the bytes of a JSON Lines file as they were read (the
+    fingerprint hashes these: the file is read once, whatever happens to it after)."""
+
+    records: list[Record]
+    content: bytes | None = None
+
+
 def read_records(
     source: str | os.PathLike[str],
     *,
@@ -44,6 +54,17 @@ def read_records(
     fields: FieldMap = _DEFAULT_FIELDS,
     skip_invalid: bool = False,
 ) -> list[Record]:
+    """The records of `source`: `read_input(...).records`."""
+    return read_input(source, split=split, fields=fields, skip_invalid=skip_invalid).records
+
+
+def read_input(
+    source: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    fields: FieldMap = _DEFAULT_FIELDS,
+    skip_invalid: bool = False,
+) -> InputData:
     """Read every record of a JSONL file, a local data file, a dataset directory or a hub name.
 
     Raises InputError, before any record is used, for a problem with the input as a
@@ -51,34 +72,37 @@ def read_records(
     record only is left on that record's `error`; with `skip_invalid`, so is a JSONL
     line that is not a JSON object. Records without an id get their 1-based line number
     (JSONL) or 0-based row index (datasets). When the first row is an OpenAI batch
-    request, every row is read as one (their records have an `endpoint`).
+    request, every row is read as one (their records have an `endpoint`). Anything but a
+    regular file or a directory (a FIFO, a device) is refused.
     """
     name = os.fspath(source)
     path = Path(name)
     mode = _stat_mode(name)
     if mode is not None and stat.S_ISDIR(mode):
-        return _dataset_records(_load_directory(path, name), name, split, fields)
+        return InputData(_dataset_records(_load_directory(path, name), name, split, fields))
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
     if mode is not None:
         return _file_records(path, name, split, fields, skip_invalid)
     if path.suffix.lower() in _JSON_SUFFIXES + _DATA_FILE_SUFFIXES or _looks_like_path(name):
         raise InputError(f"{name}: no such file")
-    return _hub_records(name, split, fields)
+    return InputData(_hub_records(name, split, fields))
 
 
 def _file_records(
     path: Path, name: str, split: str | None, fields: FieldMap, skip_invalid: bool
-) -> list[Record]:
+) -> InputData:
     suffix = path.suffix.lower()
     if suffix in _JSON_SUFFIXES:
         data = _read_bytes(path, name)
-        return _json_records(data, name, suffix, split, fields, skip_invalid)
+        return InputData(_json_records(data, name, suffix, split, fields, skip_invalid), data)
     if suffix not in _DATA_FILE_SUFFIXES:
         kinds = ", ".join(_JSON_SUFFIXES + _DATA_FILE_SUFFIXES)
         raise InputError(
             f"{name}: unsupported file type '{suffix}' (use {kinds} or a dataset directory)"
         )
     data = _load(name, lambda ds: ds.load_dataset(suffix[1:], data_files=name), "cannot read")
-    return _dataset_records(data, name, split, fields)
+    return InputData(_dataset_records(data, name, split, fields))
 
 
 def _json_records(
@@ -100,7 +124,7 @@ def _json_records(
 
 def _is_one_json_document(data: bytes) -> bool:
     try:
-        return isinstance(json.loads(data), (list, dict))
+        return isinstance(loads(data), (list, dict))
     except ValueError:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
         return False
 
