@@ -21,10 +21,20 @@ def main() -> None:
         from pagedbatch.cli.app import app
 
         app(prog_name="pagedbatch")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
     except Stopped as e:
         with contextlib.suppress(OSError):
             os.write(2, f"error: stopped by {e.name}\n".encode())
-        sys.exit(e.exit_code)
+        code = e.exit_code
+    # The command is done and its files closed: exit now, without the interpreter's slow
+    # teardown (torch's), during which a signal would end the process by its default action.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class QuietOnClose:

@@ -40,9 +40,11 @@ def raise_stopped(signum: int, frame: FrameType | None = None) -> None:
 
 def stop_on_signals() -> None:
     """Make every signal of SIGNALS raise Stopped from now on (call first thing in a command,
-    from the main thread)."""
+    from the main thread). A signal this process was started ignoring (`nohup`, a shell's
+    background job) stays ignored."""
     for sig in SIGNALS:
-        signal.signal(sig, raise_stopped)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, raise_stopped)
 
 
 class Interrupts:
@@ -53,7 +55,8 @@ class Interrupts:
     `signum` (the job polls `requested`) and calls `on_first`; a second one calls
     `on_second`, which must not return (by default it exits with 128 + the signal
     number). Handlers run in the main thread between bytecodes; they are installed only
-    there, and the previous ones come back on exit.
+    there, not for a signal that is ignored (`nohup`), and the previous ones come back on
+    exit.
     """
 
     def __init__(self) -> None:
@@ -87,7 +90,8 @@ class Interrupts:
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -9,6 +9,7 @@ OpenAI batch requests are read as such (openai_batch.py). Output lines go out th
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -183,7 +184,7 @@ def _records(rows: list[tuple[int, Any]], name: str, fields: FieldMap, unit: str
         else:
             record = parse_record(row, default_id=position, fields=fields)
         numbered.append((position, record))
-    return _unique(numbered, name, unit)
+    return _unique(numbered, name, unit, "custom_id" if batch else fields.id)
 
 
 def _select_split(data: Any, name: str, split: str | None) -> Any:
@@ -221,17 +222,41 @@ def _plain_row(row: dict[str, Any], fields: FieldMap) -> dict[str, Any]:
     return {**row, fields.messages: plain}
 
 
-def _unique(numbered: list[tuple[int, Record]], name: str, unit: str) -> list[Record]:
+def _unique(
+    numbered: list[tuple[int, Record]], name: str, unit: str, id_field: str
+) -> list[Record]:
     """The records, after checking that no id repeats; `unit` is 'line' or 'row'."""
-    first: dict[str | int, int] = {}
+    first: dict[str | int, tuple[int, Record]] = {}
     for position, record in numbered:
         if record.id in first:
+            where, other = first[record.id]
             raise InputError(
-                f"{name}: {unit} {position}: duplicate id {record.id!r} "
-                f"(first on {unit} {first[record.id]})"
+                f"{name}: {unit} {position}: duplicate id {record.id!r} (first on {unit} {where}"
+                f"{_numbered(other, where, unit, id_field)})"
             )
-        first[record.id] = position
+        first[record.id] = (position, record)
     return [record for _, record in numbered]
+
+
+def _numbered(record: Record, position: int, unit: str, id_field: str) -> str:
+    """Why `record` holds its position as id, when it was not given that id ('' if it was)."""
+    source = record.source or {}
+    if "raw_line" in source and record.error is not None:
+        return f", which is not a JSON object and so is numbered by its {unit}"
+    given = source.get(id_field)
+    if given is None:
+        return f", which has no '{id_field}' and so is numbered by its {unit}"
+    if given != record.id or type(given) is not type(record.id):
+        return (
+            f", whose '{id_field}' {_short_value(given)} is not a string or an integer, "
+            f"so it is numbered by its {unit}; fix that {unit}'s '{id_field}'"
+        )
+    return ""
+
+
+def _short_value(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _stat_mode(name: str) -> int | None:
