@@ -161,6 +161,9 @@ def _load_llm(settings: RunSettings) -> Any:
             llm = LLM(config=settings.engine)
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
+    except (RuntimeError, MemoryError) as e:  # the KV cache (or the model) does not fit
+        fail(f"cannot load {settings.engine.model} with this KV cache ({first_line(e)}); "
+             "lower --num-blocks or --kv-memory", code=1)  # fmt: skip
     if llm.cuda_graphs_problem:
         console.print(
             f"CUDA graphs are off, decode runs eagerly: {llm.cuda_graphs_problem}",
