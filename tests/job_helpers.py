@@ -147,11 +147,18 @@ class ForkedRun:
         self._err.unlink(missing_ok=True)
         return code, text
 
-    def poll_lines(self, path: Path, count: int, timeout: float = 120) -> None:
-        """Wait until `path` holds `count` newlines (the child may still be running)."""
+    def poll_lines(self, path: Path, count: int, timeout: float = 120) -> bool:
+        """Wait until `path` holds `count` newlines: True, or False when the child ended first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if path.exists() and path.read_bytes().count(b"\n") >= count:
-                return
+                return True
+            if self.ended():
+                return False
             time.sleep(0.002)
         raise AssertionError(f"{path} did not reach {count} lines in {timeout} s")
+
+    def ended(self) -> bool:
+        """Whether the child has exited (it stays a zombie until `wait`)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
