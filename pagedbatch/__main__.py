@@ -1,5 +1,5 @@
 """`python -m pagedbatch` is the `pagedbatch` command."""
 
-from pagedbatch.cli.app import app
+from pagedbatch.cli.main import main
 
-app(prog_name="pagedbatch")
+main()

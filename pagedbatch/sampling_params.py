@@ -15,6 +15,10 @@ OVERRIDABLE = (
 )  # fmt: skip
 MAX_LOGPROBS = 20  # most alternatives a token may report (OpenAI's limit)
 CHOICE_SCORES = ("sum", "mean")
+# The engine packs seeds, top-k and positions into int64 tensors: seeds are unsigned 64-bit
+# integers (stored as their two's-complement bits), the other integers signed 64-bit.
+MAX_SEED = 2**64 - 1
+MAX_INT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, minimum=0)
         _check_int("n", self.n, minimum=1)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
             if self.logprobs > MAX_LOGPROBS:
@@ -106,16 +110,33 @@ class SamplingParams:
         return dataclasses.replace(self, **overrides)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_short(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_short(value)}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {_short(value)}")
 
 
 def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: Any) -> str:
+    """`repr(value)`, cut to 40 characters (a record may hold a 10,000-digit number)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def derive_seed(base: int, salt: str | int) -> int:

@@ -29,3 +29,13 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 def smollm2_dir() -> Path:
     """The converted embedded SmolLM2, in the session's model cache."""
     return convert_gguf(alias_gguf_path(DEFAULT_MODEL), Path(os.environ["PAGEDBATCH_CACHE"]))
+
+
+@pytest.fixture(scope="session")
+def forked():
+    """Real `pagedbatch` processes, forked from one that has imported it (job_helpers.Forked)."""
+    from job_helpers import Forked
+
+    server = Forked()
+    yield server
+    server.close()

@@ -99,3 +99,66 @@ def resume_command(stderr: str) -> str:
     command = lines[index].split("Resume with:", 1)[1].strip() or lines[index + 1].strip()
     assert command.startswith("pagedbatch run "), command
     return command
+
+
+class Forked:
+    """Real `pagedbatch` processes forked by tests/fork_server.py (imports paid once)."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self._server = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "fork_server.py")], cwd=ROOT, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def start(self, args: list[object], cwd: Path, *, stderr: bool = True) -> ForkedRun:
+        """`pagedbatch ARGS` in `cwd`; without `stderr`, its stderr is a pipe nobody reads."""
+        err = cwd / f".stderr.{time.monotonic_ns()}"
+        request = {
+            "run": [str(a) for a in args], "cwd": str(cwd), "out": os.devnull,
+            "err": str(err) if stderr else None,
+        }  # fmt: skip
+        return ForkedRun(self, int(self._ask(request)), err)
+
+    def run(self, args: list[object], cwd: Path, **kwargs: bool) -> tuple[int, str]:
+        """(exit code, stderr) of `pagedbatch ARGS`, run to its end."""
+        return self.start(args, cwd, **kwargs).wait()
+
+    def _ask(self, request: dict) -> str:
+        assert self._server.stdin is not None and self._server.stdout is not None
+        self._server.stdin.write(json.dumps(request) + "\n")
+        self._server.stdin.flush()
+        return self._server.stdout.readline().strip()
+
+    def close(self) -> None:
+        assert self._server.stdin is not None
+        self._server.stdin.close()
+        self._server.wait(timeout=60)
+
+
+class ForkedRun:
+    def __init__(self, server: Forked, pid: int, err: Path) -> None:
+        self.server, self.pid, self._err = server, pid, err
+
+    def wait(self) -> tuple[int, str]:
+        """(exit code, -N when killed by signal N; stderr)."""
+        code = int(self.server._ask({"wait": self.pid}))
+        text = self._err.read_text() if self._err.exists() else ""
+        self._err.unlink(missing_ok=True)
+        return code, text
+
+    def poll_lines(self, path: Path, count: int, timeout: float = 120) -> bool:
+        """Wait until `path` holds `count` newlines: True, or False when the child ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_bytes().count(b"\n") >= count:
+                return True
+            if self.ended():
+                return False
+            time.sleep(0.002)
+        raise AssertionError(f"{path} did not reach {count} lines in {timeout} s")
+
+    def ended(self) -> bool:
+        """Whether the child has exited (it stays a zombie until `wait`)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"

@@ -118,7 +118,10 @@ def test_missing_input_and_unknown_model_are_one_line_errors(tmp_path, monkeypat
         (["--template", "Label {}"], "every {} needs a field name, like {text}"),
         (["--force"], "--force only applies to --resume"),
         (["--resume", "--overwrite"], "--overwrite starts over; it does not go with --resume"),
-        (["-o", "same.jsonl", "--errors", "same.jsonl"], "is the output file; give another path"),
+        (
+            ["-o", "same.jsonl", "--errors", "same.jsonl"],
+            "the errors file same.jsonl is the same file as the output same.jsonl",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, monkeypatch, flags, message):

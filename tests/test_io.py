@@ -95,7 +95,11 @@ def test_jsonl_default_id_is_the_line_number_counting_blank_lines(tmp_path: Path
         ),
         (b'{"id": "x"}\n{}\n{"id": "x"}\n', "line 3: duplicate id 'x' (first on line 1)"),
         # Line 2 has no id, so it is 2, the id that line 4 gives explicitly.
-        (b'{}\n{}\n\n{"id": 2}\n', "line 4: duplicate id 2 (first on line 2)"),
+        (
+            b'{}\n{}\n\n{"id": 2}\n',
+            "line 4: duplicate id 2 (first on line 2, which has no 'id' and so is numbered by "
+            "its line)",
+        ),
     ],
 )
 def test_jsonl_file_errors_name_the_file_and_line(

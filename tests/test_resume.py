@@ -72,9 +72,10 @@ def test_resume_refuses_another_job_unless_forced(job, tmp_path):
     error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--max-tokens", "6"))
     assert f"{out} was written by a different job: max_tokens (8 -> 6)" in error
     assert "--force" in error and "--overwrite" in error
-    write_jsonl(src, prompts(13))  # the same name, another content
+    write_jsonl(src, prompts(13))  # the same name: two records gone, one new
     error = one_line_error(invoke(src, "-o", out, *flags, "--resume"))
-    assert re.search(r"different job: input \(\"[0-9a-f]{16}\" -> \"[0-9a-f]{16}\"\)", error)
+    assert f"{out} was written from another version of {src}: 2 records it holds are gone" in error
+    assert "('bad-params', 'bad-record')" in error and "--force" in error
     result = invoke(src, "-o", out, *flags, "--resume", "--force")
     assert result.exit_code == 0 and "skipped 12 already done" in result.stderr
     # The fingerprint now describes the forced job: resuming it needs no --force.
@@ -82,6 +83,29 @@ def test_resume_refuses_another_job_unless_forced(job, tmp_path):
     (tmp_path / "out.jsonl.job.json").unlink()
     error = one_line_error(invoke(src, "-o", out, *flags, "--resume"))
     assert "has no job fingerprint beside it" in error and "--force" in error
+
+
+def test_a_changed_input_names_the_records_that_changed_and_runs_new_ones(job):
+    src, out, flags = job
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    write_jsonl(src, rows[:10])
+    assert invoke(src, "-o", out, *flags).exit_code == 0
+    before = out.read_bytes()
+    changed = [{**rows[0], "prompt": "another"}, *rows[1:3], {**rows[3], "top_k": 2}, *rows[4:]]
+    write_jsonl(src, changed)
+    error = one_line_error(invoke(src, "-o", out, *flags, "--resume"))
+    assert "2 records it holds changed ('r000', 'r003')" in error and "--force" in error
+    assert out.read_bytes() == before
+    write_jsonl(src, rows)  # 4 records appended (a job that grows): they run, nothing else
+    result = invoke(src, "-o", out, *flags, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "none of the 10 records it holds did: 4 records to run" in result.stderr
+    assert out.read_bytes().startswith(before) and len(by_id(read_lines(out))) == 14
+    write_jsonl(src, rows[:5] + [{"id": "new", "prompt": "a new one"}] + rows[5:])
+    error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--order", "input"))
+    assert "has new records before records" in error  # the file would leave input order
+    result = invoke(src, "-o", out, *flags, "--resume")  # in completion order: fine
+    assert result.exit_code == 0 and "Wrote 1 records" in result.stderr, result.output
 
 
 def test_retry_errors_reruns_only_the_error_lines(job, monkeypatch):

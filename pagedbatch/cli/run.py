@@ -15,7 +15,7 @@ import typer
 
 from pagedbatch.cli.common import Float, Int, Str, console, fail, first_line, opt, quiet_libraries
 from pagedbatch.cli.progress import JobProgress
-from pagedbatch.job.interrupts import Interrupts
+from pagedbatch.job.interrupts import Interrupts, Stopped
 from pagedbatch.job.job import JobResult, ResumePolicy
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
@@ -127,24 +127,32 @@ def _run_job(
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
     started = time.monotonic()
-    with Interrupts() as interrupts, JobProgress(console, show_progress) as progress:
+    with (
+        Interrupts() as interrupts,
+        contextlib.ExitStack() as files,
+        JobProgress(console, show_progress) as progress,
+    ):
         try:
             with progress.phase(f"reading {source}"):
-                job = Job(source, settings, policy)
+                job = files.enter_context(Job(source, settings, policy))  # holds the lock
+            if job.input_note:
+                console.print(job.input_note, soft_wrap=True, markup=False, highlight=False)
+            llm = None
             if job.todo:
                 resolve_model_name(settings.engine.model)
+                with progress.phase(f"loading {settings.engine.model}"):
+                    llm = _load_llm(settings)
+            interrupts.on_first = _say_stopping
+            interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
+            interrupts.started = True  # from here a signal stops the job between steps
+        except Stopped as e:
+            fail(f"stopped by {e.name} before the job started; nothing was written", e.exit_code)
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
-        interrupts.on_first = _say_stopping
-        interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
-        llm = None
-        if job.todo and not interrupts.requested():
-            with progress.phase(f"loading {settings.engine.model}"):
-                llm = _load_llm(settings)
         result = _run_with_progress(job, llm, interrupts, progress, resume)
-    _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
-    if llm is not None and settings.engine.memory_report:
-        _memory_report(llm, job.output)
+        _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
+        if llm is not None and settings.engine.memory_report:
+            _memory_report(llm, job.output)
     if interrupts.requested() and result.not_run:
         console.print(
             f"Interrupted by {interrupts.name}: {records(result.not_run)} not run yet. "
@@ -163,6 +171,9 @@ def _load_llm(settings: RunSettings) -> Any:
         llm = LLM(config=settings.engine)
     except (ModelLoadError, ValueError) as e:
         fail(str(e))
+    except (RuntimeError, MemoryError) as e:  # the KV cache (or the model) does not fit
+        fail(f"cannot load {settings.engine.model} with this KV cache ({first_line(e)}); "
+             "lower --num-blocks or --kv-memory", code=1)  # fmt: skip
     if llm.cuda_graphs_problem:
         console.print(
             f"CUDA graphs are off, decode runs eagerly: {llm.cuda_graphs_problem}",

@@ -8,20 +8,29 @@ KV cache size are left out: a job may resume on another machine.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pagedbatch.files import atomic_write
+from pagedbatch.job.jsonl import loads
+from pagedbatch.job.records import Record
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
 
 SUFFIX = ".job.json"
-# Stored for people to read, not compared: a moved input or model is the same job.
-_INFO_KEYS = ("model_name", "input_path")
+# A digest of every record (id and row), so that a resume on a changed input can tell
+# which records changed: see `record_changes`.
+RECORDS_KEY = "record_digests"
+# Stored for people to read, not compared: a moved input or model is the same job. The
+# record digests are compared record by record (`record_changes`), not as a whole.
+_INFO_KEYS = ("model_name", "input_path", RECORDS_KEY)
+_RECORD_DIGEST_BYTES = 8
 _TOKENIZER_PREFIXES = (
     "tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
 )  # fmt: skip
@@ -36,9 +45,15 @@ def fingerprint_path(output: Path) -> Path:
     return output.with_name(output.name + SUFFIX)
 
 
-def job_fingerprint(source: str, settings: RunSettings) -> Fingerprint:
-    """The fingerprint of running `settings` over `source`; raises ModelLoadError for an alias
-    whose package is missing."""
+def job_fingerprint(
+    source: str,
+    settings: RunSettings,
+    content: bytes | None = None,
+    records: Iterable[Record] | None = None,
+) -> Fingerprint:
+    """The fingerprint of running `settings` over `source` (whose bytes are `content` when
+    the reader has read them: hashed as read, the file is not opened again; `records` adds
+    their digests); raises ModelLoadError for an alias whose package is missing."""
     model, tokenizer = model_identity(settings.engine.model)
     sampling = dataclasses.asdict(settings.sampling)
     sampling["stop"] = list(sampling["stop"])
@@ -51,9 +66,10 @@ def job_fingerprint(source: str, settings: RunSettings) -> Fingerprint:
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
         **sampling,
-        "input": input_identity(source, settings.split),
+        "input": input_identity(source, settings.split, content),
         "model_name": settings.engine.model,
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
+        **({RECORDS_KEY: record_digests(records)} if records is not None else {}),
     }
 
 
@@ -67,6 +83,39 @@ def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:
     ]
 
 
+def record_changes(
+    stored: Fingerprint, records: Iterable[Record], done: Iterable[Any]
+) -> tuple[list[Any], list[Any]] | None:
+    """(ids of done records whose id or row is not as stored, ids done but no longer in the
+    input), each in the order of `done`; None when `stored` holds no record digests."""
+    text = stored.get(RECORDS_KEY)
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    size = _RECORD_DIGEST_BYTES
+    known = {raw[i : i + size] for i in range(0, len(raw), size)}
+    current = {r.id: _record_digest(r) for r in records}
+    done = list(done)
+    changed = [rid for rid in done if rid in current and current[rid] not in known]
+    removed = [rid for rid in done if rid not in current]
+    return changed, removed
+
+
+def record_digests(records: Iterable[Record]) -> str:
+    """The records' digests (of id and row), sorted, as one base64 string."""
+    return base64.b64encode(b"".join(sorted(_record_digest(r) for r in records))).decode()
+
+
+def _record_digest(record: Record) -> bytes:
+    row = json.dumps(record.source, sort_keys=True, ensure_ascii=False, default=str)
+    text = f"{record.id!r}\0{row}"
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_RECORD_DIGEST_BYTES)
+    return h.digest()
+
+
 def job_digest(fingerprint: Fingerprint) -> str:
     """A short id of the job (of the compared keys): 16 hex digits."""
     compared = {k: v for k, v in fingerprint.items() if k not in _INFO_KEYS}
@@ -77,7 +126,7 @@ def job_digest(fingerprint: Fingerprint) -> str:
 def load_fingerprint(path: Path) -> Fingerprint | None:
     """The stored fingerprint; None when there is none, {} when it cannot be read."""
     try:
-        value = json.loads(path.read_bytes())
+        value = loads(path.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -105,11 +154,15 @@ def model_identity(model: str) -> tuple[str, str]:
     return _digest([f for f in files if f not in tokenizer]), _digest(tokenizer)
 
 
-def input_identity(source: str, split: str | None) -> str:
-    """A digest of the input's content (every file under a directory), or of a hub name."""
+def input_identity(source: str, split: str | None, content: bytes | None = None) -> str:
+    """A digest of the input's content (`content` when given, as read; else every file under
+    a directory, or the file), or of a hub name."""
     path = Path(source)
     h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
-    if path.is_dir():
+    if content is not None:
+        h.update(f"{len(content)}\0".encode())
+        h.update(content)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         for file in files:
             h.update(f"\0{file.relative_to(path)}\0".encode())

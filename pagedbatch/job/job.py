@@ -25,8 +25,10 @@ from pagedbatch.job.fingerprint import (
     job_digest,
     job_fingerprint,
     load_fingerprint,
+    record_changes,
     save_fingerprint,
 )
+from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
 from pagedbatch.job.openai_batch import batch_output_line
 from pagedbatch.job.output_scan import (
     OutputFileError,
@@ -37,7 +39,7 @@ from pagedbatch.job.output_scan import (
 )
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.rates import store_run_rates
-from pagedbatch.job.reader import read_records
+from pagedbatch.job.reader import read_input
 from pagedbatch.job.records import Record
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.outputs import RecordError, RequestOutput
@@ -48,6 +50,7 @@ from pagedbatch.outputs import RecordError, RequestOutput
 WINDOW_PER_SEQ = 4
 MIN_WINDOW = 64
 QUARANTINE_KEY = "pagedbatch_error"
+_NAMED_IDS = 5  # ids named in a message, before "and N more"
 
 
 class JobError(Exception):
@@ -95,25 +98,74 @@ class Job:
     """The records of an input, and which of them an output file still lacks."""
 
     def __init__(self, source: str, settings: RunSettings, policy: ResumePolicy) -> None:
+        """Check the files, read the input, lock the output and check it against `policy`.
+
+        Raises JobError (or InputError) before anything is written; the lock taken here is
+        held until `close()` (a Job is a context manager).
+        """
         self.settings = settings
         self.policy = policy
+        self.source = source
         self.output = settings.output or default_output(source)
         self.errors_path = settings.errors
-        if self.errors_path is not None and self.errors_path.resolve() == self.output.resolve():
-            raise JobError(f"--errors {self.errors_path} is the output file; give another path")
-        self.records = read_records(
+        self.input_note: str | None = None  # what a resume accepted of a changed input
+        self._locks = {role: OutputLock.beside(path) for role, path in self._appended_files()}
+        try:
+            check_paths(source, self._roles())
+        except GuardError as e:
+            raise JobError(str(e)) from None
+        data = read_input(
             source, split=settings.split, fields=settings.fields, skip_invalid=settings.skip_invalid
         )
+        self.records = data.records
         self.batch = any(r.endpoint is not None for r in self.records)
-        self.fingerprint = job_fingerprint(source, settings)
+        self.fingerprint = job_fingerprint(source, settings, data.content, self.records)
         self.digest = job_digest(self.fingerprint)
         self._by_id = {r.id: r for r in self.records}
-        self._scan = self._check_output()
+        try:
+            for role, lock in self._locks.items():
+                lock.acquire(role)
+            self._scan = self._check_output()
+            check_writable(self._written_files())
+        except GuardError as e:
+            self.close()
+            raise JobError(str(e)) from None
+        except BaseException:
+            self.close()
+            raise
         done = self._scan.done if not policy.retry_errors else self._scan.ok
         self.todo = [r for r in self.records if r.id not in done]
         self.skipped = len(self.records) - len(self.todo)
         self._writers: list[OutputWriter] = []
         self._created = int(time.time())
+
+    def close(self) -> None:
+        """Let the output's lock go (the files stay as they are)."""
+        for lock in self._locks.values():
+            lock.release()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def _fp(self) -> Path:
+        return fingerprint_path(self.output)
+
+    def _appended_files(self) -> list[tuple[str, Path]]:
+        """(role, path) of the files lines are appended to: each is locked."""
+        files = [("output", self.output)]
+        return files if self.errors_path is None else [*files, ("errors file", self.errors_path)]
+
+    def _written_files(self) -> list[Path]:
+        return [path for _, path in self._appended_files()] + [self._fp]
+
+    def _roles(self) -> list[tuple[str, Path]]:
+        """(role, path) of every file the job writes, for `check_paths`."""
+        roles = [*self._appended_files(), ("fingerprint", self._fp)]
+        return roles + [(f"{role}'s lock file", lock.path) for role, lock in self._locks.items()]
 
     def run(
         self,
@@ -193,22 +245,82 @@ class Job:
         if not self.policy.resuming:
             self._refuse_to_overwrite(scan)
             return OutputScan()
+        if scan.duplicates:
+            raise JobError(self._duplicates_problem(scan))
         if scan.empty or self.policy.force:
             return scan
-        stored = load_fingerprint(fingerprint_path(self.output))
+        stored = load_fingerprint(self._fp)
         if stored is None:
             raise JobError(
-                f"{self.output} has no job fingerprint beside it ({fingerprint_path(self.output)}),"
+                f"{self.output} has no job fingerprint beside it ({self._fp}),"
                 " so this cannot be checked to be the same job; pass --force to resume anyway"
             )
+        if not stored:
+            raise JobError(
+                f"{self._fp} is unreadable (not a pagedbatch job fingerprint), so {self.output} "
+                "cannot be checked to be this job's; pass --force to resume anyway (a new "
+                "fingerprint is written), or --overwrite to start over"
+            )
         diff = changes(stored, self.fingerprint)
-        if diff:
+        if diff == [d for d in diff if d.startswith("input ")] and diff:
+            self._check_changed_input(stored, scan)
+        elif diff:
             raise JobError(
                 f"{self.output} was written by a different job: {'; '.join(diff)}. Resume with "
                 "the same settings and input, pass --force to resume anyway, or --overwrite "
                 "to start over"
             )
         return scan
+
+    def _check_changed_input(self, stored: Mapping[str, Any], scan: OutputScan) -> None:
+        """Accept an input that changed only by records the output does not hold yet (new
+        ones, or ones not run yet); else raise JobError naming the records that changed."""
+        done = scan.ok if self.policy.retry_errors else scan.done
+        found = record_changes(stored, self.records, (rid for rid in scan.lines if rid in done))
+        if found is None:
+            raise JobError(
+                f"{self.output} was written by a different job: input changed, and its "
+                f"fingerprint ({self._fp}) predates per-record digests, so the records that "
+                "changed cannot be told; pass --force to resume anyway, or --overwrite to "
+                "start over"
+            )
+        changed, removed = found
+        if changed or removed:
+            what = []
+            if changed:
+                what.append(f"{len(changed)} records it holds changed ({_ids(changed)})")
+            if removed:
+                what.append(f"{len(removed)} records it holds are gone from it ({_ids(removed)})")
+            raise JobError(
+                f"{self.output} was written from another version of {self.source}: "
+                f"{' and '.join(what)}; restore them, pass --force to keep the old lines "
+                "anyway, or --overwrite to start over"
+            )
+        if self.settings.order == "input" and not self._done_first(done):
+            raise JobError(
+                f"{self.source} has new records before records {self.output} holds; with "
+                "--order input new records must come after them (or pass --force, or "
+                "--overwrite to start over)"
+            )
+        new = sum(1 for r in self.records if r.id not in done)
+        self.input_note = (
+            f"{self.source} changed since {self.output} was started, but none of the "
+            f"{len(done)} records it holds did: {new} records to run"
+        )
+
+    def _done_first(self, done: set[Any]) -> bool:
+        """Whether the records in `done` come before every other record of the input."""
+        flags = [r.id in done for r in self.records]
+        return flags == sorted(flags, reverse=True)
+
+    def _duplicates_problem(self, scan: OutputScan) -> str:
+        shown = ", ".join(f"{rid!r} on lines {a} and {b}" for rid, a, b in scan.duplicates[:3])
+        more = len(scan.duplicates) - 3
+        return (
+            f"{self.output} holds a record more than once ({shown}"
+            f"{f', and {more} more' if more > 0 else ''}), so it cannot be resumed as it is: "
+            "keep one line of each id (or start over with --overwrite)"
+        )
 
     def _refuse_to_overwrite(self, scan: OutputScan) -> None:
         if self.policy.overwrite:
@@ -232,7 +344,7 @@ class Job:
             cut_torn_line(self.output, self._scan)
             if self.policy.retry_errors and self._scan.errors:
                 drop_error_lines(self.output, self._scan)
-        path = fingerprint_path(self.output)
+        path = self._fp
         if load_fingerprint(path) != self.fingerprint:
             save_fingerprint(path, self.fingerprint)
         if self.errors_path is not None:
@@ -287,6 +399,12 @@ class _InputOrder:
         while self._next in self._held:
             self._write(self._held.pop(self._next))
             self._next += 1
+
+
+def _ids(ids: list[Any]) -> str:
+    """The first few ids, as a user reads them."""
+    shown = ", ".join(repr(i) for i in ids[:_NAMED_IDS])
+    return shown + (f", and {len(ids) - _NAMED_IDS} more" if len(ids) > _NAMED_IDS else "")
 
 
 def _non_empty(path: Path) -> bool:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pagedbatch.files import atomic_write
+from pagedbatch.job.jsonl import loads
 
 RecordId = str | int
 
@@ -29,6 +29,8 @@ class OutputScan:
     errors: dict[RecordId, dict[str, Any]] = field(default_factory=dict)  # id -> error object
     size: int = 0
     torn: bool = False
+    lines: dict[RecordId, int] = field(default_factory=dict)  # id -> its first line number
+    duplicates: list[tuple[RecordId, int, int]] = field(default_factory=list)  # id, first, again
 
     @property
     def done(self) -> set[RecordId]:
@@ -53,6 +55,9 @@ def scan_output(path: Path) -> OutputScan:
                 break
             if raw.strip():
                 rid, error = _parse_line(raw, path, n)
+                if rid in scan.lines:
+                    scan.duplicates.append((rid, scan.lines[rid], n))
+                scan.lines.setdefault(rid, n)
                 if error is None:
                     scan.ok.add(rid)
                     scan.errors.pop(rid, None)
@@ -85,8 +90,8 @@ def drop_error_lines(path: Path, scan: OutputScan) -> None:
 def _parse_line(raw: bytes, path: Path, n: int) -> tuple[RecordId, dict[str, Any] | None]:
     """(record id, error object or None) of one output line."""
     try:
-        line = json.loads(raw)
-    except ValueError:
+        line = loads(raw)
+    except ValueError:  # not JSON, not UTF-8, or nested too deeply
         line = None
     rid = line.get("custom_id", line.get("id")) if isinstance(line, dict) else None
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):

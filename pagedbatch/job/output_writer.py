@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -89,11 +90,27 @@ class OutputWriter:
 
 
 def encode_line(line: Mapping[str, Any]) -> bytes:
-    """One JSON line as UTF-8 (non-ASCII kept; lone surrogates escaped; others via str())."""
+    """One strict JSON line as UTF-8: non-ASCII kept, lone surrogates escaped, NaN and
+    infinities written as null (JSON has no such numbers), other types via str()."""
     try:
-        return (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        text = json.dumps(line, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere
+        text = json.dumps(_finite(line), ensure_ascii=False, default=str, allow_nan=False)
+    try:
+        return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
-        return (json.dumps(line, default=str) + "\n").encode("ascii")
+        return (json.dumps(json.loads(text)) + "\n").encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is NaN or infinite replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _truncate(fd: int, size: int) -> None:

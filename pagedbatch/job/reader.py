@@ -13,15 +13,17 @@ import json
 import os
 import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagedbatch.job.jsonl import JsonlError, jsonl_rows
+from pagedbatch.job.guard import file_kind
+from pagedbatch.job.jsonl import JsonlError, jsonl_rows, loads
 from pagedbatch.job.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.job.output_writer import OutputWriter
 from pagedbatch.job.records import FieldMap, Record, invalid, parse_record
 
-__all__ = ["InputError", "OutputWriter", "read_records"]
+__all__ = ["InputData", "InputError", "OutputWriter", "read_input", "read_records"]
 
 # Files read by our strict JSON Lines reader (a .json file only if it is JSON Lines).
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -39,6 +41,15 @@ class InputError(Exception):
     """A problem with the input as a whole; `str()` is one line naming the file (and line)."""
 
 
+@dataclass(frozen=True)
+class InputData:
+    """The records of an input, and the bytes of a JSON Lines file as they were read (the
+    fingerprint hashes these: the file is read once, whatever happens to it after)."""
+
+    records: list[Record]
+    content: bytes | None = None
+
+
 def read_records(
     source: str | os.PathLike[str],
     *,
@@ -46,6 +57,17 @@ def read_records(
     fields: FieldMap = _DEFAULT_FIELDS,
     skip_invalid: bool = False,
 ) -> list[Record]:
+    """The records of `source`: `read_input(...).records`."""
+    return read_input(source, split=split, fields=fields, skip_invalid=skip_invalid).records
+
+
+def read_input(
+    source: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    fields: FieldMap = _DEFAULT_FIELDS,
+    skip_invalid: bool = False,
+) -> InputData:
     """Read every record of a JSONL file, a local data file, a dataset directory or a hub name.
 
     Raises InputError, before any record is used, for a problem with the input as a
@@ -53,34 +75,37 @@ def read_records(
     record only is left on that record's `error`; with `skip_invalid`, so is a JSONL
     line that is not a JSON object. Records without an id get their 1-based line number
     (JSONL) or 0-based row index (datasets). When the first row is an OpenAI batch
-    request, every row is read as one (their records have an `endpoint`).
+    request, every row is read as one (their records have an `endpoint`). Anything but a
+    regular file or a directory (a FIFO, a device) is refused.
     """
     name = os.fspath(source)
     path = Path(name)
     mode = _stat_mode(name)
     if mode is not None and stat.S_ISDIR(mode):
-        return _dataset_records(_load_directory(path, name), name, split, fields)
+        return InputData(_dataset_records(_load_directory(path, name), name, split, fields))
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
     if mode is not None:
         return _file_records(path, name, split, fields, skip_invalid)
     if path.suffix.lower() in _JSON_SUFFIXES + _DATA_FILE_SUFFIXES or _looks_like_path(name):
         raise InputError(f"{name}: no such file")
-    return _hub_records(name, split, fields)
+    return InputData(_hub_records(name, split, fields))
 
 
 def _file_records(
     path: Path, name: str, split: str | None, fields: FieldMap, skip_invalid: bool
-) -> list[Record]:
+) -> InputData:
     suffix = path.suffix.lower()
     if suffix in _JSON_SUFFIXES:
         data = _read_bytes(path, name)
-        return _json_records(data, name, suffix, split, fields, skip_invalid)
+        return InputData(_json_records(data, name, suffix, split, fields, skip_invalid), data)
     if suffix not in _DATA_FILE_SUFFIXES:
         kinds = ", ".join(_JSON_SUFFIXES + _DATA_FILE_SUFFIXES)
         raise InputError(
             f"{name}: unsupported file type '{suffix}' (use {kinds} or a dataset directory)"
         )
     data = _load(name, lambda ds: ds.load_dataset(suffix[1:], data_files=name), "cannot read")
-    return _dataset_records(data, name, split, fields)
+    return InputData(_dataset_records(data, name, split, fields))
 
 
 def _json_records(
@@ -102,7 +127,7 @@ def _json_records(
 
 def _is_one_json_document(data: bytes) -> bool:
     try:
-        return isinstance(json.loads(data), (list, dict))
+        return isinstance(loads(data), (list, dict))
     except ValueError:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
         return False
 
@@ -163,7 +188,7 @@ def _records(rows: list[tuple[int, Any]], name: str, fields: FieldMap, unit: str
         else:
             record = parse_record(row, default_id=position, fields=fields)
         numbered.append((position, record))
-    records = _unique(numbered, name, unit)
+    records = _unique(numbered, name, unit, "custom_id" if batch else fields.id)
     if not batch and fields.template is None:
         _check_prompt_fields([row for _, row in rows if isinstance(row, Mapping)], name, fields)
     return records
@@ -221,17 +246,41 @@ def _plain_row(row: dict[str, Any], fields: FieldMap) -> dict[str, Any]:
     return {**row, fields.messages: plain}
 
 
-def _unique(numbered: list[tuple[int, Record]], name: str, unit: str) -> list[Record]:
+def _unique(
+    numbered: list[tuple[int, Record]], name: str, unit: str, id_field: str
+) -> list[Record]:
     """The records, after checking that no id repeats; `unit` is 'line' or 'row'."""
-    first: dict[str | int, int] = {}
+    first: dict[str | int, tuple[int, Record]] = {}
     for position, record in numbered:
         if record.id in first:
+            where, other = first[record.id]
             raise InputError(
-                f"{name}: {unit} {position}: duplicate id {record.id!r} "
-                f"(first on {unit} {first[record.id]})"
+                f"{name}: {unit} {position}: duplicate id {record.id!r} (first on {unit} {where}"
+                f"{_numbered(other, where, unit, id_field)})"
             )
-        first[record.id] = position
+        first[record.id] = (position, record)
     return [record for _, record in numbered]
+
+
+def _numbered(record: Record, position: int, unit: str, id_field: str) -> str:
+    """Why `record` holds its position as id, when it was not given that id ('' if it was)."""
+    source = record.source or {}
+    if "raw_line" in source and record.error is not None:
+        return f", which is not a JSON object and so is numbered by its {unit}"
+    given = source.get(id_field)
+    if given is None:
+        return f", which has no '{id_field}' and so is numbered by its {unit}"
+    if given != record.id or type(given) is not type(record.id):
+        return (
+            f", whose '{id_field}' {_short_value(given)} is not a string or an integer, "
+            f"so it is numbered by its {unit}; fix that {unit}'s '{id_field}'"
+        )
+    return ""
+
+
+def _short_value(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _stat_mode(name: str) -> int | None:

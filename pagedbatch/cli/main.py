@@ -1,0 +1,75 @@
+"""The `pagedbatch` command's entry point: signals and stderr are made safe before anything
+else is imported, so that a Ctrl-C during start-up or a closed stderr pipe is one line (or
+silence) and the right exit code, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import IO, Any
+
+from pagedbatch.job.interrupts import Stopped, stop_on_signals
+
+
+def main() -> None:
+    """Run the `pagedbatch` command (console script and `python -m pagedbatch`)."""
+    stop_on_signals()
+    sys.stdout = QuietOnClose(sys.stdout)
+    sys.stderr = QuietOnClose(sys.stderr)
+    try:
+        from pagedbatch.cli.app import app
+
+        app(prog_name="pagedbatch")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except Stopped as e:
+        with contextlib.suppress(OSError):
+            os.write(2, f"error: stopped by {e.name}\n".encode())
+        code = e.exit_code
+    # The command is done and its files closed: exit now, without the interpreter's slow
+    # teardown (torch's), during which a signal would end the process by its default action.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class QuietOnClose:
+    """A text stream that, once its reader is gone (a closed pipe, a hung-up terminal), drops
+    what is written to it instead of raising: the command's exit code stays its own.
+
+    The file descriptor is then pointed at /dev/null, so that the flushes Python does at
+    exit succeed too.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._closed = False
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except OSError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._silence()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _silence(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)

@@ -1,0 +1,194 @@
+"""What keeps a job off its user's other files: distinct paths, regular files, one run per output.
+
+`check_paths` refuses, before anything is read or written, an output, errors file or
+fingerprint that is the input (or inside an input directory) or one another, and any of
+them (the input too) that is not a regular file: a FIFO would block, a device read
+forever. `check_writable` opens each file the job will write without changing it, so
+that an immutable or read-only file is refused before the model loads. `OutputLock` is
+an advisory lock beside the output, held for the life of the job: a second run on the
+same output is refused, naming the process that holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+LOCK_SUFFIX = ".lock"
+
+
+class GuardError(Exception):
+    """A file the job must not touch, or cannot; `str()` is one line naming it."""
+
+
+def check_paths(source: str, roles: Iterable[tuple[str, Path]]) -> None:
+    """Refuse files that would overwrite the input or each other, and non-regular files.
+
+    `roles` holds (role, path) of the files the job writes, e.g. ("output", out.jsonl).
+    Two paths are the same file when they resolve alike or share device and inode (hard
+    links, symlinks, bind mounts). A written file inside an input directory is refused
+    too: it would become part of the input.
+    """
+    written = list(roles)
+    for role, path in written:
+        _check_regular(path, role)
+    input_path = Path(source)
+    input_mode = _mode(input_path)
+    if input_mode is not None and not stat.S_ISDIR(input_mode):
+        _check_regular(input_path, "input")
+    seen: list[tuple[str, Path]] = []
+    if input_mode is not None:
+        seen.append(("input", input_path))
+    for role, path in written:
+        for other_role, other in seen:
+            if other_role == "input" and input_mode is not None and stat.S_ISDIR(input_mode):
+                if _inside(path, other):
+                    raise GuardError(
+                        f"the {role} {path} is inside the input directory {other}; "
+                        "write it somewhere else"
+                    )
+            elif _same_file(path, other):
+                raise GuardError(
+                    f"the {role} {path} is the same file as the {other_role} {other}; "
+                    f"give the {role} another path"
+                )
+        seen.append((role, path))
+
+
+def check_writable(paths: Iterable[Path]) -> None:
+    """Open every existing file of `paths` for appending, writing nothing: refuses files the
+    job could not write (read-only, immutable) before any work starts."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise GuardError(f"{path}: cannot write it ({e.strerror or e})") from None
+        os.close(fd)
+
+
+class OutputLock:
+    """An exclusive advisory lock (flock) on `<output>.lock`, created beside the output.
+
+    The file holds the owner's process id, for the message of a run that finds it held.
+    `release` deletes the file while still holding the lock; `acquire` checks that the
+    file it locked is still the one at the path (else it lost a race with a release and
+    tries again). A process that dies releases its lock with it; the file it leaves is
+    taken over by the next run.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @classmethod
+    def beside(cls, target: Path) -> OutputLock:
+        return cls(target.with_name(target.name + LOCK_SUFFIX))
+
+    def acquire(self, role: str = "output") -> None:
+        """Take the lock, or raise GuardError naming the process that holds it."""
+        target = self.path.with_name(self.path.name.removesuffix(LOCK_SUFFIX))
+        _check_regular(self.path, "lock file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GuardError(f"{self.path.parent}: cannot create it ({e.strerror or e})") from None
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                owner = _read_owner(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise GuardError(
+                        f"the {role} {target} is in use by another pagedbatch run "
+                        f"({'process ' + owner if owner else 'its lock is ' + str(self.path)}); "
+                        "wait for it to finish or stop it"
+                    ) from None
+                raise GuardError(f"{self.path}: cannot lock it ({e.strerror or e})") from None
+            if self._still_there(fd):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Delete the lock file and let the lock go; a no-op when not held."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(fd)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            reason = e.strerror or e
+            raise GuardError(f"{self.path}: cannot create the lock file ({reason})") from None
+
+    def _still_there(self, fd: int) -> bool:
+        try:
+            on_disk = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _read_owner(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return text
+    return ""
+
+
+def _check_regular(path: Path, role: str) -> None:
+    mode = _mode(path)
+    if mode is None or stat.S_ISREG(mode):
+        return
+    raise GuardError(f"the {role} {path} is {file_kind(mode)}, not a regular file")
+
+
+def _mode(path: Path) -> int | None:
+    """st_mode of `path` (links followed), None when nothing is there."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise GuardError(f"{path}: cannot inspect it ({e.strerror or e})") from None
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, in words ("a FIFO (named pipe)")."""
+    kinds = [
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "of an unknown kind")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
