@@ -99,13 +99,13 @@ def test_a_changed_input_names_the_records_that_changed_and_runs_new_ones(job):
     write_jsonl(src, rows)  # 4 records appended (a job that grows): they run, nothing else
     result = invoke(src, "-o", out, *flags, "--resume")
     assert result.exit_code == 0, result.output
-    assert "none of the 10 records it holds did: 4 records to run" in result.stderr
+    assert "none of the 10 records it holds did: 4 to run" in result.stderr
     assert out.read_bytes().startswith(before) and len(by_id(read_lines(out))) == 14
     write_jsonl(src, rows[:5] + [{"id": "new", "prompt": "a new one"}] + rows[5:])
     error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--order", "input"))
     assert "has new records before records" in error  # the file would leave input order
     result = invoke(src, "-o", out, *flags, "--resume")  # in completion order: fine
-    assert result.exit_code == 0 and "Wrote 1 records" in result.stderr, result.output
+    assert result.exit_code == 0 and "Wrote 1 record to" in result.stderr, result.output
 
 
 def test_retry_errors_reruns_only_the_error_lines(job, monkeypatch):

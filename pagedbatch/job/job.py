@@ -305,7 +305,7 @@ class Job:
         new = sum(1 for r in self.records if r.id not in done)
         self.input_note = (
             f"{self.source} changed since {self.output} was started, but none of the "
-            f"{len(done)} records it holds did: {new} records to run"
+            f"{len(done)} records it holds did: {new} to run"
         )
 
     def _done_first(self, done: set[Any]) -> bool:
