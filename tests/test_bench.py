@@ -31,6 +31,7 @@ from pagedbatch.bench.runner import (
     IN_PROCESS,
     BenchOptions,
     bench_llm,
+    label_matches,
     load_llm,
     run_file_benchmark,
     run_workload_benchmark,
@@ -38,7 +39,7 @@ from pagedbatch.bench.runner import (
 )
 from pagedbatch.bench.workloads import WORKLOADS, BenchPrompts, Workload, workload_prompts
 from pagedbatch.cli.app import app
-from pagedbatch.cli.bench import tables
+from pagedbatch.cli.bench import choices_line, tables
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.models.loader import load_model
 from pagedbatch.models.random_presets import RANDOM_PRESETS, preset_config
@@ -255,6 +256,29 @@ def test_file_input_runs_the_whole_process_too(tiny_model_dirs, tmp_path):
     assert all(r.records == 3 and r.output_tokens == 15 for r in report.results)
 
 
+def test_choices_contender_scores_the_same_records(tiny_model_dirs, tmp_path):
+    rows = [{"id": i, "prompt": f"record number {i} is"} for i in range(3)]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skip = frozenset({"run", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate_batch"})
+    opts = options(tiny_model_dirs["llama"], skip=skip, choices=("yes", "no"))
+    report = run_file_benchmark(str(source), 4, opts)
+    assert [r.contender for r in report.results] == ["pagedbatch", "pagedbatch-choices", "generate"]
+    scored = report.get("pagedbatch-choices")
+    assert scored.error is None and scored.records == 3 and scored.output_tokens == 0
+    assert scored.given["choices"] == 2
+    assert 0 <= scored.details["label_agreement"] <= 1
+    line = choices_line(report)
+    assert "x pagedbatch generating" in line and "x transformers generate" in line, line
+
+
+def test_label_matches_the_first_word_of_a_generation():
+    assert label_matches("positive", "Positive: great phone")
+    assert label_matches("mixed", " mixed.")
+    assert not label_matches("positive", "The review is positive")
+    assert not label_matches(None, "positive") and not label_matches("yes", "")
+
+
 def test_random_presets_have_the_real_shapes():
     small, big = preset_config("smollm2-135m-random"), preset_config("llama-1b-random")
     assert (small.num_hidden_layers, small.hidden_size, small.intermediate_size) == (30, 576, 1536)
@@ -363,7 +387,7 @@ import sys
 sys.modules.update(datasets=None, gguf=None)  # as on the GPU machines: not installed
 import torch
 from pagedbatch.cli.app import app
-from pagedbatch.cli.bench import tables
+from pagedbatch.cli.bench import choices_line, tables
 from pagedbatch.models.loader import load_model
 load_model("smollm2-135m-random", device=torch.device("cpu"), dtype=torch.float32)
 app(sys.argv[1:])

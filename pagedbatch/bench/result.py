@@ -9,7 +9,7 @@ from typing import Any
 # The contenders, as `--skip` spells them (see bench.py).
 CONTENDERS = (
     "run", "pagedbatch", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
-    "generate_batch",
+    "generate_batch", "pagedbatch-choices",
 )  # fmt: skip
 
 

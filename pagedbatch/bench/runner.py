@@ -7,7 +7,10 @@ Contenders (names as `--skip` spells them):
   process; as configured, without cascade attention, and without prefix sharing (so
   without cascade);
 - `generate`, `generate_batch`: the transformers baselines (`baselines.py`) on the
-  same model (same weights: a random preset is rebuilt from the same seed).
+  same model (same weights: a random preset is rebuilt from the same seed);
+- `pagedbatch-choices` (with `choices`): the same records scored against the choices
+  instead of generated (`LLM.generate` with `SamplingParams.choices`); its details say how
+  often the best choice is the first word of `pagedbatch`'s greedy generation.
 
 Every contender generates exactly each prompt's output length (EOS ignored) from the
 same prompt token ids, and times generation only, after a warm-up; loading is reported
@@ -43,7 +46,8 @@ from pagedbatch.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
 
-IN_PROCESS = CONTENDERS[1:]
+# The contenders of every benchmark in this process (pagedbatch-choices runs with choices only).
+IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c != "pagedbatch-choices")
 # Each pagedbatch contender: the engine config's changes.
 PAGEDBATCH = {
     "pagedbatch": {},
@@ -67,6 +71,8 @@ class BenchOptions:
     batch_size: int | None = None
     skip: frozenset[str] = frozenset()
     seed: int = 0
+    choices: tuple[str, ...] | None = None  # also score these (the pagedbatch-choices contender)
+    choice_score: str = "sum"
 
     def __post_init__(self) -> None:
         unknown = set(self.skip) - set(CONTENDERS)
@@ -144,14 +150,23 @@ def _run(
         on_result(result)
 
     prompts = None
+    greedy: list = []  # pagedbatch's outputs, to compare the choices' labels with
     for contender, changes in PAGEDBATCH.items():
         if options.runs(contender):
             llm, load_s = load_llm(engine.replace(**changes))
             if prompts is None:
                 prompts = source(llm.tokenizer, vocab_size(llm.model))
-            record(bench_llm(llm, prompts, load_s, copy_bw, contender))
+            kept = greedy if contender == "pagedbatch" else None
+            record(bench_llm(llm, prompts, load_s, copy_bw, contender, kept))
             del llm
             release_memory(device)
+    if options.choices is not None and options.runs("pagedbatch-choices"):
+        llm, load_s = load_llm(engine)
+        if prompts is None:
+            prompts = source(llm.tokenizer, vocab_size(llm.model))
+        record(bench_choices(llm, prompts, options, load_s, greedy))
+        del llm
+        release_memory(device)
     if options.runs("generate") or options.runs("generate_batch"):
         prompts = _run_baselines(options, source, prompts, record)
     if prompts is None:  # BenchOptions refuses a skip list that leaves no such contender
@@ -175,8 +190,10 @@ def bench_llm(
     load_s: float = 0.0,
     copy_bw: float | None = None,
     contender: str = "pagedbatch",
+    outputs: list | None = None,
 ) -> BenchResult:
-    """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics."""
+    """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics;
+    the RequestOutputs go into `outputs` when given."""
     warm_up = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
     llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True))
     before = llm.stats()
@@ -184,6 +201,8 @@ def bench_llm(
     started = time.perf_counter()
     outs = llm.generate(prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step)
     seconds = time.perf_counter() - started
+    if outputs is not None:
+        outputs.extend(outs)
     tokens = {o.id: o.completion_tokens for o in outs}
     failed = [o for o in outs if o.error is not None]
     error = f"record {failed[0].id}: {failed[0].error}" if failed else None
@@ -207,6 +226,43 @@ def bench_llm(
         contender, contender, seconds, prompts.max_tokens, produced, given, error
     )
     return dataclasses.replace(result, details=details)
+
+
+def bench_choices(
+    llm: LLM, prompts: BenchPrompts, options: BenchOptions, load_s: float, greedy: list
+) -> BenchResult:
+    """Time scoring `options.choices` on `prompts` (after a warm-up); with `greedy` (the
+    `pagedbatch` contender's outputs), how often the best choice is the first word of the
+    greedy generation (`label_agreement`)."""
+    params = SamplingParams(choices=options.choices, choice_score=options.choice_score)
+    llm.generate([[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(20)]], params)
+    before = llm.stats()
+    started = time.perf_counter()
+    outs = llm.generate(prompts.records(), params)
+    seconds = time.perf_counter() - started
+    after = llm.stats()
+    failed = [o for o in outs if o.error is not None]
+    prompt_tokens = max(1, after.prompt_tokens - before.prompt_tokens)
+    details: dict[str, Any] = {
+        "load_s": load_s,
+        "prefix_hit_rate": (after.prefix_hit_tokens - before.prefix_hit_tokens) / prompt_tokens,
+    }
+    if greedy:
+        same = [label_matches(o.label, g.text) for o, g in zip(outs, greedy, strict=True)]
+        details["label_agreement"] = sum(same) / len(same)
+    given = {**engine_given(llm.config, after.num_blocks), "choices": len(options.choices or ())}
+    error = f"record {failed[0].id}: {failed[0].error}" if failed else None
+    return BenchResult(
+        "pagedbatch-choices", f"pagedbatch --choices ({options.choice_score})", seconds,
+        len(outs), 0, details, given, error,
+    )  # fmt: skip
+
+
+def label_matches(label: str | None, text: str) -> bool:
+    """Whether `label` is the first word of a generated `text` (case and punctuation aside)."""
+    words = text.split()
+    first = words[0].strip(".,:;!?\"'()[]*").lower() if words else ""
+    return label is not None and first == label.strip().lower()
 
 
 def _decode_details(timing: DecodeTiming, llm: LLM, copy_bw: float | None) -> dict[str, Any]:

@@ -31,7 +31,9 @@ def bench(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch.", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices.", show_default=False)] = None,
+    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False)] = None,
+    choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
@@ -51,8 +53,9 @@ def bench(
     GPU, random weights: pagedbatch bench --workload share --model llama-1b-random
     """
     from pagedbatch.bench.runner import BenchOptions
-    from pagedbatch.job.settings import resolve_settings
+    from pagedbatch.job.settings import parse_choices, resolve_settings
     from pagedbatch.models.names import ModelLoadError
+    from pagedbatch.sampling_params import SamplingParams
 
     if host_overhead:
         return _host_overhead(device or "cpu", as_json)
@@ -67,7 +70,12 @@ def bench(
     try:
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
         engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
-        options = BenchOptions(engine, batch_size, frozenset(skip or ()), seed)
+        labels = parse_choices(choices) if choices is not None else None
+        if labels is not None:
+            SamplingParams(choices=labels, choice_score=choice_score)  # checks them
+        options = BenchOptions(
+            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score
+        )
         report = _run(console, options, input, workload, num_prompts, max_tokens)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
@@ -78,6 +86,9 @@ def bench(
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
+    line = choices_line(report)
+    if line:
+        console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
 
@@ -209,6 +220,25 @@ def pagedbatch_table(report: BenchReport) -> Table:
             row.append(_num(d.get("floor_fraction"), "{:.0%}"))
         table.add_row(*row)
     return table
+
+
+def choices_line(report: BenchReport) -> str | None:
+    """The choices contender against generating, and how often their answers agree."""
+    scored = report.get("pagedbatch-choices")
+    if scored is None or scored.error is not None or not scored.seconds:
+        return None
+    parts = [f"Choices: {scored.records_per_s:.2f} records/s"]
+    for contender, what in (
+        ("pagedbatch", "pagedbatch generating"),
+        ("generate", "transformers generate"),
+    ):
+        other = report.get(contender)
+        if other is not None and other.error is None and other.seconds:
+            parts.append(f"{scored.records_per_s / other.records_per_s:.2f}x {what}")
+    agreement = scored.details.get("label_agreement")
+    if agreement is not None:
+        parts.append(f"best label = first word of the greedy generation for {agreement:.0%}")
+    return "; ".join(parts) + "."
 
 
 def _count(n: int) -> str:
