@@ -4,11 +4,12 @@ paged engine (no decoding loop), checked against a plain transformers forward.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
-from job_helpers import by_id, invoke, one_line_error, read_lines, tiny_args, write_jsonl
+from job_helpers import ROOT, by_id, invoke, one_line_error, read_lines, tiny_args, write_jsonl
 from tiny_models import ARCHS
 from transformers import AutoModelForCausalLM
 
@@ -151,3 +152,25 @@ def test_a_bad_choices_flag_is_one_line(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     message = one_line_error(invoke(src, "--choices", "[1, 2]"))
     assert "choices must be a JSON list of strings" in message
+
+
+@pytest.mark.slow
+def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
+    from pagedbatch.job.records import parse_record
+
+    rows = [
+        json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()
+    ][:3]  # fmt: skip
+    choices = ("positive", "negative", "mixed", " positive")  # " positive": other tokens
+    llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256)
+    outputs = llm.generate(rows, SamplingParams(choices=choices))
+    # The shared instruction is computed once: the records after the first take it cached.
+    assert sum(o.cached_tokens > 0 for o in outputs) == len(rows) - 1
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    for i, (row, output) in enumerate(zip(rows, outputs, strict=True)):
+        assert output.error is None, output.error
+        ids = llm.prompts.token_ids(parse_record(row, default_id=i))
+        for choice in output.choices:
+            tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
+            want = reference_score(model, ids, tokens)
+            assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
