@@ -62,7 +62,7 @@ def run(
     cuda_graphs: Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps from CUDA graphs captured at load (needs triton attention); prefill and mixed steps run eagerly. [default: on with CUDA and triton attention; if the capture fails, off with a warning]", "--cuda-graphs/--no-cuda-graphs")] = None,
     block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
     num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,
-    kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction of free memory like 0.5. [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,
+    kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction like 0.5 of the memory free once the weights are loaded (as `pagedbatch plan` counts it). [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,
     max_batch_tokens: Annotated[Int, opt(MEMORY_PANEL, f"Token budget of one step; longer prompts are prefilled in chunks. [default: {DEFAULT.engine.max_batch_tokens}]")] = None,
     max_num_seqs: Annotated[Int, opt(MEMORY_PANEL, f"Most sequences running at once. [default: {DEFAULT.engine.max_num_seqs}]")] = None,
     max_tokens: Annotated[Int, opt(SAMPLING_PANEL, f"Most tokens generated per record (a record's max_tokens wins). [default: {DEFAULT.sampling.max_tokens}]")] = None,
