@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one call of at most 540 s (about 420 s of limits
+# Every check that needs a CUDA GPU, in one call of at most 540 s (490 s of limits
 # below, Triton compiles included), for a session that is lent one. Each check has its
 # own time limit; a summary line per check is printed at the end even when a check fails
 # or times out. Reports go to $OUT (default ./gpu-reports):
@@ -8,8 +8,12 @@
 #                       decode vs eager vs transformers, triton vs torch in bf16
 #   kernel-bench.txt    decode kernel GB/s and % of copy bandwidth
 #   host-overhead.txt   host ms per decode step at 256 sequences x 64 blocks (CUDA, graphs)
-#   bench-share.txt     share workload, llama-1b-random bf16: pagedbatch vs transformers
-#                       generate and generate_batch in one run, % of the HBM floor per step
+#   bench-share.txt     share workload, llama-1b-random bf16: pagedbatch (CUDA graphs) vs
+#                       transformers generate and generate_batch in one run, % of the HBM
+#                       floor per step
+#   bench-cascade.txt   the same workload without CUDA graphs (eager decode), pagedbatch
+#                       with and without cascade attention: KV reads saved, ms per decode
+#                       step (goal: decode K/V bytes read down >= 3x, step time with them)
 # The GPU machines carry torch, triton, transformers, typer, rich, pytest; not datasets/gguf.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +35,16 @@ check() {  # check NAME SECONDS COMMAND...: run it, report to $OUT/NAME.txt, rem
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1
 nvidia-smi -L >"$OUT/device.txt" 2>&1
 
-PAGEDBATCH_KERNEL_GRID=quick check kernels-tests 110 \
+PAGEDBATCH_KERNEL_GRID=quick check kernels-tests 100 \
     python3 -m pytest -q -p no:cacheprovider -m cuda -x tests/test_kernels.py
-check engine-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
+check engine-tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
 check kernel-bench 45 python3 -m pagedbatch.kernels.bench --batch-sizes 64 256 --contexts 1024 4096
 check host-overhead 40 python3 -m pagedbatch bench --host-overhead --device cuda --json
-check bench-share 150 python3 -m pagedbatch bench --workload share --model llama-1b-random \
-    --config gpu --num-prompts 256
+check bench-share 120 python3 -m pagedbatch bench --workload share --model llama-1b-random \
+    --config gpu --num-prompts 256 --skip pagedbatch-no-cascade
+check bench-cascade 75 python3 -m pagedbatch bench --workload share --model llama-1b-random \
+    --config gpu --num-prompts 256 --no-cuda-graphs --skip pagedbatch-no-sharing \
+    --skip generate --skip generate_batch
 
 echo "== pagedbatch GPU checks ($(head -n 1 "$OUT/device.txt"))"
 printf '%s\n' "${SUMMARY[@]}"

@@ -39,6 +39,7 @@ def bench(
     max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
+    cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="As for run: decode-only steps from CUDA graphs, which run without cascade attention. \\[default: the config's, else on with CUDA and triton]", show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
     host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead: print one JSON object.")] = False,
@@ -63,7 +64,8 @@ def bench(
         fail("give an INPUT file or --workload, not both or neither")
     quiet_libraries()
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
-             "max_num_seqs": max_num_seqs, "threads": threads}  # fmt: skip
+             "max_num_seqs": max_num_seqs, "threads": threads,
+             "cuda_graphs": cuda_graphs}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))

@@ -11,6 +11,7 @@ import torch
 from transformers import AttentionInterface
 
 from pagedbatch.engine.batch import Batch
+from pagedbatch.engine.cascade import CascadePlan
 from pagedbatch.engine.kv_cache import KVCache
 from pagedbatch.kernels import reference
 
@@ -45,6 +46,8 @@ class PagedAttention:
     from the batch's host lists, so nothing waits on the device. The decode split count
     follows the batch size and `max_model_len` (not the step's context: a decode step's
     launches depend only on its batch size), and its split buffers are allocated once.
+    A step's cascade plan (engine/cascade.py) reads shared prefix pages once per group:
+    torch for every token, triton for decoding sequences.
     """
 
     def __init__(
@@ -82,9 +85,7 @@ class PagedAttention:
         if self.backend == "triton":
             return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
         reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
-        plan = batch.cascade
-        if sliding_window is not None and sliding_window < batch.max_context_len:
-            plan = None  # the window hides some keys: the plain path masks them
+        plan = self._plan(batch, sliding_window)
         if plan is not None:
             self.cascade_saved_token_reads += plan.saved_token_reads
             groups = [(list(g.seqs), b) for g, b in zip(plan.groups, plan.prefix_blocks)]
@@ -96,6 +97,14 @@ class PagedAttention:
             query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
             batch.query_start_loc_host, scale, sliding_window,
         )  # fmt: skip
+
+    @staticmethod
+    def _plan(batch: Batch, sliding_window: int | None) -> CascadePlan | None:
+        """The step's cascade plan, unless this layer's window hides some keys (the plain
+        path masks them)."""
+        if sliding_window is not None and sliding_window < batch.max_context_len:
+            return None
+        return batch.cascade
 
     def _triton(
         self,
@@ -114,7 +123,14 @@ class PagedAttention:
                 batch.query_start_loc, scale)  # fmt: skip
         if batch.has_decode:
             bound = self.max_model_len or batch.max_context_len
-            self._decode(*args, bound, sliding_window, out=out, workspace=self._workspace)
+            plan = self._plan(batch, sliding_window)
+            cascade = plan.decode_part if plan is not None else None
+            window = sliding_window
+            if cascade is not None:  # (a window a plan allows sees every key anyway)
+                self.cascade_saved_token_reads += plan.decode_saved_token_reads
+                window = None
+            self._decode(*args, bound, window, out=out, workspace=self._workspace,
+                         cascade=cascade)  # fmt: skip
         if batch.max_query_len > 1:
             self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out)
         return out

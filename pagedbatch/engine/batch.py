@@ -42,7 +42,7 @@ class Batch:
     logits_indices: torch.Tensor  # [num_sampled] token index of each sampled sequence's last token
     context_lens_host: list[int]
     query_start_loc_host: list[int]
-    cascade: CascadePlan | None = None  # sequences sharing prefix pages (torch attention)
+    cascade: CascadePlan | None = None  # sequences sharing prefix pages (not for graph replays)
     scores: ScoreRows | None = None  # logits rows that score choices (after the sampling rows)
 
     @property

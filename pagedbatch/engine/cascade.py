@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pagedbatch.kernels.decode_attention import DecodeCascade
 
 MIN_GROUP_SEQS = 2  # a group of one would only split its attention in two
 MIN_PREFIX_BLOCKS = 1
@@ -39,7 +43,16 @@ class CascadePlan:
     groups: tuple[CascadeGroup, ...]
     block_size: int
     query_start_loc: tuple[int, ...]
-    prefix_blocks: tuple[torch.Tensor, ...]  # per group: its prefix's block ids (device)
+    prefix_host: tuple[tuple[int, ...], ...]  # per group: its prefix's block ids
+    device: torch.device
+
+    @cached_property
+    def prefix_blocks(self) -> tuple[torch.Tensor, ...]:
+        """`prefix_host` on the device (the torch backend's gathers), uploaded on first use."""
+        return tuple(
+            torch.tensor(p, dtype=torch.int64).to(self.device, non_blocking=True)
+            for p in self.prefix_host
+        )
 
     @property
     def saved_token_reads(self) -> int:
@@ -49,6 +62,51 @@ class CascadePlan:
     @cached_property
     def grouped_seqs(self) -> list[int]:
         return sorted(i for g in self.groups for i in g.seqs)
+
+    @cached_property
+    def decode_groups(self) -> list[tuple[list[int], tuple[int, ...]]]:
+        """Each group's decoding members (one new token) and its prefix blocks; a group
+        left with fewer than MIN_GROUP_SEQS of them is dropped (the Triton backend
+        cascades decode tokens only)."""
+        q = self.query_start_loc
+        kept = []
+        for group, blocks in zip(self.groups, self.prefix_host, strict=True):
+            members = [i for i in group.seqs if q[i + 1] - q[i] == 1]
+            if len(members) >= MIN_GROUP_SEQS:
+                kept.append((members, blocks))
+        return kept
+
+    @property
+    def decode_saved_token_reads(self) -> int:
+        """`saved_token_reads` of `decode_groups`."""
+        return sum((len(m) - 1) * len(b) for m, b in self.decode_groups) * self.block_size
+
+    @cached_property
+    def decode_part(self) -> DecodeCascade | None:
+        """`decode_groups` as the Triton decode kernel takes them, uploaded once per step."""
+        from pagedbatch.kernels.decode_attention import DecodeCascade
+
+        kept = self.decode_groups
+        if not kept:
+            return None
+        starts = np.zeros(len(self.query_start_loc) - 1, dtype=np.int32)
+        width = max(len(b) for _, b in kept)
+        most = max(len(m) for m, _ in kept)
+        tables = np.zeros((len(kept), width), dtype=np.int32)
+        members = np.zeros((len(kept), most), dtype=np.int32)
+        for row, (m, blocks) in enumerate(kept):
+            tables[row, : len(blocks)] = blocks
+            members[row, : len(m)] = m
+            starts[m] = len(blocks) * self.block_size
+        lens = np.array([len(b) * self.block_size for _, b in kept], dtype=np.int32)
+        counts = np.array([len(m) for m, _ in kept], dtype=np.int32)
+
+        def upload(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+        return DecodeCascade(
+            upload(starts), upload(tables), upload(lens), upload(members), upload(counts), most
+        )
 
     def rows(self, seqs: list[int] | tuple[int, ...]) -> list[int]:
         """The query rows (flat token indices) of `seqs`, in order."""
@@ -116,9 +174,5 @@ def make_plan(
     """The plan of `groups` (None when there is none)."""
     if not groups:
         return None
-    prefix = [torch.from_numpy(rows[g.seqs[0], : g.num_prefix_blocks].astype(np.int64))
-              for g in groups]  # fmt: skip
-    return CascadePlan(
-        tuple(groups), block_size, tuple(query_start_loc),
-        tuple(p.to(device, non_blocking=True) for p in prefix),
-    )  # fmt: skip
+    prefix = tuple(tuple(rows[g.seqs[0], : g.num_prefix_blocks].tolist()) for g in groups)
+    return CascadePlan(tuple(groups), block_size, tuple(query_start_loc), prefix, device)

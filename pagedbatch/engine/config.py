@@ -42,7 +42,7 @@ class EngineConfig:
     cache_dir: str | None = None
     threads: int | None = None  # torch's intra-op threads; None: see torch_threads
     cuda_graphs: bool | None = None  # decode from CUDA graphs; None: see use_cuda_graphs
-    cascade: bool = True  # read shared prefix pages once per step (torch attention)
+    cascade: bool = True  # read shared prefix pages once per step (engine/cascade.py)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):

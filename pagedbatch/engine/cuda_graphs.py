@@ -128,6 +128,11 @@ class CudaGraphRunner:
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.device)
 
+    def replays_shape(self, num_seqs: int, num_tokens: int, num_sampling: int) -> bool:
+        """Whether a step of this shape (before its Batch exists) would replay a graph."""
+        decode = num_tokens == num_seqs == num_sampling > 0
+        return decode and bucket_for(num_seqs, self.buckets) is not None
+
     def run(self, batch: Batch) -> torch.Tensor | None:
         """Replay the graph of `batch`'s bucket; None when the step must run eagerly."""
         size = bucket_for(batch.num_seqs, self.buckets)

@@ -46,9 +46,7 @@ class Engine:
         )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
-        # Cascade attention is in the torch backend only (kernels/reference.py).
-        plan = cascade and attention_backend == "torch"
-        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=plan)
+        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None

@@ -85,6 +85,11 @@ class ModelRunner:
         cuts = (t, t, t, s, s + 1, len(last), s)
         ids, pos, slot, lens, loc, logits_rows, row_ids = staged.split(cuts)
         width = blocks_for(int(ends.max()), size)
+        # A decode step that replays a CUDA graph runs the kernels captured without cascade.
+        replays = self.graphs is not None and scores is None and self.graphs.replays_shape(
+            len(scheduled), len(positions), len(last)
+        )  # fmt: skip
+        cascade = self.cascade and not replays
         return Batch(
             input_ids=ids,
             positions=pos,
@@ -95,7 +100,7 @@ class ModelRunner:
             logits_indices=logits_rows,
             context_lens_host=ends.tolist(),
             query_start_loc_host=starts.tolist(),
-            cascade=self._cascade_plan(rows, begins, ends, starts) if self.cascade else None,
+            cascade=self._cascade_plan(rows, begins, ends, starts) if cascade else None,
             scores=scores,
         )
 
