@@ -185,10 +185,13 @@ def _cascade_prefix_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
+    BY_TOKEN: tl.constexpr = False,  # members are token rows (extend), outputs by token row
 ):
     """One group, one KV head, BLOCK_M of its (member, query head) rows: every K/V tile of
     the group's prefix is loaded once and used by all of them (no mask: the prefix is
-    whole and before every member's new token)."""
+    whole and before every member's new tokens). A member is a decoding sequence (its
+    output goes to split `slot` of its row of the decode workspace) or, BY_TOKEN, one new
+    token of an extending sequence (its output to that token's row)."""
     g = tl.program_id(0)
     kv_head = tl.program_id(1)
     first_row = tl.program_id(2) * BLOCK_M
@@ -202,7 +205,10 @@ def _cascade_prefix_kernel(
     d_mask = offs_d < head_dim
     seqs = tl.load(members_ptr + g * stride_mg + offs_m // group, mask=m_mask, other=0)
     heads = kv_head * group + offs_m % group
-    q_rows = tl.load(query_start_loc_ptr + seqs, mask=m_mask, other=0)
+    if BY_TOKEN:  # noqa: SIM108 (a constexpr branch)
+        q_rows = seqs
+    else:
+        q_rows = tl.load(query_start_loc_ptr + seqs, mask=m_mask, other=0)
     q_ptrs = (
         query_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh
         + offs_d[None, :] * stride_qd
@@ -398,7 +404,7 @@ def decode_attention(
     if direct:
         return out
     if cascade is not None:
-        _cascade_prefix(query, k_cache, v_cache, query_start_loc, cascade, part_out, part_lse,
+        cascade_prefix(query, k_cache, v_cache, query_start_loc, cascade, part_out, part_lse,
                         scale, num_splits, group, block_n, block_d, dot_f32)  # fmt: skip
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out_ptr=part_out, part_lse_ptr=part_lse, out_ptr=out,
@@ -412,22 +418,24 @@ def decode_attention(
     return out
 
 
-def _cascade_prefix(
+def cascade_prefix(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     query_start_loc: torch.Tensor,
     cascade: DecodeCascade,
-    part_out: torch.Tensor,
-    part_lse: torch.Tensor,
+    part_out: torch.Tensor,  # [rows, num_heads, splits, head_dim] float32
+    part_lse: torch.Tensor,  # [rows, num_heads, splits] float32 (log2)
     scale: float,
     slot: int,
     group: int,
     block_n: int,
     block_d: int,
     dot_f32: bool,
+    by_token: bool = False,
 ) -> None:
-    """Launch the prefix part of every cascade group into split `slot` of the workspace."""
+    """Launch the prefix part of every cascade group into split `slot` of the workspace
+    (rows: sequences; `by_token`: the members are token rows, and so are the rows)."""
     num_groups = cascade.prefix_lens.shape[0]
     if num_groups == 0:
         return
@@ -447,5 +455,6 @@ def _cascade_prefix(
         stride_ps=part_out.stride(0), stride_ph=part_out.stride(1), stride_pk=part_out.stride(2),
         stride_pd=part_out.stride(3), stride_ls=part_lse.stride(0), stride_lh=part_lse.stride(1),
         stride_lk=part_lse.stride(2), BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, DOT_F32=dot_f32, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, BLOCK_D=block_d, DOT_F32=dot_f32, BY_TOKEN=by_token,
+        num_warps=4, num_stages=2,
     )  # fmt: skip

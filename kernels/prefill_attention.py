@@ -14,9 +14,12 @@ row's window start to the last row's position, flash-attention style.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from pagedbatch.kernels.decode_attention import DecodeCascade, cascade_prefix
 from pagedbatch.kernels.triton_common import (
     LOG2_E,
     NO_WINDOW,
@@ -61,6 +64,15 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
+    starts_ptr=None,  # [num_seqs] int32: first key a sequence reads itself (cascade)
+    part_out_ptr=None,  # [num_tokens, num_heads, head_dim] float32: a cascaded row's part
+    part_lse_ptr=None,  # [num_tokens, num_heads] float32 (log2)
+    stride_pt=0,
+    stride_ph=0,
+    stride_pd=0,
+    stride_lt=0,
+    stride_lh=0,
+    HAS_STARTS: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     first_row = tl.program_id(1) * BLOCK_M
@@ -70,6 +82,9 @@ def _prefill_kernel(
     if (query_len < min_query_len) | (first_row >= query_len * group):
         return
     prefix_len = tl.load(context_lens_ptr + seq) - query_len  # keys cached before this step
+    start = 0
+    if HAS_STARTS:
+        start = tl.load(starts_ptr + seq)
 
     rows = first_row + tl.arange(0, BLOCK_M)
     token = rows // group  # [BLOCK_M] index among the new tokens
@@ -87,7 +102,7 @@ def _prefill_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
     q_pos = prefix_len + token  # [BLOCK_M]
-    lo = tl.maximum(prefix_len + first_row // group - window + 1, 0)
+    lo = tl.maximum(tl.maximum(prefix_len + first_row // group - window + 1, 0), start)
     hi = prefix_len + tl.minimum((first_row + BLOCK_M - 1) // group, query_len - 1) + 1
     table_ptr = block_tables_ptr + seq * stride_bt
 
@@ -109,11 +124,21 @@ def _prefill_kernel(
         m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_F32)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence's tokens see nothing
-    o_ptrs = (
-        out_ptr + (q_start + token)[:, None] * stride_ot + heads[:, None] * stride_oh
-        + offs_d[None, :] * stride_od
-    )  # fmt: skip
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+    if start > 0:  # cascade: this is the part after the prefix; merged with the prefix's
+        p_ptrs = (
+            part_out_ptr + (q_start + token)[:, None] * stride_pt + heads[:, None] * stride_ph
+            + offs_d[None, :] * stride_pd
+        )  # fmt: skip
+        tl.store(p_ptrs, acc / l_safe[:, None], mask=io_mask)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+        l_ptrs = part_lse_ptr + (q_start + token) * stride_lt + heads * stride_lh
+        tl.store(l_ptrs, lse, mask=row_mask)
+    else:
+        o_ptrs = (
+            out_ptr + (q_start + token)[:, None] * stride_ot + heads[:, None] * stride_oh
+            + offs_d[None, :] * stride_od
+        )  # fmt: skip
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 def prefill_attention(
@@ -129,12 +154,15 @@ def prefill_attention(
     *,
     min_query_len: int = 1,
     out: torch.Tensor | None = None,
+    cascade: ExtendCascade | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its pages (cached prefix included).
 
     Sequences with fewer than `min_query_len` new tokens are skipped and their rows of
     `out` left as they were (`min_query_len=2` leaves decode rows to `decode_attention`).
-    No host synchronisation.
+    With `cascade`, the new tokens of each group's sequences attend to the group's prefix
+    together (each prefix K/V tile loaded once for all of them) and each sequence to its
+    own keys after it; the two parts are merged by log-sum-exp. No host synchronisation.
     """
     out = torch.empty_like(query) if out is None else out
     group = check_attention_args(query, k_cache, v_cache, block_tables, context_lens,
@@ -142,7 +170,21 @@ def prefill_attention(
     num_seqs, head_dim = block_tables.shape[0], query.shape[2]
     if num_seqs == 0 or max_query_len < max(min_query_len, 1):
         return out
+    if cascade is not None and sliding_window is not None:
+        raise ValueError("cascade prefill attention takes no sliding window")
+    parts = {}
+    if cascade is not None:
+        num_tokens, num_heads, _ = query.shape
+        own = torch.empty((num_tokens, num_heads, head_dim), dtype=torch.float32, device=out.device)
+        own_lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=out.device)
+        parts = dict(
+            starts_ptr=cascade.groups.starts, part_out_ptr=own, part_lse_ptr=own_lse,
+            stride_pt=own.stride(0), stride_ph=own.stride(1), stride_pd=own.stride(2),
+            stride_lt=own_lse.stride(0), stride_lh=own_lse.stride(1), HAS_STARTS=True,
+        )  # fmt: skip
     grid = (num_seqs, triton.cdiv(max_query_len * group, BLOCK_M), k_cache.shape[2])
+    block_n, block_d = key_tile_size(head_dim, query.dtype), head_tile_size(head_dim)
+    dot_f32 = dot_in_float32(query.dtype, query.device)
     _prefill_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc, out_ptr=out,
@@ -152,8 +194,29 @@ def prefill_attention(
         stride_cb=k_cache.stride(0), stride_ct=k_cache.stride(1), stride_ch=k_cache.stride(2),
         stride_cd=k_cache.stride(3), stride_bt=block_tables.stride(0),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=key_tile_size(head_dim, query.dtype),
-        BLOCK_D=head_tile_size(head_dim), DOT_F32=dot_in_float32(query.dtype, query.device),
-        num_warps=4, num_stages=2,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_F32=dot_f32, num_warps=4, num_stages=2, **parts,
     )  # fmt: skip
+    if cascade is not None:
+        prefix = torch.empty_like(own)[:, :, None, :]
+        prefix_lse = torch.empty_like(own_lse)[:, :, None]
+        cascade_prefix(
+            query, k_cache, v_cache, query_start_loc, cascade.groups, prefix, prefix_lse,
+            scale, 0, group, block_n, block_d, dot_f32, by_token=True,
+        )  # fmt: skip
+        rows = cascade.rows
+        l1, l2 = prefix_lse[rows, :, 0], own_lse[rows]
+        top = torch.maximum(l1, l2)
+        w1, w2 = torch.exp2(l1 - top)[..., None], torch.exp2(l2 - top)[..., None]
+        merged = (prefix[rows, :, 0] * w1 + own[rows] * w2) / (w1 + w2)
+        out[rows] = merged.to(out.dtype)
     return out
+
+
+class ExtendCascade(NamedTuple):
+    """Groups of extending sequences that share a prefix's pages: `groups.members` are the
+    flat token rows of each group's new tokens, `groups.starts` each sequence's first own
+    key; `rows` every such token row (where the two parts are merged)."""
+
+    groups: DecodeCascade
+    rows: torch.Tensor  # [num_rows] int64

@@ -33,7 +33,7 @@ from pagedbatch.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     num_splits_for,
 )
-from pagedbatch.kernels.prefill_attention import prefill_attention  # noqa: E402
+from pagedbatch.kernels.prefill_attention import ExtendCascade, prefill_attention  # noqa: E402
 from pagedbatch.kernels.store import store_kv  # noqa: E402
 
 from pagedbatch import LLM, SamplingParams  # noqa: E402
@@ -253,6 +253,51 @@ def test_cascade_decode_reads_shared_prefixes_once_and_matches_reference(case: C
         assert_close(out, paged.reference(0.125), case.dtype)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_cascade_extend_reads_shared_prefixes_once_and_matches_reference(case: Case):
+    bs = case.block_size
+    # (context, new tokens): 0-2 share 3 blocks, 3-4 share 2, 5 shares none; every
+    # shared block was cached before the step (context - new tokens >= the prefix).
+    seqs = [(3 * bs + 5, 4), (4 * bs + 2, bs + 1), (3 * bs + 3, 3), (2 * bs + 6, 5),
+            (case.long, 7), (bs + 4, 4)]  # fmt: skip
+    paged = paged_inputs(case, [c for c, _ in seqs], [q for _, q in seqs])
+    tables = paged.block_tables.clone()
+    groups = [([0, 1, 2], 3), ([3, 4], 2)]
+    for members, blocks in groups:
+        tables[members[1:], :blocks] = tables[members[0], :blocks]
+    paged = paged._replace(block_tables=tables)
+    qsl, device, i32 = paged.query_start_loc, case.device, torch.int32
+    starts = [0] * len(seqs)
+    token_rows = []
+    for members, blocks in groups:
+        token_rows.append([r for m in members for r in range(qsl[m], qsl[m + 1])])
+        for m in members:
+            starts[m] = blocks * bs
+    most = max(map(len, token_rows))
+    cascade = ExtendCascade(
+        DecodeCascade(
+            starts=torch.tensor(starts, dtype=i32, device=device),
+            prefix_tables=torch.tensor(
+                [tables[m[0], :3].tolist() for m, _ in groups], dtype=i32, device=device
+            ),
+            prefix_lens=torch.tensor([b * bs for _, b in groups], dtype=i32, device=device),
+            members=torch.tensor(
+                [r + [0] * (most - len(r)) for r in token_rows], dtype=i32, device=device
+            ),
+            num_members=torch.tensor([len(r) for r in token_rows], dtype=i32, device=device),
+            max_members=most,
+        ),
+        rows=torch.tensor([r for rs in token_rows for r in rs], device=device),
+    )
+    context_lens, query_start_loc = paged.device_lens()
+    out = torch.full_like(paged.query, NAN)
+    prefill_attention(
+        paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+        query_start_loc, 0.125, max(q for _, q in seqs), out=out, cascade=cascade,
+    )  # fmt: skip
+    assert_close(out, paged.reference(0.125), case.dtype)
+
+
 @pytest.mark.parametrize("case", CASES[:2])
 def test_decode_reuses_one_split_workspace_and_writes_directly_with_one_split(case: Case):
     lens = ragged(case)
@@ -369,13 +414,21 @@ def test_engine_greedy_tokens_match_torch_attention(tiny_model_dirs, arch, devic
 def test_engine_cascade_on_triton_matches_torch(tiny_model_dirs, device):
     gen = torch.Generator().manual_seed(2)
     shared = torch.randint(3, 400, (37,), generator=gen).tolist()  # 2 whole blocks of 16
-    prompts = [shared + torch.randint(3, 400, (n,), generator=gen).tolist() for n in (2, 9, 20)]
+    prompts = [
+        shared + torch.randint(3, 400, (n,), generator=gen).tolist() for n in (2, 9, 20, 5, 12)
+    ]
     model = tiny_model_dirs["qwen3"]
     config = {"device": device, "dtype": "float32", "block_size": 16}
     params = SamplingParams(max_tokens=6, n=2, temperature=0.8, seed=5)  # forks share pages too
 
+    cascaded = {"decode": 0, "extend": 0}
+
     def run(**changes):
         llm = LLM(model, num_blocks=64, **config, **changes)
+        attention = llm.engine.attention
+        if attention.backend == "triton":  # count the launches that cascaded (they still run)
+            for name, kind in (("_decode", "decode"), ("_prefill", "extend")):
+                setattr(attention, name, _spy(getattr(attention, name), kind, cascaded))
         outputs = llm.generate(prompts, params)
         tokens = [[list(c.token_ids) for c in o.completions] for o in outputs]
         return tokens, llm.stats().cascade_saved_token_reads
@@ -383,8 +436,19 @@ def test_engine_cascade_on_triton_matches_torch(tiny_model_dirs, device):
     expected, _ = run(attention="torch", cascade=False)
     tokens, saved = run(attention="triton")
     assert tokens == expected
-    assert saved > 0  # decode steps read the shared prefix once per group
+    assert saved > 0
+    # Decode steps of the forks, and the extend step of the records that waited for the
+    # shared prefix to be cached, read it once per group.
+    assert cascaded["decode"] > 0 and cascaded["extend"] > 0, cascaded
     assert run(attention="triton", cascade=False) == (expected, 0)
+
+
+def _spy(launch, kind: str, counts: dict):
+    def counted(*args, cascade=None, **kwargs):
+        counts[kind] += cascade is not None
+        return launch(*args, cascade=cascade, **kwargs)
+
+    return counted
 
 
 @pytest.mark.cuda

@@ -77,7 +77,7 @@ def run(
     n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
-    cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (torch attention: all steps; triton: decode steps not replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
+    cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (except decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
     memory_report: Annotated[bool | None, opt(OUTPUT_PANEL, "At the end, show the KV memory report and write it to <output>.memory.json (and .memory.png with matplotlib).", "--memory-report")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT_PANEL)] = True,
 ) -> None:  # fmt: skip

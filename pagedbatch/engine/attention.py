@@ -46,8 +46,8 @@ class PagedAttention:
     from the batch's host lists, so nothing waits on the device. The decode split count
     follows the batch size and `max_model_len` (not the step's context: a decode step's
     launches depend only on its batch size), and its split buffers are allocated once.
-    A step's cascade plan (engine/cascade.py) reads shared prefix pages once per group:
-    torch for every token, triton for decoding sequences.
+    A step's cascade plan (engine/cascade.py) reads shared prefix pages once per group
+    (triton: the decoding and the extending members of a group apart, each kernel its own).
     """
 
     def __init__(
@@ -121,18 +121,17 @@ class PagedAttention:
         out = torch.empty_like(query)
         args = (query, k_cache, v_cache, batch.block_tables, batch.context_lens,
                 batch.query_start_loc, scale)  # fmt: skip
+        plan = self._plan(batch, sliding_window)
+        if plan is not None:  # (a window that a plan allows sees every key anyway)
+            self.cascade_saved_token_reads += plan.triton_saved_token_reads
+            sliding_window = None
         if batch.has_decode:
             bound = self.max_model_len or batch.max_context_len
-            plan = self._plan(batch, sliding_window)
-            cascade = plan.decode_part if plan is not None else None
-            window = sliding_window
-            if cascade is not None:  # (a window a plan allows sees every key anyway)
-                self.cascade_saved_token_reads += plan.decode_saved_token_reads
-                window = None
-            self._decode(*args, bound, window, out=out, workspace=self._workspace,
-                         cascade=cascade)  # fmt: skip
+            self._decode(*args, bound, sliding_window, out=out, workspace=self._workspace,
+                         cascade=plan and plan.decode_part)  # fmt: skip
         if batch.max_query_len > 1:
-            self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out)
+            self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out,
+                          cascade=plan and plan.extend_part)  # fmt: skip
         return out
 
 

@@ -23,6 +23,7 @@ import torch
 
 if TYPE_CHECKING:
     from pagedbatch.kernels.decode_attention import DecodeCascade
+    from pagedbatch.kernels.prefill_attention import ExtendCascade
 
 MIN_GROUP_SEQS = 2  # a group of one would only split its attention in two
 MIN_PREFIX_BLOCKS = 1
@@ -66,46 +67,72 @@ class CascadePlan:
     @cached_property
     def decode_groups(self) -> list[tuple[list[int], tuple[int, ...]]]:
         """Each group's decoding members (one new token) and its prefix blocks; a group
-        left with fewer than MIN_GROUP_SEQS of them is dropped (the Triton backend
-        cascades decode tokens only)."""
+        left with fewer than MIN_GROUP_SEQS of them is dropped (the Triton backend runs
+        decode and extend tokens in kernels of their own, each cascading its part)."""
+        return self._members(decoding=True)
+
+    @cached_property
+    def extend_groups(self) -> list[tuple[list[int], tuple[int, ...]]]:
+        """`decode_groups` for the members with more than one new token."""
+        return self._members(decoding=False)
+
+    def _members(self, decoding: bool) -> list[tuple[list[int], tuple[int, ...]]]:
         q = self.query_start_loc
         kept = []
         for group, blocks in zip(self.groups, self.prefix_host, strict=True):
-            members = [i for i in group.seqs if q[i + 1] - q[i] == 1]
+            members = [i for i in group.seqs if (q[i + 1] - q[i] == 1) == decoding]
             if len(members) >= MIN_GROUP_SEQS:
                 kept.append((members, blocks))
         return kept
 
     @property
-    def decode_saved_token_reads(self) -> int:
-        """`saved_token_reads` of `decode_groups`."""
-        return sum((len(m) - 1) * len(b) for m, b in self.decode_groups) * self.block_size
+    def triton_saved_token_reads(self) -> int:
+        """`saved_token_reads` of `decode_groups` and `extend_groups`."""
+        kept = self.decode_groups + self.extend_groups
+        return sum((len(m) - 1) * len(b) for m, b in kept) * self.block_size
 
     @cached_property
     def decode_part(self) -> DecodeCascade | None:
         """`decode_groups` as the Triton decode kernel takes them, uploaded once per step."""
+        return self._upload(self.decode_groups, by_token=False)
+
+    @cached_property
+    def extend_part(self) -> ExtendCascade | None:
+        """`extend_groups` as the Triton prefill kernel takes them (members: token rows)."""
+        from pagedbatch.kernels.prefill_attention import ExtendCascade
+
+        groups = self._upload(self.extend_groups, by_token=True)
+        if groups is None:
+            return None
+        seqs = [i for members, _ in self.extend_groups for i in members]
+        rows = torch.tensor(self.rows(seqs)).to(self.device, non_blocking=True)
+        return ExtendCascade(groups, rows)
+
+    def _upload(
+        self, kept: list[tuple[list[int], tuple[int, ...]]], by_token: bool
+    ) -> DecodeCascade | None:
         from pagedbatch.kernels.decode_attention import DecodeCascade
 
-        kept = self.decode_groups
         if not kept:
             return None
+        members = [self.rows(m) if by_token else m for m, _ in kept]
         starts = np.zeros(len(self.query_start_loc) - 1, dtype=np.int32)
         width = max(len(b) for _, b in kept)
-        most = max(len(m) for m, _ in kept)
+        most = max(map(len, members))
         tables = np.zeros((len(kept), width), dtype=np.int32)
-        members = np.zeros((len(kept), most), dtype=np.int32)
-        for row, (m, blocks) in enumerate(kept):
+        rows = np.zeros((len(kept), most), dtype=np.int32)
+        for row, ((seqs, blocks), ids) in enumerate(zip(kept, members)):
             tables[row, : len(blocks)] = blocks
-            members[row, : len(m)] = m
-            starts[m] = len(blocks) * self.block_size
+            rows[row, : len(ids)] = ids
+            starts[seqs] = len(blocks) * self.block_size
         lens = np.array([len(b) * self.block_size for _, b in kept], dtype=np.int32)
-        counts = np.array([len(m) for m, _ in kept], dtype=np.int32)
+        counts = np.array([len(ids) for ids in members], dtype=np.int32)
 
         def upload(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(self.device, non_blocking=True)
 
         return DecodeCascade(
-            upload(starts), upload(tables), upload(lens), upload(members), upload(counts), most
+            upload(starts), upload(tables), upload(lens), upload(rows), upload(counts), most
         )
 
     def rows(self, seqs: list[int] | tuple[int, ...]) -> list[int]:
