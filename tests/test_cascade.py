@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from job_helpers import ROOT
 from tiny_models import ARCHS
 
 from pagedbatch import LLM, SamplingParams
@@ -161,3 +162,19 @@ def test_a_member_sharing_little_is_left_out_rather_than_cutting_the_prefix():
     one_block = np.array([6, 6, 6, 2])
     early = np.array([5, 5, 5, 5])  # everyone has one whole block before its new tokens
     assert plan_cascade(rows, one_block, early, BS) == [CascadeGroup((0, 1, 2, 3), 1)]
+
+
+@pytest.mark.slow
+def test_smollm2_labelling_records_give_the_same_tokens_with_and_without_cascade(smollm2_dir):
+    rows = [json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()][:12]
+    params = SamplingParams(max_tokens=6)
+
+    def run(cascade: bool):
+        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=512, cascade=cascade)
+        outputs = llm.generate(rows, params)
+        return [o.completions[0].token_ids for o in outputs], llm.stats()
+
+    with_cascade, stats = run(True)
+    without, plain = run(False)
+    assert with_cascade == without
+    assert stats.cascade_saved_token_reads > 0 and plain.cascade_saved_token_reads == 0
