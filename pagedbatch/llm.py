@@ -101,6 +101,7 @@ class LLM:
         on_step: Callable[[EngineStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_prepared: Callable[[int, int], None] | None = None,
+        keep_outputs: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every input; return outputs in input order.
 
@@ -110,14 +111,17 @@ class LLM:
         `should_stop` is asked before each record is prepared and after each step; once
         it returns True, no record is admitted any more, the sequences still running or
         waiting are dropped (their blocks freed, the LLM stays usable) and `generate`
-        returns the outputs of the records that finished, in input order.
+        returns the outputs of the records that finished, in input order. With
+        `keep_outputs=False` an output is not held once `on_output` has it (a job that
+        streams its outputs to a file), and `generate` returns an empty list.
         """
         params = params or SamplingParams()
         records = [to_record(x, i) for i, x in enumerate(inputs)]
         results: dict[int, RequestOutput] = {}
 
         def emit(index: int, output: RequestOutput) -> None:
-            results[index] = output
+            if keep_outputs:
+                results[index] = output
             if on_output is not None:
                 on_output(output)
 

@@ -147,3 +147,13 @@ def test_output_json_line_holds_independently_computed_values(llm, tiny_model_di
         ],
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 4, "cached_tokens": 0},
     }
+
+
+def test_outputs_not_kept_are_only_given_to_on_output(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    seen = []
+    params = SamplingParams(max_tokens=3)
+    returned = llm.generate(["a b", "c d e"], params, on_output=seen.append, keep_outputs=False)
+    assert returned == [] and sorted(o.id for o in seen) == [0, 1]
+    kept = llm.generate(["a b", "c d e"], params)
+    assert [o.text for o in kept] == [o.text for o in sorted(seen, key=lambda o: o.id)]

@@ -219,6 +219,7 @@ class Job:
             llm.generate(
                 self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop,
                 on_prepared=on_prepared and (lambda done, _: on_prepared(done, total)),
+                keep_outputs=False,  # each is written as it finishes
             )  # fmt: skip
             return
         # On a stop, outputs held behind an unfinished record are dropped: the file stays
@@ -230,6 +231,7 @@ class Job:
             llm.generate(
                 chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop,
                 on_prepared=on_prepared and (lambda done, _, s=start: on_prepared(s + done, total)),
+                keep_outputs=False,
             )  # fmt: skip
             if should_stop():
                 return
