@@ -403,3 +403,18 @@ def test_bench_runs_without_datasets_and_gguf(tiny_model_dirs, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "generate_batch" in done.stdout
+
+
+def test_scale_workload_measures_run_and_plan_on_its_job(tmp_path):
+    from pagedbatch.bench.scale import SHARED_PREFIX, measure_scale, scale_job
+
+    job = tmp_path / "scale.jsonl"
+    scale_job(job, 1000)
+    prompts = [json.loads(line)["prompt"] for line in job.read_text().splitlines()]
+    assert len(prompts) == 1000 and all(30 <= len(p) <= 60 for p in prompts)
+    assert 0.85 < sum(p.startswith(SHARED_PREFIX) for p in prompts) / 1000 < 0.95
+    report = measure_scale(300)
+    run, plan = report.run, report.plan
+    assert run.exit_code == 0 and run.lines == 300 and 0 < run.first_line_s <= run.seconds
+    assert run.peak_rss_mb > 50 and plan.exit_code == 0 and plan.peak_rss_mb > 50
+    assert set(report.to_json()) == {"records", "run", "plan"}

@@ -27,7 +27,7 @@ def engine_given(config: EngineConfig, num_blocks: int | str | None) -> dict[str
         "num_blocks": num_blocks,
         "block_size": config.block_size,
         "order": "by prompt token ids" if config.prefix_sharing else "input order",
-        "cascade": config.cascade and config.attention_backend == "torch",
+        "cascade": config.cascade,
     }
 
 

@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
 
 FILE_MAX_TOKENS = 8
+SCALE_RECORDS = 10_000
 PRESETS = ", ".join(RANDOM_PRESETS)
 
 
 def bench(
     input: Annotated[str | None, typer.Argument(help="JSONL job to run with every contender (e.g. examples/label_job.jsonl); or give --workload.", show_default=False)] = None,
-    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/DESIGN.md).", show_default=False)] = None,
+    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/DESIGN.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random.", show_default=False)] = None,
     num_prompts: Annotated[int | None, typer.Option(help="Prompts of the workload, or the first records of INPUT. On a 2-core CPU with a 135M model: about 8 for label, 4 for share, 2 for mixed (outputs up to 1024 tokens). \\[default: 256, or all of INPUT]", show_default=False)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
@@ -42,7 +43,8 @@ def bench(
     cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="As for run: decode-only steps from CUDA graphs, which run without cascade attention. \\[default: the config's, else on with CUDA and triton]", show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
     host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead: print one JSON object.")] = False,
+    seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead or --workload scale: print one JSON object.")] = False,
 ) -> None:  # fmt: skip
     """Time pagedbatch (as configured, without cascade attention, without prefix sharing; for
     INPUT also the whole `pagedbatch run` process) against transformers generate (padded static batches) and generate_batch
@@ -60,6 +62,8 @@ def bench(
 
     if host_overhead:
         return _host_overhead(device or "cpu", as_json)
+    if workload == "scale":
+        return _scale(num_prompts or SCALE_RECORDS, seconds, threads or 1, as_json)
     if (input is None) == (workload is None):
         fail("give an INPUT file or --workload, not both or neither")
     quiet_libraries()
@@ -93,6 +97,24 @@ def bench(
         console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
+
+
+def _scale(records: int, seconds: float | None, threads: int, as_json: bool) -> None:
+    from pagedbatch.bench.scale import measure_scale
+
+    report = measure_scale(records, seconds=seconds, threads=threads)
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return
+    table = Table(title=f"Job pipeline at {records:,} records (tiny-random, --max-tokens 1, "
+                  f"{threads} thread)", box=box.SIMPLE_HEAD)  # fmt: skip
+    for column in ("command", "exit", "s", "peak RSS MB", "first line s", "records/s"):
+        table.add_column(column, justify="left" if column == "command" else "right")
+    for name, r in (("run", report.run), ("plan", report.plan)):
+        if r is not None:
+            table.add_row(name, str(r.exit_code), f"{r.seconds:.1f}", f"{r.peak_rss_mb:.0f}",
+                          _num(r.first_line_s, "{:.1f}"), _num(r.records_per_s, "{:.0f}"))  # fmt: skip
+    Console().print(table)
 
 
 def _host_overhead(device: str, as_json: bool) -> None:
