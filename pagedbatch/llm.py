@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -265,7 +266,7 @@ class LLM:
     ) -> Sequence:  # fmt: skip
         scored = choice_ids is not None or params.choices is not None
         return Sequence(
-            seq_id=next(self._seq_ids), token_ids=list(ids), num_prompt_tokens=len(ids),
+            seq_id=next(self._seq_ids), token_ids=array("i", ids), num_prompt_tokens=len(ids),
             params=params,
             max_len=len(ids) if scored else min(self.max_model_len, len(ids) + params.max_tokens),
             seed=random_seed() if seed is None else seed, request_id=record.id,

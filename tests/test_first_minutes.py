@@ -105,13 +105,15 @@ import pagedbatch, pagedbatch.cli.app
 from pagedbatch.job.job import Job, ResumePolicy
 from pagedbatch.job.settings import resolve_settings
 from pagedbatch.models.names import resolve_model_name
-job = Job({str(job)!r}, resolve_settings({{}}), ResumePolicy())
-resolve_model_name(job.settings.engine.model)
-assert len(job.todo) == 1
+with Job({str(job)!r}, resolve_settings({{}}), ResumePolicy()) as job:
+    resolve_model_name(job.settings.engine.model)
+    assert len(job.todo) == 1
 heavy = sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules)
 print(",".join(heavy))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"imported before the model loads: {done.stdout}"
 

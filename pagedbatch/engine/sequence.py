@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,7 @@ class Sequence:
     """
 
     seq_id: int
-    token_ids: list[int]
+    token_ids: MutableSequence[int]  # LLM gives an int32 array: 4 bytes a token, not ~36
     num_prompt_tokens: int
     params: SamplingParams
     max_len: int
