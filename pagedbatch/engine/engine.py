@@ -61,6 +61,8 @@ class Engine:
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (its `forks` join when its prompt is done)."""
+        if seq.scores_only or seq.choice_ids is not None:
+            self.runner.scoring = True  # until the engine runs dry: see step()
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -70,7 +72,7 @@ class Engine:
         """Run one step; return the sequences that finished in it."""
         started = self.clock()
         out = self.scheduler.schedule()
-        if not out.scheduled:  # every running sequence was preempted; the next step admits
+        if not out.scheduled:  # nothing fits now (a sequence that needs the whole pool)
             return []
         batch = self.runner.prepare(out)
         forward_start = self.clock()
@@ -80,7 +82,7 @@ class Engine:
         trace = _trace(out, len(sampling))
         parents: list[Sequence] = []
         scored: list[Sequence] = []
-        if batch.scores is not None or any(seq.scores_only for seq in sampling):
+        if self.runner.scoring:  # a job without choices never scans for them
             logits, sampling, parents, scored = _score_choices(batch, logits, sampling)
         seqs, rows = _with_forks(sampling)
         rows_logits = logits if len(rows) == len(sampling) else logits[rows]
@@ -104,6 +106,8 @@ class Engine:
             sample_seconds=sample_end - sample_start,
         )
         self.counter.timed(self.last_step)
+        if self.runner.scoring and not self.scheduler.has_unfinished():
+            self.runner.scoring = False
         return finished
 
     def _finish_scored(
@@ -126,6 +130,7 @@ class Engine:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
+        self.runner.scoring = False
         return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:

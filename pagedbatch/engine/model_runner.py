@@ -29,6 +29,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.cascade = cascade  # plan cascade attention for sequences sharing prefix pages
+        self.scoring = False  # some queued sequence scores choices (set by Engine.add)
         self.attention = attention
         self.block_manager = block_manager
         self.device = next(model.parameters()).device
@@ -65,7 +66,9 @@ class ModelRunner:
         blocks = tables.host[np.repeat(rows, counts), positions // size]
         slots = blocks.astype(np.int64) * size + positions % size
         samples = ends == np.array([s.seq.num_tokens for s in scheduled], dtype=np.int64)
-        scoring = [i for i, s in enumerate(scheduled) if s.seq.choice_ids is not None]
+        scoring = []
+        if self.scoring:
+            scoring = [i for i, s in enumerate(scheduled) if s.seq.choice_ids is not None]
         if scoring:
             samples[scoring] = False  # a choice's sequence is scored, not sampled
         last = starts[1:][samples] - 1

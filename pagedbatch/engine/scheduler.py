@@ -63,8 +63,9 @@ class Scheduler:
         out = SchedulerOutput([])
         preemptions = self.num_preemptions
         budget = self._schedule_running(out, self.max_batch_tokens)
-        # Admitting right after a preemption would only evict again.
-        if self.num_preemptions == preemptions:
+        # Admitting right after a preemption would only evict again, unless the
+        # preemptions left nothing to run this step.
+        if self.num_preemptions == preemptions or not out.scheduled:
             self._admit_waiting(out, budget)
         return out
 
