@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from pagedbatch.kernels.decode_attention import DecodeCascade, cascade_prefix
+from pagedbatch.kernels.cascade_attention import DecodeCascade, cascade_prefix
 from pagedbatch.kernels.triton_common import (
     LOG2_E,
     NO_WINDOW,

@@ -134,6 +134,43 @@ def attend_tile(
     return m_new, l_i, acc
 
 
+@triton.jit
+def attend_span(
+    q,  # [BLOCK_M, BLOCK_D], already in the dot dtype
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,  # the block table row the keys are looked up in
+    start,  # first key position
+    end,  # one past the last; every key in between is visible to every row
+    kv_head,
+    offs_n,  # [BLOCK_N]
+    offs_d,  # [BLOCK_D]
+    d_mask,  # [BLOCK_D]
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    stride_cd,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """The online softmax of `q` over the paged keys [start, end), tile by tile (each K/V
+    tile loaded once for all rows); returns the updated (m_i, l_i, acc)."""
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + offs_n
+        pos_mask = pos < end
+        k = load_page_tile(k_cache_ptr, table_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                           stride_cb, stride_ct, stride_ch, stride_cd, BLOCK_SIZE)  # fmt: skip
+        v = load_page_tile(v_cache_ptr, table_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                           stride_cb, stride_ct, stride_ch, stride_cd, BLOCK_SIZE)  # fmt: skip
+        m_i, l_i, acc = attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
+    return m_i, l_i, acc
+
+
 def check_attention_args(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]

@@ -27,8 +27,8 @@ import torch
 pytest.importorskip("triton")
 
 from pagedbatch.kernels import reference, triton_common  # noqa: E402
+from pagedbatch.kernels.cascade_attention import DecodeCascade  # noqa: E402
 from pagedbatch.kernels.decode_attention import (  # noqa: E402
-    DecodeCascade,
     SplitWorkspace,
     decode_attention,
     num_splits_for,

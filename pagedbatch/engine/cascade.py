@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from pagedbatch.kernels.decode_attention import DecodeCascade
+    from pagedbatch.kernels.cascade_attention import DecodeCascade
     from pagedbatch.kernels.prefill_attention import ExtendCascade
 
 MIN_GROUP_SEQS = 2  # a group of one would only split its attention in two
@@ -111,7 +111,7 @@ class CascadePlan:
     def _upload(
         self, kept: list[tuple[list[int], tuple[int, ...]]], by_token: bool
     ) -> DecodeCascade | None:
-        from pagedbatch.kernels.decode_attention import DecodeCascade
+        from pagedbatch.kernels.cascade_attention import DecodeCascade
 
         if not kept:
             return None
