@@ -65,19 +65,7 @@ class ModelRunner:
         size = self.block_manager.block_size
         blocks = tables.host[np.repeat(rows, counts), positions // size]
         slots = blocks.astype(np.int64) * size + positions % size
-        samples = ends == np.array([s.seq.num_tokens for s in scheduled], dtype=np.int64)
-        scoring = []
-        if self.scoring:
-            scoring = [i for i, s in enumerate(scheduled) if s.seq.choice_ids is not None]
-        if scoring:
-            samples[scoring] = False  # a choice's sequence is scored, not sampled
-        last = starts[1:][samples] - 1
-        scores = None
-        if scoring:
-            score_rows, targets, owners = _score_rows(scheduled, scoring, begins, ends, starts)
-            targets = torch.tensor(targets, dtype=torch.int64, device=self.device)
-            scores = ScoreRows(len(last), targets, owners)
-            last = np.concatenate([last, score_rows])
+        last, scores = self._logits_rows(scheduled, begins, ends, starts)
         staged = torch.from_numpy(
             np.concatenate([input_ids, positions, slots, ends, starts, last, rows])
         )
@@ -106,6 +94,23 @@ class ModelRunner:
             cascade=self._cascade_plan(rows, begins, ends, starts) if cascade else None,
             scores=scores,
         )
+
+    def _logits_rows(
+        self, scheduled: list, begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
+    ) -> tuple[np.ndarray, ScoreRows | None]:
+        """The token rows the LM head runs on: the last of each sequence that samples, then
+        (while choices are queued) every row that scores a choice token."""
+        samples = ends == np.array([s.seq.num_tokens for s in scheduled], dtype=np.int64)
+        scoring = []
+        if self.scoring:
+            scoring = [i for i, s in enumerate(scheduled) if s.seq.choice_ids is not None]
+        if not scoring:
+            return starts[1:][samples] - 1, None
+        samples[scoring] = False  # a choice's sequence is scored, not sampled
+        last = starts[1:][samples] - 1
+        score_rows, targets, owners = _score_rows(scheduled, scoring, begins, ends, starts)
+        targets = torch.tensor(targets, dtype=torch.int64, device=self.device)
+        return np.concatenate([last, score_rows]), ScoreRows(len(last), targets, owners)
 
     def _cascade_plan(
         self, rows: np.ndarray, begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
