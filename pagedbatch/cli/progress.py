@@ -130,7 +130,7 @@ class JobProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        self._stop_ticker()
         if self._progress is not None:
             self._progress.stop()
 
@@ -195,7 +195,7 @@ class JobProgress:
         """The records are done (or stopped): a last plain line, when lines are shown."""
         self._ended = time.monotonic()
         if self.enabled and not self.live and self._eta is not None:
-            self._stop.set()
+            self._stop_ticker()  # its last line must not come after this one
             self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False)
 
     def line(self) -> str:
@@ -232,6 +232,11 @@ class JobProgress:
             detail = self._detail()
             done = self._eta.records_done
         self._progress.update(self._task, description="records", completed=done, detail=detail)
+
+    def _stop_ticker(self) -> None:
+        self._stop.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=5.0)
 
     def _tick(self) -> None:
         interval = log_interval()
