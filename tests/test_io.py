@@ -280,7 +280,7 @@ def test_unreachable_hub_name(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith(
-        "pagedbatch.job.reader.InputError: no-such-owner/no-such-dataset: "
+        "pagedbatch.job.input_rows.InputError: no-such-owner/no-such-dataset: "
         "not a file, directory or reachable Hugging Face dataset ("
     )
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from pagedbatch.job.id_keys import IdSet
 from pagedbatch.job.output_scan import (
     OutputFileError,
     cut_torn_line,
@@ -82,7 +83,7 @@ def test_scan_reads_plain_and_batch_lines_and_spots_a_torn_last_line(tmp_path):
     assert scan_output(path).empty  # no file yet
     path.write_bytes(OK + ERR + BATCH_OK + BATCH_ERR + b'{"id": "to')
     scan = scan_output(path)
-    assert scan.ok == {"a", "c1"} and set(scan.errors) == {2, "c2"}
+    assert scan.ok == IdSet.of({"a", "c1"}) and set(scan.errors) == {2, "c2"}
     assert scan.errors[2] == {"code": "invalid_params", "message": "bad"}
     assert scan.torn and scan.size == len(OK + ERR + BATCH_OK + BATCH_ERR)
     cut_torn_line(path, scan)
@@ -99,7 +100,7 @@ def test_a_later_ok_line_wins_over_an_earlier_error(tmp_path):
         + ERR.replace(b'"error": {"code": "invalid_params", "message": "bad"}', b'"choices": []')
     )
     scan = scan_output(path)
-    assert scan.ok == {2} and scan.errors == {} and scan.done == {2}
+    assert scan.ok == IdSet.of({2}) and scan.errors == {} and scan.done == IdSet.of({2})
 
 
 @pytest.mark.parametrize("line", [b"not json\n", b"[1, 2]\n", b'{"no_id": 1}\n', b'{"id": 1.5}\n'])

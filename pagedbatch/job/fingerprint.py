@@ -13,9 +13,11 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pagedbatch.files import atomic_write
 from pagedbatch.job.jsonl import loads
@@ -48,15 +50,18 @@ def fingerprint_path(output: Path) -> Path:
 def job_fingerprint(
     source: str,
     settings: RunSettings,
-    content: bytes | None = None,
-    records: Iterable[Record] | None = None,
+    content_digest: str | None = None,
+    records: Iterable[Record] | bytes | None = None,
 ) -> Fingerprint:
-    """The fingerprint of running `settings` over `source` (whose bytes are `content` when
-    the reader has read them: hashed as read, the file is not opened again; `records` adds
-    their digests); raises ModelLoadError for an alias whose package is missing."""
+    """The fingerprint of running `settings` over `source` (`content_digest`: the input's
+    content hashed as the reader read it, so the file is not read again; `records` adds
+    the records' digests: the records, or their digests sorted and joined); raises
+    ModelLoadError for an alias whose package is missing."""
     model, tokenizer = model_identity(settings.engine.model)
     sampling = dataclasses.asdict(settings.sampling)
     sampling["stop"] = list(sampling["stop"])
+    if records is not None and not isinstance(records, bytes):
+        records = b"".join(sorted(record_digest(r) for r in records))
     return {
         "model": model,
         "tokenizer": tokenizer,
@@ -66,10 +71,10 @@ def job_fingerprint(
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
         **sampling,
-        "input": input_identity(source, settings.split, content),
+        "input": input_identity(source, settings.split, content_digest),
         "model_name": settings.engine.model,
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
-        **({RECORDS_KEY: record_digests(records)} if records is not None else {}),
+        **({RECORDS_KEY: base64.b64encode(records).decode()} if records is not None else {}),
     }
 
 
@@ -84,10 +89,11 @@ def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:
 
 
 def record_changes(
-    stored: Fingerprint, records: Iterable[Record], done: Iterable[Any]
+    stored: Fingerprint, digest_of: Callable[[Any], bytes | None], done: Iterable[Any]
 ) -> tuple[list[Any], list[Any]] | None:
     """(ids of done records whose id or row is not as stored, ids done but no longer in the
-    input), each in the order of `done`; None when `stored` holds no record digests."""
+    input), each in the order of `done`; `digest_of(id)` is the input's digest of that
+    record (None: not in the input). None when `stored` holds no record digests."""
     text = stored.get(RECORDS_KEY)
     if not isinstance(text, str):
         return None
@@ -95,21 +101,20 @@ def record_changes(
         raw = base64.b64decode(text, validate=True)
     except ValueError:
         return None
-    size = _RECORD_DIGEST_BYTES
-    known = {raw[i : i + size] for i in range(0, len(raw), size)}
-    current = {r.id: _record_digest(r) for r in records}
-    done = list(done)
-    changed = [rid for rid in done if rid in current and current[rid] not in known]
-    removed = [rid for rid in done if rid not in current]
+    known = np.frombuffer(raw[: len(raw) // _RECORD_DIGEST_BYTES * _RECORD_DIGEST_BYTES], "V8")
+    changed, removed = [], []
+    for rid in done:
+        digest = digest_of(rid)
+        if digest is None:
+            removed.append(rid)
+        else:
+            at = min(int(np.searchsorted(known, np.frombuffer(digest, "V8"))[0]), len(known) - 1)
+            if not len(known) or known[at].tobytes() != digest:
+                changed.append(rid)
     return changed, removed
 
 
-def record_digests(records: Iterable[Record]) -> str:
-    """The records' digests (of id and row), sorted, as one base64 string."""
-    return base64.b64encode(b"".join(sorted(_record_digest(r) for r in records))).decode()
-
-
-def _record_digest(record: Record) -> bytes:
+def record_digest(record: Record) -> bytes:
     row = json.dumps(record.source, sort_keys=True, ensure_ascii=False, default=str)
     text = f"{record.id!r}\0{row}"
     h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_RECORD_DIGEST_BYTES)
@@ -154,15 +159,23 @@ def model_identity(model: str) -> tuple[str, str]:
     return _digest([f for f in files if f not in tokenizer]), _digest(tokenizer)
 
 
-def input_identity(source: str, split: str | None, content: bytes | None = None) -> str:
-    """A digest of the input's content (`content` when given, as read; else every file under
-    a directory, or the file), or of a hub name."""
+def content_hasher(split: str | None, size: int) -> Any:
+    """The hash of an input file's `size` bytes, before they are fed to it (`update`): its
+    `hexdigest()` is the file's `input_identity`."""
+    h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
+    h.update(f"{size}\0".encode())
+    return h
+
+
+def input_identity(source: str, split: str | None, content_digest: str | None = None) -> str:
+    """A digest of the input's content (`content_digest` when the reader hashed the file as
+    it read it: see `content_hasher`; else every file under a directory, or the file), or
+    of a hub name."""
+    if content_digest is not None:
+        return content_digest
     path = Path(source)
     h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
-    if content is not None:
-        h.update(f"{len(content)}\0".encode())
-        h.update(content)
-    elif path.is_dir():
+    if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         for file in files:
             h.update(f"\0{file.relative_to(path)}\0".encode())

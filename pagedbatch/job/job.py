@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pagedbatch.files import atomic_write
 from pagedbatch.job.fingerprint import (
@@ -35,11 +37,13 @@ from pagedbatch.job.output_scan import (
     OutputScan,
     cut_torn_line,
     drop_error_lines,
+    output_ids,
     scan_output,
 )
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.rates import store_run_rates
-from pagedbatch.job.reader import read_input
+from pagedbatch.job.reader import read_index
+from pagedbatch.job.record_index import RecordView
 from pagedbatch.job.records import Record
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.outputs import RecordError, RequestOutput
@@ -97,11 +101,19 @@ def default_output(source: str) -> Path:
 class Job:
     """The records of an input, and which of them an output file still lacks."""
 
-    def __init__(self, source: str, settings: RunSettings, policy: ResumePolicy) -> None:
+    def __init__(
+        self,
+        source: str,
+        settings: RunSettings,
+        policy: ResumePolicy,
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
         """Check the files, read the input, lock the output and check it against `policy`.
 
         Raises JobError (or InputError) before anything is written; the lock taken here is
-        held until `close()` (a Job is a context manager).
+        held until `close()` (a Job is a context manager). The input is read once here,
+        keeping a few bytes a record (record_index.py; `on_read(n)` as it goes) and read
+        again as records run.
         """
         self.settings = settings
         self.policy = policy
@@ -114,15 +126,17 @@ class Job:
             check_paths(source, self._roles())
         except GuardError as e:
             raise JobError(str(e)) from None
-        data = read_input(
-            source, split=settings.split, fields=settings.fields, skip_invalid=settings.skip_invalid
-        )
-        self.records = data.records
-        self.batch = any(r.endpoint is not None for r in self.records)
-        self.fingerprint = job_fingerprint(source, settings, data.content, self.records)
-        self.digest = job_digest(self.fingerprint)
-        self._by_id = {r.id: r for r in self.records}
+        index = read_index(
+            source, split=settings.split, fields=settings.fields,
+            skip_invalid=settings.skip_invalid, on_read=on_read,
+        )  # fmt: skip
+        self.index = index
         try:
+            self.batch = index.batch
+            self.fingerprint = job_fingerprint(
+                source, settings, index.rows.identity, index.sorted_digests()
+            )
+            self.digest = job_digest(self.fingerprint)
             for role, lock in self._locks.items():
                 lock.acquire(role)
             self._scan = self._check_output()
@@ -134,15 +148,19 @@ class Job:
             self.close()
             raise
         done = self._scan.done if not policy.retry_errors else self._scan.ok
-        self.todo = [r for r in self.records if r.id not in done]
+        self._done = done.contains(index.keys())  # a bool per record
+        self.records = RecordView(index, np.arange(len(index)))
+        self.todo = RecordView(index, np.flatnonzero(~self._done))
         self.skipped = len(self.records) - len(self.todo)
         self._writers: list[OutputWriter] = []
         self._created = int(time.time())
 
     def close(self) -> None:
-        """Let the output's lock go (the files stay as they are)."""
+        """Let the output's lock go (the files stay as they are) and close the input."""
         for lock in self._locks.values():
             lock.release()
+        if hasattr(self, "index"):
+            self.index.rows.close()
 
     def __enter__(self) -> Job:
         return self
@@ -278,7 +296,8 @@ class Job:
         """Accept an input that changed only by records the output does not hold yet (new
         ones, or ones not run yet); else raise JobError naming the records that changed."""
         done = scan.ok if self.policy.retry_errors else scan.done
-        found = record_changes(stored, self.records, (rid for rid in scan.lines if rid in done))
+        held = (rid for rid in output_ids(self.output) if rid in done)
+        found = record_changes(stored, self._digest_of, held)
         if found is None:
             raise JobError(
                 f"{self.output} was written by a different job: input changed, and its "
@@ -298,26 +317,25 @@ class Job:
                 f"{' and '.join(what)}; restore them, pass --force to keep the old lines "
                 "anyway, or --overwrite to start over"
             )
-        if self.settings.order == "input" and not self._done_first(done):
+        flags = done.contains(self.index.keys())
+        if self.settings.order == "input" and not _done_first(flags):
             raise JobError(
                 f"{self.source} has new records before records {self.output} holds; with "
                 "--order input new records must come after them (or pass --force, or "
                 "--overwrite to start over)"
             )
-        new = sum(1 for r in self.records if r.id not in done)
         self.input_note = (
             f"{self.source} changed since {self.output} was started, but none of the "
-            f"{len(done)} records it holds did: {new} to run"
+            f"{len(done)} records it holds did: {int((~flags).sum())} to run"
         )
 
-    def _done_first(self, done: set[Any]) -> bool:
-        """Whether the records in `done` come before every other record of the input."""
-        flags = [r.id in done for r in self.records]
-        return flags == sorted(flags, reverse=True)
+    def _digest_of(self, rid: Any) -> bytes | None:
+        k = self.index.find(rid)
+        return None if k is None else self.index.digest(k)
 
     def _duplicates_problem(self, scan: OutputScan) -> str:
         shown = ", ".join(f"{rid!r} on lines {a} and {b}" for rid, a, b in scan.duplicates[:3])
-        more = len(scan.duplicates) - 3
+        more = scan.duplicate_count - len(scan.duplicates[:3])
         return (
             f"{self.output} holds a record more than once ({shown}"
             f"{f', and {more} more' if more > 0 else ''}), so it cannot be resumed as it is: "
@@ -357,7 +375,7 @@ class Job:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             for rid, error in self._scan.errors.items():
-                if rid in self._by_id:
+                if self.index.find(rid) is not None:
                     f.write(encode_line(self._quarantine_line(rid, error)))
 
     @contextlib.contextmanager
@@ -373,14 +391,17 @@ class Job:
     def _line(self, output: RequestOutput) -> dict[str, Any]:
         if not self.batch:
             return output.to_json()
-        endpoint = self._by_id[output.id].endpoint or ""
+        k = self.index.find(output.id)
+        endpoint = (self.index.record(k).endpoint if k is not None else None) or ""
         return batch_output_line(
             output, endpoint, self.settings.engine.model, self.digest, self._created
         )
 
     def _quarantine_line(self, rid: Any, error: Mapping[str, Any]) -> dict[str, Any]:
         """The failed record's input line, its id made explicit, with the error added."""
-        record = self._by_id[rid]
+        k = self.index.find(rid)
+        assert k is not None, rid  # only records of the input fail
+        record = self.index.record(k)
         line = dict(record.source or {})
         line.setdefault("custom_id" if record.endpoint is not None else self.settings.id_field, rid)
         line[QUARANTINE_KEY] = RecordError(error.get("code"), error.get("message")).to_json()
@@ -390,7 +411,7 @@ class Job:
 class _InputOrder:
     """Passes outputs on in the order of `records`, holding those that finish early."""
 
-    def __init__(self, records: list[Record], write: Callable[[RequestOutput], None]) -> None:
+    def __init__(self, records: Iterable[Record], write: Callable[[RequestOutput], None]) -> None:
         self._position = {r.id: i for i, r in enumerate(records)}
         self._held: dict[int, RequestOutput] = {}
         self._next = 0
@@ -401,6 +422,11 @@ class _InputOrder:
         while self._next in self._held:
             self._write(self._held.pop(self._next))
             self._next += 1
+
+
+def _done_first(flags: np.ndarray) -> bool:
+    """Whether the records flagged come before every other record of the input."""
+    return not (np.diff(flags.astype(np.int8)) > 0).any()
 
 
 def _ids(ids: list[Any]) -> str:

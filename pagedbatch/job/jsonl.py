@@ -47,7 +47,7 @@ def jsonl_rows(data: bytes, *, keep_going: bool = False) -> list[JsonlRow]:
             continue
         try:
             # Only the last piece can lack a trailing newline; it is b"" when the file ends in one.
-            rows.append(JsonlRow(n, _parse_object(raw, n, cut_off=n == len(lines))))
+            rows.append(JsonlRow(n, parse_object(raw, n, cut_off=n == len(lines))))
         except JsonlError as e:
             if not keep_going:
                 raise
@@ -55,7 +55,9 @@ def jsonl_rows(data: bytes, *, keep_going: bool = False) -> list[JsonlRow]:
     return rows
 
 
-def _parse_object(raw: bytes, n: int, *, cut_off: bool) -> dict[str, Any]:
+def parse_object(raw: bytes, n: int, *, cut_off: bool) -> dict[str, Any]:
+    """The object on line `n` (`raw`, without its newline); `cut_off`: the file's last
+    line, without a newline. Raises JsonlError."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pagedbatch.files import atomic_write
+from pagedbatch.job.id_keys import IdSet, id_key, key_array, repeated
 from pagedbatch.job.jsonl import loads
 
 RecordId = str | int
+_DUPLICATES_NAMED = 3
 
 
 class OutputFileError(ValueError):
@@ -19,22 +23,24 @@ class OutputFileError(ValueError):
 
 @dataclass
 class OutputScan:
-    """The whole lines of an output file, by record id.
+    """The whole lines of an output file: the ids done (as keys, id_keys.py), the errors.
 
     `size` is the byte length of the whole lines; a torn last line (no newline: the
-    process died while writing it) follows them when `torn`.
+    process died while writing it) follows them when `torn`. Held per line: 16 bytes of
+    key, and the error object of a record whose line is an error.
     """
 
-    ok: set[RecordId] = field(default_factory=set)
-    errors: dict[RecordId, dict[str, Any]] = field(default_factory=dict)  # id -> error object
+    ok: IdSet = field(default_factory=IdSet)  # ids with an ok line
+    errors: dict[RecordId, dict[str, Any]] = field(default_factory=dict)  # the others' errors
     size: int = 0
     torn: bool = False
-    lines: dict[RecordId, int] = field(default_factory=dict)  # id -> its first line number
+    lines: int = 0  # whole non-blank lines
     duplicates: list[tuple[RecordId, int, int]] = field(default_factory=list)  # id, first, again
+    duplicate_count: int = 0  # ids on more than one line (`duplicates` names a few)
 
     @property
-    def done(self) -> set[RecordId]:
-        return self.ok | self.errors.keys()
+    def done(self) -> IdSet:
+        return self.ok.union(IdSet.of(self.errors))
 
     @property
     def empty(self) -> bool:
@@ -48,6 +54,7 @@ def scan_output(path: Path) -> OutputScan:
         file = path.open("rb")
     except FileNotFoundError:
         return scan
+    keys, ok_keys, numbers = bytearray(), bytearray(), array("q")
     with file:
         for n, raw in enumerate(file, start=1):
             if not raw.endswith(b"\n"):
@@ -55,16 +62,46 @@ def scan_output(path: Path) -> OutputScan:
                 break
             if raw.strip():
                 rid, error = _parse_line(raw, path, n)
-                if rid in scan.lines:
-                    scan.duplicates.append((rid, scan.lines[rid], n))
-                scan.lines.setdefault(rid, n)
+                key = id_key(rid)
+                keys += key
+                numbers.append(n)
                 if error is None:
-                    scan.ok.add(rid)
-                    scan.errors.pop(rid, None)
-                elif rid not in scan.ok:
+                    ok_keys += key
+                else:
                     scan.errors[rid] = error
             scan.size += len(raw)
+    scan.lines = len(numbers)
+    scan.ok = IdSet(ok_keys)
+    scan.errors = {rid: e for rid, e in scan.errors.items() if rid not in scan.ok}
+    again = repeated(key_array(keys))
+    scan.duplicate_count = len(again)
+    shown = [(numbers[first], numbers[second]) for first, second in again[:_DUPLICATES_NAMED]]
+    ids = _ids_on_lines(path, {n for pair in shown for n in pair})
+    scan.duplicates = [(ids[a], a, b) for a, b in shown]
     return scan
+
+
+def output_ids(path: Path) -> Iterator[RecordId]:
+    """The id of every whole line of an output that `scan_output` accepted, in order."""
+    with path.open("rb") as file:
+        for n, raw in enumerate(file, start=1):
+            if not raw.endswith(b"\n"):
+                return
+            if raw.strip():
+                yield _parse_line(raw, path, n)[0]
+
+
+def _ids_on_lines(path: Path, numbers: set[int]) -> dict[int, RecordId]:
+    found: dict[int, RecordId] = {}
+    if not numbers:
+        return found
+    with path.open("rb") as file:
+        for n, raw in enumerate(file, start=1):
+            if n in numbers:
+                found[n] = _parse_line(raw, path, n)[0]
+                if len(found) == len(numbers):
+                    break
+    return found
 
 
 def cut_torn_line(path: Path, scan: OutputScan) -> None:

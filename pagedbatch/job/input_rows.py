@@ -1,0 +1,148 @@
+"""The rows of an input as a stream, each readable again by its locator.
+
+A job of millions of rows cannot hold them: it reads them in batches, keeps a locator
+per record (8 bytes: a JSON Lines file's byte offset, a dataset's row index) and reads
+a record's row again when the record is run. JSON Lines files are read strictly
+(jsonl.py), every problem named by its line; `datasets` tables are read in Arrow
+batches (`DatasetRows`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from pagedbatch.job.fingerprint import content_hasher
+from pagedbatch.job.jsonl import JsonlError, parse_object
+
+# (position, locator, row): the line number or row index, where to read the row again,
+# and the row (a dict; a JsonlError for a bad line read with skip_invalid).
+Row = tuple[int, int, Any]
+BATCH_ROWS = 1024
+
+
+class InputError(Exception):
+    """A problem with the input as a whole; `str()` is one line naming the file (and line)."""
+
+
+class RowSource(Protocol):
+    name: str
+    unit: str  # "line" or "row", as a message names a position
+    identity: str | None  # digest of the content, once read in full (None: not hashed here)
+
+    def batches(self, size: int = BATCH_ROWS) -> Iterator[list[Row]]: ...
+
+    def row_at(self, locator: int, position: int) -> Any: ...
+
+
+class JsonlRows:
+    """The non-blank lines of a JSON Lines file. The file stays open while the job runs,
+    so a row read again comes from the file that was read, not from a file renamed over
+    it; the first full read hashes the content (`identity`)."""
+
+    unit = "line"
+
+    def __init__(self, path: Path, name: str, split: str | None, skip_invalid: bool) -> None:
+        self.name = name
+        self.identity: str | None = None
+        self._split = split
+        self._skip_invalid = skip_invalid
+        self._file = path.open("rb")  # an OSError is the reader's to report
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def batches(self, size: int = BATCH_ROWS) -> Iterator[list[Row]]:
+        """Every non-blank line from the start, `size` at a time."""
+        self._check_unchanged()
+        hasher = content_hasher(self._split, self._size) if self.identity is None else None
+        file, offset, batch = self._file, 0, []
+        file.seek(0)
+        for n, raw in enumerate(file, start=1):
+            start, offset = offset, offset + len(raw)
+            if hasher is not None:
+                hasher.update(raw)
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                start += len(codecs.BOM_UTF8)
+                raw = raw[len(codecs.BOM_UTF8) :]
+            if not raw.strip():
+                continue
+            batch.append((n, start, self._parse(raw, n)))
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        if offset != self._size:
+            raise InputError(f"{self.name}: changed while it was read; run the job again")
+        if hasher is not None:
+            self.identity = hasher.hexdigest()
+
+    def row_at(self, locator: int, position: int) -> Any:
+        self._check_unchanged()
+        self._file.seek(locator)
+        return self._parse(self._file.readline(), position)
+
+    def _parse(self, raw: bytes, n: int) -> dict[str, Any] | JsonlError:
+        cut_off = not raw.endswith(b"\n")
+        try:
+            return parse_object(raw if cut_off else raw[:-1], n, cut_off=cut_off)
+        except JsonlError as e:
+            if not self._skip_invalid:
+                raise InputError(f"{self.name}: {e}") from None
+            return e
+
+    def _check_unchanged(self) -> None:
+        if os.fstat(self._file.fileno()).st_size != self._size:
+            raise InputError(
+                f"{self.name}: changed while the job ran (its size is not what was read); "
+                "run it again on a file that stays as it is"
+            )
+
+
+class DatasetRows:
+    """The rows of a `datasets` table, converted from Arrow a batch at a time."""
+
+    unit = "row"
+    identity = None  # a dataset is hashed by its files (fingerprint.input_identity)
+
+    def __init__(self, data: Any, name: str, messages_field: str) -> None:
+        self.name = name
+        self._data = data.with_format(None)
+        self._messages = messages_field
+
+    def close(self) -> None:
+        pass
+
+    def batches(self, size: int = BATCH_ROWS) -> Iterator[list[Row]]:
+        for start in range(0, len(self._data), size):
+            columns = self._data[start : start + size]
+            names = list(columns)
+            rows = (dict(zip(names, values, strict=True)) for values in zip(*columns.values()))
+            yield [(start + i, start + i, self._plain(row)) for i, row in enumerate(rows)]
+
+    def row_at(self, locator: int, position: int) -> Any:
+        return self._plain(self._data[locator])
+
+    def _plain(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row with its messages as a list of dicts, as they were before Arrow stored
+        them."""
+        messages = row.get(self._messages)
+        if isinstance(messages, dict) and all(isinstance(v, list) for v in messages.values()):
+            # A legacy `Sequence` of structs comes back as a dict of equal-length lists.
+            messages = [
+                dict(zip(messages, values, strict=True))
+                for values in zip(*messages.values(), strict=True)
+            ]
+        if not isinstance(messages, list):
+            return row
+        # Arrow gives every struct all keys of its column; a key one message lacked is None.
+        plain = [
+            {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+            for m in messages
+        ]
+        return {**row, self._messages: plain}
