@@ -6,37 +6,39 @@ import itertools
 import math
 from array import array
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 
 from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
-from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
-from pagedbatch.engine.sequence import Sequence, random_seed
+from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
-from pagedbatch.job.prompts import PromptBuilder, PromptError
+from pagedbatch.job.preparer import Limits, Preparer
+from pagedbatch.job.prompt_store import PromptStore
+from pagedbatch.job.prompts import PromptBuilder
 from pagedbatch.job.records import Record, parse_record
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
-    ENGINE_ERROR,
-    INVALID_PARAMS,
-    INVALID_RECORD,
-    PROMPT_TOO_LONG,
     ChoiceScore,
     Completion,
-    RecordError,
     RequestOutput,
     TokenLogprob,
 )
-from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed
+from pagedbatch.sampling_params import SamplingParams
 
 Input = str | Mapping[str, Any] | Record | list[int]
+_PREPARE_BATCH = 512  # records tokenized at a time
+# Sequences kept waiting in the engine: enough to fill every step, few enough that a job's
+# memory is this window, not its records.
+_ADMIT_PER_SEQ = 2
+_ADMIT_MIN = 64
 
 
 class LLM:
@@ -76,7 +78,11 @@ class LLM:
         if self.config.use_cuda_graphs:
             self._capture_cuda_graphs()
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
-        self._seq_ids = itertools.count()
+        limits = Limits(
+            self.model.get_input_embeddings().num_embeddings, self.max_model_len,
+            self.kv_cache.spec.block_size, self.kv_cache.num_blocks, self.config.prefix_sharing,
+        )  # fmt: skip
+        self.preparer = Preparer(self.prompts, limits)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA
@@ -109,16 +115,22 @@ class LLM:
         `on_output` is called as each record finishes (errors first, before any step);
         `on_step` after every engine step with the engine's statistics; `on_prepared(done,
         total)` as records are tokenized, before the first step.
-        `should_stop` is asked before each record is prepared and after each step; once
-        it returns True, no record is admitted any more, the sequences still running or
-        waiting are dropped (their blocks freed, the LLM stays usable) and `generate`
-        returns the outputs of the records that finished, in input order. With
+        `should_stop` is asked before each batch of records is prepared and after each
+        step; once it returns True, no record is admitted any more, the sequences still
+        running or waiting are dropped (their blocks freed, the LLM stays usable) and
+        `generate` returns the outputs of the records that finished, in input order. With
         `keep_outputs=False` an output is not held once `on_output` has it (a job that
         streams its outputs to a file), and `generate` returns an empty list.
+
+        `inputs` that are a sequence (a list, a job's `RecordView`) are read twice, and
+        not held: once in order to tokenize them (token ids kept compactly: prompt_store.py),
+        then each again when it is admitted, in depth-first order of the prompts with prefix
+        sharing, a window of records at a time (so memory holds the window, not the job).
         """
         params = params or SamplingParams()
-        records = [to_record(x, i) for i, x in enumerate(inputs)]
+        items = inputs if isinstance(inputs, Seq) and not isinstance(inputs, str) else list(inputs)
         results: dict[int, RequestOutput] = {}
+        stop = should_stop or (lambda: False)
 
         def emit(index: int, output: RequestOutput) -> None:
             if keep_outputs:
@@ -126,51 +138,72 @@ class LLM:
             if on_output is not None:
                 on_output(output)
 
-        groups: list[_Group] = []
-        for index, record in enumerate(records):
-            if should_stop is not None and should_stop():
-                return [results[i] for i in sorted(results)]
-            item = self._prepare(record, params)
-            if isinstance(item, RequestOutput):
-                emit(index, item)
-            else:
-                groups.append(_Group(index, item))
-            if on_prepared is not None:
-                on_prepared(index + 1, len(records))
-
-        def finish(group: _Group) -> None:
-            emit(group.index, self._output(records[group.index], group.seqs))
-
-        self._run(groups, finish, on_step, should_stop)
+        prepared = self._tokenize(items, params, emit, stop, on_prepared)
+        if prepared is not None:
+            self._run(items, *prepared, params, emit, on_step, stop)
         return [results[i] for i in sorted(results)]
 
+    def _tokenize(
+        self, items: Seq[Input], params: SamplingParams, emit, stop, on_prepared
+    ) -> tuple[PromptStore, array[int]] | None:
+        """Check and tokenize every input, a batch at a time; emit the errors. Returns the
+        prompts and the input number of each (None when stopped)."""
+        store = PromptStore(self.preparer.limits.vocab_size)
+        numbers = array("q")  # numbers[k]: the input whose prompt store[k] is
+        inputs = iter(items)
+        for start in range(0, len(items), _PREPARE_BATCH):
+            if stop():
+                return None
+            batch = itertools.islice(inputs, _PREPARE_BATCH)
+            records = [to_record(x, start + j) for j, x in enumerate(batch)]
+            for j, checked in enumerate(self.preparer.check(records, params)):
+                if isinstance(checked, RequestOutput):
+                    emit(start + j, checked)
+                else:
+                    store.append(checked)
+                    numbers.append(start + j)
+            if on_prepared is not None:
+                on_prepared(start + len(records), len(items))
+        return store, numbers
+
     def _run(
-        self, groups: list[_Group], done: Callable[[_Group], None], on_step, should_stop
-    ) -> None:
-        """Run every group's sequences; call `done` when all samples of a group finished.
+        self, items: Seq[Input], store: PromptStore, numbers: array[int],
+        defaults: SamplingParams, emit, on_step, stop,
+    ) -> None:  # fmt: skip
+        """Admit the prompts a window at a time and step until all are done (or `stop`).
 
         With prefix sharing, records are admitted in depth-first order of their prompts
         (sorted token ids), so records sharing a prefix run together while it is cached.
         """
-        if self.config.prefix_sharing:
-            groups = sorted(groups, key=lambda g: g.seqs[0].token_ids)
-        owner = {}
-        for group in groups:
-            for seq in group.seqs:
-                owner[seq.seq_id] = group
-            for seq in group.seqs if not group.seqs[0].forks else group.seqs[:1]:
-                self.engine.add(seq)
-        while self.engine.has_unfinished():
-            if should_stop is not None and should_stop():
+        order = store.order() if self.config.prefix_sharing else range(len(store))
+        pending = iter(order)
+        window = max(_ADMIT_MIN, _ADMIT_PER_SEQ * self.config.max_num_seqs)
+        owner: dict[int, _Group] = {}
+        while True:
+            while self.engine.num_waiting() < window and (k := next(pending, None)) is not None:
+                self._admit(items, int(k), store, numbers, defaults, owner)
+            if not self.engine.has_unfinished():
+                return
+            if stop():
                 self.engine.abort_all()
-                break
+                return
             for seq in self.engine.step():
                 group = owner.pop(seq.seq_id)
                 group.pending -= 1
                 if group.pending == 0:
-                    done(group)
+                    emit(group.index, self._output(group.rid, group.seqs))
             if on_step is not None:
                 on_step(self.engine.stats())
+
+    def _admit(self, items, k: int, store: PromptStore, numbers, defaults, owner) -> None:
+        index = numbers[k]
+        record = to_record(items[index], index)
+        params = self.preparer.params(record, defaults)
+        group = _Group(index, record.id, self.preparer.sequences(record, store.tokens(k), params))
+        for seq in group.seqs:
+            owner[seq.seq_id] = group
+        for seq in group.seqs if not group.seqs[0].forks else group.seqs[:1]:
+            self.engine.add(seq)
 
     def memory_report(self) -> dict:
         """The KV memory figures of everything generated so far (plain, JSON-ready data).
@@ -191,106 +224,9 @@ class LLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def _prepare(self, record: Record, defaults: SamplingParams) -> list[Sequence] | RequestOutput:
-        """The record's sequences (one per sample), or the error output that replaces them."""
-        if record.error is not None:
-            return RequestOutput(record.id, error=record.error)
-        try:
-            params = defaults.with_overrides(record.overrides)
-        except (TypeError, ValueError) as e:
-            return _error(record, INVALID_PARAMS, str(e))
-        try:
-            ids = self.prompts.token_ids(record)
-        except PromptError as e:
-            return _error(record, INVALID_RECORD, str(e))
-        except Exception as e:  # the tokenizer failing on this record's text only
-            return _error(record, ENGINE_ERROR, f"tokenizing failed: {type(e).__name__}: {e}")
-        if not ids:
-            return _error(record, INVALID_RECORD, "the prompt is empty")
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if not 0 <= min(ids) <= max(ids) < vocab:
-            return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
-        if params.choices is not None:
-            return self._choice_sequences(record, ids, params)
-        problem = self._length_problem(len(ids), params)
-        if problem:
-            return _error(record, PROMPT_TOO_LONG, problem, prompt_tokens=len(ids))
-        seed = self._record_seed(record, params)
-        seqs = [self._sequence(record, ids, params, sample_seed(seed, k)) for k in range(params.n)]
-        if self.config.prefix_sharing:
-            seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
-        return seqs
-
-    def _choice_sequences(
-        self, record: Record, ids: list[int], params: SamplingParams
-    ) -> list[Sequence] | RequestOutput:
-        """One sequence per choice: the prompt and the choice's tokens but the last, scored
-        from the prompt's last position on. With prefix sharing, a scores_only parent
-        computes the prompt once and the choices are forked from it."""
-        assert params.choices is not None
-        choices = []
-        for text in params.choices:
-            tokens = self.tokenizer.encode(text, add_special_tokens=False)
-            if not tokens:
-                return _error(record, INVALID_PARAMS, f"choice {text!r} has no tokens")
-            length = len(ids) + len(tokens) - 1  # its last token is scored, not computed
-            blocks = blocks_for(length, self.kv_cache.spec.block_size)
-            if length > self.max_model_len or blocks > self.kv_cache.num_blocks:
-                return _error(
-                    record, INVALID_PARAMS,
-                    f"choice {text!r} ({len(tokens)} tokens) after the prompt ({len(ids)} "
-                    f"tokens) does not fit the context ({self.max_model_len}) or the KV cache",
-                    prompt_tokens=len(ids),
-                )  # fmt: skip
-            choices.append(tokens)
-        seqs = [
-            self._sequence(record, ids + tokens[:-1], params, 0, choice_ids=tuple(tokens))
-            for tokens in choices
-        ]
-        if not self.config.prefix_sharing:
-            return seqs
-        parent = self._sequence(record, ids, params, 0)
-        parent.scores_only, parent.forks = True, seqs
-        return [parent, *seqs]
-
-    def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
-        """The record's own seed; else one derived from the job seed (`params.seed`) and the
-        record id, so that a record samples the same text in any order, batch or resumed run."""
-        if "seed" in record.overrides or params.seed is None:
-            return params.seed
-        return derive_seed(params.seed, record.id)
-
-    def _sequence(
-        self, record: Record, ids: list[int], params: SamplingParams, seed: int | None,
-        choice_ids: tuple[int, ...] | None = None,
-    ) -> Sequence:  # fmt: skip
-        scored = choice_ids is not None or params.choices is not None
-        return Sequence(
-            seq_id=next(self._seq_ids), token_ids=array("i", ids), num_prompt_tokens=len(ids),
-            params=params,
-            max_len=len(ids) if scored else min(self.max_model_len, len(ids) + params.max_tokens),
-            seed=random_seed() if seed is None else seed, request_id=record.id,
-            choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
-        )  # fmt: skip
-
-    def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
-        if prompt_len >= self.max_model_len:
-            return (
-                f"the prompt has {prompt_len} tokens; the model's context is {self.max_model_len}"
-            )
-        total = min(self.max_model_len, prompt_len + params.max_tokens)
-        needed = blocks_for(total, self.kv_cache.spec.block_size)
-        if needed > self.kv_cache.num_blocks:
-            return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
-                f"{needed} KV blocks but the cache has {self.kv_cache.num_blocks}; "
-                "raise --kv-memory or --num-blocks, or lower max_tokens"
-            )
-        return None
-
-    def _output(self, record: Record, seqs: list[Sequence]) -> RequestOutput:
+    def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:
-            return _choice_output(record, seqs)
+            return _choice_output(rid, seqs)
         completions = tuple(
             Completion(
                 k,
@@ -302,7 +238,7 @@ class LLM:
             for k, s in enumerate(seqs)
         )
         return RequestOutput(
-            record.id, completions, prompt_tokens=seqs[0].num_prompt_tokens,
+            rid, completions, prompt_tokens=seqs[0].num_prompt_tokens,
             cached_tokens=seqs[0].num_prefix_hit_tokens,
         )  # fmt: skip
 
@@ -320,7 +256,7 @@ class LLM:
         return self.tokenizer.decode([token_id])
 
 
-def _choice_output(record: Record, seqs: list[Sequence]) -> RequestOutput:
+def _choice_output(rid: Any, seqs: list[Sequence]) -> RequestOutput:
     """The scored choices of a record: each choice's summed log-probability, and the
     softmax over the choices of their scores (sums, or per-token means)."""
     params = seqs[0].params
@@ -339,7 +275,7 @@ def _choice_output(record: Record, seqs: list[Sequence]) -> RequestOutput:
     )
     first = seqs[0]
     return RequestOutput(
-        record.id, choices=choices, prompt_tokens=first.num_prompt_tokens,
+        rid, choices=choices, prompt_tokens=first.num_prompt_tokens,
         cached_tokens=first.num_prefix_hit_tokens,
     )  # fmt: skip
 
@@ -347,8 +283,9 @@ def _choice_output(record: Record, seqs: list[Sequence]) -> RequestOutput:
 class _Group:
     """The sequences of one record (one per sample) and how many are still running."""
 
-    def __init__(self, index: int, seqs: list[Sequence]) -> None:
+    def __init__(self, index: int, rid: Any, seqs: list[Sequence]) -> None:
         self.index = index
+        self.rid = rid
         self.seqs = seqs
         self.pending = len(seqs)
 
@@ -364,7 +301,3 @@ def to_record(item: Input, index: int) -> Record:
     if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
         return Record(id=index, prompt_token_ids=tuple(item))
     raise TypeError(f"input {index}: expected a string, a dict, token ids or a Record")
-
-
-def _error(record: Record, code: str, message: str, prompt_tokens: int = 0) -> RequestOutput:
-    return RequestOutput(record.id, prompt_tokens=prompt_tokens, error=RecordError(code, message))

@@ -157,23 +157,3 @@ def test_outputs_not_kept_are_only_given_to_on_output(tiny_model_dirs):
     assert returned == [] and sorted(o.id for o in seen) == [0, 1]
     kept = llm.generate(["a b", "c d e"], params)
     assert [o.text for o in kept] == [o.text for o in sorted(seen, key=lambda o: o.id)]
-
-
-def test_prepared_prompts_take_a_few_bytes_per_token(tiny_model_dirs):
-    import tracemalloc
-
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(300, 440, (100, 600), generator=gen).tolist()  # not cached small ints
-    records = [Record(id=i, prompt_token_ids=tuple(row)) for i, row in enumerate(ids)]
-    ids_count = 100 * 600
-    params = SamplingParams(max_tokens=1)
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    prepared = [llm._prepare(r, params) for r in records]
-    grown = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    assert all(isinstance(p, list) for p in prepared)
-    # A list of Python ints takes 8 bytes a token for its pointers alone (and 28 more for
-    # each int object it does not share); an int32 array takes 4.
-    assert grown / ids_count < 8, f"{grown / ids_count:.1f} bytes per prompt token"

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
-from pagedbatch.job.plan import common_prefix
+from pagedbatch.job.prompt_store import common_prefix
 from pagedbatch.job.rates import PROBE, Rates
 from pagedbatch.llm import LLM
 from pagedbatch.sampling_params import SamplingParams

@@ -68,6 +68,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_waiting(self) -> int:
+        """Sequences queued and not running yet."""
+        return len(self.scheduler.waiting)
+
     def step(self) -> list[Sequence]:
         """Run one step; return the sequences that finished in it."""
         started = self.clock()

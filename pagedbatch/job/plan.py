@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.job.estimate import Estimate
+from pagedbatch.job.prompt_store import common_prefix
 
 
 class PlanPrompt(NamedTuple):
@@ -50,18 +51,6 @@ class Plan:
         data["largest_shared_prefixes"] = [p._asdict() for p in self.largest_shared_prefixes]
         data["estimate"] = self.estimate.to_json() if self.estimate else None
         return data
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
-    return lo
 
 
 def make_plan(

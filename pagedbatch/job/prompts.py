@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pagedbatch.job.records import Record
 
 
@@ -24,21 +26,66 @@ class PromptBuilder:
             raise ValueError("--chat needs a model whose tokenizer has a chat template")
 
     def token_ids(self, record: Record) -> list[int]:
-        if record.prompt_token_ids is not None:
-            return list(record.prompt_token_ids)
-        if record.messages is not None:
-            return self._chat(list(record.messages))
-        if self.chat:
-            return self._chat([{"role": "user", "content": record.prompt}])
-        return list(self.tokenizer(record.prompt)["input_ids"])
+        """One record's prompt token ids; raises PromptError (or the tokenizer's error)."""
+        result = self.token_ids_batch([record])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def _chat(self, messages: list[dict]) -> list[int]:
+    def token_ids_batch(self, records: Sequence[Record]) -> list[list[int] | Exception]:
+        """Each record's prompt token ids, or the error it raised (a PromptError for a
+        record the chat template refuses); the texts are encoded in one batch."""
+        out: list[list[int] | Exception] = [[] for _ in records]
+        texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}  # by special tokens
+        for i, record in enumerate(records):
+            if record.prompt_token_ids is not None:
+                out[i] = list(record.prompt_token_ids)
+            elif record.messages is not None or self.chat:
+                messages = record.messages or [{"role": "user", "content": record.prompt}]
+                try:
+                    texts[False].append((i, self._chat_text(list(messages))))
+                except PromptError as e:
+                    out[i] = e
+            else:
+                texts[True].append((i, record.prompt or ""))
+        for special, items in texts.items():
+            for (i, _), ids in zip(items, self._encode([t for _, t in items], special)):
+                out[i] = ids
+        return out
+
+    def choice_ids(self, text: str) -> list[int]:
+        """A choice's token ids: the text alone, without special tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode(self, texts: list[str], special: bool) -> list[list[int] | Exception]:
+        """Token ids of `texts`, in one batch; when the batch fails, text by text, so that
+        the error stays with the text that raised it."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        try:
+            if backend is not None:
+                encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+                return [e.ids for e in encode(texts, add_special_tokens=special)]
+            return list(self.tokenizer(texts, add_special_tokens=special)["input_ids"])
+        except Exception:
+            if len(texts) == 1:
+                return [_encode_one(self.tokenizer, texts[0], special)]
+            return [_encode_one(self.tokenizer, t, special) for t in texts]
+
+    def _chat_text(self, messages: list[dict]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise PromptError("has 'messages' but the model has no chat template")
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
         except Exception as e:  # jinja raises for roles a template refuses
             raise PromptError(f"chat template failed: {e}") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_one(tokenizer, text: str, special: bool) -> list[int] | Exception:
+    try:
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    except Exception as e:
+        return e

@@ -1,0 +1,195 @@
+"""Records to engine sequences, in two steps a job of millions of records can afford.
+
+`check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
+in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
+the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
+bad choices. `sequences` builds a checked record's sequences (one per sample, or one per
+choice) when the record is admitted, from the token ids kept since in a `PromptStore`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.sequence import Sequence, random_seed
+from pagedbatch.job.prompts import PromptBuilder, PromptError
+from pagedbatch.job.records import Record
+from pagedbatch.outputs import (
+    ENGINE_ERROR,
+    INVALID_PARAMS,
+    INVALID_RECORD,
+    PROMPT_TOO_LONG,
+    RecordError,
+    RequestOutput,
+)
+from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed
+
+_CHOICES_CACHED = 4096  # choice texts whose tokens are kept (a job has a few)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a record must fit: the vocabulary, the context, the KV cache."""
+
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    prefix_sharing: bool
+
+
+class Preparer:
+    """Checks records and builds their sequences for one LLM."""
+
+    def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
+        self.prompts = prompts
+        self.limits = limits
+        self._seq_ids = itertools.count()
+        self._choices: dict[str, list[int]] = {}
+
+    def check(
+        self, records: Seq[Record], defaults: SamplingParams
+    ) -> list[list[int] | RequestOutput]:
+        """Each record's prompt token ids, or its error output."""
+        params = [self._params(record, defaults) for record in records]
+        wanted = [r for r, p in zip(records, params) if isinstance(p, SamplingParams)]
+        tokens = iter(self.prompts.token_ids_batch(wanted))
+        checked: list[list[int] | RequestOutput] = []
+        for record, p in zip(records, params):
+            if isinstance(p, RequestOutput):
+                checked.append(p)
+                continue
+            ids = next(tokens)
+            checked.append(self._check_ids(record, ids, p))
+        return checked
+
+    def params(self, record: Record, defaults: SamplingParams) -> SamplingParams:
+        """The sampling params of a record that passed `check`."""
+        return defaults.with_overrides(record.overrides)
+
+    def sequences(self, record: Record, ids: array[int], params: SamplingParams) -> list[Sequence]:
+        """The sequences of a checked record: one per sample, or a parent and one per choice
+        (with prefix sharing, samples and choices are forks of the first sequence)."""
+        if params.choices is not None:
+            return self._choice_sequences(record, ids, params)
+        seed = self._record_seed(record, params)
+        seqs = [self._sequence(record, ids, params, sample_seed(seed, k)) for k in range(params.n)]
+        if self.limits.prefix_sharing:
+            seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
+        return seqs
+
+    def _params(self, record: Record, defaults: SamplingParams) -> SamplingParams | RequestOutput:
+        if record.error is not None:
+            return RequestOutput(record.id, error=record.error)
+        try:
+            return defaults.with_overrides(record.overrides)
+        except (TypeError, ValueError) as e:
+            return _error(record, INVALID_PARAMS, str(e))
+
+    def _check_ids(
+        self, record: Record, ids: list[int] | Exception, params: SamplingParams
+    ) -> list[int] | RequestOutput:
+        if isinstance(ids, PromptError):
+            return _error(record, INVALID_RECORD, str(ids))
+        if isinstance(ids, Exception):  # the tokenizer failing on this record's text only
+            return _error(record, ENGINE_ERROR, f"tokenizing failed: {type(ids).__name__}: {ids}")
+        if not ids:
+            return _error(record, INVALID_RECORD, "the prompt is empty")
+        vocab = self.limits.vocab_size
+        if not 0 <= min(ids) <= max(ids) < vocab:
+            return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+        problem = (
+            self._choices_problem(len(ids), params)
+            if params.choices is not None
+            else self._length_problem(len(ids), params)
+        )
+        if problem is not None:
+            code = INVALID_PARAMS if params.choices is not None else PROMPT_TOO_LONG
+            return _error(record, code, problem, prompt_tokens=len(ids))
+        return ids
+
+    def _choice_tokens(self, text: str) -> list[int]:
+        tokens = self._choices.get(text)
+        if tokens is None:
+            if len(self._choices) >= _CHOICES_CACHED:
+                self._choices.clear()
+            tokens = self.prompts.choice_ids(text)
+            self._choices[text] = tokens
+        return tokens
+
+    def _choices_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
+        assert params.choices is not None
+        for text in params.choices:
+            tokens = self._choice_tokens(text)
+            if not tokens:
+                return f"choice {text!r} has no tokens"
+            length = prompt_len + len(tokens) - 1  # its last token is scored, not computed
+            blocks = blocks_for(length, self.limits.block_size)
+            if length > self.limits.max_model_len or blocks > self.limits.num_blocks:
+                return (
+                    f"choice {text!r} ({len(tokens)} tokens) after the prompt ({prompt_len} "
+                    f"tokens) does not fit the context ({self.limits.max_model_len}) or the KV "
+                    "cache"
+                )
+        return None
+
+    def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
+        limit = self.limits.max_model_len
+        if prompt_len >= limit:
+            return f"the prompt has {prompt_len} tokens; the model's context is {limit}"
+        total = min(limit, prompt_len + params.max_tokens)
+        needed = blocks_for(total, self.limits.block_size)
+        if needed > self.limits.num_blocks:
+            return (
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"{needed} KV blocks but the cache has {self.limits.num_blocks}; "
+                "raise --kv-memory or --num-blocks, or lower max_tokens"
+            )
+        return None
+
+    def _choice_sequences(
+        self, record: Record, ids: array[int], params: SamplingParams
+    ) -> list[Sequence]:
+        """One sequence per choice: the prompt and the choice's tokens but the last, scored
+        from the prompt's last position on. With prefix sharing, a scores_only parent
+        computes the prompt once and the choices are forked from it."""
+        assert params.choices is not None
+        choices = [self._choice_tokens(text) for text in params.choices]
+        seqs = [
+            self._sequence(record, ids + array("i", t[:-1]), params, 0, choice_ids=tuple(t))
+            for t in choices
+        ]
+        if not self.limits.prefix_sharing:
+            return seqs
+        parent = self._sequence(record, ids, params, 0)
+        parent.scores_only, parent.forks = True, seqs
+        return [parent, *seqs]
+
+    def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
+        """The record's own seed; else one derived from the job seed (`params.seed`) and the
+        record id, so that a record samples the same text in any order, batch or resumed run."""
+        if "seed" in record.overrides or params.seed is None:
+            return params.seed
+        return derive_seed(params.seed, record.id)
+
+    def _sequence(
+        self, record: Record, ids: array[int], params: SamplingParams, seed: int | None,
+        choice_ids: tuple[int, ...] | None = None,
+    ) -> Sequence:  # fmt: skip
+        scored = choice_ids is not None or params.choices is not None
+        limit = self.limits.max_model_len
+        return Sequence(
+            seq_id=next(self._seq_ids), token_ids=array("i", ids), num_prompt_tokens=len(ids),
+            params=params,
+            max_len=len(ids) if scored else min(limit, len(ids) + params.max_tokens),
+            seed=random_seed() if seed is None else seed, request_id=record.id,
+            choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
+        )  # fmt: skip
+
+
+def _error(record: Record, code: str, message: str, prompt_tokens: int = 0) -> RequestOutput:
+    return RequestOutput(record.id, prompt_tokens=prompt_tokens, error=RecordError(code, message))
