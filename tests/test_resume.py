@@ -110,14 +110,15 @@ def test_a_changed_input_names_the_records_that_changed_and_runs_new_ones(job):
 
 def test_retry_errors_reruns_only_the_error_lines(job, monkeypatch):
     src, out, flags = job
-    tokenize = PromptBuilder.token_ids
+    tokenize = PromptBuilder.token_ids_batch
 
-    def flaky(self, record):
-        if record.id == "r003":
-            raise RuntimeError("tokenizer crashed")
-        return tokenize(self, record)
+    def flaky(self, records):  # the tokenizer failing on one record's text
+        ids = tokenize(self, records)
+        return [
+            RuntimeError("tokenizer crashed") if r.id == "r003" else i for r, i in zip(records, ids)
+        ]
 
-    monkeypatch.setattr(PromptBuilder, "token_ids", flaky)
+    monkeypatch.setattr(PromptBuilder, "token_ids_batch", flaky)
     result = invoke(src, "-o", out, *flags)
     assert re.search(
         r"11 ok, 3 failed: 1 engine_error, 1 invalid_params, 1 invalid_record", result.stderr
@@ -126,7 +127,7 @@ def test_retry_errors_reruns_only_the_error_lines(job, monkeypatch):
         "code": "engine_error",
         "message": "tokenizing failed: RuntimeError: tokenizer crashed",
     }
-    monkeypatch.setattr(PromptBuilder, "token_ids", tokenize)
+    monkeypatch.setattr(PromptBuilder, "token_ids_batch", tokenize)
     result = invoke(src, "-o", out, *flags, "--retry-errors")
     assert result.exit_code == 0, result.output
     assert "Wrote 3 records" in result.stderr and "skipped 11 already done" in result.stderr

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -113,6 +114,8 @@ class JobProgress:
         self.live = enabled and console.is_terminal
         self._phase = ""
         self._phase_started = time.monotonic()
+        self._counted: int | None = None  # records the phase has read
+        self._status: Any = None  # the terminal's spinner, during a phase
         self._started = time.monotonic()
         self._ended: float | None = None
         self._eta: Eta | None = None
@@ -136,16 +139,33 @@ class JobProgress:
 
     @contextmanager
     def phase(self, text: str) -> Iterator[None]:
-        """A phase before generation, shown as a spinner (terminal) or in the plain lines."""
+        """A phase before generation, shown as a spinner (terminal) or in the plain lines;
+        `counted(n)` inside it adds how many records it has read and how fast."""
         with self._lock:
-            self._phase, self._phase_started = text, time.monotonic()
+            self._phase, self._phase_started, self._counted = text, time.monotonic(), None
         if self.live:
-            with self.console.status(escape(text) + " ..."):
+            with self.console.status(escape(text) + " ...") as status:
+                self._status = status
                 yield
+            self._status = None
         else:
             yield
         with self._lock:
             self._phase = ""
+
+    def counted(self, records: int) -> None:
+        """The phase has read `records` records so far."""
+        with self._lock:
+            self._counted = records
+        if self._status is not None:
+            self._status.update(escape(self._phase_line()))
+
+    def _phase_line(self) -> str:
+        elapsed = time.monotonic() - self._phase_started
+        if self._counted is None:
+            return f"{self._phase} ({clock(elapsed)})"
+        rate = f", {self._counted / elapsed:,.0f}/s" if elapsed > 0 else ""
+        return f"{self._phase}: {self._counted:,} records{rate} ({clock(elapsed)})"
 
     def generating(self, records: int, prior_tokens_per_record: float) -> None:
         """The records are about to be tokenized and run."""
@@ -203,7 +223,7 @@ class JobProgress:
         with self._lock:
             now = time.monotonic()
             if self._eta is None:
-                return f"{self._phase} ({clock(now - self._phase_started)})"
+                return self._phase_line()
             eta = self._eta
             if eta.records_done == 0 and self._stats is None:
                 return f"tokenizing {self._prepared}/{eta.records} records"

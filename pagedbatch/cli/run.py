@@ -134,7 +134,7 @@ def _run_job(
     ):
         try:
             with progress.phase(f"reading {source}"):
-                job = files.enter_context(Job(source, settings, policy))  # holds the lock
+                job = files.enter_context(Job(source, settings, policy, progress.counted))
             if job.input_note:
                 console.print(job.input_note, soft_wrap=True, markup=False, highlight=False)
             llm = None
@@ -189,6 +189,8 @@ def _run_with_progress(
         return job.run(None, should_stop=interrupts.requested)
     import torch
 
+    from pagedbatch.job.reader import InputError
+
     sampling = job.settings.sampling
     prior = 0 if sampling.choices else sampling.max_tokens * sampling.n
     progress.generating(len(job.todo), prior_tokens_per_record=prior)
@@ -198,6 +200,8 @@ def _run_with_progress(
             on_output=lambda output: progress.record_done(output.completion_tokens),
             on_prepared=progress.prepared,
         )  # fmt: skip
+    except InputError as e:  # the input changed while the job ran
+        fail(f"{e}; the lines before are safe", code=1)
     except OSError as e:
         where = e.filename or job.output
         fail(f"cannot write {where}: {e.strerror or e}; the lines before are safe. "
