@@ -418,3 +418,16 @@ def test_scale_workload_measures_run_and_plan_on_its_job(tmp_path):
     assert run.exit_code == 0 and run.lines == 300 and 0 < run.first_line_s <= run.seconds
     assert run.peak_rss_mb > 50 and plan.exit_code == 0 and plan.peak_rss_mb > 50
     assert set(report.to_json()) == {"records", "run", "plan"}
+
+
+def test_run_memory_grows_by_a_few_bytes_a_record():
+    """A job's memory is its window of running records, not its records: the peak RSS of
+    `pagedbatch run` over 20,000 records exceeds that over 2,000 by a few hundred bytes a
+    record (it was about 4.6 KB a record when the whole job was held as Python objects)."""
+    from pagedbatch.bench.scale import measure_scale
+
+    small, large = (measure_scale(n, plan=False).run for n in (2_000, 20_000))
+    assert small.exit_code == 0 and small.lines == 2_000
+    assert large.exit_code == 0 and large.lines == 20_000
+    per_record = (large.peak_rss_mb - small.peak_rss_mb) * 2**20 / 18_000
+    assert per_record < 500, f"{per_record:.0f} bytes of peak RSS a record"
