@@ -44,12 +44,17 @@ class RayLLM:
         tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
         self._prompts = PromptBuilder(tokenizer, config.chat)
         self.cluster = connect(address, replicas=replicas)
-        self._pool: ReplicaPool | None = ReplicaPool(config, self.cluster, replicas)
-        self.replicas = self._pool.size
-        self.config = config.replace(max_num_seqs=config.max_num_seqs * self.replicas)
+        self._pool: ReplicaPool | None = None
         self.replaced = 0  # replicas that died and were replaced
         self._stats: dict[Any, EngineStats] = {}  # actor -> its latest statistics
-        self._pool.wait_ready()
+        try:
+            self._pool = ReplicaPool(config, self.cluster, replicas)
+            self._pool.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.replicas = self._pool.size
+        self.config = config.replace(max_num_seqs=config.max_num_seqs * self.replicas)
         self.load_seconds = self._pool.load_seconds
 
     def generate(
