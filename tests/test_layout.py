@@ -16,6 +16,7 @@ LAYERS = (
     ("pagedbatch.engine",),
     ("pagedbatch.job",),
     ("pagedbatch.llm",),
+    ("pagedbatch.ray",),
     ("pagedbatch.bench",),
     ("pagedbatch.cli",),
     ("pagedbatch.__init__", "pagedbatch.__main__"),

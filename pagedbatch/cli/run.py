@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pagedbatch.cli.cluster import RayOptions, load_ray_llm, ray_note, ray_options
 from pagedbatch.cli.common import Float, Int, Str, console, fail, first_line, opt, quiet_libraries
 from pagedbatch.cli.progress import JobProgress
 from pagedbatch.job.interrupts import Interrupts, Stopped
@@ -24,12 +25,13 @@ if TYPE_CHECKING:
 
 DEFAULT = RunSettings()  # shown in --help
 
-INPUT_PANEL, OUTPUT_PANEL, MODEL_PANEL, MEMORY_PANEL, SAMPLING_PANEL = (
+INPUT_PANEL, OUTPUT_PANEL, MODEL_PANEL, MEMORY_PANEL, SAMPLING_PANEL, RAY_PANEL = (
     "Input",
     "Output",
     "Model",
     "KV cache and batching",
     "Sampling",
+    "Ray cluster",
 )
 
 
@@ -80,9 +82,13 @@ def run(
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (except decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
     memory_report: Annotated[bool | None, opt(OUTPUT_PANEL, "At the end, show the KV memory report and write it to <output>.memory.json (and .memory.png with matplotlib).", "--memory-report")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT_PANEL)] = True,
+    ray: Annotated[bool | None, opt(RAY_PANEL, "Run the job on a Ray cluster: replicas of the model take shards of it, this process writes the output (needs pip install -e \".[ray]\").", "--ray")] = None,
+    ray_address: Annotated[Str, opt(RAY_PANEL, "The cluster to join. [default: auto, the one running on this machine, else a local one started for the job]", "--ray-address")] = None,
+    replicas: Annotated[Int, opt(RAY_PANEL, "Replicas of the model, one per GPU (or CPU slot) of the cluster. [default: the cluster's GPUs, or its nodes without GPUs]", "--replicas")] = None,
 ) -> None:  # fmt: skip
     """Generate a completion for every record of INPUT and write them to a JSONL file."""
     given = {k: v for k, v in locals().items() if v is not None and k not in _NOT_SETTINGS}
+    cluster = ray_options(ray, ray_address, replicas)
     try:
         settings = resolve_settings(given, config)
         policy = ResumePolicy(
@@ -91,12 +97,14 @@ def run(
         )  # fmt: skip
     except ValueError as e:
         fail(str(e))
-    _run_job(input, settings, policy, progress, resume_command(ctx))
+    _run_job(input, settings, policy, progress, resume_command(ctx), cluster)
 
 
 # Flags of one invocation, not settings; a resume command leaves them out.
 _NOT_RESUMED = ("resume", "retry_errors", "overwrite", "force")
-_NOT_SETTINGS = ("ctx", "input", "config", "progress", *_NOT_RESUMED)
+_NOT_SETTINGS = (
+    "ctx", "input", "config", "progress", "ray", "ray_address", "replicas", *_NOT_RESUMED,
+)  # fmt: skip
 
 
 def resume_command(ctx: typer.Context) -> str:
@@ -120,8 +128,9 @@ def resume_command(ctx: typer.Context) -> str:
 
 
 def _run_job(
-    source: str, settings: RunSettings, policy: ResumePolicy, show_progress: bool, resume: str
-) -> None:
+    source: str, settings: RunSettings, policy: ResumePolicy, show_progress: bool, resume: str,
+    cluster: RayOptions | None = None,
+) -> None:  # fmt: skip
     from pagedbatch.job.job import Job, JobError
     from pagedbatch.job.reader import InputError
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
@@ -140,8 +149,11 @@ def _run_job(
             llm = None
             if job.todo:
                 resolve_model_name(settings.engine.model)
-                with progress.phase(f"loading {settings.engine.model}"):
-                    llm = _load_llm(settings)
+                where = " on Ray replicas" if cluster else ""
+                with progress.phase(f"loading {settings.engine.model}{where}"):
+                    llm = _load_llm(settings, cluster)
+                if cluster is not None:
+                    files.callback(llm.close)  # the replicas, and a cluster started here
             interrupts.on_first = _say_stopping
             interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
             interrupts.started = True  # from here a signal stops the job between steps
@@ -151,6 +163,8 @@ def _run_job(
             fail(str(e))
         result = _run_with_progress(job, llm, interrupts, progress, resume)
         _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
+        if cluster is not None and llm is not None:
+            ray_note(llm)
         if llm is not None and settings.engine.memory_report:
             _memory_report(llm, job.output)
     if interrupts.requested() and result.not_run:
@@ -162,10 +176,12 @@ def _run_job(
         raise typer.Exit(interrupts.exit_code)
 
 
-def _load_llm(settings: RunSettings) -> Any:
+def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
     from pagedbatch.llm import LLM
     from pagedbatch.models.names import ModelLoadError
 
+    if cluster is not None:
+        return load_ray_llm(settings, cluster)
     quiet_libraries()
     try:
         llm = LLM(config=settings.engine)

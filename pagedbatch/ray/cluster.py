@@ -1,0 +1,139 @@
+"""The Ray side of a job: joining (or starting) a cluster, and the pool of replica actors.
+
+Only this module and `ray_llm.py` import Ray, and only when a job asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.threads import process_cpus
+from pagedbatch.ray.replica import Replica
+
+RAY_MISSING = 'Ray is not installed; --ray needs it: pip install -e ".[ray]"'
+NAMESPACE = "pagedbatch"
+ACTOR_PREFIX = "pagedbatch-replica"  # names of the replica actors (tests find them so)
+# Logical CPUs a local cluster declares beyond one per replica: Ray's own tasks need some,
+# or actors and tasks wait on each other forever ("Cluster resources are not enough").
+SPARE_CPUS = 4
+
+
+class ClusterError(ValueError):
+    """A cluster that cannot run the job as asked; `str()` is one line saying why."""
+
+
+def import_ray() -> Any:
+    """The `ray` module, or ClusterError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError(RAY_MISSING) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster a job runs on: whether this process started it, and its resources."""
+
+    started_here: bool
+    gpus: int
+    cpus: int
+    nodes: int
+
+
+def connect(address: str = "auto", *, replicas: int | None = None) -> Cluster:
+    """Join the cluster at `address` ("auto": the one running on this machine, if any), or
+    start a local one when `address` is "auto" and none runs. Reuses a connection this
+    process already has."""
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+        try:
+            ray.init(address=address, namespace=NAMESPACE, **quiet)
+        except ConnectionError as e:
+            if address != "auto":
+                raise ClusterError(f"cannot join the Ray cluster at {address}: {e}") from None
+            cpus = max(process_cpus(), replicas or 1) + SPARE_CPUS
+            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, **quiet)
+            started = True
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return Cluster(started, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), nodes)
+
+
+class ReplicaPool:
+    """`size` replica actors of one model: started, replaced when one dies, stopped."""
+
+    def __init__(self, config: EngineConfig, cluster: Cluster, size: int | None = None) -> None:
+        self.cluster = cluster
+        self.use_gpus = cluster.gpus > 0 and config.device != "cpu"
+        if config.device.startswith("cuda") and not cluster.gpus:
+            raise ClusterError(f"device {config.device} was asked for, but the cluster has no GPU")
+        self.size = size or (cluster.gpus if self.use_gpus else cluster.nodes) or 1
+        self._check_fits()
+        self.config = self._replica_config(config)
+        self._names = (f"{ACTOR_PREFIX}-{os.getpid()}-{i}" for i in itertools.count())
+        self.actors: list[Any] = [self._start() for _ in range(self.size)]
+        self.load_seconds: list[float] = []
+
+    def wait_ready(self) -> None:
+        """Wait until every replica loaded its model; ClusterError naming a load failure."""
+        ray = import_ray()
+        states = ray.get([actor.ready.remote() for actor in self.actors])
+        for state in states:
+            if state["problem"]:
+                raise ClusterError(f"a replica could not load the model: {state['problem']}")
+        self.load_seconds = [state["load_seconds"] for state in states]
+
+    def replace(self, dead: Any) -> Any:
+        """A new replica in place of `dead` (it loads the model before its first shard)."""
+        self.kill(dead)
+        actor = self._start()
+        self.actors[self.actors.index(dead)] = actor
+        return actor
+
+    def kill(self, actor: Any) -> None:
+        with contextlib.suppress(Exception):  # already gone
+            import_ray().kill(actor)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.kill(actor)
+        self.actors = []
+
+    def _start(self) -> Any:
+        ray = import_ray()
+        options: dict[str, Any] = {
+            "name": next(self._names), "namespace": NAMESPACE, "max_concurrency": 2,
+            "scheduling_strategy": "SPREAD", "max_restarts": 0,
+        }  # fmt: skip
+        if self.use_gpus:
+            options.update(num_gpus=1, num_cpus=1)
+        else:
+            options.update(num_cpus=1)
+        return ray.remote(Replica).options(**options).remote(self.config)
+
+    def _check_fits(self) -> None:
+        if self.size < 1:
+            raise ClusterError(f"--replicas must be >= 1, got {self.size}")
+        have, what = (self.cluster.gpus, "GPUs") if self.use_gpus else (self.cluster.cpus, "CPUs")
+        if self.size > have:
+            raise ClusterError(
+                f"{self.size} replicas need {self.size} {what}; the cluster has {have}"
+            )
+
+    def _replica_config(self, config: EngineConfig) -> EngineConfig:
+        """On a CPU cluster this process started, the CPUs are shared among the replicas."""
+        if self.use_gpus or config.threads is not None or not self.cluster.started_here:
+            return config
+        if "OMP_NUM_THREADS" in os.environ:
+            return config
+        return dataclasses.replace(config, threads=max(1, process_cpus() // self.size))

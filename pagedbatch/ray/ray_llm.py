@@ -1,0 +1,219 @@
+"""RayLLM: `LLM.generate` across the replicas of a Ray cluster, for `Job.run` and libraries.
+
+The driver tokenizes the records (tokenizer only, no weights), orders them depth-first and
+cuts them into shards at weak prefix boundaries (`shards.py`); idle replicas take the next
+shard; finished outputs stream back through `take` and reach `on_output` here, once per
+record: a shard whose replica dies runs again elsewhere without the records already
+returned, with the same seeds (they derive from the job seed and the record id).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.stats import EngineStats
+from pagedbatch.job.prompts import PromptBuilder
+from pagedbatch.job.records import Record
+from pagedbatch.llm import Input, to_record
+from pagedbatch.outputs import RequestOutput
+from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray
+from pagedbatch.ray.shards import Shard, make_shards
+from pagedbatch.ray.stats import merge_memory_reports, merge_stats
+from pagedbatch.sampling_params import SamplingParams
+
+SHARDS_PER_REPLICA = 4  # room to balance uneven shards, and a bound on the work a death redoes
+TAKE_WAIT_S = 0.25  # a take returns at once with outputs, else after this (then stats/stop)
+MAX_ATTEMPTS = 3  # a shard whose replica died this often stops the job
+
+
+class RayLLM:
+    """The LLM interface `Job.run` needs (`generate`, `config`, `stats`, `memory_report`),
+    run by `replicas` actors each holding an ordinary `LLM` of `config`.
+
+    `config.max_num_seqs` here is the cluster's: each replica's times the replicas.
+    """
+
+    def __init__(
+        self, config: EngineConfig, *, address: str = "auto", replicas: int | None = None
+    ) -> None:
+        from pagedbatch.models.loader import load_tokenizer_and_config
+
+        tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
+        self._prompts = PromptBuilder(tokenizer, config.chat)
+        self.cluster = connect(address, replicas=replicas)
+        self._pool: ReplicaPool | None = None
+        self.replaced = 0  # replicas that died and were replaced
+        self._stats: dict[Any, EngineStats] = {}  # actor -> its latest statistics
+        try:
+            self._pool = ReplicaPool(config, self.cluster, replicas)
+            self._pool.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.replicas = self._pool.size
+        self.config = config.replace(max_num_seqs=config.max_num_seqs * self.replicas)
+        self.load_seconds = self._pool.load_seconds
+
+    def generate(
+        self,
+        inputs: Iterable[Input],
+        params: SamplingParams | None = None,
+        *,
+        on_output: Callable[[RequestOutput], None] | None = None,
+        on_step: Callable[[EngineStats], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_prepared: Callable[[int, int], None] | None = None,
+        keep_outputs: bool = True,
+    ) -> list[RequestOutput]:
+        """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
+        report. Record ids must be distinct (they tell the outputs apart)."""
+        params = params or SamplingParams()
+        records = [to_record(x, i) for i, x in enumerate(inputs)]
+        if len({r.id for r in records}) != len(records):
+            raise ValueError("RayLLM.generate needs distinct record ids")
+        stop = should_stop or (lambda: False)
+        keys = []
+        for record in records:
+            if stop():
+                return []
+            keys.append(self._key(record))
+            if on_prepared is not None:
+                on_prepared(len(keys), len(records))
+        # The replicas need no input row (the driver keeps it for the errors file).
+        light = [r if r.source is None else _without_source(r) for r in records]
+        shards = make_shards(light, keys, self.replicas * SHARDS_PER_REPLICA)
+        results: dict[Any, RequestOutput] = {}
+
+        def emit(output: RequestOutput) -> None:
+            if keep_outputs:
+                results[output.id] = output
+            if on_output is not None:
+                on_output(output)
+
+        _Dispatch(self, params, emit, on_step, stop).run(shards)
+        return [results[r.id] for r in records if r.id in results]
+
+    def stats(self) -> EngineStats:
+        """Every replica's statistics summed (a replica that died counts what it reported)."""
+        return merge_stats(list(self._stats.values()))
+
+    def memory_report(self) -> dict:
+        """The KV memory figures of the live replicas, merged (see `merge_memory_reports`)."""
+        ray = import_ray()
+        reports = ray.get([actor.memory_report.remote() for actor in self._actors()])
+        return merge_memory_reports(reports, self.stats())
+
+    def close(self) -> None:
+        """Stop the replicas, and the local cluster when this process started it."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self.cluster.started_here:
+            import_ray().shutdown()
+
+    def __enter__(self) -> RayLLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _actors(self) -> list[Any]:
+        if self._pool is None:
+            raise ClusterError("the replicas were closed")
+        return self._pool.actors
+
+    def _key(self, record: Record) -> list[int]:
+        """The record's prompt token ids, its place in depth-first order; a record that
+        cannot be tokenized sorts first (its replica emits its error, as `LLM` does)."""
+        if record.error is not None:
+            return []
+        try:
+            return self._prompts.token_ids(record)
+        except Exception:  # the replica's LLM turns it into the record's error line
+            return []
+
+
+class _Dispatch:
+    """One `generate` call: shards to idle replicas, outputs and statistics back."""
+
+    def __init__(self, llm: RayLLM, params: SamplingParams, emit, on_step, stop) -> None:
+        self.llm, self.params, self.emit, self.on_step, self.stop = llm, params, emit, on_step, stop
+        self.ray = import_ray()
+        self.pending: deque[Shard] = deque()
+        self.busy: dict[Any, tuple[Any, Shard, Any]] = {}  # take ref -> (actor, shard, run ref)
+        self.emitted: set[Any] = set()
+        self.stopping = False
+
+    def run(self, shards: list[Shard]) -> None:
+        self.pending.extend(shards)
+        while self.pending or self.busy:
+            if not self.stopping and self.stop():
+                self._stop_all()
+            self._hand_out()
+            ready, _ = self.ray.wait(list(self.busy), num_returns=1, timeout=TAKE_WAIT_S)
+            for ref in ready:
+                self._receive(ref)
+            if self.on_step is not None:
+                self.on_step(self.llm.stats())
+
+    def _hand_out(self) -> None:
+        busy = {actor for actor, _, _ in self.busy.values()}
+        for actor in self.llm._actors():
+            if actor in busy or not self.pending or self.stopping:
+                continue
+            shard = self.pending.popleft()
+            shard.attempts += 1
+            run = actor.run.remote(shard.index, shard.remaining(), self.params)
+            self.busy[actor.take.remote(shard.index, TAKE_WAIT_S)] = (actor, shard, run)
+
+    def _receive(self, ref: Any) -> None:
+        actor, shard, run = self.busy.pop(ref)
+        try:
+            report = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            self._lost(actor, shard)
+            return
+        for output in report.outputs:
+            if output.id not in self.emitted:  # a shard run again never writes a line twice
+                self.emitted.add(output.id)
+                shard.done.add(output.id)
+                self.emit(output)
+        if report.stats is not None:
+            self.llm._stats[actor] = report.stats
+        if not report.finished:
+            self.busy[actor.take.remote(shard.index, TAKE_WAIT_S)] = (actor, shard, run)
+            return
+        try:
+            self.ray.get(run)  # raises what the replica's generate raised
+        except self.ray.exceptions.RayActorError:
+            self._lost(actor, shard)
+
+    def _lost(self, actor: Any, shard: Shard) -> None:
+        """A replica died: its shard's unreturned records go first to the next idle one."""
+        pool = self.llm._pool
+        assert pool is not None
+        self.llm.replaced += 1
+        pool.replace(actor)
+        if self.stopping or not shard.remaining():
+            return
+        if shard.attempts >= MAX_ATTEMPTS:
+            raise ClusterError(
+                f"shard {shard.index} lost its replica {shard.attempts} times; stopping "
+                "(the lines written are kept: resume to run the rest)"
+            )
+        self.pending.appendleft(shard)
+
+    def _stop_all(self) -> None:
+        self.stopping = True
+        self.pending.clear()
+        for actor, _, _ in self.busy.values():
+            actor.stop.remote()
+
+
+def _without_source(record: Record) -> Record:
+    import dataclasses
+
+    return dataclasses.replace(record, source=None)

@@ -1,0 +1,194 @@
+"""`pagedbatch run --ray` and pagedbatch.ray on a real local Ray cluster, tiny real models.
+
+One cluster (8 logical CPUs: the replicas, Ray Data's tasks and Ray's own) serves the
+module; jobs started as real processes join it with --ray-address. Each replica is a
+fresh process that imports torch and loads the model (several seconds on 2 CPUs), so the
+jobs here are few and share one input and one single-process run to compare with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from job_helpers import by_id, invoke, read_lines, start, wait_for_lines, write_jsonl
+from tiny_models import CORPUS
+
+from pagedbatch.ray.shards import cut_points, make_shards
+
+NUM_RECORDS = 96
+INSTRUCTION = " ".join((CORPUS[2], CORPUS[3], CORPUS[5]))  # ~170 tokens, every record's
+
+
+def label_rows() -> list[dict]:
+    """The label workload in miniature: one long shared instruction, a short review each;
+    odd records sampled (the job seed gives each its own), one record that cannot run."""
+    rows = []
+    for i in range(NUM_RECORDS):
+        review = f"Review {i}: " + CORPUS[i % len(CORPUS)][: 20 + (i * 7) % 40]
+        row = {"id": f"r{i:03d}", "prompt": f"{INSTRUCTION}\n{review}\nLabel:"}
+        if i % 2:
+            row["temperature"] = 0.9
+        rows.append(row)
+    rows.append({"id": "bad", "prompt": "x", "max_tokens": -5})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The address of a local Ray cluster this test process is connected to."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=8, include_dashboard=False, namespace="pagedbatch", log_to_driver=False,
+        logging_level=logging.ERROR,
+    )  # fmt: skip
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model_dirs):
+    """(directory, flags, id -> line of the single-process run, its memory report)."""
+    root = tmp_path_factory.mktemp("ray_job")
+    write_jsonl(root / "in.jsonl", label_rows())
+    flags = [
+        "-m", tiny_model_dirs["llama"], "--device", "cpu", "--num-blocks", "512",
+        "--max-tokens", "32", "--max-num-seqs", "4", "--threads", "1", "--seed", "7",
+        "--no-progress",
+    ]  # fmt: skip
+    out = root / "single.jsonl"
+    result = invoke(root / "in.jsonl", "-o", out, *flags, "--memory-report")
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "single.memory.json").read_text())
+    return root, [str(f) for f in flags], by_id(read_lines(out)), report
+
+
+def texts(lines: dict) -> dict:
+    """id -> what decides the text of a line (its choices, or its error); cached_tokens
+    differ by where a record ran, so usage is left out."""
+    return {rid: (line.get("choices"), line.get("error")) for rid, line in lines.items()}
+
+
+def test_two_replicas_write_the_single_process_text_and_share_prefixes(ray_cluster, job):
+    root, flags, single, single_report = job
+    out = root / "ray.jsonl"
+    result = invoke(root / "in.jsonl", "-o", out, *flags, "--ray", "--replicas", "2",
+                    "--memory-report")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "On Ray: 2 replicas" in result.output
+    lines = by_id(read_lines(out))  # every id once
+    assert texts(lines) == texts(single)
+    assert lines["bad"]["error"]["code"] == "invalid_params"
+    report = json.loads((root / "ray.memory.json").read_text())
+    assert len(report["replicas"]) == 2
+    assert single_report["prefix_hit_rate"] > 0.7
+    assert abs(report["prefix_hit_rate"] - single_report["prefix_hit_rate"]) <= 0.02
+
+
+def test_a_killed_replica_s_shard_runs_again_without_duplicates(ray_cluster, job):
+    import ray
+
+    root, flags, single, _ = job
+    out = root / "killed_replica.jsonl"
+    args = [str(root / "in.jsonl"), "-o", str(out), *flags, "--ray", "--replicas", "2",
+            "--ray-address", ray_cluster]  # fmt: skip
+    process = start(args, root)
+    try:
+        wait_for_lines(out, 3, process, timeout=120)
+        prefix = f"pagedbatch-replica-{process.pid}-"
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        ray.kill(ray.get_actor(min(n for n in names if n.startswith(prefix)), "pagedbatch"))
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "was replaced" in stdout + stderr, stdout + stderr
+    assert texts(by_id(read_lines(out))) == texts(single)
+
+
+def test_a_killed_driver_resumes_on_ray_with_the_same_text(ray_cluster, job):
+    root, flags, single, _ = job
+    out = root / "killed_driver.jsonl"
+    args = [str(root / "in.jsonl"), "-o", str(out), *flags, "--ray", "--replicas", "2",
+            "--ray-address", ray_cluster]  # fmt: skip
+    process = start(args, root)
+    try:
+        written = wait_for_lines(out, 5, process, timeout=120)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert written < len(single)
+    result = invoke(root / "in.jsonl", "-o", out, *flags, "--ray", "--replicas", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output
+    assert texts(by_id(read_lines(out))) == texts(single)
+
+
+def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_dirs):
+    import ray
+
+    from pagedbatch.llm import LLM
+    from pagedbatch.ray import PagedBatchProcessor
+
+    rows = [{"id": f"q{i}", "prompt": f"story number {i} " * 3, "max_tokens": 6} for i in range(7)]
+    rows[3]["max_tokens"] = -5
+    engine = {"model": str(tiny_model_dirs["llama"]), "device": "cpu", "num_blocks": 64,
+              "threads": 1}  # fmt: skip
+    done = ray.data.from_items(rows).map_batches(
+        PagedBatchProcessor, fn_constructor_kwargs={**engine, "should_continue_on_error": True},
+        concurrency=1, batch_size=4,
+    ).take_all()  # fmt: skip
+    expected = {o.id: o for o in LLM(**engine).generate(rows)}
+    assert sorted(r["id"] for r in done) == sorted(expected)
+    for row in done:
+        want = expected[row["id"]]
+        assert row["generated_text"] == want.text
+        assert row["num_input_tokens"] == want.prompt_tokens
+        assert row["num_generated_tokens"] == want.completion_tokens
+        assert row["prompt"] == rows[int(row["id"][1:])]["prompt"]  # input columns kept
+        error = row["__inference_error__"]
+        assert (error.startswith("invalid_params: max_tokens") if row["id"] == "q3"
+                else error == "")  # fmt: skip
+
+
+def test_ray_flag_without_ray_says_how_to_install_it_in_one_line(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    code = (
+        "import sys; sys.modules['ray'] = None; "
+        "sys.argv = ['pagedbatch', 'run', 'in.jsonl', '--ray']; "
+        "from pagedbatch.cli.main import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        'error: Ray is not installed; --ray needs it: pip install -e ".[ray]"'
+    )
+    assert not (tmp_path / "in.output.jsonl").exists()
+
+
+def test_shards_are_cut_where_neighbouring_prompts_share_least():
+    groups = [[1, 2, 3, 4, i] for i in range(6)] + [[1, 9, 9, i] for i in range(6)]
+    keys = [*groups[6:], *groups[:6]]  # out of order: make_shards sorts them
+    assert cut_points(sorted(keys), 2) == [6]
+    shards = make_shards([f"rec{i}" for i in range(12)], keys, 2)  # type: ignore[list-item]
+    assert [s.records for s in shards] == [[f"rec{i}" for i in range(6, 12)],
+                                           [f"rec{i}" for i in range(6)]]  # fmt: skip
+    # Where all share the same prefix, the cuts fall near the even split, none empty.
+    flat = [[5, 5, i] for i in range(10)]
+    assert cut_points(flat, 4) == [2, 5, 8]
+    assert cut_points(flat[:3], 8) == [1, 2]
+    assert cut_points([], 3) == []
+
+
+def test_pagedbatch_help_does_not_import_ray():
+    code = "import sys; from pagedbatch.cli.app import app; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
