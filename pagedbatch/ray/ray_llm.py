@@ -26,6 +26,7 @@ from pagedbatch.sampling_params import SamplingParams
 
 SHARDS_PER_REPLICA = 4  # room to balance uneven shards, and a bound on the work a death redoes
 TAKE_WAIT_S = 0.25  # a take returns at once with outputs, else after this (then stats/stop)
+_TOKENIZE_BATCH = 512  # records the driver tokenizes at a time
 MAX_ATTEMPTS = 3  # a shard whose replica died this often stops the job
 
 
@@ -75,11 +76,11 @@ class RayLLM:
         if len({r.id for r in records}) != len(records):
             raise ValueError("RayLLM.generate needs distinct record ids")
         stop = should_stop or (lambda: False)
-        keys = []
-        for record in records:
+        keys: list[list[int]] = []
+        for start in range(0, len(records), _TOKENIZE_BATCH):
             if stop():
                 return []
-            keys.append(self._key(record))
+            keys += self._keys(records[start : start + _TOKENIZE_BATCH])
             if on_prepared is not None:
                 on_prepared(len(keys), len(records))
         # The replicas need no input row (the driver keeps it for the errors file).
@@ -125,15 +126,16 @@ class RayLLM:
             raise ClusterError("the replicas were closed")
         return self._pool.actors
 
-    def _key(self, record: Record) -> list[int]:
-        """The record's prompt token ids, its place in depth-first order; a record that
+    def _keys(self, records: list[Record]) -> list[list[int]]:
+        """The records' prompt token ids, their place in depth-first order; a record that
         cannot be tokenized sorts first (its replica emits its error, as `LLM` does)."""
-        if record.error is not None:
-            return []
-        try:
-            return self._prompts.token_ids(record)
-        except Exception:  # the replica's LLM turns it into the record's error line
-            return []
+        ok = [r for r in records if r.error is None]
+        ids = iter(self._prompts.token_ids_batch(ok))
+        keys = []
+        for record in records:
+            key = [] if record.error is not None else next(ids)
+            keys.append([] if isinstance(key, Exception) else key)
+        return keys
 
 
 class _Dispatch:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedbatch.job.plan import common_prefix
+from pagedbatch.job.prompt_store import common_prefix
 from pagedbatch.job.records import Record
 
 
