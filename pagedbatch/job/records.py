@@ -10,6 +10,8 @@ from pagedbatch.job.prompt_template import PromptTemplate, TemplateError
 from pagedbatch.outputs import INVALID_RECORD, RecordError
 from pagedbatch.sampling_params import OVERRIDABLE
 
+_OVERRIDABLE = frozenset(OVERRIDABLE)
+
 
 @dataclass(frozen=True)
 class FieldMap:
@@ -69,7 +71,7 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
             return Record(id=rid, error=invalid(problem), source=row)
     if fields.system is not None:
         prompt, messages = None, with_system(fields.system, prompt, messages)
-    overrides = {k: row[k] for k in OVERRIDABLE if row.get(k) is not None}
+    overrides = {k: v for k, v in row.items() if k in _OVERRIDABLE and v is not None}
     return Record(
         id=rid,
         prompt=prompt,
