@@ -2,8 +2,9 @@
 
 An N-record JSONL job (prompts of 30 to 60 tokens of the byte-level tiny-random model,
 90% of them starting with the same 30 tokens) runs as a user runs it, `pagedbatch run
---model tiny-random --max-tokens 1` in a child process, so that the model costs nearly
-nothing and what is measured is reading, tokenizing, ordering, admitting and writing.
+--model tiny-random --max-tokens 1 --num-blocks 4096` in a child process, so that the
+model costs nearly nothing and what is measured is reading, tokenizing, ordering,
+admitting and writing.
 Reported: the child's peak RSS, the seconds from its start to the first output line,
 records/s from the first line to the last (or to `seconds` after the first line, when
 the child is stopped there with SIGTERM), and the same peak RSS and wall time for
@@ -27,6 +28,10 @@ SHARED_PREFIX = "Label the review as positive or negative:"[:30]  # 30 bytes: 30
 SHARED_FRACTION = 0.9
 WORDS = ("good", "bad", "fine", "slow", "fast", "broken", "great", "cheap", "loud", "soft")
 POLL_SECONDS = 0.05
+# The KV pool of the run: 8 MB of tiny-random's KV, so that what grows with the records is
+# the job pipeline's memory, not KV pages touched for the first time (the default pool, a
+# share of free RAM, is touched block by block as a long job goes on), and the run evicts.
+KV_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,17 @@ def measure_scale(
         job = Path(tmp) / "scale.jsonl"
         scale_job(job, records)
         out = Path(tmp) / "scale.output.jsonl"
-        common = ["--model", "tiny-random", "--device", "cpu", "--threads", str(threads)]
+        common = [
+            "--model", "tiny-random", "--device", "cpu", "--num-blocks", str(KV_BLOCKS),
+            "--threads", str(threads),
+        ]  # fmt: skip
         run = _measure(
             ["run", str(job), "-o", str(out), "--max-tokens", "1", "--no-progress", *common],
             out, seconds,
         )  # fmt: skip
         planned = None
         if plan:
-            planned = _measure(["plan", str(job), "--no-estimate", "--json", *common[:4]], None)
+            planned = _measure(["plan", str(job), "--no-estimate", "--json", *common[:6]], None)
         return ScaleReport(records, run, planned)
 
 
