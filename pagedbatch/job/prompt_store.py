@@ -83,7 +83,7 @@ class PromptStore:
             items = items[inside]
             own = shared[items] <= depth
             at = np.where(own, starts[items] + depth - shared[items], starts[bases[items]] + depth)
-            column = np.full(len(inside), -1, dtype=np.int64)
+            column = np.full(len(inside), -1, dtype=np.int32)  # ids < 2**31
             column[inside] = flat[at]
             return column
 
@@ -113,11 +113,11 @@ def depth_first_order(
         # np.lexsort sorts by its last key first: the group, then token by token.
         ranked = np.lexsort([*columns[::-1], group[active]])
         items, groups = items[ranked], group[active][ranked]
-        columns = [c[ranked] for c in columns]
         order[active] = items  # a group's positions are a run: it stays in them
         new = np.ones(len(items), dtype=bool)
         new[1:] = groups[1:] != groups[:-1]
-        for column in columns:
+        while columns:
+            column = columns.pop()[ranked]
             new[1:] |= column[1:] != column[:-1]
         labels = np.cumsum(new) - 1
         group[active] = labels
