@@ -22,6 +22,8 @@ from pagedbatch.job.jsonl import JsonlError, parse_object
 # and the row (a dict; a JsonlError for a bad line read with skip_invalid).
 Row = tuple[int, int, Any]
 BATCH_ROWS = 1024
+_CHUNK = 1 << 20  # bytes read at a time
+_ROW_CHUNK = 4096  # bytes read first for one row
 
 
 class InputError(Exception):
@@ -60,9 +62,8 @@ class JsonlRows:
         """Every non-blank line from the start, `size` at a time."""
         self._check_unchanged()
         hasher = content_hasher(self._split, self._size) if self.identity is None else None
-        file, offset, batch = self._file, 0, []
-        file.seek(0)
-        for n, raw in enumerate(file, start=1):
+        offset, batch = 0, []
+        for n, raw in enumerate(self._lines(), start=1):
             start, offset = offset, offset + len(raw)
             if hasher is not None:
                 hasher.update(raw)
@@ -84,8 +85,23 @@ class JsonlRows:
 
     def row_at(self, locator: int, position: int) -> Any:
         self._check_unchanged()
-        self._file.seek(locator)
-        return self._parse(self._file.readline(), position)
+        return self._parse(next(self._lines(locator, _ROW_CHUNK)), position)
+
+    def _lines(self, offset: int = 0, chunk: int = _CHUNK) -> Iterator[bytes]:
+        """The lines from `offset` on, each with its newline (the last may lack it), read
+        `chunk` bytes at a time (more while a line does not end). Read with pread, so that
+        any number of readers share the descriptor without a seek."""
+        fd, rest = self._file.fileno(), b""
+        while data := os.pread(fd, chunk, offset):
+            offset += len(data)
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()
+            if not lines:
+                chunk = min(2 * chunk, _CHUNK)
+            for line in lines:
+                yield line + b"\n"
+        if rest:
+            yield rest
 
     def _parse(self, raw: bytes, n: int) -> dict[str, Any] | JsonlError:
         cut_off = not raw.endswith(b"\n")
