@@ -29,7 +29,12 @@ def test_tokens_come_back_and_the_order_is_sorted_lists(heads, picks, vocab):
     assert len(store) == len(prompts)
     assert [list(store.tokens(k)) for k in range(len(prompts))] == prompts
     # Python sorts lists the same way: a prefix first, equal lists in their given order.
-    assert store.order().tolist() == sorted(range(len(prompts)), key=lambda i: prompts[i])
+    order = store.order()
+    assert order.tolist() == sorted(range(len(prompts)), key=lambda i: prompts[i])
+    ranked = [prompts[k] for k in order]
+    lcps = [0] + [common_prefix(a, b) for a, b in zip(ranked, ranked[1:])]
+    assert store.common_prefixes(order).tolist() == lcps[: len(prompts)]
+    assert store.lengths().tolist() == [len(p) for p in prompts]
 
 
 def test_a_shared_instruction_is_stored_once():

@@ -4,10 +4,14 @@ needed), and its time from the last run's rates or a short probe of the model.""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from pagedbatch.cli.common import Int, Str, fail, first_line, quiet_libraries
@@ -16,7 +20,7 @@ from pagedbatch.cli.common import opt as common_opt
 if TYPE_CHECKING:
     from pagedbatch.engine.config import EngineConfig
     from pagedbatch.job.estimate import Estimate
-    from pagedbatch.job.plan import Plan, PlanPrompt, SharedPrefix
+    from pagedbatch.job.plan import Plan, PlanPrompts, SharedPrefix
     from pagedbatch.job.settings import RunSettings
 
 
@@ -100,8 +104,9 @@ def plan(
     console = Console(stderr=as_json)
     try:
         settings = resolve_settings(given, config)
-        with console.status("Tokenizing the records ..."):
-            result, prompts = plan_job(input, settings)
+        with console.status(f"reading {input} ...") as status:
+            shown = _PlanStatus(status, input)
+            result, prompts = plan_job(input, settings, shown.read, shown.tokenized)
     except (ValueError, InputError, ModelLoadError) as e:
         fail(str(e))
     problem = None
@@ -118,39 +123,57 @@ def plan(
         console.print(_tables(result, settings.engine.block_size, estimate, problem))
 
 
-def plan_job(source: str, settings: RunSettings) -> tuple[Plan, list[PlanPrompt]]:
-    """Read and tokenize the job's records as `run` would, then plan them; also returns
-    the prompts planned."""
-    from pagedbatch.job.reader import read_records
+def plan_job(
+    source: str,
+    settings: RunSettings,
+    on_read: Callable[[int], None] | None = None,
+    on_tokenized: Callable[[int, int], None] | None = None,
+) -> tuple[Plan, PlanPrompts]:
+    """Read and tokenize the job's records as `run` would (`on_read(records read)`, then
+    `on_tokenized(done, total)`), then plan them; also returns the prompts planned."""
+    from pagedbatch.job.reader import read_index
     from pagedbatch.models.names import resolve_model_name
 
     engine = settings.engine
-    records = read_records(source, split=settings.split, fields=settings.fields)  # input first
-    resolve_model_name(engine.model)  # then the model name, before torch is imported
+    index = read_index(source, split=settings.split, fields=settings.fields, on_read=on_read)
+    try:
+        resolve_model_name(engine.model)  # the input first, then the model, before torch
 
-    from pagedbatch.job.plan import PlanPrompt, make_plan
-    from pagedbatch.job.prompts import PromptBuilder, PromptError
-    from pagedbatch.models.loader import load_tokenizer_and_config
+        from pagedbatch.job.plan import make_plan
+        from pagedbatch.job.plan_prompts import read_plan_prompts
+        from pagedbatch.job.prompts import PromptBuilder
+        from pagedbatch.models.loader import load_tokenizer_and_config
 
-    tokenizer, model_config = load_tokenizer_and_config(engine.model, engine.cache_dir)
-    builder = PromptBuilder(tokenizer, engine.chat)
-    prompts = []
-    for record in records:
-        try:
-            params = settings.sampling.with_overrides(record.overrides)
-            ids = builder.token_ids(record) if record.error is None else None
-        except (TypeError, ValueError, PromptError):
-            ids = None
-        if ids:
-            prompts.append(PlanPrompt(record.id, ids, params.max_tokens, params.n))
+        tokenizer, model_config = load_tokenizer_and_config(engine.model, engine.cache_dir)
+        builder = PromptBuilder(tokenizer, engine.chat)
+        context = max_model_len(engine, model_config)
+        limits = (model_config.vocab_size, context)
+        prompts = read_plan_prompts(index, builder, settings.sampling, limits, on_tokenized)
+    finally:
+        index.rows.close()
     plan = make_plan(
         prompts,
         block_size=engine.block_size,
         num_blocks=kv_blocks(engine, model_config),
-        max_model_len=max_model_len(engine, model_config),
+        max_model_len=context,
         prefix_sharing=engine.prefix_sharing,
     )
     return plan, prompts
+
+
+class _PlanStatus:
+    """The spinner's text while `plan` reads and tokenizes the input."""
+
+    def __init__(self, status: Status, source: str) -> None:
+        self.status, self.source, self.started = status, source, time.monotonic()
+
+    def read(self, records: int) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = f", {records / elapsed:,.0f}/s" if elapsed > 0 else ""
+        self.status.update(escape(f"reading {self.source}: {records:,} records{rate} ..."))
+
+    def tokenized(self, done: int, total: int) -> None:
+        self.status.update(f"tokenizing {done:,}/{total:,} records ...")
 
 
 def max_model_len(engine: EngineConfig, model_config: Any) -> int:
@@ -159,7 +182,7 @@ def max_model_len(engine: EngineConfig, model_config: Any) -> int:
 
 
 def estimate_job(
-    plan: Plan, prompts: list[PlanPrompt], settings: RunSettings, *, probe: bool = False
+    plan: Plan, prompts: PlanPrompts, settings: RunSettings, *, probe: bool = False
 ) -> tuple[Plan, str | None]:
     """`plan` with its time estimate, from the last run's stored rates (unless `probe`)
     or else a probe of the model; or `plan` as it was and why there is no estimate."""
@@ -170,16 +193,16 @@ def estimate_job(
     from pagedbatch.models.loader import ModelLoadError
 
     engine = settings.engine
-    fits = [p for p in prompts if len(p.token_ids) < plan.max_model_len]
-    running = min(engine.max_num_seqs, plan.concurrent_sequences, sum(p.n for p in fits))
-    if not fits:
+    running = min(engine.max_num_seqs, plan.concurrent_sequences, prompts.samples)
+    if not len(prompts.store):
         return plan, "no record would run"
     rates, load = None if probe else last_run_rates(engine), None
     if rates is None:
         from pagedbatch.bench.rate_probe import probe_rates
 
         try:
-            result = probe_rates(engine, [p.token_ids for p in fits], running, plan.max_model_len)
+            first = prompts.first(max(running, 1))  # all that the probe may take
+            result = probe_rates(engine, first, running, plan.max_model_len)
         except (ValueError, RuntimeError, ModelLoadError) as e:  # OutOfMemoryError: Runtime
             return plan, f"the probe failed: {first_line(e)}"
         rates, load = result.rates, result.load_seconds

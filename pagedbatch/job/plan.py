@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-from pagedbatch.engine.block_pool import blocks_for
+import numpy as np
+
 from pagedbatch.job.estimate import Estimate
-from pagedbatch.job.prompt_store import common_prefix
+from pagedbatch.job.plan_prompts import PlanPrompt, PlanPrompts
 
-
-class PlanPrompt(NamedTuple):
-    """One record to plan: its prompt's token ids, max_tokens and samples (`n`)."""
-
-    id: Any
-    token_ids: list[int]
-    max_tokens: int
-    n: int = 1
+__all__ = ["Plan", "PlanPrompt", "PlanPrompts", "SharedPrefix", "make_plan"]
 
 
 class SharedPrefix(NamedTuple):
@@ -54,7 +49,7 @@ class Plan:
 
 
 def make_plan(
-    prompts: Sequence[tuple[Any, ...]],
+    prompts: PlanPrompts | Sequence[tuple[Any, ...]],
     *,
     block_size: int,
     num_blocks: int,
@@ -62,37 +57,43 @@ def make_plan(
     prefix_sharing: bool = True,
     top: int = 5,
 ) -> Plan:
-    """Plan `prompts` = [PlanPrompt (id, token ids, max_tokens[, n])] as the engine runs them.
+    """Plan `prompts` (`PlanPrompts`, or [PlanPrompt (id, token ids, max_tokens[, n])]) as
+    the engine runs them.
 
     Records run in sorted (depth-first) order; a record reuses the whole blocks it
     shares with the records before it, which in sorted order is the common prefix with
     its predecessor (capped so that its last token is computed). This assumes the cache
     keeps what a group needs while the group runs, which the engine's ordering aims at.
     """
-    planned = [PlanPrompt(*p) for p in prompts]
-    too_long = [p.id for p in planned if len(p.token_ids) >= max_model_len]
-    runs = sorted((p for p in planned if len(p.token_ids) < max_model_len), key=lambda p: p[1])
-    ok = [(p.token_ids, p.max_tokens) for p in runs]
-    outputs = sum(min(p.max_tokens, max_model_len - len(p.token_ids)) * p.n for p in runs)
-    lcps = [0] + [common_prefix(a[0], b[0]) for a, b in zip(ok, ok[1:])]
-    cached = [0] * len(ok)
-    if prefix_sharing:
-        cached = [
-            min(lcp, len(ids) - 1) // block_size * block_size for lcp, (ids, _) in zip(lcps, ok)
-        ]
-    total = sum(len(ids) for ids, _ in ok)
-    needed = [blocks_for(min(len(ids) + n, max_model_len), block_size) for ids, n in ok]
-    private = [blocks - c // block_size for blocks, c in zip(needed, cached)]
-    mean_private = sum(private) / len(private) if private else 1
-    groups = shared_prefix_groups(lcps, block_size) if prefix_sharing else []
+    if not isinstance(prompts, PlanPrompts):
+        prompts = PlanPrompts.of(prompts, max_model_len)
+    elif prompts.max_model_len != max_model_len:
+        raise ValueError(
+            f"the prompts were sorted out for a context of {prompts.max_model_len} tokens, "
+            f"not {max_model_len}"
+        )
+    lengths = prompts.store.lengths()
+    max_tokens = np.frombuffer(prompts.max_tokens, dtype=np.int32).astype(np.int64)
+    n = np.frombuffer(prompts.n, dtype=np.int32).astype(np.int64)
+    outputs = int((np.minimum(max_tokens, max_model_len - lengths) * n).sum())
+    needed = -(-np.minimum(lengths + max_tokens, max_model_len) // block_size)
+    cached, groups = np.zeros(len(lengths), dtype=np.int64), []
+    if prefix_sharing and len(lengths):
+        order = prompts.order()
+        lcps = prompts.store.common_prefixes(order)
+        cached[order] = np.minimum(lcps, lengths[order] - 1) // block_size * block_size
+        groups = shared_prefix_groups(lcps, block_size)
+    total, saved = int(lengths.sum()), int(cached.sum())
+    private = int(needed.sum()) - saved // block_size
+    mean_private = private / len(lengths) if len(lengths) else 1
     return Plan(
-        records=len(prompts),
+        records=prompts.records,
         prompt_tokens=total,
-        tokens_to_compute=total - sum(cached),
-        predicted_hit_rate=sum(cached) / total if total else 0.0,
-        too_long=too_long,
-        blocks_needed=sum(needed),
-        blocks_needed_shared=sum(private),
+        tokens_to_compute=total - saved,
+        predicted_hit_rate=saved / total if total else 0.0,
+        too_long=list(prompts.too_long),
+        blocks_needed=int(needed.sum()),
+        blocks_needed_shared=private,
         num_blocks=num_blocks,
         concurrent_sequences=int(num_blocks // max(mean_private, 1)),
         largest_shared_prefixes=groups[:top],
@@ -107,35 +108,50 @@ def near_duplicate_tokens(tokens: int, block_size: int) -> int:
     return max(2 * block_size, tokens // 8)
 
 
-class _Interval:
-    """An LCP interval of the sorted prompts: prompts `first`.. (`count` of them) share
-    `tokens` tokens, and `children` are the intervals inside it that share more."""
+class _Intervals(NamedTuple):
+    """The LCP interval tree of sorted prompts, interval j: prompts `first[j]`.. (`count[j]`
+    of them) share `tokens[j]` tokens; `parent[j]` is the interval it is inside (-1 for the
+    root, interval 0, which shares 0 tokens and holds every prompt). `closed` lists the
+    intervals children first (post-order, left to right), so reversed, parents first."""
 
-    def __init__(self, tokens: int, first: int) -> None:
-        self.tokens, self.first, self.count = tokens, first, 0
-        self.children: list[_Interval] = []
+    tokens: array[int]
+    first: array[int]
+    count: array[int]
+    parent: array[int]
+    closed: array[int]
 
 
-def _intervals(lcps: list[int]) -> _Interval:
-    """The LCP interval tree of sorted prompts; `lcps[i]` is the common prefix of prompts
-    i-1 and i (`lcps[0]` = 0). The root shares 0 tokens and holds every prompt."""
-    stack = [_Interval(0, 0)]
-    for i in range(1, len(lcps) + 1):
-        lcp, first, closed = (lcps[i] if i < len(lcps) else 0), i - 1, None
-        while stack[-1].tokens > lcp:
+def _intervals(lcps: np.ndarray, block_size: int) -> _Intervals:
+    """The intervals of at least `block_size` tokens (and the root) of sorted prompts;
+    `lcps[i]` is the common prefix of prompts i-1 and i (`lcps[0]` = 0). Shorter intervals
+    are left out, their children lifted to the nearest interval kept: they share no KV
+    block. Only the places where the LCP changes are visited (in between, nothing opens
+    or closes)."""
+    lcps = np.where(lcps >= block_size, lcps, 0)
+    t = _Intervals(array("q", [0]), array("q", [0]), array("q", [0]), array("q", [-1]), array("q"))
+    stack = [0]
+    changes = np.flatnonzero(np.diff(lcps)) + 1
+    steps = zip([*changes.tolist(), len(lcps)], [*lcps[changes].tolist(), 0])
+    for i, lcp in steps:
+        first, closed = i - 1, -1
+        while t.tokens[stack[-1]] > lcp:
             closed = stack.pop()
-            closed.count, first = i - closed.first, closed.first
-            if stack[-1].tokens >= lcp:
-                stack[-1].children.append(closed)
-                closed = None
-        if stack[-1].tokens < lcp:
-            stack.append(_Interval(lcp, first))
-            stack[-1].children += [closed] if closed else []
-    stack[0].count = len(lcps)
-    return stack[0]
+            t.count[closed], first = i - t.first[closed], t.first[closed]
+            t.closed.append(closed)
+            if t.tokens[stack[-1]] >= lcp:
+                t.parent[closed], closed = stack[-1], -1
+        if t.tokens[stack[-1]] < lcp:
+            stack.append(len(t.tokens))
+            for column, value in zip(t[:4], (lcp, first, 0, -1)):
+                column.append(value)
+            if closed >= 0:
+                t.parent[closed] = stack[-1]
+    t.count[0] = len(lcps)
+    t.closed.append(0)
+    return t
 
 
-def shared_prefix_groups(lcps: list[int], block_size: int) -> list[SharedPrefix]:
+def shared_prefix_groups(lcps: Sequence[int] | np.ndarray, block_size: int) -> list[SharedPrefix]:
     """The distinct shared prefixes of sorted prompts, near-duplicates grouped.
 
     The prefixes shared by two or more prompts nest (an LCP interval tree: 621 tokens
@@ -145,19 +161,18 @@ def shared_prefix_groups(lcps: list[int], block_size: int) -> list[SharedPrefix]
     group (one instruction whose records go on alike for a few tokens, or two instructions
     that differ only in their last few tokens), which reports its `records`, the prefix
     they all share, and the longest prefix of the group. Largest saving first:
-    (records - 1) x tokens.
+    (records - 1) x tokens; ties in the order of a depth-first walk, last child first.
     """
+    t = _intervals(np.asarray(lcps, dtype=np.int64), block_size)
     groups: list[list[int]] = []  # [tokens, records, longest tokens]
-    todo: list[tuple[_Interval, list[int] | None]] = [(_intervals(lcps), None)]
-    while todo:
-        node, group = todo.pop()
-        if group is not None and node.tokens - group[0] <= near_duplicate_tokens(
-            group[0], block_size
-        ):
-            group[2] = max(group[2], node.tokens)
-        elif node.tokens >= block_size:
-            group = [node.tokens, node.count, node.tokens]
-            groups.append(group)
-        todo += [(child, group) for child in node.children]
+    group_of = [-1] * len(t.tokens)  # the group an interval's nested prefixes compare to
+    for j in reversed(t.closed):
+        g, tokens = group_of[t.parent[j]] if j else -1, t.tokens[j]
+        if g >= 0 and tokens - groups[g][0] <= near_duplicate_tokens(groups[g][0], block_size):
+            groups[g][2] = max(groups[g][2], tokens)
+        elif tokens >= block_size:
+            g = len(groups)
+            groups.append([tokens, t.count[j], tokens])
+        group_of[j] = g
     groups.sort(key=lambda g: ((g[1] - 1) * g[0], g[0]), reverse=True)
     return [SharedPrefix(*g) for g in groups]

@@ -70,24 +70,61 @@ class PromptStore:
         head = self._starts[self._bases[k]]
         return array("i", self._flat[head : head + shared] + tail)
 
+    def lengths(self) -> np.ndarray:
+        """Every prompt's number of tokens (int64)."""
+        return np.frombuffer(self._shared, dtype=np.int64) + np.diff(self._arrays()[1])
+
     def order(self) -> np.ndarray:
         """The prompts' numbers in depth-first order (see `depth_first_order`)."""
-        flat = np.frombuffer(self._flat, dtype=np.uint16 if self._code == "H" else np.int32)
-        starts = np.frombuffer(self._starts, dtype=np.int64)
-        bases = np.frombuffer(self._bases, dtype=np.int64)
-        shared = np.frombuffer(self._shared, dtype=np.int64)
-        lengths = shared + np.diff(starts)
+        lengths = self.lengths()
 
         def token_at(items: np.ndarray, depth: int) -> np.ndarray:
             inside = lengths[items] > depth
-            items = items[inside]
-            own = shared[items] <= depth
-            at = np.where(own, starts[items] + depth - shared[items], starts[bases[items]] + depth)
             column = np.full(len(inside), -1, dtype=np.int32)  # ids < 2**31
-            column[inside] = flat[at]
+            items = items[inside]
+            column[inside] = self._token_at(items, np.full(len(items), depth))
             return column
 
         return depth_first_order(lengths, token_at)
+
+    def common_prefixes(self, order: np.ndarray) -> np.ndarray:
+        """`lcps[i]`: the common prefix length of prompts `order[i - 1]` and `order[i]`
+        (`lcps[0]` = 0), as `common_prefix` of their tokens, vectorized.
+
+        Two prompts stored against the same base share at least the shorter of their
+        parts stored as the base's (a base: all of itself); the rest is compared a token a
+        round, for the pairs still equal.
+        """
+        lengths = self.lengths()
+        _, _, bases, shared = self._arrays()
+        from_base = np.where(bases == np.arange(len(self)), lengths, shared)
+        a, b = order[:-1], order[1:]
+        lcps = np.where(bases[a] == bases[b], np.minimum(from_base[a], from_base[b]), 0)
+        limit = np.minimum(lengths[a], lengths[b])
+        active = np.flatnonzero(lcps < limit)
+        while len(active):
+            depth = lcps[active]
+            same = self._token_at(a[active], depth) == self._token_at(b[active], depth)
+            active = active[same]
+            lcps[active] += 1
+            active = active[lcps[active] < limit[active]]
+        return np.concatenate([np.zeros(min(len(order), 1), dtype=np.int64), lcps])
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """flat, starts, bases, shared as numpy views."""
+        return (
+            np.frombuffer(self._flat, dtype=np.uint16 if self._code == "H" else np.int32),
+            np.frombuffer(self._starts, dtype=np.int64),
+            np.frombuffer(self._bases, dtype=np.int64),
+            np.frombuffer(self._shared, dtype=np.int64),
+        )
+
+    def _token_at(self, items: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """Token `depths[i]` of prompt `items[i]` (each depth inside its prompt)."""
+        flat, starts, bases, shared = self._arrays()
+        own = shared[items] <= depths
+        at = np.where(own, starts[items] + depths - shared[items], starts[bases[items]] + depths)
+        return flat[at]
 
 
 def depth_first_order(

@@ -1,0 +1,152 @@
+"""The records a plan counts, a few bytes each: what `pagedbatch plan` keeps of a job.
+
+`PlanPrompts` holds the token ids of the prompts that fit the context in a `PromptStore`
+(prompt k there is the k-th that fits, in input order), their `max_tokens` and `n` in
+arrays of the same numbering, and the ids of the records too long for the context
+(their tokens are not kept). `read_plan_prompts` fills it from a `RecordIndex` as `run`
+checks records, tokenizing a batch at a time; `PlanPrompts.of` from a few `PlanPrompt`s.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pagedbatch.job.prompt_store import PromptStore
+from pagedbatch.job.prompts import PromptBuilder
+from pagedbatch.job.record_index import RecordIndex
+from pagedbatch.job.records import Record
+from pagedbatch.sampling_params import SamplingParams
+
+TOKENIZE_BATCH = 512  # records tokenized at a time
+
+
+class PlanPrompt(NamedTuple):
+    """One record to plan: its prompt's token ids, max_tokens and samples (`n`)."""
+
+    id: Any
+    token_ids: list[int]
+    max_tokens: int
+    n: int = 1
+
+
+class PlanPrompts:
+    """Prompts to plan, for a context of `max_model_len` tokens.
+
+    Invariants: `len(store) == len(max_tokens) == len(n)`; every stored prompt is shorter
+    than `max_model_len`; `too_long` lists the other records' ids in input order.
+    """
+
+    def __init__(self, vocab_size: int, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
+        self.store = PromptStore(vocab_size)
+        self.max_tokens = array("i")
+        self.n = array("i")
+        self.too_long: list[Any] = []
+        self._order: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, prompts: Iterable[tuple[Any, ...]], max_model_len: int) -> PlanPrompts:
+        """From (id, token ids, max_tokens[, n]) tuples (`PlanPrompt`s)."""
+        planned = [PlanPrompt(*p) for p in prompts]
+        vocab = max((max(p.token_ids, default=0) for p in planned), default=0) + 1
+        result = cls(vocab, max_model_len)
+        for p in planned:
+            if result.fits(p.token_ids):
+                result.add(p.token_ids, p.max_tokens, p.n)
+            else:
+                result.too_long.append(p.id)
+        return result
+
+    @property
+    def records(self) -> int:
+        """Records planned: those that fit and those too long."""
+        return len(self.store) + len(self.too_long)
+
+    @property
+    def samples(self) -> int:
+        """Sequences the fitting records generate: their `n` summed."""
+        return sum(self.n)
+
+    def fits(self, ids: Sequence[int]) -> bool:
+        return len(ids) < self.max_model_len
+
+    def add(self, ids: list[int], max_tokens: int, n: int) -> None:
+        """Keep a prompt that `fits`."""
+        self.store.append(ids)
+        self.max_tokens.append(max_tokens)
+        self.n.append(n)
+        self._order = None
+
+    def order(self) -> np.ndarray:
+        """The stored prompts' numbers in depth-first (sorted) order, computed once."""
+        if self._order is None:
+            self._order = self.store.order()
+        return self._order
+
+    def first(self, most: int) -> list[list[int]]:
+        """The token ids of the first `most` prompts in sorted order."""
+        return [self.store.tokens(int(k)).tolist() for k in self.order()[:most]]
+
+
+def read_plan_prompts(
+    index: RecordIndex,
+    builder: PromptBuilder,
+    defaults: SamplingParams,
+    limits: tuple[int, int],
+    on_tokenized: Callable[[int, int], None] | None = None,
+) -> PlanPrompts:
+    """The prompts of every record of `index`, tokenized a batch at a time, as `run` checks
+    them: a record with an error, invalid params, a prompt the tokenizer or chat template
+    refuses, an empty prompt or ids outside the vocabulary is left out; one too long for
+    the context is counted in `too_long`. `limits` is (vocab_size, max_model_len);
+    `on_tokenized(done, total)` follows the records."""
+    vocab_size, max_model_len = limits
+    prompts = PlanPrompts(vocab_size, max_model_len)
+    too_long = array("q")  # their record numbers, resolved to ids at the end
+    records = index.records()
+    for start in itertools.count(0, TOKENIZE_BATCH):
+        batch = list(itertools.islice(records, TOKENIZE_BATCH))
+        if not batch:
+            break
+        for j, (ids, params) in enumerate(_checked(batch, builder, defaults, vocab_size)):
+            if params is None:
+                continue
+            if prompts.fits(ids):
+                prompts.add(ids, params.max_tokens, params.n)
+            else:
+                too_long.append(start + j)
+        if on_tokenized is not None:
+            on_tokenized(start + len(batch), len(index))
+    numbers = np.frombuffer(too_long, dtype=np.int64) if too_long else np.zeros(0, np.int64)
+    prompts.too_long = [record.id for record in index.records(numbers)]
+    return prompts
+
+
+def _checked(
+    records: list[Record], builder: PromptBuilder, defaults: SamplingParams, vocab_size: int
+) -> list[tuple[list[int], SamplingParams | None]]:
+    """Each record's token ids and params; params None for a record left out."""
+    params = [_params(record, defaults) for record in records]
+    tokens = iter(builder.token_ids_batch([r for r, p in zip(records, params) if p is not None]))
+    checked: list[tuple[list[int], SamplingParams | None]] = []
+    for p in params:
+        ids = next(tokens) if p is not None else []
+        if isinstance(ids, Exception) or not ids or not 0 <= min(ids) <= max(ids) < vocab_size:
+            checked.append(([], None))
+        else:
+            checked.append((ids, p))
+    return checked
+
+
+def _params(record: Record, defaults: SamplingParams) -> SamplingParams | None:
+    if record.error is not None:
+        return None
+    try:
+        return defaults.with_overrides(record.overrides)
+    except (TypeError, ValueError):
+        return None
