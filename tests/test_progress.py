@@ -88,3 +88,22 @@ def test_one_record_is_not_records(tmp_path, tiny_model_dirs):
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "hi"}])
     result = invoke(src, "-o", tmp_path / "out.jsonl", *tiny_args(tiny_model_dirs["llama"]))
     assert "Wrote 1 record to" in result.stderr
+
+
+def test_the_reading_phase_counts_records_and_their_rate():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from pagedbatch.cli.progress import JobProgress
+
+    progress = JobProgress(Console(file=io.StringIO()), enabled=True)  # not a terminal
+    with progress.phase("reading big.jsonl"):
+        assert re.fullmatch(r"reading big\.jsonl \(0:00:0\d\)", progress.line())
+        time.sleep(0.05)
+        progress.counted(12_345)
+        line = progress.line()
+    assert re.fullmatch(r"reading big\.jsonl: 12,345 records, [\d,]+/s \(0:00:0\d\)", line), line
+    rate = int(line.split(", ")[1].split("/s")[0].replace(",", ""))
+    assert 12_345 / 10 < rate < 12_345 / 0.05  # records over the seconds since it began
