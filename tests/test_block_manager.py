@@ -139,7 +139,7 @@ def test_commit_caches_blocks_as_they_fill_and_moves_the_lock_to_the_deepest_nod
     run(manager, seq, 6)  # a first prompt chunk: block 0 full, block 1 half
     assert seq.block_table == [0, 1]
     top = manager.cache_node(seq)
-    assert (top.tokens, top.blocks, top.lock_ref) == ([0, 1, 2, 3], [0], 1)
+    assert (list(top.tokens), top.blocks, top.lock_ref) == ([0, 1, 2, 3], [0], 1)
     assert manager.num_inserted_blocks(seq) == 1 and cache.num_cached_blocks == 1
     assert refcounts(manager)[:2] == [2, 1]
     check(manager, seq)

@@ -52,9 +52,9 @@ def test_a_match_ending_inside_a_node_splits_it():
     _, leaf = cache_tokens(pool, cache, [1, 2, 3, 4, 5, 6])
     match = cache.match([1, 2, 3, 4, 7, 7])
     assert match.blocks == [0, 1]
-    assert match.node.tokens == [1, 2, 3, 4] and match.node.blocks == [0, 1]
+    assert list(match.node.tokens) == [1, 2, 3, 4] and match.node.blocks == [0, 1]
     # The original node object is now the lower part, hanging under the new one.
-    assert leaf.tokens == [5, 6] and leaf.blocks == [2] and leaf.parent is match.node
+    assert list(leaf.tokens) == [5, 6] and leaf.blocks == [2] and leaf.parent is match.node
     cache.check_integrity()
 
 
@@ -65,7 +65,7 @@ def test_insert_keeps_existing_blocks_and_adds_only_the_new_tail():
     mine = pool.allocate(2)
     assert mine == [2, 3]
     node = cache.insert([1, 2, 5, 6], mine)
-    assert node.blocks == [3] and node.tokens == [5, 6]
+    assert node.blocks == [3] and list(node.tokens) == [5, 6]
     assert cache.match([1, 2, 5, 6, 0]).blocks == [0, 3]
     assert [pool.refcount(b) for b in range(4)] == [1, 1, 1, 2]  # block 2 stays the sequence's
     assert cache.num_cached_blocks == 3

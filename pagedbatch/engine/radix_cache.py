@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
@@ -20,11 +21,11 @@ class Node:
 
     __slots__ = ("tokens", "blocks", "parent", "children", "lock_ref", "last_access")
 
-    def __init__(self, tokens: list[int], blocks: list[int], parent: Node | None) -> None:
+    def __init__(self, tokens: array[int], blocks: list[int], parent: Node | None) -> None:
         self.tokens = tokens
         self.blocks = blocks
         self.parent = parent
-        self.children: dict[tuple[int, ...], Node] = {}
+        self.children: dict[bytes, Node] = {}
         self.lock_ref = 0
         self.last_access = 0
 
@@ -57,7 +58,7 @@ class RadixCache:
     def __init__(self, pool: BlockPool, block_size: int) -> None:
         self.pool = pool
         self.block_size = block_size
-        self.root = Node([], [], None)
+        self.root = Node(array("i"), [], None)
         self.root.lock_ref = 1  # never evicted
         self._clock = itertools.count(1)
         self.num_cached_blocks = 0
@@ -67,8 +68,9 @@ class RadixCache:
         self._leaves: list[tuple[int, int, Node]] = []  # (last_access, tiebreak, node)
         self._tiebreak = itertools.count()
 
-    def _key(self, tokens: Seq[int], start: int) -> tuple[int, ...]:
-        return tuple(tokens[start : start + self.block_size])
+    def _key(self, tokens: Seq[int], start: int) -> bytes:
+        """A child's key: its first block's tokens, packed (a few bytes a token)."""
+        return array("i", tokens[start : start + self.block_size]).tobytes()
 
     def match(self, tokens: Seq[int]) -> MatchResult:
         """Blocks of the longest cached prefix of `tokens` (whole blocks only).
@@ -103,7 +105,7 @@ class RadixCache:
         if done == len(blocks):
             return match.node
         start = done * self.block_size
-        node = Node(list(tokens[start:]), blocks[done:], match.node)
+        node = Node(array("i", tokens[start:]), blocks[done:], match.node)
         node.last_access = next(self._clock)
         match.node.children[self._key(node.tokens, 0)] = node
         self.pool.share(node.blocks)
@@ -179,7 +181,7 @@ class RadixCache:
             start = pos + i * size
             if len(tokens) - start < size:
                 return i
-            if node.tokens[i * size : (i + 1) * size] != list(tokens[start : start + size]):
+            if node.tokens[i * size : (i + 1) * size] != array("i", tokens[start : start + size]):
                 return i
         return len(node.blocks)
 
