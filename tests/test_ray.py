@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from job_helpers import by_id, invoke, read_lines, start, wait_for_lines, write_jsonl
 from tiny_models import CORPUS
 
+from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.ray.shards import cut_points, make_shards
 
 NUM_RECORDS = 96
@@ -177,15 +179,18 @@ def test_ray_flag_without_ray_says_how_to_install_it_in_one_line(tmp_path):
 def test_shards_are_cut_where_neighbouring_prompts_share_least():
     groups = [[1, 2, 3, 4, i] for i in range(6)] + [[1, 9, 9, i] for i in range(6)]
     keys = [*groups[6:], *groups[:6]]  # out of order: make_shards sorts them
-    assert cut_points(sorted(keys), 2) == [6]
-    shards = make_shards([f"rec{i}" for i in range(12)], keys, 2)  # type: ignore[list-item]
-    assert [s.records for s in shards] == [[f"rec{i}" for i in range(6, 12)],
-                                           [f"rec{i}" for i in range(6)]]  # fmt: skip
+    store = PromptStore(16)
+    for key in keys:
+        store.append(key)
+    shards = make_shards(store, 2)
+    assert [s.numbers.tolist() for s in shards] == [list(range(6, 12)), list(range(6))]
+    # lcps in depth-first order: 4 within the first group, 1 at the boundary, 3 after it.
+    assert cut_points(np.array([0, 4, 4, 4, 4, 4, 1, 3, 3, 3, 3, 3]), 2) == [6]
     # Where all share the same prefix, the cuts fall near the even split, none empty.
-    flat = [[5, 5, i] for i in range(10)]
+    flat = np.array([0] + [2] * 9)
     assert cut_points(flat, 4) == [2, 5, 8]
     assert cut_points(flat[:3], 8) == [1, 2]
-    assert cut_points([], 3) == []
+    assert cut_points(np.array([], dtype=np.int64), 3) == []
 
 
 def test_pagedbatch_help_does_not_import_ray():

@@ -9,12 +9,17 @@ returned, with the same seeds (they derive from the job seed and the record id).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
+from pagedbatch.job.id_keys import id_key, key_array, repeated
+from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.job.prompts import PromptBuilder
 from pagedbatch.job.records import Record
 from pagedbatch.llm import Input, to_record
@@ -27,6 +32,7 @@ from pagedbatch.sampling_params import SamplingParams
 SHARDS_PER_REPLICA = 4  # room to balance uneven shards, and a bound on the work a death redoes
 TAKE_WAIT_S = 0.25  # a take returns at once with outputs, else after this (then stats/stop)
 _TOKENIZE_BATCH = 512  # records the driver tokenizes at a time
+MAX_SHARD_RECORDS = 20_000  # a big job is cut finer: a shard's records are read at once
 MAX_ATTEMPTS = 3  # a shard whose replica died this often stops the job
 
 
@@ -72,20 +78,11 @@ class RayLLM:
         """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
         report. Record ids must be distinct (they tell the outputs apart)."""
         params = params or SamplingParams()
-        records = [to_record(x, i) for i, x in enumerate(inputs)]
-        if len({r.id for r in records}) != len(records):
-            raise ValueError("RayLLM.generate needs distinct record ids")
+        items = inputs if isinstance(inputs, Seq) and not isinstance(inputs, str) else list(inputs)
         stop = should_stop or (lambda: False)
-        keys: list[list[int]] = []
-        for start in range(0, len(records), _TOKENIZE_BATCH):
-            if stop():
-                return []
-            keys += self._keys(records[start : start + _TOKENIZE_BATCH])
-            if on_prepared is not None:
-                on_prepared(len(keys), len(records))
-        # The replicas need no input row (the driver keeps it for the errors file).
-        light = [r if r.source is None else _without_source(r) for r in records]
-        shards = make_shards(light, keys, self.replicas * SHARDS_PER_REPLICA)
+        shards = self._shards(items, stop, on_prepared)
+        if shards is None:
+            return []
         results: dict[Any, RequestOutput] = {}
 
         def emit(output: RequestOutput) -> None:
@@ -94,8 +91,30 @@ class RayLLM:
             if on_output is not None:
                 on_output(output)
 
-        _Dispatch(self, params, emit, on_step, stop).run(shards)
-        return [results[r.id] for r in records if r.id in results]
+        _Dispatch(self, items, params, emit, on_step, stop).run(shards)
+        ids = (to_record(x, i).id for i, x in enumerate(items)) if results else ()
+        return [results[rid] for rid in ids if rid in results]
+
+    def _shards(self, items: Seq[Input], stop, on_prepared) -> list[Shard] | None:
+        """Tokenize the records a batch at a time (token ids kept in a PromptStore, as
+        `LLM` does) and cut their depth-first order into shards; None when stopped."""
+        store = PromptStore(len(self._prompts.tokenizer))
+        keys = bytearray()  # the records' id keys: ids must be distinct
+        inputs = iter(items)
+        for start in range(0, len(items), _TOKENIZE_BATCH):
+            if stop():
+                return None
+            batch = itertools.islice(inputs, _TOKENIZE_BATCH)
+            records = [to_record(x, start + j) for j, x in enumerate(batch)]
+            for record, ids in zip(records, self._keys(records), strict=True):
+                store.append(ids)
+                keys += id_key(record.id)
+            if on_prepared is not None:
+                on_prepared(start + len(records), len(items))
+        if repeated(key_array(bytes(keys))):
+            raise ValueError("RayLLM.generate needs distinct record ids")
+        count = max(self.replicas * SHARDS_PER_REPLICA, -(-len(store) // MAX_SHARD_RECORDS))
+        return make_shards(store, count)
 
     def stats(self) -> EngineStats:
         """Every replica's statistics summed (a replica that died counts what it reported)."""
@@ -141,8 +160,11 @@ class RayLLM:
 class _Dispatch:
     """One `generate` call: shards to idle replicas, outputs and statistics back."""
 
-    def __init__(self, llm: RayLLM, params: SamplingParams, emit, on_step, stop) -> None:
-        self.llm, self.params, self.emit, self.on_step, self.stop = llm, params, emit, on_step, stop
+    def __init__(
+        self, llm: RayLLM, items: Seq[Input], params: SamplingParams, emit, on_step, stop
+    ) -> None:
+        self.llm, self.items, self.params = llm, items, params
+        self.emit, self.on_step, self.stop = emit, on_step, stop
         self.ray = import_ray()
         self.pending: deque[Shard] = deque()
         self.busy: dict[Any, tuple[Any, Shard, Any]] = {}  # take ref -> (actor, shard, run ref)
@@ -168,7 +190,7 @@ class _Dispatch:
                 continue
             shard = self.pending.popleft()
             shard.attempts += 1
-            run = actor.run.remote(shard.index, shard.remaining(), self.params)
+            run = actor.run.remote(shard.index, self._remaining(shard), self.params)
             self.busy[actor.take.remote(shard.index, TAKE_WAIT_S)] = (actor, shard, run)
 
     def _receive(self, ref: Any) -> None:
@@ -199,7 +221,7 @@ class _Dispatch:
         assert pool is not None
         self.llm.replaced += 1
         pool.replace(actor)
-        if self.stopping or not shard.remaining():
+        if self.stopping or len(shard.done) == len(shard.numbers):
             return
         if shard.attempts >= MAX_ATTEMPTS:
             raise ClusterError(
@@ -207,6 +229,12 @@ class _Dispatch:
                 "(the lines written are kept: resume to run the rest)"
             )
         self.pending.appendleft(shard)
+
+    def _remaining(self, shard: Shard) -> list[Record]:
+        """The shard's records whose output has not come back, read again from the input,
+        without their input rows (the driver keeps those for the errors file)."""
+        records = (to_record(self.items[int(i)], int(i)) for i in shard.numbers)
+        return [_without_source(r) for r in records if r.id not in shard.done]
 
     def _stop_all(self) -> None:
         self.stopping = True
@@ -216,6 +244,4 @@ class _Dispatch:
 
 
 def _without_source(record: Record) -> Record:
-    import dataclasses
-
-    return dataclasses.replace(record, source=None)
+    return record if record.source is None else dataclasses.replace(record, source=None)
