@@ -34,6 +34,8 @@ from pagedbatch.outputs import (
 from pagedbatch.sampling_params import SamplingParams
 
 Input = str | Mapping[str, Any] | Record | list[int]
+_Emit = Callable[[int, RequestOutput], None]  # (input number, its output)
+_Stop = Callable[[], bool]
 _PREPARE_BATCH = 512  # records tokenized at a time
 # Sequences kept waiting in the engine: enough to fill every step, few enough that a job's
 # memory is this window, not its records.
@@ -144,8 +146,9 @@ class LLM:
         return [results[i] for i in sorted(results)]
 
     def _tokenize(
-        self, items: Seq[Input], params: SamplingParams, emit, stop, on_prepared
-    ) -> tuple[PromptStore, array[int]] | None:
+        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: _Stop,
+        on_prepared: Callable[[int, int], None] | None,
+    ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time; emit the errors. Returns the
         prompts and the input number of each (None when stopped)."""
         store = PromptStore(self.preparer.limits.vocab_size)
@@ -168,7 +171,8 @@ class LLM:
 
     def _run(
         self, items: Seq[Input], store: PromptStore, numbers: array[int],
-        defaults: SamplingParams, emit, on_step, stop,
+        defaults: SamplingParams, emit: _Emit,
+        on_step: Callable[[EngineStats], None] | None, stop: _Stop,
     ) -> None:  # fmt: skip
         """Admit the prompts a window at a time and step until all are done (or `stop`).
 
@@ -180,12 +184,12 @@ class LLM:
         window = max(_ADMIT_MIN, _ADMIT_PER_SEQ * self.config.max_num_seqs)
         owner: dict[int, _Group] = {}
         while True:
+            if stop():
+                self.engine.abort_all()
+                return
             while self.engine.num_waiting() < window and (k := next(pending, None)) is not None:
                 self._admit(items, int(k), store, numbers, defaults, owner)
             if not self.engine.has_unfinished():
-                return
-            if stop():
-                self.engine.abort_all()
                 return
             for seq in self.engine.step():
                 group = owner.pop(seq.seq_id)
@@ -195,7 +199,11 @@ class LLM:
             if on_step is not None:
                 on_step(self.engine.stats())
 
-    def _admit(self, items, k: int, store: PromptStore, numbers, defaults, owner) -> None:
+    def _admit(
+        self, items: Seq[Input], k: int, store: PromptStore, numbers: array[int],
+        defaults: SamplingParams, owner: dict[int, _Group],
+    ) -> None:  # fmt: skip
+        """Queue prompt k's record: read it again, build its sequences."""
         index = numbers[k]
         record = to_record(items[index], index)
         params = self.preparer.params(record, defaults)
