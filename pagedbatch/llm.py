@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -150,24 +151,41 @@ class LLM:
         on_prepared: Callable[[int, int], None] | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time; emit the errors. Returns the
-        prompts and the input number of each (None when stopped)."""
+        prompts and the input number of each (None when stopped).
+
+        A worker thread checks and tokenizes a batch (the fast tokenizer releases the GIL
+        while it encodes) while this one reads the next: only the worker touches the
+        tokenizer and the Preparer; emitting and storing stay here.
+        """
         store = PromptStore(self.preparer.limits.vocab_size)
         numbers = array("q")  # numbers[k]: the input whose prompt store[k] is
-        inputs = iter(items)
-        for start in range(0, len(items), _PREPARE_BATCH):
-            if stop():
-                return None
-            batch = itertools.islice(inputs, _PREPARE_BATCH)
-            records = [to_record(x, start + j) for j, x in enumerate(batch)]
-            for j, checked in enumerate(self.preparer.check(records, params)):
-                if isinstance(checked, RequestOutput):
-                    emit(start + j, checked)
-                else:
-                    store.append(checked)
-                    numbers.append(start + j)
-            if on_prepared is not None:
-                on_prepared(start + len(records), len(items))
+        with ThreadPoolExecutor(1, thread_name_prefix="pagedbatch-tokenize") as worker:
+            checking: tuple[int, Future] | None = None
+            for start, records in _record_batches(items):
+                if stop():
+                    return None
+                submitted = (start, worker.submit(self.preparer.check, records, params))
+                if checking is not None:
+                    self._keep(*checking, store, numbers, emit, on_prepared, len(items))
+                checking = submitted
+            if checking is not None:
+                self._keep(*checking, store, numbers, emit, on_prepared, len(items))
         return store, numbers
+
+    def _keep(
+        self, start: int, checking: Future, store: PromptStore, numbers: array[int],
+        emit: _Emit, on_prepared: Callable[[int, int], None] | None, total: int,
+    ) -> None:  # fmt: skip
+        """Store a checked batch's token ids, emit its errors."""
+        checked = checking.result()
+        for j, ids in enumerate(checked):
+            if isinstance(ids, RequestOutput):
+                emit(start + j, ids)
+            else:
+                store.append(ids)
+                numbers.append(start + j)
+        if on_prepared is not None:
+            on_prepared(start + len(checked), total)
 
     def _run(
         self, items: Seq[Input], store: PromptStore, numbers: array[int],
@@ -296,6 +314,14 @@ class _Group:
         self.rid = rid
         self.seqs = seqs
         self.pending = len(seqs)
+
+
+def _record_batches(items: Seq[Input]) -> Iterator[tuple[int, list[Record]]]:
+    """(number of the first, records) of `items`, _PREPARE_BATCH at a time, in order."""
+    inputs = iter(items)
+    for start in range(0, len(items), _PREPARE_BATCH):
+        batch = itertools.islice(inputs, _PREPARE_BATCH)
+        yield start, [to_record(x, start + j) for j, x in enumerate(batch)]
 
 
 def to_record(item: Input, index: int) -> Record:
