@@ -7,7 +7,6 @@ import math
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.job.ahead import ahead
 from pagedbatch.job.preparer import Limits, Preparer
 from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.job.prompts import PromptBuilder
@@ -150,42 +150,25 @@ class LLM:
         self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: _Stop,
         on_prepared: Callable[[int, int], None] | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
-        """Check and tokenize every input, a batch at a time; emit the errors. Returns the
-        prompts and the input number of each (None when stopped).
-
-        A worker thread checks and tokenizes a batch (the fast tokenizer releases the GIL
-        while it encodes) while this one reads the next: only the worker touches the
-        tokenizer and the Preparer; emitting and storing stay here.
-        """
+        """Check and tokenize every input, a batch at a time (in a worker thread, while the
+        next batch is read: job/ahead.py; only that thread touches the tokenizer and the
+        Preparer meanwhile); emit the errors. Returns the prompts and the input number of
+        each (None when stopped)."""
         store = PromptStore(self.preparer.limits.vocab_size)
         numbers = array("q")  # numbers[k]: the input whose prompt store[k] is
-        with ThreadPoolExecutor(1, thread_name_prefix="pagedbatch-tokenize") as worker:
-            checking: tuple[int, Future] | None = None
-            for start, records in _record_batches(items):
-                if stop():
-                    return None
-                submitted = (start, worker.submit(self.preparer.check, records, params))
-                if checking is not None:
-                    self._keep(*checking, store, numbers, emit, on_prepared, len(items))
-                checking = submitted
-            if checking is not None:
-                self._keep(*checking, store, numbers, emit, on_prepared, len(items))
+        batches = _record_batches(items)
+        for (start, _), checked in ahead(batches, lambda b: self.preparer.check(b[1], params)):
+            if stop():
+                return None
+            for j, ids in enumerate(checked):
+                if isinstance(ids, RequestOutput):
+                    emit(start + j, ids)
+                else:
+                    store.append(ids)
+                    numbers.append(start + j)
+            if on_prepared is not None:
+                on_prepared(start + len(checked), len(items))
         return store, numbers
-
-    def _keep(
-        self, start: int, checking: Future, store: PromptStore, numbers: array[int],
-        emit: _Emit, on_prepared: Callable[[int, int], None] | None, total: int,
-    ) -> None:  # fmt: skip
-        """Store a checked batch's token ids, emit its errors."""
-        checked = checking.result()
-        for j, ids in enumerate(checked):
-            if isinstance(ids, RequestOutput):
-                emit(start + j, ids)
-            else:
-                store.append(ids)
-                numbers.append(start + j)
-        if on_prepared is not None:
-            on_prepared(start + len(checked), total)
 
     def _run(
         self, items: Seq[Input], store: PromptStore, numbers: array[int],

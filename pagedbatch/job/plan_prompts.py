@@ -9,6 +9,7 @@ checks records, tokenizing a batch at a time; `PlanPrompts.of` from a few `PlanP
 
 from __future__ import annotations
 
+import functools
 import itertools
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pagedbatch.job.ahead import ahead
 from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.job.prompts import PromptBuilder
 from pagedbatch.job.record_index import RecordIndex
@@ -109,19 +111,20 @@ def read_plan_prompts(
     prompts = PlanPrompts(vocab_size, max_model_len)
     too_long = array("q")  # their record numbers, resolved to ids at the end
     records = index.records()
-    for start in itertools.count(0, TOKENIZE_BATCH):
-        batch = list(itertools.islice(records, TOKENIZE_BATCH))
-        if not batch:
-            break
-        for j, (ids, params) in enumerate(_checked(batch, builder, defaults, vocab_size)):
+    batches = iter(lambda: list(itertools.islice(records, TOKENIZE_BATCH)), [])
+    check = functools.partial(_checked, builder=builder, defaults=defaults, vocab_size=vocab_size)
+    start = 0
+    for batch, checked in ahead(batches, check):  # tokenizing while the next batch is read
+        for j, (ids, params) in enumerate(checked):
             if params is None:
                 continue
             if prompts.fits(ids):
                 prompts.add(ids, params.max_tokens, params.n)
             else:
                 too_long.append(start + j)
+        start += len(batch)
         if on_tokenized is not None:
-            on_tokenized(start + len(batch), len(index))
+            on_tokenized(start, len(index))
     numbers = np.frombuffer(too_long, dtype=np.int64) if too_long else np.zeros(0, np.int64)
     prompts.too_long = [record.id for record in index.records(numbers)]
     return prompts
