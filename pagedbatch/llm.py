@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -23,7 +22,7 @@ from pagedbatch.job.ahead import ahead
 from pagedbatch.job.preparer import Limits, Preparer
 from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.job.prompts import PromptBuilder
-from pagedbatch.job.records import Record, parse_record
+from pagedbatch.job.records import Input, record_batches, to_record
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
@@ -34,7 +33,6 @@ from pagedbatch.outputs import (
 )
 from pagedbatch.sampling_params import SamplingParams
 
-Input = str | Mapping[str, Any] | Record | list[int]
 _Emit = Callable[[int, RequestOutput], None]  # (input number, its output)
 _Stop = Callable[[], bool]
 _PREPARE_BATCH = 512  # records tokenized at a time
@@ -156,7 +154,7 @@ class LLM:
         each (None when stopped)."""
         store = PromptStore(self.preparer.limits.vocab_size)
         numbers = array("q")  # numbers[k]: the input whose prompt store[k] is
-        batches = _record_batches(items)
+        batches = record_batches(items, _PREPARE_BATCH)
         for (start, _), checked in ahead(batches, lambda b: self.preparer.check(b[1], params)):
             if stop():
                 return None
@@ -297,24 +295,3 @@ class _Group:
         self.rid = rid
         self.seqs = seqs
         self.pending = len(seqs)
-
-
-def _record_batches(items: Seq[Input]) -> Iterator[tuple[int, list[Record]]]:
-    """(number of the first, records) of `items`, _PREPARE_BATCH at a time, in order."""
-    inputs = iter(items)
-    for start in range(0, len(items), _PREPARE_BATCH):
-        batch = itertools.islice(inputs, _PREPARE_BATCH)
-        yield start, [to_record(x, start + j) for j, x in enumerate(batch)]
-
-
-def to_record(item: Input, index: int) -> Record:
-    """A Record from a prompt string, a JSONL-style dict, token ids, or a Record."""
-    if isinstance(item, Record):
-        return item
-    if isinstance(item, str):
-        return Record(id=index, prompt=item)
-    if isinstance(item, Mapping):
-        return parse_record(item, default_id=index)
-    if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
-        return Record(id=index, prompt_token_ids=tuple(item))
-    raise TypeError(f"input {index}: expected a string, a dict, token ids or a Record")

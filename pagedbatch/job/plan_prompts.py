@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pagedbatch.job.ahead import ahead
+from pagedbatch.job.preparer import prompt_ids
 from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.job.prompts import PromptBuilder
 from pagedbatch.job.record_index import RecordIndex
-from pagedbatch.job.records import Record
+from pagedbatch.outputs import RequestOutput
 from pagedbatch.sampling_params import SamplingParams
 
 TOKENIZE_BATCH = 512  # records tokenized at a time
@@ -112,12 +113,13 @@ def read_plan_prompts(
     too_long = array("q")  # their record numbers, resolved to ids at the end
     records = index.records()
     batches = iter(lambda: list(itertools.islice(records, TOKENIZE_BATCH)), [])
-    check = functools.partial(_checked, builder=builder, defaults=defaults, vocab_size=vocab_size)
+    check = functools.partial(prompt_ids, builder, defaults=defaults, vocab_size=vocab_size)
     start = 0
     for batch, checked in ahead(batches, check):  # tokenizing while the next batch is read
-        for j, (ids, params) in enumerate(checked):
-            if params is None:
+        for j, prompt in enumerate(checked):
+            if isinstance(prompt, RequestOutput):  # run writes an error line for it
                 continue
+            ids, params = prompt
             if prompts.fits(ids):
                 prompts.add(ids, params.max_tokens, params.n)
             else:
@@ -128,28 +130,3 @@ def read_plan_prompts(
     numbers = np.frombuffer(too_long, dtype=np.int64) if too_long else np.zeros(0, np.int64)
     prompts.too_long = [record.id for record in index.records(numbers)]
     return prompts
-
-
-def _checked(
-    records: list[Record], builder: PromptBuilder, defaults: SamplingParams, vocab_size: int
-) -> list[tuple[list[int], SamplingParams | None]]:
-    """Each record's token ids and params; params None for a record left out."""
-    params = [_params(record, defaults) for record in records]
-    tokens = iter(builder.token_ids_batch([r for r, p in zip(records, params) if p is not None]))
-    checked: list[tuple[list[int], SamplingParams | None]] = []
-    for p in params:
-        ids = next(tokens) if p is not None else []
-        if isinstance(ids, Exception) or not ids or not 0 <= min(ids) <= max(ids) < vocab_size:
-            checked.append(([], None))
-        else:
-            checked.append((ids, p))
-    return checked
-
-
-def _params(record: Record, defaults: SamplingParams) -> SamplingParams | None:
-    if record.error is not None:
-        return None
-    try:
-        return defaults.with_overrides(record.overrides)
-    except (TypeError, ValueError):
-        return None

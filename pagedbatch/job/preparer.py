@@ -55,17 +55,11 @@ class Preparer:
         self, records: Seq[Record], defaults: SamplingParams
     ) -> list[list[int] | RequestOutput]:
         """Each record's prompt token ids, or its error output."""
-        params = [self._params(record, defaults) for record in records]
-        wanted = [r for r, p in zip(records, params) if isinstance(p, SamplingParams)]
-        tokens = iter(self.prompts.token_ids_batch(wanted))
-        checked: list[list[int] | RequestOutput] = []
-        for record, p in zip(records, params):
-            if isinstance(p, RequestOutput):
-                checked.append(p)
-                continue
-            ids = next(tokens)
-            checked.append(self._check_ids(record, ids, p))
-        return checked
+        vocab = self.limits.vocab_size
+        return [
+            checked if isinstance(checked, RequestOutput) else self._check_fit(record, *checked)
+            for record, checked in zip(records, prompt_ids(self.prompts, records, defaults, vocab))
+        ]
 
     def params(self, record: Record, defaults: SamplingParams) -> SamplingParams:
         """The sampling params of a record that passed `check`."""
@@ -82,26 +76,10 @@ class Preparer:
             seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
         return seqs
 
-    def _params(self, record: Record, defaults: SamplingParams) -> SamplingParams | RequestOutput:
-        if record.error is not None:
-            return RequestOutput(record.id, error=record.error)
-        try:
-            return defaults.with_overrides(record.overrides)
-        except (TypeError, ValueError) as e:
-            return _error(record, INVALID_PARAMS, str(e))
-
-    def _check_ids(
-        self, record: Record, ids: list[int] | Exception, params: SamplingParams
+    def _check_fit(
+        self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
-        if isinstance(ids, PromptError):
-            return _error(record, INVALID_RECORD, str(ids))
-        if isinstance(ids, Exception):  # the tokenizer failing on this record's text only
-            return _error(record, ENGINE_ERROR, f"tokenizing failed: {type(ids).__name__}: {ids}")
-        if not ids:
-            return _error(record, INVALID_RECORD, "the prompt is empty")
-        vocab = self.limits.vocab_size
-        if not 0 <= min(ids) <= max(ids) < vocab:
-            return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+        """`ids`, or the error of a record whose prompt (and choices) do not fit."""
         problem = (
             self._choices_problem(len(ids), params)
             if params.choices is not None
@@ -189,6 +167,47 @@ class Preparer:
             seed=random_seed() if seed is None else seed, request_id=record.id,
             choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
         )  # fmt: skip
+
+
+def prompt_ids(
+    prompts: PromptBuilder, records: Seq[Record], defaults: SamplingParams, vocab_size: int
+) -> list[tuple[list[int], SamplingParams] | RequestOutput]:
+    """Each record's prompt token ids (the batch tokenized at once) and sampling params, or
+    the error output that replaces them: the record's own error, invalid params, a prompt
+    the chat template or tokenizer refuses, an empty one, ids outside the vocabulary."""
+    params = [_params(record, defaults) for record in records]
+    wanted = [r for r, p in zip(records, params) if isinstance(p, SamplingParams)]
+    tokens = iter(prompts.token_ids_batch(wanted))
+    checked: list[tuple[list[int], SamplingParams] | RequestOutput] = []
+    for record, p in zip(records, params):
+        if isinstance(p, RequestOutput):
+            checked.append(p)
+            continue
+        ids = next(tokens)
+        problem = _ids_problem(record, ids, vocab_size)
+        checked.append(problem if problem is not None else (ids, p))
+    return checked
+
+
+def _params(record: Record, defaults: SamplingParams) -> SamplingParams | RequestOutput:
+    if record.error is not None:
+        return RequestOutput(record.id, error=record.error)
+    try:
+        return defaults.with_overrides(record.overrides)
+    except (TypeError, ValueError) as e:
+        return _error(record, INVALID_PARAMS, str(e))
+
+
+def _ids_problem(record: Record, ids: list[int] | Exception, vocab: int) -> RequestOutput | None:
+    if isinstance(ids, PromptError):
+        return _error(record, INVALID_RECORD, str(ids))
+    if isinstance(ids, Exception):  # the tokenizer failing on this record's text only
+        return _error(record, ENGINE_ERROR, f"tokenizing failed: {type(ids).__name__}: {ids}")
+    if not ids:
+        return _error(record, INVALID_RECORD, "the prompt is empty")
+    if not 0 <= min(ids) <= max(ids) < vocab:
+        return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+    return None
 
 
 def _error(record: Record, code: str, message: str, prompt_tokens: int = 0) -> RequestOutput:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,3 +116,27 @@ def messages_problem(messages: Any, name: str) -> str | None:
         if not isinstance(m.get("content"), str):
             return f"'{name}'[{i}].content must be a string"
     return None
+
+
+Input = str | Mapping[str, Any] | Record | list[int]
+
+
+def to_record(item: Input, index: int) -> Record:
+    """A Record from a prompt string, a JSONL-style dict, token ids, or a Record."""
+    if isinstance(item, Record):
+        return item
+    if isinstance(item, str):
+        return Record(id=index, prompt=item)
+    if isinstance(item, Mapping):
+        return parse_record(item, default_id=index)
+    if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+        return Record(id=index, prompt_token_ids=tuple(item))
+    raise TypeError(f"input {index}: expected a string, a dict, token ids or a Record")
+
+
+def record_batches(items: Sequence[Input], size: int) -> Iterator[tuple[int, list[Record]]]:
+    """(number of the first, records) of `items`, `size` at a time, in order."""
+    inputs = iter(items)
+    for start in range(0, len(items), size):
+        batch = itertools.islice(inputs, size)
+        yield start, [to_record(x, start + j) for j, x in enumerate(batch)]

@@ -10,7 +10,6 @@ returned, with the same seeds (they derive from the job seed and the record id).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
@@ -21,8 +20,7 @@ from pagedbatch.engine.stats import EngineStats
 from pagedbatch.job.id_keys import id_key, key_array, repeated
 from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.job.prompts import PromptBuilder
-from pagedbatch.job.records import Record
-from pagedbatch.llm import Input, to_record
+from pagedbatch.job.records import Input, Record, record_batches, to_record
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray
 from pagedbatch.ray.shards import Shard, make_shards
@@ -100,12 +98,9 @@ class RayLLM:
         `LLM` does) and cut their depth-first order into shards; None when stopped."""
         store = PromptStore(len(self._prompts.tokenizer))
         keys = bytearray()  # the records' id keys: ids must be distinct
-        inputs = iter(items)
-        for start in range(0, len(items), _TOKENIZE_BATCH):
+        for start, records in record_batches(items, _TOKENIZE_BATCH):
             if stop():
                 return None
-            batch = itertools.islice(inputs, _TOKENIZE_BATCH)
-            records = [to_record(x, start + j) for j, x in enumerate(batch)]
             for record, ids in zip(records, self._keys(records), strict=True):
                 store.append(ids)
                 keys += id_key(record.id)
