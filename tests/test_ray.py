@@ -92,14 +92,18 @@ def test_two_replicas_write_the_single_process_text_and_share_prefixes(ray_clust
     assert abs(report["prefix_hit_rate"] - single_report["prefix_hit_rate"]) <= 0.02
 
 
+def ray_args(root, out, flags, cluster) -> list[str]:
+    """`run` flags of the job on the test cluster with 2 replicas, writing `out`."""
+    return [str(root / "in.jsonl"), "-o", str(out), *flags, "--ray", "--replicas", "2",
+            "--ray-address", cluster]  # fmt: skip
+
+
 def test_a_killed_replica_s_shard_runs_again_without_duplicates(ray_cluster, job):
     import ray
 
     root, flags, single, _ = job
     out = root / "killed_replica.jsonl"
-    args = [str(root / "in.jsonl"), "-o", str(out), *flags, "--ray", "--replicas", "2",
-            "--ray-address", ray_cluster]  # fmt: skip
-    process = start(args, root)
+    process = start(ray_args(root, out, flags, ray_cluster), root)
     try:
         wait_for_lines(out, 3, process, timeout=120)
         prefix = f"pagedbatch-replica-{process.pid}-"
@@ -116,8 +120,7 @@ def test_a_killed_replica_s_shard_runs_again_without_duplicates(ray_cluster, job
 def test_a_killed_driver_resumes_on_ray_with_the_same_text(ray_cluster, job):
     root, flags, single, _ = job
     out = root / "killed_driver.jsonl"
-    args = [str(root / "in.jsonl"), "-o", str(out), *flags, "--ray", "--replicas", "2",
-            "--ray-address", ray_cluster]  # fmt: skip
+    args = ray_args(root, out, flags, ray_cluster)
     process = start(args, root)
     try:
         written = wait_for_lines(out, 5, process, timeout=120)

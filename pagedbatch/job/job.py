@@ -95,26 +95,12 @@ class Job:
             check_paths(source, self._roles())
         except GuardError as e:
             raise JobError(str(e)) from None
-        index = read_index(
+        self.index = read_index(
             source, split=settings.split, fields=settings.fields,
             skip_invalid=settings.skip_invalid, on_read=on_read,
         )  # fmt: skip
-        self.index = index
         try:
-            self.batch = index.batch
-            self.fingerprint = job_fingerprint(
-                source, settings, index.rows.identity, index.sorted_digests()
-            )
-            self.digest = job_digest(self.fingerprint)
-            for role, lock in self._locks.items():
-                lock.acquire(role)
-            check = ResumeCheck(
-                self.output, self.errors_path, self._fp, policy, self.fingerprint, index,
-                source, settings.order,
-            )  # fmt: skip
-            self._scan = check.scan()
-            self.input_note = check.input_note
-            check_writable(self._written_files())
+            self._lock_and_check()
         except GuardError as e:
             self.close()
             raise JobError(str(e)) from None
@@ -122,12 +108,33 @@ class Job:
             self.close()
             raise
         done = self._scan.done if not policy.retry_errors else self._scan.ok
-        self._done = done.contains(index.keys())  # a bool per record
-        self.records = RecordView(index, np.arange(len(index)))
-        self.todo = RecordView(index, np.flatnonzero(~self._done))
+        self.records = RecordView(self.index, np.arange(len(self.index)))
+        self.todo = RecordView(self.index, np.flatnonzero(~done.contains(self.index.keys())))
         self.skipped = len(self.records) - len(self.todo)
         self._writers: list[OutputWriter] = []
         self._created = int(time.time())
+
+    def _lock_and_check(self) -> None:
+        """Fingerprint the job, lock its files and check the output against the policy."""
+        settings = self.settings
+        self.fingerprint = job_fingerprint(
+            self.source, settings, self.index.rows.identity, self.index.sorted_digests()
+        )
+        self.digest = job_digest(self.fingerprint)
+        for role, lock in self._locks.items():
+            lock.acquire(role)
+        check = ResumeCheck(
+            self.output, self.errors_path, self._fp, self.policy, self.fingerprint, self.index,
+            self.source, settings.order,
+        )  # fmt: skip
+        self._scan = check.scan()
+        self.input_note = check.input_note
+        check_writable(self._written_files())
+
+    @property
+    def batch(self) -> bool:
+        """The input is an OpenAI batch file."""
+        return self.index.batch
 
     def close(self) -> None:
         """Let the output's lock go (the files stay as they are) and close the input."""
