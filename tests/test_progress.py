@@ -107,3 +107,18 @@ def test_the_reading_phase_counts_records_and_their_rate():
     assert re.fullmatch(r"reading big\.jsonl: 12,345 records, [\d,]+/s \(0:00:0\d\)", line), line
     rate = int(line.split(", ")[1].split("/s")[0].replace(",", ""))
     assert 12_345 / 10 < rate < 12_345 / 0.05  # records over the seconds since it began
+
+
+def test_error_lines_written_first_do_not_make_the_eta_zero():
+    """Records that fail are written before any step, with no output: they count as done,
+    not in the mean output of a record (which made the ETA 0:00:00 at 7% of a job)."""
+    eta = Eta(records=10, prior_tokens_per_record=8)
+    for _ in range(4):
+        eta.record_done(0, failed=True)
+    eta.step(0.0, 0)
+    eta.step(1.0, 8)  # 8 tok/s
+    assert eta.records_done == 4
+    assert eta.tokens_left == 6 * 8 - 8  # the prior still, for the 6 records left
+    assert math.isclose(eta.seconds_left(), 5.0)
+    eta.record_done(8)  # the first record that generated: its output is the mean now
+    assert eta.tokens_left == 5 * 8

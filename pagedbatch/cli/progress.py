@@ -34,7 +34,8 @@ class Eta:
     records jumps; tokens come out at a steady pace. The rate is an exponential moving
     average of output tokens per second (time constant RATE_TIME_CONSTANT); the tokens
     still to come are the records left times the mean output of the records finished
-    (the `prior`, e.g. max_tokens x n, until one has), less what the running records
+    (the `prior`, e.g. max_tokens x n, until one has; failed records, which generate
+    nothing, are left out of the mean), less what the running records
     have generated already. A job that generates nothing (prior 0: choices are scored)
     takes the mean time per record done since the first step.
     """
@@ -44,6 +45,7 @@ class Eta:
         self.prior = prior_tokens_per_record
         self.rate: float | None = None  # output tokens per second, smoothed
         self.records_done = 0
+        self._generated_done = 0  # records done that generated (not error lines)
         self._finished_tokens = 0  # output tokens of the records done
         self._generated = 0  # output tokens of every record, running ones included
         self._last: tuple[float, int] | None = None
@@ -67,14 +69,19 @@ class Eta:
             self.rate += (1 - math.exp(-dt / RATE_TIME_CONSTANT)) * (rate - self.rate)
         self._last = (now, generated_tokens)
 
-    def record_done(self, output_tokens: int) -> None:
+    def record_done(self, output_tokens: int, failed: bool = False) -> None:
+        """A record is done; a failed one (an error line, written before it generates)
+        counts as done but not in the mean output per record."""
         self.records_done += 1
-        self._finished_tokens += output_tokens
+        if not failed:
+            self._generated_done += 1
+            self._finished_tokens += output_tokens
 
     @property
     def tokens_left(self) -> float:
         left = self.records - self.records_done
-        mean = self._finished_tokens / self.records_done if self.records_done else self.prior
+        done = self._generated_done
+        mean = self._finished_tokens / done if done else self.prior
         running = max(self._generated - self._finished_tokens, 0)
         return max(left * mean - running, 0.0)
 
@@ -198,10 +205,10 @@ class JobProgress:
                 self._eta.step(time.monotonic(), stats.generated_tokens)
         self._redraw()
 
-    def record_done(self, output_tokens: int = 0) -> None:
+    def record_done(self, output_tokens: int = 0, failed: bool = False) -> None:
         with self._lock:
             if self._eta is not None:
-                self._eta.record_done(output_tokens)
+                self._eta.record_done(output_tokens, failed)
         self._redraw()
 
     @property

@@ -213,7 +213,9 @@ def _run_with_progress(
     try:
         return job.run(
             llm, should_stop=interrupts.requested, on_step=progress.step,
-            on_output=lambda output: progress.record_done(output.completion_tokens),
+            on_output=lambda output: progress.record_done(
+                output.completion_tokens, failed=output.error is not None
+            ),
             on_prepared=progress.prepared,
         )  # fmt: skip
     except InputError as e:  # the input changed while the job ran
