@@ -135,7 +135,7 @@ def test_an_interrupted_input_order_file_is_a_prefix_and_resumes_exactly(
     signal_after(monkeypatch, 3, signal.SIGTERM)
     assert invoke(root / src, "-o", out, *flags).exit_code == 143
     assert reference.read_bytes().startswith(out.read_bytes()) and out.read_bytes()
-    monkeypatch.setattr(JobProgress, "record_done", lambda self, *tokens: None)
+    monkeypatch.setattr(JobProgress, "record_done", lambda self, *args, **kwargs: None)
     assert invoke(root / src, "-o", out, *flags, "--resume").exit_code == 0
     assert out.read_bytes() == reference.read_bytes()
 
@@ -163,9 +163,9 @@ def signal_after(monkeypatch, records: int, *signums: int) -> None:
     count = 0
     record_done = JobProgress.record_done
 
-    def counting(self: JobProgress, *tokens: int) -> None:
+    def counting(self: JobProgress, *args: int, **kwargs: bool) -> None:
         nonlocal count
-        record_done(self, *tokens)
+        record_done(self, *args, **kwargs)
         count += 1
         if count == records:
             for signum in signums:
