@@ -100,8 +100,10 @@ def test_attach_takes_whole_cached_blocks_but_never_the_last_token():
     assert again.num_computed_tokens == again.num_prefix_hit_tokens == 4
     check(manager, first, again)
     assert run(manager, again, 4) == []
-    assert again.block_table == [0, 2]  # block 1 recomputed into a block of its own
-    assert refcounts(manager)[:3] == [2, 1, 1]  # the tree kept its block 1
+    # Block 1 was recomputed into block 2; the tree has those tokens, so `again` holds
+    # the tree's block 1 from then on and gives block 2 back.
+    assert again.block_table == [0, 1]
+    assert refcounts(manager)[:3] == [2, 2, 0]
     check(manager, first, again)
 
     # One token more than the cached blocks: both blocks are reused.
@@ -113,7 +115,7 @@ def test_attach_takes_whole_cached_blocks_but_never_the_last_token():
     check(manager, first, again, longer)
     assert run(manager, longer, 1) == []
     assert longer.block_table == [0, 1, 3]
-    assert refcounts(manager)[:4] == [3, 2, 1, 1]
+    assert refcounts(manager)[:4] == [3, 3, 0, 1]
     check(manager, first, again, longer)
 
     for seq in (again, longer):
@@ -381,8 +383,42 @@ def test_admission_waits_only_for_its_own_next_block_and_only_with_a_cache():
             assert list(scheduler.waiting) == [c] and c.block_table == []
             check(manager, a, b, c)
             assert sched_step(scheduler) == [(0, 1), (1, 1), (2, 4)]
-            assert c.block_table == [0, 1, 8] and c.num_prefix_hit_tokens == 8
+            # c computed its last block (its last token's logits are needed) into block 8,
+            # then took the cache's copy, block 2, and gave 8 back.
+            assert c.block_table == [0, 1, 2] and c.num_prefix_hit_tokens == 8
+            assert pool.refcount(8) == 0
             check(manager, a, b, c)
         else:
             assert sched_step(scheduler) == [(0, 12), (1, 12), (2, 8)]
             assert c.block_table == [6, 7]
+
+
+def test_a_sequence_that_computed_cached_tokens_again_gives_its_copies_back():
+    # Two records with the same first two blocks are admitted in one step, before either
+    # is cached: both compute them. The first to commit caches its blocks; the second
+    # then holds the cache's copies and frees its own, so its lock pins one copy.
+    manager = make(8)
+    cache = manager.prefix_cache
+    prefix = [7, 7, 7, 7, 8, 8, 8, 8]
+    a = make_seq(0, prefix + [1, 1])
+    b = make_seq(1, prefix + [2, 2, 2, 2])
+    manager.append(a, 10)
+    manager.append(b, 10)
+    assert (a.block_table, b.block_table) == ([0, 1, 2], [3, 4, 5])
+    manager.commit(a, 10)
+    manager.commit(b, 10)
+    tables = manager.tables
+    assert b.block_table == [0, 1, 5] and tables.host[tables.row(1), :3].tolist() == [0, 1, 5]
+    assert manager.pool.num_free == 8 - 4  # 3 and 4 went back
+    assert manager.cache_node(b) is manager.cache_node(a)
+    assert cache.num_cached_blocks == 2
+    check(manager, a, b)
+    assert manager.usage.in_use == 4 and manager.usage.shared == 2
+    # The shared blocks are full: b writes its next tokens into its own third block.
+    assert run(manager, b, 2) == [] and b.block_table == [0, 1, 5]
+    assert manager.cache_node(b).blocks == [5]
+    check(manager, a, b)
+    manager.free(a)
+    manager.free(b)
+    check(manager, a, b)
+    assert cache.num_evictable_blocks == 3 and manager.pool.num_free == 5

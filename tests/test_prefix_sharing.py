@@ -128,3 +128,20 @@ def test_embedded_smollm2_gives_the_same_labels_with_and_without_sharing(smollm2
     cached = sorted(o.cached_tokens for o in runs[True][0])
     assert cached[0] == 0 and cached[1] >= 600
     assert runs[True][1].computed_tokens < runs[False][1].computed_tokens / 4
+
+
+def test_a_prompt_computed_again_takes_the_cached_copy_and_fits_the_pool_it_fills(tiny_model_dirs):
+    # A block-aligned prompt that is already cached recomputes its last block (its last
+    # token's logits are needed). The sequence then holds the cache's copy of that block,
+    # not both: 24 prompt + 4 output tokens fill all 7 blocks with no preemption.
+    prompt = tuple(range(10, 34))
+    job = [Record(id=i, prompt_token_ids=prompt) for i in range(2)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, num_blocks=7)
+    outs = llm.generate(job, params)
+    stats = llm.stats()
+    assert stats.preemptions == 0 and stats.peak_blocks_in_use == 7
+    assert [o.cached_tokens for o in outs] == [0, 20]
+    alone = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, prefix_sharing=False)
+    assert tokens(outs) == tokens(alone.generate(job[:1], params)) * 2
+    llm.engine.check_integrity()

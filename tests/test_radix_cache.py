@@ -19,7 +19,7 @@ def make(num_blocks: int = 16) -> tuple[BlockPool, RadixCache]:
 def cache_tokens(pool: BlockPool, cache: RadixCache, tokens: list[int]):
     """What a sequence does: allocate blocks for `tokens`, cache them, drop its own hold."""
     blocks = pool.allocate(len(tokens) // BS)
-    node = cache.insert(tokens, blocks)
+    node = cache.insert(tokens, blocks).node
     pool.free(blocks)
     return blocks, node
 
@@ -64,7 +64,9 @@ def test_insert_keeps_existing_blocks_and_adds_only_the_new_tail():
     # Another sequence computed the same first block itself (block 2) and more (3).
     mine = pool.allocate(2)
     assert mine == [2, 3]
-    node = cache.insert([1, 2, 5, 6], mine)
+    cached = cache.insert([1, 2, 5, 6], mine)
+    assert cached.blocks == [0, 3]  # the tree's block where it had the tokens, then mine
+    node = cached.node
     assert node.blocks == [3] and list(node.tokens) == [5, 6]
     assert cache.match([1, 2, 5, 6, 0]).blocks == [0, 3]
     assert [pool.refcount(b) for b in range(4)] == [1, 1, 1, 2]  # block 2 stays the sequence's

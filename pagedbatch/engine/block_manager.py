@@ -118,14 +118,31 @@ class BlockManager:
         size = self.block_size
         for index in range(begin // size, blocks_for(end, size)):
             self.usage.fill(seq.block_table[index], min(size, end - index * size))
-        full = end // size
-        if self.prefix_cache is None or full <= self.num_inserted_blocks(seq):
+        full, inserted = end // size, self.num_inserted_blocks(seq)
+        if self.prefix_cache is None or full <= inserted:
             return
-        node = self.prefix_cache.insert(
-            seq.token_ids[: full * self.block_size], seq.block_table[:full]
-        )
-        self._move_lock(seq, node)
+        cached = self.prefix_cache.insert(seq.token_ids[: full * size], seq.block_table[:full])
+        self._adopt(seq, cached.blocks, inserted)
+        self._move_lock(seq, cached.node)
         self._inserted[seq.seq_id] = full
+
+    def _adopt(self, seq: Sequence, cached: list[int], start: int) -> None:
+        """Hold the cache's copy of each block from `start` on that `seq` computed twice.
+
+        Two sequences that computed the same tokens in the same step both insert them;
+        the tree keeps the first one's blocks. The second gives its duplicates back, so
+        its lock never pins two copies of a block (on a small pool that could leave a
+        sequence unable to grow, preempting itself again and again).
+        """
+        for index in range(start, len(cached)):
+            own, block = seq.block_table[index], cached[index]
+            if own == block:
+                continue
+            self._share([block])
+            self.usage.release(own)
+            self.pool.free([own])
+            seq.block_table[index] = block
+            self.tables.write(seq.seq_id, index, [block])
 
     def attach_cached_prefix(self, seq: Sequence) -> None:
         """Start a sequence that holds no blocks from its longest cached prefix.

@@ -92,18 +92,20 @@ class RadixCache:
             node = child
         return MatchResult(blocks, node)
 
-    def insert(self, tokens: Seq[int], blocks: list[int]) -> Node:
-        """Cache `blocks` as holding the full-block prefix `tokens`; return its last node.
+    def insert(self, tokens: Seq[int], blocks: list[int]) -> MatchResult:
+        """Cache `blocks` as holding the full-block prefix `tokens`.
 
         Where the tree already holds some of these tokens it keeps its own blocks; only
-        the new tail is added (and referenced).
+        the new tail is added (and referenced). Returns the tree's blocks for all of
+        `tokens` (where they differ from `blocks`, the caller's are duplicates) and the
+        last node.
         """
         if len(tokens) != len(blocks) * self.block_size:
             raise ValueError(f"insert() of {len(tokens)} tokens with {len(blocks)} blocks")
         match = self.match(tokens)
         done = match.num_blocks
         if done == len(blocks):
-            return match.node
+            return match
         start = done * self.block_size
         node = Node(array("i", tokens[start:]), blocks[done:], match.node)
         node.last_access = next(self._clock)
@@ -113,7 +115,7 @@ class RadixCache:
         self.num_evictable_blocks += len(node.blocks)
         self.num_nodes += 1
         self._push_if_leaf(node)
-        return node
+        return MatchResult(match.blocks + node.blocks, node)
 
     def lock(self, node: Node) -> None:
         """Pin the path root..node: none of it is evicted until `unlock`."""
