@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,10 +13,23 @@ from tiny_models import ARCHS, build_tiny_model
 from pagedbatch.models.loader import DEFAULT_MODEL, alias_gguf_path, convert_gguf
 
 
+_session_cache: str | None = None  # the temporary model cache this session made
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """One model cache for the whole session (fixtures, CLI runs, subprocesses), never
     the user's own unless PAGEDBATCH_CACHE points there: the embedded model converts once."""
-    os.environ.setdefault("PAGEDBATCH_CACHE", tempfile.mkdtemp(prefix="pagedbatch-cache-"))
+    global _session_cache
+    if "PAGEDBATCH_CACHE" not in os.environ:
+        _session_cache = os.environ["PAGEDBATCH_CACHE"] = tempfile.mkdtemp(
+            prefix="pagedbatch-cache-"
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's model cache (the converted SmolLM2 is about 0.5 GB)."""
+    if _session_cache is not None:
+        shutil.rmtree(_session_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
