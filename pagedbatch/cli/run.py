@@ -300,12 +300,11 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
 
 def _memory_report(llm: Any, output: Path) -> None:
     from pagedbatch.cli.report import memory_table, write_timeline_png
+    from pagedbatch.job.job import report_paths
 
     report = llm.memory_report()
     console.print(memory_table(report))
-    base = output.name.removesuffix(".jsonl")  # labels.v2.jsonl -> labels.v2.memory.json
-    json_path = output.with_name(base + ".memory.json")
-    png_path = output.with_name(base + ".memory.png")
+    json_path, png_path = report_paths(output)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drawn = write_timeline_png(report, png_path)
     console.print(
