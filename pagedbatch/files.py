@@ -17,6 +17,7 @@ def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[
 
     A crash at any point leaves `path` either as it was or complete; on an exception the
     temporary file is removed and `path` is untouched.
+    An OSError raised while writing (a full disk) names `path`.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -25,6 +26,10 @@ def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)
+    except OSError as e:
+        if e.filename is not None and e.filename != str(tmp):
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
