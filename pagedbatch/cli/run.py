@@ -219,7 +219,7 @@ def _run_with_progress(
             on_prepared=progress.prepared,
         )  # fmt: skip
     except InputError as e:  # the input changed while the job ran
-        fail(f"{e}; the lines before are safe", code=1)
+        fail(f"{e}; the lines before are safe. Resume with: {resume}", code=1)
     except OSError as e:
         where = e.filename or job.output
         fail(f"cannot write {where}: {e.strerror or e}; the lines before are safe. "

@@ -116,9 +116,10 @@ class ResumeCheck:
         if changed or removed:
             what = []
             if changed:
-                what.append(f"{len(changed)} records it holds changed ({_ids(changed)})")
+                what.append(f"{_count(changed)} it holds changed ({_ids(changed)})")
             if removed:
-                what.append(f"{len(removed)} records it holds are gone from it ({_ids(removed)})")
+                are = "is" if len(removed) == 1 else "are"
+                what.append(f"{_count(removed)} it holds {are} gone from it ({_ids(removed)})")
             raise JobError(
                 f"{self.output} was written from another version of {self.source}: "
                 f"{' and '.join(what)}; restore them, pass --force to keep the old lines "
@@ -167,6 +168,10 @@ class ResumeCheck:
 def _done_first(flags: np.ndarray) -> bool:
     """Whether the records flagged come before every other record of the input."""
     return not (np.diff(flags.astype(np.int8)) > 0).any()
+
+
+def _count(ids: list[Any]) -> str:
+    return "1 record" if len(ids) == 1 else f"{len(ids)} records"
 
 
 def _ids(ids: list[Any]) -> str:
