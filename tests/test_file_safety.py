@@ -8,6 +8,7 @@ and the bytes of every file before and after.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ def test_no_output_errors_file_or_fingerprint_may_be_the_input_or_each_other(for
     (tmp_path / "link.jsonl").symlink_to("same.jsonl")
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "part.jsonl", rows(2))
+    write_jsonl(tmp_path / "r.memory.json", rows(2))  # what --memory-report -o r.jsonl writes
     before = snapshot(tmp_path)
     cases = [
         (["same.jsonl", "-o", "same.jsonl", "--overwrite"], "the output same.jsonl is the same file as the input same.jsonl"),  # noqa: E501
@@ -63,8 +65,14 @@ def test_no_output_errors_file_or_fingerprint_may_be_the_input_or_each_other(for
         (["same.jsonl", "-o", "link.jsonl", "--resume", "--force"], "the output link.jsonl is the same file as the input same.jsonl"),  # noqa: E501
         (["s2.jsonl", "-o", "hard.jsonl", "--overwrite"], "the output hard.jsonl is the same file as the input s2.jsonl"),  # noqa: E501
         (["same.jsonl", "-o", "o.jsonl", "--errors", "o.jsonl"], "the errors file o.jsonl is the same file as the output o.jsonl"),  # noqa: E501
-        (["s2.jsonl", "-o", "o.jsonl", "--errors", "o.jsonl.job.json"], "the fingerprint o.jsonl.job.json is the same file as the errors file"),  # noqa: E501
+        (["s2.jsonl", "-o", "o.jsonl", "--errors", "o.jsonl.job.json"], "the fingerprint o.jsonl.job.json is the same file as the errors file o.jsonl.job.json; give the errors file another path"),  # noqa: E501
         (["data", "-o", "data/out.jsonl"], "the output data/out.jsonl is inside the input directory data"),  # noqa: E501
+        (["same.jsonl", "-o", "same.jsonl", "--resume", "--force"], "the output same.jsonl is the same file as the input same.jsonl"),  # noqa: E501
+        (["r.memory.json", "-o", "r.jsonl", "--memory-report"], "the memory report r.memory.json is the same file as the input r.memory.json; give the output another path"),  # noqa: E501
+        (["same.jsonl", "-o", "o.jsonl", "--errors", "o.jsonl.lock"], "the output's lock file o.jsonl.lock is the same file as the errors file o.jsonl.lock; give the errors file another path"),  # noqa: E501
+        (["same.jsonl", "-o", "-"], "the output cannot be stdout ('-'): it is a file that --resume reads back"),  # noqa: E501
+        (["same.jsonl", "-o", "o.jsonl", "--errors", "-"], "the errors file cannot be stdout ('-')"),  # noqa: E501
+        (["same.jsonl", "-o", "data"], "the output data is a directory, not a regular file"),
     ]  # fmt: skip
     for args, message in cases:
         code, stderr = run(forked, tmp_path, *args, *FLAGS)
@@ -118,25 +126,49 @@ def test_an_output_with_a_record_twice_is_not_resumed(forked, tmp_path):
 
 
 def test_a_value_out_of_range_fails_its_record_only(forked, tmp_path):
-    bad = {
-        "seed_1e29": {"seed": 10**29, "temperature": 0.5},
-        "seed_2_64": {"seed": 2**64, "temperature": 0.5},
-        "top_k": {"top_k": 2**70, "temperature": 0.5},
-        "temperature": {"temperature": 10**400},
-        "n": {"n": 2**63},
-        "max_tokens": {"max_tokens": 2**63},
+    bad = {  # id: (overrides, what the error says)
+        "seed_1e29": ({"seed": 10**29, "temperature": 0.5}, "seed must be <= 18446744073709551615"),
+        "seed_2_64": ({"seed": 2**64, "temperature": 0.5}, "seed must be <= 18446744073709551615"),
+        "seed_neg": ({"seed": -1}, "seed must be >= 0, got -1"),
+        "seed_1e30": ({"seed": 1e30}, "seed must be an integer, got 1e+30"),
+        "seed_true": ({"seed": True}, "seed must be an integer, got True"),
+        "seed_str": ({"seed": "3"}, "seed must be an integer, got '3'"),
+        "top_k": ({"top_k": 2**70, "temperature": 0.5}, "top_k must be <= 9223372036854775807"),
+        "top_k_2_63": ({"top_k": 2**63}, "top_k must be <= 9223372036854775807"),
+        "temperature": ({"temperature": 10**400}, "temperature must be a finite number"),
+        "top_p_neg0": ({"top_p": -0.0}, "top_p must be in (0, 1], got -0.0"),
+        "n": ({"n": 2**63}, "n must be <= 4096"),
+        "n_1e9": ({"n": 10**9}, "n must be <= 4096, got 1000000000"),
+        "max_tokens": ({"max_tokens": 2**63}, "max_tokens must be <= 9223372036854775807"),
+        "logprobs": ({"logprobs": 2**31}, "logprobs must be <= 20, got 2147483648"),
     }
-    good = {"seed_max": {"seed": 2**64 - 1, "temperature": 0.5}}
-    records = [{"id": rid, "prompt": "Hi", **v} for rid, v in {**bad, **good}.items()]
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    good = {
+        "seed_max": {"seed": 2**64 - 1, "temperature": 0.5},
+        "stop_10k": {"stop": [f"never{i}" for i in range(10_000)]},
+        "tiny_temperature": {"temperature": 1e-320},
+        "n_4096": {"n": 4096, "max_tokens": 1},
+    }
+    records = [{"id": rid, "prompt": "Hi", **v} for rid, (v, _) in bad.items()]
+    records += [{"id": rid, "prompt": "Hi", **v} for rid, v in good.items()]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    # JSON numbers Python reads as NaN and infinity, and one past the engine's token budget.
+    text += '{"id": "seed_nan", "prompt": "Hi", "seed": NaN}\n'
+    text += '{"id": "temperature_1e309", "prompt": "Hi", "temperature": 1e309}\n'
+    text += f'{{"id": "max_tokens_2_40", "prompt": "Hi", "max_tokens": {2**40}}}\n'
+    (tmp_path / "t.jsonl").write_text(text)
     code, stderr = run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS)
     assert code == 0 and "Traceback" not in stderr, stderr
     lines = by_id(read_lines(tmp_path / "o.jsonl"))
     assert {rid for rid, line in lines.items() if "choices" in line} == set(good)
-    assert all(lines[rid]["error"]["code"] == "invalid_params" for rid in bad)
-    assert "seed must be <= 18446744073709551615" in lines["seed_2_64"]["error"]["message"]
+    assert len(lines["n_4096"]["choices"]) == 4096
+    for rid, (_, message) in bad.items():
+        assert lines[rid]["error"]["code"] == "invalid_params", rid
+        assert message in lines[rid]["error"]["message"], rid
+    assert "seed must be an integer, got nan" in lines["seed_nan"]["error"]["message"]
+    assert "got inf" in lines["temperature_1e309"]["error"]["message"]
+    assert lines["max_tokens_2_40"]["error"]["code"] == "prompt_too_long"
     code, stderr = run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS, "--retry-errors")
-    assert code == 0 and "Wrote 6 records" in stderr, stderr  # the same errors, no crash
+    assert code == 0 and f"Wrote {len(bad) + 3} records" in stderr, stderr  # the same errors
 
 
 def test_fifos_and_devices_are_refused_without_being_opened(forked, tmp_path):
@@ -265,6 +297,66 @@ def test_messages_name_the_real_problem(forked, tmp_path):
         "ids.jsonl: line 2: duplicate id 1 (first on line 1, whose 'id' 2.0 is not a string or "
         "an integer, so it is numbered by its line; fix that line's 'id')"
     ) in error
+
+
+def test_a_changed_input_is_explained_and_an_appended_one_resumed(forked, tmp_path):
+    records = rows(6)
+    write_jsonl(tmp_path / "t.jsonl", records[:4])
+    assert run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS)[0] == 0
+    done = (tmp_path / "o.jsonl").read_bytes()
+    write_jsonl(tmp_path / "t.jsonl", [records[0], {**records[1], "prompt": "new"}, *records[2:4]])
+    before = snapshot(tmp_path)
+    error = one_line(*run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS, "--resume"))
+    assert "o.jsonl was written from another version of t.jsonl: 1 record it holds" in error
+    assert "changed ('r001'); restore them, pass --force" in error and "--overwrite" in error
+    assert snapshot(tmp_path) == before
+    write_jsonl(tmp_path / "t.jsonl", records)  # restored, and two records appended
+    code, stderr = run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS, "--resume")
+    assert code == 0, stderr
+    assert "none of the 4 records it holds did: 2 to run" in stderr and "Wrote 2 records" in stderr
+    out = (tmp_path / "o.jsonl").read_bytes()
+    assert out.startswith(done) and len(by_id(read_lines(tmp_path / "o.jsonl"))) == 6
+    stored = json.loads((tmp_path / "o.jsonl.job.json").read_text())
+    assert len(base64.b64decode(stored["record_digests"])) == 6 * 8  # now covers all six
+    code, stderr = run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS, "--resume")
+    assert code == 0 and "Nothing to do" in stderr, stderr
+
+
+def test_an_input_appended_to_while_the_job_runs(forked, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", rows(30))
+    args = ["t.jsonl", "-o", "o.jsonl", *FLAGS, "--max-num-seqs", "1"]
+    child = forked.start(["run", *args], tmp_path)
+    child.poll_lines(tmp_path / "o.jsonl", 2)
+    with (tmp_path / "t.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "late", "prompt": "appended while it ran"}) + "\n")
+    code, stderr = child.wait()
+    if code != 0:  # it read a record again after the append (else it had read them all)
+        error = one_line(code, stderr, expected=1)
+        assert "t.jsonl: changed while the job ran" in error
+        assert "the lines before are safe. Resume with: pagedbatch run t.jsonl" in error
+    lines = read_lines(tmp_path / "o.jsonl")
+    assert len(by_id(lines)) == len(lines) <= 30  # whole lines, each id once, none appended
+    code, stderr = run(forked, tmp_path, *args, "--resume")
+    assert code == 0, stderr
+    assert set(by_id(read_lines(tmp_path / "o.jsonl"))) == {r["id"] for r in rows(30)} | {"late"}
+
+
+def test_a_full_disk_under_the_errors_file_names_it_and_the_job_resumes(forked, tmp_path):
+    failing = [{"id": f"f{i}", "prompt": "x" * 4000, "max_tokens": -1} for i in range(6)]
+    write_jsonl(tmp_path / "t.jsonl", [*failing, *rows(3)])
+    args = ["t.jsonl", "-o", "o.jsonl", "--errors", "e.jsonl", *FLAGS, "--order", "input"]
+    # Each errors line holds its 4 kB prompt; the output's lines are short.
+    code, stderr = run(forked, tmp_path, *args, fsize=10_000)
+    error = one_line(code, stderr, expected=1)
+    assert "cannot write e.jsonl: File too large; the lines before are safe" in error
+    assert "Resume with: pagedbatch run t.jsonl" in error
+    assert len(read_lines(tmp_path / "e.jsonl")) == 2  # whole lines only
+    code, stderr = run(forked, tmp_path, *args, "--resume")
+    assert code == 0, stderr
+    assert len(by_id(read_lines(tmp_path / "o.jsonl"))) == 9
+    quarantined = by_id(read_lines(tmp_path / "e.jsonl"))
+    assert sorted(quarantined) == [r["id"] for r in failing]  # exactly the failed records
+    assert all(line["prompt"] == "x" * 4000 for line in quarantined.values())
 
 
 def _before_start(name: str) -> str:
