@@ -9,6 +9,8 @@ and the bytes of every file before and after.
 from __future__ import annotations
 
 import base64
+import codecs
+import gzip
 import json
 import os
 import shutil
@@ -357,6 +359,81 @@ def test_a_full_disk_under_the_errors_file_names_it_and_the_job_resumes(forked, 
     quarantined = by_id(read_lines(tmp_path / "e.jsonl"))
     assert sorted(quarantined) == [r["id"] for r in failing]  # exactly the failed records
     assert all(line["prompt"] == "x" * 4000 for line in quarantined.values())
+
+
+def test_odd_but_valid_inputs_run_and_resume(forked, tmp_path):
+    lines = [
+        {"id": 2**80, "prompt": "a huge integer id"},
+        {"id": "", "prompt": "an empty id"},
+        {"id": "len31", "prompt": "a" * 31},  # the context is 32: one token to generate
+        {"id": "len32", "prompt": "a" * 32},  # exactly the context: no room to generate
+        {"id": "big", "prompt": "x" * 5_000_000},  # a 5 MB line
+    ]
+    text = "\r\n".join(json.dumps(line) for line in lines) + "\r\n"
+    data = codecs.BOM_UTF8 + b"\r\n" * 100_000 + text.encode()
+    (tmp_path / "odd.jsonl").write_bytes(data)
+    args = ["odd.jsonl", "-o", "o.jsonl", *FLAGS, "--max-model-len", "32", "--max-tokens", "4"]
+    code, stderr = run(forked, tmp_path, *args)
+    assert code == 0, stderr
+    out = by_id(read_lines(tmp_path / "o.jsonl"))
+    assert sorted(out, key=str) == sorted((line["id"] for line in lines), key=str)
+    assert out["len31"]["usage"]["completion_tokens"] == 1
+    assert out["len32"]["error"]["message"] == "the prompt has 32 tokens; the model's context is 32"
+    assert out["big"]["error"]["code"] == "prompt_too_long"
+    assert "choices" in out[2**80] and "choices" in out[""]
+    code, stderr = run(forked, tmp_path, *args, "--resume")
+    assert code == 0 and "Nothing to do: all 5 records" in stderr, stderr
+    assert (tmp_path / "odd.jsonl").read_bytes() == data
+
+
+def test_odd_settings_and_files_are_a_result_or_one_line(forked, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", rows(3))
+    write_jsonl(tmp_path / "long.jsonl", [{"id": "long", "prompt": "word " * 100}])
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress((tmp_path / "t.jsonl").read_bytes()))
+    (tmp_path / "u16.jsonl").write_bytes((tmp_path / "t.jsonl").read_text().encode("utf-16"))
+    before = snapshot(tmp_path)
+    refused = [
+        (["t.jsonl", "--block-size", "3"], "block_size must be a power of two, got 3"),
+        (["t.jsonl", "--kv-memory", "0"], "kv_memory must be positive, got '0'"),
+        (["t.jsonl", "--kv-memory", "100TiB"], "the KV cache would take 102,400.0 GiB but cpu has"),  # noqa: E501
+        (["t.jsonl.gz"], "t.jsonl.gz: unsupported file type '.gz'"),
+        (["u16.jsonl"], "u16.jsonl: line 1: not valid UTF-8"),
+    ]
+    for args, message in refused:
+        flags = [f for f in FLAGS if f != "64" and f != "--num-blocks"]
+        code, stderr = run(forked, tmp_path, *args, "-o", "o.jsonl", *flags)
+        assert message in one_line(code, stderr), args
+        assert snapshot(tmp_path) == before, args
+    code, stderr = run(forked, tmp_path, "long.jsonl", "-o", "l.jsonl", *FLAGS, "--num-blocks", "1")
+    assert code == 0, stderr
+    assert read_lines(tmp_path / "l.jsonl")[0]["error"]["code"] == "prompt_too_long"
+    code, stderr = run(
+        forked, tmp_path, "t.jsonl", "-o", "m.jsonl", *FLAGS, "--max-batch-tokens", "1"
+    )
+    assert code == 0 and len(by_id(read_lines(tmp_path / "m.jsonl"))) == 3, stderr
+    for _ in range(2):  # a first run, then nothing to do
+        code, stderr = run(
+            forked, tmp_path, "t.jsonl", "-o", "r.jsonl", *FLAGS, "--retry-errors", "--force"
+        )
+        assert code == 0 and len(by_id(read_lines(tmp_path / "r.jsonl"))) == 3, stderr
+    assert "Nothing to do" in stderr
+
+
+def test_a_parquet_file_with_nested_columns(forked, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({
+        "id": ["a", "b"], "prompt": ["hi", "yo"],
+        "meta": [{"x": [1, 2], "y": {"z": "q"}}, {"x": [], "y": {"z": "r"}}],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "nested.parquet")
+    code, stderr = run(
+        forked, tmp_path, "nested.parquet", "-o", "o.jsonl", *FLAGS, "--errors", "e.jsonl"
+    )
+    assert code == 0, stderr
+    assert sorted(by_id(read_lines(tmp_path / "o.jsonl"))) == ["a", "b"]
+    code, stderr = run(forked, tmp_path, "nested.parquet", "-o", "o.jsonl", *FLAGS, "--resume")
+    assert code == 0 and "Nothing to do" in stderr, stderr
 
 
 def _before_start(name: str) -> str:
