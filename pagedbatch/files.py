@@ -16,11 +16,13 @@ def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[
     """Open `<path>.tmp` for writing; on a clean exit fsync it and rename it over `path`.
 
     A crash at any point leaves `path` either as it was or complete; on an exception the
-    temporary file is removed and `path` is untouched.
+    temporary file is removed and `path` is untouched. Whatever is at `<path>.tmp` before
+    is removed first, not written through (a symlink to another file).
     An OSError raised while writing (a full disk) names `path`.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover, or a link to a file that is not ours
         with tmp.open(mode, **open_args) as f:
             yield f
             f.flush()
