@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -80,6 +81,20 @@ def test_no_output_errors_file_or_fingerprint_may_be_the_input_or_each_other(for
         code, stderr = run(forked, tmp_path, *args, *FLAGS)
         assert message in one_line(code, stderr), args
         assert snapshot(tmp_path) == before, args  # nothing written, nothing left behind
+
+
+def test_a_leftover_temporary_file_is_not_written_through(forked, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [*rows(2), {"id": "bad", "prompt": 5}])
+    data = (tmp_path / "t.jsonl").read_bytes()
+    # The files written whole are written beside their place first (<name>.tmp), then renamed.
+    for name in ("o.jsonl.job.json.tmp", "e.jsonl.tmp"):
+        (tmp_path / name).symlink_to("t.jsonl")
+    args = ["t.jsonl", "-o", "o.jsonl", "--errors", "e.jsonl", *FLAGS]
+    code, stderr = run(forked, tmp_path, *args)
+    assert code == 0, stderr
+    assert (tmp_path / "t.jsonl").read_bytes() == data
+    assert [line["id"] for line in read_lines(tmp_path / "e.jsonl")] == ["bad"]
+    assert json.loads((tmp_path / "o.jsonl.job.json").read_text())["input_path"].endswith("t.jsonl")
 
 
 def test_a_second_run_on_an_output_in_use_is_refused_naming_the_first(forked, tmp_path):
@@ -173,19 +188,29 @@ def test_a_value_out_of_range_fails_its_record_only(forked, tmp_path):
     assert code == 0 and f"Wrote {len(bad) + 3} records" in stderr, stderr  # the same errors
 
 
-def test_fifos_and_devices_are_refused_without_being_opened(forked, tmp_path):
+def test_fifos_devices_and_sockets_are_refused_without_being_opened(forked, tmp_path):
     os.mkfifo(tmp_path / "f.jsonl")  # nobody writes: opening it to read would block
     write_jsonl(tmp_path / "t.jsonl", rows(2))
     (tmp_path / "full.jsonl").symlink_to("/dev/full")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "s.jsonl"))
     cases = [
         (["f.jsonl", "-o", "o.jsonl"], "f.jsonl is a FIFO (named pipe), not a regular file"),
+        (["s.jsonl", "-o", "o.jsonl"], "s.jsonl is a socket, not a regular file"),
         (["t.jsonl", "-o", "full.jsonl", "--resume"], "the output full.jsonl is a character device"),  # noqa: E501
+        (["t.jsonl", "-o", "f.jsonl", "--resume"], "the output f.jsonl is a FIFO (named pipe)"),
+        (["t.jsonl", "-o", "s.jsonl"], "the output s.jsonl is a socket, not a regular file"),
         (["t.jsonl", "-o", "o.jsonl", "--errors", "/dev/null"], "the errors file /dev/null is a character device"),  # noqa: E501
+        (["t.jsonl", "-o", "o.jsonl", "--errors", "f.jsonl"], "the errors file f.jsonl is a FIFO"),  # noqa: E501
+        (["t.jsonl", "-o", "o.jsonl", "--errors", "s.jsonl"], "the errors file s.jsonl is a socket"),  # noqa: E501
     ]  # fmt: skip
-    for args, message in cases:
-        assert message in one_line(*run(forked, tmp_path, *args, *FLAGS)), args
+    try:
+        for args, message in cases:
+            assert message in one_line(*run(forked, tmp_path, *args, *FLAGS)), args
+    finally:
+        server.close()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "f.jsonl", "full.jsonl", "t.jsonl",
+        "f.jsonl", "full.jsonl", "s.jsonl", "t.jsonl",
     ]  # fmt: skip
 
 
@@ -274,17 +299,27 @@ def test_the_errors_file_is_strict_json(forked, tmp_path):
 @pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
 def test_an_unwritable_output_is_refused_before_the_model_loads(forked, tmp_path):
     write_jsonl(tmp_path / "t.jsonl", rows(2))
-    out = tmp_path / "o.jsonl"
-    write_jsonl(out, [])
-    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+    (tmp_path / "sealed").mkdir()
+    immutable = [tmp_path / "o.jsonl", tmp_path / "e.jsonl", tmp_path / "sealed"]
+    for path in immutable[:2]:
+        write_jsonl(path, [])
+    if subprocess.run(["chattr", "+i", *map(str, immutable)], capture_output=True).returncode:
+        subprocess.run(["chattr", "-i", *map(str, immutable)], capture_output=True)
         pytest.skip("chattr +i is not permitted here")
+    # A model that does not exist: were it loaded first, that would be the error.
+    flags = [*FLAGS, "--overwrite", "-m", "./no-such-model"]
+    cases = [
+        (["-o", "o.jsonl"], "o.jsonl: cannot write it (Operation not permitted)"),
+        (["-o", "p.jsonl", "--errors", "e.jsonl"], "e.jsonl: cannot write it (Operation not permitted)"),  # noqa: E501
+        (["-o", "sealed/o.jsonl"], "sealed/o.jsonl.lock: cannot create the lock file (Operation not permitted)"),  # noqa: E501
+    ]  # fmt: skip
     try:
-        # A model that does not exist: were it loaded first, that would be the error.
-        args = ["t.jsonl", "-o", "o.jsonl", *FLAGS, "--overwrite", "-m", "./no-such-model"]
-        error = one_line(*run(forked, tmp_path, *args))
-        assert "o.jsonl: cannot write it (Operation not permitted)" in error
+        before = snapshot(tmp_path)
+        for args, message in cases:
+            assert message in one_line(*run(forked, tmp_path, "t.jsonl", *args, *flags)), args
+            assert snapshot(tmp_path) == before
     finally:
-        subprocess.run(["chattr", "-i", str(out)], check=True)
+        subprocess.run(["chattr", "-i", *map(str, immutable)], check=True)
 
 
 def test_messages_name_the_real_problem(forked, tmp_path):
