@@ -97,6 +97,18 @@ def test_a_leftover_temporary_file_is_not_written_through(forked, tmp_path):
     assert json.loads((tmp_path / "o.jsonl.job.json").read_text())["input_path"].endswith("t.jsonl")
 
 
+def test_resume_force_does_not_cut_a_file_pagedbatch_did_not_write(forked, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", rows(2))
+    (tmp_path / "notes.txt").write_bytes(b"my notes, one line without a newline")
+    before = snapshot(tmp_path)
+    args = ["t.jsonl", "-o", "notes.txt", *FLAGS, "--resume", "--force"]
+    error = one_line(*run(forked, tmp_path, *args))
+    assert (
+        "notes.txt: line 1 (the last, without a newline) is not the start of a pagedbatch" in error
+    )
+    assert snapshot(tmp_path) == before
+
+
 def test_a_second_run_on_an_output_in_use_is_refused_naming_the_first(forked, tmp_path):
     write_jsonl(tmp_path / "t.jsonl", rows(40))
     out = tmp_path / "c.jsonl"

@@ -14,6 +14,7 @@ from pagedbatch.job.id_keys import IdSet, id_key, key_array, repeated
 from pagedbatch.job.jsonl import loads
 
 RecordId = str | int
+LINE_START = b'{"id": '  # how every line pagedbatch writes begins (plain and OpenAI batch)
 _DUPLICATES_NAMED = 3
 
 
@@ -58,6 +59,7 @@ def scan_output(path: Path) -> OutputScan:
     with file:
         for n, raw in enumerate(file, start=1):
             if not raw.endswith(b"\n"):
+                _check_torn(raw, path, n)
                 scan.torn = True
                 break
             if raw.strip():
@@ -122,6 +124,18 @@ def drop_error_lines(path: Path, scan: OutputScan) -> None:
                 dst.write(raw)
     scan.size = path.stat().st_size
     scan.errors.clear()
+
+
+def _check_torn(raw: bytes, path: Path, n: int) -> None:
+    """A last line without its newline is what a killed writer leaves, and a resume cuts it
+    off: it must be the start of an output line (every one starts `{"id": `), not the
+    bytes of a file pagedbatch did not write."""
+    if not (raw.startswith(LINE_START) or LINE_START.startswith(raw)):
+        raise OutputFileError(
+            f"{path}: line {n} (the last, without a newline) is not the start of a pagedbatch "
+            "output line; the file was not written by pagedbatch or is damaged (start over "
+            "with --overwrite, or fix the line)"
+        )
 
 
 def _parse_line(raw: bytes, path: Path, n: int) -> tuple[RecordId, dict[str, Any] | None]:
