@@ -109,6 +109,25 @@ def test_resume_force_does_not_cut_a_file_pagedbatch_did_not_write(forked, tmp_p
     assert snapshot(tmp_path) == before
 
 
+def test_resume_does_not_replace_a_file_that_is_not_an_errors_file(forked, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [*rows(2), {"id": "bad", "prompt": 5}])
+    args = ["t.jsonl", "-o", "o.jsonl", *FLAGS]
+    assert run(forked, tmp_path, *args, "--errors", "e.jsonl")[0] == 0
+    write_jsonl(tmp_path / "notes.jsonl", [{"id": "mine", "text": "not pagedbatch's"}])
+    before = snapshot(tmp_path)
+    error = one_line(*run(forked, tmp_path, *args, "--resume", "--errors", "notes.jsonl"))
+    assert (
+        "notes.jsonl: line 1 is not a failed record's line (each holds 'pagedbatch_error')" in error
+    )
+    assert "give another --errors path" in error
+    assert snapshot(tmp_path) == before
+    with (tmp_path / "e.jsonl").open("ab") as f:
+        f.write(b'{"id": "bad", "pro')  # a killed writer's torn line is the job's own
+    code, stderr = run(forked, tmp_path, *args, "--resume", "--errors", "e.jsonl")
+    assert code == 0 and "Nothing to do" in stderr, stderr
+    assert [line["id"] for line in read_lines(tmp_path / "e.jsonl")] == ["bad"]  # rebuilt
+
+
 def test_a_second_run_on_an_output_in_use_is_refused_naming_the_first(forked, tmp_path):
     write_jsonl(tmp_path / "t.jsonl", rows(40))
     out = tmp_path / "c.jsonl"

@@ -30,7 +30,7 @@ from pagedbatch.job.fingerprint import (
 )
 from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
 from pagedbatch.job.openai_batch import batch_output_line
-from pagedbatch.job.output_scan import cut_torn_line, drop_error_lines
+from pagedbatch.job.output_scan import QUARANTINE_KEY, cut_torn_line, drop_error_lines
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.rates import store_run_rates
 from pagedbatch.job.reader import read_index
@@ -47,7 +47,6 @@ from pagedbatch.outputs import RecordError, RequestOutput
 # finished outputs is held in memory.
 WINDOW_PER_SEQ = 4
 MIN_WINDOW = 64
-QUARANTINE_KEY = "pagedbatch_error"
 
 
 @dataclass

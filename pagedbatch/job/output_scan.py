@@ -15,6 +15,7 @@ from pagedbatch.job.jsonl import loads
 
 RecordId = str | int
 LINE_START = b'{"id": '  # how every line pagedbatch writes begins (plain and OpenAI batch)
+QUARANTINE_KEY = "pagedbatch_error"  # the field every line of an errors file holds
 _DUPLICATES_NAMED = 3
 
 
@@ -104,6 +105,31 @@ def _ids_on_lines(path: Path, numbers: set[int]) -> dict[int, RecordId]:
                 if len(found) == len(numbers):
                     break
     return found
+
+
+def check_errors_file(path: Path) -> None:
+    """Raise OutputFileError unless every line of `path` (when it exists) is a failed record's
+    line, as `--errors` writes them: a resume rebuilds the errors file, and must not
+    replace a file pagedbatch did not write. A last line without its newline (a killed
+    writer's) need only start as a JSON object."""
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return
+    with file:
+        for n, raw in enumerate(file, start=1):
+            if not raw.strip() or (not raw.endswith(b"\n") and raw.startswith(b"{")):
+                continue
+            try:
+                line = loads(raw)
+            except ValueError:
+                line = None
+            if not isinstance(line, dict) or QUARANTINE_KEY not in line:
+                raise OutputFileError(
+                    f"{path}: line {n} is not a failed record's line (each holds "
+                    f"'{QUARANTINE_KEY}'), so it is not this job's errors file and a resume "
+                    "would replace it; give another --errors path, or --overwrite to start over"
+                )
 
 
 def cut_torn_line(path: Path, scan: OutputScan) -> None:
