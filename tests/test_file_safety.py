@@ -101,12 +101,11 @@ def test_resume_force_does_not_cut_a_file_pagedbatch_did_not_write(forked, tmp_p
     write_jsonl(tmp_path / "t.jsonl", rows(2))
     (tmp_path / "notes.txt").write_bytes(b"my notes, one line without a newline")
     before = snapshot(tmp_path)
-    args = ["t.jsonl", "-o", "notes.txt", *FLAGS, "--resume", "--force"]
-    error = one_line(*run(forked, tmp_path, *args))
-    assert (
-        "notes.txt: line 1 (the last, without a newline) is not the start of a pagedbatch" in error
-    )
-    assert snapshot(tmp_path) == before
+    for flags in (["--resume", "--force"], ["--overwrite"]):
+        error = one_line(*run(forked, tmp_path, "t.jsonl", "-o", "notes.txt", *FLAGS, *flags))
+        assert "notes.txt: line 1 (the last, without a newline) is not the start of a" in error
+        assert "give another output path; pagedbatch does not replace it" in error
+        assert snapshot(tmp_path) == before
 
 
 def test_resume_does_not_replace_a_file_that_is_not_an_errors_file(forked, tmp_path):

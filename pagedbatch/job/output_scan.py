@@ -159,8 +159,8 @@ def _check_torn(raw: bytes, path: Path, n: int) -> None:
     if not (raw.startswith(LINE_START) or LINE_START.startswith(raw)):
         raise OutputFileError(
             f"{path}: line {n} (the last, without a newline) is not the start of a pagedbatch "
-            "output line; the file was not written by pagedbatch or is damaged (start over "
-            "with --overwrite, or fix the line)"
+            "output line; the file was not written by pagedbatch or is damaged (fix the line, "
+            "or give another output path; pagedbatch does not replace it, even with --overwrite)"
         )
 
 
@@ -174,7 +174,8 @@ def _parse_line(raw: bytes, path: Path, n: int) -> tuple[RecordId, dict[str, Any
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise OutputFileError(
             f"{path}: line {n} is not a pagedbatch output line; the file was not written by "
-            "pagedbatch or is damaged (start over with --overwrite, or fix the line)"
+            "pagedbatch or is damaged (fix the line, or give another output path; pagedbatch "
+            "does not replace it, even with --overwrite)"
         )
     error = line.get("error")
     if error is not None and not isinstance(error, dict):
