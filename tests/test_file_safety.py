@@ -127,6 +127,18 @@ def test_resume_does_not_replace_a_file_that_is_not_an_errors_file(forked, tmp_p
     assert [line["id"] for line in read_lines(tmp_path / "e.jsonl")] == ["bad"]  # rebuilt
 
 
+def test_files_rewritten_whole_keep_their_permissions(forked, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [*rows(2), {"id": "bad", "prompt": 5}])
+    args = ["t.jsonl", "-o", "o.jsonl", "--errors", "e.jsonl", *FLAGS]
+    assert run(forked, tmp_path, *args)[0] == 0
+    for name in ("o.jsonl", "e.jsonl"):
+        (tmp_path / name).chmod(0o600)  # private results
+    code, stderr = run(forked, tmp_path, *args, "--retry-errors")  # both are rewritten
+    assert code == 0 and "Wrote 1 record" in stderr, stderr
+    for name in ("o.jsonl", "e.jsonl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+
+
 def test_a_second_run_on_an_output_in_use_is_refused_naming_the_first(forked, tmp_path):
     write_jsonl(tmp_path / "t.jsonl", rows(40))
     out = tmp_path / "c.jsonl"
