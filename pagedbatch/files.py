@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +17,35 @@ def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[
     """Open `<path>.tmp` for writing; on a clean exit fsync it and rename it over `path`.
 
     A crash at any point leaves `path` either as it was or complete; on an exception the
-    temporary file is removed and `path` is untouched.
+    temporary file is removed and `path` is untouched. Whatever is at `<path>.tmp` before
+    is removed first, not written through (a symlink to another file). The new file keeps
+    the permissions of the one it replaces.
+    An OSError raised while writing (a full disk) names `path`.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover, or a link to a file that is not ours
         with tmp.open(mode, **open_args) as f:
+            _keep_mode(path, f.fileno())
             yield f
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)
+    except OSError as e:
+        if e.filename is not None and e.filename != str(tmp):
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _keep_mode(path: Path, fd: int) -> None:
+    """Give the new file the permissions of the one it replaces (a 0600 output stays so)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    os.fchmod(fd, mode)
 
 
 @contextlib.contextmanager

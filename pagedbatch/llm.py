@@ -67,6 +67,7 @@ class LLM:
             spec, self.device, self.config.num_blocks, self.config.kv_memory,
             weight_bytes=model_bytes(self.model), free=free,
         )  # fmt: skip
+        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(
@@ -295,3 +296,13 @@ class _Group:
         self.rid = rid
         self.seqs = seqs
         self.pending = len(seqs)
+
+
+def _check_fits(kv_bytes: int, free: int, device: torch.device) -> None:
+    """Refuse a KV cache larger than the memory free on `device` before the weights loaded:
+    an allocation that the kernel grants lazily would fail later, mid-job (OOM killer)."""
+    if kv_bytes > free:
+        raise ValueError(
+            f"the KV cache would take {kv_bytes / 2**30:,.1f} GiB but {device} has "
+            f"{free / 2**30:,.1f} GiB free; lower --num-blocks or --kv-memory"
+        )

@@ -19,6 +19,9 @@ CHOICE_SCORES = ("sum", "mean")
 # integers (stored as their two's-complement bits), the other integers signed 64-bit.
 MAX_SEED = 2**64 - 1
 MAX_INT = 2**63 - 1
+# Most samples per record: each is a sequence of its own, with its own copy of the prompt's
+# token ids, all built when the record is admitted (n = 10**9 would fill the memory).
+MAX_N = 4096
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class SamplingParams:
     `temperature == 0` is greedy decoding. `top_k == 0` and `top_p == 1` switch those
     filters off. `seed` fixes the random stream of this request alone, so the same seed
     gives the same text whatever else runs in the batch. `n` samples are drawn per
-    record; sample k > 0 uses `sample_seed(seed, k)`. `logprobs` (0 to MAX_LOGPROBS):
+    record (1 to MAX_N); sample k > 0 uses `sample_seed(seed, k)`. `logprobs` (0 to MAX_LOGPROBS):
     each generated token reports its log-probability under the model and the `logprobs`
     most likely tokens with theirs (None: none reported).
 
@@ -61,7 +64,7 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k, minimum=0)
-        _check_int("n", self.n, minimum=1)
+        _check_int("n", self.n, minimum=1, maximum=MAX_N)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.logprobs is not None:

@@ -3,9 +3,11 @@
 `python tests/fork_server.py` imports the command once, then reads requests, one JSON line
 each, on stdin and answers each with one line on stdout:
 
-- `{"run": [args], "cwd": DIR, "out": FILE, "err": FILE}`: fork a child that is the command
-  `pagedbatch ARGS` (its own session, stdin /dev/null, stdout and stderr to the files;
-  `"err": null` gives it a stderr pipe whose reader is already gone); answers its pid.
+- `{"run": [args], "cwd": DIR, "out": FILE, "err": FILE, "fsize": N}`: fork a child that
+  is the command `pagedbatch ARGS` (its own session, stdin /dev/null, stdout and stderr to
+  the files; `"err": null` gives it a stderr pipe whose reader is already gone; `fsize`,
+  if given, limits the size of the files it writes to N bytes, as `ulimit -f` does: a
+  full disk); answers its pid.
 - `{"wait": PID}`: wait for that child; answers its exit code (-N: killed by signal N).
 
 A child is a process of its own: it exits, is signalled and killed like the installed
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import sys
 
@@ -42,6 +45,9 @@ def child(request: dict) -> None:
         os.dup2(write, 2)
     else:
         os.dup2(os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    if request.get("fsize") is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
     sys.argv = ["pagedbatch", *request["run"]]
     try:
         main()

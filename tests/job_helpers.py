@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -111,16 +112,19 @@ class Forked:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
 
-    def start(self, args: list[object], cwd: Path, *, stderr: bool = True) -> ForkedRun:
-        """`pagedbatch ARGS` in `cwd`; without `stderr`, its stderr is a pipe nobody reads."""
+    def start(
+        self, args: list[object], cwd: Path, *, stderr: bool = True, fsize: int | None = None
+    ) -> ForkedRun:
+        """`pagedbatch ARGS` in `cwd`; without `stderr`, its stderr is a pipe nobody reads;
+        `fsize`: no file it writes may grow past that many bytes (a full disk)."""
         err = cwd / f".stderr.{time.monotonic_ns()}"
         request = {
             "run": [str(a) for a in args], "cwd": str(cwd), "out": os.devnull,
-            "err": str(err) if stderr else None,
+            "err": str(err) if stderr else None, "fsize": fsize,
         }  # fmt: skip
         return ForkedRun(self, int(self._ask(request)), err)
 
-    def run(self, args: list[object], cwd: Path, **kwargs: bool) -> tuple[int, str]:
+    def run(self, args: list[object], cwd: Path, **kwargs: Any) -> tuple[int, str]:
         """(exit code, stderr) of `pagedbatch ARGS`, run to its end."""
         return self.start(args, cwd, **kwargs).wait()
 

@@ -91,6 +91,12 @@ def test_scan_reads_plain_and_batch_lines_and_spots_a_torn_last_line(tmp_path):
     # A whole JSON object without its newline is still a torn write: it is dropped too.
     path.write_bytes(OK + OK.rstrip(b"\n"))
     assert scan_output(path).torn
+    for start in (b"{", b'{"id"', b'{"id": 1'):  # every start of a line pagedbatch writes
+        path.write_bytes(OK + start)
+        assert scan_output(path).torn
+    path.write_bytes(OK + b"a file of another program, without a newline")
+    with pytest.raises(OutputFileError, match="line 2 .the last, without a newline. is not the"):
+        scan_output(path)
 
 
 def test_a_later_ok_line_wins_over_an_earlier_error(tmp_path):

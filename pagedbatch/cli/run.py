@@ -76,7 +76,7 @@ def run(
     logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
     choices: Annotated[Str, opt(SAMPLING_PANEL, 'Score these labels instead of generating: "positive,negative,neutral" (stripped), or a JSON list to keep spaces (\'[" yes", " no"]\'); each line gets the best label and every choice\'s logprob and probability (a record\'s choices win).', "--choices")] = None,
     choice_score: Annotated[Str, opt(SAMPLING_PANEL, "How choices are compared: sum (their log-probability) or mean (per token, which does not favour short choices). [default: sum]", "--choice-score")] = None,
-    n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
+    n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (except decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
@@ -219,7 +219,7 @@ def _run_with_progress(
             on_prepared=progress.prepared,
         )  # fmt: skip
     except InputError as e:  # the input changed while the job ran
-        fail(f"{e}; the lines before are safe", code=1)
+        fail(f"{e}; the lines before are safe. Resume with: {resume}", code=1)
     except OSError as e:
         where = e.filename or job.output
         fail(f"cannot write {where}: {e.strerror or e}; the lines before are safe. "
@@ -300,12 +300,11 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
 
 def _memory_report(llm: Any, output: Path) -> None:
     from pagedbatch.cli.report import memory_table, write_timeline_png
+    from pagedbatch.job.job import report_paths
 
     report = llm.memory_report()
     console.print(memory_table(report))
-    base = output.name.removesuffix(".jsonl")  # labels.v2.jsonl -> labels.v2.memory.json
-    json_path = output.with_name(base + ".memory.json")
-    png_path = output.with_name(base + ".memory.png")
+    json_path, png_path = report_paths(output)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drawn = write_timeline_png(report, png_path)
     console.print(

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 LOCK_SUFFIX = ".lock"
+USER_ROLES = ("output", "errors file")  # the written files the user names (-o, --errors)
 
 
 class GuardError(Exception):
@@ -29,13 +30,20 @@ class GuardError(Exception):
 def check_paths(source: str, roles: Iterable[tuple[str, Path]]) -> None:
     """Refuse files that would overwrite the input or each other, and non-regular files.
 
-    `roles` holds (role, path) of the files the job writes, e.g. ("output", out.jsonl).
-    Two paths are the same file when they resolve alike or share device and inode (hard
-    links, symlinks, bind mounts). A written file inside an input directory is refused
-    too: it would become part of the input.
+    `roles` holds (role, path) of the files the job writes, e.g. ("output", out.jsonl);
+    the user names those of USER_ROLES, the others are named after them (the fingerprint,
+    lock files), so a clash is told as the user's file to move. Two paths are the same
+    file when they resolve alike or share device and inode (hard links, symlinks, bind
+    mounts). A written file inside an input directory is refused too: it would become
+    part of the input. `-` (stdout) is refused: a job's output is a file a resume reads.
     """
     written = list(roles)
     for role, path in written:
+        if role in USER_ROLES and str(path) == "-":
+            raise GuardError(
+                f"the {role} cannot be stdout ('-'): it is a file that --resume reads back; "
+                "give a file path"
+            )
         _check_regular(path, role)
     input_path = Path(source)
     input_mode = _mode(input_path)
@@ -53,9 +61,10 @@ def check_paths(source: str, roles: Iterable[tuple[str, Path]]) -> None:
                         "write it somewhere else"
                     )
             elif _same_file(path, other):
+                move = role if role in USER_ROLES else _user_role(other_role, role)
                 raise GuardError(
                     f"the {role} {path} is the same file as the {other_role} {other}; "
-                    f"give the {role} another path"
+                    f"give the {move} another path"
                 )
         seen.append((role, path))
 
@@ -188,6 +197,15 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _user_role(other_role: str, derived_role: str) -> str:
+    """Which file the user should move when a file named after theirs (`derived_role`, e.g.
+    the errors file's lock file) is `other_role`'s file: that one if the user named it,
+    else the one `derived_role` is named after."""
+    if other_role in USER_ROLES:
+        return other_role
+    return next((r for r in USER_ROLES[::-1] if derived_role.startswith(r)), USER_ROLES[0])
 
 
 def _inside(path: Path, directory: Path) -> bool:

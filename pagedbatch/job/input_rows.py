@@ -115,8 +115,7 @@ class JsonlRows:
     def _check_unchanged(self) -> None:
         if os.fstat(self._file.fileno()).st_size != self._size:
             raise InputError(
-                f"{self.name}: changed while the job ran (its size is not what was read); "
-                "run it again on a file that stays as it is"
+                f"{self.name}: changed while the job ran (its size is not what was read)"
             )
 
 

@@ -30,7 +30,7 @@ from pagedbatch.job.fingerprint import (
 )
 from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
 from pagedbatch.job.openai_batch import batch_output_line
-from pagedbatch.job.output_scan import cut_torn_line, drop_error_lines
+from pagedbatch.job.output_scan import QUARANTINE_KEY, cut_torn_line, drop_error_lines
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.rates import store_run_rates
 from pagedbatch.job.reader import read_index
@@ -38,7 +38,7 @@ from pagedbatch.job.record_index import RecordView
 from pagedbatch.job.records import Record
 from pagedbatch.job.resume import JobError, ResumeCheck, ResumePolicy
 
-__all__ = ["Job", "JobError", "JobResult", "ResumePolicy", "default_output"]
+__all__ = ["Job", "JobError", "JobResult", "ResumePolicy", "default_output", "report_paths"]
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.outputs import RecordError, RequestOutput
 
@@ -47,7 +47,6 @@ from pagedbatch.outputs import RecordError, RequestOutput
 # finished outputs is held in memory.
 WINDOW_PER_SEQ = 4
 MIN_WINDOW = 64
-QUARANTINE_KEY = "pagedbatch_error"
 
 
 @dataclass
@@ -65,6 +64,13 @@ class JobResult:
 
 def default_output(source: str) -> Path:
     return Path(f"{Path(source.rstrip('/')).stem}.output.jsonl")
+
+
+def report_paths(output: Path) -> tuple[Path, Path]:
+    """The memory report's files beside `output`: labels.v2.jsonl -> labels.v2.memory.json
+    and labels.v2.memory.png."""
+    base = output.name.removesuffix(".jsonl")
+    return output.with_name(base + ".memory.json"), output.with_name(base + ".memory.png")
 
 
 class Job:
@@ -164,7 +170,11 @@ class Job:
     def _roles(self) -> list[tuple[str, Path]]:
         """(role, path) of every file the job writes, for `check_paths`."""
         roles = [*self._appended_files(), ("fingerprint", self._fp)]
-        return roles + [(f"{role}'s lock file", lock.path) for role, lock in self._locks.items()]
+        roles += [(f"{role}'s lock file", lock.path) for role, lock in self._locks.items()]
+        if self.settings.engine.memory_report:
+            json_path, png_path = report_paths(self.output)
+            roles += [("memory report", json_path), ("memory chart", png_path)]
+        return roles
 
     def run(
         self,

@@ -14,6 +14,8 @@ from pagedbatch.job.id_keys import IdSet, id_key, key_array, repeated
 from pagedbatch.job.jsonl import loads
 
 RecordId = str | int
+LINE_START = b'{"id": '  # how every line pagedbatch writes begins (plain and OpenAI batch)
+QUARANTINE_KEY = "pagedbatch_error"  # the field every line of an errors file holds
 _DUPLICATES_NAMED = 3
 
 
@@ -58,6 +60,7 @@ def scan_output(path: Path) -> OutputScan:
     with file:
         for n, raw in enumerate(file, start=1):
             if not raw.endswith(b"\n"):
+                _check_torn(raw, path, n)
                 scan.torn = True
                 break
             if raw.strip():
@@ -104,6 +107,31 @@ def _ids_on_lines(path: Path, numbers: set[int]) -> dict[int, RecordId]:
     return found
 
 
+def check_errors_file(path: Path) -> None:
+    """Raise OutputFileError unless every line of `path` (when it exists) is a failed record's
+    line, as `--errors` writes them: a resume rebuilds the errors file, and must not
+    replace a file pagedbatch did not write. A last line without its newline (a killed
+    writer's) need only start as a JSON object."""
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return
+    with file:
+        for n, raw in enumerate(file, start=1):
+            if not raw.strip() or (not raw.endswith(b"\n") and raw.startswith(b"{")):
+                continue
+            try:
+                line = loads(raw)
+            except ValueError:
+                line = None
+            if not isinstance(line, dict) or QUARANTINE_KEY not in line:
+                raise OutputFileError(
+                    f"{path}: line {n} is not a failed record's line (each holds "
+                    f"'{QUARANTINE_KEY}'), so it is not this job's errors file and a resume "
+                    "would replace it; give another --errors path, or --overwrite to start over"
+                )
+
+
 def cut_torn_line(path: Path, scan: OutputScan) -> None:
     """Drop the torn last line, if any, so that the next line starts on a line of its own."""
     if scan.torn:
@@ -124,6 +152,18 @@ def drop_error_lines(path: Path, scan: OutputScan) -> None:
     scan.errors.clear()
 
 
+def _check_torn(raw: bytes, path: Path, n: int) -> None:
+    """A last line without its newline is what a killed writer leaves, and a resume cuts it
+    off: it must be the start of an output line (every one starts `{"id": `), not the
+    bytes of a file pagedbatch did not write."""
+    if not (raw.startswith(LINE_START) or LINE_START.startswith(raw)):
+        raise OutputFileError(
+            f"{path}: line {n} (the last, without a newline) is not the start of a pagedbatch "
+            "output line; the file was not written by pagedbatch or is damaged (fix the line, "
+            "or give another output path; pagedbatch does not replace it, even with --overwrite)"
+        )
+
+
 def _parse_line(raw: bytes, path: Path, n: int) -> tuple[RecordId, dict[str, Any] | None]:
     """(record id, error object or None) of one output line."""
     try:
@@ -134,7 +174,8 @@ def _parse_line(raw: bytes, path: Path, n: int) -> tuple[RecordId, dict[str, Any
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise OutputFileError(
             f"{path}: line {n} is not a pagedbatch output line; the file was not written by "
-            "pagedbatch or is damaged (start over with --overwrite, or fix the line)"
+            "pagedbatch or is damaged (fix the line, or give another output path; pagedbatch "
+            "does not replace it, even with --overwrite)"
         )
     error = line.get("error")
     if error is not None and not isinstance(error, dict):

@@ -48,9 +48,9 @@ class OutputWriter:
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
-        except OSError:
+        except OSError as e:
             _truncate(self._fd, self._size)
-            raise
+            raise named(e, self.path) from None
         self._size += len(data)
         self.count += 1
         self.sync_if_due()
@@ -58,7 +58,10 @@ class OutputWriter:
     def sync_if_due(self) -> None:
         """fsync when `sync_interval` seconds have passed since the last one."""
         if self._fd is not None and time.monotonic() - self._synced_at >= self.sync_interval:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise named(e, self.path) from None
             self._synced_at = time.monotonic()
 
     def close(self) -> None:
@@ -68,6 +71,8 @@ class OutputWriter:
         fd, self._fd = self._fd, None
         try:
             os.fsync(fd)
+        except OSError as e:
+            raise named(e, self.path) from None
         finally:
             os.close(fd)
 
@@ -100,6 +105,13 @@ def encode_line(line: Mapping[str, Any]) -> bytes:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
         return (json.dumps(json.loads(text)) + "\n").encode("ascii")
+
+
+def named(e: OSError, path: Path) -> OSError:
+    """`e`, naming `path` when it names no file (a write or fsync on a descriptor)."""
+    if e.filename is not None:
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
 
 
 def _finite(value: Any) -> Any:

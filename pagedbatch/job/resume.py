@@ -2,8 +2,9 @@
 
 `ResumeCheck(...).scan()` reads the output (as keys: output_scan.py) and refuses, with a
 one-line JobError that says what to do, an output that holds lines when not resuming, an
-output that holds a record twice, or one written by another job (the stored fingerprint
-differs), except for an input that only gained records the output does not hold yet.
+output that holds a record twice, an errors file that is not one (a resume rebuilds it),
+or an output written by another job (the stored fingerprint differs), except for an input
+that only gained records the output does not hold yet.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from pagedbatch.job.fingerprint import Fingerprint, changes, load_fingerprint, record_changes
-from pagedbatch.job.output_scan import OutputFileError, OutputScan, output_ids, scan_output
+from pagedbatch.job.output_scan import (
+    OutputFileError,
+    OutputScan,
+    check_errors_file,
+    output_ids,
+    scan_output,
+)
 from pagedbatch.job.record_index import RecordIndex
 
 _NAMED_IDS = 5  # ids named in a message, before "and N more"
@@ -72,6 +79,13 @@ class ResumeCheck:
         if not self.policy.resuming:
             self._refuse_to_overwrite(scan)
             return OutputScan()
+        try:
+            if self.errors_path is not None:
+                check_errors_file(self.errors_path)
+        except OutputFileError as e:
+            raise JobError(str(e)) from None
+        except OSError as e:
+            raise JobError(f"{self.errors_path}: cannot read it ({e.strerror or e})") from None
         if scan.duplicates:
             raise JobError(self._duplicates_problem(scan))
         if scan.empty or self.policy.force:
@@ -116,9 +130,10 @@ class ResumeCheck:
         if changed or removed:
             what = []
             if changed:
-                what.append(f"{len(changed)} records it holds changed ({_ids(changed)})")
+                what.append(f"{_count(changed)} it holds changed ({_ids(changed)})")
             if removed:
-                what.append(f"{len(removed)} records it holds are gone from it ({_ids(removed)})")
+                are = "is" if len(removed) == 1 else "are"
+                what.append(f"{_count(removed)} it holds {are} gone from it ({_ids(removed)})")
             raise JobError(
                 f"{self.output} was written from another version of {self.source}: "
                 f"{' and '.join(what)}; restore them, pass --force to keep the old lines "
@@ -167,6 +182,10 @@ class ResumeCheck:
 def _done_first(flags: np.ndarray) -> bool:
     """Whether the records flagged come before every other record of the input."""
     return not (np.diff(flags.astype(np.int8)) > 0).any()
+
+
+def _count(ids: list[Any]) -> str:
+    return "1 record" if len(ids) == 1 else f"{len(ids)} records"
 
 
 def _ids(ids: list[Any]) -> str:
