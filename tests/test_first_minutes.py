@@ -74,6 +74,8 @@ def test_help_answers_in_well_under_a_cpu_second(tmp_path, args):
         (["run", "in.jsonl", "--kv-memory", "lots"], "kv_memory must look like"),
         (["run", "in.jsonl", "--config", "nosuch"], "unknown config 'nosuch'"),
         (["plan", "nosuch.jsonl"], "nosuch.jsonl: no such file"),
+        (["run", "pagedbatch-tests/no-such-set"], "not a Hugging Face dataset cached here"),
+        (["plan", "no-such-set"], "the hub (127.0.0.1) cannot be reached"),
     ],
 )
 def test_errors_are_one_line_exit_2_in_well_under_a_cpu_second(tmp_path, job, args, message):
@@ -84,6 +86,8 @@ def test_errors_are_one_line_exit_2_in_well_under_a_cpu_second(tmp_path, job, ar
     assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
     if "--model" in args:
         assert "a local model directory, a .gguf file, or a hub id cached here" in lines[0]
+    if "set" in args[1]:
+        assert "pass a JSONL, JSON, CSV or Parquet file, or a directory saved" in lines[0]
     assert not (tmp_path / "in.output.jsonl").exists()
 
 

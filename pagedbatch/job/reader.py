@@ -99,6 +99,7 @@ def open_rows(
     if path.suffix.lower() in _JSON_SUFFIXES + _DATA_FILE_SUFFIXES or _looks_like_path(name):
         raise InputError(f"{name}: no such file")
     failure = "not a file, directory or reachable Hugging Face dataset"
+    _check_hub_dataset(name)
     data = _load(name, lambda ds: ds.load_dataset(name, split=split), failure)
     return _dataset_rows(data, name, None, fields)  # `datasets` chose the split given
 
@@ -209,6 +210,32 @@ def _saved_dataset_columns(path: Path, name: str, split: str | None) -> list[str
         raise
     except Exception:  # noqa: BLE001 - `datasets` will load it, and say what is wrong
         return None
+
+
+def _check_hub_dataset(name: str) -> None:
+    """A hub dataset name that is not cached here, with the hub unreachable: one error at
+    once, instead of the hub client's retries."""
+    from pagedbatch.models.names import hub_unreachable
+
+    problem = hub_unreachable()
+    if problem is not None and not _hub_dataset_cached(name):
+        raise InputError(
+            f"{name}: no such file or directory, and not a Hugging Face dataset cached here "
+            f"({problem}); pass a JSONL, JSON, CSV or Parquet file, or a directory saved "
+            "with save_to_disk"
+        )
+
+
+def _hub_dataset_cached(name: str) -> bool:
+    """Whether the hub client's cache or the `datasets` cache holds something of `name`."""
+    from pagedbatch.models.names import hub_cache_dir
+
+    hub = hub_cache_dir() / ("datasets--" + name.replace("/", "--"))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    built = Path(os.environ.get("HF_DATASETS_CACHE") or Path(home) / "datasets").expanduser()
+    return hub.is_dir() or any(built.glob(name.replace("/", "___") + "*"))
 
 
 def _check_file_split(name: str, split: str | None) -> None:
