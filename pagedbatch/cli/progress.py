@@ -293,7 +293,7 @@ class JobProgress:
     def _stop_ticker(self) -> None:
         self._stop.set()
         if self._ticker is not None and self._ticker is not threading.current_thread():
-            self._ticker.join(timeout=5.0)
+            self._ticker.join()  # however loaded the machine: no line of its comes after
 
     def _tick(self) -> None:
         interval = log_interval()
