@@ -2,8 +2,8 @@
 
 On a terminal, a live Rich display: a spinner while the input is read and the model
 loads, then one bar that counts records as they are tokenized and then as they finish.
-When stderr is not a terminal (a log file, a pipe), a plain line as each phase ends
-(read, loaded, tokenized, with its time), one every `interval` seconds and a last one
+When stderr is not a terminal (a log file, a pipe), a plain line for each phase (read,
+loaded, tokenized, with its time) once the next begins, one every `interval` seconds and a last one
 when the records are done, so that a log neither fills with redraws nor cuts lines to
 the terminal's width.
 """
@@ -140,6 +140,7 @@ class JobProgress:
         self._phase = ""
         self._phase_started = time.monotonic()
         self._counted: int | None = None  # records the phase has read
+        self._done_phase: str | None = None  # the plain line of the phase that ended
         self._status: Any = None  # the terminal's spinner, during a phase
         self._started = time.monotonic()
         self._ended: float | None = None
@@ -166,6 +167,7 @@ class JobProgress:
     def phase(self, text: str) -> Iterator[None]:
         """A phase before generation, shown as a spinner (terminal) or in the plain lines;
         `counted(n)` inside it adds how many records it has read and how fast."""
+        self._print_done_phase()
         with self._lock:
             self._phase, self._phase_started, self._counted = text, time.monotonic(), None
         if self.live:
@@ -176,9 +178,16 @@ class JobProgress:
         else:
             yield
             if self.enabled:  # the phase's last plain line: what it did and how long it took
-                self._print(self._phase_line())
+                self._done_phase = self._phase_line()
         with self._lock:
             self._phase = ""
+
+    def _print_done_phase(self) -> None:
+        """The line of the phase that ended, once the next begins: an error found between
+        the two (a model name, after reading) stays the only line."""
+        if self._done_phase is not None:
+            self._print(self._done_phase)
+            self._done_phase = None
 
     def counted(self, records: int) -> None:
         """The phase has read `records` records so far."""
@@ -196,6 +205,7 @@ class JobProgress:
 
     def generating(self, records: int, prior_tokens_per_record: float) -> None:
         """The records are about to be tokenized and run."""
+        self._print_done_phase()
         self._eta = Eta(records, prior_tokens_per_record)
         self._started = time.monotonic()
         if not self.live:
