@@ -109,14 +109,16 @@ class LLM:
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[EngineStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[[int, int], None] | None = None,
+        on_prepared: Callable[[int, int, float], None] | None = None,
         keep_outputs: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every input; return outputs in input order.
 
         `on_output` is called as each record finishes (errors first, before any step);
         `on_step` after every engine step with the engine's statistics; `on_prepared(done,
-        total)` as records are tokenized, before the first step.
+        total, output_tokens)` as records are tokenized, before the first step, with the
+        most output tokens a record that passed may generate, on average so far (max_tokens
+        x n; 0 when choices are scored).
         `should_stop` is asked before each batch of records is prepared and after each
         step; once it returns True, no record is admitted any more, the sequences still
         running or waiting are dropped (their blocks freed, the LLM stays usable) and
@@ -147,7 +149,7 @@ class LLM:
 
     def _tokenize(
         self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: _Stop,
-        on_prepared: Callable[[int, int], None] | None,
+        on_prepared: Callable[[int, int, float], None] | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time (in a worker thread, while the
         next batch is read: job/ahead.py; only that thread touches the tokenizer and the
@@ -156,7 +158,10 @@ class LLM:
         store = PromptStore(self.preparer.limits.vocab_size)
         numbers = array("q")  # numbers[k]: the input whose prompt store[k] is
         batches = record_batches(items, _PREPARE_BATCH)
-        for (start, _), checked in ahead(batches, lambda b: self.preparer.check(b[1], params)):
+        budget = 0  # the most output tokens of the records that passed
+        for (start, _), (checked, most) in ahead(
+            batches, lambda b: self.preparer.check(b[1], params)
+        ):
             if stop():
                 return None
             for j, ids in enumerate(checked):
@@ -165,8 +170,9 @@ class LLM:
                 else:
                     store.append(ids)
                     numbers.append(start + j)
+            budget += most
             if on_prepared is not None:
-                on_prepared(start + len(checked), len(items))
+                on_prepared(start + len(checked), len(items), budget / max(len(store), 1))
         return store, numbers
 
     def _run(

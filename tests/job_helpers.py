@@ -80,8 +80,9 @@ def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 60) -> int:
-    """Wait until `path` holds at least `count` newlines; returns how many it holds."""
+def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 600) -> int:
+    """Wait until `path` holds at least `count` newlines; returns how many it holds. (The
+    timeout only stops a hang: a loaded machine may take minutes to start the job.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lines = path.read_bytes().count(b"\n") if path.exists() else 0
@@ -151,7 +152,7 @@ class ForkedRun:
         self._err.unlink(missing_ok=True)
         return code, text
 
-    def poll_lines(self, path: Path, count: int, timeout: float = 120) -> bool:
+    def poll_lines(self, path: Path, count: int, timeout: float = 600) -> bool:
         """Wait until `path` holds `count` newlines: True, or False when the child ended first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

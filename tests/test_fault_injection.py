@@ -92,7 +92,9 @@ def test_killed_at_random_points_the_job_ends_exactly_as_an_uninterrupted_one(
         kills_left_lines.append(out.read_bytes().count(b"\n") if out.exists() else 0)
         assert code in (-signal.SIGKILL, 0), stderr  # killed, or done before the kill
     assert seen == set(PHASES), seen
-    assert 0 < kills_left_lines[-2] < len(records)  # every kill before the last was mid-job
+    # Some kill before the last came mid-job (how many lines a kill finds depends on how
+    # fast the child runs beside the poll: a loaded machine, an idle one; not asserted).
+    assert any(0 < n < len(records) for n in kills_left_lines[:-1]), kills_left_lines
     code, stderr = forked.run(job, tmp_path)
     assert code == 0, stderr
     assert untimed(read_lines(out)) == untimed(read_lines(tmp_path / "ref.jsonl"))

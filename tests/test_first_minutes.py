@@ -74,6 +74,8 @@ def test_help_answers_in_well_under_a_cpu_second(tmp_path, args):
         (["run", "in.jsonl", "--kv-memory", "lots"], "kv_memory must look like"),
         (["run", "in.jsonl", "--config", "nosuch"], "unknown config 'nosuch'"),
         (["plan", "nosuch.jsonl"], "nosuch.jsonl: no such file"),
+        (["run", "pagedbatch-tests/no-such-set"], "not a Hugging Face dataset cached here"),
+        (["plan", "no-such-set"], "the hub (127.0.0.1) cannot be reached"),
     ],
 )
 def test_errors_are_one_line_exit_2_in_well_under_a_cpu_second(tmp_path, job, args, message):
@@ -84,18 +86,86 @@ def test_errors_are_one_line_exit_2_in_well_under_a_cpu_second(tmp_path, job, ar
     assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
     if "--model" in args:
         assert "a local model directory, a .gguf file, or a hub id cached here" in lines[0]
+    if "set" in args[1]:
+        assert "pass a JSONL, JSON, CSV or Parquet file, or a directory saved" in lines[0]
     assert not (tmp_path / "in.output.jsonl").exists()
 
 
-def test_a_file_without_the_prompt_field_names_its_fields_and_the_options(tmp_path):
-    src = tmp_path / "reviews.csv"
-    src.write_text('text,stars\n"Great phone",5\n"Bad",1\n')
-    code, stderr, _ = _pagedbatch(["run", str(src)], tmp_path, _env(tmp_path))
-    assert code == 2
-    line = stderr.strip()
-    assert "\n" not in line and "reviews.csv: no record has a 'prompt'" in line
+def _tables_without_a_prompt(root: Path) -> None:
+    """reviews.{csv,parquet,json} and the saved datasets `saved` and `saved_dict`, with the
+    columns text and stars."""
+    import datasets
+
+    (root / "reviews.csv").write_text('text,stars\n"Great phone",5\n"Bad",1\n')
+    rows = datasets.Dataset.from_dict({"text": ["Great phone", "Bad"], "stars": [5, 1]})
+    rows.to_parquet(str(root / "reviews.parquet"))
+    (root / "reviews.json").write_text(json.dumps(rows.to_list(), indent=1))
+    rows.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"test": rows}).save_to_disk(str(root / "saved_dict"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "reviews.csv"],
+        ["run", "reviews.parquet"],
+        ["run", "reviews.json"],
+        ["run", "saved"],
+        ["run", "saved_dict"],
+        ["plan", "reviews.csv"],
+        ["bench", "reviews.parquet"],
+    ],
+)
+def test_a_table_without_the_prompt_field_names_its_columns_and_the_options(tmp_path, args):
+    """Refused from the file's header, schema or saved features, before `datasets` (a
+    second of CPU on its own) or torch is imported."""
+    _tables_without_a_prompt(tmp_path)
+    code, stderr, cpu = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: {args[1]}: no record has a 'prompt' or 'messages' field")
     for part in ("'text', 'stars'", "--prompt-field text", "--messages-field", "--template"):
         assert part in line, line
+    assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "reviews.csv", "--split", "test"], "no split 'test' (available: train)"),
+        (["run", "saved", "--split", "test"], "has no splits, so there is no split 'test'"),
+        (["run", "saved_dict", "--split", "train"], "no split 'train' (available: test)"),
+        (["bench", "nosuch.jsonl"], "nosuch.jsonl: no such file"),
+        (["bench", "in.jsonl", "--model", "./no-such-dir"], "no such directory"),
+        (["bench", "in.jsonl", "--num-prompts", "0"], "num_records must be >= 1"),
+        (["bench", "--workload", "chat"], "unknown workload 'chat'"),
+    ],
+)
+def test_split_and_bench_errors_answer_before_the_libraries_load(tmp_path, job, args, message):
+    _tables_without_a_prompt(tmp_path)
+    code, stderr, cpu = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
+
+
+def test_the_columns_read_first_do_not_refuse_what_datasets_reads(tmp_path, tiny_model_dirs):
+    """A template, a --prompt-field naming a column, an OpenAI batch table: read as before."""
+    _tables_without_a_prompt(tmp_path)
+    model = ["--model", str(tiny_model_dirs["llama"]), "--max-tokens", "2", "--num-blocks",
+             "16", "--no-progress"]  # fmt: skip
+    for src, extra in [
+        ("reviews.csv", ["--template", "Review: {text}"]),
+        ("reviews.parquet", ["--prompt-field", "text"]),
+        ("saved_dict", ["--prompt-field", "text"]),
+        ("reviews.json", ["--prompt-field", "text"]),
+    ]:
+        out = tmp_path / f"{src}.out.jsonl"
+        code, stderr, _ = _pagedbatch(["run", src, "-o", str(out), *model, *extra], tmp_path,
+                                      _env(tmp_path))  # fmt: skip
+        assert code == 0, stderr
+        assert [line.get("error") for line in read_lines(out)] == [None, None], src
 
 
 def test_commands_and_the_job_reader_do_not_import_torch(tmp_path, job):

@@ -4,6 +4,7 @@ when stderr is not a terminal, and help that reads as a command's."""
 from __future__ import annotations
 
 import math
+import random
 import re
 
 from job_helpers import invoke, tiny_args, write_jsonl
@@ -70,6 +71,12 @@ def test_plain_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_model_dirs, mo
         last,
     ), last
     assert "\x1b" not in result.stderr and "…" not in result.stderr  # no redraws, no cuts
+    # Each phase before generation ends with a line of what it did and how long it took.
+    took = r" \(\d:\d\d:\d\d\)"
+    phases = [rf"reading .*in\.jsonl: 6 records, [\d,]+/s{took}", rf"loading .*llama{took}",
+              rf"tokenized 6/6 records{took}"]  # fmt: skip
+    at = [next(i for i, line in enumerate(lines) if re.fullmatch(p, line)) for p in phases]
+    assert at == sorted(at) and at[-1] < lines.index(last), lines
     assert re.search(r"Wrote 6 records .* s generating, [\d.]+ output tok/s\)", lines[-1])
 
 
@@ -98,15 +105,23 @@ def test_the_reading_phase_counts_records_and_their_rate():
 
     from pagedbatch.cli.progress import JobProgress
 
-    progress = JobProgress(Console(file=io.StringIO()), enabled=True)  # not a terminal
+    output = io.StringIO()
+    progress = JobProgress(Console(file=output), enabled=True)  # not a terminal
+    began = time.monotonic()
     with progress.phase("reading big.jsonl"):
-        assert re.fullmatch(r"reading big\.jsonl \(0:00:0\d\)", progress.line())
+        assert re.fullmatch(r"reading big\.jsonl \(\d:\d\d:\d\d\)", progress.line())
         time.sleep(0.05)
         progress.counted(12_345)
         line = progress.line()
-    assert re.fullmatch(r"reading big\.jsonl: 12,345 records, [\d,]+/s \(0:00:0\d\)", line), line
+        seconds = time.monotonic() - began  # at least what the line counted, however loaded
+    assert re.fullmatch(r"reading big\.jsonl: 12,345 records, [\d,]+/s \(\d:\d\d:\d\d\)", line)
     rate = int(line.split(", ")[1].split("/s")[0].replace(",", ""))
-    assert 12_345 / 10 < rate < 12_345 / 0.05  # records over the seconds since it began
+    assert 12_345 / seconds - 1 <= rate <= 12_345 / 0.05  # records over the seconds since it began
+    # The phase's last line says the same, printed once the next phase begins (an error
+    # found between the two stays the only line).
+    assert output.getvalue() == ""
+    with progress.phase("loading m"):
+        assert output.getvalue().startswith("reading big.jsonl: 12,345 records, ")
 
 
 def test_error_lines_written_first_do_not_make_the_eta_zero():
@@ -122,3 +137,64 @@ def test_error_lines_written_first_do_not_make_the_eta_zero():
     assert math.isclose(eta.seconds_left(), 5.0)
     eta.record_done(8)  # the first record that generated: its output is the mean now
     assert eta.tokens_left == 5 * 8
+
+
+def _predicted_ends(lengths: list[int], prior: float, width: int) -> tuple[float, list[float]]:
+    """A job whose record k generates lengths[k] tokens, `width` records running at a time,
+    one token each per 0.1 s step: (when it ends, the end the ETA predicts after each step
+    while records remain)."""
+    eta, now, made, running, queue = Eta(len(lengths), prior), 0.0, 0, {}, list(lengths)
+    eta.step(now, 0, running=0)
+    ends = []
+    while queue or running:
+        while len(running) < width and queue:
+            k = len(lengths) - len(queue)
+            running[k] = queue.pop(0)
+        now += 0.1
+        made += len(running)
+        for k in [k for k in running if running[k] == 1]:
+            eta.record_done(lengths[k])
+            del running[k]
+        running = {k: left - 1 for k, left in running.items()}
+        eta.step(now, made, running=len(running))
+        if queue or running:
+            ends.append(now + eta.seconds_left())
+    return now, ends
+
+
+def test_eta_holds_when_short_records_finish_first():
+    """Records stopping at EOS end first, so the mean of those done is low: a running
+    record is expected to end between what it has made and max_tokens (the prior), and the
+    ETA neither drops towards 0 while records run nor jumps back up."""
+    end, ends = _predicted_ends([2 + 2 * k for k in range(20)], prior=40, width=20)
+    assert math.isclose(end, 4.0)
+    # (Counting only the done records' mean predicted 0.4 s at first, creeping up to 3.7.)
+    assert all(2.0 <= e <= 4.0 + 0.1 for e in ends[1:]), ends
+    lengths = [random.Random(k).randint(1, 64) for k in range(200)]
+    end, ends = _predicted_ends(lengths, prior=64, width=20)
+    later = ends[len(ends) // 10 :]
+    assert all(abs(e - end) < 0.15 * end for e in later), (end, later)
+    # Every record at its max_tokens: exact from the first step.
+    end, ends = _predicted_ends([10] * 200, prior=10, width=20)
+    assert all(math.isclose(e, end) for e in ends), ends
+
+
+def test_the_prior_is_the_records_own_max_tokens(tiny_model_dirs):
+    """`on_prepared` tells the mean max_tokens x n of the records that passed the checks."""
+    from pagedbatch import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    told = []
+    records = [
+        {"id": "a", "prompt": "one", "max_tokens": 2},
+        {"id": "b", "prompt": "two", "max_tokens": 6, "n": 2},
+        {"id": "c", "prompt": "three"},  # the default, 4
+        {"id": "d", "prompt": "bad", "max_tokens": -1},  # an error: not counted
+    ]
+    llm.generate(records, SamplingParams(max_tokens=4), on_prepared=lambda *a: told.append(a))
+    assert told[-1] == (4, 4, (2 + 12 + 4) / 3)
+    told.clear()
+    llm.generate(
+        records[:1], SamplingParams(choices=("x", "y")), on_prepared=lambda *a: told.append(a)
+    )
+    assert told[-1] == (1, 1, 0.0)  # choices are scored: nothing generated

@@ -36,7 +36,13 @@ import torch
 from pagedbatch.bench.decode_probe import DecodeProbe, DecodeTiming, copy_bandwidth, weight_bytes
 from pagedbatch.bench.process import engine_given, pagedbatch_process
 from pagedbatch.bench.result import CONTENDERS, BenchReport, BenchResult
-from pagedbatch.bench.workloads import BenchPrompts, Workload, record_prompts, workload_prompts
+from pagedbatch.bench.workloads import (
+    BenchPrompts,
+    Workload,
+    file_records,
+    record_prompts,
+    workload_prompts,
+)
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.kv_cache import free_memory
 from pagedbatch.llm import LLM
@@ -45,6 +51,7 @@ from pagedbatch.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
+    from pagedbatch.job.records import Record
 
 # The contenders of every benchmark in this process (pagedbatch-choices runs with choices only).
 IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c != "pagedbatch-choices")
@@ -110,19 +117,13 @@ def run_file_benchmark(
     options: BenchOptions,
     on_result: Callable[[BenchResult], None] = lambda r: None,
     num_records: int | None = None,
+    records: list[Record] | None = None,
 ) -> BenchReport:
-    """Every contender on the records of the JSONL file `source` (the first `num_records`
-    valid ones if given), `max_tokens` each."""
-    from pagedbatch.job.reader import read_records
-
-    if num_records is not None and num_records < 1:
-        raise ValueError(f"num_records must be >= 1, got {num_records}")
-    # Per-record overrides would make contenders generate different lengths: dropped.
-    records = [
-        dataclasses.replace(r, overrides={}) for r in read_records(source) if r.error is None
-    ][:num_records]
-    if not records:
-        raise ValueError(f"{source} has no valid record to benchmark")
+    """Every contender on the records of the input file `source` (the first `num_records`
+    valid ones if given; `records`: those, read already by `file_records`), `max_tokens`
+    each."""
+    if records is None:
+        records = file_records(source, num_records)
 
     def tokenize(tokenizer, vocab_size: int) -> BenchPrompts:
         return record_prompts(records, tokenizer, max_tokens)

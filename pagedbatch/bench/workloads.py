@@ -117,6 +117,22 @@ def workload_prompts(
     return BenchPrompts(tuple(token_ids), tuple(max_tokens))
 
 
+def file_records(source: str, num_records: int | None = None) -> list[Record]:
+    """The valid records of the input `source` (the first `num_records` if given), without
+    their per-record overrides (which would make contenders generate different lengths).
+    Read without torch: a bad input is an InputError or ValueError before any model loads."""
+    from pagedbatch.job.reader import read_records
+
+    if num_records is not None and num_records < 1:
+        raise ValueError(f"num_records must be >= 1, got {num_records}")
+    records = [
+        dataclasses.replace(r, overrides={}) for r in read_records(source) if r.error is None
+    ][:num_records]
+    if not records:
+        raise ValueError(f"{source} has no valid record to benchmark")
+    return records
+
+
 def record_prompts(records: Sequence[Record], tokenizer, max_tokens: int) -> BenchPrompts:
     """Records of an input file, tokenized as `pagedbatch run` would (chat template for
     messages), each generating `max_tokens` tokens."""

@@ -19,6 +19,7 @@ from pagedbatch.models.random_presets import RANDOM_PRESETS
 
 if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
+    from pagedbatch.job.records import Record
 
 FILE_MAX_TOKENS = 8
 SCALE_RECORDS = 10_000
@@ -55,9 +56,10 @@ def bench(
     CPU labelling job:  pagedbatch bench examples/label_job.jsonl
     GPU, random weights: pagedbatch bench --workload share --model llama-1b-random
     """
-    from pagedbatch.bench.runner import BenchOptions
+    from pagedbatch.bench.workloads import file_records
+    from pagedbatch.job.reader import InputError
     from pagedbatch.job.settings import parse_choices, resolve_settings
-    from pagedbatch.models.names import ModelLoadError
+    from pagedbatch.models.names import ModelLoadError, resolve_model_name
     from pagedbatch.sampling_params import SamplingParams
 
     if host_overhead:
@@ -66,24 +68,30 @@ def bench(
         return _scale(num_prompts or SCALE_RECORDS, seconds, threads or 1, as_json)
     if (input is None) == (workload is None):
         fail("give an INPUT file or --workload, not both or neither")
-    quiet_libraries()
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
              "max_num_seqs": max_num_seqs, "threads": threads,
              "cuda_graphs": cuda_graphs}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))
-    try:
+    try:  # the arguments, the input and the model name are checked before torch loads
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
-        engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
         labels = parse_choices(choices) if choices is not None else None
         if labels is not None:
             SamplingParams(choices=labels, choice_score=choice_score)  # checks them
+        records = file_records(input, num_prompts) if input is not None else None
+        if workload is not None:
+            _workload(workload)
+        resolve_model_name(engine.model)
+        quiet_libraries()
+        from pagedbatch.bench.runner import BenchOptions
+
+        engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
         options = BenchOptions(
             engine, batch_size, frozenset(skip or ()), seed, labels, choice_score
         )
-        report = _run(console, options, input, workload, num_prompts, max_tokens)
-    except (ValueError, ModelLoadError) as e:
+        report = _run(console, options, input, workload, num_prompts, max_tokens, records)
+    except (ValueError, InputError, ModelLoadError) as e:
         fail(str(e))
     except RuntimeError as e:  # a contender failed outright
         fail(str(e), code=1)
@@ -147,6 +155,7 @@ def _run(
     workload: str | None,
     num_prompts: int | None,
     max_tokens: int | None,
+    records: list[Record] | None = None,
 ) -> BenchReport:
     from pagedbatch.bench.runner import run_file_benchmark, run_workload_benchmark
 
@@ -157,7 +166,7 @@ def _run(
     if input is not None:
         tokens = max_tokens or FILE_MAX_TOKENS
         console.print(f"Benchmark: {input}, {tokens} tokens per record, {model} ...")
-        return run_file_benchmark(input, tokens, options, said, num_prompts)
+        return run_file_benchmark(input, tokens, options, said, num_prompts, records)
     spec = _workload(workload).scaled(num_prompts, max_tokens)
     console.print(f"Benchmark: {spec.name} workload, {spec.num_prompts} prompts, {model} ...")
     return run_workload_benchmark(spec, options, said)

@@ -2,9 +2,10 @@
 
 On a terminal, a live Rich display: a spinner while the input is read and the model
 loads, then one bar that counts records as they are tokenized and then as they finish.
-When stderr is not a terminal (a log file, a pipe), one plain line every `interval`
-seconds and a last one when the records are done, so that a log neither fills with
-redraws nor cuts lines to the terminal's width.
+When stderr is not a terminal (a log file, a pipe), a plain line for each phase (read,
+loaded, tokenized, with its time) once the next begins, one every `interval` seconds and a last one
+when the records are done, so that a log neither fills with redraws nor cuts lines to
+the terminal's width.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class Eta:
     records jumps; tokens come out at a steady pace. The rate is an exponential moving
     average of output tokens per second (time constant RATE_TIME_CONSTANT); the tokens
     still to come are the records left times the mean output of the records finished
-    (the `prior`, e.g. max_tokens x n, until one has; failed records, which generate
-    nothing, are left out of the mean), less what the running records
-    have generated already. A job that generates nothing (prior 0: choices are scored)
-    takes the mean time per record done since the first step.
+    (the `prior` until one has: the records' mean max_tokens x n, their own where they
+    set it, once they are tokenized; failed records, which generate nothing, are left out
+    of the mean), less what the running records have generated already. A job that
+    generates nothing (prior 0: choices are scored) takes the mean time per record done
+    since the first step.
     """
 
     def __init__(self, records: int, prior_tokens_per_record: float) -> None:
@@ -48,12 +50,15 @@ class Eta:
         self._generated_done = 0  # records done that generated (not error lines)
         self._finished_tokens = 0  # output tokens of the records done
         self._generated = 0  # output tokens of every record, running ones included
+        self._running: int | None = None  # sequences running (None: not told)
         self._last: tuple[float, int] | None = None
         self._first = 0.0
 
-    def step(self, now: float, generated_tokens: int) -> None:
-        """After an engine step: the total output tokens generated so far."""
+    def step(self, now: float, generated_tokens: int, running: int | None = None) -> None:
+        """After an engine step: the total output tokens generated so far, and how many
+        sequences are running."""
         self._generated = generated_tokens
+        self._running = running
         if self._last is None:
             self._first = now
             self._last = (now, generated_tokens)
@@ -83,7 +88,20 @@ class Eta:
         done = self._generated_done
         mean = self._finished_tokens / done if done else self.prior
         running = max(self._generated - self._finished_tokens, 0)
-        return max(left * mean - running, 0.0)
+        if self._running is None:
+            return max(left * mean - running, 0.0)
+        # Records that stop early (EOS) finish first, so the records done are the short
+        # ones: a running record that has made `age` tokens is expected to end halfway
+        # between that and the prior (an upper bound: max_tokens), at least one token on,
+        # and the records not started as the done and running ones together.
+        seqs = min(self._running, left)
+        if seqs == 0:
+            return left * mean
+        age = running / seqs
+        final = max(mean, (age + self.prior) / 2, age + 1)
+        if done:
+            mean = (self._finished_tokens + seqs * final) / (done + seqs)
+        return (left - seqs) * mean + seqs * (final - age)
 
     def seconds_left(self) -> float | None:
         if self.records_done >= self.records:
@@ -122,6 +140,7 @@ class JobProgress:
         self._phase = ""
         self._phase_started = time.monotonic()
         self._counted: int | None = None  # records the phase has read
+        self._done_phase: str | None = None  # the plain line of the phase that ended
         self._status: Any = None  # the terminal's spinner, during a phase
         self._started = time.monotonic()
         self._ended: float | None = None
@@ -148,6 +167,7 @@ class JobProgress:
     def phase(self, text: str) -> Iterator[None]:
         """A phase before generation, shown as a spinner (terminal) or in the plain lines;
         `counted(n)` inside it adds how many records it has read and how fast."""
+        self._print_done_phase()
         with self._lock:
             self._phase, self._phase_started, self._counted = text, time.monotonic(), None
         if self.live:
@@ -157,8 +177,17 @@ class JobProgress:
             self._status = None
         else:
             yield
+            if self.enabled:  # the phase's last plain line: what it did and how long it took
+                self._done_phase = self._phase_line()
         with self._lock:
             self._phase = ""
+
+    def _print_done_phase(self) -> None:
+        """The line of the phase that ended, once the next begins: an error found between
+        the two (a model name, after reading) stays the only line."""
+        if self._done_phase is not None:
+            self._print(self._done_phase)
+            self._done_phase = None
 
     def counted(self, records: int) -> None:
         """The phase has read `records` records so far."""
@@ -176,6 +205,7 @@ class JobProgress:
 
     def generating(self, records: int, prior_tokens_per_record: float) -> None:
         """The records are about to be tokenized and run."""
+        self._print_done_phase()
         self._eta = Eta(records, prior_tokens_per_record)
         self._started = time.monotonic()
         if not self.live:
@@ -192,17 +222,24 @@ class JobProgress:
         self._task = self._progress.add_task("tokenizing", total=records, detail="")
         self._progress.start()
 
-    def prepared(self, done: int, total: int) -> None:
-        """`done` of the `total` records are tokenized."""
+    def prepared(self, done: int, total: int, output_tokens: float | None = None) -> None:
+        """`done` of the `total` records are tokenized; `output_tokens`: the most a record
+        tokenized so far may generate, on average (the ETA's prior, until one has)."""
         self._prepared = done
+        if output_tokens is not None and self._eta is not None:
+            with self._lock:
+                self._eta.prior = output_tokens
         if self._progress is not None:
             self._progress.update(self._task, completed=done, total=total)
 
     def step(self, stats: EngineStats) -> None:
+        if self._stats is None and self.enabled and not self.live and self._eta is not None:
+            elapsed = clock(time.monotonic() - self._started)  # the tokenizing phase's line
+            self._print(f"tokenized {self._prepared:,}/{self._eta.records:,} records ({elapsed})")
         with self._lock:
             self._stats = stats
             if self._eta is not None:
-                self._eta.step(time.monotonic(), stats.generated_tokens)
+                self._eta.step(time.monotonic(), stats.generated_tokens, stats.running_seqs)
         self._redraw()
 
     def record_done(self, output_tokens: int = 0, failed: bool = False) -> None:
@@ -223,7 +260,10 @@ class JobProgress:
         self._ended = time.monotonic()
         if self.enabled and not self.live and self._eta is not None:
             self._stop_ticker()  # its last line must not come after this one
-            self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False)
+            self._print(self.line())
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, soft_wrap=True, markup=False, highlight=False)
 
     def line(self) -> str:
         """The state in one plain line."""
@@ -263,7 +303,7 @@ class JobProgress:
     def _stop_ticker(self) -> None:
         self._stop.set()
         if self._ticker is not None and self._ticker is not threading.current_thread():
-            self._ticker.join(timeout=5.0)
+            self._ticker.join()  # however loaded the machine: no line of its comes after
 
     def _tick(self) -> None:
         interval = log_interval()
@@ -271,4 +311,4 @@ class JobProgress:
             with self._lock:
                 idle = not self._phase and self._eta is None
             if not idle:
-                self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False)
+                self._print(self.line())

@@ -183,7 +183,7 @@ class Job:
         should_stop: Callable[[], bool] = lambda: False,
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[Any], None] | None = None,
-        on_prepared: Callable[[int, int], None] | None = None,
+        on_prepared: Callable[..., None] | None = None,
     ) -> JobResult:
         """Make the files ready, then run every record still to do (`llm` may be None when
         there is none); returns what was written. A write error (a full disk) is raised,
@@ -227,7 +227,8 @@ class Job:
         if self.settings.order == "completion":
             llm.generate(
                 self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop,
-                on_prepared=on_prepared and (lambda done, _: on_prepared(done, total)),
+                on_prepared=on_prepared
+                and (lambda done, _, *most: on_prepared(done, total, *most)),
                 keep_outputs=False,  # each is written as it finishes
             )  # fmt: skip
             return
@@ -239,7 +240,8 @@ class Job:
             in_order = _InputOrder(chunk, write)
             llm.generate(
                 chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop,
-                on_prepared=on_prepared and (lambda done, _, s=start: on_prepared(s + done, total)),
+                on_prepared=on_prepared
+                and (lambda done, _, *most, s=start: on_prepared(s + done, total, *most)),
                 keep_outputs=False,
             )  # fmt: skip
             if should_stop():

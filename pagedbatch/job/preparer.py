@@ -53,13 +53,20 @@ class Preparer:
 
     def check(
         self, records: Seq[Record], defaults: SamplingParams
-    ) -> list[list[int] | RequestOutput]:
-        """Each record's prompt token ids, or its error output."""
+    ) -> tuple[list[list[int] | RequestOutput], int]:
+        """Each record's prompt token ids, or its error output; and the most output tokens
+        the records that passed may generate (max_tokens x n each; choices: none)."""
         vocab = self.limits.vocab_size
-        return [
-            checked if isinstance(checked, RequestOutput) else self._check_fit(record, *checked)
-            for record, checked in zip(records, prompt_ids(self.prompts, records, defaults, vocab))
-        ]
+        checked: list[list[int] | RequestOutput] = []
+        budget = 0
+        for record, ids in zip(records, prompt_ids(self.prompts, records, defaults, vocab)):
+            if not isinstance(ids, RequestOutput):
+                params = ids[1]
+                ids = self._check_fit(record, *ids)
+                if not isinstance(ids, RequestOutput) and params.choices is None:
+                    budget += params.max_tokens * params.n
+            checked.append(ids)
+        return checked, budget
 
     def params(self, record: Record, defaults: SamplingParams) -> SamplingParams:
         """The sampling params of a record that passed `check`."""

@@ -66,7 +66,7 @@ class RecordIndex:
                 on_read(len(self))
         self._check_unique()
         if not self.batch and self.fields.template is None and sample and not prompt_seen:
-            raise InputError(_fields_problem(sample, self.rows.name, self.fields))
+            raise InputError(fields_problem(sample, self.rows.name, self.fields))
 
     def _parse(self, position: int, row: Any) -> Record:
         if isinstance(row, JsonlError):
@@ -172,7 +172,7 @@ class RecordView(Sequence[Record]):
         return self.index.records(self.ks)
 
 
-def _fields_problem(rows: list[Mapping[str, Any]], name: str, fields: FieldMap) -> str:
+def fields_problem(rows: Sequence[Mapping[str, Any]], name: str, fields: FieldMap) -> str:
     """A file none of whose rows holds the prompt field is read with the wrong field names:
     one file-level error naming the fields it does have and the options that pick them."""
     seen = list(dict.fromkeys(key for row in rows for key in row))

@@ -70,11 +70,12 @@ class RayLLM:
         on_output: Callable[[RequestOutput], None] | None = None,
         on_step: Callable[[EngineStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[[int, int], None] | None = None,
+        on_prepared: Callable[..., None] | None = None,
         keep_outputs: bool = True,
     ) -> list[RequestOutput]:
         """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
-        report. Record ids must be distinct (they tell the outputs apart)."""
+        report, `on_prepared` only (done, total) (the replicas check the params). Record
+        ids must be distinct (they tell the outputs apart)."""
         params = params or SamplingParams()
         items = inputs if isinstance(inputs, Seq) and not isinstance(inputs, str) else list(inputs)
         stop = should_stop or (lambda: False)
