@@ -12,7 +12,6 @@ from tiny_models import ARCHS, build_tiny_model
 
 from pagedbatch.models.loader import DEFAULT_MODEL, alias_gguf_path, convert_gguf
 
-
 _session_cache: str | None = None  # the temporary model cache this session made
 
 
