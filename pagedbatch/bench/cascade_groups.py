@@ -6,11 +6,12 @@ plain attention) on a batch of `seqs` sequences where groups of `members` sequen
 their first `prefix_blocks` blocks. Layouts: `all`, every sequence in such a group;
 `one`, one such group among sequences that share nothing (each holds private copies of
 the same number of blocks). Modes: `decode` (one new token, `own_tokens` of context
-after the prefix) and `extend` (`new_tokens` new tokens right after a cached prefix).
+after the prefix) and `extend` (`own_tokens` new tokens right after a cached prefix).
 Shapes default to SmolLM2-135M's attention (30 layers, 9 query and 3 KV heads, 64 wide),
 block size 16, float32. Steps with and without cascade alternate; each figure is the
-median of `repeats` steps. docs/DESIGN.md ("Cascade attention") quotes the measurement
-behind the plan's rule.
+median of `repeats` steps' CPU time (`time.thread_time`: torch on one thread computes in
+this thread, so a busy machine changes it little). docs/DESIGN.md ("Cascade
+attention") quotes the measurement behind the torch backend's rule.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import torch
 
 from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
-from pagedbatch.engine.cascade import ANY_GROUP, TORCH_RULE, CascadeRule, make_plan, plan_cascade
+from pagedbatch.engine.cascade import (
+    ANY_GROUP,
+    TORCH_RULE,
+    CascadePlan,
+    CascadeRule,
+    make_plan,
+    plan_cascade,
+)
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec
 
 
@@ -155,7 +163,7 @@ class _Step:
         self.v = torch.randn(t, a.kv_heads, a.head_dim, generator=gen)
         self.scale = a.head_dim**-0.5
 
-    def plan(self, rule: CascadeRule = ANY_GROUP):
+    def plan(self, rule: CascadeRule = ANY_GROUP) -> CascadePlan | None:
         bs = self.cache.spec.block_size
         decoding = self.ends - self.begins == 1
         groups = plan_cascade(self.rows, -(-self.ends // bs), self.begins, bs, rule, decoding)
