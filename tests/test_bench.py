@@ -229,7 +229,6 @@ def test_share_hits_the_prefix_cache_only_with_sharing(reports):
     # What a decode step read: the same steps, the prefix read once per group.
     assert uncascaded["decode_steps"] == shared["decode_steps"] > 0
     assert 0 < shared["decode_kv_bytes"] < uncascaded["decode_kv_bytes"]
-    assert uncascaded["decode_kv_bytes"] == plain["decode_kv_bytes"]
 
 
 def test_cascade_groups_times_each_shape_with_and_without_the_plan():
@@ -246,6 +245,9 @@ def test_cascade_groups_times_each_shape_with_and_without_the_plan():
     assert all(t.plain_ms > 0 and t.cascade_ms > 0 for t in timings)
     with pytest.raises(ValueError, match="fewer than a group of 3"):
         measure_cascade_groups(shapes, seqs=2, repeats=1, attention=tiny)
+    result = CliRunner().invoke(app, ["bench", "--cascade-groups", "--num-prompts", "4"])
+    assert result.exit_code == 2
+    assert "4 sequences are fewer than a group of 8" in result.output
 
 
 def test_skip_leaves_contenders_out(tiny_model_dirs):
