@@ -12,8 +12,8 @@
 #                       transformers generate and generate_batch in one run, % of the HBM
 #                       floor per step
 #   bench-cascade.txt   the same workload without CUDA graphs (eager decode), pagedbatch
-#                       with and without cascade attention: KV reads saved, ms per decode
-#                       step (goal: decode K/V bytes read down >= 3x, step time with them)
+#                       with and without cascade attention: KV reads saved, ms and K/V MB
+#                       read per decode step (goal: MB/step down >= 3x, ms/step with it)
 # The GPU machines carry torch, triton, transformers, typer, rich, pytest; not datasets/gguf.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -226,6 +226,28 @@ def test_share_hits_the_prefix_cache_only_with_sharing(reports):
     assert shared["cascade_saved_token_reads"] > 0
     assert uncascaded["cascade_saved_token_reads"] == plain["cascade_saved_token_reads"] == 0
     assert uncascaded["prefix_hit_rate"] == shared["prefix_hit_rate"]
+    # What a decode step read: the same steps, the prefix read once per group.
+    assert uncascaded["decode_steps"] == shared["decode_steps"] > 0
+    assert 0 < shared["decode_kv_bytes"] < uncascaded["decode_kv_bytes"]
+
+
+def test_cascade_groups_times_each_shape_with_and_without_the_plan():
+    from pagedbatch.bench.cascade_groups import AttentionShape, GroupShape, measure_cascade_groups
+
+    tiny = AttentionShape(layers=2, heads=4, kv_heads=2, head_dim=8, block_size=16)
+    shapes = [GroupShape("decode", "all", 2, 1, 4), GroupShape("decode", "one", 3, 32, 4),
+              GroupShape("extend", "all", 3, 32, 5)]  # fmt: skip
+    timings = measure_cascade_groups(shapes, seqs=6, repeats=1, attention=tiny)
+    # 3 pairs x 16 tokens; one trio x 2 x 512 tokens; two trios (per layer)
+    assert [(t.groups, t.saved_token_reads) for t in timings] == [(3, 48), (1, 1024), (2, 2048)]
+    # The torch rule: decodes behind 512 tokens only.
+    assert [t.taken for t in timings] == [False, True, False]
+    assert all(t.plain_ms > 0 and t.cascade_ms > 0 for t in timings)
+    with pytest.raises(ValueError, match="fewer than a group of 3"):
+        measure_cascade_groups(shapes, seqs=2, repeats=1, attention=tiny)
+    result = CliRunner().invoke(app, ["bench", "--cascade-groups", "--num-prompts", "4"])
+    assert result.exit_code == 2
+    assert "4 sequences are fewer than a group of 8" in result.output
 
 
 def test_skip_leaves_contenders_out(tiny_model_dirs):
@@ -320,7 +342,11 @@ def test_bandwidth_floor_of_decode_steps():
     timing = DecodeTiming(steps=10, seconds=0.02, sequences=40, context_tokens=4000)
     assert timing.ms_per_step == 2.0 and timing.mean_batch == 4.0
     # 10 steps x 1 MB weights + 4000 tokens x 1 kB of K/V = 14 MB at 1 TB/s: 14 us
-    assert timing.floor_seconds(10**6, 10**3, 1e12) == pytest.approx(14e-6)
+    assert timing.kv_bytes(10**3, num_layers=4) == 4 * 10**6
+    assert timing.floor_seconds(10**6, 4 * 10**6, 1e12) == pytest.approx(14e-6)
+    # Cascade left out 1000 layer-tokens (250 tokens of all 4 layers): 250 kB less.
+    cascaded = timing._replace(saved_token_reads=1000)
+    assert cascaded.kv_bytes(10**3, num_layers=4) == 4 * 10**6 - 250_000
 
 
 def test_bandwidth_floor_path_without_cuda(tiny_model_dirs):

@@ -11,7 +11,7 @@ from job_helpers import ROOT
 from tiny_models import ARCHS
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.engine.cascade import CascadeGroup, plan_cascade
+from pagedbatch.engine.cascade import ANY_GROUP, TORCH_RULE, CascadeGroup, plan_cascade
 
 BS = 4
 
@@ -58,8 +58,16 @@ def shared_prompts(vocab: int, seed: int) -> list[list[int]]:
             + [rand(7), rand(12)])  # fmt: skip
 
 
+def any_group(llm: LLM) -> LLM:
+    """`llm` planning every group the Triton backend would (any whole block shared,
+    extends too): the exactness tests' short prompts cascade in decode and extend steps,
+    which the torch backend's own rule (`TORCH_RULE`, tested below) would not take."""
+    llm.engine.runner.cascade_rule = ANY_GROUP
+    return llm
+
+
 def run(model_dir, cascade: bool, **kw):
-    llm = LLM(model_dir, device="cpu", block_size=BS, cascade=cascade, **kw)
+    llm = any_group(LLM(model_dir, device="cpu", block_size=BS, cascade=cascade, **kw))
     logits = []
     forward = llm.engine.runner.forward  # the real forward, its logits recorded
 
@@ -98,8 +106,8 @@ def test_cascade_gives_the_tokens_and_logits_of_the_plain_path(arch, tiny_model_
 def test_cascade_with_forks_preemption_and_chunked_prefill(engine, tiny_model_dirs):
     results = {}
     for cascade in (True, False):
-        llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=BS, cascade=cascade,
-                  **engine)  # fmt: skip
+        llm = any_group(LLM(tiny_model_dirs["llama"], device="cpu", block_size=BS,
+                            cascade=cascade, **engine))  # fmt: skip
         prompts = shared_prompts(llm.model.config.vocab_size, seed=11)
         params = SamplingParams(max_tokens=8, ignore_eos=True, n=3, temperature=0.8, seed=5)
         outputs = llm.generate(prompts, params)
@@ -119,6 +127,7 @@ def test_a_sliding_window_narrower_than_the_context_takes_the_plain_path(tmp_pat
     tokens, saved = {}, {}
     for cascade in (True, False):
         llm = LLM(model_dir, device="cpu", block_size=BS, num_blocks=128, cascade=cascade)
+        any_group(llm)
         prompts = shared_prompts(llm.model.config.vocab_size, seed=3)
         outputs = llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
         tokens[cascade] = [o.completions[0].token_ids for o in outputs]
@@ -130,13 +139,14 @@ def test_a_sliding_window_narrower_than_the_context_takes_the_plain_path(tmp_pat
 def test_the_cli_turns_cascade_off(tmp_path, tiny_model_dirs):
     from job_helpers import invoke, read_lines, tiny_args, write_jsonl
 
-    instruction = "Read the review below and say whether it is positive or negative. "
+    # Long enough for the torch backend's rule (a prefix of TORCH_RULE.min_prefix_tokens).
+    instruction = "Read the review below and say whether it is positive or negative. " * 18
     records = [{"id": i, "prompt": instruction + f"Review {i}: it was fine."} for i in range(4)]
     source = write_jsonl(tmp_path / "in.jsonl", records)
     lines = {}
     for flag in ("--cascade", "--no-cascade"):
         out = tmp_path / f"out{flag}.jsonl"
-        args = tiny_args(tiny_model_dirs["llama"], flag, "--block-size", "4")
+        args = tiny_args(tiny_model_dirs["llama"], flag, "--block-size", "4", "--num-blocks", "512")
         result = invoke(source, "-o", out, "--memory-report", *args)
         assert result.exit_code == 0, result.output
         report = json.loads(out.with_name(out.name.removesuffix(".jsonl") + ".memory.json")
@@ -178,3 +188,62 @@ def test_smollm2_labelling_records_give_the_same_tokens_with_and_without_cascade
     without, plain = run(False)
     assert with_cascade == without
     assert stats.cascade_saved_token_reads > 0 and plain.cascade_saved_token_reads == 0
+
+
+def test_the_torch_rule_groups_decoding_sequences_behind_long_prefixes_only():
+    size = 16
+    need = TORCH_RULE.min_prefix_tokens // size  # blocks of the shortest prefix it takes
+    long, short = np.arange(need), 100 + np.arange(need - 1)
+    rows = np.array([[*long, 50 + i] for i in range(4)]
+                    + [[*short, 60 + i, 0] for i in range(2)], dtype=np.int32)  # fmt: skip
+    begins = np.array([need * size + 3] * 4 + [(need - 1) * size + 3] * 2)
+    ends = begins + 1
+    ends[2] = begins[2] + 5  # 2 extends: 5 new tokens
+    decoding = ends - begins == 1
+    num_blocks = -(-ends // size)
+    assert plan_cascade(rows, num_blocks, begins, size, TORCH_RULE, decoding) == [
+        CascadeGroup((0, 1, 3), need)
+    ]
+    # Any group: the extending member and the shorter prefix's pair join too.
+    assert plan_cascade(rows, num_blocks, begins, size, ANY_GROUP, decoding) == [
+        CascadeGroup((0, 1, 2, 3), need),
+        CascadeGroup((4, 5), need - 1),
+    ]
+    with pytest.raises(ValueError, match="decoding"):
+        plan_cascade(rows, num_blocks, begins, size, TORCH_RULE)
+
+
+def test_the_torch_backend_cascades_decodes_behind_a_long_prefix_and_nothing_else(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", block_size=BS, num_blocks=512)
+    assert llm.engine.runner.cascade_rule == TORCH_RULE
+    vocab = llm.model.config.vocab_size
+    gen = torch.Generator().manual_seed(2)
+    instruction = torch.randint(3, vocab, (TORCH_RULE.min_prefix_tokens + 3,), generator=gen)
+    long = [instruction.tolist() + torch.randint(3, vocab, (2 + i,), generator=gen).tolist()
+            for i in range(5)]  # fmt: skip
+    plans = []
+    prepare = llm.engine.runner.prepare  # the real one, its plans recorded
+
+    def recording(out):
+        batch = prepare(out)
+        plans.append((batch.cascade, batch.query_lens_host))
+        return batch
+
+    llm.engine.runner.prepare = recording
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    tokens = [o.completions[0].token_ids for o in llm.generate(long, params)]
+    made = [(p, lens) for p, lens in plans if p is not None]
+    assert made and llm.stats().cascade_saved_token_reads > 0
+    for plan, lens in made:
+        for group in plan.groups:
+            assert all(lens[i] == 1 for i in group.seqs)  # decoding members only
+            assert group.num_prefix_blocks * BS >= TORCH_RULE.min_prefix_tokens
+    plain = LLM(tiny_model_dirs["qwen3"], device="cpu", block_size=BS, num_blocks=512,
+                cascade=False)  # fmt: skip
+    assert [o.completions[0].token_ids for o in plain.generate(long, params)] == tokens
+    # The tiny prompts' 21- and 9-token instructions are too short for the rule.
+    plans.clear()
+    before = llm.stats().cascade_saved_token_reads
+    llm.generate(shared_prompts(vocab, seed=7), params)
+    assert all(p is None for p, _ in plans)
+    assert llm.stats().cascade_saved_token_reads == before

@@ -1,7 +1,8 @@
 """Decode-step timing of an engine, and the memory-bandwidth floor it is measured against.
 
 DESIGN.md: a decode step must read every weight once and the K and V of every context
-token of every sequence it decodes, so it cannot take less than
+token of every sequence it decodes (a cascade group's shared prefix once for the group),
+so it cannot take less than
 `(weight bytes + KV bytes read) / copy bandwidth`, the bandwidth measured by a large
 device-to-device copy (bytes read + written per second). The fraction
 `floor / measured step time` is how close a step comes to what the memory allows.
@@ -27,6 +28,13 @@ class DecodeTiming(NamedTuple):
     seconds: float
     sequences: int  # summed over the steps
     context_tokens: int  # summed over the steps: K/V tokens the attention reads
+    saved_token_reads: int = 0  # summed over the steps and layers: what cascade did not read
+
+    def kv_bytes(self, bytes_per_token: int, num_layers: int) -> int:
+        """K/V bytes these steps read (`bytes_per_token`: one token's, all layers)."""
+        return self.context_tokens * bytes_per_token - (
+            self.saved_token_reads * bytes_per_token // num_layers
+        )
 
     @property
     def ms_per_step(self) -> float:
@@ -36,10 +44,10 @@ class DecodeTiming(NamedTuple):
     def mean_batch(self) -> float:
         return self.sequences / self.steps if self.steps else 0.0
 
-    def floor_seconds(self, weight_bytes: int, kv_bytes_per_token: int, copy_bw: float) -> float:
-        """The least time these steps could take at copy bandwidth (bytes/s)."""
-        read = self.steps * weight_bytes + self.context_tokens * kv_bytes_per_token
-        return read / copy_bw
+    def floor_seconds(self, weight_bytes: int, kv_bytes: int, copy_bw: float) -> float:
+        """The least time these steps could take at copy bandwidth (bytes/s), reading
+        `kv_bytes` of K/V (`kv_bytes()`)."""
+        return (self.steps * weight_bytes + kv_bytes) / copy_bw
 
 
 class DecodeProbe:
@@ -51,16 +59,20 @@ class DecodeProbe:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._timing = DecodeTiming(0, 0.0, 0, 0)
+        self._timing = DecodeTiming(0, 0.0, 0, 0, 0)
+        self._saved = engine.attention.cascade_saved_token_reads
 
     def on_step(self, stats: EngineStats) -> None:
         step = self.engine.last_step
+        total = stats.cascade_saved_token_reads
+        saved, self._saved = total - self._saved, total
         if step is None or not step.decode_only:
             return
-        steps, total, seqs, context = self._timing
+        t = self._timing
         self._timing = DecodeTiming(
-            steps + 1, total + step.seconds, seqs + step.num_seqs, context + step.context_tokens
-        )
+            t.steps + 1, t.seconds + step.seconds, t.sequences + step.num_seqs,
+            t.context_tokens + step.context_tokens, t.saved_token_reads + saved,
+        )  # fmt: skip
 
     def timing(self) -> DecodeTiming:
         return self._timing

@@ -27,7 +27,8 @@ class BenchResult:
     `details` holds what only some contenders have: `load_s`, and for pagedbatch also
     `prefix_hit_rate`, `peak_blocks`, `sharing_saving`, `preemptions`,
     `cascade_saved_token_reads` (K/V token reads, over layers, that cascade saved), `decode_steps`,
-    `decode_ms` (mean decode-only step), `decode_batch` (mean sequences per decode step)
+    `decode_ms` (mean decode-only step), `decode_batch` (mean sequences per decode step),
+    `decode_kv_bytes` (K/V bytes a decode-only step read, cascade's savings taken out)
     and, on CUDA, `floor_fraction` (bandwidth floor / step time).
     """
 

@@ -267,14 +267,16 @@ def label_matches(label: str | None, text: str) -> bool:
 
 
 def _decode_details(timing: DecodeTiming, llm: LLM, copy_bw: float | None) -> dict[str, Any]:
+    spec = llm.kv_cache.spec
+    kv_bytes = timing.kv_bytes(spec.bytes_per_token, spec.num_layers)
     details: dict[str, Any] = {
         "decode_steps": timing.steps,
         "decode_ms": timing.ms_per_step,
         "decode_batch": timing.mean_batch,
+        "decode_kv_bytes": kv_bytes // timing.steps if timing.steps else 0,
     }
     if copy_bw is not None and timing.steps:
-        bytes_per_token = llm.kv_cache.spec.bytes_per_token
-        floor = timing.floor_seconds(weight_bytes(llm.model), bytes_per_token, copy_bw)
+        floor = timing.floor_seconds(weight_bytes(llm.model), kv_bytes, copy_bw)
         details["floor_fraction"] = floor / timing.seconds
     return details
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 FILE_MAX_TOKENS = 8
 SCALE_RECORDS = 10_000
+CASCADE_GROUP_SEQS = 32
 PRESETS = ", ".join(RANDOM_PRESETS)
 
 
@@ -44,8 +45,9 @@ def bench(
     cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="As for run: decode-only steps from CUDA graphs, which run without cascade attention. \\[default: the config's, else on with CUDA and triton]", show_default=False)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
     host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
+    cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/DESIGN.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead or --workload scale: print one JSON object.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups or --workload scale: print JSON.")] = False,
 ) -> None:  # fmt: skip
     """Time pagedbatch (as configured, without cascade attention, without prefix sharing; for
     INPUT also the whole `pagedbatch run` process) against transformers generate (padded static batches) and generate_batch
@@ -64,6 +66,8 @@ def bench(
 
     if host_overhead:
         return _host_overhead(device or "cpu", as_json)
+    if cascade_groups:
+        return _cascade_groups(num_prompts or CASCADE_GROUP_SEQS, threads or 1, seed, as_json)
     if workload == "scale":
         return _scale(num_prompts or SCALE_RECORDS, seconds, threads or 1, as_json)
     if (input is None) == (workload is None):
@@ -122,6 +126,32 @@ def _scale(records: int, seconds: float | None, threads: int, as_json: bool) -> 
         if r is not None:
             table.add_row(name, str(r.exit_code), f"{r.seconds:.1f}", f"{r.peak_rss_mb:.0f}",
                           _num(r.first_line_s, "{:.1f}"), _num(r.records_per_s, "{:.0f}"))  # fmt: skip
+    Console().print(table)
+
+
+def _cascade_groups(seqs: int, threads: int, seed: int, as_json: bool) -> None:
+    import torch
+
+    from pagedbatch.bench.cascade_groups import measure_cascade_groups
+
+    torch.set_num_threads(threads)
+    try:
+        timings = measure_cascade_groups(seqs=seqs, seed=seed)
+    except ValueError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps([t.to_json() for t in timings]))
+        return
+    table = Table(title=f"Attention per step, torch backend, {seqs} sequences, {threads} thread "
+                  "(x: without / with cascade)", box=box.SIMPLE_HEAD)  # fmt: skip
+    for column in ("mode", "grouped", "members", "blocks", "groups", "saved/layer",
+                   "plain ms", "cascade ms", "x"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("mode", "grouped") else "right")
+    for t in timings:
+        s = t.shape
+        table.add_row(s.mode, s.layout, str(s.members), str(s.prefix_blocks), str(t.groups),
+                      str(t.saved_token_reads), f"{t.plain_ms:.1f}", f"{t.cascade_ms:.1f}",
+                      f"{t.speedup:.2f}")  # fmt: skip
     Console().print(table)
 
 
@@ -235,12 +265,14 @@ def pagedbatch_table(report: BenchReport) -> Table:
     floors = any("floor_fraction" in r.details for r in ours)
     table = Table(
         title="pagedbatch: KV cache and decode-only steps",
-        caption="% floor: (weight + K/V bytes read) / copy bandwidth, over the measured time"
-        if floors else None,
+        caption="KV MB/step: K/V bytes a decode step read (cascade: a shared prefix once per "
+        "group)" + ("\n% floor: (weight + K/V bytes read) / copy bandwidth, over the measured "
+                    "time" if floors else ""),
         box=box.SIMPLE_HEAD,
     )  # fmt: skip
     columns = ("contender", "hit rate", "peak KV blocks", "preempted", "KV reads saved",
-               "decode steps", "ms/step", "batch", *(["% floor"] if floors else []))  # fmt: skip
+               "decode steps", "ms/step", "batch", "KV MB/step",
+               *(["% floor"] if floors else []))  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column == "contender" else "right")
     for r in ours:
@@ -248,7 +280,7 @@ def pagedbatch_table(report: BenchReport) -> Table:
         row = [escape(r.name), f"{d['prefix_hit_rate']:.2f}", f"{d['peak_blocks']}/{d['num_blocks']}",
                str(d["preemptions"]), _count(d["cascade_saved_token_reads"]),
                str(d["decode_steps"]), f"{d['decode_ms']:.2f}",
-               f"{d['decode_batch']:.1f}"]  # fmt: skip
+               f"{d['decode_batch']:.1f}", f"{d['decode_kv_bytes'] / 1e6:.1f}"]  # fmt: skip
         if floors:
             row.append(_num(d.get("floor_fraction"), "{:.0%}"))
         table.add_row(*row)

@@ -30,6 +30,24 @@ MIN_PREFIX_BLOCKS = 1
 
 
 @dataclass(frozen=True)
+class CascadeRule:
+    """Which groups are worth forming (docs/DESIGN.md, "Cascade attention", has the
+    measurement behind `TORCH_RULE`: `pagedbatch bench --cascade-groups`)."""
+
+    min_prefix_tokens: int  # a group's shared prefix is at least this long (whole blocks)
+    extends: bool  # members computing more than one new token may join a group
+
+    def min_blocks(self, block_size: int) -> int:
+        return max(MIN_PREFIX_BLOCKS, -(-self.min_prefix_tokens // block_size))
+
+
+# Any two sequences sharing a whole block (the Triton backend's rule: not measured on a GPU).
+ANY_GROUP = CascadeRule(min_prefix_tokens=1, extends=True)
+# The torch backend's: decoding members only, behind a prefix of at least 512 tokens.
+TORCH_RULE = CascadeRule(min_prefix_tokens=512, extends=False)
+
+
+@dataclass(frozen=True)
 class CascadeGroup:
     """Sequences (indices in the step's batch) sharing their first `num_prefix_blocks`."""
 
@@ -146,6 +164,9 @@ def plan_cascade(
     num_blocks: np.ndarray,  # [num_seqs] blocks each sequence holds after this step
     begins: np.ndarray,  # [num_seqs] each sequence's first new position (KV before it cached)
     block_size: int,
+    rule: CascadeRule = ANY_GROUP,
+    decoding: np.ndarray | None = None,  # [num_seqs] bool: one new token (needed unless
+    # the rule takes extends)
 ) -> list[CascadeGroup]:
     """Groups of sequences that start with the same physical blocks.
 
@@ -155,13 +176,20 @@ def plan_cascade(
     first new token), the prefix is the `t` among them that maximises the reads saved,
     (number of members with l_i >= t, less one) x t, the longer on a tie; members with
     l_i < t run without cascade. So one member that shares only a block does not cut
-    the whole group's prefix to one block. Groups of fewer than
-    MIN_GROUP_SEQS or with a prefix under MIN_PREFIX_BLOCKS are dropped.
+    the whole group's prefix to one block. Only prefixes of `rule.min_blocks` count;
+    groups of fewer than MIN_GROUP_SEQS are dropped; unless `rule.extends`, only the
+    `decoding` sequences are candidates.
     """
     if len(rows) < MIN_GROUP_SEQS:
         return []
+    least = rule.min_blocks(block_size)
     usable = np.minimum(num_blocks, begins // block_size)  # whole blocks before new tokens
-    candidates = np.flatnonzero(usable >= MIN_PREFIX_BLOCKS)
+    eligible = usable >= least
+    if not rule.extends:
+        if decoding is None:
+            raise ValueError("a rule without extends needs `decoding`")
+        eligible &= decoding
+    candidates = np.flatnonzero(eligible)
     if len(candidates) < MIN_GROUP_SEQS:
         return []
     first = rows[candidates, 0]
@@ -173,10 +201,12 @@ def plan_cascade(
             continue
         shared = _shared_blocks(rows[members], usable[members])
         counts = (shared[None, :] >= shared[:, None]).sum(axis=1)  # members sharing >= l_i
-        saved = (counts - 1) * shared
+        saved = np.where(shared >= least, (counts - 1) * shared, 0)
+        if saved.max() == 0:
+            continue
         prefix = int(shared[saved == saved.max()].max())
         kept = members[shared >= prefix]
-        if len(kept) >= MIN_GROUP_SEQS and prefix >= MIN_PREFIX_BLOCKS:
+        if len(kept) >= MIN_GROUP_SEQS:
             groups.append(CascadeGroup(tuple(int(i) for i in sorted(kept)), prefix))
     return groups
 

@@ -11,7 +11,13 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch, ScoreRows
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import blocks_for
-from pagedbatch.engine.cascade import CascadePlan, make_plan, plan_cascade
+from pagedbatch.engine.cascade import (
+    ANY_GROUP,
+    TORCH_RULE,
+    CascadePlan,
+    make_plan,
+    plan_cascade,
+)
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
 from pagedbatch.engine.sequence import Sequence
@@ -29,6 +35,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.cascade = cascade  # plan cascade attention for sequences sharing prefix pages
+        # Which groups are worth it: measured for torch; Triton takes any (see cascade.py).
+        self.cascade_rule = TORCH_RULE if attention.backend == "torch" else ANY_GROUP
         self.scoring = False  # some queued sequence scores choices (set by Engine.add)
         self.attention = attention
         self.block_manager = block_manager
@@ -118,7 +126,8 @@ class ModelRunner:
         """Which scheduled sequences attend to a shared prefix's pages together this step."""
         tables, size = self.block_manager.tables, self.block_manager.block_size
         own_rows = tables.host[rows]
-        groups = plan_cascade(own_rows, -(-ends // size), begins, size)
+        decoding = ends - begins == 1
+        groups = plan_cascade(own_rows, -(-ends // size), begins, size, self.cascade_rule, decoding)
         return make_plan(groups, own_rows, size, starts.tolist(), self.device)
 
     @torch.inference_mode()
