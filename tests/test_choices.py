@@ -4,6 +4,7 @@ paged engine (no decoding loop), checked against a plain transformers forward.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -272,15 +273,17 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
         json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()
     ][:3]  # fmt: skip
     choices = ("positive", "negative", "mixed", " positive")  # " positive": other tokens
-    llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256)
-    outputs = llm.generate(rows, SamplingParams(choices=choices))
-    # The shared instruction is computed once: the records after the first take it cached.
-    assert sum(o.cached_tokens > 0 for o in outputs) == len(rows) - 1
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    for i, (row, output) in enumerate(zip(rows, outputs, strict=True)):
-        assert output.error is None, output.error
-        ids = llm.prompts.token_ids(parse_record(row, default_id=i))
-        for choice in output.choices:
-            tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
-            want = reference_score(model, ids, tokens)
-            assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
+    reference = functools.cache(lambda ids, tokens: reference_score(model, list(ids), list(tokens)))
+    for sharing in (True, False):
+        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256, prefix_sharing=sharing)
+        outputs = llm.generate(rows, SamplingParams(choices=choices))
+        # With sharing, the instruction is computed once: the later records take it cached.
+        assert sum(o.cached_tokens > 0 for o in outputs) == (len(rows) - 1 if sharing else 0)
+        for i, (row, output) in enumerate(zip(rows, outputs, strict=True)):
+            assert output.error is None, output.error
+            ids = llm.prompts.token_ids(parse_record(row, default_id=i))
+            for choice in output.choices:
+                tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
+                want = reference(tuple(ids), tuple(tokens))
+                assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)

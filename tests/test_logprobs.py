@@ -3,9 +3,13 @@ checked against transformers' log-softmax at each position (teacher forcing)."""
 
 from __future__ import annotations
 
+import functools
+import json
+
 import pytest
 import torch
-from job_helpers import by_id, invoke, read_lines, tiny_args, write_jsonl
+from job_helpers import ROOT, by_id, invoke, read_lines, tiny_args, write_jsonl
+from tiny_models import ARCHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
@@ -22,27 +26,73 @@ def reference_logprobs(model, prompt: list[int], generated: list[int]) -> torch.
     return logits.log_softmax(dim=-1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_logprobs_equal_transformers_log_softmax(arch, tiny_model_dirs):
-    llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4)
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 400, (n,), generator=gen).tolist() for n in (5, 13, 9)]
-    params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=3, temperature=0.9,
-                            seed=4, n=2)  # fmt: skip
-    outputs = llm.generate(prompts, params)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
-    for prompt, output in zip(prompts, outputs):
+def check_logprobs(llm: LLM, reference, prompts: list[list[int]], outputs, k: int) -> None:
+    """Every token's logprob and top k against `reference(prompt, generated)`: a
+    `reference_logprobs` of the transformers model."""
+    for prompt, output in zip(prompts, outputs, strict=True):
         for completion in output.completions:
             generated = list(completion.token_ids)
-            want = reference_logprobs(model, prompt, generated)
-            assert len(completion.logprobs) == len(generated) == 7
+            want = reference(tuple(prompt), tuple(generated))
+            assert len(completion.logprobs) == len(generated) > 0
             for row, (token, entry) in enumerate(zip(generated, completion.logprobs)):
                 assert entry.token_id == token
                 assert entry.token == llm.tokenizer.decode([token])
                 assert entry.logprob == pytest.approx(want[row, token].item(), abs=1e-4)
-                top_values, top_ids = want[row].topk(3)
+                top_values, top_ids = want[row].topk(k)
                 assert [i for _, i, _ in entry.top] == top_ids.tolist()
                 assert [v for _, _, v in entry.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+
+
+def shared_prefix_prompts() -> list[list[int]]:
+    """Five prompts, four of them after one 13-token prefix (3 whole 4-token blocks)."""
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 400, (13,), generator=gen).tolist()
+    tails = [torch.randint(3, 400, (n,), generator=gen).tolist() for n in (1, 6, 3, 9)]
+    return [shared + tail for tail in tails] + [torch.randint(3, 400, (5,), generator=gen).tolist()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "engine",
+    [
+        {"prefix_sharing": True, "cascade": True},
+        {"prefix_sharing": True, "cascade": False},
+        {"prefix_sharing": False},
+    ],
+    ids=["sharing-cascade", "sharing", "no-sharing"],
+)
+def test_logprobs_equal_transformers_log_softmax(arch, engine, tiny_model_dirs):
+    llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4, **engine)
+    prompts = shared_prefix_prompts()
+    params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=3, temperature=0.9,
+                            seed=4, n=2)  # fmt: skip
+    outputs = llm.generate(prompts, params)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
+    check_logprobs(llm, lambda p, g: reference_logprobs(model, list(p), list(g)), prompts,
+                   outputs, 3)  # fmt: skip
+    assert all(len(c.token_ids) == 7 for o in outputs for c in o.completions)
+    stats = llm.stats()
+    # The paths named in the id ran: the cache served prompts, cascade read shared pages once.
+    assert (stats.prefix_hit_tokens > 0) == engine["prefix_sharing"]
+    assert (stats.cascade_saved_token_reads > 0) == engine.get("cascade", False)
+
+
+@pytest.mark.slow
+def test_logprobs_on_smollm2_labelling_records(smollm2_dir):
+    from pagedbatch.job.records import parse_record
+
+    rows = [json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()][:3]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    reference = functools.cache(lambda p, g: reference_logprobs(model, list(p), list(g)))
+    for sharing in (True, False):
+        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256, prefix_sharing=sharing)
+        params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=5)
+        outputs = llm.generate(rows, params)
+        prompts = [llm.prompts.token_ids(parse_record(r, default_id=i)) for i, r in enumerate(rows)]
+        stats = llm.stats()
+        assert (stats.prefix_hit_tokens > 0) == sharing
+        assert (stats.cascade_saved_token_reads > 0) == sharing  # cascade is on by default
+        check_logprobs(llm, reference, prompts, outputs, 5)
 
 
 def test_no_logprobs_unless_asked_and_zero_means_the_token_alone(tiny_model_dirs):
