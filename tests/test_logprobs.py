@@ -3,6 +3,7 @@ checked against transformers' log-softmax at each position (teacher forcing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -152,3 +153,44 @@ def test_output_lines_plain_and_openai(tmp_path, tiny_model_dirs):
     assert set(text) == {"tokens", "token_logprobs", "top_logprobs"}
     assert len(text["tokens"]) == len(text["token_logprobs"]) == len(text["top_logprobs"])
     assert all(len(top) <= 1 for top in text["top_logprobs"])
+
+
+def test_logprobs_survive_chunked_prefill_and_preemption(tiny_model_dirs):
+    # 3-token steps cut the prompts into chunks; 8 blocks of 4 tokens cannot hold every
+    # sequence to its end, so some are preempted and recomputed: no entry twice, none lost.
+    llm = LLM(tiny_model_dirs["mistral"], device="cpu", num_blocks=8, block_size=4,
+              max_batch_tokens=3)  # fmt: skip
+    prompts = shared_prefix_prompts()
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2))
+    assert llm.stats().preemptions > 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["mistral"], dtype=torch.float32)
+    check_logprobs(llm, lambda p, g: reference_logprobs(model, list(p), list(g)), prompts,
+                   outputs, 2)  # fmt: skip
+
+
+def test_logprobs_cover_every_generated_token_with_a_stop_string(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    prompt = "the cat sat on the mat"
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
+    (free,) = llm.generate([prompt], params)
+    tokens = free.completions[0].token_ids
+    texts = [llm.tokenizer.decode([t]) for t in tokens]
+    # A stop string: the whole text of a token from the 5th on, not found in the text before.
+    at = next(
+        i for i in range(4, len(tokens))
+        if texts[i].strip() and texts[i] not in llm.tokenizer.decode(tokens[:i])
+    )  # fmt: skip
+    stopped = dataclasses.replace(params, stop=(texts[at],), n=2)
+    (out,) = llm.generate([prompt], stopped)
+    for completion in out.completions:
+        assert completion.finish_reason == "stop"
+        assert completion.text == llm.tokenizer.decode(tokens[:at])  # the text ends before it
+        # One entry per generated token, the stop string's own token included (as
+        # token_ids and usage count it).
+        assert completion.token_ids == tokens[: at + 1]
+        want = free.completions[0].logprobs[: at + 1]
+        assert [t.token_id for t in completion.logprobs] == [t.token_id for t in want]
+        assert [t.logprob for t in completion.logprobs] == pytest.approx(
+            [t.logprob for t in want], abs=1e-5
+        )
+    assert out.completion_tokens == 2 * (at + 1)
