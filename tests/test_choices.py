@@ -15,6 +15,7 @@ from tiny_models import ARCHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
+from pagedbatch.engine import engine as engine_module
 from pagedbatch.job.records import Record
 
 # Different token lengths; "the cat" and "the dog" share their first token.
@@ -287,3 +288,32 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
                 tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
                 want = reference(tuple(ids), tuple(tokens))
                 assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
+
+
+def test_choices_and_generation_in_the_same_steps(tiny_model_dirs, monkeypatch):
+    # Records that score choices and records that generate (with logprobs) run together:
+    # the LM head's rows hold the sampling rows, then the scoring rows, in one step.
+    from test_logprobs import check_logprobs, reference_logprobs
+
+    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", num_blocks=64, block_size=4)
+    records = [
+        {"prompt": p, "choices": list(CHOICES)} if i % 2 else {"prompt": p, "logprobs": 2}
+        for i, p in enumerate(PROMPTS)
+    ]
+    both = []  # per step: whether its LM head ran on sampling rows and scoring rows
+    score_choices = engine_module._score_choices
+
+    def spy(batch, logits, sampling):
+        both.append(batch.scores is not None and batch.scores.num_sample_rows > 0)
+        return score_choices(batch, logits, sampling)
+
+    monkeypatch.setattr(engine_module, "_score_choices", spy)
+    outputs = llm.generate(records, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert any(both)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32)
+    check_scores(llm, model, PROMPTS[1::2], outputs[1::2])
+    ids = [llm.tokenizer.encode(p) for p in PROMPTS[0::2]]
+    check_logprobs(llm, lambda p, g: reference_logprobs(model, list(p), list(g)), ids,
+                   outputs[0::2], 2)  # fmt: skip
+    assert all(len(o.completions[0].token_ids) == 5 for o in outputs[0::2])
+    llm.engine.check_integrity()
