@@ -41,6 +41,8 @@ def check_scores(llm: LLM, model, prompts: list[str], outputs) -> None:
             assert choice.tokens == len(tokens)
             want = reference_score(model, ids, tokens)
             assert choice.logprob == pytest.approx(want, abs=1e-4), (prompt, choice.text)
+        softmax = torch.tensor([c.logprob for c in output.choices], dtype=torch.float64).softmax(0)
+        assert [c.prob for c in output.choices] == pytest.approx(softmax.tolist(), abs=1e-12)
         assert math.fsum(c.prob for c in output.choices) == pytest.approx(1.0)
         assert output.label == max(output.choices, key=lambda c: c.logprob).text
 
