@@ -83,17 +83,23 @@ class SamplingParams:
             self._check_choices()
 
     def _check_choices(self) -> None:
-        choices = self.choices
-        if isinstance(choices, list):
-            choices = tuple(choices)
-            object.__setattr__(self, "choices", choices)
+        given = self.choices
+        choices = tuple(given) if isinstance(given, list) else given
         if not isinstance(choices, tuple) or not choices:
-            raise ValueError(f"choices must be a non-empty list of strings, got {choices!r}")
+            raise ValueError(
+                f"choices must be a non-empty list of strings, got {short_repr(given)}"
+            )
+        object.__setattr__(self, "choices", choices)
         for choice in choices:
             if not isinstance(choice, str) or not choice:
-                raise ValueError(f"every choice must be a non-empty string, got {choice!r}")
+                raise ValueError(
+                    f"every choice must be a non-empty string, got {short_repr(choice)}"
+                )
         if len(set(choices)) < len(choices):
-            raise ValueError(f"choices must differ from each other, got {list(choices)!r}")
+            repeated = next(c for c in choices if choices.count(c) > 1)
+            raise ValueError(
+                f"choices must differ from each other: {short_repr(repeated)} is repeated"
+            )
         if self.n > 1:
             raise ValueError("choices are scored once: n must be 1 with choices")
         if self.logprobs is not None:
@@ -115,16 +121,16 @@ class SamplingParams:
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {_short(value)}")
+        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {_short(value)}")
+        raise ValueError(f"{name} must be >= {minimum}, got {short_repr(value)}")
     if value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {_short(value)}")
+        raise ValueError(f"{name} must be <= {maximum}, got {short_repr(value)}")
 
 
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+        raise ValueError(f"{name} must be a finite number, got {short_repr(value)}")
 
 
 def _finite(value: float) -> bool:
@@ -134,7 +140,7 @@ def _finite(value: float) -> bool:
         return False
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """`repr(value)`, cut to 40 characters (a record may hold a 10,000-digit number)."""
     if isinstance(value, int) and value.bit_length() > 128:
         return f"an integer of {value.bit_length()} bits"

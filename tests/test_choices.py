@@ -4,6 +4,7 @@ paged engine (no decoding loop), checked against a plain transformers forward.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -14,7 +15,9 @@ from tiny_models import ARCHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
+from pagedbatch.engine import engine as engine_module
 from pagedbatch.engine.cascade import ANY_GROUP
+from pagedbatch.job.records import Record
 
 # Different token lengths; "the cat" and "the dog" share their first token.
 CHOICES = ("yes", "no way", "the cat sat", "the dog", "a")
@@ -39,6 +42,8 @@ def check_scores(llm: LLM, model, prompts: list[str], outputs) -> None:
             assert choice.tokens == len(tokens)
             want = reference_score(model, ids, tokens)
             assert choice.logprob == pytest.approx(want, abs=1e-4), (prompt, choice.text)
+        softmax = torch.tensor([c.logprob for c in output.choices], dtype=torch.float64).softmax(0)
+        assert [c.prob for c in output.choices] == pytest.approx(softmax.tolist(), abs=1e-12)
         assert math.fsum(c.prob for c in output.choices) == pytest.approx(1.0)
         assert output.label == max(output.choices, key=lambda c: c.logprob).text
 
@@ -64,11 +69,50 @@ PROMPTS = [
 def test_choice_logprobs_equal_a_transformers_forward(arch, engine, tiny_model_dirs):
     llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4, **engine)
     llm.engine.runner.cascade_rule = ANY_GROUP  # any group: the short prompts' extends too
+    tokens = [llm.tokenizer.encode(c, add_special_tokens=False) for c in CHOICES]
+    assert tokens[2][:2] == tokens[3][:2]  # "the cat sat" and "the dog" share two tokens
     outputs = llm.generate(PROMPTS, SamplingParams(choices=CHOICES))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
     check_scores(llm, model, PROMPTS, outputs)
     llm.engine.check_integrity()
-    assert llm.stats().generated_tokens == 0  # nothing was sampled
+    stats = llm.stats()
+    assert stats.generated_tokens == 0  # nothing was sampled
+    # No decoding loop: fewer steps than the longest choice has tokens, all records together.
+    assert stats.steps < max(map(len, tokens))
+    # The paths named in the id ran: the cache served prompts, cascade read shared pages once.
+    assert (stats.prefix_hit_tokens > 0) == engine["prefix_sharing"]
+    assert (stats.cascade_saved_token_reads > 0) == engine.get("cascade", False)
+
+
+@pytest.mark.parametrize("sharing", [True, False], ids=["sharing", "no-sharing"])
+def test_the_lm_head_runs_only_on_the_rows_that_score(sharing, tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", num_blocks=64, block_size=4,
+              prefix_sharing=sharing)  # fmt: skip
+    rows: list[int] = []
+    llm.model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    prompts = ["a dog ran", "the cat sat on the mat"]
+    outputs = llm.generate(prompts, SamplingParams(choices=CHOICES))
+    lengths = [c.tokens for c in outputs[0].choices]
+    # Sharing: each prompt's last position once (every choice's first token), then each
+    # choice's positions after its first token. Without: every choice from the prompt's last.
+    per_record = 1 + sum(n - 1 for n in lengths) if sharing else sum(lengths)
+    assert sum(rows) == len(prompts) * per_record
+
+
+def test_unicode_choices_and_one_of_many_tokens(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", num_blocks=64, block_size=4)
+    choices = ("été", "日本語", "🙂 ok", "a")  # 5, 9, 6 and 1 byte-level tokens
+    prompts = ["the cat sat", "le chat était"]
+    outputs = llm.generate(prompts, SamplingParams(choices=choices))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert [c.text for c in output.choices] == list(choices)
+        assert [c.tokens for c in output.choices] == [5, 9, 6, 1]
+        ids = llm.tokenizer.encode(prompt)
+        for choice in output.choices:
+            tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
+            assert choice.logprob == pytest.approx(reference_score(model, ids, tokens), abs=1e-4)
+        assert json.loads(json.dumps(output.to_json(), ensure_ascii=False))["label"] == output.label
 
 
 def test_choices_survive_chunked_prefill_and_preemption(tiny_model_dirs):
@@ -100,20 +144,44 @@ def test_mean_score_ranks_by_the_per_token_mean(tiny_model_dirs):
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ({"choices": []}, "choices must be a non-empty list of strings"),
-        ({"choices": ["yes", ""]}, "every choice must be a non-empty string"),
-        ({"choices": ["yes", "yes"]}, "choices must differ"),
+        ({"choices": []}, "choices must be a non-empty list of strings, got []"),
+        ({"choices": ["yes", ""]}, "every choice must be a non-empty string, got ''"),
+        ({"choices": ["yes", 3]}, "every choice must be a non-empty string, got 3"),
+        ({"choices": ["yes", "no", "yes"]}, "choices must differ from each other: 'yes' is"),
         ({"choices": ["yes", "no"], "n": 2}, "n must be 1 with choices"),
-        ({"choices": "yes"}, "choices must be a non-empty list of strings"),
-        ({"choices": ["yes", "word " * 80]}, "does not fit the context"),
+        ({"choices": ["yes", "no"], "logprobs": 2}, "logprobs applies to generated tokens"),
+        ({"choices": "yes"}, "choices must be a non-empty list of strings, got 'yes'"),
+        ({"choices": ["yes", "word " * 80]}, "(241 tokens) after the prompt (4 tokens) does "
+         "not fit the model's context (64 tokens)"),
     ],
-)
+)  # fmt: skip
 def test_bad_choices_are_a_record_error(record, message, tiny_model_dirs):
     llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64, max_model_len=64)
     bad, good = llm.generate([{"prompt": "hi there", **record}, {"prompt": "hi", "choices": ["a"]}])
     assert bad.error is not None and bad.error.code == "invalid_params", bad
     assert message in bad.error.message
+    assert len(bad.error.message) < 160  # a long choice is cut in the message
     assert good.error is None and good.label == "a"
+
+
+def test_a_choice_fits_when_prompt_and_choice_fit_the_context_and_the_cache(tiny_model_dirs):
+    # max_model_len counts the prompt and the whole choice, as it counts prompt and output;
+    # the KV cache holds all but the choice's last token (scored, never computed).
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=3, block_size=4,
+              max_model_len=13)  # fmt: skip
+    prompt = llm.tokenizer.encode("the cat sat on the mat")
+    choice = llm.tokenizer.encode("the dog", add_special_tokens=False)
+    assert len(prompt) + len(choice) == 15
+    params = SamplingParams(choices=("the dog",))
+    fits = Record(0, prompt_token_ids=tuple(prompt[:9]))  # 13 tokens, 12 in the cache
+    too_long = Record(1, prompt_token_ids=tuple(prompt[:10]))  # 14 tokens
+    out, long = llm.generate([fits, too_long], params)
+    assert out.error is None and out.label == "the dog"
+    assert long.error is not None
+    assert "does not fit the model's context (13 tokens)" in long.error.message
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=3, block_size=4)
+    (over,) = llm.generate([too_long], params)  # 13 tokens to compute
+    assert "does not fit the KV cache (3 blocks of 4 tokens)" in over.error.message
 
 
 def test_cli_lines_plain_and_openai_batch(tmp_path, tiny_model_dirs):
@@ -139,15 +207,61 @@ def test_cli_lines_plain_and_openai_batch(tmp_path, tiny_model_dirs):
     batch = write_jsonl(tmp_path / "batch.jsonl", [
         {"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
          "body": {"messages": [{"role": "user", "content": "cat?"}], "choices": ["yes", "no"]}},
+        {"custom_id": "t", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "the cat sat", "choices": ["yes", "no"]}},
+        {"custom_id": "flag", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "the cat sat"}},
+        {"custom_id": "bad", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "the cat sat", "choices": ["yes", ""]}},
     ])  # fmt: skip
     out = tmp_path / "batch_out.jsonl"
-    assert invoke(batch, *tiny_args(tiny_model_dirs["llama"], "-o", out)).exit_code == 0
-    [line] = read_lines(out)
-    body = line["response"]["body"]
-    scores = body["choice_scores"]
-    label = max(scores, key=lambda c: c["prob"])["text"]
-    assert body["choices"][0]["message"]["content"] == label
-    assert [c["text"] for c in scores] == ["yes", "no"]
+    args = tiny_args(tiny_model_dirs["llama"], "--choices", "up,down", "-o", out)
+    assert invoke(batch, *args).exit_code == 0
+    lines = by_id(read_lines(out))
+    for cid, texts in (("q", ["yes", "no"]), ("t", ["yes", "no"]), ("flag", ["up", "down"])):
+        body = lines[cid]["response"]["body"]
+        scores = body["choice_scores"]
+        assert [c["text"] for c in scores] == texts
+        assert set(scores[0]) == {"text", "logprob", "prob", "tokens"}
+        label = max(scores, key=lambda c: c["prob"])["text"]
+        answer = body["choices"][0]
+        assert (answer["message"]["content"] if cid == "q" else answer["text"]) == label
+        assert answer["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 0
+    # The same prompt and choice as record "a" of the plain file: the same score.
+    yes = lines["t"]["response"]["body"]["choice_scores"][0]
+    assert yes["logprob"] == pytest.approx(a["choices"][0]["logprob"], abs=1e-5)
+    assert lines["bad"]["error"]["code"] == "invalid_params"
+
+
+def test_choices_resume_in_input_order_with_an_errors_file(tmp_path, tiny_model_dirs):
+    rows = [{"id": f"r{i}", "prompt": f"story number {i} " * (1 + i % 3)} for i in range(6)]
+    rows.insert(3, {"id": "bad", "prompt": "x", "choices": []})
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    args = tiny_args(tiny_model_dirs["llama"], "--choices", '["yes", " no"]', "--order",
+                     "input", "--errors", errors, "--max-num-seqs", "4")  # fmt: skip
+    assert invoke(src, "-o", out, *args).exit_code == 0
+    assert [line["id"] for line in read_lines(out)] == [r["id"] for r in rows]
+    (tmp_path / "full.jsonl").write_bytes(out.read_bytes())
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:2]) + lines[2][:20])  # killed while writing line 3
+    result = invoke(src, "-o", out, *args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 already done" in result.stderr
+    resumed = read_lines(out)
+    assert resumed[:2] == read_lines(tmp_path / "full.jsonl")[:2]
+    # Input order again; the scores of the records run again equal up to float noise (their
+    # batches differ).
+    for before, after in zip(read_lines(tmp_path / "full.jsonl"), resumed, strict=True):
+        assert after["id"] == before["id"] and after.get("label") == before.get("label")
+        for x, y in zip(before.get("choices", []), after.get("choices", []), strict=True):
+            assert y["logprob"] == pytest.approx(x["logprob"], abs=1e-4)
+    assert [(e["id"], e["pagedbatch_error"]["code"]) for e in read_lines(errors)] == [
+        ("bad", "invalid_params")
+    ]
+    other = tiny_args(tiny_model_dirs["llama"], "--choices", "yes,maybe", "-o", out)
+    error = one_line_error(invoke(src, *other, "--resume"))
+    assert 'choices (["yes", " no"] -> ["yes", "maybe"])' in error
 
 
 def test_a_bad_choices_flag_is_one_line(tmp_path):
@@ -164,15 +278,46 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
         json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()
     ][:3]  # fmt: skip
     choices = ("positive", "negative", "mixed", " positive")  # " positive": other tokens
-    llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256)
-    outputs = llm.generate(rows, SamplingParams(choices=choices))
-    # The shared instruction is computed once: the records after the first take it cached.
-    assert sum(o.cached_tokens > 0 for o in outputs) == len(rows) - 1
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    for i, (row, output) in enumerate(zip(rows, outputs, strict=True)):
-        assert output.error is None, output.error
-        ids = llm.prompts.token_ids(parse_record(row, default_id=i))
-        for choice in output.choices:
-            tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
-            want = reference_score(model, ids, tokens)
-            assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
+    reference = functools.cache(lambda ids, tokens: reference_score(model, list(ids), list(tokens)))
+    for sharing in (True, False):
+        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256, prefix_sharing=sharing)
+        outputs = llm.generate(rows, SamplingParams(choices=choices))
+        # With sharing, the instruction is computed once: the later records take it cached.
+        assert sum(o.cached_tokens > 0 for o in outputs) == (len(rows) - 1 if sharing else 0)
+        for i, (row, output) in enumerate(zip(rows, outputs, strict=True)):
+            assert output.error is None, output.error
+            ids = llm.prompts.token_ids(parse_record(row, default_id=i))
+            for choice in output.choices:
+                tokens = llm.tokenizer.encode(choice.text, add_special_tokens=False)
+                want = reference(tuple(ids), tuple(tokens))
+                assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
+
+
+def test_choices_and_generation_in_the_same_steps(tiny_model_dirs, monkeypatch):
+    # Records that score choices and records that generate (with logprobs) run together:
+    # the LM head's rows hold the sampling rows, then the scoring rows, in one step.
+    from test_logprobs import check_logprobs, reference_logprobs
+
+    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", num_blocks=64, block_size=4)
+    records = [
+        {"prompt": p, "choices": list(CHOICES)} if i % 2 else {"prompt": p, "logprobs": 2}
+        for i, p in enumerate(PROMPTS)
+    ]
+    both = []  # per step: whether its LM head ran on sampling rows and scoring rows
+    score_choices = engine_module._score_choices
+
+    def spy(batch, logits, sampling):
+        both.append(batch.scores is not None and batch.scores.num_sample_rows > 0)
+        return score_choices(batch, logits, sampling)
+
+    monkeypatch.setattr(engine_module, "_score_choices", spy)
+    outputs = llm.generate(records, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert any(both)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32)
+    check_scores(llm, model, PROMPTS[1::2], outputs[1::2])
+    ids = [llm.tokenizer.encode(p) for p in PROMPTS[0::2]]
+    check_logprobs(llm, lambda p, g: reference_logprobs(model, list(p), list(g)), ids,
+                   outputs[0::2], 2)  # fmt: skip
+    assert all(len(o.completions[0].token_ids) == 5 for o in outputs[0::2])
+    llm.engine.check_integrity()

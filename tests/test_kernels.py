@@ -443,6 +443,34 @@ def test_engine_cascade_on_triton_matches_torch(tiny_model_dirs, device):
     assert run(attention="triton", cascade=False) == (expected, 0)
 
 
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+def test_engine_choices_and_logprobs_on_triton_match_torch(tiny_model_dirs, device):
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 400, (21,), generator=gen).tolist()  # a whole block of 16
+    prompts = [shared + torch.randint(3, 400, (n,), generator=gen).tolist() for n in (2, 7)]
+    config = {"device": device, "dtype": "float32", "block_size": 16, "num_blocks": 64}
+    choices = SamplingParams(choices=("the cat sat", "the dog", "a"))  # 6, 4 and 1 tokens
+    logprobs = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2)
+
+    def run(attention: str):
+        llm = LLM(tiny_model_dirs["qwen2"], attention=attention, **config)
+        assert llm.engine.attention.backend == attention
+        scored = llm.generate(prompts, choices)
+        generated = llm.generate(prompts, logprobs)
+        assert llm.stats().cascade_saved_token_reads > 0
+        return (
+            [[c.logprob for c in o.choices] for o in scored],
+            [[(t.token_id, t.logprob) for t in o.completions[0].logprobs] for o in generated],
+        )
+
+    (scores, entries), (want_scores, want_entries) = run("triton"), run("torch")
+    for got, want in zip(scores, want_scores, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    for got, want in zip(entries, want_entries, strict=True):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+
+
 def _spy(launch, kind: str, counts: dict):
     def counted(*args, cascade=None, **kwargs):
         counts[kind] += cascade is not None

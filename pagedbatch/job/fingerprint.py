@@ -60,6 +60,8 @@ def job_fingerprint(
     model, tokenizer = model_identity(settings.engine.model)
     sampling = dataclasses.asdict(settings.sampling)
     sampling["stop"] = list(sampling["stop"])
+    if sampling["choices"] is not None:  # as JSON stores it, so a resume compares equal
+        sampling["choices"] = list(sampling["choices"])
     if records is not None and not isinstance(records, bytes):
         records = b"".join(sorted(record_digest(r) for r in records))
     return {

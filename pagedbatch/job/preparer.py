@@ -26,7 +26,7 @@ from pagedbatch.outputs import (
     RecordError,
     RequestOutput,
 )
-from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed
+from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed, short_repr
 
 _CHOICES_CACHED = 4096  # choice texts whose tokens are kept (a job has a few)
 
@@ -111,15 +111,24 @@ class Preparer:
         for text in params.choices:
             tokens = self._choice_tokens(text)
             if not tokens:
-                return f"choice {text!r} has no tokens"
-            length = prompt_len + len(tokens) - 1  # its last token is scored, not computed
-            blocks = blocks_for(length, self.limits.block_size)
-            if length > self.limits.max_model_len or blocks > self.limits.num_blocks:
+                return f"choice {short_repr(text)} has no tokens"
+            where = self._no_room(prompt_len + len(tokens))
+            if where is not None:
                 return (
-                    f"choice {text!r} ({len(tokens)} tokens) after the prompt ({prompt_len} "
-                    f"tokens) does not fit the context ({self.limits.max_model_len}) or the KV "
-                    "cache"
+                    f"choice {short_repr(text)} ({len(tokens)} tokens) after the prompt "
+                    f"({prompt_len} tokens) does not fit {where}"
                 )
+        return None
+
+    def _no_room(self, length: int) -> str | None:
+        """What a prompt and choice of `length` tokens do not fit (None: they fit): the
+        context counts them all, as it counts a prompt and its output; the KV cache holds
+        all but the last, which is scored and never computed."""
+        limits = self.limits
+        if length > limits.max_model_len:
+            return f"the model's context ({limits.max_model_len} tokens)"
+        if blocks_for(length - 1, limits.block_size) > limits.num_blocks:
+            return f"the KV cache ({limits.num_blocks} blocks of {limits.block_size} tokens)"
         return None
 
     def _length_problem(self, prompt_len: int, params: SamplingParams) -> str | None:
