@@ -135,6 +135,33 @@ def test_a_killed_driver_resumes_on_ray_with_the_same_text(ray_cluster, job):
     assert texts(by_id(read_lines(out))) == texts(single)
 
 
+def test_choices_on_ray_score_as_one_process(ray_cluster, job):
+    root, flags, _, _ = job
+    rows = [{"id": f"c{i}", "prompt": f"{INSTRUCTION}\nReview {i}: {CORPUS[i % len(CORPUS)][:30]}"}
+            for i in range(12)]  # fmt: skip
+    rows += [{"id": "own", "prompt": "Is it good?", "choices": ["yes", "no", "maybe not"]},
+             {"id": "bad", "prompt": "x", "choices": []}]  # fmt: skip
+    write_jsonl(root / "choices.jsonl", rows)
+    outs = {}
+    for name, extra in (("single", []), ("ray", ["--ray", "--replicas", "2"])):
+        outs[name] = root / f"choices-{name}.jsonl"
+        result = invoke(root / "choices.jsonl", "-o", outs[name], *flags,
+                        "--choices", "positive,negative", *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    single, ray = by_id(read_lines(outs["single"])), by_id(read_lines(outs["ray"]))
+    assert ray.keys() == single.keys() == {r["id"] for r in rows}
+    assert ray["bad"]["error"] == single["bad"]["error"]
+    assert single["bad"]["error"]["code"] == "invalid_params"
+    assert [c["text"] for c in single["own"]["choices"]] == ["yes", "no", "maybe not"]
+    for rid, line in single.items():
+        if "error" not in line:
+            assert ray[rid]["label"] == line["label"]
+            assert [c["text"] for c in ray[rid]["choices"]] == [c["text"] for c in line["choices"]]
+            assert [c["logprob"] for c in ray[rid]["choices"]] == pytest.approx(
+                [c["logprob"] for c in line["choices"]], abs=1e-4
+            )
+
+
 def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_dirs):
     import ray
 
