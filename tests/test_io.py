@@ -279,9 +279,10 @@ def test_unreachable_hub_name(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     last_line = run.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(
-        "pagedbatch.job.input_rows.InputError: no-such-owner/no-such-dataset: "
-        "not a file, directory or reachable Hugging Face dataset ("
+    assert last_line == (
+        "pagedbatch.job.input_rows.InputError: no-such-owner/no-such-dataset: no such file or "
+        "directory, and not a Hugging Face dataset cached here (HF_HUB_OFFLINE is set); pass a "
+        "JSONL, JSON, CSV or Parquet file, or a directory saved with save_to_disk"
     )
 
 
