@@ -513,6 +513,26 @@ def test_a_parquet_file_with_nested_columns(forked, tmp_path):
     assert code == 0 and "Nothing to do" in stderr, stderr
 
 
+def test_a_table_is_fingerprinted_by_the_rows_it_read_not_by_its_file(forked, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({"id": [r["id"] for r in rows(4)], "prompt": [r["prompt"] for r in rows(4)]})
+    pq.write_table(table, tmp_path / "t.parquet", compression="snappy")
+    assert run(forked, tmp_path, "t.parquet", "-o", "o.jsonl", *FLAGS)[0] == 0
+    stored = json.loads((tmp_path / "o.jsonl.job.json").read_text())
+    # Other bytes, the same rows: the same input (a whole-file hash would call it changed).
+    old = (tmp_path / "t.parquet").read_bytes()
+    pq.write_table(table, tmp_path / "t.parquet", compression="gzip", row_group_size=2)
+    assert (tmp_path / "t.parquet").read_bytes() != old
+    code, stderr = run(forked, tmp_path, "t.parquet", "-o", "o.jsonl", *FLAGS, "--resume")
+    assert code == 0 and "Nothing to do" in stderr, stderr
+    assert json.loads((tmp_path / "o.jsonl.job.json").read_text())["input"] == stored["input"]
+    changed = table.set_column(1, "prompt", pa.array(["a", "story number 1", "c", "d"][:4]))
+    pq.write_table(changed, tmp_path / "t.parquet")
+    error = one_line(*run(forked, tmp_path, "t.parquet", "-o", "o.jsonl", *FLAGS, "--resume"))
+    assert "3 records it holds changed ('r000', 'r002', 'r003')" in error, error
+
+
 def _before_start(name: str) -> str:
     return f"error: stopped by {name} before the job started; nothing was written"
 

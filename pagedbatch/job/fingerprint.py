@@ -73,7 +73,7 @@ def job_fingerprint(
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
         **sampling,
-        "input": input_identity(source, settings.split, content_digest),
+        "input": input_identity(source, settings.split, content_digest, records),
         "model_name": settings.engine.model,
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
         **({RECORDS_KEY: base64.b64encode(records).decode()} if records is not None else {}),
@@ -169,23 +169,21 @@ def content_hasher(split: str | None, size: int) -> Any:
     return h
 
 
-def input_identity(source: str, split: str | None, content_digest: str | None = None) -> str:
-    """A digest of the input's content (`content_digest` when the reader hashed the file as
-    it read it: see `content_hasher`; else every file under a directory, or the file), or
-    of a hub name."""
+def input_identity(
+    source: str, split: str | None, content_digest: str | None = None, rows: bytes | None = None
+) -> str:
+    """A digest of the input's content as the job read it: `content_digest` when the reader
+    hashed the file's bytes as it read them (JSONL: see `content_hasher`), else of `rows`,
+    the records' digests sorted (a table, or a hub dataset, is never read a second time to
+    hash it: a file changed in between would be described by bytes the job never read).
+    Without either (no job to read it), of the name."""
     if content_digest is not None:
         return content_digest
-    path = Path(source)
     h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
-        for file in files:
-            h.update(f"\0{file.relative_to(path)}\0".encode())
-            _hash_file(h, file, whole=True)
-    elif path.exists():
-        _hash_file(h, path, whole=True)
+    if rows is not None:
+        h.update(b"rows\0" + rows)
     else:
-        h.update(f"hub:{source}".encode())
+        h.update(f"name:{source}".encode())
     return h.hexdigest()
 
 
@@ -193,25 +191,21 @@ def _digest(files: list[Path]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for file in files:
         h.update(f"\0{file.name}\0".encode())
-        _hash_file(h, file, whole=False)
+        _hash_file(h, file)
     return h.hexdigest()
 
 
-def _hash_file(h: Any, path: Path, *, whole: bool) -> None:
+def _hash_file(h: Any, path: Path) -> None:
     size = path.stat().st_size
     h.update(f"{size}\0".encode())
     with path.open("rb") as f:
-        if whole or size <= _WHOLE_FILE_BYTES:
+        if size <= _WHOLE_FILE_BYTES:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
             return
         h.update(f.read(_HEAD_TAIL_BYTES))
         f.seek(size - _HEAD_TAIL_BYTES)
         h.update(f.read(_HEAD_TAIL_BYTES))
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _short(value: Any) -> str:

@@ -123,7 +123,7 @@ class DatasetRows:
     """The rows of a `datasets` table, converted from Arrow a batch at a time."""
 
     unit = "row"
-    identity = None  # a dataset is hashed by its files (fingerprint.input_identity)
+    identity = None  # a table is hashed by its records' digests (fingerprint.input_identity)
 
     def __init__(self, data: Any, name: str, messages_field: str) -> None:
         self.name = name
