@@ -227,3 +227,20 @@ def test_pagedbatch_help_does_not_import_ray():
     code = "import sys; from pagedbatch.cli.app import app; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_the_driver_tells_the_eta_each_record_s_most_output_tokens():
+    from pagedbatch.job.records import to_record
+    from pagedbatch.ray.ray_llm import _most_output_tokens
+    from pagedbatch.sampling_params import SamplingParams
+
+    defaults = SamplingParams(max_tokens=10)
+    rows = [
+        {"prompt": "a"},  # the defaults: 10
+        {"prompt": "b", "max_tokens": 3, "n": 4},  # 12
+        {"prompt": "c", "choices": ["x", "y"]},  # scored: nothing generated
+        {"prompt": "d", "max_tokens": -5},  # fails on its replica
+        {"messages": 7},  # not a record
+    ]
+    most = [_most_output_tokens(to_record(row, i), defaults) for i, row in enumerate(rows)]
+    assert most == [10, 12, 0, 0, 0]

@@ -74,12 +74,11 @@ class RayLLM:
         keep_outputs: bool = True,
     ) -> list[RequestOutput]:
         """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
-        report, `on_prepared` only (done, total) (the replicas check the params). Record
-        ids must be distinct (they tell the outputs apart)."""
+        report. Record ids must be distinct (they tell the outputs apart)."""
         params = params or SamplingParams()
         items = inputs if isinstance(inputs, Seq) and not isinstance(inputs, str) else list(inputs)
         stop = should_stop or (lambda: False)
-        shards = self._shards(items, stop, on_prepared)
+        shards = self._shards(items, params, stop, on_prepared)
         if shards is None:
             return []
         results: dict[Any, RequestOutput] = {}
@@ -94,19 +93,25 @@ class RayLLM:
         ids = (to_record(x, i).id for i, x in enumerate(items)) if results else ()
         return [results[rid] for rid in ids if rid in results]
 
-    def _shards(self, items: Seq[Input], stop, on_prepared) -> list[Shard] | None:
+    def _shards(
+        self, items: Seq[Input], defaults: SamplingParams, stop, on_prepared
+    ) -> list[Shard] | None:
         """Tokenize the records a batch at a time (token ids kept in a PromptStore, as
-        `LLM` does) and cut their depth-first order into shards; None when stopped."""
+        `LLM` does) and cut their depth-first order into shards; None when stopped.
+        `on_prepared(done, total, mean most output tokens)` as `LLM.generate` calls it
+        (a record's params are checked on its replica; one that fails counts nothing)."""
         store = PromptStore(len(self._prompts.tokenizer))
         keys = bytearray()  # the records' id keys: ids must be distinct
+        budget = 0
         for start, records in record_batches(items, _TOKENIZE_BATCH):
             if stop():
                 return None
             for record, ids in zip(records, self._keys(records), strict=True):
                 store.append(ids)
                 keys += id_key(record.id)
+                budget += _most_output_tokens(record, defaults)
             if on_prepared is not None:
-                on_prepared(start + len(records), len(items))
+                on_prepared(start + len(records), len(items), budget / len(store))
         if repeated(key_array(bytes(keys))):
             raise ValueError("RayLLM.generate needs distinct record ids")
         count = max(self.replicas * SHARDS_PER_REPLICA, -(-len(store) // MAX_SHARD_RECORDS))
@@ -151,6 +156,17 @@ class RayLLM:
             key = [] if record.error is not None else next(ids)
             keys.append([] if isinstance(key, Exception) else key)
         return keys
+
+
+def _most_output_tokens(record: Record, defaults: SamplingParams) -> int:
+    """max_tokens x n of a record that generates; 0 for choices, an error or bad params."""
+    if record.error is not None:
+        return 0
+    try:
+        params = defaults.with_overrides(record.overrides)
+    except (TypeError, ValueError):
+        return 0
+    return 0 if params.choices is not None else params.max_tokens * params.n
 
 
 class _Dispatch:
