@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from job_helpers import ROOT, by_id, invoke, one_line_error, read_lines, tiny_args, write_jsonl
-from tiny_models import ARCHS
+from tiny_models import ARCHS, ENGINE_PATHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
@@ -57,15 +57,7 @@ PROMPTS = [
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(
-    "engine",
-    [
-        {"prefix_sharing": True, "cascade": True},
-        {"prefix_sharing": True, "cascade": False},
-        {"prefix_sharing": False},
-    ],
-    ids=["sharing-cascade", "sharing", "no-sharing"],
-)
+@pytest.mark.parametrize("engine", ENGINE_PATHS.values(), ids=ENGINE_PATHS.keys())
 def test_choice_logprobs_equal_a_transformers_forward(arch, engine, tiny_model_dirs):
     llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4, **engine)
     llm.engine.runner.cascade_rule = ANY_GROUP  # any group: the short prompts' extends too

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from job_helpers import ROOT, by_id, invoke, read_lines, tiny_args, write_jsonl
-from tiny_models import ARCHS
+from tiny_models import ARCHS, ENGINE_PATHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
@@ -54,15 +54,7 @@ def shared_prefix_prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(
-    "engine",
-    [
-        {"prefix_sharing": True, "cascade": True},
-        {"prefix_sharing": True, "cascade": False},
-        {"prefix_sharing": False},
-    ],
-    ids=["sharing-cascade", "sharing", "no-sharing"],
-)
+@pytest.mark.parametrize("engine", ENGINE_PATHS.values(), ids=ENGINE_PATHS.keys())
 def test_logprobs_equal_transformers_log_softmax(arch, engine, tiny_model_dirs):
     llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4, **engine)
     llm.engine.runner.cascade_rule = ANY_GROUP  # any group: the short prompts' too

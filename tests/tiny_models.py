@@ -28,6 +28,12 @@ from transformers import (
 )
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+# The engine paths exactness tests compare with transformers: id -> LLM keyword arguments.
+ENGINE_PATHS = {
+    "sharing-cascade": {"prefix_sharing": True, "cascade": True},
+    "sharing": {"prefix_sharing": True, "cascade": False},
+    "no-sharing": {"prefix_sharing": False},
+}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 VOCAB_SIZE = 448
 INITIALIZER_RANGE = 0.3
