@@ -63,6 +63,55 @@ def test_plan_predicts_the_hit_rate_of_the_run(tiny_model_dirs, tmp_path):
     assert plan["predicted_hit_rate"] > 0.5
 
 
+def test_crafted_plan_of_a_record_that_scores_choices():
+    # a scores two choices of 1 and 3 tokens; b generates 4 tokens. Sorted: a, b; b
+    # reuses a's 2 whole blocks.
+    prompts = [
+        ("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 4, 1, (1, 3)),
+        ("b", [1, 2, 3, 4, 5, 6, 7, 8, 10], 4),
+    ]
+    plan = make_plan(prompts, block_size=4, num_blocks=100, max_model_len=40)
+    assert plan.output_tokens == 4  # b's only: a choice is scored, not generated
+    # Each choice computes its tokens but the last (the prompt's last logits score the first).
+    assert plan.tokens_to_compute == 18 - 8 + (1 - 1) + (3 - 1)
+    # Unshared, each choice holds the prompt and its tokens but the last: 9 and 11 tokens.
+    assert plan.blocks_needed == (3 + 3) + 4
+    # Shared: a's 2 whole prompt blocks once, each choice its blocks from the partial one
+    # on (1 each); b takes a's 2 whole blocks from the cache.
+    assert plan.blocks_needed_shared == (2 + 1 + 1) + (4 - 2)
+    unshared = make_plan(
+        prompts, block_size=4, num_blocks=100, max_model_len=40, prefix_sharing=False
+    )
+    assert unshared.tokens_to_compute == 18 + (9 + 0) + (9 + 2) - 9
+    assert unshared.blocks_needed_shared == unshared.blocks_needed == 10
+
+
+def test_plan_of_a_choices_job_counts_the_tokens_the_run_computes(tiny_model_dirs, tmp_path):
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota"]
+    instructions = [" ".join(rng.choices(words, k=n)) for n in (40, 90, 7)]
+    lines = []
+    for i in range(30):
+        text = " ".join(rng.choices(words, k=rng.randint(2, 12)))
+        lines.append({"id": i, "prompt": f"{instructions[i % 3]}\nInput: {text}\nAnswer:"})
+        if i % 5 == 0:
+            lines[-1]["choices"] = ["alpha beta", "gamma"]  # a record's own choices win
+    src = tmp_path / "job.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    model = str(tiny_model_dirs["llama"])
+    result = CliRunner().invoke(app, [
+        "plan", str(src), "-m", model, "--device", "cpu", "--num-blocks", "256", "--json",
+        "--no-estimate", "--choices", "yes,no way",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["output_tokens"] == 0
+    llm = LLM(model, device="cpu", num_blocks=256)
+    outputs = llm.generate(read_records(src), SamplingParams(choices=("yes", "no way")))
+    assert all(o.error is None and o.label for o in outputs)
+    assert plan["tokens_to_compute"] == llm.stats().computed_tokens
+
+
 INSTRUCTION = list(range(100, 400))  # 300 tokens
 
 

@@ -46,6 +46,14 @@ def plan(
         bool | None, opt("Render plain prompts through the chat template.", "--chat/--no-chat")
     ] = None,
     max_tokens: Annotated[Int, opt("Tokens per record (a record's max_tokens wins).")] = None,
+    choices: Annotated[
+        Str,
+        opt(
+            "Labels scored instead of generating, as for run (a record's choices win): "
+            "the plan counts their tokens and no outputs.",
+            "--choices",
+        ),
+    ] = None,
     max_model_len: Annotated[Int, opt("Cap on prompt + output tokens.")] = None,
     block_size: Annotated[Int, opt("Tokens per KV block.")] = None,
     num_blocks: Annotated[Int, opt("KV blocks (instead of --kv-memory).")] = None,

@@ -77,6 +77,8 @@ def make_plan(
     n = np.frombuffer(prompts.n, dtype=np.int32).astype(np.int64)
     outputs = int((np.minimum(max_tokens, max_model_len - lengths) * n).sum())
     needed = -(-np.minimum(lengths + max_tokens, max_model_len) // block_size)
+    held = needed.copy()  # the same with the engine's sharing of a record's own prompt
+    extra = _score_choices(prompts, lengths, block_size, needed, held, prefix_sharing)
     cached, groups = np.zeros(len(lengths), dtype=np.int64), []
     if prefix_sharing and len(lengths):
         order = prompts.order()
@@ -84,12 +86,12 @@ def make_plan(
         cached[order] = np.minimum(lcps, lengths[order] - 1) // block_size * block_size
         groups = shared_prefix_groups(lcps, block_size)
     total, saved = int(lengths.sum()), int(cached.sum())
-    private = int(needed.sum()) - saved // block_size
+    private = int(held.sum()) - saved // block_size
     mean_private = private / len(lengths) if len(lengths) else 1
     return Plan(
         records=prompts.records,
         prompt_tokens=total,
-        tokens_to_compute=total - saved,
+        tokens_to_compute=total - saved + extra,
         predicted_hit_rate=saved / total if total else 0.0,
         too_long=list(prompts.too_long),
         blocks_needed=int(needed.sum()),
@@ -100,6 +102,38 @@ def make_plan(
         output_tokens=outputs,
         max_model_len=max_model_len,
     )
+
+
+def _score_choices(
+    prompts: PlanPrompts,
+    lengths: np.ndarray,
+    block_size: int,
+    needed: np.ndarray,
+    held: np.ndarray,
+    prefix_sharing: bool,
+) -> int:
+    """Count the records that score choices, as the engine runs them: each choice is a
+    sequence of the prompt and its tokens but the last. Sets their `needed` blocks (every
+    choice holding its own copy of the prompt) and `held` blocks (with sharing: the
+    prompt's whole blocks once, each choice its own from the partial one on), and returns
+    the tokens they compute beyond their prompts (with sharing: each choice's tokens but
+    the last; without: each choice computes the prompt again)."""
+    counts = np.diff(np.frombuffer(prompts.choice_ends, dtype=np.int64), prepend=0)
+    if not counts.any():
+        return 0
+    owner = np.repeat(np.arange(len(lengths)), counts)  # the prompt of each choice
+    tokens = np.frombuffer(prompts.choice_tokens, dtype=np.int32).astype(np.int64)
+    prompt = lengths[owner]
+    whole = prompt // block_size
+    copies = -(-(prompt + tokens - 1) // block_size)  # a choice's blocks, unshared
+    scoring = counts > 0
+    needed[scoring] = np.bincount(owner, copies, len(lengths)).astype(np.int64)[scoring]
+    if not prefix_sharing:
+        held[scoring] = needed[scoring]
+        return int((prompt + tokens - 1).sum() - lengths[scoring].sum())
+    own = np.bincount(owner, copies - whole, len(lengths)).astype(np.int64)
+    held[scoring] = (lengths[scoring] // block_size) + own[scoring]
+    return int((tokens - 1).sum())
 
 
 def near_duplicate_tokens(tokens: int, block_size: int) -> int:

@@ -2,8 +2,9 @@
 
 `PlanPrompts` holds the token ids of the prompts that fit the context in a `PromptStore`
 (prompt k there is the k-th that fits, in input order), their `max_tokens` and `n` in
-arrays of the same numbering, and the ids of the records too long for the context
-(their tokens are not kept). `read_plan_prompts` fills it from a `RecordIndex` as `run`
+arrays of the same numbering (a record that scores choices generates nothing: max_tokens
+0, and its choices' token counts are kept), and the ids of the records too long for the
+context (their tokens are not kept). `read_plan_prompts` fills it from a `RecordIndex` as `run`
 checks records, tokenizing a batch at a time; `PlanPrompts.of` from a few `PlanPrompt`s.
 """
 
@@ -29,19 +30,23 @@ TOKENIZE_BATCH = 512  # records tokenized at a time
 
 
 class PlanPrompt(NamedTuple):
-    """One record to plan: its prompt's token ids, max_tokens and samples (`n`)."""
+    """One record to plan: its prompt's token ids, max_tokens and samples (`n`); or, for a
+    record that scores choices, the token count of each choice (max_tokens is then 0)."""
 
     id: Any
     token_ids: list[int]
     max_tokens: int
     n: int = 1
+    choice_tokens: tuple[int, ...] = ()
 
 
 class PlanPrompts:
     """Prompts to plan, for a context of `max_model_len` tokens.
 
-    Invariants: `len(store) == len(max_tokens) == len(n)`; every stored prompt is shorter
-    than `max_model_len`; `too_long` lists the other records' ids in input order.
+    Invariants: `len(store) == len(max_tokens) == len(n) == len(choice_ends)`; prompt k's
+    choices have the token counts `choice_tokens[choice_ends[k-1]:choice_ends[k]]` (none
+    for a record that generates); every stored prompt is shorter than `max_model_len`;
+    `too_long` lists the other records' ids in input order.
     """
 
     def __init__(self, vocab_size: int, max_model_len: int) -> None:
@@ -49,6 +54,8 @@ class PlanPrompts:
         self.store = PromptStore(vocab_size)
         self.max_tokens = array("i")
         self.n = array("i")
+        self.choice_tokens = array("i")
+        self.choice_ends = array("q")
         self.too_long: list[Any] = []
         self._order: np.ndarray | None = None
 
@@ -60,7 +67,7 @@ class PlanPrompts:
         result = cls(vocab, max_model_len)
         for p in planned:
             if result.fits(p.token_ids):
-                result.add(p.token_ids, p.max_tokens, p.n)
+                result.add(p.token_ids, p.max_tokens, p.n, p.choice_tokens)
             else:
                 result.too_long.append(p.id)
         return result
@@ -78,11 +85,16 @@ class PlanPrompts:
     def fits(self, ids: Sequence[int]) -> bool:
         return len(ids) < self.max_model_len
 
-    def add(self, ids: list[int], max_tokens: int, n: int) -> None:
-        """Keep a prompt that `fits`."""
+    def add(
+        self, ids: list[int], max_tokens: int, n: int, choice_tokens: Sequence[int] = ()
+    ) -> None:
+        """Keep a prompt that `fits` (with `choice_tokens`: it scores choices of these
+        token counts and generates nothing)."""
         self.store.append(ids)
-        self.max_tokens.append(max_tokens)
+        self.max_tokens.append(0 if choice_tokens else max_tokens)
         self.n.append(n)
+        self.choice_tokens.extend(choice_tokens)
+        self.choice_ends.append(len(self.choice_tokens))
         self._order = None
 
     def order(self) -> np.ndarray:
@@ -114,6 +126,7 @@ def read_plan_prompts(
     records = index.records()
     batches = iter(lambda: list(itertools.islice(records, TOKENIZE_BATCH)), [])
     check = functools.partial(prompt_ids, builder, defaults=defaults, vocab_size=vocab_size)
+    counted = functools.lru_cache(maxsize=4096)(lambda text: len(builder.choice_ids(text)))
     start = 0
     for batch, checked in ahead(batches, check):  # tokenizing while the next batch is read
         for j, prompt in enumerate(checked):
@@ -121,7 +134,8 @@ def read_plan_prompts(
                 continue
             ids, params = prompt
             if prompts.fits(ids):
-                prompts.add(ids, params.max_tokens, params.n)
+                choices = params.choices or ()
+                prompts.add(ids, params.max_tokens, params.n, [counted(c) for c in choices])
             else:
                 too_long.append(start + j)
         start += len(batch)
