@@ -109,6 +109,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def most_output_tokens(self) -> int:
+        """The most tokens these params generate: max_tokens x n (choices: none, they are
+        scored)."""
+        return 0 if self.choices is not None else self.max_tokens * self.n
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> SamplingParams:
         """These params with some fields replaced; raises ValueError naming a bad field."""
         unknown = set(overrides) - set(OVERRIDABLE)

@@ -207,8 +207,7 @@ def _run_with_progress(
 
     from pagedbatch.job.reader import InputError
 
-    sampling = job.settings.sampling
-    prior = 0 if sampling.choices else sampling.max_tokens * sampling.n
+    prior = job.settings.sampling.most_output_tokens
     progress.generating(len(job.todo), prior_tokens_per_record=prior)
     try:
         return job.run(

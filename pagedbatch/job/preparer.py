@@ -63,8 +63,8 @@ class Preparer:
             if not isinstance(ids, RequestOutput):
                 params = ids[1]
                 ids = self._check_fit(record, *ids)
-                if not isinstance(ids, RequestOutput) and params.choices is None:
-                    budget += params.max_tokens * params.n
+                if not isinstance(ids, RequestOutput):
+                    budget += params.most_output_tokens
             checked.append(ids)
         return checked, budget
 

@@ -163,10 +163,9 @@ def _most_output_tokens(record: Record, defaults: SamplingParams) -> int:
     if record.error is not None:
         return 0
     try:
-        params = defaults.with_overrides(record.overrides)
+        return defaults.with_overrides(record.overrides).most_output_tokens
     except (TypeError, ValueError):
         return 0
-    return 0 if params.choices is not None else params.max_tokens * params.n
 
 
 class _Dispatch:
