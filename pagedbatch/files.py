@@ -32,11 +32,17 @@ def atomic_write(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO[
             os.fsync(f.fileno())
         replace_file(tmp, path)
     except OSError as e:
-        if e.filename is not None and e.filename != str(tmp):
-            raise
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise named(e, path, instead_of=tmp) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def named(e: OSError, path: Path, instead_of: Path | None = None) -> OSError:
+    """`e`, naming `path` when it names no file (a write or fsync on a descriptor) or names
+    `instead_of` (a temporary file the user never asked for)."""
+    if e.filename is not None and (instead_of is None or e.filename != str(instead_of)):
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
 
 
 def _keep_mode(path: Path, fd: int) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pagedbatch.files import named
 from pagedbatch.outputs import RequestOutput
 
 SYNC_INTERVAL_S = 2.0
@@ -105,13 +106,6 @@ def encode_line(line: Mapping[str, Any]) -> bytes:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
         return (json.dumps(json.loads(text)) + "\n").encode("ascii")
-
-
-def named(e: OSError, path: Path) -> OSError:
-    """`e`, naming `path` when it names no file (a write or fsync on a descriptor)."""
-    if e.filename is not None:
-        return e
-    return type(e)(e.errno, e.strerror, str(path))
 
 
 def _finite(value: Any) -> Any:
