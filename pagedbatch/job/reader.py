@@ -12,19 +12,25 @@ OpenAI batch requests are read as such (openai_batch.py). Output lines go out th
 from __future__ import annotations
 
 import codecs
-import csv
-import json
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pagedbatch.job.guard import file_kind
+from pagedbatch.job.input_columns import (
+    check_columns,
+    check_hub_dataset,
+    data_file_columns,
+    document_columns,
+    saved_dataset_columns,
+    select_split,
+)
 from pagedbatch.job.input_rows import DatasetRows, InputError, JsonlRows
 from pagedbatch.job.jsonl import loads
 from pagedbatch.job.output_writer import OutputWriter
-from pagedbatch.job.record_index import RecordIndex, fields_problem
+from pagedbatch.job.record_index import RecordIndex
 from pagedbatch.job.records import FieldMap, Record
 
 __all__ = ["InputError", "OutputWriter", "open_rows", "read_index", "read_records"]
@@ -90,7 +96,7 @@ def open_rows(
     path = Path(name)
     mode = _stat_mode(name)
     if mode is not None and stat.S_ISDIR(mode):
-        _check_columns(name, _saved_dataset_columns(path, name, split), fields)
+        check_columns(name, saved_dataset_columns(path, name, split), fields)
         return _dataset_rows(_load_directory(path, name), name, split, fields)
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
@@ -99,7 +105,7 @@ def open_rows(
     if path.suffix.lower() in _JSON_SUFFIXES + _DATA_FILE_SUFFIXES or _looks_like_path(name):
         raise InputError(f"{name}: no such file")
     failure = "not a file, directory or reachable Hugging Face dataset"
-    _check_hub_dataset(name)
+    check_hub_dataset(name)
     data = _load(name, lambda ds: ds.load_dataset(name, split=split), failure)
     return _dataset_rows(data, name, None, fields)  # `datasets` chose the split given
 
@@ -112,7 +118,7 @@ def _file_rows(
         document = _json_document(path, name) if suffix == ".json" else None
         if document is not None:
             _check_file_split(name, split)
-            _check_columns(name, _document_columns(document), fields)
+            check_columns(name, document_columns(document), fields)
             loaded = _load(name, lambda ds: ds.load_dataset("json", data_files=name), "cannot read")
             return _dataset_rows(loaded, name, split, fields)
         _check_file_split(name, split)
@@ -126,7 +132,7 @@ def _file_rows(
             f"{name}: unsupported file type '{suffix}' (use {kinds} or a dataset directory)"
         )
     _check_file_split(name, split)
-    _check_columns(name, _data_file_columns(path, suffix), fields)
+    check_columns(name, data_file_columns(path, suffix), fields)
     data = _load(name, lambda ds: ds.load_dataset(suffix[1:], data_files=name), "cannot read")
     return _dataset_rows(data, name, split, fields)
 
@@ -149,93 +155,6 @@ def _json_document(path: Path, name: str) -> list | dict | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
         return None
     return document if isinstance(document, (list, dict)) else None
-
-
-# The columns of an input, read before `datasets` is imported (a second of CPU), so that
-# a file without the prompt field is refused at once. None: not known that cheaply.
-
-
-def _check_columns(name: str, columns: list[str] | None, fields: FieldMap) -> None:
-    """The file-level error of a table none of whose columns is the prompt field (as the
-    record index raises it after reading every row)."""
-    if columns is None or fields.template is not None or "custom_id" in columns:
-        return
-    if fields.prompt not in columns and fields.messages not in columns:
-        raise InputError(fields_problem([dict.fromkeys(columns)], name, fields))
-
-
-def _document_columns(document: list | dict) -> list[str] | None:
-    """A JSON list of objects: the keys its objects have (`datasets` makes them columns)."""
-    if not isinstance(document, list) or not document:
-        return None
-    if not all(isinstance(row, dict) for row in document):
-        return None
-    return list(dict.fromkeys(key for row in document for key in row))
-
-
-def _data_file_columns(path: Path, suffix: str) -> list[str] | None:
-    """A CSV file's header (when a row follows it), a Parquet file's schema (when it has
-    rows)."""
-    try:
-        if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                has_row = any(any(cell.strip() for cell in row) for row in reader)
-            return header if header and has_row else None
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            metadata = pq.read_metadata(path)
-            return metadata.schema.to_arrow_schema().names if metadata.num_rows else None
-    except Exception:  # noqa: BLE001 - `datasets` will read it, and say what is wrong
-        return None
-    return None
-
-
-def _saved_dataset_columns(path: Path, name: str, split: str | None) -> list[str] | None:
-    """The features of a dataset saved with `save_to_disk`, from its JSON files: the split
-    chosen as `_select_split` chooses it (whose errors it raises)."""
-    try:
-        if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-            chosen = _select_split({s: path / s for s in splits}, name, split)
-        elif (path / "state.json").is_file():
-            chosen = _select_split(path, name, split)  # one Dataset: no splits
-        else:
-            return None
-        info = json.loads((chosen / "dataset_info.json").read_text())
-        return list(info["features"])
-    except InputError:
-        raise
-    except Exception:  # noqa: BLE001 - `datasets` will load it, and say what is wrong
-        return None
-
-
-def _check_hub_dataset(name: str) -> None:
-    """A hub dataset name that is not cached here, with the hub unreachable: one error at
-    once, instead of the hub client's retries."""
-    from pagedbatch.models.names import hub_unreachable
-
-    problem = hub_unreachable()
-    if problem is not None and not _hub_dataset_cached(name):
-        raise InputError(
-            f"{name}: no such file or directory, and not a Hugging Face dataset cached here "
-            f"({problem}); pass a JSONL, JSON, CSV or Parquet file, or a directory saved "
-            "with save_to_disk"
-        )
-
-
-def _hub_dataset_cached(name: str) -> bool:
-    """Whether the hub client's cache or the `datasets` cache holds something of `name`."""
-    from pagedbatch.models.names import hub_cache_dir
-
-    hub = hub_cache_dir() / ("datasets--" + name.replace("/", "--"))
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-    )
-    built = Path(os.environ.get("HF_DATASETS_CACHE") or Path(home) / "datasets").expanduser()
-    return hub.is_dir() or any(built.glob(name.replace("/", "___") + "*"))
 
 
 def _check_file_split(name: str, split: str | None) -> None:
@@ -267,23 +186,7 @@ def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
 
 
 def _dataset_rows(data: Any, name: str, split: str | None, fields: FieldMap) -> DatasetRows:
-    return DatasetRows(_select_split(data, name, split), name, fields.messages)
-
-
-def _select_split(data: Any, name: str, split: str | None) -> Any:
-    if not isinstance(data, Mapping):  # a single Dataset
-        if split is not None:
-            raise InputError(f"{name}: has no splits, so there is no split '{split}'")
-        return data
-    if split is not None:
-        if split not in data:
-            raise InputError(f"{name}: no split '{split}' (available: {', '.join(data)})")
-        return data[split]
-    if "train" in data:
-        return data["train"]
-    if len(data) == 1:
-        return next(iter(data.values()))
-    raise InputError(f"{name}: has splits {', '.join(data)}; choose one with --split")
+    return DatasetRows(select_split(data, name, split), name, fields.messages)
 
 
 def _stat_mode(name: str) -> int | None:

@@ -126,10 +126,15 @@ def hub_cache_dir() -> Path:
     """The hub's model cache, by the hub client's environment variables."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return hf_home() / "hub"
+
+
+def hf_home() -> Path:
+    """The Hugging Face libraries' home directory (HF_HOME, else ~/.cache/huggingface)."""
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
     )
-    return Path(home).expanduser() / "hub"
+    return Path(home).expanduser()
 
 
 def hub_cached(repo_id: str) -> bool:
