@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pagedbatch.engine.config import EngineConfig
-    from pagedbatch.job.records import Record
     from pagedbatch.llm import LLM
     from pagedbatch.outputs import Completion, RecordError, RequestOutput
+    from pagedbatch.requests.records import Record
     from pagedbatch.sampling_params import SamplingParams
 
 _HOMES = {
     "LLM": "pagedbatch.llm",
     "Completion": "pagedbatch.outputs",
     "EngineConfig": "pagedbatch.engine.config",
-    "Record": "pagedbatch.job.records",
+    "Record": "pagedbatch.requests.records",
     "RecordError": "pagedbatch.outputs",
     "RequestOutput": "pagedbatch.outputs",
     "SamplingParams": "pagedbatch.sampling_params",

@@ -81,3 +81,13 @@ def replace_file(src: Path, dst: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, in words ("a FIFO (named pipe)")."""
+    kinds = [
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "of an unknown kind")

@@ -18,11 +18,6 @@ from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
-from pagedbatch.job.ahead import ahead
-from pagedbatch.job.preparer import Limits, Preparer
-from pagedbatch.job.prompt_store import PromptStore
-from pagedbatch.job.prompts import PromptBuilder
-from pagedbatch.job.records import Input, record_batches, to_record
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
@@ -31,6 +26,11 @@ from pagedbatch.outputs import (
     RequestOutput,
     TokenLogprob,
 )
+from pagedbatch.requests.ahead import ahead
+from pagedbatch.requests.preparer import Limits, Preparer
+from pagedbatch.requests.prompt_store import PromptStore
+from pagedbatch.requests.prompts import PromptBuilder
+from pagedbatch.requests.records import Input, record_batches, to_record
 from pagedbatch.sampling_params import SamplingParams
 
 _Emit = Callable[[int, RequestOutput], None]  # (input number, its output)
@@ -152,7 +152,7 @@ class LLM:
         on_prepared: Callable[[int, int, float], None] | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time (in a worker thread, while the
-        next batch is read: job/ahead.py; only that thread touches the tokenizer and the
+        next batch is read: requests/ahead.py; only that thread touches the tokenizer and the
         Preparer meanwhile); emit the errors. Returns the prompts and the input number of
         each (None when stopped)."""
         store = PromptStore(self.preparer.limits.vocab_size)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pagedbatch.job.ahead import ahead
+from pagedbatch.requests.ahead import ahead
 
 
 def test_results_come_in_order_from_one_worker_thread_one_batch_ahead():

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from pagedbatch import LLM, SamplingParams
 from pagedbatch.engine import engine as engine_module
 from pagedbatch.engine.cascade import ANY_GROUP
-from pagedbatch.job.records import Record
+from pagedbatch.requests.records import Record
 
 # Different token lengths; "the cat" and "the dog" share their first token.
 CHOICES = ("yes", "no way", "the cat sat", "the dog", "a")
@@ -264,7 +264,7 @@ def test_a_bad_choices_flag_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
-    from pagedbatch.job.records import parse_record
+    from pagedbatch.requests.records import parse_record
 
     rows = [
         json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()

@@ -112,6 +112,6 @@ def test_greedy_matches_transformers_generate_on_the_embedded_smollm2(smollm2_di
 
 
 def llm_record(row):
-    from pagedbatch.job.records import parse_record
+    from pagedbatch.requests.records import parse_record
 
     return parse_record(row, default_id=0)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from test_io import USER_HI, write_bytes, write_jsonl
 
-from pagedbatch.job.prompt_template import PromptTemplate
-from pagedbatch.job.reader import InputError, read_records
-from pagedbatch.job.records import FieldMap, Record
+from pagedbatch.inputs.reader import InputError, read_records
 from pagedbatch.outputs import INVALID_RECORD, RecordError
+from pagedbatch.requests.prompt_template import PromptTemplate
+from pagedbatch.requests.records import FieldMap, Record
 
 
 def input_error(source: object, **kwargs: object) -> str:

@@ -11,15 +11,15 @@ from pathlib import Path
 import datasets
 import pytest
 
+from pagedbatch.inputs.reader import InputError, read_records
 from pagedbatch.job.output_writer import OutputWriter
-from pagedbatch.job.reader import InputError, read_records
-from pagedbatch.job.records import FieldMap, Record
 from pagedbatch.outputs import (
     INVALID_RECORD,
     Completion,
     RecordError,
     RequestOutput,
 )
+from pagedbatch.requests.records import FieldMap, Record
 
 USER_HI = {"role": "user", "content": "hi"}
 
@@ -273,14 +273,14 @@ def test_directory_of_data_files_or_of_nothing(tmp_path: Path) -> None:
 def test_unreachable_hub_name(tmp_path: Path) -> None:
     # Offline mode makes the hub lookup fail at once instead of retrying on the network.
     code = (
-        "from pagedbatch.job.reader import read_records\n"
+        "from pagedbatch.inputs.reader import read_records\n"
         "read_records('no-such-owner/no-such-dataset')"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line == (
-        "pagedbatch.job.input_rows.InputError: no-such-owner/no-such-dataset: no such file or "
+        "pagedbatch.inputs.rows.InputError: no-such-owner/no-such-dataset: no such file or "
         "directory, and not a Hugging Face dataset cached here (HF_HUB_OFFLINE is set); pass a "
         "JSONL, JSON, CSV or Parquet file, or a directory saved with save_to_disk"
     )

@@ -1,4 +1,4 @@
-"""The package's layers, as docs/DESIGN.md states them: each imports only those below it."""
+"""The package's layers, as docs/ARCHITECTURE.md states them: each imports only those below it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ LAYERS = (
     ("pagedbatch.kernels",),
     ("pagedbatch.models",),
     ("pagedbatch.engine",),
-    ("pagedbatch.job",),
+    ("pagedbatch.requests",),
     ("pagedbatch.llm",),
+    ("pagedbatch.inputs",),
+    ("pagedbatch.plan",),
+    ("pagedbatch.job",),
     ("pagedbatch.ray",),
     ("pagedbatch.bench",),
     ("pagedbatch.cli",),

@@ -74,7 +74,7 @@ def test_logprobs_equal_transformers_log_softmax(arch, engine, tiny_model_dirs):
 
 @pytest.mark.slow
 def test_logprobs_on_smollm2_labelling_records(smollm2_dir):
-    from pagedbatch.job.records import parse_record
+    from pagedbatch.requests.records import parse_record
 
     rows = [json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()][:3]
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pagedbatch import LLM, Record, SamplingParams
-from pagedbatch.job.reader import read_records
+from pagedbatch.inputs.reader import read_records
 
 SHARED = list(range(10, 18))  # 8 tokens: two full blocks of 4
 

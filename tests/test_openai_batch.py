@@ -6,7 +6,7 @@ import re
 
 from job_helpers import by_id, invoke, read_lines, tiny_args, write_jsonl
 
-from pagedbatch.job.openai_batch import batch_output_line
+from pagedbatch.inputs.openai_batch import batch_output_line
 from pagedbatch.outputs import Completion, RecordError, RequestOutput
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pagedbatch.job.id_keys import IdSet
+from pagedbatch.inputs.id_keys import IdSet
 from pagedbatch.job.output_scan import (
     OutputFileError,
     cut_torn_line,

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from pagedbatch import LLM, SamplingParams
 from pagedbatch.cli.app import app
-from pagedbatch.job.plan import SharedPrefix, make_plan, near_duplicate_tokens
-from pagedbatch.job.reader import read_records
+from pagedbatch.inputs.reader import read_records
+from pagedbatch.plan.plan import SharedPrefix, make_plan, near_duplicate_tokens
 
 
 def test_crafted_plan_figures():

@@ -18,8 +18,8 @@ from pagedbatch.cli.app import app
 from pagedbatch.cli.plan import duration
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
-from pagedbatch.job.estimate import estimate_time
-from pagedbatch.job.rates import (
+from pagedbatch.plan.estimate import estimate_time
+from pagedbatch.plan.rates import (
     LAST_RUN,
     PROBE,
     Rates,

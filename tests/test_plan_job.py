@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from pagedbatch.cli.app import app
 from pagedbatch.cli.plan import plan_job
 from pagedbatch.engine.block_pool import blocks_for
-from pagedbatch.job.plan import PlanPrompts, make_plan
-from pagedbatch.job.prompt_store import common_prefix
 from pagedbatch.job.settings import resolve_settings
+from pagedbatch.plan.plan import PlanPrompts, make_plan
+from pagedbatch.requests.prompt_store import common_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUCTION = "Sort the support ticket into billing, shipping or other. Answer with one word. "

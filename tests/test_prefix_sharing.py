@@ -115,7 +115,7 @@ def test_sharing_with_preemption_and_eviction_keeps_greedy_tokens(tiny_model_dir
 def test_embedded_smollm2_gives_the_same_labels_with_and_without_sharing(smollm2_dir):
     from pathlib import Path
 
-    from pagedbatch.job.reader import read_records
+    from pagedbatch.inputs.reader import read_records
 
     job = read_records(Path(__file__).parent.parent / "examples" / "label_job.jsonl")[:6]
     params = SamplingParams(max_tokens=8)

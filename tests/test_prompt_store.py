@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedbatch.job.prompt_store import MIN_SHARED, PromptStore, common_prefix
+from pagedbatch.requests.prompt_store import MIN_SHARED, PromptStore, common_prefix
 
 token_lists = st.lists(st.integers(0, 70_000), min_size=1, max_size=40)
 

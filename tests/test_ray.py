@@ -20,8 +20,8 @@ import pytest
 from job_helpers import by_id, invoke, read_lines, start, wait_for_lines, write_jsonl
 from tiny_models import CORPUS
 
-from pagedbatch.job.prompt_store import PromptStore
 from pagedbatch.ray.shards import cut_points, make_shards
+from pagedbatch.requests.prompt_store import PromptStore
 
 NUM_RECORDS = 96
 INSTRUCTION = " ".join((CORPUS[2], CORPUS[3], CORPUS[5]))  # ~170 tokens, every record's
@@ -230,8 +230,8 @@ def test_pagedbatch_help_does_not_import_ray():
 
 
 def test_the_driver_tells_the_eta_each_record_s_most_output_tokens():
-    from pagedbatch.job.records import to_record
     from pagedbatch.ray.ray_llm import _most_output_tokens
+    from pagedbatch.requests.records import to_record
     from pagedbatch.sampling_params import SamplingParams
 
     defaults = SamplingParams(max_tokens=10)

@@ -18,7 +18,7 @@ from job_helpers import (
 
 from pagedbatch import LLM, SamplingParams
 from pagedbatch.job.output_writer import encode_line
-from pagedbatch.job.prompts import PromptBuilder
+from pagedbatch.requests.prompts import PromptBuilder
 
 BAD = [
     {"id": "bad-params", "prompt": "x", "max_tokens": -1},

@@ -16,9 +16,9 @@ from job_helpers import (
     write_jsonl,
 )  # fmt: skip
 
-from pagedbatch.job.input_rows import BATCH_ROWS
+from pagedbatch.inputs.reader import InputError, read_index, read_records
+from pagedbatch.inputs.rows import BATCH_ROWS
 from pagedbatch.job.output_scan import scan_output
-from pagedbatch.job.reader import InputError, read_index, read_records
 
 N = BATCH_ROWS * 2 + 100  # three read batches
 

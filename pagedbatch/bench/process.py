@@ -16,7 +16,7 @@ from typing import Any
 
 from pagedbatch.bench.result import BenchResult
 from pagedbatch.engine.config import EngineConfig
-from pagedbatch.job.records import Record
+from pagedbatch.requests.records import Record
 
 
 def engine_given(config: EngineConfig, num_blocks: int | str | None) -> dict[str, Any]:

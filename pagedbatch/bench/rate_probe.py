@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
-from pagedbatch.job.prompt_store import common_prefix
-from pagedbatch.job.rates import PROBE, Rates
 from pagedbatch.llm import LLM
+from pagedbatch.plan.rates import PROBE, Rates
+from pagedbatch.requests.prompt_store import common_prefix
 from pagedbatch.sampling_params import SamplingParams
 
 DECODE_STEPS = 4

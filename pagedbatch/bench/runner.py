@@ -51,7 +51,7 @@ from pagedbatch.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
-    from pagedbatch.job.records import Record
+    from pagedbatch.requests.records import Record
 
 # The contenders of every benchmark in this process (pagedbatch-choices runs with choices only).
 IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c != "pagedbatch-choices")

@@ -20,8 +20,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from pagedbatch.job.prompts import PromptBuilder
-from pagedbatch.job.records import Record
+from pagedbatch.requests.prompts import PromptBuilder
+from pagedbatch.requests.records import Record
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def file_records(source: str, num_records: int | None = None) -> list[Record]:
     """The valid records of the input `source` (the first `num_records` if given), without
     their per-record overrides (which would make contenders generate different lengths).
     Read without torch: a bad input is an InputError or ValueError before any model loads."""
-    from pagedbatch.job.reader import read_records
+    from pagedbatch.inputs.reader import read_records
 
     if num_records is not None and num_records < 1:
         raise ValueError(f"num_records must be >= 1, got {num_records}")

@@ -19,7 +19,7 @@ from pagedbatch.models.random_presets import RANDOM_PRESETS
 
 if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
-    from pagedbatch.job.records import Record
+    from pagedbatch.requests.records import Record
 
 FILE_MAX_TOKENS = 8
 SCALE_RECORDS = 10_000
@@ -59,7 +59,7 @@ def bench(
     GPU, random weights: pagedbatch bench --workload share --model llama-1b-random
     """
     from pagedbatch.bench.workloads import file_records
-    from pagedbatch.job.reader import InputError
+    from pagedbatch.inputs.reader import InputError
     from pagedbatch.job.settings import parse_choices, resolve_settings
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
     from pagedbatch.sampling_params import SamplingParams

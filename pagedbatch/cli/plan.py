@@ -19,9 +19,9 @@ from pagedbatch.cli.common import opt as common_opt
 
 if TYPE_CHECKING:
     from pagedbatch.engine.config import EngineConfig
-    from pagedbatch.job.estimate import Estimate
-    from pagedbatch.job.plan import Plan, PlanPrompts, SharedPrefix
     from pagedbatch.job.settings import RunSettings
+    from pagedbatch.plan.estimate import Estimate
+    from pagedbatch.plan.plan import Plan, PlanPrompts, SharedPrefix
 
 
 def opt(help: str, *names: str) -> Any:
@@ -105,7 +105,7 @@ def plan(
         for k, v in locals().items()
         if v is not None and k not in ("input", "config", "as_json", "estimate", "probe")
     }
-    from pagedbatch.job.reader import InputError
+    from pagedbatch.inputs.reader import InputError
     from pagedbatch.job.settings import resolve_settings
     from pagedbatch.models.names import ModelLoadError
 
@@ -139,7 +139,7 @@ def plan_job(
 ) -> tuple[Plan, PlanPrompts]:
     """Read and tokenize the job's records as `run` would (`on_read(records read)`, then
     `on_tokenized(done, total)`), then plan them; also returns the prompts planned."""
-    from pagedbatch.job.reader import read_index
+    from pagedbatch.inputs.reader import read_index
     from pagedbatch.models.names import resolve_model_name
 
     engine = settings.engine
@@ -147,10 +147,10 @@ def plan_job(
     try:
         resolve_model_name(engine.model)  # the input first, then the model, before torch
 
-        from pagedbatch.job.plan import make_plan
-        from pagedbatch.job.plan_prompts import read_plan_prompts
-        from pagedbatch.job.prompts import PromptBuilder
         from pagedbatch.models.loader import load_tokenizer_and_config
+        from pagedbatch.plan.plan import make_plan
+        from pagedbatch.plan.plan_prompts import read_plan_prompts
+        from pagedbatch.requests.prompts import PromptBuilder
 
         tokenizer, model_config = load_tokenizer_and_config(engine.model, engine.cache_dir)
         builder = PromptBuilder(tokenizer, engine.chat)
@@ -196,9 +196,9 @@ def estimate_job(
     or else a probe of the model; or `plan` as it was and why there is no estimate."""
     import dataclasses
 
-    from pagedbatch.job.estimate import estimate_time
-    from pagedbatch.job.rates import last_run_rates
     from pagedbatch.models.loader import ModelLoadError
+    from pagedbatch.plan.estimate import estimate_time
+    from pagedbatch.plan.rates import last_run_rates
 
     engine = settings.engine
     running = min(engine.max_num_seqs, plan.concurrent_sequences, prompts.samples)

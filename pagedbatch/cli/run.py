@@ -131,8 +131,8 @@ def _run_job(
     source: str, settings: RunSettings, policy: ResumePolicy, show_progress: bool, resume: str,
     cluster: RayOptions | None = None,
 ) -> None:  # fmt: skip
+    from pagedbatch.inputs.reader import InputError
     from pagedbatch.job.job import Job, JobError
-    from pagedbatch.job.reader import InputError
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
     started = time.monotonic()
@@ -205,7 +205,7 @@ def _run_with_progress(
         return job.run(None, should_stop=interrupts.requested)
     import torch
 
-    from pagedbatch.job.reader import InputError
+    from pagedbatch.inputs.reader import InputError
 
     prior = job.settings.sampling.most_output_tokens
     progress.generating(len(job.todo), prior_tokens_per_record=prior)

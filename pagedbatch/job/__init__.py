@@ -1,4 +1,6 @@
-"""The job layer: reading input into records, prompts and templates, output writing and
-scanning, fingerprints, resume, interrupts, run settings and the job plan.
+"""The file job: one input file to one output file, exactly once per record: output
+writing and scanning, the fingerprint, resume, the file guard, interrupts and the run
+settings.
 
-Imports the shared types, `pagedbatch.models` and `pagedbatch.engine` (its config)."""
+Imports `pagedbatch.plan` (to store run rates), `pagedbatch.inputs`, `pagedbatch.llm`
+(the `Generator` it drives) and below."""

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from pagedbatch.files import atomic_write
-from pagedbatch.job.jsonl import loads
-from pagedbatch.job.records import Record
+from pagedbatch.inputs.digests import RECORD_DIGEST_BYTES, input_identity, record_digest
+from pagedbatch.inputs.jsonl import loads
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
+from pagedbatch.requests.records import Record
 
 SUFFIX = ".job.json"
 # A digest of every record (id and row), so that a resume on a changed input can tell
@@ -32,7 +33,6 @@ RECORDS_KEY = "record_digests"
 # Stored for people to read, not compared: a moved input or model is the same job. The
 # record digests are compared record by record (`record_changes`), not as a whole.
 _INFO_KEYS = ("model_name", "input_path", RECORDS_KEY)
-_RECORD_DIGEST_BYTES = 8
 _TOKENIZER_PREFIXES = (
     "tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template",
 )  # fmt: skip
@@ -103,7 +103,7 @@ def record_changes(
         raw = base64.b64decode(text, validate=True)
     except ValueError:
         return None
-    known = np.frombuffer(raw[: len(raw) // _RECORD_DIGEST_BYTES * _RECORD_DIGEST_BYTES], "V8")
+    known = np.frombuffer(raw[: len(raw) // RECORD_DIGEST_BYTES * RECORD_DIGEST_BYTES], "V8")
     changed, removed = [], []
     for rid in done:
         digest = digest_of(rid)
@@ -114,13 +114,6 @@ def record_changes(
             if not len(known) or known[at].tobytes() != digest:
                 changed.append(rid)
     return changed, removed
-
-
-def record_digest(record: Record) -> bytes:
-    row = json.dumps(record.source, sort_keys=True, ensure_ascii=False, default=str)
-    text = f"{record.id!r}\0{row}"
-    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_RECORD_DIGEST_BYTES)
-    return h.digest()
 
 
 def job_digest(fingerprint: Fingerprint) -> str:
@@ -159,32 +152,6 @@ def model_identity(model: str) -> tuple[str, str]:
     files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
     tokenizer = [f for f in files if f.name.startswith(_TOKENIZER_PREFIXES)]
     return _digest([f for f in files if f not in tokenizer]), _digest(tokenizer)
-
-
-def content_hasher(split: str | None, size: int) -> Any:
-    """The hash of an input file's `size` bytes, before they are fed to it (`update`): its
-    `hexdigest()` is the file's `input_identity`."""
-    h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
-    h.update(f"{size}\0".encode())
-    return h
-
-
-def input_identity(
-    source: str, split: str | None, content_digest: str | None = None, rows: bytes | None = None
-) -> str:
-    """A digest of the input's content as the job read it: `content_digest` when the reader
-    hashed the file's bytes as it read them (JSONL: see `content_hasher`), else of `rows`,
-    the records' digests sorted (a table, or a hub dataset, is never read a second time to
-    hash it: a file changed in between would be described by bytes the job never read).
-    Without either (no job to read it), of the name."""
-    if content_digest is not None:
-        return content_digest
-    h = hashlib.blake2b(f"split:{split}".encode(), digest_size=8)
-    if rows is not None:
-        h.update(b"rows\0" + rows)
-    else:
-        h.update(f"name:{source}".encode())
-    return h.hexdigest()
 
 
 def _digest(files: list[Path]) -> str:

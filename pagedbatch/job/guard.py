@@ -19,6 +19,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from pagedbatch.files import file_kind
+
 LOCK_SUFFIX = ".lock"
 USER_ROLES = ("output", "errors file")  # the written files the user names (-o, --errors)
 
@@ -177,16 +179,6 @@ def _mode(path: Path) -> int | None:
         return None
     except OSError as e:
         raise GuardError(f"{path}: cannot inspect it ({e.strerror or e})") from None
-
-
-def file_kind(mode: int) -> str:
-    """What a file of this st_mode is, in words ("a FIFO (named pipe)")."""
-    kinds = [
-        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ]  # fmt: skip
-    return next((name for test, name in kinds if test(mode)), "of an unknown kind")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from pagedbatch.files import atomic_write
+from pagedbatch.inputs.openai_batch import batch_output_line
+from pagedbatch.inputs.reader import read_index
+from pagedbatch.inputs.record_index import RecordView
 from pagedbatch.job.fingerprint import (
     fingerprint_path,
     job_digest,
@@ -29,14 +32,11 @@ from pagedbatch.job.fingerprint import (
     save_fingerprint,
 )
 from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
-from pagedbatch.job.openai_batch import batch_output_line
 from pagedbatch.job.output_scan import QUARANTINE_KEY, cut_torn_line, drop_error_lines
 from pagedbatch.job.output_writer import OutputWriter, encode_line
-from pagedbatch.job.rates import store_run_rates
-from pagedbatch.job.reader import read_index
-from pagedbatch.job.record_index import RecordView
-from pagedbatch.job.records import Record
 from pagedbatch.job.resume import JobError, ResumeCheck, ResumePolicy
+from pagedbatch.plan.rates import store_run_rates
+from pagedbatch.requests.records import Record
 
 __all__ = ["Job", "JobError", "JobResult", "ResumePolicy", "default_output", "report_paths"]
 from pagedbatch.job.settings import RunSettings

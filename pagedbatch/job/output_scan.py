@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pagedbatch.files import atomic_write
-from pagedbatch.job.id_keys import IdSet, id_key, key_array, repeated
-from pagedbatch.job.jsonl import loads
+from pagedbatch.inputs.id_keys import IdSet, id_key, key_array, repeated
+from pagedbatch.inputs.jsonl import loads
 
 RecordId = str | int
 LINE_START = b'{"id": '  # how every line pagedbatch writes begins (plain and OpenAI batch)

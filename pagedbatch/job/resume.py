@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pagedbatch.inputs.record_index import RecordIndex
 from pagedbatch.job.fingerprint import Fingerprint, changes, load_fingerprint, record_changes
 from pagedbatch.job.output_scan import (
     OutputFileError,
@@ -24,7 +25,6 @@ from pagedbatch.job.output_scan import (
     output_ids,
     scan_output,
 )
-from pagedbatch.job.record_index import RecordIndex
 
 _NAMED_IDS = 5  # ids named in a message, before "and N more"
 

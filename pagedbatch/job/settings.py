@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pagedbatch.engine.config import EngineConfig, load_preset
-from pagedbatch.job.prompt_template import PromptTemplate
-from pagedbatch.job.records import FieldMap
+from pagedbatch.requests.prompt_template import PromptTemplate
+from pagedbatch.requests.records import FieldMap
 from pagedbatch.sampling_params import SamplingParams
 
 _ENGINE = {f.name for f in fields(EngineConfig)}

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pagedbatch.job.records import FieldMap, parse_record
 from pagedbatch.outputs import RequestOutput
+from pagedbatch.requests.records import FieldMap, parse_record
 from pagedbatch.sampling_params import SamplingParams
 
 ERROR_COLUMN = "__inference_error__"  # ray.data.llm's name for it

@@ -17,14 +17,14 @@ from typing import Any
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
-from pagedbatch.job.id_keys import id_key, key_array, repeated
-from pagedbatch.job.prompt_store import PromptStore
-from pagedbatch.job.prompts import PromptBuilder
-from pagedbatch.job.records import Input, Record, record_batches, to_record
+from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray
 from pagedbatch.ray.shards import Shard, make_shards
 from pagedbatch.ray.stats import merge_memory_reports, merge_stats
+from pagedbatch.requests.prompt_store import PromptStore
+from pagedbatch.requests.prompts import PromptBuilder
+from pagedbatch.requests.records import Input, Record, record_batches, to_record
 from pagedbatch.sampling_params import SamplingParams
 
 SHARDS_PER_REPLICA = 4  # room to balance uneven shards, and a bound on the work a death redoes

@@ -16,8 +16,8 @@ from typing import Any
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
-from pagedbatch.job.records import Record
 from pagedbatch.outputs import RequestOutput
+from pagedbatch.requests.records import Record
 from pagedbatch.sampling_params import SamplingParams
 
 

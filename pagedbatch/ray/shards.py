@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pagedbatch.job.prompt_store import PromptStore
+from pagedbatch.requests.prompt_store import PromptStore
 
 
 @dataclass

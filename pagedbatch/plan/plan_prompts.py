@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pagedbatch.job.ahead import ahead
-from pagedbatch.job.preparer import prompt_ids
-from pagedbatch.job.prompt_store import PromptStore
-from pagedbatch.job.prompts import PromptBuilder
-from pagedbatch.job.record_index import RecordIndex
+from pagedbatch.inputs.record_index import RecordIndex
 from pagedbatch.outputs import RequestOutput
+from pagedbatch.requests.ahead import ahead
+from pagedbatch.requests.preparer import prompt_ids
+from pagedbatch.requests.prompt_store import PromptStore
+from pagedbatch.requests.prompts import PromptBuilder
 from pagedbatch.sampling_params import SamplingParams
 
 TOKENIZE_BATCH = 512  # records tokenized at a time

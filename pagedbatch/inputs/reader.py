@@ -3,10 +3,9 @@
 JSON Lines files are read strictly by our own reader (jsonl.py), so that a broken file
 is reported with its line number before any work starts. Everything else goes through
 the Hugging Face `datasets` library, imported only when it is needed, and read in Arrow
-batches. Either way the rows are a stream (input_rows.py) that a `RecordIndex`
+batches. Either way the rows are a stream (rows.py) that a `RecordIndex`
 (record_index.py) reads once and keeps a few bytes of per record. Rows shaped like
-OpenAI batch requests are read as such (openai_batch.py). Output lines go out through
-`OutputWriter` (output_writer.py).
+OpenAI batch requests are read as such (openai_batch.py).
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pagedbatch.job.guard import file_kind
-from pagedbatch.job.input_columns import (
+from pagedbatch.files import file_kind
+from pagedbatch.inputs.columns import (
     check_columns,
     check_hub_dataset,
     data_file_columns,
@@ -27,13 +26,12 @@ from pagedbatch.job.input_columns import (
     saved_dataset_columns,
     select_split,
 )
-from pagedbatch.job.input_rows import DatasetRows, InputError, JsonlRows
-from pagedbatch.job.jsonl import loads
-from pagedbatch.job.output_writer import OutputWriter
-from pagedbatch.job.record_index import RecordIndex
-from pagedbatch.job.records import FieldMap, Record
+from pagedbatch.inputs.jsonl import loads
+from pagedbatch.inputs.record_index import RecordIndex
+from pagedbatch.inputs.rows import DatasetRows, InputError, JsonlRows
+from pagedbatch.requests.records import FieldMap, Record
 
-__all__ = ["InputError", "OutputWriter", "open_rows", "read_index", "read_records"]
+__all__ = ["InputError", "open_rows", "read_index", "read_records"]
 
 # Files read by our strict JSON Lines reader (a .json file only if it is JSON Lines).
 _JSON_SUFFIXES = (".jsonl", ".json")

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.sequence import Sequence, random_seed
-from pagedbatch.job.prompts import PromptBuilder, PromptError
-from pagedbatch.job.records import Record
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -26,6 +24,8 @@ from pagedbatch.outputs import (
     RecordError,
     RequestOutput,
 )
+from pagedbatch.requests.prompts import PromptBuilder, PromptError
+from pagedbatch.requests.records import Record
 from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed, short_repr
 
 _CHOICES_CACHED = 4096  # choice texts whose tokens are kept (a job has a few)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pagedbatch.job.records import Record
+from pagedbatch.requests.records import Record
 
 
 class PromptError(ValueError):

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from pagedbatch.job.fingerprint import content_hasher
-from pagedbatch.job.jsonl import JsonlError, parse_object
+from pagedbatch.inputs.digests import content_hasher
+from pagedbatch.inputs.jsonl import JsonlError, parse_object
 
 # (position, locator, row): the line number or row index, where to read the row again,
 # and the row (a dict; a JsonlError for a bad line read with skip_invalid).

@@ -12,8 +12,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from pagedbatch.job.records import Record, invalid, messages_problem
 from pagedbatch.outputs import RequestOutput, TokenLogprob
+from pagedbatch.requests.records import Record, invalid, messages_problem
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

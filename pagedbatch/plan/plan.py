@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pagedbatch.job.estimate import Estimate
-from pagedbatch.job.plan_prompts import PlanPrompt, PlanPrompts
+from pagedbatch.plan.estimate import Estimate
+from pagedbatch.plan.plan_prompts import PlanPrompt, PlanPrompts
 
 __all__ = ["Plan", "PlanPrompt", "PlanPrompts", "SharedPrefix", "make_plan"]
 

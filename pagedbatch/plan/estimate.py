@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pagedbatch.job.rates import Rates
+from pagedbatch.plan.rates import Rates
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pagedbatch.job.input_rows import InputError
-from pagedbatch.job.record_index import fields_problem
-from pagedbatch.job.records import FieldMap
+from pagedbatch.inputs.record_index import fields_problem
+from pagedbatch.inputs.rows import InputError
+from pagedbatch.requests.records import FieldMap
 
 
 def check_columns(name: str, columns: list[str] | None, fields: FieldMap) -> None:

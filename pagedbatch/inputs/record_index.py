@@ -16,12 +16,12 @@ from typing import Any, overload
 
 import numpy as np
 
-from pagedbatch.job.fingerprint import record_digest
-from pagedbatch.job.id_keys import id_key, key_array, repeated
-from pagedbatch.job.input_rows import InputError, RowSource
-from pagedbatch.job.jsonl import JsonlError
-from pagedbatch.job.openai_batch import is_batch_request, parse_batch_request
-from pagedbatch.job.records import FieldMap, Record, invalid, parse_record
+from pagedbatch.inputs.digests import record_digest
+from pagedbatch.inputs.id_keys import id_key, key_array, repeated
+from pagedbatch.inputs.jsonl import JsonlError
+from pagedbatch.inputs.openai_batch import is_batch_request, parse_batch_request
+from pagedbatch.inputs.rows import InputError, RowSource
+from pagedbatch.requests.records import FieldMap, Record, invalid, parse_record
 
 _FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
 _FIELDS_SHOWN = 10

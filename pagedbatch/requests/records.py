@@ -7,8 +7,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedbatch.job.prompt_template import PromptTemplate, TemplateError
 from pagedbatch.outputs import INVALID_RECORD, RecordError
+from pagedbatch.requests.prompt_template import PromptTemplate, TemplateError
 from pagedbatch.sampling_params import OVERRIDABLE
 
 _OVERRIDABLE = frozenset(OVERRIDABLE)
