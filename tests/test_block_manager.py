@@ -58,7 +58,7 @@ def refcounts(manager: BlockManager) -> list[int]:
 
 
 def check(manager: BlockManager, *seqs: Sequence) -> None:
-    """The invariants of DESIGN.md, for a manager whose only sequences are `seqs`.
+    """The invariants of docs/ARCHITECTURE.md, for a manager whose only sequences are `seqs`.
 
     Every block is free with refcount 0, or held with refcount = tables + radix nodes
     holding it; a node's lock count is the number of sequences whose cached path runs

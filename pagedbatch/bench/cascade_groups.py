@@ -10,7 +10,7 @@ after the prefix) and `extend` (`own_tokens` new tokens right after a cached pre
 Shapes default to SmolLM2-135M's attention (30 layers, 9 query and 3 KV heads, 64 wide),
 block size 16, float32. Steps with and without cascade alternate; each figure is the
 median of `repeats` steps' CPU time (`time.thread_time`: torch on one thread computes in
-this thread, so a busy machine changes it little). docs/DESIGN.md ("Cascade
+this thread, so a busy machine changes it little). docs/MEASUREMENTS.md ("Cascade
 attention") quotes the measurement behind the torch backend's rule.
 """
 
@@ -78,7 +78,7 @@ class AttentionShape:
 
 
 def default_shapes() -> list[GroupShape]:
-    """The grid DESIGN.md quotes: decode over prefix and own lengths, one small group
+    """The grid docs/MEASUREMENTS.md quotes: decode over prefix and own lengths, one small group
     among loners, extend over prefix and new lengths."""
     shapes = [GroupShape("decode", "all", m, p, own)
               for m in (2, 8) for own in (16, 64, 256) for p in (4, 8, 16, 32)]  # fmt: skip

@@ -1,6 +1,6 @@
 """Decode-step timing of an engine, and the memory-bandwidth floor it is measured against.
 
-DESIGN.md: a decode step must read every weight once and the K and V of every context
+docs/MEASUREMENTS.md: a decode step must read every weight once and the K and V of every context
 token of every sequence it decodes (a cascade group's shared prefix once for the group),
 so it cannot take less than
 `(weight bytes + KV bytes read) / copy bandwidth`, the bandwidth measured by a large

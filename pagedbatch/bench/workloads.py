@@ -1,4 +1,4 @@
-"""The benchmark workloads of DESIGN.md, as seeded token-id prompts with fixed output lengths.
+"""The benchmark workloads (docs/MEASUREMENTS.md): seeded token-id prompts, fixed output lengths.
 
 - label: a ~250-token shared instruction + 10-80 unique tokens, 16 output tokens
   (the nightly labelling job);

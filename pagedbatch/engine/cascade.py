@@ -31,7 +31,7 @@ MIN_PREFIX_BLOCKS = 1
 
 @dataclass(frozen=True)
 class CascadeRule:
-    """Which groups are worth forming (docs/DESIGN.md, "Cascade attention", has the
+    """Which groups are worth forming (docs/MEASUREMENTS.md, "Cascade attention", has the
     measurement behind `TORCH_RULE`: `pagedbatch bench --cascade-groups`)."""
 
     min_prefix_tokens: int  # a group's shared prefix is at least this long (whole blocks)
