@@ -2,7 +2,7 @@
 
 `RecordIndex(rows, fields)` reads the input once, checking it as a whole (one kind of
 row, unique ids, a prompt field some row has) and keeping per record its row's position
-and locator, its id's key (id_keys.py) and its digest (fingerprint.py): 40 bytes, where
+and locator, its id's key (id_keys.py) and its digest (digests.py): 40 bytes, where
 a parsed record with its row is about 1-2 KB. `RecordView` is a sequence of some of the
 records (what a job still has to do) that reads each record when it is asked for.
 """
