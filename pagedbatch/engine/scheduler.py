@@ -18,9 +18,16 @@ class ScheduledSeq(NamedTuple):
     num_new_tokens: int
 
     @property
-    def samples(self) -> bool:
-        """True when this step computes the sequence's last token, so it samples the next."""
+    def completes(self) -> bool:
+        """This step computes the sequence's last token (its logits follow all its tokens)."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This step samples the sequence's next token: it completes a sequence that
+        generates (one that scores choices never samples). The one rule of which sequences
+        sample: the runner's sampling rows, the engine's sampler, CUDA graph replays."""
+        return self.completes and not self.seq.is_scoring
 
 
 @dataclass
