@@ -13,7 +13,7 @@ from test_choices import reference_score
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.engine.scheduler import ScheduledSeq
+from pagedbatch.engine.scheduler import ScheduledSeq, SchedulerOutput
 from pagedbatch.engine.scoring import choice_family, choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 
@@ -124,6 +124,9 @@ def test_only_a_generating_sequence_that_completes_samples():
     for seq in (parent, choice):
         assert seq.is_scoring and ScheduledSeq(seq, seq.num_tokens).completes
         assert not ScheduledSeq(seq, seq.num_tokens).samples  # scored, never sampled
+    chunk = Sequence(1, [1] * 6, 6, SamplingParams(), 10)
+    out = SchedulerOutput([ScheduledSeq(parent, 6), ScheduledSeq(gen, 6), ScheduledSeq(chunk, 2)])
+    assert out.samples == [False, True, False] and out.sampling == [gen]
 
 
 def test_a_step_of_generation_and_choices_samples_its_first_rows_and_scores_the_rest(

@@ -143,7 +143,7 @@ class Engine:
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> Sampled:
         """The next token of each sequence that samples (the first logits rows, in order)
         and of its forks (from its row); the logprobs of those that ask for them."""
-        sampling = [s.seq for s in out.scheduled if s.samples]
+        sampling = out.sampling
         seqs, rows = _with_forks(sampling)
         logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
         sampled = sample_tokens(logits, seqs)

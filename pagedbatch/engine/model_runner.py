@@ -20,7 +20,7 @@ from pagedbatch.engine.cascade import (
     plan_cascade,
 )
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
-from pagedbatch.engine.scheduler import ScheduledSeq, SchedulerOutput
+from pagedbatch.engine.scheduler import SchedulerOutput
 from pagedbatch.engine.scoring import Scoring, plan_scoring
 
 
@@ -74,7 +74,7 @@ class ModelRunner:
         size = self.block_manager.block_size
         blocks = tables.host[np.repeat(rows, counts), positions // size]
         slots = blocks.astype(np.int64) * size + positions % size
-        logits_rows, scores = self._logits_rows(scheduled, starts)
+        logits_rows, scores = self._logits_rows(out, starts)
         staged = torch.from_numpy(
             np.concatenate([input_ids, positions, slots, ends, starts, logits_rows, rows])
         )
@@ -104,14 +104,14 @@ class ModelRunner:
         return batch
 
     def _logits_rows(
-        self, scheduled: list[ScheduledSeq], starts: np.ndarray
+        self, out: SchedulerOutput, starts: np.ndarray
     ) -> tuple[np.ndarray, Scoring | None]:
         """The token rows the LM head runs on: the last of each sequence that samples, then
         every row that scores a choice token (engine/scoring.py)."""
-        samples = np.fromiter((s.samples for s in scheduled), dtype=bool, count=len(scheduled))
+        samples = np.array(out.samples, dtype=bool)
         last = starts[1:][samples] - 1
         others = np.flatnonzero(~samples).tolist()  # prompt chunks, sequences that score
-        planned = plan_scoring(scheduled, others, starts, len(last), self.device)
+        planned = plan_scoring(out.scheduled, others, starts, len(last), self.device)
         if planned is None:
             return last, None
         score_rows, scoring = planned
