@@ -15,6 +15,7 @@ from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
@@ -82,7 +83,7 @@ class LLM:
         self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
         limits = Limits(
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
-            self.kv_cache.spec.block_size, self.kv_cache.num_blocks, self.config.prefix_sharing,
+            self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
         self.preparer = Preparer(self.prompts, limits)
 
@@ -209,15 +210,19 @@ class LLM:
         self, items: Seq[Input], k: int, store: PromptStore, numbers: array[int],
         defaults: SamplingParams, owner: dict[int, _Group],
     ) -> None:  # fmt: skip
-        """Queue prompt k's record: read it again, build its sequences."""
+        """Queue prompt k's record: read it again; the engine builds its sequences."""
         index = numbers[k]
         record = to_record(items[index], index)
-        params = self.preparer.params(record, defaults)
-        group = _Group(index, record.id, self.preparer.sequences(record, store.tokens(k), params))
-        for seq in group.seqs:
+        params, ids = self.preparer.params(record, defaults), store.tokens(k)
+        if params.choices is not None:
+            choices = self.preparer.choice_tokens(params)
+            seqs = self.engine.add_choices(ids, choices, params, record.id)
+        else:
+            seeds = self.preparer.seeds(record, params)
+            seqs = self.engine.add_samples(ids, params, seeds, record.id)
+        group = _Group(index, record.id, seqs)
+        for seq in seqs:
             owner[seq.seq_id] = group
-        for seq in group.seqs if not group.seqs[0].forks else group.seqs[:1]:
-            self.engine.add(seq)
 
     def memory_report(self) -> dict:
         """The KV memory figures of everything generated so far (plain, JSON-ready data).
@@ -275,17 +280,14 @@ def _choice_output(rid: Any, seqs: list[Sequence]) -> RequestOutput:
     softmax over the choices of their scores (sums, or per-token means)."""
     params = seqs[0].params
     assert params.choices is not None
-    scored = [s for s in seqs if s.choice_ids is not None]
-    sums = [math.fsum(s.choice_logprobs) for s in scored]  # every entry set by now
-    ranks = sums if params.choice_score == "sum" else [
-        total / len(s.choice_ids) for total, s in zip(sums, scored)
-    ]  # fmt: skip
+    scored = choice_logprobs(seqs)  # (sum, tokens) of each choice
+    ranks = [total if params.choice_score == "sum" else total / n for total, n in scored]
     top = max(ranks)
     weights = [math.exp(r - top) for r in ranks]
     probs = [w / math.fsum(weights) for w in weights]
     choices = tuple(
-        ChoiceScore(text, total, prob, len(s.choice_ids))
-        for text, total, prob, s in zip(params.choices, sums, probs, scored, strict=True)
+        ChoiceScore(text, total, prob, n)
+        for text, (total, n), prob in zip(params.choices, scored, probs, strict=True)
     )
     first = seqs[0]
     return RequestOutput(

@@ -15,7 +15,6 @@ from tiny_models import ARCHS, ENGINE_PATHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.engine import engine as engine_module
 from pagedbatch.engine.cascade import ANY_GROUP
 from pagedbatch.requests.records import Record
 
@@ -286,7 +285,7 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
                 assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
 
 
-def test_choices_and_generation_in_the_same_steps(tiny_model_dirs, monkeypatch):
+def test_choices_and_generation_in_the_same_steps(tiny_model_dirs):
     # Records that score choices and records that generate (with logprobs) run together:
     # the LM head's rows hold the sampling rows, then the scoring rows, in one step.
     from test_logprobs import check_logprobs, reference_logprobs
@@ -297,13 +296,14 @@ def test_choices_and_generation_in_the_same_steps(tiny_model_dirs, monkeypatch):
         for i, p in enumerate(PROMPTS)
     ]
     both = []  # per step: whether its LM head ran on sampling rows and scoring rows
-    score_choices = engine_module._score_choices
+    prepare = llm.engine.runner.prepare  # the real one, its batches recorded
 
-    def spy(batch, logits, sampling):
-        both.append(batch.scores is not None and batch.scores.num_sample_rows > 0)
-        return score_choices(batch, logits, sampling)
+    def recording(out):
+        batch = prepare(out)
+        both.append(batch.scores is not None and batch.num_sampled > 0)
+        return batch
 
-    monkeypatch.setattr(engine_module, "_score_choices", spy)
+    llm.engine.runner.prepare = recording
     outputs = llm.generate(records, SamplingParams(max_tokens=5, ignore_eos=True))
     assert any(both)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from job_helpers import invoke, one_line_error
@@ -15,10 +17,10 @@ from pagedbatch.engine.cuda_graphs import (
     batch_buckets,
     bucket_for,
     first_rows,
-    is_graph_step,
     load_rows,
     static_batch,
 )
+from pagedbatch.engine.scoring import Scoring
 
 
 def _batch(query_lens: list[int], context_lens: list[int], width: int, sampled: int) -> Batch:
@@ -51,9 +53,13 @@ def test_buckets_cover_every_batch_size_up_to_the_maximum():
 
 
 def test_only_decode_only_steps_replay():
-    assert is_graph_step(_batch([1, 1, 1], [5, 9, 3], width=3, sampled=3))
-    assert not is_graph_step(_batch([1, 4], [5, 9], width=3, sampled=2))  # a prefill chunk
-    assert not is_graph_step(_batch([1, 1], [5, 9], width=3, sampled=1))  # one not sampling
+    assert _batch([1, 1, 1], [5, 9, 3], width=3, sampled=3).decode_only
+    assert not _batch([1, 4], [5, 9], width=3, sampled=2).decode_only  # a prefill chunk
+    assert not _batch([1, 1], [5, 9], width=3, sampled=1).decode_only  # one not sampling
+    # Two logits rows, but the second scores a choice token: one sequence does not sample.
+    scoring = Scoring(1, torch.tensor([0]), torch.tensor([7]), [], [], [])
+    scored = dataclasses.replace(_batch([1, 1], [5, 9], width=3, sampled=2), scores=scoring)
+    assert scored.num_sampled == 1 and not scored.decode_only
 
 
 def test_load_rows_copies_the_batch_and_pads_the_rest():

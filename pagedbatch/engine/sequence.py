@@ -41,12 +41,12 @@ class Sequence:
     sequence created without one draws a random 63-bit seed. `detokenizer` holds the
     decoded tail of the output while stop strings are searched.
 
-    Scoring a choice instead of generating: `choice_ids` are the choice's tokens, of which
-    `token_ids` (the prompt, then all but the last choice token) are followed; the
-    log-probability of choice token k goes to `choice_logprobs[k]`, from the logits of
-    position `num_tokens - len(choice_ids) + k`. Such a sequence never samples: it is
-    done when its tokens are computed. With prefix sharing, a `scores_only` parent
-    computes the prompt once, gives each choice (its `forks`) the first token's
+    Scoring a choice instead of generating (engine/scoring.py): `choice_ids` are the
+    choice's tokens, of which `token_ids` (the prompt, then all but the last choice token)
+    are followed; the log-probability of choice token k goes to `choice_logprobs[k]`, from
+    the logits of position `num_tokens - len(choice_ids) + k`. Such a sequence never
+    samples: it is done when its tokens are computed. With prefix sharing, a `scores_only`
+    parent computes the prompt once, gives each choice (its `forks`) the first token's
     log-probability from its last logits, forks them and ends.
     """
 
@@ -71,6 +71,11 @@ class Sequence:
     choice_ids: tuple[int, ...] | None = None
     choice_logprobs: list[float | None] = field(default_factory=list)
     scores_only: bool = False
+
+    @property
+    def is_scoring(self) -> bool:
+        """A choice's sequence or the prompt parent of choices: it scores, never samples."""
+        return self.choice_ids is not None or self.scores_only
 
     @property
     def first_scored_position(self) -> int:

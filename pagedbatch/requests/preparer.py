@@ -1,21 +1,19 @@
-"""Records to engine sequences, in two steps a job of millions of records can afford.
+"""Records to engine requests, in two steps a job of millions of records can afford.
 
 `check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
 in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
 the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
-bad choices. `sequences` builds a checked record's sequences (one per sample, or one per
-choice) when the record is admitted, from the token ids kept since in a `PromptStore`.
+bad choices. When a checked record is admitted, `params` and `seeds` (or `choice_tokens`)
+give what the engine builds its sequences from (`Engine.add_samples`, `add_choices`),
+with the prompt's token ids kept since in a `PromptStore`.
 """
 
 from __future__ import annotations
 
-import itertools
-from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
-from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -39,16 +37,14 @@ class Limits:
     max_model_len: int
     block_size: int
     num_blocks: int
-    prefix_sharing: bool
 
 
 class Preparer:
-    """Checks records and builds their sequences for one LLM."""
+    """Checks records and gives what the engine needs to run them, for one LLM."""
 
     def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
         self.prompts = prompts
         self.limits = limits
-        self._seq_ids = itertools.count()
         self._choices: dict[str, list[int]] = {}
 
     def check(
@@ -72,16 +68,15 @@ class Preparer:
         """The sampling params of a record that passed `check`."""
         return defaults.with_overrides(record.overrides)
 
-    def sequences(self, record: Record, ids: array[int], params: SamplingParams) -> list[Sequence]:
-        """The sequences of a checked record: one per sample, or a parent and one per choice
-        (with prefix sharing, samples and choices are forks of the first sequence)."""
-        if params.choices is not None:
-            return self._choice_sequences(record, ids, params)
+    def seeds(self, record: Record, params: SamplingParams) -> list[int | None]:
+        """The seed of each sample of a record that passed `check` (None: a random one)."""
         seed = self._record_seed(record, params)
-        seqs = [self._sequence(record, ids, params, sample_seed(seed, k)) for k in range(params.n)]
-        if self.limits.prefix_sharing:
-            seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
-        return seqs
+        return [sample_seed(seed, k) for k in range(params.n)]
+
+    def choice_tokens(self, params: SamplingParams) -> list[list[int]]:
+        """The token ids of each choice of a record that passed `check` (none empty)."""
+        assert params.choices is not None
+        return [self._choice_tokens(text) for text in params.choices]
 
     def _check_fit(
         self, record: Record, ids: list[int], params: SamplingParams
@@ -145,44 +140,12 @@ class Preparer:
             )
         return None
 
-    def _choice_sequences(
-        self, record: Record, ids: array[int], params: SamplingParams
-    ) -> list[Sequence]:
-        """One sequence per choice: the prompt and the choice's tokens but the last, scored
-        from the prompt's last position on. With prefix sharing, a scores_only parent
-        computes the prompt once and the choices are forked from it."""
-        assert params.choices is not None
-        choices = [self._choice_tokens(text) for text in params.choices]
-        seqs = [
-            self._sequence(record, ids + array("i", t[:-1]), params, 0, choice_ids=tuple(t))
-            for t in choices
-        ]
-        if not self.limits.prefix_sharing:
-            return seqs
-        parent = self._sequence(record, ids, params, 0)
-        parent.scores_only, parent.forks = True, seqs
-        return [parent, *seqs]
-
     def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
         """The record's own seed; else one derived from the job seed (`params.seed`) and the
         record id, so that a record samples the same text in any order, batch or resumed run."""
         if "seed" in record.overrides or params.seed is None:
             return params.seed
         return derive_seed(params.seed, record.id)
-
-    def _sequence(
-        self, record: Record, ids: array[int], params: SamplingParams, seed: int | None,
-        choice_ids: tuple[int, ...] | None = None,
-    ) -> Sequence:  # fmt: skip
-        scored = choice_ids is not None or params.choices is not None
-        limit = self.limits.max_model_len
-        return Sequence(
-            seq_id=next(self._seq_ids), token_ids=array("i", ids), num_prompt_tokens=len(ids),
-            params=params,
-            max_len=len(ids) if scored else min(limit, len(ids) + params.max_tokens),
-            seed=random_seed() if seed is None else seed, request_id=record.id,
-            choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
-        )  # fmt: skip
 
 
 def prompt_ids(
