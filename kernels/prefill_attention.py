@@ -124,7 +124,10 @@ def _prefill_kernel(
         m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_F32)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence's tokens see nothing
-    if start > 0:  # cascade: this is the part after the prefix; merged with the prefix's
+    # Compiled, `start` is a runtime value even without HAS_STARTS (Triton makes an int
+    # assigned in a kernel one), so without the constexpr this branch would be compiled
+    # with part_out_ptr None, and fail. The interpreter only sees 0 > 0.
+    if HAS_STARTS and start > 0:  # cascade: the part after the prefix, merged with its part
         p_ptrs = (
             part_out_ptr + (q_start + token)[:, None] * stride_pt + heads[:, None] * stride_ph
             + offs_d[None, :] * stride_pd
@@ -184,7 +187,7 @@ def prefill_attention(
         )  # fmt: skip
     grid = (num_seqs, triton.cdiv(max_query_len * group, BLOCK_M), k_cache.shape[2])
     block_n, block_d = key_tile_size(head_dim, query.dtype), head_tile_size(head_dim)
-    dot_f32 = dot_in_float32(query.dtype, query.device)
+    dot_f32 = dot_in_float32(query.dtype)
     _prefill_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc, out_ptr=out,

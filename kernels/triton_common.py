@@ -70,14 +70,16 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
 
 
-def dot_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
+def dot_in_float32(dtype: torch.dtype) -> bool:
     """Whether tl.dot should take float32 operands (computed in IEEE precision).
 
-    Always for float32 caches (TF32 would cost ~1e-3 relative error). Also on CPU:
-    the interpreter of Triton 3.6 multiplies bfloat16 bit patterns as integers in
-    tl.dot, so the interpreter upcasts; CUDA multiplies 16-bit operands natively.
+    Always for float32 caches (TF32 would cost ~1e-3 relative error). Also in the
+    interpreter: Triton 3.6's multiplies bfloat16 bit patterns as integers in tl.dot,
+    so it upcasts; a compiled kernel multiplies 16-bit operands natively. (Decided by
+    the interpreter, not the tensors' device, so a kernel compiled ahead of time from
+    CPU tensors is the one a GPU runs: tests/test_kernel_compile.py.)
     """
-    return dtype == torch.float32 or device.type == "cpu"
+    return dtype == torch.float32 or INTERPRETED
 
 
 @triton.jit
