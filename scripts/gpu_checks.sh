@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one call of at most 540 s (490 s of limits
-# below, Triton compiles included), for a session that is lent one. Each check has its
+# below, Triton compiles included; kernel-compile runs beside kernels-tests), for a
+# session that is lent one. Each check has its
 # own time limit; a summary line per check is printed at the end even when a check fails
 # or times out. Reports go to $OUT (default ./gpu-reports):
 #   kernels-tests.txt   CUDA cases of tests/test_kernels.py (the quick grid: the CPU's pairs)
+#   kernel-compile.txt  tests/test_kernel_compile.py: every launch compiled for sm_90 and
+#                       sm_80 (registers, shared memory, spills); needs no GPU, so it runs on
+#                       the CPUs beside kernels-tests, whose results do not depend on timing
 #   engine-tests.txt    greedy tokens on CUDA: triton vs transformers (float32), CUDA-graph
 #                       decode vs eager vs transformers, triton vs torch in bf16
 #   kernel-bench.txt    decode kernel GB/s and % of copy bandwidth
@@ -35,8 +39,15 @@ check() {  # check NAME SECONDS COMMAND...: run it, report to $OUT/NAME.txt, rem
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1
 nvidia-smi -L >"$OUT/device.txt" 2>&1
 
+(  # its own summary line comes back through a file: this runs in a subshell
+    check kernel-compile 100 python3 -m pytest -q -s -p no:cacheprovider tests/test_kernel_compile.py
+    printf '%s\n' "${SUMMARY[@]}" >"$OUT/kernel-compile.summary"
+) &
+compiling=$!
 PAGEDBATCH_KERNEL_GRID=quick check kernels-tests 100 \
     python3 -m pytest -q -p no:cacheprovider -m cuda -x tests/test_kernels.py
+wait "$compiling"
+SUMMARY+=("$(cat "$OUT/kernel-compile.summary")")
 check engine-tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
 check kernel-bench 45 python3 -m pagedbatch.kernels.bench --batch-sizes 64 256 --contexts 1024 4096
 check host-overhead 40 python3 -m pagedbatch bench --host-overhead --device cuda --json
