@@ -37,7 +37,13 @@ from pagedbatch.bench.runner import (
     run_workload_benchmark,
     vocab_size,
 )
-from pagedbatch.bench.workloads import WORKLOADS, BenchPrompts, Workload, workload_prompts
+from pagedbatch.bench.workloads import (
+    WORKLOADS,
+    BenchPrompts,
+    Workload,
+    file_records,
+    workload_prompts,
+)
 from pagedbatch.cli.app import app
 from pagedbatch.cli.bench import choices_line, tables
 from pagedbatch.engine.config import EngineConfig
@@ -292,6 +298,46 @@ def test_choices_contender_scores_the_same_records(tiny_model_dirs, tmp_path):
     assert 0 <= scored.details["label_agreement"] <= 1
     line = choices_line(report)
     assert "x pagedbatch generating" in line and "x transformers generate" in line, line
+
+
+def test_profile_splits_prefill_and_decode_steps_at_each_dtype(tiny_model_dirs, tmp_path):
+    from pagedbatch.bench.step_profile import PARTS, profile_steps
+
+    shared = "Label the review as positive, negative or mixed. " * 4
+    rows = [{"id": i, "prompt": shared + f"review {i}: it broke after {i} days"} for i in range(4)]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = EngineConfig(model=str(tiny_model_dirs["llama"]), threads=1, **SMALL_ENGINE)
+    records = file_records(str(source))
+    profiles = profile_steps(records, config, 5, ["float32", "bfloat16"])
+    assert [(p.dtype, p.kind) for p in profiles] == [
+        (d, k) for d in ("float32", "bfloat16") for k in ("prefill-heavy", "decode-heavy")
+    ]
+    for p in profiles:
+        prefill = p.kind == "prefill-heavy"
+        assert p.tokens > 2 * p.seqs if prefill else p.tokens <= 2 * p.seqs
+        assert p.matmul > 0 and p.attention > 0 and p.other_ops > 0 and p.matmul_gflops > 0
+        assert sum(getattr(p, part) for part in PARTS) == pytest.approx(p.ms, rel=0.05)
+    # after the prompts, one new token per sequence and step, up to 4 sequences
+    decode = [p for p in profiles if p.kind == "decode-heavy"]
+    assert all(p.steps >= 4 and p.tokens == p.seqs and 1 <= p.seqs <= 4 for p in decode), decode
+
+
+def test_cli_profile_prints_the_table(tiny_model_dirs, tmp_path):
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"text {i} " * 9}) + "\n"
+                              for i in range(3)))  # fmt: skip
+    args = ["bench", str(source), "--profile", "--dtype", "bfloat16", "--max-tokens", "3",
+            "--model", str(tiny_model_dirs["llama"]), "--config", small_config(tmp_path),
+            "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Where a step goes: 3 records, 3 tokens each" in result.output
+    for text in ("prefill-heavy", "decode-heavy", "matmul %", "attn %", "sample %", "host %"):
+        assert text in result.output
+    assert "float32" not in result.output  # --dtype: that one only
+    result = CliRunner().invoke(app, ["bench", "--workload", "label", "--profile"])
+    assert result.exit_code == 2 and "--profile needs an INPUT file" in result.output
 
 
 def test_label_matches_the_first_word_of_a_generation():

@@ -195,8 +195,7 @@ def bench_llm(
 ) -> BenchResult:
     """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics;
     the RequestOutputs go into `outputs` when given."""
-    warm_up = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
-    llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True))
+    warm_up(llm)
     before = llm.stats()
     probe = DecodeProbe(llm.engine)
     started = time.perf_counter()
@@ -227,6 +226,12 @@ def bench_llm(
         contender, contender, seconds, prompts.max_tokens, produced, given, error
     )
     return dataclasses.replace(result, details=details)
+
+
+def warm_up(llm: LLM) -> None:
+    """Two short generations of token prompts that no job shares a prefix with."""
+    prompts = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
+    llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
 
 
 def bench_choices(

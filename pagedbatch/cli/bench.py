@@ -19,11 +19,14 @@ from pagedbatch.models.random_presets import RANDOM_PRESETS
 
 if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
+    from pagedbatch.engine.config import EngineConfig
     from pagedbatch.requests.records import Record
 
 FILE_MAX_TOKENS = 8
 SCALE_RECORDS = 10_000
 CASCADE_GROUP_SEQS = 32
+PROFILE_HEADERS = {"matmul": "matmul", "attention": "attn", "other_ops": "ops",
+                   "forward_py": "fwd py", "sampling": "sample", "host": "host"}  # fmt: skip
 PRESETS = ", ".join(RANDOM_PRESETS)
 
 
@@ -47,7 +50,9 @@ def bench(
     host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
     cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/MEASUREMENTS.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups or --workload scale: print JSON.")] = False,
+    dtype: Annotated[str | None, typer.Option(help="Weights and KV dtype of every contender, as for run: auto, float32, bfloat16, float16. With --profile: profile only this one. \\[default: the config's, else auto]", show_default=False)] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Instead of contenders: where each engine step of INPUT's job goes (matmuls, attention, other operators, the forward's Python, sampling, host work), prefill-heavy and decode-heavy steps apart, at float32 and bfloat16 (or --dtype); torch.profiler, per step means.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups, --profile or --workload scale: print JSON.")] = False,
 ) -> None:  # fmt: skip
     """Time pagedbatch (as configured, without cascade attention, without prefix sharing; for
     INPUT also the whole `pagedbatch run` process) against transformers generate (padded static batches) and generate_batch
@@ -72,9 +77,11 @@ def bench(
         return _scale(num_prompts or SCALE_RECORDS, seconds, threads or 1, as_json)
     if (input is None) == (workload is None):
         fail("give an INPUT file or --workload, not both or neither")
+    if profile and input is None:
+        fail("--profile needs an INPUT file")
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
              "max_num_seqs": max_num_seqs, "threads": threads,
-             "cuda_graphs": cuda_graphs}  # fmt: skip
+             "cuda_graphs": cuda_graphs, "dtype": dtype}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))
@@ -91,6 +98,10 @@ def bench(
         from pagedbatch.bench.runner import BenchOptions
 
         engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
+        if profile and records is not None:
+            tokens = max_tokens or FILE_MAX_TOKENS
+            dtypes = [dtype] if dtype else ["float32", "bfloat16"]
+            return _profile(console, engine, records, tokens, dtypes, as_json)
         options = BenchOptions(
             engine, batch_size, frozenset(skip or ()), seed, labels, choice_score
         )
@@ -153,6 +164,37 @@ def _cascade_groups(seqs: int, threads: int, seed: int, as_json: bool) -> None:
                       str(t.saved_token_reads), f"{t.plain_ms:.1f}", f"{t.cascade_ms:.1f}",
                       f"{t.speedup:.2f}")  # fmt: skip
     Console().print(table)
+
+
+def _profile(
+    console: Console, engine: EngineConfig, records: list[Record], max_tokens: int,
+    dtypes: list[str], as_json: bool,
+) -> None:  # fmt: skip
+    from pagedbatch.bench.step_profile import PARTS, profile_steps
+
+    rows = profile_steps(records, engine, max_tokens, dtypes)
+    if as_json:
+        print(json.dumps([r.to_json() for r in rows]))
+        return
+    table = Table(
+        title=f"Where a step goes: {len(records)} records, {max_tokens} tokens each, "
+        f"{engine.model}, {engine.threads} thread(s)",
+        caption="% of the step's wall time under torch.profiler; attn: paged attention (store "
+        "and attend); ops: norms, rotary,\nactivation, embedding, adds; fwd py: the forward's "
+        "time between operators; host: schedule, prepare, postprocess;\nmm GFLOP/s: the "
+        "matmuls' work / their time",
+        box=box.SIMPLE_HEAD,
+    )
+    headers = ("dtype", "kind", "steps", "tok/step", "seqs", "ms/step",
+               *(f"{PROFILE_HEADERS[p]} %" for p in PARTS), "mm GFLOP/s")  # fmt: skip
+    for column in headers:
+        left = column in ("dtype", "kind")
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
+    for r in rows:
+        table.add_row(r.dtype, r.kind, str(r.steps), f"{r.tokens:.0f}", f"{r.seqs:.1f}",
+                      f"{r.ms:.1f}", *(f"{100 * r.share(p):.0f}" for p in PARTS),
+                      f"{r.matmul_gflops:.0f}")  # fmt: skip
+    Console(width=max(console.width, 140)).print(table)
 
 
 def _host_overhead(device: str, as_json: bool) -> None:

@@ -13,6 +13,7 @@ from transformers import AttentionInterface
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.cascade import CascadePlan
 from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.engine.profiling import ATTENTION, marked
 from pagedbatch.kernels import reference
 
 ATTN_IMPLEMENTATION = "pagedbatch"
@@ -158,10 +159,11 @@ def attention_forward(
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"pagedbatch attention does not support {unsupported}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = paged_attention(
-        module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
-        value[0].transpose(0, 1), paged_batch, scale, sliding_window,
-    )  # fmt: skip
+    with marked(ATTENTION):
+        out = paged_attention(
+            module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+            value[0].transpose(0, 1), paged_batch, scale, sliding_window,
+        )  # fmt: skip
     return out[None], None
 
 

@@ -20,6 +20,7 @@ from pagedbatch.engine.cascade import (
     plan_cascade,
 )
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
+from pagedbatch.engine.profiling import FORWARD, marked
 from pagedbatch.engine.scheduler import SchedulerOutput
 from pagedbatch.engine.scoring import Scoring, plan_scoring
 
@@ -130,11 +131,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:  # [num_sampled, vocab]
         """Run the model over `batch`; return the logits of the sampling positions."""
-        if self.graphs is not None:
-            logits = self.graphs.run(batch)
-            if logits is not None:
-                return logits
-        return self._eager(batch)
+        with marked(FORWARD):
+            if self.graphs is not None:
+                logits = self.graphs.run(batch)
+                if logits is not None:
+                    return logits
+            return self._eager(batch)
 
     def _eager(self, batch: Batch) -> torch.Tensor:
         result = self.model(
