@@ -8,14 +8,23 @@ Layout shared with the Triton kernels:
   query_start_loc:   [num_seqs + 1] offsets of each sequence's new tokens in the flat batch
 The new tokens of a sequence are its last `query_len` positions, so query token t of
 sequence i sits at position context_lens[i] - query_len + t and sees keys 0..position.
+
+A step's attention is planned once (`plan_paged`, `plan_cascade`: index tensors and masks
+that every layer reuses) and run per layer (`run`). Sequences are attended in padded
+buckets (`buckets`), never one Python call each; on CPU each bucket is one call of torch's
+fused flash kernel, in the cache's dtype (bfloat16 stays bfloat16), which also gives the
+log-sum-exp that cascade attention merges by; elsewhere the same maths in float32.
 """
 
 from __future__ import annotations
 
-import itertools
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+# A bucket's padded work (sequences x longest query x longest key span) may exceed its
+# sequences' own by this factor; a sequence that would push it further starts a new bucket.
+PADDING_SLACK = 1.5
 
 
 def store_kv(
@@ -32,10 +41,31 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
 
 
-# New tokens up to which a sequence joins the padded batch; longer ones run alone, so one
-# long prefill does not pad every other sequence's queries to its length. On CPU, SDPA
-# over padded extends measured slower than one call per extend: only decodes are padded.
-PADDED_QUERY_LEN = 1
+class Bucket(NamedTuple):
+    """Sequences attended as one padded batch: S sequences, Q queries, L keys each."""
+
+    rows: torch.Tensor  # [R] the flat token rows of their new tokens, in order
+    query_rows: torch.Tensor  # [S, Q] token row of each padded query (padding: a real row)
+    valid: torch.Tensor  # [S, Q] bool, the real queries
+    slots: torch.Tensor  # [S, L] cache slot of each key (padding: a written slot)
+    mask: torch.Tensor | None  # which keys each query sees, as `attend` takes it; None: all
+
+
+class Prefix(NamedTuple):
+    """A cascade group: its members' query rows against the pages of their shared prefix."""
+
+    rows: torch.Tensor  # [T] flat token rows of the members' new tokens
+    blocks: torch.Tensor  # [P / block_size] the prefix's physical blocks
+
+
+class Plan(NamedTuple):
+    """A step's attention, ready for every layer: buckets of sequences attended alone
+    (`loose`), and for cascade the groups' prefixes and their members' own keys (`own`)."""
+
+    loose: list[Bucket]
+    prefixes: list[Prefix]
+    own: list[Bucket]
+    grouped_rows: torch.Tensor | None  # [T] the prefixes' rows, concatenated in group order
 
 
 def paged_attention(
@@ -47,96 +77,13 @@ def paged_attention(
     query_start_loc: list[int],
     scale: float,
     sliding_window: int | None = None,
-    padded_query_len: int = PADDED_QUERY_LEN,
+    slack: float = PADDING_SLACK,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Causal attention of each sequence's new tokens over its cached pages.
-
-    Sequences with at most `padded_query_len` new tokens (decodes) run as one padded
-    batch; the others (prefill, or extend after a cached prefix) one by one. Lengths
-    are host ints: no device sync.
-    """
-    out = torch.empty_like(query)
-    query_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
-    short = [i for i, n in enumerate(query_lens) if n <= padded_query_len]
-    if short:
-        rows = [r for i in short for r in range(query_start_loc[i], query_start_loc[i + 1])]
-        rows = torch.tensor(rows, device=query.device)
-        out[rows] = _padded(
-            query, [query_start_loc[i] for i in short], [query_lens[i] for i in short],
-            k_cache, v_cache, block_tables[short], [context_lens[i] for i in short], scale,
-            sliding_window,
-        )  # fmt: skip
-    for i, n in enumerate(query_lens):
-        if n > padded_query_len:
-            a, b = query_start_loc[i], query_start_loc[i + 1]
-            out[a:b] = _extend(
-                query[a:b], k_cache, v_cache, block_tables[i], context_lens[i], scale,
-                sliding_window,
-            )  # fmt: skip
-    return out
-
-
-def gather_pages(
-    cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
-) -> torch.Tensor:  # [num_seqs, max_len, num_kv_heads, head_dim]
-    """The first `max_len` tokens of each sequence's pages, in logical order."""
-    block_size = cache.shape[1]
-    num_blocks = -(-max_len // block_size)
-    pages = cache[block_tables[:, :num_blocks].long()]  # [S, nb, bs, H, D]
-    return pages.flatten(1, 2)[:, :max_len]
-
-
-def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return mask
-
-
-def _padded(query, starts, query_lens, k_cache, v_cache, block_tables, context_lens, scale, window):
-    """Sequences padded to the longest query and context among them; returns their rows,
-    concatenated in order ([sum(query_lens), Hq, D])."""
-    device, max_q, max_len = query.device, max(query_lens), max(context_lens)
-    q_idx = torch.tensor(starts, device=device)[:, None] + torch.arange(max_q, device=device)
-    q_lens = torch.tensor(query_lens, device=device)
-    valid_q = torch.arange(max_q, device=device)[None, :] < q_lens[:, None]  # [S, Q]
-    q = query[q_idx.clamp(max=query.shape[0] - 1)].transpose(1, 2)  # [S, Hq, Q, D]
-    lens = torch.tensor(context_lens, device=device)
-    slots = _padded_slots(block_tables, lens, max_len, k_cache.shape[1])  # [S, L]
-    keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [S, Hkv, L, D]
-    values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
-    k_pos = torch.arange(max_len, device=device)[None, None, :]
-    q_pos = (lens - q_lens)[:, None, None] + torch.arange(max_q, device=device)[None, :, None]
-    mask = _visible(q_pos, k_pos, window) & (k_pos < lens[:, None, None])  # [S, Q, L]
-    mask = mask | ~valid_q[:, :, None]  # padded query rows: any key, results dropped
-    out = F.scaled_dot_product_attention(
-        q.to(keys.dtype), keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=True,
-    )  # fmt: skip
-    return out.transpose(1, 2)[valid_q].to(query.dtype)
-
-
-def _padded_slots(block_tables, lens, max_len, block_size):
-    """[S, L] cache slot of each position; positions past a sequence's end read its first
-    token instead, a written slot, so the masked scores multiply finite values (never
-    NaN from a slot nobody wrote)."""
-    pos = torch.arange(max_len, device=lens.device)[None, :]
-    pos = torch.where(pos < lens[:, None], pos, 0)
-    blocks = torch.gather(block_tables.long(), 1, pos // block_size)
-    return blocks * block_size + pos % block_size
-
-
-def _extend(query, k_cache, v_cache, block_table, context_len, scale, window):
-    # query: [Q, Hq, D] for positions context_len - Q .. context_len - 1
-    num_new = query.shape[0]
-    keys = gather_pages(k_cache, block_table[None], context_len)[0].transpose(0, 1)
-    values = gather_pages(v_cache, block_table[None], context_len)[0].transpose(0, 1)
-    q_pos = torch.arange(context_len - num_new, context_len, device=query.device)[:, None]
-    mask = _visible(q_pos, torch.arange(context_len, device=query.device)[None, :], window)
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1)[None].to(keys.dtype), keys[None], values[None],
-        attn_mask=mask[None, None], scale=scale, enable_gqa=True,
-    )  # fmt: skip
-    return out[0].transpose(0, 1).to(query.dtype)
+    """Causal attention of each sequence's new tokens over its cached pages. Lengths are
+    host ints: no device sync."""
+    shape = Shape.of(query, k_cache)
+    plan = plan_paged(block_tables, context_lens, query_start_loc, shape, sliding_window, slack)
+    return run(plan, query, k_cache, v_cache, scale)
 
 
 def cascade_attention(
@@ -148,6 +95,7 @@ def cascade_attention(
     query_start_loc: list[int],
     scale: float,
     groups: list[tuple[list[int], torch.Tensor]],  # (sequences, their shared prefix's blocks)
+    slack: float = PADDING_SLACK,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """`paged_attention` (no sliding window) where each group of sequences shares the
     pages of a prefix: the group's query tokens attend to the prefix's keys together (its
@@ -157,57 +105,182 @@ def cascade_attention(
     Every query of a group comes after the whole prefix (the prefix blocks are full and
     were computed before the step), so the prefix part needs no mask.
     """
-    out = torch.empty_like(query)
-    qsl, device = query_start_loc, query.device
+    shape = Shape.of(query, k_cache)
+    plan = plan_cascade(block_tables, context_lens, query_start_loc, shape, groups, slack)
+    return run(plan, query, k_cache, v_cache, scale)
+
+
+def plan_paged(
+    block_tables: torch.Tensor, context_lens: list[int], query_start_loc: list[int],
+    shape: Shape, window: int | None = None, slack: float = PADDING_SLACK,
+) -> Plan:  # fmt: skip
+    """The plan of `paged_attention`."""
+    seqs = list(range(len(context_lens)))
+    firsts = [0] * len(seqs)
+    loose = buckets(block_tables, context_lens, query_start_loc, shape, seqs, firsts,
+                    window, slack)  # fmt: skip
+    return Plan(loose, [], [], None)
+
+
+def plan_cascade(
+    block_tables: torch.Tensor, context_lens: list[int], query_start_loc: list[int],
+    shape: Shape, groups: list[tuple[list[int], torch.Tensor]], slack: float = PADDING_SLACK,
+) -> Plan:  # fmt: skip
+    """The plan of `cascade_attention`."""
+    qsl, device = query_start_loc, block_tables.device
     grouped = [i for seqs, _ in groups for i in seqs]
-    loose = sorted(set(range(len(context_lens))) - set(grouped))
-    if loose:
-        rows = _rows(qsl, loose, device)
-        sub_qsl = [0, *itertools.accumulate(qsl[i + 1] - qsl[i] for i in loose)]
-        out[rows] = paged_attention(
-            query[rows], k_cache, v_cache, block_tables[loose], [context_lens[i] for i in loose],
-            sub_qsl, scale,
-        )  # fmt: skip
-    if not groups:
+    first = {i: blocks.shape[0] * shape.block_size for seqs, blocks in groups for i in seqs}
+    loose_seqs = sorted(set(range(len(context_lens))) - set(grouped))
+    args = (block_tables, context_lens, qsl, shape)
+    loose = buckets(*args, loose_seqs, [0] * len(loose_seqs), None, slack)
+    own = buckets(*args, grouped, [first[i] for i in grouped], None, slack)
+    prefixes = [Prefix(_rows(qsl, seqs, device), blocks.to(device)) for seqs, blocks in groups]
+    grouped_rows = torch.cat([p.rows for p in prefixes]) if prefixes else None
+    return Plan(loose, prefixes, own, grouped_rows)
+
+
+def buckets(
+    block_tables: torch.Tensor, context_lens: list[int], query_start_loc: list[int],
+    shape: Shape, seqs: list[int], firsts: list[int], window: int | None,
+    slack: float = PADDING_SLACK,
+) -> list[Bucket]:  # fmt: skip
+    """`seqs` (attending to their keys from `firsts[k]` on) in padded buckets: sorted by
+    query then key length, a bucket grows while its padded work stays within `slack`
+    times its sequences' own."""
+    qsl = query_start_loc
+    sizes = {i: (qsl[i + 1] - qsl[i], context_lens[i] - f) for i, f in zip(seqs, firsts)}
+    first = dict(zip(seqs, firsts))
+    runs: list[list[int]] = []
+    own = 0
+    for i in sorted(seqs, key=lambda i: sizes[i]):
+        nq, nk = sizes[i]  # the longest so far: sorted
+        if not runs or (len(runs[-1]) + 1) * nq * nk > slack * (own + nq * nk):
+            runs.append([])
+            own = 0
+        runs[-1].append(i)
+        own += nq * nk
+    args = (block_tables, context_lens, qsl, shape, first, window)
+    return [_bucket(*args, members) for members in runs]
+
+
+def _bucket(block_tables, context_lens, qsl, shape, first, window, seqs) -> Bucket:
+    device, block_size = block_tables.device, shape.block_size
+    q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in seqs], device=device)
+    lens = torch.tensor([context_lens[i] for i in seqs], device=device)
+    firsts = torch.tensor([first[i] for i in seqs], device=device)
+    max_q, max_len = int(q_lens.max()), int((lens - firsts).max())
+    starts = torch.tensor([qsl[i] for i in seqs], device=device)
+    q_arange = torch.arange(max_q, device=device)[None, :]
+    valid = q_arange < q_lens[:, None]  # [S, Q]
+    query_rows = torch.where(valid, starts[:, None] + q_arange, starts[:, None])
+    k_pos = firsts[:, None] + torch.arange(max_len, device=device)[None, :]  # [S, L]
+    in_range = k_pos < lens[:, None]
+    pos = torch.where(in_range, k_pos, firsts[:, None])  # past the end: a written slot
+    blocks = torch.gather(block_tables[seqs].long(), 1, pos // block_size)
+    slots = blocks * block_size + pos % block_size
+    q_pos = (lens - q_lens)[:, None] + q_arange  # [S, Q]
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & in_range[:, None, :]
+    if window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    visible |= ~valid[:, :, None]  # padded queries see every key: finite, then dropped
+    mask = None if bool(visible.all()) else shape.mask(visible)
+    return Bucket(_rows(qsl, seqs, device), query_rows, valid, slots, mask)
+
+
+def run(
+    plan: Plan, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """One layer's attention of `plan` over its pages."""
+    out = torch.empty_like(query)
+    for b in plan.loose:
+        out[b.rows] = _attend_bucket(b, query, k_cache, v_cache, scale)[0].to(query.dtype)
+    if plan.grouped_rows is None:
         return out
-    prefix_out, prefix_lse, starts = _prefix_attention(query, k_cache, v_cache, qsl, scale, groups)
-    own_out = torch.empty(query.shape, dtype=torch.float32, device=device)
-    own_lse = torch.empty(query.shape[:2], dtype=torch.float32, device=device)
-    decodes = [i for i in grouped if qsl[i + 1] - qsl[i] == 1]
-    extends = [[i] for i in grouped if qsl[i + 1] - qsl[i] > 1]
-    for seqs in ([decodes] if decodes else []) + extends:
-        rows = _rows(qsl, seqs, device)
-        own_out[rows], own_lse[rows] = _attend_range(
-            query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts
-        )
-    rows = _rows(qsl, grouped, device)
-    merged = merge_by_lse(prefix_out, prefix_lse, own_out[rows], own_lse[rows])
+    num_tokens, heads = query.shape[:2]
+    own_out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    own_lse = torch.empty(num_tokens, heads, dtype=torch.float32, device=query.device)
+    for b in plan.own:
+        o, lse = _attend_bucket(b, query, k_cache, v_cache, scale)
+        own_out[b.rows], own_lse[b.rows] = o.float(), lse
+    parts = [_attend_prefix(p, query, k_cache, v_cache, scale) for p in plan.prefixes]
+    rows = plan.grouped_rows
+    prefix_out, prefix_lse = (torch.cat(x) for x in zip(*parts))
+    merged = merge_by_lse(prefix_out.float(), prefix_lse, own_out[rows], own_lse[rows])
     out[rows] = merged.to(query.dtype)
     return out
 
 
-def _prefix_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    qsl: list[int],
-    scale: float,
-    groups: list[tuple[list[int], torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
-    """Each group's queries against its prefix's pages, gathered once per group: the
-    outputs and log-sum-exps of the grouped tokens (in group order), and the first key
-    position each grouped sequence reads by itself."""
-    outs, lses, starts = [], [], {}
-    block_size = k_cache.shape[1]
-    for seqs, blocks in groups:
-        q = query[_rows(qsl, seqs, query.device)].transpose(0, 1)[None]  # [1, Hq, T, D]
-        keys = k_cache[blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
-        values = v_cache[blocks].flatten(0, 1).transpose(0, 1)[None]
-        o, lse = _attend(q, keys, values, None, scale)
-        outs.append(o[0].transpose(0, 1))  # [T, Hq, D]
-        lses.append(lse[0].transpose(0, 1))  # [T, Hq]
-        starts.update(dict.fromkeys(seqs, blocks.shape[0] * block_size))
-    return torch.cat(outs), torch.cat(lses), starts
+def _attend_bucket(b: Bucket, query, k_cache, v_cache, scale):
+    """The bucket's rows' out [R, Hq, D] and lse [R, Hq], in order."""
+    q = query[b.query_rows].transpose(1, 2)  # [S, Hq, Q, D]
+    keys = k_cache.flatten(0, 1)[b.slots].transpose(1, 2)  # [S, Hkv, L, D]
+    values = v_cache.flatten(0, 1)[b.slots].transpose(1, 2)
+    out, lse = attend(q, keys, values, b.mask, scale)
+    return out.transpose(1, 2)[b.valid], lse.transpose(1, 2)[b.valid]
+
+
+def _attend_prefix(p: Prefix, query, k_cache, v_cache, scale):
+    """The group's rows against its prefix: out [T, Hq, D], lse [T, Hq]."""
+    q = query[p.rows].transpose(0, 1)[None]  # [1, Hq, T, D]
+    keys = k_cache[p.blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
+    values = v_cache[p.blocks].flatten(0, 1).transpose(0, 1)[None]
+    out, lse = attend(q, keys, values, None, scale)
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+class Shape(NamedTuple):
+    """What a plan's masks are made for: the query heads per KV head, the cache's dtype
+    and device, and its block size."""
+
+    group: int
+    dtype: torch.dtype
+    device: torch.device
+    block_size: int
+
+    @classmethod
+    def of(cls, query: torch.Tensor, k_cache: torch.Tensor) -> Shape:
+        group = query.shape[1] // k_cache.shape[2]
+        return cls(group, k_cache.dtype, k_cache.device, k_cache.shape[1])
+
+    def mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """visible [B, Q, L] as `attend` takes it: [B, 1, G * Q, L] (query rows folded as
+        `attend` folds them); on CPU additive (0 or -inf) in the cache's dtype, which the
+        fused kernel takes, else bool."""
+        b, nq, nk = visible.shape
+        folded = visible[:, None, None].expand(b, 1, self.group, nq, nk)
+        folded = folded.reshape(b, 1, self.group * nq, nk)
+        if self.device.type != "cpu":
+            return folded
+        return torch.zeros(folded.shape, dtype=self.dtype).masked_fill_(~folded, float("-inf"))
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp. q [B, Hq, Q, D]; k, v [B, Hkv, L, D] (grouped-query
+    heads: Hq a multiple of Hkv); mask from `Shape.mask`, or None. Returns out
+    [B, Hq, Q, D] in k's dtype and lse [B, Hq, Q] in float32. The query heads of a KV head
+    are folded into its rows, so the keys are never repeated per query head."""
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    q = q.to(k.dtype).reshape(b, hkv, g * nq, d)  # head h = kv head h // g: rows (g, q)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )[:2]
+    else:
+        out, lse = _attend_float32(q, k, v, mask, scale)
+    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def _attend_float32(q, k, v, mask, scale):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, L]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul((scores - lse[..., None]).exp_(), v.float())
+    return out.to(k.dtype), lse
 
 
 def merge_by_lse(
@@ -223,48 +296,3 @@ def _rows(query_start_loc: list[int], seqs: list[int], device: torch.device) -> 
     """The flat token indices of `seqs`' new tokens, in order."""
     q = query_start_loc
     return torch.tensor([r for i in seqs for r in range(q[i], q[i + 1])], device=device)
-
-
-def _attend(q, k, v, mask, scale):
-    """Attention with its log-sum-exp, in float32. q [B, Hq, Q, D]; k, v [B, Hkv, L, D]
-    (grouped-query heads: Hq a multiple of Hkv); mask [B, Q, L] bool or None.
-    Returns out [B, Hq, Q, D] and lse [B, Hq, Q]."""
-    b, hq, nq, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    q = q.float().reshape(b, hkv, g * nq, d)  # head h = kv head h // g: rows (g, q)
-    scores = torch.matmul(q, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, L]
-    if mask is not None:
-        full = mask[:, None, None].expand(b, 1, g, nq, mask.shape[-1]).reshape(b, 1, g * nq, -1)
-        scores.masked_fill_(~full, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G*Q]
-    probs = (scores - lse[..., None]).exp_()
-    out = torch.matmul(probs, v.float())  # [B, Hkv, G*Q, D]
-    return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
-
-
-def _attend_range(query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts):
-    """Causal attention of `seqs`' new tokens over their keys from `starts[i]` on, padded
-    together; returns their rows' out [T, Hq, D] and lse [T, Hq] (float32), in order."""
-    device = query.device
-    q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in seqs], device=device)
-    lens = torch.tensor([context_lens[i] for i in seqs], device=device)
-    first = torch.tensor([starts[i] for i in seqs], device=device)
-    max_q, max_len = int(q_lens.max()), int((lens - first).max())
-    q_idx = torch.tensor([qsl[i] for i in seqs], device=device)[:, None] + torch.arange(
-        max_q, device=device
-    )
-    valid_q = torch.arange(max_q, device=device)[None, :] < q_lens[:, None]  # [S, Q]
-    q = query[q_idx.clamp(max=query.shape[0] - 1)].transpose(1, 2)  # [S, Hq, Q, D]
-    k_pos = first[:, None] + torch.arange(max_len, device=device)[None, :]  # [S, L]
-    in_range = k_pos < lens[:, None]
-    pos = torch.where(in_range, k_pos, first[:, None])  # past the end: a written slot
-    tables = block_tables[seqs].long()
-    slots = torch.gather(tables, 1, pos // k_cache.shape[1]) * k_cache.shape[1]
-    slots += pos % k_cache.shape[1]
-    keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [S, Hkv, L, D]
-    values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
-    q_pos = (lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [S, Q]
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & in_range[:, None, :]
-    out, lse = _attend(q, keys, values, mask, scale)
-    return out.transpose(1, 2)[valid_q], lse.transpose(1, 2)[valid_q]

@@ -22,19 +22,21 @@ def dense_attention(q, k, v, scale, window=None):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
 
 
-def fill_pages(lengths, block_size, kv_heads, head_dim, num_blocks, gen):
-    """A paged cache holding random K/V of each sequence in shuffled, non-contiguous blocks.
+def fill_pages(lengths, block_size, kv_heads, head_dim, num_blocks, gen, dtype=torch.float32):
+    """A paged cache holding random K/V of each sequence in shuffled, non-contiguous blocks
+    (the K/V returned: as stored, rounded to `dtype`).
 
     Every slot no sequence owns is NaN: attention must never let one leak in.
     """
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, keys, values = [], [], []
     for n in lengths:
         table = [free.pop() for _ in range(-(-n // block_size))]
-        k = torch.randn(n, kv_heads, head_dim, generator=gen)
-        v = torch.randn(n, kv_heads, head_dim, generator=gen)
+        k = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
         slots = torch.tensor(
             [table[p // block_size] * block_size + p % block_size for p in range(n)]
         )
@@ -50,32 +52,33 @@ def fill_pages(lengths, block_size, kv_heads, head_dim, num_blocks, gen):
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("padded_query_len", [1, 64])
+@pytest.mark.parametrize("slack", [1.0, 1e9])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_paged_attention_matches_dense_causal_attention(
-    block_size, heads, kv_heads, window, padded_query_len
+    block_size, heads, kv_heads, window, slack, dtype, tol
 ):
+    """Against float64 on the same inputs; bfloat16 (attended in bfloat16) within its
+    rounding."""
     gen = torch.Generator().manual_seed(block_size * 100 + heads + (window or 0))
     head_dim = 16
     # Context lengths around block boundaries; query lengths 1 (decode) and longer (extend).
-    # Padded batches of decodes only (the default), or of everything up to 64 new tokens:
-    # the 70-token prompt then still runs alone.
+    # Padded buckets of equal shapes only (slack 1), or one bucket of everything.
     lengths = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 2, 40, 90]
     query_lens = [1, block_size - 1, 1, 5, 3 * block_size + 2, 1, 70]
     k_cache, v_cache, tables, keys, values = fill_pages(
-        lengths, block_size, kv_heads, head_dim, num_blocks=96, gen=gen
+        lengths, block_size, kv_heads, head_dim, num_blocks=96, gen=gen, dtype=dtype
     )
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-    query = torch.randn(starts[-1], heads, head_dim, generator=gen)
+    query = torch.randn(starts[-1], heads, head_dim, generator=gen).to(dtype)
     scale = head_dim**-0.5
-    out = paged_attention(
-        query, k_cache, v_cache, tables, lengths, starts, scale, window, padded_query_len
-    )
+    out = paged_attention(query, k_cache, v_cache, tables, lengths, starts, scale, window, slack)
+    assert out.dtype == dtype
     for i, (k, v) in enumerate(zip(keys, values)):
         expected = dense_attention(query[starts[i] : starts[i + 1]], k, v, scale, window)
         torch.testing.assert_close(
-            out[starts[i] : starts[i + 1]].double(), expected, rtol=1e-5, atol=1e-5
+            out[starts[i] : starts[i + 1]].double(), expected, rtol=tol, atol=tol
         )
 
 
@@ -94,12 +97,15 @@ def test_store_writes_exactly_the_given_slots_and_skips_negative_ones():
 
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
-def test_cascade_attention_equals_paged_attention(block_size, heads, kv_heads):
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("slack", [1.0, 1e9])
+def test_cascade_attention_equals_paged_attention(block_size, heads, kv_heads, dtype, tol, slack):
     """Two groups sharing prefixes of 3 and 1 blocks, with decodes and extends in each,
-    next to sequences in no group; slots nobody owns are NaN."""
+    next to sequences in no group; slots nobody owns are NaN. Bucketed alone or all
+    together; in bfloat16 within its rounding."""
     gen = torch.Generator().manual_seed(block_size + heads)
     head_dim, num_blocks = 8, 64
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"))
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     free = torch.randperm(num_blocks, generator=gen).tolist()
 
@@ -107,7 +113,7 @@ def test_cascade_attention_equals_paged_attention(block_size, heads, kv_heads):
         slots = [blocks[p // block_size] * block_size + p % block_size
                  for p in range(first_pos, first_pos + n)]  # fmt: skip
         k = torch.randn(n, kv_heads, head_dim, generator=gen)
-        store_kv(k, torch.randn_like(k), k_cache, v_cache, torch.tensor(slots))
+        store_kv(k, torch.randn_like(k), k_cache, v_cache, torch.tensor(slots))  # rounded
 
     prefixes = []
     for num in (3, 1):
@@ -132,11 +138,13 @@ def test_cascade_attention_equals_paged_attention(block_size, heads, kv_heads):
     qsl = [0]
     for n in query_lens:
         qsl.append(qsl[-1] + n)
-    query = torch.randn(qsl[-1], heads, head_dim, generator=gen)
+    query = torch.randn(qsl[-1], heads, head_dim, generator=gen).to(dtype)
     groups = [([0, 2, 4], torch.tensor(prefixes[0])), ([3, 6], torch.tensor(prefixes[1]))]
     scale = head_dim**-0.5
-    want = paged_attention(query, k_cache, v_cache, block_tables, context_lens, qsl, scale)
+    # float32 on the same (rounded) inputs
+    want = paged_attention(query.float(), k_cache.float(), v_cache.float(), block_tables,
+                           context_lens, qsl, scale)  # fmt: skip
     got = cascade_attention(query, k_cache, v_cache, block_tables, context_lens, qsl, scale,
-                            groups)  # fmt: skip
-    assert not got.isnan().any()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                            groups, slack)  # fmt: skip
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

@@ -41,9 +41,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class PagedAttention:
     """Stores a step's new K/V in the paged cache and attends over it.
 
-    backend "torch": `kernels.reference` (gathers pages, then SDPA). Backend "triton":
-    the store kernel, then the decode kernel for sequences with one new token and the
-    prefill kernel for the others, both writing into one output; launches are sized
+    backend "torch": `kernels.reference`, planned once per step (padded buckets of
+    sequences, their gathers and masks), then in each layer one fused attention call per
+    bucket, in the cache's dtype. Backend "triton": the store kernel, then the decode
+    kernel for sequences with one new token and the prefill kernel for the others, both
+    writing into one output; launches are sized
     from the batch's host lists, so nothing waits on the device. The decode split count
     follows the batch size and `max_model_len` (not the step's context: a decode step's
     launches depend only on its batch size), and its split buffers are allocated once.
@@ -71,6 +73,9 @@ class PagedAttention:
         self.max_model_len = max_model_len
         # K/V token reads (summed over layers and KV heads' worth) that cascade saved.
         self.cascade_saved_token_reads = 0
+        # The torch backend's plans of the step being run (`_torch_plan`).
+        self._plans_for: Batch | None = None
+        self._plans: dict[tuple[int | None, reference.Shape], reference.Plan] = {}
 
     def __call__(
         self,
@@ -86,18 +91,32 @@ class PagedAttention:
         if self.backend == "triton":
             return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
         reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
-        plan = self._plan(batch, sliding_window)
-        if plan is not None:
-            self.cascade_saved_token_reads += plan.saved_token_reads
-            groups = [(list(g.seqs), b) for g, b in zip(plan.groups, plan.prefix_blocks)]
-            return reference.cascade_attention(
-                query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
-                batch.query_start_loc_host, scale, groups,
-            )  # fmt: skip
-        return reference.paged_attention(
-            query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
-            batch.query_start_loc_host, scale, sliding_window,
-        )  # fmt: skip
+        cascade = self._plan(batch, sliding_window)
+        if cascade is not None:
+            self.cascade_saved_token_reads += cascade.saved_token_reads
+        shape = reference.Shape.of(query, k_cache)
+        plan = self._torch_plan(batch, sliding_window, cascade, shape)
+        return reference.run(plan, query, k_cache, v_cache, scale)
+
+    def _torch_plan(
+        self, batch: Batch, sliding_window: int | None, cascade: CascadePlan | None,
+        shape: reference.Shape,
+    ) -> reference.Plan:  # fmt: skip
+        """The torch backend's index tensors and masks for this step: made by the step's
+        first layer, reused by the others (layers with another window get their own)."""
+        if self._plans_for is not batch:
+            self._plans_for, self._plans = batch, {}
+        key = (sliding_window, shape)
+        if key not in self._plans:
+            tables, lens = batch.block_tables, batch.context_lens_host
+            qsl = batch.query_start_loc_host
+            if cascade is None:
+                plan = reference.plan_paged(tables, lens, qsl, shape, sliding_window)
+            else:
+                groups = [(list(g.seqs), b) for g, b in zip(cascade.groups, cascade.prefix_blocks)]
+                plan = reference.plan_cascade(tables, lens, qsl, shape, groups)
+            self._plans[key] = plan
+        return self._plans[key]
 
     @staticmethod
     def _plan(batch: Batch, sliding_window: int | None) -> CascadePlan | None:
