@@ -232,6 +232,7 @@ class LLM:
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
         return memory_report(
             counter.peak, counter.kv_waste_mean, counter.timeline,
+            dtype=self.dtype,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
             kv_bytes_per_token=spec.bytes_per_token,
             model_bytes=model_bytes(self.model),
@@ -242,6 +243,11 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the model runs in: "float32", "bfloat16" or "float16"."""
+        return str(self.model.dtype).removeprefix("torch.")
 
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:

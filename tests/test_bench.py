@@ -50,7 +50,7 @@ from pagedbatch.engine.config import EngineConfig
 from pagedbatch.models.loader import load_model
 from pagedbatch.models.random_presets import RANDOM_PRESETS, preset_config
 
-SMALL_ENGINE = {"device": "cpu", "num_blocks": 512}
+SMALL_ENGINE = {"device": "cpu", "dtype": "float32", "num_blocks": 512}
 TINY_WORKLOADS = {
     "label": WORKLOADS["label"].scaled(num_prompts=4, max_tokens=6),
     "share": WORKLOADS["share"].scaled(num_prompts=4, max_tokens=4),

@@ -67,7 +67,9 @@ def any_group(llm: LLM) -> LLM:
 
 
 def run(model_dir, cascade: bool, **kw):
-    llm = any_group(LLM(model_dir, device="cpu", block_size=BS, cascade=cascade, **kw))
+    llm = any_group(
+        LLM(model_dir, device="cpu", dtype="float32", block_size=BS, cascade=cascade, **kw)
+    )
     logits = []
     forward = llm.engine.runner.forward  # the real forward, its logits recorded
 
@@ -106,7 +108,7 @@ def test_cascade_gives_the_tokens_and_logits_of_the_plain_path(arch, tiny_model_
 def test_cascade_with_forks_preemption_and_chunked_prefill(engine, tiny_model_dirs):
     results = {}
     for cascade in (True, False):
-        llm = any_group(LLM(tiny_model_dirs["llama"], device="cpu", block_size=BS,
+        llm = any_group(LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=BS,
                             cascade=cascade, **engine))  # fmt: skip
         prompts = shared_prompts(llm.model.config.vocab_size, seed=11)
         params = SamplingParams(max_tokens=8, ignore_eos=True, n=3, temperature=0.8, seed=5)
@@ -126,7 +128,9 @@ def test_a_sliding_window_narrower_than_the_context_takes_the_plain_path(tmp_pat
     model_dir = build_tiny_model("mistral", tmp_path / "m", sliding_window=8)
     tokens, saved = {}, {}
     for cascade in (True, False):
-        llm = LLM(model_dir, device="cpu", block_size=BS, num_blocks=128, cascade=cascade)
+        llm = LLM(
+            model_dir, device="cpu", dtype="float32", block_size=BS, num_blocks=128, cascade=cascade
+        )
         any_group(llm)
         prompts = shared_prompts(llm.model.config.vocab_size, seed=3)
         outputs = llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
@@ -180,7 +184,7 @@ def test_smollm2_labelling_records_give_the_same_tokens_with_and_without_cascade
     params = SamplingParams(max_tokens=6)
 
     def run(cascade: bool):
-        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=512, cascade=cascade)
+        llm = LLM(str(smollm2_dir), device="cpu", dtype="float32", num_blocks=512, cascade=cascade)
         outputs = llm.generate(rows, params)
         return [o.completions[0].token_ids for o in outputs], llm.stats()
 
@@ -214,7 +218,9 @@ def test_the_torch_rule_groups_decoding_sequences_behind_long_prefixes_only():
 
 
 def test_the_torch_backend_cascades_decodes_behind_a_long_prefix_and_nothing_else(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", block_size=BS, num_blocks=512)
+    llm = LLM(
+        tiny_model_dirs["qwen3"], device="cpu", dtype="float32", block_size=BS, num_blocks=512
+    )
     assert llm.engine.runner.cascade_rule == TORCH_RULE
     vocab = llm.model.config.vocab_size
     gen = torch.Generator().manual_seed(2)
@@ -238,8 +244,8 @@ def test_the_torch_backend_cascades_decodes_behind_a_long_prefix_and_nothing_els
         for group in plan.groups:
             assert all(lens[i] == 1 for i in group.seqs)  # decoding members only
             assert group.num_prefix_blocks * BS >= TORCH_RULE.min_prefix_tokens
-    plain = LLM(tiny_model_dirs["qwen3"], device="cpu", block_size=BS, num_blocks=512,
-                cascade=False)  # fmt: skip
+    plain = LLM(tiny_model_dirs["qwen3"], device="cpu", dtype="float32", block_size=BS,
+                num_blocks=512, cascade=False)  # fmt: skip
     assert [o.completions[0].token_ids for o in plain.generate(long, params)] == tokens
     # The tiny prompts' 21- and 9-token instructions are too short for the rule.
     plans.clear()

@@ -58,7 +58,9 @@ PROMPTS = [
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("engine", ENGINE_PATHS.values(), ids=ENGINE_PATHS.keys())
 def test_choice_logprobs_equal_a_transformers_forward(arch, engine, tiny_model_dirs):
-    llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4, **engine)
+    llm = LLM(
+        tiny_model_dirs[arch], device="cpu", dtype="float32", num_blocks=64, block_size=4, **engine
+    )
     llm.engine.runner.cascade_rule = ANY_GROUP  # any group: the short prompts' extends too
     tokens = [llm.tokenizer.encode(c, add_special_tokens=False) for c in CHOICES]
     assert tokens[2][:2] == tokens[3][:2]  # "the cat sat" and "the dog" share two tokens
@@ -77,7 +79,7 @@ def test_choice_logprobs_equal_a_transformers_forward(arch, engine, tiny_model_d
 
 @pytest.mark.parametrize("sharing", [True, False], ids=["sharing", "no-sharing"])
 def test_the_lm_head_runs_only_on_the_rows_that_score(sharing, tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", num_blocks=64, block_size=4,
+    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", dtype="float32", num_blocks=64, block_size=4,
               prefix_sharing=sharing)  # fmt: skip
     rows: list[int] = []
     llm.model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
@@ -91,7 +93,7 @@ def test_the_lm_head_runs_only_on_the_rows_that_score(sharing, tiny_model_dirs):
 
 
 def test_unicode_choices_and_one_of_many_tokens(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", num_blocks=64, block_size=4)
+    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", dtype="float32", num_blocks=64, block_size=4)
     choices = ("été", "日本語", "🙂 ok", "a")  # 5, 9, 6 and 1 byte-level tokens
     prompts = ["the cat sat", "le chat était"]
     outputs = llm.generate(prompts, SamplingParams(choices=choices))
@@ -109,7 +111,7 @@ def test_unicode_choices_and_one_of_many_tokens(tiny_model_dirs):
 def test_choices_survive_chunked_prefill_and_preemption(tiny_model_dirs):
     # 3-token steps cut prompts and choices into chunks; 9 blocks of 4 tokens cannot hold
     # every record's choices at once, so sequences are preempted and recomputed.
-    llm = LLM(tiny_model_dirs["mistral"], device="cpu", num_blocks=9, block_size=4,
+    llm = LLM(tiny_model_dirs["mistral"], device="cpu", dtype="float32", num_blocks=9, block_size=4,
               max_batch_tokens=3)  # fmt: skip
     prompts = PROMPTS * 2
     outputs = llm.generate(prompts, SamplingParams(choices=CHOICES))
@@ -120,7 +122,7 @@ def test_choices_survive_chunked_prefill_and_preemption(tiny_model_dirs):
 
 
 def test_mean_score_ranks_by_the_per_token_mean(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     params = SamplingParams(choices=CHOICES)
     summed = llm.generate([PROMPTS[1]], params)[0]
     output = llm.generate([PROMPTS[1]], dataclasses.replace(params, choice_score="mean"))[0]
@@ -147,7 +149,9 @@ def test_mean_score_ranks_by_the_per_token_mean(tiny_model_dirs):
     ],
 )  # fmt: skip
 def test_bad_choices_are_a_record_error(record, message, tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64, max_model_len=64)
+    llm = LLM(
+        tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64, max_model_len=64
+    )
     bad, good = llm.generate([{"prompt": "hi there", **record}, {"prompt": "hi", "choices": ["a"]}])
     assert bad.error is not None and bad.error.code == "invalid_params", bad
     assert message in bad.error.message
@@ -158,7 +162,7 @@ def test_bad_choices_are_a_record_error(record, message, tiny_model_dirs):
 def test_a_choice_fits_when_prompt_and_choice_fit_the_context_and_the_cache(tiny_model_dirs):
     # max_model_len counts the prompt and the whole choice, as it counts prompt and output;
     # the KV cache holds all but the choice's last token (scored, never computed).
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=3, block_size=4,
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=3, block_size=4,
               max_model_len=13)  # fmt: skip
     prompt = llm.tokenizer.encode("the cat sat on the mat")
     choice = llm.tokenizer.encode("the dog", add_special_tokens=False)
@@ -170,7 +174,7 @@ def test_a_choice_fits_when_prompt_and_choice_fit_the_context_and_the_cache(tiny
     assert out.error is None and out.label == "the dog"
     assert long.error is not None
     assert "does not fit the model's context (13 tokens)" in long.error.message
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=3, block_size=4)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=3, block_size=4)
     (over,) = llm.generate([too_long], params)  # 13 tokens to compute
     assert "does not fit the KV cache (3 blocks of 4 tokens)" in over.error.message
 
@@ -272,7 +276,9 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     reference = functools.cache(lambda ids, tokens: reference_score(model, list(ids), list(tokens)))
     for sharing in (True, False):
-        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256, prefix_sharing=sharing)
+        llm = LLM(
+            str(smollm2_dir), device="cpu", dtype="float32", num_blocks=256, prefix_sharing=sharing
+        )
         outputs = llm.generate(rows, SamplingParams(choices=choices))
         # With sharing, the instruction is computed once: the later records take it cached.
         assert sum(o.cached_tokens > 0 for o in outputs) == (len(rows) - 1 if sharing else 0)
@@ -285,12 +291,27 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
                 assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
 
 
+@pytest.mark.slow
+def test_bfloat16_labels_agree_with_float32_on_the_label_job(smollm2_dir):
+    rows = [json.loads(line) for line in (ROOT / "examples" / "label_job.jsonl").open()]
+    params = SamplingParams(choices=("positive", "negative", "mixed"))
+    scored = {
+        dtype: LLM(str(smollm2_dir), device="cpu", dtype=dtype).generate(rows, params)
+        for dtype in ("float32", "bfloat16")
+    }
+    pairs = list(zip(scored["float32"], scored["bfloat16"], strict=True))
+    assert sum(a.label == b.label for a, b in pairs) >= 0.97 * len(rows)
+    # measured: at most 0.047 apart
+    for a, b in pairs:
+        assert [c.prob for c in b.choices] == pytest.approx([c.prob for c in a.choices], abs=0.1)
+
+
 def test_choices_and_generation_in_the_same_steps(tiny_model_dirs):
     # Records that score choices and records that generate (with logprobs) run together:
     # the LM head's rows hold the sampling rows, then the scoring rows, in one step.
     from test_logprobs import check_logprobs, reference_logprobs
 
-    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", num_blocks=64, block_size=4)
+    llm = LLM(tiny_model_dirs["qwen3"], device="cpu", dtype="float32", num_blocks=64, block_size=4)
     records = [
         {"prompt": p, "choices": list(CHOICES)} if i % 2 else {"prompt": p, "logprobs": 2}
         for i, p in enumerate(PROMPTS)

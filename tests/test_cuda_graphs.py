@@ -81,11 +81,11 @@ def test_load_rows_copies_the_batch_and_pads_the_rest():
 
 
 def test_cuda_graphs_default_on_only_for_cuda_with_triton_and_are_refused_elsewhere():
-    assert EngineConfig(device="cpu").use_cuda_graphs is False
-    assert EngineConfig(device="cpu", cuda_graphs=False).use_cuda_graphs is False
+    assert EngineConfig(device="cpu", dtype="float32").use_cuda_graphs is False
+    assert EngineConfig(device="cpu", dtype="float32", cuda_graphs=False).use_cuda_graphs is False
     with pytest.raises(ValueError, match="needs a CUDA device and triton attention, got "
                        "device cpu and attention auto"):  # fmt: skip
-        EngineConfig(device="cpu", cuda_graphs=True)
+        EngineConfig(device="cpu", dtype="float32", cuda_graphs=True)
     if not torch.cuda.is_available():  # auto resolves to the CPU here: refused when used
         with pytest.raises(ValueError, match="got device cpu and attention torch"):
             _ = EngineConfig(cuda_graphs=True).use_cuda_graphs
@@ -95,12 +95,16 @@ def test_cuda_graphs_default_on_only_for_cuda_with_triton_and_are_refused_elsewh
 
 def test_a_failed_capture_falls_back_to_eager_unless_graphs_were_asked_for(tiny_model_dirs):
     # On the CPU the capture itself fails (no CUDA graph pool), as a GPU capture can fail.
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=32, max_num_seqs=4)
+    llm = LLM(
+        tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=32, max_num_seqs=4
+    )
     llm._capture_cuda_graphs()
     assert llm.cuda_graphs_problem and llm.cuda_graphs_problem.count("\n") == 0
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert out[0].completion_tokens == 3 and llm.stats().graph_steps == 0
-    asked = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=32, max_num_seqs=4)
+    asked = LLM(
+        tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=32, max_num_seqs=4
+    )
     # As if asked for on a CUDA machine (the config refuses True on a CPU).
     object.__setattr__(asked.config, "cuda_graphs", True)
     with pytest.raises(ValueError, match=r"capturing the CUDA graphs failed \(.+\); run with "

@@ -16,7 +16,34 @@ PROMPTS = [f"The {w} of the story is" for w in ("start", "end", "middle", "point
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs):
-    return LLM(tiny_model_dirs["llama"], device="cpu", max_model_len=256)
+    return LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", max_model_len=256)
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "dtype"),
+    [
+        ({"avx512_bf16": True, "amx_bf16": False}, torch.bfloat16),
+        ({"avx512_bf16": False, "amx_bf16": True}, torch.bfloat16),
+        ({"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}, torch.float32),
+        ({"architecture": "arm64", "bf16": True}, torch.float32),  # not measured there
+    ],
+)
+def test_auto_dtype_on_cpu_is_bfloat16_only_with_native_bfloat16_matmul(
+    capabilities, dtype, monkeypatch
+):
+    from pagedbatch.engine.config import EngineConfig
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert EngineConfig(device="cpu").torch_dtype == dtype
+    assert EngineConfig(device="cpu", dtype="float32").torch_dtype == torch.float32
+
+
+def test_this_cpu_runs_auto_in_what_its_capabilities_say(tiny_model_dirs):
+    caps = torch.cpu.get_capabilities()
+    native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=8)
+    assert llm.dtype == ("bfloat16" if native else "float32")
+    assert llm.kv_cache.k[0].dtype == llm.model.dtype
 
 
 def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch_of_32(llm):
@@ -64,7 +91,7 @@ def test_eos_ends_a_sequence_with_stop(llm, tiny_model_dirs, tmp_path):
         data = json.loads((copy / name).read_text())
         data["eos_token_id"] = eos
         (copy / name).write_text(json.dumps(data))
-    with_eos = LLM(str(copy), device="cpu")
+    with_eos = LLM(str(copy), device="cpu", dtype="float32")
     out = with_eos.generate(PROMPTS[:1], SamplingParams(max_tokens=12))[0]
     c = out.completions[0]
     assert c.finish_reason == "stop"
@@ -108,7 +135,7 @@ def test_bad_records_get_their_own_error_and_the_rest_runs(llm):
 
 
 def test_a_record_that_cannot_fit_the_pool_even_alone_is_an_error_not_a_deadlock(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=4, block_size=8)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=4, block_size=8)
     outs = llm.generate(
         [
             Record(id="big", prompt_token_ids=tuple(range(3, 30))),
@@ -150,7 +177,7 @@ def test_output_json_line_holds_independently_computed_values(llm, tiny_model_di
 
 
 def test_outputs_not_kept_are_only_given_to_on_output(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     seen = []
     params = SamplingParams(max_tokens=3)
     returned = llm.generate(["a b", "c d e"], params, on_output=seen.append, keep_outputs=False)

@@ -12,7 +12,9 @@ PROMPTS = [{"id": f"p{i}", "prompt": f"The story number {i} begins"} for i in ra
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs):
-    return LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64, max_num_seqs=3)
+    return LLM(
+        tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64, max_num_seqs=3
+    )
 
 
 def test_should_stop_drops_what_runs_and_keeps_the_llm_usable(llm):

@@ -56,7 +56,9 @@ def shared_prefix_prompts() -> list[list[int]]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("engine", ENGINE_PATHS.values(), ids=ENGINE_PATHS.keys())
 def test_logprobs_equal_transformers_log_softmax(arch, engine, tiny_model_dirs):
-    llm = LLM(tiny_model_dirs[arch], device="cpu", num_blocks=64, block_size=4, **engine)
+    llm = LLM(
+        tiny_model_dirs[arch], device="cpu", dtype="float32", num_blocks=64, block_size=4, **engine
+    )
     llm.engine.runner.cascade_rule = ANY_GROUP  # any group: the short prompts' too
     prompts = shared_prefix_prompts()
     params = SamplingParams(max_tokens=7, ignore_eos=True, logprobs=3, temperature=0.9,
@@ -80,7 +82,9 @@ def test_logprobs_on_smollm2_labelling_records(smollm2_dir):
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     reference = functools.cache(lambda p, g: reference_logprobs(model, list(p), list(g)))
     for sharing in (True, False):
-        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=256, prefix_sharing=sharing)
+        llm = LLM(
+            str(smollm2_dir), device="cpu", dtype="float32", num_blocks=256, prefix_sharing=sharing
+        )
         params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=5)
         outputs = llm.generate(rows, params)
         prompts = [llm.prompts.token_ids(parse_record(r, default_id=i)) for i, r in enumerate(rows)]
@@ -91,7 +95,7 @@ def test_logprobs_on_smollm2_labelling_records(smollm2_dir):
 
 
 def test_no_logprobs_unless_asked_and_zero_means_the_token_alone(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     records = [{"prompt": "Hello there"}, {"prompt": "Hello there", "logprobs": 0}]
     plain, zero = llm.generate(records, SamplingParams(max_tokens=3, ignore_eos=True))
     assert plain.completions[0].logprobs is None
@@ -106,7 +110,7 @@ def test_no_logprobs_unless_asked_and_zero_means_the_token_alone(tiny_model_dirs
      ("3", "logprobs must be an integer, got '3'")],
 )  # fmt: skip
 def test_bad_logprobs_are_a_record_error(value, message, tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     (out,) = llm.generate([{"prompt": "hi", "logprobs": value}], SamplingParams(max_tokens=2))
     assert out.error is not None and out.error.code == "invalid_params"
     assert out.error.message == message
@@ -152,7 +156,7 @@ def test_output_lines_plain_and_openai(tmp_path, tiny_model_dirs):
 def test_logprobs_survive_chunked_prefill_and_preemption(tiny_model_dirs):
     # 3-token steps cut the prompts into chunks; 8 blocks of 4 tokens cannot hold every
     # sequence to its end, so some are preempted and recomputed: no entry twice, none lost.
-    llm = LLM(tiny_model_dirs["mistral"], device="cpu", num_blocks=8, block_size=4,
+    llm = LLM(tiny_model_dirs["mistral"], device="cpu", dtype="float32", num_blocks=8, block_size=4,
               max_batch_tokens=3)  # fmt: skip
     prompts = shared_prefix_prompts()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2))
@@ -163,7 +167,7 @@ def test_logprobs_survive_chunked_prefill_and_preemption(tiny_model_dirs):
 
 
 def test_logprobs_cover_every_generated_token_with_a_stop_string(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     prompt = "the cat sat on the mat"
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
     (free,) = llm.generate([prompt], params)

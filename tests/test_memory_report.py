@@ -13,7 +13,9 @@ SHARED = list(range(10, 18))  # 8 tokens: two full blocks of 4
 
 
 def test_crafted_job_figures(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, memory_report=True)
+    llm = LLM(
+        tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=4, memory_report=True
+    )
     job = [
         Record(id="a", prompt_token_ids=tuple(SHARED + [30, 31])),
         Record(id="b", prompt_token_ids=tuple(SHARED + [40, 41])),
@@ -21,6 +23,7 @@ def test_crafted_job_figures(tiny_model_dirs):
     ]
     llm.generate(job, SamplingParams(max_tokens=3, ignore_eos=True))
     report = llm.memory_report()
+    assert report["dtype"] == "float32"
     # Step 1: only a runs (b and c wait for the prefix a computes). Step 2: a decodes,
     # b and c start from a's two cached blocks: blocks 0,1 shared by three, a's block 2,
     # b's block 3, c's block 4 -> 5 in use, 9 logical; empty slots a 1, b 2, c 1.
@@ -48,7 +51,7 @@ def test_labelling_job_on_the_embedded_model_wastes_less_than_a_block_per_sequen
     # Block size 8: each record's private tail is ~30 tokens (unique text, the partly
     # shared last block, 8 output tokens), so 16-token blocks leave ~17% of slots empty at
     # the peak (0.10 on average over the run); 8-token blocks leave ~4%.
-    llm = LLM(str(smollm2_dir), device="cpu", memory_report=True, block_size=8)
+    llm = LLM(str(smollm2_dir), device="cpu", dtype="float32", memory_report=True, block_size=8)
     llm.generate(job, SamplingParams(max_tokens=8))
     report = llm.memory_report()
     size = report["block_size"]

@@ -68,7 +68,7 @@ def test_a_sliding_window_from_the_config_is_kept_and_applied(tmp_path: Path) ->
     params = SamplingParams(max_tokens=12)
 
     def paged(model_dir: Path) -> list[list[int]]:
-        llm = LLM(str(model_dir), device="cpu", block_size=4)
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=4)
         return [list(o.completions[0].token_ids) for o in llm.generate(prompts, params)]
 
     expected = reference_tokens(windowed, prompts, max_new=12)

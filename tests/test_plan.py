@@ -55,7 +55,7 @@ def test_plan_predicts_the_hit_rate_of_the_run(tiny_model_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["records"] == 30 and plan["too_long"] == []
-    llm = LLM(model, device="cpu", num_blocks=256)
+    llm = LLM(model, device="cpu", dtype="float32", num_blocks=256)
     llm.generate(read_records(src), SamplingParams(max_tokens=4))
     stats = llm.stats()
     assert plan["prompt_tokens"] == stats.prompt_tokens
@@ -106,7 +106,7 @@ def test_plan_of_a_choices_job_counts_the_tokens_the_run_computes(tiny_model_dir
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["output_tokens"] == 0
-    llm = LLM(model, device="cpu", num_blocks=256)
+    llm = LLM(model, device="cpu", dtype="float32", num_blocks=256)
     outputs = llm.generate(read_records(src), SamplingParams(choices=("yes", "no way")))
     assert all(o.error is None and o.label for o in outputs)
     assert plan["tokens_to_compute"] == llm.stats().computed_tokens

@@ -94,7 +94,7 @@ def test_stored_rates_round_trip_by_key(tmp_path):
 
 
 def test_rates_key_names_model_device_dtype_threads(tmp_path):
-    config = EngineConfig(model="tiny-random", device="cpu")
+    config = EngineConfig(model="tiny-random", device="cpu", dtype="float32")
     key = rates_key(config, 3)
     assert key == "tiny-random | cpu | float32 | 3 threads"
     assert rates_key(config, 2) != key
@@ -117,7 +117,7 @@ def test_probe_prompts_fill_one_step_and_end_one_token_past_a_block():
 
 def test_probe_measures_positive_rates_at_the_batch_asked(tmp_path):
     config = EngineConfig(
-        model="tiny-random", device="cpu", num_blocks=512, cache_dir=str(tmp_path)
+        model="tiny-random", device="cpu", dtype="float32", num_blocks=512, cache_dir=str(tmp_path)
     )
     prompts = [[3 + (i * 7 + j) % 200 for j in range(40 + i)] for i in range(12)]
     result = probe_rates(config, prompts, running_seqs=12, max_model_len=8192)
@@ -129,7 +129,7 @@ def test_probe_measures_positive_rates_at_the_batch_asked(tmp_path):
 
 
 def test_engine_splits_step_time_into_prefill_and_decode():
-    llm = LLM("tiny-random", device="cpu", num_blocks=256)
+    llm = LLM("tiny-random", device="cpu", dtype="float32", num_blocks=256)
     llm.generate([[3, 4, 5, 6, 7]] * 3, SamplingParams(max_tokens=6, ignore_eos=True))
     s = llm.stats()
     assert s.prefill_step_tokens + s.decode_step_tokens == s.computed_tokens

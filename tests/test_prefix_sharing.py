@@ -35,8 +35,10 @@ def tokens(outputs) -> list[list[list[int]]]:
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_greedy_outputs_are_identical_with_and_without_sharing(arch, tiny_model_dirs):
     params = SamplingParams(max_tokens=24)
-    with_sharing = LLM(tiny_model_dirs[arch], device="cpu", block_size=8)
-    without = LLM(tiny_model_dirs[arch], device="cpu", block_size=8, prefix_sharing=False)
+    with_sharing = LLM(tiny_model_dirs[arch], device="cpu", dtype="float32", block_size=8)
+    without = LLM(
+        tiny_model_dirs[arch], device="cpu", dtype="float32", block_size=8, prefix_sharing=False
+    )
     job = shared_prefix_job(with_sharing.model.config.vocab_size)
     shared_out = with_sharing.generate(job, params)
     plain_out = without.generate(job, params)
@@ -52,7 +54,7 @@ def test_greedy_outputs_are_identical_with_and_without_sharing(arch, tiny_model_
 
 
 def test_hit_rate_is_exact_when_records_run_one_after_another(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, max_num_seqs=1)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=4, max_num_seqs=1)
     shared = list(range(10, 22))  # 12 tokens: 3 full blocks
     job = [Record(id=i, prompt_token_ids=tuple(shared + [30 + i, 40 + i])) for i in range(5)]
     outs = llm.generate(job, SamplingParams(max_tokens=3))
@@ -68,7 +70,13 @@ def test_sharing_stores_a_common_prefix_once(tiny_model_dirs):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     peaks = {}
     for sharing in (True, False):
-        llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=16, prefix_sharing=sharing)
+        llm = LLM(
+            tiny_model_dirs["llama"],
+            device="cpu",
+            dtype="float32",
+            block_size=16,
+            prefix_sharing=sharing,
+        )
         llm.generate(job, params)
         peaks[sharing] = llm.stats()
     shared, plain = peaks[True], peaks[False]
@@ -78,7 +86,7 @@ def test_sharing_stores_a_common_prefix_once(tiny_model_dirs):
 
 
 def test_n_samples_share_the_prompt_and_equal_single_runs_with_their_seeds(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=8)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=8)
     prompt = tuple(range(5, 5 + 21))  # 21 tokens: the last block is partly filled
     params = SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
     before = llm.stats().computed_tokens
@@ -90,7 +98,9 @@ def test_n_samples_share_the_prompt_and_equal_single_runs_with_their_seeds(tiny_
     assert computed == len(prompt) + 3 * (10 - 1)
     assert len({c.token_ids for c in out.completions}) == 3
     for k, choice in enumerate(out.completions):
-        alone = LLM(tiny_model_dirs["llama"], device="cpu", prefix_sharing=False).generate(
+        alone = LLM(
+            tiny_model_dirs["llama"], device="cpu", dtype="float32", prefix_sharing=False
+        ).generate(
             [Record(id="x", prompt_token_ids=prompt, overrides={"seed": sample_seed(7, k)})], params
         )[0]
         assert alone.completions[0].token_ids == choice.token_ids, f"sample {k}"
@@ -99,11 +109,22 @@ def test_n_samples_share_the_prompt_and_equal_single_runs_with_their_seeds(tiny_
 
 def test_sharing_with_preemption_and_eviction_keeps_greedy_tokens(tiny_model_dirs):
     params = SamplingParams(max_tokens=24)
-    plain = LLM(tiny_model_dirs["mistral"], device="cpu", block_size=8, prefix_sharing=False)
+    plain = LLM(
+        tiny_model_dirs["mistral"],
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        prefix_sharing=False,
+    )
     job = shared_prefix_job(plain.model.config.vocab_size, seed=3)
     expected = tokens(plain.generate(job, params))
     small = LLM(
-        tiny_model_dirs["mistral"], device="cpu", block_size=8, num_blocks=24, max_batch_tokens=48
+        tiny_model_dirs["mistral"],
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        num_blocks=24,
+        max_batch_tokens=48,
     )
     assert tokens(small.generate(job, params)) == expected
     stats = small.stats()
@@ -121,7 +142,7 @@ def test_embedded_smollm2_gives_the_same_labels_with_and_without_sharing(smollm2
     params = SamplingParams(max_tokens=8)
     runs = {}
     for sharing in (True, False):
-        llm = LLM(str(smollm2_dir), device="cpu", prefix_sharing=sharing)
+        llm = LLM(str(smollm2_dir), device="cpu", dtype="float32", prefix_sharing=sharing)
         runs[sharing] = (llm.generate(job, params), llm.stats())
     assert tokens(runs[True][0]) == tokens(runs[False][0])
     # The first record computes the ~620-token instruction; every other one reuses it.
@@ -137,11 +158,13 @@ def test_a_prompt_computed_again_takes_the_cached_copy_and_fits_the_pool_it_fill
     prompt = tuple(range(10, 34))
     job = [Record(id=i, prompt_token_ids=prompt) for i in range(2)]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, num_blocks=7)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=4, num_blocks=7)
     outs = llm.generate(job, params)
     stats = llm.stats()
     assert stats.preemptions == 0 and stats.peak_blocks_in_use == 7
     assert [o.cached_tokens for o in outs] == [0, 20]
-    alone = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, prefix_sharing=False)
+    alone = LLM(
+        tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=4, prefix_sharing=False
+    )
     assert tokens(outs) == tokens(alone.generate(job[:1], params)) * 2
     llm.engine.check_integrity()

@@ -77,7 +77,7 @@ def test_plain_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_model_dirs, mo
               rf"tokenized 6/6 records{took}"]  # fmt: skip
     at = [next(i for i, line in enumerate(lines) if re.fullmatch(p, line)) for p in phases]
     assert at == sorted(at) and at[-1] < lines.index(last), lines
-    assert re.search(r"Wrote 6 records .* s generating, [\d.]+ output tok/s\)", lines[-1])
+    assert re.search(r"Wrote 6 records .* s generating, [\d.]+ output tok/s, float32\)", lines[-1])
 
 
 def test_help_reads_as_a_commands():
@@ -183,7 +183,7 @@ def test_the_prior_is_the_records_own_max_tokens(tiny_model_dirs):
     """`on_prepared` tells the mean max_tokens x n of the records that passed the checks."""
     from pagedbatch import LLM, SamplingParams
 
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     told = []
     records = [
         {"id": "a", "prompt": "one", "max_tokens": 2},

@@ -59,9 +59,9 @@ def job(tmp_path_factory, tiny_model_dirs):
     root = tmp_path_factory.mktemp("ray_job")
     write_jsonl(root / "in.jsonl", label_rows())
     flags = [
-        "-m", tiny_model_dirs["llama"], "--device", "cpu", "--num-blocks", "512",
-        "--max-tokens", "32", "--max-num-seqs", "4", "--threads", "1", "--seed", "7",
-        "--no-progress",
+        "-m", tiny_model_dirs["llama"], "--device", "cpu", "--dtype", "float32",
+        "--num-blocks", "512", "--max-tokens", "32", "--max-num-seqs", "4", "--threads", "1",
+        "--seed", "7", "--no-progress",
     ]  # fmt: skip
     out = root / "single.jsonl"
     result = invoke(root / "in.jsonl", "-o", out, *flags, "--memory-report")

@@ -181,7 +181,7 @@ def test_order_input_writes_the_lines_of_a_sequential_run(job, tiny_model_dirs, 
     flags = [*flags, "--temperature", "0.8", "--max-num-seqs", "4"]
     result = invoke(src, "-o", out, *flags, "--order", "input")
     assert result.exit_code == 0, result.output
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", num_blocks=64)
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", num_blocks=64)
     params = SamplingParams(max_tokens=8, temperature=0.8, seed=0)
     records = [json.loads(line) for line in src.read_text().splitlines()]
     sequential = [llm.generate([r], params)[0].to_json() for r in records]

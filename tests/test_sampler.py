@@ -192,7 +192,7 @@ def test_cuda_sampling_never_synchronises_and_draws_what_the_cpu_draws():
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dirs):
-    return LLM(tiny_model_dirs["llama"], device="cpu", max_model_len=256)
+    return LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", max_model_len=256)
 
 
 def token_ids(outputs) -> list[list[tuple[int, ...]]]:
@@ -223,9 +223,14 @@ def test_preemption_samples_the_same_tokens(tiny_model_dirs):
         for i, p in enumerate(prompts)
     ]
     params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, ignore_eos=True)
-    roomy = LLM(tiny_model_dirs["llama"], device="cpu", block_size=8)
+    roomy = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=8)
     small = LLM(
-        tiny_model_dirs["llama"], device="cpu", block_size=8, num_blocks=14, max_batch_tokens=48
+        tiny_model_dirs["llama"],
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        num_blocks=14,
+        max_batch_tokens=48,
     )
     assert token_ids(small.generate(records, params)) == token_ids(roomy.generate(records, params))
     assert small.stats().preemptions > 0, "the pool was meant to be too small for all sequences"
@@ -233,7 +238,13 @@ def test_preemption_samples_the_same_tokens(tiny_model_dirs):
 
 @pytest.mark.parametrize("sharing", [True, False])
 def test_sample_k_of_n_is_the_record_alone_with_its_derived_seed(tiny_model_dirs, sharing):
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=8, prefix_sharing=sharing)
+    llm = LLM(
+        tiny_model_dirs["llama"],
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        prefix_sharing=sharing,
+    )
     params = SamplingParams(max_tokens=10, temperature=1.0, top_k=30, seed=11, ignore_eos=True)
     record = Record(id="r", prompt_token_ids=tuple(range(5, 26)), overrides={"n": 3})
     samples = llm.generate([record], params)[0].completions

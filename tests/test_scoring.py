@@ -49,7 +49,7 @@ def check_scores(tiny_model_dirs, family: list[Sequence]) -> None:
 def test_the_engine_forks_the_choices_onto_the_prompt_blocks_and_scores_each_token(
     tiny_model_dirs,
 ):
-    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", num_blocks=16, block_size=4)
+    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", dtype="float32", num_blocks=16, block_size=4)
     engine, batches = llm.engine, recorded(llm)
     family = engine.add_choices(PROMPT, CHOICES, PARAMS, request_id="r")
     parent, one, two, three = family
@@ -90,7 +90,7 @@ def test_the_engine_forks_the_choices_onto_the_prompt_blocks_and_scores_each_tok
 def test_without_prefix_sharing_each_choice_computes_the_prompt_and_scores_from_its_end(
     tiny_model_dirs,
 ):
-    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", num_blocks=16, block_size=4,
+    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", dtype="float32", num_blocks=16, block_size=4,
               prefix_sharing=False)  # fmt: skip
     engine, batches = llm.engine, recorded(llm)
     family = engine.add_choices(PROMPT, CHOICES, PARAMS)
@@ -105,7 +105,9 @@ def test_without_prefix_sharing_each_choice_computes_the_prompt_and_scores_from_
 
 
 def test_add_samples_builds_one_sequence_per_seed_forked_from_the_first(tiny_model_dirs):
-    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", num_blocks=16, max_model_len=14)
+    llm = LLM(
+        tiny_model_dirs["qwen2"], device="cpu", dtype="float32", num_blocks=16, max_model_len=14
+    )
     params = SamplingParams(max_tokens=8, n=3)
     seqs = llm.engine.add_samples(PROMPT, params, [7, None, 9], request_id=4)
     assert seqs[0].forks == seqs[1:] and llm.engine.num_waiting() == 1
@@ -132,7 +134,7 @@ def test_only_a_generating_sequence_that_completes_samples():
 def test_a_step_of_generation_and_choices_samples_its_first_rows_and_scores_the_rest(
     tiny_model_dirs,
 ):
-    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", num_blocks=16, block_size=4)
+    llm = LLM(tiny_model_dirs["qwen2"], device="cpu", dtype="float32", num_blocks=16, block_size=4)
     engine, batches = llm.engine, recorded(llm)
     family = engine.add_choices(PROMPT, CHOICES, PARAMS)
     (gen,) = engine.add_samples(array("i", [3, 4, 5]), SamplingParams(max_tokens=2), [1])

@@ -33,7 +33,7 @@ def _jobs(seed: int, count: int) -> list[Record]:
 def test_step_state_equals_a_recount_after_every_step(tiny_model_dirs, seed):
     # A small pool (preemption, eviction), small steps (chunked prefill), shared prefixes
     # (cached blocks), n > 1 (forks and copy-on-write of a shared partial block).
-    llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, num_blocks=16,
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=4, num_blocks=16,
               max_batch_tokens=16, max_num_seqs=6)  # fmt: skip
     engine = llm.engine
     usage = engine.block_manager.usage
@@ -68,8 +68,8 @@ def test_step_state_equals_a_recount_after_every_step(tiny_model_dirs, seed):
 def test_peak_is_the_same_with_and_without_the_timeline(tiny_model_dirs):
     reports = []
     for keep in (True, False):
-        llm = LLM(tiny_model_dirs["llama"], device="cpu", block_size=4, num_blocks=40,
-                  memory_report=keep)  # fmt: skip
+        llm = LLM(tiny_model_dirs["llama"], device="cpu", dtype="float32", block_size=4,
+                  num_blocks=40, memory_report=keep)  # fmt: skip
         llm.generate(_jobs(5, 10), SamplingParams(temperature=0.5, seed=1, ignore_eos=True))
         reports.append(llm.memory_report())
     with_timeline, without = reports

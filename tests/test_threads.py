@@ -85,11 +85,11 @@ def test_a_process_spinning_on_our_cpus_is_seen_busy(monkeypatch):
 
 
 def test_threads_given_win_and_omp_num_threads_is_respected(monkeypatch):
-    assert EngineConfig(device="cpu", threads=3).torch_threads == 3
+    assert EngineConfig(device="cpu", dtype="float32", threads=3).torch_threads == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert EngineConfig(device="cpu").torch_threads is None
+    assert EngineConfig(device="cpu", dtype="float32").torch_threads is None
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert EngineConfig(device="cpu").torch_threads >= 1
+    assert EngineConfig(device="cpu", dtype="float32").torch_threads >= 1
 
 
 def test_zero_threads_is_refused():

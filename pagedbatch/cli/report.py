@@ -17,7 +17,7 @@ def memory_table(report: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     r = report
     rows = [
-        ("model weights", _mib(r["model_bytes"])),
+        ("model weights", f"{_mib(r['model_bytes'])} ({r['dtype']})"),
         ("KV pool", f"{r['num_blocks']} blocks of {r['block_size']} tokens, "
                     f"{_mib(r['kv_pool_bytes'])}"),
         ("KV bytes per token", f"{r['kv_bytes_per_token']:,}"),

@@ -56,7 +56,7 @@ def run(
     skip_invalid: Annotated[bool | None, opt(INPUT_PANEL, "Turn lines that are not JSON objects into invalid_record error lines instead of stopping.", "--skip-invalid")] = None,
     model: Annotated[Str, opt(MODEL_PANEL, f"Local model directory, .gguf file, hub id, or the alias smollm2-135m (embedded). [default: {DEFAULT.engine.model}]", "--model", "-m")] = None,
     device: Annotated[Str, opt(MODEL_PANEL, f"auto, cpu or cuda. [default: {DEFAULT.engine.device}]")] = None,
-    dtype: Annotated[Str, opt(MODEL_PANEL, "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16. [default: auto]")] = None,
+    dtype: Annotated[Str, opt(MODEL_PANEL, "auto (bfloat16 on CUDA and on CPUs with native bfloat16 matmul, AMX or AVX512-BF16; else float32), float32, bfloat16 or float16. [default: auto]")] = None,
     attention: Annotated[Str, opt(MODEL_PANEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
     max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
     cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
@@ -286,7 +286,7 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
             else f"{result.written / max(generating, 1e-9):.1f} records/s"
         )
         text += (
-            f" in {seconds:.1f} s ({generating:.1f} s generating, {rate}); peak KV "
+            f" in {seconds:.1f} s ({generating:.1f} s generating, {rate}, {llm.dtype}); peak KV "
             f"blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, {stats.preemptions} "
             "preemptions"
         )

@@ -90,11 +90,15 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """`dtype`; auto is bfloat16 on CUDA and on a CPU that multiplies bfloat16 natively
+        (`cpu_has_native_bfloat16`), else float32."""
         import torch
 
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.torch_device.type == "cuda" or cpu_has_native_bfloat16():
+            return torch.bfloat16
+        return torch.float32
 
     @property
     def attention_backend(self) -> str:
@@ -131,6 +135,16 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX512-BF16): there a job
+    in bfloat16 measured faster than in float32 (docs/MEASUREMENTS.md, "bfloat16 on CPU").
+    Elsewhere bfloat16 matmuls are not native, so auto stays float32."""
+    import torch
+
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:

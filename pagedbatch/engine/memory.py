@@ -150,6 +150,7 @@ def memory_report(
     kv_waste_mean: float,
     timeline: list[KVSnapshot],
     *,
+    dtype: str,
     block_size: int,
     num_blocks: int,
     kv_bytes_per_token: int,
@@ -162,10 +163,12 @@ def memory_report(
 ) -> dict[str, Any]:
     """The figures of `--memory-report`, as plain JSON-ready data.
 
-    `peak` is the step with the most KV blocks in use; `timeline` may be empty.
+    `peak` is the step with the most KV blocks in use; `timeline` may be empty; `dtype`
+    is the one the model ran in (weights and KV cache).
     """
     block_bytes = kv_bytes_per_token * block_size
     return {
+        "dtype": dtype,
         "model_bytes": model_bytes,
         "num_blocks": num_blocks,
         "block_size": block_size,

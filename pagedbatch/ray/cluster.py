@@ -83,6 +83,7 @@ class ReplicaPool:
         self._names = (f"{ACTOR_PREFIX}-{os.getpid()}-{i}" for i in itertools.count())
         self.actors: list[Any] = [self._start() for _ in range(self.size)]
         self.load_seconds: list[float] = []
+        self.dtypes: list[str] = []  # what the replicas run in (auto: per machine)
 
     def wait_ready(self) -> None:
         """Wait until every replica loaded its model; ClusterError naming a load failure."""
@@ -92,6 +93,7 @@ class ReplicaPool:
             if state["problem"]:
                 raise ClusterError(f"a replica could not load the model: {state['problem']}")
         self.load_seconds = [state["load_seconds"] for state in states]
+        self.dtypes = sorted({state["dtype"] for state in states})
 
     def replace(self, dead: Any) -> Any:
         """A new replica in place of `dead` (it loads the model before its first shard)."""

@@ -35,7 +35,8 @@ MAX_ATTEMPTS = 3  # a shard whose replica died this often stops the job
 
 
 class RayLLM:
-    """The LLM interface `Job.run` needs (`generate`, `config`, `stats`, `memory_report`),
+    """The LLM interface `Job.run` needs (`generate`, `config`, `stats`, `memory_report`,
+    `dtype`),
     run by `replicas` actors each holding an ordinary `LLM` of `config`.
 
     `config.max_num_seqs` here is the cluster's: each replica's times the replicas.
@@ -116,6 +117,11 @@ class RayLLM:
             raise ValueError("RayLLM.generate needs distinct record ids")
         count = max(self.replicas * SHARDS_PER_REPLICA, -(-len(store) // MAX_SHARD_RECORDS))
         return make_shards(store, count)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the replicas run in (auto resolves on each replica's machine)."""
+        return ", ".join(self._pool.dtypes) if self._pool is not None else "none"
 
     def stats(self) -> EngineStats:
         """Every replica's statistics summed (a replica that died counts what it reported)."""

@@ -52,8 +52,11 @@ class Replica:
         self._stop = threading.Event()
 
     def ready(self) -> dict[str, Any]:
-        """Whether the model loaded (`problem`), how long it took, and where it runs."""
-        return {"problem": self.problem, "load_seconds": self.load_seconds, "pid": os.getpid()}
+        """Whether the model loaded (`problem`), how long it took, its dtype (auto: this
+        machine's), and where it runs."""
+        dtype = self.llm.dtype if self.llm is not None else None
+        return {"problem": self.problem, "load_seconds": self.load_seconds, "dtype": dtype,
+                "pid": os.getpid()}  # fmt: skip
 
     def run(self, shard: int, records: list[Record], params: SamplingParams) -> None:
         """Generate `records`; their outputs wait in the outbox for `take`."""
