@@ -11,7 +11,13 @@ from job_helpers import ROOT
 from tiny_models import ARCHS
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.engine.cascade import ANY_GROUP, TORCH_RULE, CascadeGroup, plan_cascade
+from pagedbatch.engine.cascade import (
+    ANY_GROUP,
+    TORCH_RULE,
+    CascadeGroup,
+    CascadeRule,
+    plan_cascade,
+)
 
 BS = 4
 
@@ -194,7 +200,7 @@ def test_smollm2_labelling_records_give_the_same_tokens_with_and_without_cascade
     assert stats.cascade_saved_token_reads > 0 and plain.cascade_saved_token_reads == 0
 
 
-def test_the_torch_rule_groups_decoding_sequences_behind_long_prefixes_only():
+def test_the_torch_rule_groups_sequences_behind_long_prefixes_only():
     size = 16
     need = TORCH_RULE.min_prefix_tokens // size  # blocks of the shortest prefix it takes
     long, short = np.arange(need), 100 + np.arange(need - 1)
@@ -205,19 +211,24 @@ def test_the_torch_rule_groups_decoding_sequences_behind_long_prefixes_only():
     ends[2] = begins[2] + 5  # 2 extends: 5 new tokens
     decoding = ends - begins == 1
     num_blocks = -(-ends // size)
+    # The extending member joins; the shorter prefix's pair does not.
     assert plan_cascade(rows, num_blocks, begins, size, TORCH_RULE, decoding) == [
-        CascadeGroup((0, 1, 3), need)
+        CascadeGroup((0, 1, 2, 3), need)
     ]
-    # Any group: the extending member and the shorter prefix's pair join too.
+    # Any group: the shorter prefix's pair too.
     assert plan_cascade(rows, num_blocks, begins, size, ANY_GROUP, decoding) == [
         CascadeGroup((0, 1, 2, 3), need),
         CascadeGroup((4, 5), need - 1),
     ]
+    decodes_only = CascadeRule(TORCH_RULE.min_prefix_tokens, extends=False)
+    assert plan_cascade(rows, num_blocks, begins, size, decodes_only, decoding) == [
+        CascadeGroup((0, 1, 3), need)
+    ]
     with pytest.raises(ValueError, match="decoding"):
-        plan_cascade(rows, num_blocks, begins, size, TORCH_RULE)
+        plan_cascade(rows, num_blocks, begins, size, decodes_only)
 
 
-def test_the_torch_backend_cascades_decodes_behind_a_long_prefix_and_nothing_else(tiny_model_dirs):
+def test_the_torch_backend_cascades_behind_a_long_prefix_and_nothing_else(tiny_model_dirs):
     llm = LLM(
         tiny_model_dirs["qwen3"], device="cpu", dtype="float32", block_size=BS, num_blocks=512
     )
@@ -240,10 +251,11 @@ def test_the_torch_backend_cascades_decodes_behind_a_long_prefix_and_nothing_els
     tokens = [o.completions[0].token_ids for o in llm.generate(long, params)]
     made = [(p, lens) for p, lens in plans if p is not None]
     assert made and llm.stats().cascade_saved_token_reads > 0
-    for plan, lens in made:
+    for plan, _ in made:
         for group in plan.groups:
-            assert all(lens[i] == 1 for i in group.seqs)  # decoding members only
             assert group.num_prefix_blocks * BS >= TORCH_RULE.min_prefix_tokens
+    # the prompts after the first extend behind the cached instruction, in its group
+    assert any(lens[i] > 1 for plan, lens in made for g in plan.groups for i in g.seqs)
     plain = LLM(tiny_model_dirs["qwen3"], device="cpu", dtype="float32", block_size=BS,
                 num_blocks=512, cascade=False)  # fmt: skip
     assert [o.completions[0].token_ids for o in plain.generate(long, params)] == tokens

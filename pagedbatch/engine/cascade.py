@@ -43,8 +43,9 @@ class CascadeRule:
 
 # Any two sequences sharing a whole block (the Triton backend's rule: not measured on a GPU).
 ANY_GROUP = CascadeRule(min_prefix_tokens=1, extends=True)
-# The torch backend's: decoding members only, behind a prefix of at least 512 tokens.
-TORCH_RULE = CascadeRule(min_prefix_tokens=512, extends=False)
+# The torch backend's: decoding and extending members behind a prefix of at least 256
+# tokens (with its fused attention; the float32 matmul path before it needed 512, decodes only).
+TORCH_RULE = CascadeRule(min_prefix_tokens=256, extends=True)
 
 
 @dataclass(frozen=True)
