@@ -504,3 +504,71 @@ def test_run_memory_grows_by_a_few_bytes_a_record():
     assert large.exit_code == 0 and large.lines == 30_000
     per_record = (large.peak_rss_mb - small.peak_rss_mb) * 2**20 / 28_000
     assert per_record < 700, f"{per_record:.0f} bytes of peak RSS a record"
+
+
+STUB_VLLM = '''
+"""A stand-in for vllm with its offline API's shape: each prompt gets its first ids back."""
+__version__ = "0.0-stub"
+
+
+class SamplingParams:
+    def __init__(self, temperature, max_tokens, ignore_eos):
+        assert temperature == 0.0 and ignore_eos
+        self.max_tokens = max_tokens
+
+
+class _Out:
+    def __init__(self, ids):
+        self.token_ids = ids
+
+
+class _Request:
+    def __init__(self, ids):
+        self.outputs = [_Out(ids)]
+
+
+class LLM:
+    def __init__(self, model, dtype, enable_prefix_caching, seed, max_model_len):
+        import os
+        assert os.path.isdir(model) and dtype in ("float32", "bfloat16")
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-0"
+
+    def generate(self, prompts, params, use_tqdm):
+        return [_Request(p["prompt_token_ids"][: s.max_tokens]) for p, s in zip(prompts, params)]
+'''
+
+
+def test_vllm_contender_runs_in_the_python_given_on_the_same_token_ids(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
+    from pagedbatch.bench.vllm_peer import PYTHON_ENV, vllm_python
+
+    monkeypatch.delenv(PYTHON_ENV, raising=False)
+
+    stub = tmp_path / "stub"
+    (stub / "vllm").mkdir(parents=True)
+    (stub / "vllm" / "__init__.py").write_text(STUB_VLLM)
+    python = tmp_path / "python-with-vllm"  # an interpreter that imports vllm
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={stub} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert vllm_python(str(python)) == str(python)
+    assert vllm_python() is None  # neither $PAGEDBATCH_VLLM_PYTHON nor vllm here
+    rows = [{"id": i, "prompt": f"record number {i} " * 4} for i in range(3)]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skip = frozenset({"run", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
+                      "generate_batch"})  # fmt: skip
+    engine = EngineConfig(model=str(tiny_model_dirs["llama"]), threads=1, **SMALL_ENGINE)
+    opts = BenchOptions(engine, skip=skip, vllm_python=str(python))
+    report = run_file_benchmark(str(source), 4, opts)
+    assert [r.contender for r in report.results] == ["pagedbatch", "vllm-cpu"]
+    peer = report.get("vllm-cpu")
+    # the stub returns each prompt's first 4 ids: the right count, never pagedbatch's tokens
+    assert peer.error is None and peer.output_tokens == 12 and peer.name == "vLLM-CPU 0.0-stub"
+    assert peer.given["dtype"] == "float32" and peer.given["threads"] == 1
+    assert peer.details["same_tokens"] == 0 and peer.details["process_s"] > peer.seconds
+    assert report.matmul_peak > 0 and report.get("pagedbatch").details["achieved_flops"] > 0
+    from pagedbatch.cli.bench import peak_line, peer_line
+
+    assert "the same tokens as pagedbatch for 0% of the prompts" in peer_line(report)
+    assert "of this machine's matmul peak in its dtype" in peak_line(report)

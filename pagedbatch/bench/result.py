@@ -9,7 +9,7 @@ from typing import Any
 # The contenders, as `--skip` spells them (see bench.py).
 CONTENDERS = (
     "run", "pagedbatch", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
-    "generate_batch", "pagedbatch-choices",
+    "generate_batch", "pagedbatch-choices", "vllm-cpu",
 )  # fmt: skip
 
 
@@ -28,8 +28,10 @@ class BenchResult:
     `prefix_hit_rate`, `peak_blocks`, `sharing_saving`, `preemptions`,
     `cascade_saved_token_reads` (K/V token reads, over layers, that cascade saved), `decode_steps`,
     `decode_ms` (mean decode-only step), `decode_batch` (mean sequences per decode step),
-    `decode_kv_bytes` (K/V bytes a decode-only step read, cascade's savings taken out)
-    and, on CUDA, `floor_fraction` (bandwidth floor / step time).
+    `decode_kv_bytes` (K/V bytes a decode-only step read, cascade's savings taken out),
+    `achieved_flops` (the forwards' matmul work / generation time) and, on CUDA,
+    `floor_fraction` (bandwidth floor / step time); for vllm-cpu `process_s` (its whole
+    process) and `same_tokens` (the share of prompts given exactly pagedbatch's tokens).
     """
 
     contender: str
@@ -93,6 +95,7 @@ class BenchReport:
     output_tokens: int
     copy_bandwidth: float | None  # bytes read + written per second; CUDA only
     results: tuple[BenchResult, ...]
+    matmul_peak: float | None = None  # FLOP/s of a large matmul in pagedbatch's dtype; CPU
 
     def get(self, contender: str) -> BenchResult | None:
         """The result of `contender` (one of CONTENDERS), if it ran."""

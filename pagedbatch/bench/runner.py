@@ -10,7 +10,9 @@ Contenders (names as `--skip` spells them):
   same model (same weights: a random preset is rebuilt from the same seed);
 - `pagedbatch-choices` (with `choices`): the same records scored against the choices
   instead of generated (`LLM.generate` with `SamplingParams.choices`); its details say how
-  often the best choice is the first word of `pagedbatch`'s greedy generation.
+  often the best choice is the first word of `pagedbatch`'s greedy generation;
+- `vllm-cpu` (on CPU, with a Python that imports vllm: `vllm_peer.py`): vLLM's offline
+  engine in its own process, same token ids, dtype and cores as pagedbatch.
 
 Every contender generates exactly each prompt's output length (EOS ignored) from the
 same prompt token ids, and times generation only, after a warm-up; loading is reported
@@ -18,7 +20,8 @@ apart (`load_s`). What each returned is counted per prompt: a count that differs
 contender's `error` in the report. Each result says what the contender was `given`
 (batch size, prompt order, budgets, cache). On CUDA the device's copy bandwidth is
 measured first, and pagedbatch's decode-only steps are compared with the bandwidth
-floor (`decode_probe.py`).
+floor (`decode_probe.py`); on CPU a large matmul's FLOP/s in pagedbatch's dtype, against
+which the forwards' matmul work per second is set (`flops.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagedbatch.bench.decode_probe import DecodeProbe, DecodeTiming, copy_bandwidth, weight_bytes
+from pagedbatch.bench.flops import forward_flops, matmul_peak
 from pagedbatch.bench.process import engine_given, pagedbatch_process
 from pagedbatch.bench.result import CONTENDERS, BenchReport, BenchResult
 from pagedbatch.bench.workloads import (
@@ -53,8 +57,9 @@ if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
     from pagedbatch.requests.records import Record
 
-# The contenders of every benchmark in this process (pagedbatch-choices runs with choices only).
-IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c != "pagedbatch-choices")
+# The contenders of every benchmark in this process (pagedbatch-choices runs with choices
+# only, vllm-cpu in a process of its own).
+IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c not in ("pagedbatch-choices", "vllm-cpu"))
 # Each pagedbatch contender: the engine config's changes.
 PAGEDBATCH = {
     "pagedbatch": {},
@@ -80,6 +85,7 @@ class BenchOptions:
     seed: int = 0
     choices: tuple[str, ...] | None = None  # also score these (the pagedbatch-choices contender)
     choice_score: str = "sum"
+    vllm_python: str | None = None  # a Python that imports vllm: the vllm-cpu contender
 
     def __post_init__(self) -> None:
         unknown = set(self.skip) - set(CONTENDERS)
@@ -145,6 +151,7 @@ def _run(
     engine = options.engine
     device = engine.torch_device
     copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
+    peak = matmul_peak(engine.torch_dtype, device) if device.type == "cpu" else None
 
     def record(result: BenchResult) -> None:
         results.append(result)
@@ -161,6 +168,12 @@ def _run(
             record(bench_llm(llm, prompts, load_s, copy_bw, contender, kept))
             del llm
             release_memory(device)
+    if options.vllm_python and options.runs("vllm-cpu") and device.type == "cpu":
+        if prompts is None:
+            llm, _ = load_llm(engine)
+            prompts = source(llm.tokenizer, vocab_size(llm.model))
+            del llm
+        record(_vllm(options, prompts, greedy))
     if options.choices is not None and options.runs("pagedbatch-choices"):
         llm, load_s = load_llm(engine)
         if prompts is None:
@@ -174,8 +187,28 @@ def _run(
         raise RuntimeError("no in-process contender ran")
     return BenchReport(
         title, engine.model, device_name(device), len(prompts), prompts.prompt_tokens,
-        prompts.output_tokens, copy_bw, tuple(results),
+        prompts.output_tokens, copy_bw, tuple(results), peak,
     )  # fmt: skip
+
+
+def _vllm(options: BenchOptions, prompts: BenchPrompts, greedy: list) -> BenchResult:
+    """The vllm-cpu contender, with how often its tokens are pagedbatch's (`greedy`)."""
+    from pagedbatch.bench.vllm_peer import run_vllm
+    from pagedbatch.models.loader import model_source
+
+    engine = options.engine
+    assert options.vllm_python is not None
+    dtype = str(engine.torch_dtype).removeprefix("torch.")
+    longest = max(len(p) + n for p, n in zip(prompts.token_ids, prompts.max_tokens))
+    model_dir = model_source(engine.model, engine.cache_dir)
+    result, tokens = run_vllm(
+        options.vllm_python, model_dir, prompts, dtype, engine.threads or 1, longest
+    )
+    if greedy and result.error is None:
+        ours = [list(o.completions[0].token_ids) for o in greedy]
+        same = sum(a == b for a, b in zip(ours, tokens, strict=True)) / len(ours)
+        result = dataclasses.replace(result, details={**result.details, "same_tokens": same})
+    return result
 
 
 def load_llm(config: EngineConfig) -> tuple[LLM, float]:
@@ -208,8 +241,11 @@ def bench_llm(
     error = f"record {failed[0].id}: {failed[0].error}" if failed else None
     after = llm.stats()
     prompt_tokens = max(1, after.prompt_tokens - before.prompt_tokens)
+    computed = after.computed_tokens - before.computed_tokens
+    generated = after.generated_tokens - before.generated_tokens
     details = {
         "load_s": load_s,
+        "achieved_flops": forward_flops(llm.model, computed, generated) / seconds,
         "prefix_hit_rate": (after.prefix_hit_tokens - before.prefix_hit_tokens) / prompt_tokens,
         "peak_blocks": after.peak_blocks_in_use,
         "num_blocks": after.num_blocks,

@@ -37,7 +37,8 @@ def bench(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices.", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices, vllm-cpu.", show_default=False)] = None,
+    vllm_python: Annotated[str | None, typer.Option(help="A Python that imports vllm (vLLM-CPU, usually a venv of its own): on CPU the vllm-cpu contender runs there, in a process of its own, on the same token ids, dtype and number of cores. \\[default: $PAGEDBATCH_VLLM_PYTHON, else this Python if it imports vllm, else no vllm-cpu contender]", show_default=False)] = None,
     choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False)] = None,
     choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
@@ -63,6 +64,7 @@ def bench(
     CPU labelling job:  pagedbatch bench examples/label_job.jsonl
     GPU, random weights: pagedbatch bench --workload share --model llama-1b-random
     """
+    from pagedbatch.bench.vllm_peer import vllm_python as find_vllm
     from pagedbatch.bench.workloads import file_records
     from pagedbatch.inputs.reader import InputError
     from pagedbatch.job.settings import parse_choices, resolve_settings
@@ -103,8 +105,9 @@ def bench(
             dtypes = [dtype] if dtype else ["float32", "bfloat16"]
             return _profile(console, engine, records, tokens, dtypes, as_json)
         options = BenchOptions(
-            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score
-        )
+            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score,
+            find_vllm(vllm_python),
+        )  # fmt: skip
         report = _run(console, options, input, workload, num_prompts, max_tokens, records)
     except (ValueError, InputError, ModelLoadError) as e:
         fail(str(e))
@@ -115,9 +118,9 @@ def bench(
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
-    line = choices_line(report)
-    if line:
-        console.print(line, highlight=False)
+    for line in (choices_line(report), peer_line(report), peak_line(report)):
+        if line:
+            console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
 
@@ -267,12 +270,13 @@ def tables(report: BenchReport) -> tuple[Table, Table, Table]:
 
 
 def throughput_table(report: BenchReport) -> Table:
-    bases = [(c, report.get(c)) for c in ("generate", "generate_batch")]
+    bases = [(c, report.get(c)) for c in ("generate", "generate_batch", "vllm-cpu")]
     bases = [(c, base) for c, base in bases if base is not None]
     table = Table(
         title="Throughput (x: records/s against that baseline)",
-        caption="generate, generate_batch: transformers, on the same model. Times exclude "
-        "loading,\nexcept for pagedbatch run (process): the whole command, as a user starts it.",
+        caption="generate, generate_batch: transformers, on the same model; vllm-cpu: vLLM's "
+        "offline engine in its own process.\nTimes exclude loading, except for pagedbatch run "
+        "(process): the whole command, as a user starts it.",
         box=box.SIMPLE_HEAD,
     )
     columns = ("contender", "s", "load s", "records/s", "out tok/s", *(f"x {c}" for c, _ in bases))
@@ -346,6 +350,39 @@ def choices_line(report: BenchReport) -> str | None:
     if agreement is not None:
         parts.append(f"best label = first word of the greedy generation for {agreement:.0%}")
     return "; ".join(parts) + "."
+
+
+def peer_line(report: BenchReport) -> str | None:
+    """pagedbatch against vLLM-CPU: generation and whole process, and whether the tokens
+    were the same."""
+    peer, ours = report.get("vllm-cpu"), report.get("pagedbatch")
+    if peer is None or peer.error is not None or ours is None or ours.error is not None:
+        return None
+    text = (f"pagedbatch against {peer.name} ({peer.given['dtype']}, {peer.given['threads']} "
+            f"core(s)): generation {peer.seconds / ours.seconds:.2f}x as fast "
+            f"({ours.seconds:.1f} s against {peer.seconds:.1f} s)")  # fmt: skip
+    whole = report.get("run")
+    if whole is not None and whole.error is None:
+        process = peer.details["process_s"]
+        text += f", whole process {process / whole.seconds:.2f}x as fast ({whole.seconds:.1f} s "
+        text += f"against {process:.1f} s)"
+    same = peer.details.get("same_tokens")
+    if same is not None:
+        text += f"; the same tokens as pagedbatch for {same:.0%} of the prompts"
+    return text + "."
+
+
+def peak_line(report: BenchReport) -> str | None:
+    """pagedbatch's matmul work per second against the machine's matmul peak."""
+    ours = report.get("pagedbatch")
+    if report.matmul_peak is None or ours is None or "achieved_flops" not in ours.details:
+        return None
+    achieved = ours.details["achieved_flops"]
+    return (
+        f"pagedbatch's forwards: {achieved / 1e9:.0f} GFLOP/s of matmul work, "
+        f"{achieved / report.matmul_peak:.0%} of this machine's matmul peak in its dtype "
+        f"({report.matmul_peak / 1e9:.0f} GFLOP/s, 4096x576x1536)."
+    )
 
 
 def _count(n: int) -> str:

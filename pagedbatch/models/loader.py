@@ -168,6 +168,15 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pagedbatch"
 
 
+def model_source(name: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """What transformers loads `name` from: a local directory (a GGUF file or alias: its
+    converted copy, made now if missing) or a hub id. ValueError for a random preset,
+    which lives in memory only."""
+    if name in RANDOM_PRESETS:
+        raise ValueError(f"{name} is a random-weight preset: it has no directory to load from")
+    return _resolve_source(name, None if cache_dir is None else Path(cache_dir))[0]
+
+
 def _resolve_source(name: str, cache_dir: Path | None) -> tuple[str, bool]:
     """A local directory to load from, or `name` itself as a hub id; and whether to read
     the hub cache only (the hub is unreachable)."""
