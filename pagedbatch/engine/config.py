@@ -33,6 +33,8 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None
     kv_memory: str | float | None = None
+    # Measured on CPU too: per-token cost flat from 1024 tokens and 128 sequences a step
+    # (docs/MEASUREMENTS.md, "Step size on CPU"); the same defaults serve both devices.
     max_batch_tokens: int = 2048
     max_num_seqs: int = 256
     max_model_len: int | None = None
