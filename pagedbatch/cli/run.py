@@ -21,6 +21,7 @@ from pagedbatch.job.job import JobResult, ResumePolicy
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
 if TYPE_CHECKING:
+    from pagedbatch.generator import Generator
     from pagedbatch.job.job import Job
 
 DEFAULT = RunSettings()  # shown in --help
@@ -199,7 +200,7 @@ def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
 
 
 def _run_with_progress(
-    job: Job, llm: Any, interrupts: Interrupts, progress: JobProgress, resume: str
+    job: Job, llm: Generator | None, interrupts: Interrupts, progress: JobProgress, resume: str
 ) -> JobResult:
     if llm is None:
         return job.run(None, should_stop=interrupts.requested)
@@ -257,7 +258,9 @@ def records(n: int) -> str:
     return f"{n} record" if n == 1 else f"{n} records"
 
 
-def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: float) -> None:
+def _summary(
+    job: Job, result: JobResult, llm: Generator | None, seconds: float, generating: float
+) -> None:
     if not job.records:
         console.print(
             f"The input has no records; {job.output} is empty.",
@@ -297,7 +300,7 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
 
 
-def _memory_report(llm: Any, output: Path) -> None:
+def _memory_report(llm: Generator, output: Path) -> None:
     from pagedbatch.cli.report import memory_table, write_timeline_png
     from pagedbatch.job.job import report_paths
 
