@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
+from kv_counts import count_snapshot
 
 from pagedbatch import LLM, Record, SamplingParams
 from pagedbatch.engine.block_tables import BlockTables
-from pagedbatch.engine.memory import count_snapshot
 
 
 def _jobs(seed: int, count: int) -> list[Record]:
