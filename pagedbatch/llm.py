@@ -19,6 +19,7 @@ from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
@@ -35,7 +36,6 @@ from pagedbatch.requests.records import Input, record_batches, to_record
 from pagedbatch.sampling_params import SamplingParams
 
 _Emit = Callable[[int, RequestOutput], None]  # (input number, its output)
-_Stop = Callable[[], bool]
 _PREPARE_BATCH = 512  # records tokenized at a time
 # Sequences kept waiting in the engine: enough to fill every step, few enough that a job's
 # memory is this window, not its records.
@@ -103,16 +103,11 @@ class LLM:
             self.cuda_graphs_problem = problem
 
     def generate(
-        self,
-        inputs: Iterable[Input],
-        params: SamplingParams | None = None,
-        *,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[EngineStats], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[[int, int, float], None] | None = None,
+        self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
+        on_output: OnOutput | None = None, on_step: OnStep | None = None,
+        should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
         keep_outputs: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput]:  # fmt: skip
         """Generate for every input; return outputs in input order.
 
         `on_output` is called as each record finishes (errors first, before any step);
@@ -149,8 +144,8 @@ class LLM:
         return [results[i] for i in sorted(results)]
 
     def _tokenize(
-        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: _Stop,
-        on_prepared: Callable[[int, int, float], None] | None,
+        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: ShouldStop,
+        on_prepared: OnPrepared | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time (in a worker thread, while the
         next batch is read: requests/ahead.py; only that thread touches the tokenizer and the
@@ -178,8 +173,7 @@ class LLM:
 
     def _run(
         self, items: Seq[Input], store: PromptStore, numbers: array[int],
-        defaults: SamplingParams, emit: _Emit,
-        on_step: Callable[[EngineStats], None] | None, stop: _Stop,
+        defaults: SamplingParams, emit: _Emit, on_step: OnStep | None, stop: ShouldStop,
     ) -> None:  # fmt: skip
         """Admit the prompts a window at a time and step until all are done (or `stop`).
 

@@ -49,7 +49,7 @@ PAGEDBATCH_KERNEL_GRID=quick check kernels-tests 100 \
 wait "$compiling"
 SUMMARY+=("$(cat "$OUT/kernel-compile.summary")")
 check engine-tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
-check kernel-bench 45 python3 -m pagedbatch.kernels.bench --batch-sizes 64 256 --contexts 1024 4096
+check kernel-bench 45 python3 -m pagedbatch.cli.kernel_bench --batch-sizes 64 256 --contexts 1024 4096
 check host-overhead 40 python3 -m pagedbatch bench --host-overhead --device cuda --json
 check bench-share 120 python3 -m pagedbatch bench --workload share --model llama-1b-random \
     --config gpu --num-prompts 256 --skip pagedbatch-no-cascade

@@ -106,12 +106,23 @@ def test_every_contender_generates_every_token(reports, name):
     assert report.copy_bandwidth is None
 
 
-def test_report_says_what_each_contender_was_given(reports):
+def test_report_says_what_each_contender_was_given(reports, tiny_model_dirs):
     report = reports["mixed"]  # 3 prompts; the engine's defaults and 512 blocks
+    # The prompts the report ran: one padded batch of 3 rows, each as wide as the longest
+    # prompt plus the longest output; the padding is the share of slots no row uses.
+    model, tokenizer = load_model(
+        tiny_model_dirs["llama"], device=torch.device("cpu"), dtype=torch.float32
+    )
+    prompts = workload_prompts(
+        TINY_WORKLOADS["mixed"], vocab_size(model), tokenizer.all_special_ids, seed=0
+    )
+    used = sum(len(p) + n for p, n in zip(prompts.token_ids, prompts.max_tokens))
+    slots = 3 * (max(map(len, prompts.token_ids)) + max(prompts.max_tokens))
+    assert 0 < used < slots
     generate = report.get("generate").given
     assert generate == {
         "batch_size": 256, "batches": 1, "order": "sorted by prompt length, then output length",
-        "padding": generate["padding"], "batch_size_from": "max_num_seqs",
+        "padding": f"{1 - used / slots:.1%}", "batch_size_from": "max_num_seqs",
     }  # fmt: skip
     assert report.get("generate").name == "generate (batch 3)"
     given = {"pagedbatch": ("by prompt token ids", True),

@@ -159,6 +159,30 @@ def test_every_option_of_every_command_has_help(command):
             assert param.opts[0] in result.output, param.opts
 
 
+# Names that `bench` gives options of its own (its contenders' knobs), not run's and plan's.
+BENCH_OWN = {"input", "max_tokens", "choices", "seed", "as_json"}
+
+
+def test_an_option_of_several_commands_reads_the_same_in_each():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    found: dict[str, set] = {}
+    users: dict[str, list[str]] = {}
+    for command in ("run", "plan", "bench"):
+        for param in commands[command].params:
+            if command == "bench" and param.name in BENCH_OWN:
+                continue
+            panel = getattr(param, "rich_help_panel", None)
+            found.setdefault(param.name, set()).add((param.help, tuple(param.opts), panel))
+            users.setdefault(param.name, []).append(command)
+    shared = {name for name, commands in users.items() if len(commands) > 1}
+    assert {"block_size", "max_num_seqs", "threads", "model", "config"} <= shared
+    assert users["threads"] == ["run", "plan", "bench"]
+    for name in shared:
+        assert len(found[name]) == 1, f"--{name} is declared differently: {found[name]}"
+
+
 def test_template_and_system_message_build_chat_prompts(tmp_path, tiny_model_dirs):
     rows = [{"id": "a", "text": "Great phone"}, {"id": "b", "title": "no text"}]
     src = tmp_path / "in.jsonl"

@@ -15,7 +15,7 @@ LAYERS = (
     ("pagedbatch.models",),
     ("pagedbatch.engine",),
     ("pagedbatch.requests",),
-    ("pagedbatch.llm",),
+    ("pagedbatch.llm", "pagedbatch.generator"),
     ("pagedbatch.inputs",),
     ("pagedbatch.plan",),
     ("pagedbatch.job",),

@@ -29,8 +29,8 @@ def test_eta_counts_tokens_left_at_the_smoothed_rate():
         eta.record_done(5)
     assert eta.tokens_left == 0  # 6 x 5 left, but the running ones made 60 - 20 already
     eta.step(3.0, 60)
-    eta.record_done(0)  # a record that generated nothing: the running made 40, mean 4
-    assert math.isclose(eta.tokens_left, 5 * 4 - 40 if 5 * 4 > 40 else 0)
+    eta.record_done(0)  # a record that generated nothing: the mean is now 20 / 5 = 4
+    assert eta.tokens_left == 0  # 5 left x 4 = 20, less the 40 the running made: never < 0
     eta.record_done(40)  # the mean is now 10 over 6 records, 4 left, none running
     assert math.isclose(eta.tokens_left, 4 * 10)
     assert math.isclose(eta.seconds_left(), 40 / eta.rate)

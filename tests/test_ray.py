@@ -189,6 +189,34 @@ def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_di
                 else error == "")  # fmt: skip
 
 
+def test_build_processor_maps_a_dataset_as_the_readme_shows(ray_cluster, tiny_model_dirs):
+    import ray
+
+    from pagedbatch.llm import LLM
+    from pagedbatch.ray import build_processor
+    from pagedbatch.sampling_params import SamplingParams
+
+    rows = [{"id": f"b{i}", "prompt": f"tale number {i} " * 2} for i in range(5)]
+    rows[1]["max_tokens"] = 2  # a row's column wins over the sampling defaults
+    rows[4]["temperature"] = -1.0
+    model, engine = str(tiny_model_dirs["llama"]), {"device": "cpu", "num_blocks": 64, "threads": 1}
+    process = build_processor(
+        model, concurrency=1, batch_size=3, sampling={"max_tokens": 5, "ignore_eos": True},
+        should_continue_on_error=True, **engine,
+    )  # fmt: skip
+    done = {row["id"]: row for row in process(ray.data.from_items(rows)).take_all()}
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    expected = {o.id: o for o in LLM(model, **engine).generate(rows, params)}
+    assert sorted(done) == sorted(expected)
+    assert [done[f"b{i}"]["num_generated_tokens"] for i in range(4)] == [5, 2, 5, 5]
+    for rid, row in done.items():
+        assert row["generated_text"] == expected[rid].text
+        assert row["num_input_tokens"] == expected[rid].prompt_tokens
+    assert done["b4"]["__inference_error__"].startswith("invalid_params: temperature")
+    assert done["b4"]["num_input_tokens"] == 0 < done["b0"]["num_input_tokens"]
+    assert all(done[f"b{i}"]["__inference_error__"] == "" for i in range(4))
+
+
 def test_ray_flag_without_ray_says_how_to_install_it_in_one_line(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     code = (

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from pagedbatch.bench.result import BenchReport, BenchResult
 from pagedbatch.bench.workloads import WORKLOADS, Workload
+from pagedbatch.cli import options as shared
 from pagedbatch.cli.common import fail, quiet_libraries
-from pagedbatch.models.names import DEFAULT_MODEL
-from pagedbatch.models.random_presets import RANDOM_PRESETS
+from pagedbatch.cli.options import SAMPLING_PANEL
 
 if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
@@ -24,27 +24,26 @@ if TYPE_CHECKING:
 FILE_MAX_TOKENS = 8
 SCALE_RECORDS = 10_000
 CASCADE_GROUP_SEQS = 32
-PRESETS = ", ".join(RANDOM_PRESETS)
 
 
 def bench(
     input: Annotated[str | None, typer.Argument(help="JSONL job to run with every contender (e.g. examples/label_job.jsonl); or give --workload.", show_default=False)] = None,
-    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/MEASUREMENTS.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random.", show_default=False)] = None,
+    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/MEASUREMENTS.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random, torch on --threads (default 1 here).", show_default=False)] = None,
     num_prompts: Annotated[int | None, typer.Option(help="Prompts of the workload, or the first records of INPUT. On a 2-core CPU with a 135M model: about 8 for label, 4 for share, 2 for mixed (outputs up to 1024 tokens). \\[default: 256, or all of INPUT]", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
+    model: shared.Model = None,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
     skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices.", show_default=False)] = None,
-    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False)] = None,
-    choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
-    config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
-    max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
+    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False, rich_help_panel=SAMPLING_PANEL)] = None,
+    choice_score: shared.ChoiceScore = None,
+    device: shared.Device = None,
+    config: shared.Config = None,
+    max_batch_tokens: shared.MaxBatchTokens = None,
+    max_num_seqs: shared.MaxNumSeqs = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
-    cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="As for run: decode-only steps from CUDA graphs, which run without cascade attention. \\[default: the config's, else on with CUDA and triton]", show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
-    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
+    cuda_graphs: shared.CudaGraphs = None,
+    threads: shared.Threads = None,
+    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model; on --device (default cpu here), torch on 1 thread.")] = False,
     cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/MEASUREMENTS.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups or --workload scale: print JSON.")] = False,
@@ -81,6 +80,7 @@ def bench(
     try:  # the arguments, the input and the model name are checked before torch loads
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
         labels = parse_choices(choices) if choices is not None else None
+        choice_score = choice_score or SamplingParams().choice_score
         if labels is not None:
             SamplingParams(choices=labels, choice_score=choice_score)  # checks them
         records = file_records(input, num_prompts) if input is not None else None

@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from pagedbatch.cli.common import Int, Str, fail, first_line, quiet_libraries
-from pagedbatch.cli.common import opt as common_opt
+from pagedbatch.cli import options as shared
+from pagedbatch.cli.common import fail, first_line, quiet_libraries
 
 if TYPE_CHECKING:
     from pagedbatch.engine.config import EngineConfig
@@ -24,63 +24,30 @@ if TYPE_CHECKING:
     from pagedbatch.plan.plan import Plan, PlanPrompts, SharedPrefix
 
 
-def opt(help: str, *names: str) -> Any:
-    return common_opt(None, help, *names)
-
-
 def plan(
-    input: Annotated[
-        str, typer.Argument(help="The job's input, as for `pagedbatch run`.", show_default=False)
-    ],
-    model: Annotated[
-        Str, opt("Model whose tokenizer, context and KV shape to plan for.", "--model", "-m")
-    ] = None,
-    config: Annotated[Str, opt("Preset name or TOML file, as for run.")] = None,
-    split: Annotated[Str, opt("Dataset split.")] = None,
-    prompt_field: Annotated[Str, opt("Field holding the prompt text.")] = None,
-    messages_field: Annotated[Str, opt("Field holding chat messages.")] = None,
-    id_field: Annotated[Str, opt("Field holding the record id.")] = None,
-    template: Annotated[Str, opt("Prompt template, as for run.")] = None,
-    system: Annotated[Str, opt("System message, as for run (implies --chat).")] = None,
-    chat: Annotated[
-        bool | None, opt("Render plain prompts through the chat template.", "--chat/--no-chat")
-    ] = None,
-    max_tokens: Annotated[Int, opt("Tokens per record (a record's max_tokens wins).")] = None,
-    choices: Annotated[
-        Str,
-        opt(
-            "Labels scored instead of generating, as for run (a record's choices win): "
-            "the plan counts their tokens and no outputs.",
-            "--choices",
-        ),
-    ] = None,
-    max_model_len: Annotated[Int, opt("Cap on prompt + output tokens.")] = None,
-    block_size: Annotated[Int, opt("Tokens per KV block.")] = None,
-    num_blocks: Annotated[Int, opt("KV blocks (instead of --kv-memory).")] = None,
-    kv_memory: Annotated[
-        Str,
-        opt(
-            "KV cache size: 2GiB, 512MB or a fraction of the memory free once the weights are loaded."
-        ),
-    ] = None,
-    max_batch_tokens: Annotated[
-        Int, opt("Token budget of one step, as for run (the probe prefills one step).")
-    ] = None,
-    max_num_seqs: Annotated[Int, opt("Most sequences running at once, as for run.")] = None,
-    device: Annotated[Str, opt("auto, cpu or cuda: where the model would run.")] = None,
-    dtype: Annotated[Str, opt("Weights and KV dtype: auto, float32, bfloat16, float16.")] = None,
-    prefix_sharing: Annotated[
-        bool | None,
-        opt(
-            "Plan with prefix sharing (default) or without.", "--prefix-sharing/--no-prefix-sharing"
-        ),
-    ] = None,
-    cache_dir: Annotated[
-        Str, opt("Where converted models and the last runs' rates are kept, as for run.")
-    ] = None,
-    threads: Annotated[
-        Int, opt("CPU threads, as for run (the probe and the rates use it).")
-    ] = None,
+    input: shared.Input,
+    model: shared.Model = None,
+    config: shared.Config = None,
+    split: shared.Split = None,
+    prompt_field: shared.PromptField = None,
+    messages_field: shared.MessagesField = None,
+    id_field: shared.IdField = None,
+    template: shared.Template = None,
+    system: shared.System = None,
+    chat: shared.Chat = None,
+    max_tokens: shared.MaxTokens = None,
+    choices: shared.Choices = None,
+    max_model_len: shared.MaxModelLen = None,
+    block_size: shared.BlockSize = None,
+    num_blocks: shared.NumBlocks = None,
+    kv_memory: shared.KvMemory = None,
+    max_batch_tokens: shared.MaxBatchTokens = None,
+    max_num_seqs: shared.MaxNumSeqs = None,
+    device: shared.Device = None,
+    dtype: shared.Dtype = None,
+    prefix_sharing: shared.PrefixSharing = None,
+    cache_dir: shared.CacheDir = None,
+    threads: shared.Threads = None,
     estimate: Annotated[
         bool,
         typer.Option(

@@ -13,31 +13,31 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pagedbatch.cli import options as shared
 from pagedbatch.cli.cluster import RayOptions, load_ray_llm, ray_note, ray_options
 from pagedbatch.cli.common import Float, Int, Str, console, fail, first_line, opt, quiet_libraries
+from pagedbatch.cli.options import (
+    DEFAULT,
+    INPUT_PANEL,
+    MEMORY_PANEL,
+    MODEL_PANEL,
+    OUTPUT_PANEL,
+    RAY_PANEL,
+    SAMPLING_PANEL,
+)
 from pagedbatch.cli.progress import JobProgress
 from pagedbatch.job.interrupts import Interrupts, Stopped
 from pagedbatch.job.job import JobResult, ResumePolicy
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
 if TYPE_CHECKING:
+    from pagedbatch.generator import Generator
     from pagedbatch.job.job import Job
-
-DEFAULT = RunSettings()  # shown in --help
-
-INPUT_PANEL, OUTPUT_PANEL, MODEL_PANEL, MEMORY_PANEL, SAMPLING_PANEL, RAY_PANEL = (
-    "Input",
-    "Output",
-    "Model",
-    "KV cache and batching",
-    "Sampling",
-    "Ray cluster",
-)
 
 
 def run(
     ctx: typer.Context,
-    input: Annotated[str, typer.Argument(help="JSONL file (plain or OpenAI batch), local data file (json, csv, parquet), dataset saved with save_to_disk, or a Hugging Face dataset name.", show_default=False)],
+    input: shared.Input,
     output: Annotated[Path | None, opt(OUTPUT_PANEL, "Output JSONL path. [default: <input name>.output.jsonl]", "--output", "-o")] = None,
     resume: Annotated[bool | None, opt(OUTPUT_PANEL, "Continue the job whose output this is: skip every record it holds, run the rest.", "--resume")] = None,
     retry_errors: Annotated[bool | None, opt(OUTPUT_PANEL, "Resume, and run again the records whose line is an error.", "--retry-errors")] = None,
@@ -45,40 +45,40 @@ def run(
     force: Annotated[bool | None, opt(OUTPUT_PANEL, "Resume even though the job fingerprint stored beside the output differs.", "--force")] = None,
     errors: Annotated[Path | None, opt(OUTPUT_PANEL, "Also write each failed record's input line, with its error, to this file (feed it back as input).")] = None,
     order: Annotated[Str, opt(OUTPUT_PANEL, f"completion (lines as records finish) or input (the lines of a sequential run, in input order). [default: {DEFAULT.order}]")] = None,
-    config: Annotated[Str, opt(MODEL_PANEL, "Preset name from configs/ (cpu, gpu, tiny) or a TOML file; flags given here win.")] = None,
-    split: Annotated[Str, opt(INPUT_PANEL, "Dataset split. [default: train, or the only one]")] = None,
-    prompt_field: Annotated[Str, opt(INPUT_PANEL, f"Field holding the prompt text. [default: {DEFAULT.prompt_field}]")] = None,
-    messages_field: Annotated[Str, opt(INPUT_PANEL, f"Field holding chat messages. [default: {DEFAULT.messages_field}]")] = None,
-    id_field: Annotated[Str, opt(INPUT_PANEL, f"Field holding the record id (missing: line number, or row index). [default: {DEFAULT.id_field}]")] = None,
-    template: Annotated[Str, opt(INPUT_PANEL, 'Build each prompt from the record\'s fields, e.g. "Classify the review: {text}".')] = None,
-    system: Annotated[Str, opt(INPUT_PANEL, "System message put before each prompt (implies --chat).")] = None,
-    chat: Annotated[bool | None, opt(INPUT_PANEL, "Render plain prompts through the model's chat template too. [default: no-chat]", "--chat/--no-chat")] = None,
+    config: shared.Config = None,
+    split: shared.Split = None,
+    prompt_field: shared.PromptField = None,
+    messages_field: shared.MessagesField = None,
+    id_field: shared.IdField = None,
+    template: shared.Template = None,
+    system: shared.System = None,
+    chat: shared.Chat = None,
     skip_invalid: Annotated[bool | None, opt(INPUT_PANEL, "Turn lines that are not JSON objects into invalid_record error lines instead of stopping.", "--skip-invalid")] = None,
-    model: Annotated[Str, opt(MODEL_PANEL, f"Local model directory, .gguf file, hub id, or the alias smollm2-135m (embedded). [default: {DEFAULT.engine.model}]", "--model", "-m")] = None,
-    device: Annotated[Str, opt(MODEL_PANEL, f"auto, cpu or cuda. [default: {DEFAULT.engine.device}]")] = None,
-    dtype: Annotated[Str, opt(MODEL_PANEL, "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16. [default: auto]")] = None,
+    model: shared.Model = None,
+    device: shared.Device = None,
+    dtype: shared.Dtype = None,
     attention: Annotated[Str, opt(MODEL_PANEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
-    max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
-    cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
-    threads: Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less those other processes keep busy at start, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")] = None,
-    cuda_graphs: Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps from CUDA graphs captured at load (needs triton attention); prefill and mixed steps run eagerly. [default: on with CUDA and triton attention; if the capture fails, off with a warning]", "--cuda-graphs/--no-cuda-graphs")] = None,
-    block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
-    num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,
-    kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction like 0.5 of the memory free once the weights are loaded (as `pagedbatch plan` counts it). [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,
-    max_batch_tokens: Annotated[Int, opt(MEMORY_PANEL, f"Token budget of one step; longer prompts are prefilled in chunks. [default: {DEFAULT.engine.max_batch_tokens}]")] = None,
-    max_num_seqs: Annotated[Int, opt(MEMORY_PANEL, f"Most sequences running at once. [default: {DEFAULT.engine.max_num_seqs}]")] = None,
-    max_tokens: Annotated[Int, opt(SAMPLING_PANEL, f"Most tokens generated per record (a record's max_tokens wins). [default: {DEFAULT.sampling.max_tokens}]")] = None,
+    max_model_len: shared.MaxModelLen = None,
+    cache_dir: shared.CacheDir = None,
+    threads: shared.Threads = None,
+    cuda_graphs: shared.CudaGraphs = None,
+    block_size: shared.BlockSize = None,
+    num_blocks: shared.NumBlocks = None,
+    kv_memory: shared.KvMemory = None,
+    max_batch_tokens: shared.MaxBatchTokens = None,
+    max_num_seqs: shared.MaxNumSeqs = None,
+    max_tokens: shared.MaxTokens = None,
     temperature: Annotated[Float, opt(SAMPLING_PANEL, f"0 is greedy. [default: {DEFAULT.sampling.temperature}]")] = None,
     top_p: Annotated[Float, opt(SAMPLING_PANEL, f"Nucleus sampling mass, in (0, 1]. [default: {DEFAULT.sampling.top_p}]")] = None,
     top_k: Annotated[Int, opt(SAMPLING_PANEL, f"Sample among the k most likely tokens; 0 is off. [default: {DEFAULT.sampling.top_k}]")] = None,
     seed: Annotated[Int, opt(SAMPLING_PANEL, f"Job seed: a record without its own seed samples with a seed derived from this and its id. [default: {DEFAULT.sampling.seed}]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING_PANEL, "Stop string (repeatable); the text ends before it.")] = None,
     logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
-    choices: Annotated[Str, opt(SAMPLING_PANEL, 'Score these labels instead of generating: "positive,negative,neutral" (stripped), or a JSON list to keep spaces (\'[" yes", " no"]\'); each line gets the best label and every choice\'s logprob and probability (a record\'s choices win).', "--choices")] = None,
-    choice_score: Annotated[Str, opt(SAMPLING_PANEL, "How choices are compared: sum (their log-probability) or mean (per token, which does not favour short choices). [default: sum]", "--choice-score")] = None,
+    choices: shared.Choices = None,
+    choice_score: shared.ChoiceScore = None,
     n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
-    prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
+    prefix_sharing: shared.PrefixSharing = None,
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (attention torch: decoding records behind a shared prefix of 512+ tokens; not in decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
     memory_report: Annotated[bool | None, opt(OUTPUT_PANEL, "At the end, show the KV memory report and write it to <output>.memory.json (and .memory.png with matplotlib).", "--memory-report")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT_PANEL)] = True,
@@ -199,7 +199,7 @@ def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
 
 
 def _run_with_progress(
-    job: Job, llm: Any, interrupts: Interrupts, progress: JobProgress, resume: str
+    job: Job, llm: Generator | None, interrupts: Interrupts, progress: JobProgress, resume: str
 ) -> JobResult:
     if llm is None:
         return job.run(None, should_stop=interrupts.requested)
@@ -257,7 +257,9 @@ def records(n: int) -> str:
     return f"{n} record" if n == 1 else f"{n} records"
 
 
-def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: float) -> None:
+def _summary(
+    job: Job, result: JobResult, llm: Generator | None, seconds: float, generating: float
+) -> None:
     if not job.records:
         console.print(
             f"The input has no records; {job.output} is empty.",
@@ -297,7 +299,7 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
 
 
-def _memory_report(llm: Any, output: Path) -> None:
+def _memory_report(llm: Generator, output: Path) -> None:
     from pagedbatch.cli.report import memory_table, write_timeline_png
     from pagedbatch.job.job import report_paths
 

@@ -29,17 +29,10 @@ _MIX2 = _int64(0x94D049BB133111EB)
 _UNIFORM_BITS = 23  # (k + 1/2) / 2^23 for a 23-bit k is exact in float32 and never 0 or 1
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per row of `logits` [num_seqs, vocab], with each sequence's params.
-
-    The step's one device-to-host copy: the sampled tokens.
-    """
-    return sample_tokens(logits, seqs).tolist()
-
-
 def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """The tokens of `sample` [num_seqs] int64, on the device of `logits`, without a host
-    sync: the per-row params go up in one asynchronous copy (none when all are greedy)."""
+    """One token per row of `logits` [num_seqs, vocab], with each sequence's params:
+    [num_seqs] int64 on the device of `logits`, without a host sync (the per-row params go
+    up in one asynchronous copy, none when all are greedy)."""
     greedy = logits.argmax(dim=-1)  # [n]
     randoms = [s.params for s in seqs if not s.params.greedy]
     if not randoms:

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from pagedbatch.engine.stats import EngineStats
 from pagedbatch.files import atomic_write
+from pagedbatch.generator import Generator, OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.inputs.openai_batch import batch_output_line
 from pagedbatch.inputs.reader import read_index
 from pagedbatch.inputs.record_index import RecordView
@@ -178,15 +180,16 @@ class Job:
 
     def run(
         self,
-        llm: Any,
+        llm: Generator | None,
         *,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[Any], None] | None = None,
-        on_prepared: Callable[..., None] | None = None,
+        should_stop: ShouldStop = lambda: False,
+        on_output: OnOutput | None = None,
+        on_step: OnStep | None = None,
+        on_prepared: OnPrepared | None = None,
     ) -> JobResult:
         """Make the files ready, then run every record still to do (`llm` may be None when
-        there is none); returns what was written. A write error (a full disk) is raised,
+        there is none); returns what was written. The callbacks are `Generator.generate`'s,
+        `on_prepared` counting the records to do of this run. A write error (a full disk) is raised,
         with every line before it whole on disk. The rates the run reached are stored in
         the cache dir (job/rates.py)."""
         self._prepare_files()
@@ -202,13 +205,15 @@ class Job:
                 if on_output is not None:
                     on_output(output)
 
-            def step(stats: Any) -> None:
+            def step(stats: EngineStats) -> None:
                 for writer in self._writers:
                     writer.sync_if_due()
                 if on_step is not None:
                     on_step(stats)
 
             if self.todo and not should_stop():
+                if llm is None:
+                    raise ValueError("Job.run: records are left to run, and llm is None")
                 self._generate(llm, write, step, should_stop, on_prepared)
                 store_run_rates(self.settings.engine, llm.stats())  # for `pagedbatch plan`
         result.not_run = len(self.todo) - result.written
@@ -220,15 +225,16 @@ class Job:
             writer.abandon()
 
     def _generate(
-        self, llm: Any, write: Callable, step: Callable, should_stop: Callable, on_prepared: Any
-    ) -> None:
+        self, llm: Generator, write: OnOutput, step: OnStep, should_stop: ShouldStop,
+        on_prepared: OnPrepared | None,
+    ) -> None:  # fmt: skip
         sampling = self.settings.sampling
         total = len(self.todo)
         if self.settings.order == "completion":
             llm.generate(
                 self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop,
                 on_prepared=on_prepared
-                and (lambda done, _, *most: on_prepared(done, total, *most)),
+                and (lambda done, _, most: on_prepared(done, total, most)),
                 keep_outputs=False,  # each is written as it finishes
             )  # fmt: skip
             return
@@ -241,7 +247,7 @@ class Job:
             llm.generate(
                 chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop,
                 on_prepared=on_prepared
-                and (lambda done, _, *most, s=start: on_prepared(s + done, total, *most)),
+                and (lambda done, _, most, s=start: on_prepared(s + done, total, most)),
                 keep_outputs=False,
             )  # fmt: skip
             if should_stop():
@@ -302,7 +308,7 @@ class Job:
 class _InputOrder:
     """Passes outputs on in the order of `records`, holding those that finish early."""
 
-    def __init__(self, records: Iterable[Record], write: Callable[[RequestOutput], None]) -> None:
+    def __init__(self, records: Iterable[Record], write: OnOutput) -> None:
         self._position = {r.id: i for i, r in enumerate(records)}
         self._held: dict[int, RequestOutput] = {}
         self._next = 0

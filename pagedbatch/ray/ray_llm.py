@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
+from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray
@@ -63,16 +64,11 @@ class RayLLM:
         self.load_seconds = self._pool.load_seconds
 
     def generate(
-        self,
-        inputs: Iterable[Input],
-        params: SamplingParams | None = None,
-        *,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[EngineStats], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[..., None] | None = None,
+        self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
+        on_output: OnOutput | None = None, on_step: OnStep | None = None,
+        should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
         keep_outputs: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput]:  # fmt: skip
         """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
         report. Record ids must be distinct (they tell the outputs apart)."""
         params = params or SamplingParams()
@@ -94,8 +90,9 @@ class RayLLM:
         return [results[rid] for rid in ids if rid in results]
 
     def _shards(
-        self, items: Seq[Input], defaults: SamplingParams, stop, on_prepared
-    ) -> list[Shard] | None:
+        self, items: Seq[Input], defaults: SamplingParams, stop: ShouldStop,
+        on_prepared: OnPrepared | None,
+    ) -> list[Shard] | None:  # fmt: skip
         """Tokenize the records a batch at a time (token ids kept in a PromptStore, as
         `LLM` does) and cut their depth-first order into shards; None when stopped.
         `on_prepared(done, total, mean most output tokens)` as `LLM.generate` calls it
@@ -172,8 +169,9 @@ class _Dispatch:
     """One `generate` call: shards to idle replicas, outputs and statistics back."""
 
     def __init__(
-        self, llm: RayLLM, items: Seq[Input], params: SamplingParams, emit, on_step, stop
-    ) -> None:
+        self, llm: RayLLM, items: Seq[Input], params: SamplingParams, emit: OnOutput,
+        on_step: OnStep | None, stop: ShouldStop,
+    ) -> None:  # fmt: skip
         self.llm, self.items, self.params = llm, items, params
         self.emit, self.on_step, self.stop = emit, on_step, stop
         self.ray = import_ray()
