@@ -43,7 +43,7 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
     cuda_graphs: shared.CudaGraphs = None,
     threads: shared.Threads = None,
-    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model; on --device (default cpu here), torch on 1 thread.")] = False,
+    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step by phase (CPU time, forward and sampling taken out; best of 3 runs) at 256 sequences, prefix sharing and cascade on, on the one-layer tiny-random model: prompts sharing an instruction at 16, 64 and 128 blocks each; at 64 blocks also sampled, with logprobs, random prompts and a choices job; on --device (default cpu here), torch on 1 thread.")] = False,
     cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/MEASUREMENTS.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups or --workload scale: print JSON.")] = False,
@@ -156,25 +156,27 @@ def _cascade_groups(seqs: int, threads: int, seed: int, as_json: bool) -> None:
 
 
 def _host_overhead(device: str, as_json: bool) -> None:
-    from pagedbatch.bench.host_overhead import measure_host_overhead
+    from pagedbatch.bench.host_overhead import HOST_PHASES, host_overhead_report
 
     quiet_libraries()
     try:
-        runs = [measure_host_overhead(blocks_per_seq=b, device=device) for b in (16, 64, 128)]
+        report = host_overhead_report(device=device)
     except (ValueError, RuntimeError) as e:
         fail(str(e), code=1)
-    main = runs[1].to_json()  # 64 blocks per sequence: the headline figure
-    main["by_blocks_per_seq"] = [r.to_json() for r in runs]
     if as_json:
-        print(json.dumps(main))
+        print(json.dumps(report))
         return
-    table = Table(title=f"Host work per decode step ({main['device']}, {main['running_seqs']} "
-                  "sequences, CPU time, torch on 1 thread)", box=box.SIMPLE_HEAD)  # fmt: skip
-    for column in ("blocks/seq", "steps", "host ms", "iteration ms", "forward ms", "sample ms"):
-        table.add_column(column, justify="right")
-    for r in runs:
-        table.add_row(str(r.blocks_per_seq), str(r.steps), f"{r.host_ms_per_step:.2f}",
-                      f"{r.iteration_ms:.2f}", f"{r.forward_ms:.2f}", f"{r.sample_ms:.2f}")  # fmt: skip
+    load = "/".join(f"{x:.1f}" for x in report["load_before"])
+    table = Table(title=f"Host work per step ({report['device']}, {report['running_seqs']} "
+                  f"sequences, CPU ms, best of 3, load {load})", box=box.SIMPLE_HEAD)  # fmt: skip
+    columns = ("workload", "blocks", "steps", "host", *HOST_PHASES, "forward", "sample")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for r in report["rows"]:
+        phases = [f"{r['phases_ms'][p]:.2f}" for p in HOST_PHASES]
+        table.add_row(r["workload"], str(r["blocks_per_seq"]), str(r["steps"]),
+                      f"{r['host_ms_per_step']:.2f}", *phases, f"{r['forward_ms']:.2f}",
+                      f"{r['sample_ms']:.2f}")  # fmt: skip
     Console().print(table)
 
 
