@@ -121,21 +121,27 @@ class BlockManager:
         full, inserted = end // size, self.num_inserted_blocks(seq)
         if self.prefix_cache is None or full <= inserted:
             return
-        cached = self.prefix_cache.insert(seq.token_ids[: full * size], seq.block_table[:full])
+        # Only the newly full blocks, after the end of the sequence's cached path.
+        cached = self.prefix_cache.insert(
+            seq.token_ids[inserted * size : full * size],
+            seq.block_table[inserted:full],
+            self.cache_node(seq),
+        )
         self._adopt(seq, cached.blocks, inserted)
         self._move_lock(seq, cached.node)
         self._inserted[seq.seq_id] = full
 
     def _adopt(self, seq: Sequence, cached: list[int], start: int) -> None:
-        """Hold the cache's copy of each block from `start` on that `seq` computed twice.
+        """Hold the cache's copy of each block that `seq` computed twice: `cached` are the
+        tree's blocks for the sequence's blocks from `start` on.
 
         Two sequences that computed the same tokens in the same step both insert them;
         the tree keeps the first one's blocks. The second gives its duplicates back, so
         its lock never pins two copies of a block (on a small pool that could leave a
         sequence unable to grow, preempting itself again and again).
         """
-        for index in range(start, len(cached)):
-            own, block = seq.block_table[index], cached[index]
+        for index, block in enumerate(cached, start):
+            own = seq.block_table[index]
             if own == block:
                 continue
             self._share([block])
@@ -204,14 +210,17 @@ class BlockManager:
 
     def _move_lock(self, seq: Sequence, node: Node | None) -> None:
         """`seq`'s cached path now ends at `node`: lock it, unlock the old end."""
-        if node is not None:
-            self.prefix_cache.lock(node)
-            old = self._cache_nodes.get(seq.seq_id)
-            self._cache_nodes[seq.seq_id] = node
-        else:
+        if node is None:
             old = self._cache_nodes.pop(seq.seq_id, None)
-        if old is not None:
-            self.prefix_cache.unlock(old)
+            if old is not None:
+                self.prefix_cache.unlock(old)
+            return
+        old = self._cache_nodes.get(seq.seq_id)
+        self._cache_nodes[seq.seq_id] = node
+        if old is None:
+            self.prefix_cache.lock(node)
+        else:
+            self.prefix_cache.move_lock(old, node)
 
     def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
         # The next write lands in the last block only when it is partially filled.
