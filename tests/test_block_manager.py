@@ -81,6 +81,7 @@ def check(manager: BlockManager, *seqs: Sequence) -> None:
         locked = [t for node in reversed(path(cache, manager.cache_node(s))) for t in node.tokens]
         assert locked == s.token_ids[: len(locked)]
         assert manager.num_inserted_blocks(s) * BS == len(locked)
+        assert manager.num_inserted_blocks(s) == s.num_computed_tokens // BS
 
 
 def test_attach_takes_whole_cached_blocks_but_never_the_last_token():

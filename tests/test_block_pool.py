@@ -9,6 +9,7 @@ from kv_counts import count_snapshot
 
 from pagedbatch.engine.block_manager import BlockCopy, BlockManager
 from pagedbatch.engine.block_pool import BlockPool
+from pagedbatch.engine.memory import running_figures
 from pagedbatch.engine.radix_cache import RadixCache
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.sampling_params import SamplingParams
@@ -201,7 +202,7 @@ def test_random_operations_keep_refcounts_and_usage_equal_to_a_recount(ops, shar
         assert holders == [pool.refcount(b) for b in range(pool.num_blocks)]
         assert all(s.num_computed_tokens == s.num_tokens for s in live)
         assert all(table_row(manager, s) == s.block_table for s in live)
-        now = manager.usage.snapshot(0, live, pool.num_used, pool.num_free)
+        now = manager.usage.snapshot(0, running_figures(live), pool.num_used, pool.num_free)
         assert now == count_snapshot(0, live, pool.num_used, pool.num_free, 4)
     for s in seqs:
         if s.block_table:

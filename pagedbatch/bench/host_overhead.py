@@ -17,10 +17,13 @@ model forward and the sampling ops, which on CPU run in this thread too). The ph
 the exclusive times of the engine's calls (bench/phase_timer.py): schedule, prepare,
 cascade_plan, sampling_params, outputs (logprobs and choice scores handed to the
 sequences), commit, radix (prefix cache inserts and matches), postprocess; `other` is the
-rest (statistics, outputs of LLM.generate). Each figure is a median over the measured
-steps, so they need not add up exactly; each row is the best of `repeats` runs (lowest
-host median). Times are the main thread's CPU time (`time.thread_time`) with torch on one
-thread, so a busy machine changes them little; the load average is reported with them.
+rest (statistics, outputs of LLM.generate). The bench's own clock reads (a system call
+each, a few dozen a step) are counted and their cost taken out of the host total
+(`timer_ms`); a phase's time still holds the reads of the phases timed inside it. Each
+figure is a median over the measured steps, so they need not add up exactly; each row is
+the best of `repeats` runs (lowest host median). Times are the main thread's CPU time
+(`time.thread_time`) with torch on one thread, so a busy machine changes them little; the
+load average is reported with them.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from typing import Any
 
 import torch
 
-from pagedbatch.bench.phase_timer import PhaseTimer
+from pagedbatch.bench.phase_timer import READS, PhaseTimer
 from pagedbatch.engine import engine as engine_module
-from pagedbatch.engine import sampler as sampler_module
+from pagedbatch.engine import step_sampler
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.llm import LLM
@@ -66,7 +69,8 @@ class HostOverhead:
     blocks_per_seq: int
     block_size: int
     steps: int  # steps measured
-    host_ms_per_step: float  # median of (iteration - device windows)
+    host_ms_per_step: float  # median of (iteration - device windows - timer reads)
+    timer_ms: float  # median cost of the bench's own clock reads, taken out of the above
     phases_ms: dict[str, float]  # median per host phase (HOST_PHASES)
     iteration_ms: float  # median CPU time of one loop iteration of LLM.generate
     forward_ms: float  # median model forward
@@ -170,10 +174,13 @@ def _summary(
     measured: list[tuple[float, dict[str, float]]], timer: PhaseTimer, llm: LLM,
 ) -> HostOverhead:  # fmt: skip
     ms = 1000.0
-    hosts, phases = [], {name: [] for name in HOST_PHASES}
+    hosts, timers, phases = [], [], {name: [] for name in HOST_PHASES}
     for iteration, times in measured:
-        host = iteration - sum(t for p, t in times.items() if p in timer.device_phases)
+        reads = times.get(READS, 0) * timer.read_seconds
+        device = sum(t for p, t in times.items() if p in timer.device_phases)
+        host = iteration - device - reads
         hosts.append(host)
+        timers.append(reads)
         for name in HOST_PHASES[:-1]:
             phases[name].append(times.get(name, 0.0))
         phases["other"].append(host - sum(times.get(n, 0.0) for n in HOST_PHASES[:-1]))
@@ -184,6 +191,7 @@ def _summary(
         block_size=block_size,
         steps=len(measured),
         host_ms_per_step=ms * statistics.median(hosts),
+        timer_ms=ms * statistics.median(timers),
         phases_ms={name: ms * statistics.median(v) for name, v in phases.items()},
         iteration_ms=ms * statistics.median(i for i, _ in measured),
         forward_ms=ms * statistics.median(t.get("forward", 0.0) for _, t in measured),
@@ -204,8 +212,9 @@ def _instrumented(timer: PhaseTimer, engine: Engine) -> Iterator[None]:
             (scheduler, "schedule", "schedule", False),
             (runner, "prepare", "prepare", False),
             (runner, "_cascade_plan", "cascade_plan", False),
-            (sampler_module, "_pack", "sampling_params", False),
-            (engine_module, "token_logprobs", "outputs", False),
+            (engine.sampler.slots, "row_params", "sampling_params", False),
+            (step_sampler, "pack", "sampling_params", False),
+            (engine.sampler, "logprobs", "outputs", False),
             (engine_module, "record_scores", "outputs", False),
             (scheduler, "commit", "commit", False),
             (engine, "_postprocess", "postprocess", False),

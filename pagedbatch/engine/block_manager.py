@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.block_tables import BlockTables
 from pagedbatch.engine.memory import KVUsage
@@ -50,6 +52,9 @@ class BlockManager:
         self.tables = BlockTables(max_num_seqs, max_blocks_per_seq)
         self._cache_nodes: dict[int, Node] = {}  # seq_id -> end of its locked cached path
         self._inserted: dict[int, int] = {}  # seq_id -> its blocks in the cache (> 0)
+        # Sequences whose partly filled last block may be shared (forks, until they write):
+        # the only ones whose next token may need a copy-on-write.
+        self.shared_tails: set[int] = set()
 
     def cache_node(self, seq: Sequence) -> Node | None:
         """The end of `seq`'s path in the prefix cache, locked for it (None: no path)."""
@@ -103,6 +108,8 @@ class BlockManager:
             self.usage.release(old)
             self.pool.free([old])
             copies.append(BlockCopy(old, new))
+        if num_new_tokens:
+            self.shared_tails.discard(seq.seq_id)  # its last block is its own from here on
         end = seq.num_computed_tokens + num_new_tokens
         missing = self.blocks_for(end) - len(seq.block_table)
         if missing > 0:
@@ -115,9 +122,36 @@ class BlockManager:
         """Mark the next `num_new_tokens` tokens computed; cache blocks that became full."""
         begin = seq.num_computed_tokens
         end = seq.num_computed_tokens = begin + num_new_tokens
+        size, table, fill = self.block_size, seq.block_table, self.usage.fill
+        for index in range(begin // size, -(-end // size)):
+            fill(table[index], min(size, end - index * size))
+        if end // size > begin // size:
+            self._cache_full_blocks(seq)
+
+    def commit_each(self, seqs: list[Sequence], counts: list[int]) -> None:
+        """`commit(seqs[i], counts[i])` for each i; a step where each computes one token
+        (decode) with numpy, looping only over those whose block became full."""
+        if len(seqs) != sum(counts) or 0 in counts:
+            for seq, n in zip(seqs, counts):
+                self.commit(seq, n)
+            return
         size = self.block_size
-        for index in range(begin // size, blocks_for(end, size)):
-            self.usage.fill(seq.block_table[index], min(size, end - index * size))
+        begins = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, len(seqs))
+        blocks = np.fromiter(
+            (seq.block_table[b] for seq, b in zip(seqs, (begins // size).tolist())),
+            np.int64,
+            len(seqs),
+        )
+        ends = begins + 1
+        for seq, end in zip(seqs, ends.tolist()):
+            seq.num_computed_tokens = end
+        self.usage.fill_each(blocks, ends - begins // size * size)
+        for i in np.flatnonzero(ends % size == 0).tolist():  # a block became full
+            self._cache_full_blocks(seqs[i])
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Put `seq`'s whole computed blocks that the prefix cache lacks in it."""
+        size, end = self.block_size, seq.num_computed_tokens
         full, inserted = end // size, self.num_inserted_blocks(seq)
         if self.prefix_cache is None or full <= inserted:
             return
@@ -175,6 +209,8 @@ class BlockManager:
         if child.block_table:
             raise RuntimeError("fork() into a sequence that already holds blocks")
         self._share(parent.block_table)
+        if parent.num_computed_tokens % self.block_size:
+            self.shared_tails.update((parent.seq_id, child.seq_id))
         child.block_table = list(parent.block_table)
         self.tables.write(child.seq_id, 0, child.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
@@ -195,6 +231,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._inserted.pop(seq.seq_id, None)
+        self.shared_tails.discard(seq.seq_id)
 
     def _share(self, blocks: list[int]) -> None:
         """One more table holds each of `blocks`."""

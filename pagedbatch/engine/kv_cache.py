@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedbatch.engine.block_manager import BlockCopy
 from pagedbatch.engine.units import parse_memory
 
 
@@ -58,13 +57,9 @@ class KVCache:
     def nbytes(self) -> int:
         return self.num_blocks * self.spec.bytes_per_block
 
-    def copy_blocks(self, copies: list[BlockCopy]) -> None:
-        """Copy whole blocks (copy-on-write) in every layer."""
-        if not copies:
-            return
-        device = self.k[0].device
-        src = torch.tensor([c.src for c in copies], device=device)
-        dst = torch.tensor([c.dst for c in copies], device=device)
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks `src[i]` into `dst[i]` (copy-on-write) in every layer; the
+        block ids [num_copies] int64 on the cache's device."""
         for cache in (*self.k, *self.v):
             cache[dst] = cache[src]
 

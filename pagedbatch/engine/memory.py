@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from pagedbatch.engine.sequence import Sequence
 
@@ -37,6 +40,22 @@ class KVSnapshot:
         return self.private + self.shared
 
 
+class RunningFigures(NamedTuple):
+    """What a KVSnapshot needs of the running sequences (kept as they join and leave:
+    `scheduler.RunningSet.figures`)."""
+
+    count: int
+    max_len_sum: int  # tokens a contiguous cache would reserve for them
+    longest: int  # the largest max_len (0: none)
+
+
+def running_figures(running: Collection[Sequence]) -> RunningFigures:
+    """The RunningFigures of `running`, counted."""
+    return RunningFigures(
+        len(running), sum(s.max_len for s in running), max((s.max_len for s in running), default=0)
+    )
+
+
 class KVUsage:
     """Counters of the blocks that block tables hold, kept as blocks move.
 
@@ -49,8 +68,8 @@ class KVUsage:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        self.holders = [0] * num_blocks  # block tables holding each block
-        self.filled = [0] * num_blocks  # computed slots of each block
+        self.holders = np.zeros(num_blocks, dtype=np.int32)  # block tables holding each block
+        self.filled = np.zeros(num_blocks, dtype=np.int32)  # computed slots of each block
         self.in_use = 0  # blocks held by at least one table
         self.shared = 0  # blocks held by two or more tables
         self.logical = 0  # block-table entries
@@ -61,50 +80,56 @@ class KVUsage:
         self.filled[block] = filled
 
     def hold(self, block: int) -> None:
-        n = self.holders[block]
+        n = int(self.holders[block])
         self.holders[block] = n + 1
         self.logical += 1
         if n == 0:
             self.in_use += 1
-            self.live_slots += self.filled[block]
+            self.live_slots += int(self.filled[block])
         elif n == 1:
             self.shared += 1
 
     def release(self, block: int) -> None:
-        n = self.holders[block] - 1
+        n = int(self.holders[block]) - 1
         self.holders[block] = n
         self.logical -= 1
         if n == 0:
             self.in_use -= 1
-            self.live_slots -= self.filled[block]
+            self.live_slots -= int(self.filled[block])
         elif n == 1:
             self.shared -= 1
 
     def fill(self, block: int, slots: int) -> None:
         """`block` now holds `slots` computed slots (never fewer than before)."""
-        grown = slots - self.filled[block]
+        grown = slots - int(self.filled[block])
         if grown > 0:
             self.filled[block] = slots
             if self.holders[block]:
                 self.live_slots += grown
 
+    def fill_each(self, blocks: np.ndarray, slots: np.ndarray) -> None:
+        """`fill(blocks[i], slots[i])` for each i (the blocks distinct), at once."""
+        grown = slots - self.filled[blocks]
+        grew = grown > 0
+        self.filled[blocks[grew]] = slots[grew]
+        self.live_slots += int(grown[grew & (self.holders[blocks] > 0)].sum())
+
     def snapshot(
-        self, step: int, running: list[Sequence], num_used: int, num_free: int
+        self, step: int, running: RunningFigures, num_used: int, num_free: int
     ) -> KVSnapshot:
-        """The KVSnapshot of now: the counters, plus O(running) for the reserved figures."""
+        """The KVSnapshot of now, from the counters (O(1))."""
         in_use, block_size = self.in_use, self.block_size
-        longest = max((s.max_len for s in running), default=0)
         return KVSnapshot(
             step=step,
-            running=len(running),
+            running=running.count,
             private=in_use - self.shared,
             shared=self.shared,
             cached=num_used - in_use,
             free=num_free,
             logical=self.logical,
             live_slots=self.live_slots,
-            reserved_tokens=sum(s.max_len for s in running),
-            padded_tokens=longest * len(running),
+            reserved_tokens=running.max_len_sum,
+            padded_tokens=running.longest * running.count,
             kv_waste=1 - self.live_slots / (in_use * block_size) if in_use else 0.0,
         )
 

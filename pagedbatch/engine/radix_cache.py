@@ -70,7 +70,10 @@ class RadixCache:
 
     def _key(self, tokens: Seq[int], start: int) -> bytes:
         """A child's key: its first block's tokens, packed (a few bytes a token)."""
-        return array("i", tokens[start : start + self.block_size]).tobytes()
+        block = tokens[start : start + self.block_size]
+        if not (isinstance(block, array) and block.typecode == "i"):
+            block = array("i", block)
+        return block.tobytes()
 
     def match(self, tokens: Seq[int]) -> MatchResult:
         """Blocks of the longest cached prefix of `tokens` (whole blocks only).
@@ -130,15 +133,13 @@ class RadixCache:
 
     def _touch_path(self, node: Node, now: int) -> None:
         """The nodes root..`node` were used at `now` (O(nodes on the path), no tokens)."""
-        path = []
+        end = node
         while node is not self.root:
             if node.parent is None:
                 raise RuntimeError("insert() after a node that is no longer in the tree")
-            path.append(node)
-            node = node.parent
-        for node in reversed(path):  # root first, as a match from the root pushes them
             node.last_access = now
-            self._push_if_leaf(node)
+            node = node.parent
+        self._push_if_leaf(end)  # the only one of them that may be a leaf
 
     def lock(self, node: Node) -> None:
         """Pin the path root..node: none of it is evicted until `unlock`."""

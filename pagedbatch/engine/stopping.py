@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from pagedbatch.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.outputs import FinishReason
@@ -13,6 +15,20 @@ class StopChecker:
     def __init__(self, tokenizer, eos_token_ids: frozenset[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
+        self._eos = np.array(sorted(eos_token_ids), dtype=np.int64)
+
+    def may_stop(
+        self, tokens: np.ndarray, ignore_eos: np.ndarray, has_stop: np.ndarray,
+        num_tokens: np.ndarray, max_len: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        """The indices of the sequences that `check` could stop once `tokens` are appended
+        (arrays, one entry per sequence: the token, its params, its length with the token):
+        an EOS they do not ignore, stop strings to search, the length limit. The others
+        cannot stop this step, so only these need `check`."""
+        maybe = has_stop | (num_tokens >= max_len)
+        for eos in self._eos.tolist():  # one or a few ids: cheaper than np.isin
+            maybe |= (tokens == eos) & ~ignore_eos
+        return np.flatnonzero(maybe)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
