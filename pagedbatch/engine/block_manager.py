@@ -128,26 +128,26 @@ class BlockManager:
         if end // size > begin // size:
             self._cache_full_blocks(seq)
 
-    def commit_each(self, seqs: list[Sequence], counts: list[int]) -> None:
-        """`commit(seqs[i], counts[i])` for each i; a step where each computes one token
+    def commit_each(
+        self, seqs: list[Sequence], begins: list[int], counts: list[int], rows: np.ndarray
+    ) -> None:
+        """`commit(seqs[i], counts[i])` for each i (`begins[i]`: its computed tokens now,
+        `rows[i]` its row of the block tables); a step where each computes one token
         (decode) with numpy, looping only over those whose block became full."""
         if len(seqs) != sum(counts) or 0 in counts:
             for seq, n in zip(seqs, counts):
                 self.commit(seq, n)
             return
         size = self.block_size
-        begins = np.fromiter((seq.num_computed_tokens for seq in seqs), np.int64, len(seqs))
-        blocks = np.fromiter(
-            (seq.block_table[b] for seq, b in zip(seqs, (begins // size).tolist())),
-            np.int64,
-            len(seqs),
-        )
-        ends = begins + 1
-        for seq, end in zip(seqs, ends.tolist()):
+        index = np.array(begins, dtype=np.int64) // size  # the block each token lands in
+        blocks = self.tables.host[rows, index]
+        ends = [b + 1 for b in begins]
+        for seq, end in zip(seqs, ends):
             seq.num_computed_tokens = end
-        self.usage.fill_each(blocks, ends - begins // size * size)
-        for i in np.flatnonzero(ends % size == 0).tolist():  # a block became full
-            self._cache_full_blocks(seqs[i])
+        self.usage.write_each(blocks, np.array(ends, dtype=np.int64) - index * size)
+        for seq, end in zip(seqs, ends):
+            if end % size == 0:  # its block became full
+                self._cache_full_blocks(seq)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Put `seq`'s whole computed blocks that the prefix cache lacks in it."""

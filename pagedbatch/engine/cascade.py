@@ -185,10 +185,12 @@ def plan_cascade(
     order = np.argsort(first, kind="stable")
     first = first[order]
     bounds = np.flatnonzero(first[1:] != first[:-1]) + 1
+    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(first)]])
+    big = np.flatnonzero(ends - starts >= MIN_GROUP_SEQS)  # groups of one are never kept
+    ordered_candidates = candidates[order]
     groups = []
-    for members in np.split(candidates[order], bounds):
-        if len(members) < MIN_GROUP_SEQS:
-            continue
+    for begin, end in zip(starts[big].tolist(), ends[big].tolist()):
+        members = ordered_candidates[begin:end]
         shared = _shared_blocks(rows[members], usable[members])
         ordered = np.sort(shared)
         counts = len(shared) - np.searchsorted(ordered, shared)  # members sharing >= l_i

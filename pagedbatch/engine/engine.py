@@ -160,10 +160,9 @@ class Engine:
             rows.seqs[i].logprobs.append(entry)
         if scoring is not None:
             record_scores(scoring, sampled.scores.tolist())
-        may_stop = self.sampler.may_stop(sampled, batch, self.stop_checker)
-        finished = self.scheduler.postprocess(
-            rows.seqs, sampled.tokens.tolist(), self.stop_checker, may_stop
-        )
+        tokens = sampled.tokens.tolist()
+        may_stop = self.sampler.may_stop(sampled, tokens, batch, self.stop_checker)
+        finished = self.scheduler.postprocess(rows.seqs, tokens, self.stop_checker, may_stop)
         for seq in scoring.ended if scoring is not None else []:
             seq.finish_reason = "stop"
             self.scheduler.finish(seq)

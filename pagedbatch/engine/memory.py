@@ -68,8 +68,9 @@ class KVUsage:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        self.holders = np.zeros(num_blocks, dtype=np.int32)  # block tables holding each block
-        self.filled = np.zeros(num_blocks, dtype=np.int32)  # computed slots of each block
+        self.holders = [0] * num_blocks  # block tables holding each block
+        # Computed slots of each block (an array: a decode step writes them at once).
+        self.filled = np.zeros(num_blocks, dtype=np.int32)
         self.in_use = 0  # blocks held by at least one table
         self.shared = 0  # blocks held by two or more tables
         self.logical = 0  # block-table entries
@@ -80,7 +81,7 @@ class KVUsage:
         self.filled[block] = filled
 
     def hold(self, block: int) -> None:
-        n = int(self.holders[block])
+        n = self.holders[block]
         self.holders[block] = n + 1
         self.logical += 1
         if n == 0:
@@ -90,7 +91,7 @@ class KVUsage:
             self.shared += 1
 
     def release(self, block: int) -> None:
-        n = int(self.holders[block]) - 1
+        n = self.holders[block] - 1
         self.holders[block] = n
         self.logical -= 1
         if n == 0:
@@ -107,12 +108,12 @@ class KVUsage:
             if self.holders[block]:
                 self.live_slots += grown
 
-    def fill_each(self, blocks: np.ndarray, slots: np.ndarray) -> None:
-        """`fill(blocks[i], slots[i])` for each i (the blocks distinct), at once."""
-        grown = slots - self.filled[blocks]
-        grew = grown > 0
-        self.filled[blocks[grew]] = slots[grew]
-        self.live_slots += int(grown[grew & (self.holders[blocks] > 0)].sum())
+    def write_each(self, blocks: np.ndarray, slots: np.ndarray) -> None:
+        """`fill(blocks[i], slots[i])` for blocks that a step wrote: each held by the
+        sequence that wrote it, which holds more computed slots there than before (no
+        block is written while shared), so each grows and counts."""
+        self.live_slots += int((slots - self.filled[blocks]).sum())
+        self.filled[blocks] = slots
 
     def snapshot(
         self, step: int, running: RunningFigures, num_used: int, num_free: int

@@ -36,17 +36,28 @@ class SamplingSlots:
     def __init__(self, num_rows: int = 8) -> None:
         for name, (fill, dtype) in _FIELDS.items():
             setattr(self, name, np.full(max(num_rows, 1), fill, dtype=dtype))
+        # Rows (any, left or not) that sample at random, ask for logprobs, have stop
+        # strings, heed EOS: when none does, a step skips that work without a look.
+        self.num_random = self.num_logprobs = self.num_stop = self.num_eos = 0
 
     def join(self, row: int, seq: Sequence) -> None:
         """`seq` runs in `row` from now on."""
         if row >= len(self.seed):
             self._grow(max(row + 1, 2 * len(self.seed)))
+        self._count(row, -1)
         p = seq.params
         self.seed[row] = int64_bits(seq.seed)
         self.top_k[row], self.temperature[row], self.top_p[row] = p.top_k, p.temperature, p.top_p
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
         self.max_len[row], self.ignore_eos[row] = seq.max_len, p.ignore_eos
         self.has_stop[row] = bool(p.stop)
+        self._count(row, 1)
+
+    def _count(self, row: int, sign: int) -> None:
+        self.num_random += sign * bool(self.temperature[row] > 0)
+        self.num_logprobs += sign * bool(self.logprobs[row] >= 0)
+        self.num_stop += sign * bool(self.has_stop[row])
+        self.num_eos += sign * (self.max_len[row] > 0 and not self.ignore_eos[row])
 
     def packed(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """[n, 5] int64 for the rows `rows` sampling at `positions`: seed, position, top-k,
@@ -67,6 +78,8 @@ class SamplingSlots:
     ) -> RowParams | None:
         """The sampler's params for sampling rows `rows` at `positions`, on the device;
         None when every one of them is greedy."""
+        if not self.num_random:
+            return None
         random = self.temperature[rows] > 0
         if not random.any():
             return None

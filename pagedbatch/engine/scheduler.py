@@ -56,6 +56,7 @@ class SchedulerOutput:
     copies: list[BlockCopy] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
     num_tokens: int = 0
+    rows: np.ndarray | None = None  # [num_seqs] each one's block-table row, once scheduled
 
     def add(self, seq: Sequence, num_new_tokens: int, uncomputed: int) -> None:
         """Schedule `num_new_tokens` of the `uncomputed` tokens `seq` has left."""
@@ -176,6 +177,7 @@ class Scheduler:
         # preemptions left nothing to run this step.
         if self.num_preemptions == preemptions or not out.seqs:
             self._admit_waiting(out, budget)
+        out.rows = self.block_manager.tables.rows([seq.seq_id for seq in out.seqs])
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -210,10 +212,11 @@ class Scheduler:
         blocks the scheduled tokens need are available (so no preemption); None (nothing
         done) otherwise. Returns the budget left."""
         manager, seqs = self.block_manager, list(self.running)
-        count = len(seqs)
-        lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int64, count)
-        begins = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, count)
-        held = np.fromiter((len(s.block_table) for s in seqs), np.int64, count)
+        # [num_seqs, 3]: tokens, computed tokens, blocks held (one pass over the sequences)
+        lengths, begins, held = np.array(
+            [(len(s.token_ids), s.num_computed_tokens, len(s.block_table)) for s in seqs],
+            dtype=np.int64,
+        ).T
         left = lengths - begins
         before = np.cumsum(left) - left  # the tokens of the sequences before, all scheduled
         k = int(np.searchsorted(before, budget))  # those that start within the budget
@@ -271,7 +274,7 @@ class Scheduler:
         """After the forward: the step's tokens are computed (full blocks go into the prefix
         cache), and the forks of each of `parents` (their prompt computed in this step)
         start on its computed prompt."""
-        self.block_manager.commit_each(out.seqs, out.counts)
+        self.block_manager.commit_each(out.seqs, out.begins, out.counts, out.rows)
         for parent in parents:
             for child in parent.forks:
                 self.block_manager.fork(parent, child)

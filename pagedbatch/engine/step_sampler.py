@@ -43,7 +43,7 @@ class SamplingRows(NamedTuple):
     parents: list[Sequence]
     logits: torch.Tensor
     params: RowParams | None
-    logprobs: np.ndarray
+    logprobs: np.ndarray | None  # None: no row asks
     table_rows: np.ndarray | None
 
 
@@ -79,7 +79,8 @@ class StepSampler:
             return Sampled(rows, np.zeros(0, dtype=np.int64), None, None)
         tokens = sample_rows(rows.logits, rows.params)
         parts = [tokens]
-        wants_logprobs = len(rows.logprobs) > 0 and rows.logprobs.max() >= 0
+        widths = rows.logprobs
+        wants_logprobs = widths is not None and len(widths) > 0 and widths.max() >= 0
         if wants_logprobs:
             parts += top_logprobs(rows.logits, tokens, int(rows.logprobs.max()))
         if batch.scores is not None:
@@ -96,7 +97,7 @@ class StepSampler:
         if not parents or parents.isdisjoint(sampling):
             rows, positions = batch.sample_rows, batch.sample_positions
             params = self.slots.row_params(rows, positions, vocab, self.uploads)
-            widths = self.slots.logprobs[rows]
+            widths = self.slots.logprobs[rows] if self.slots.num_logprobs else None
             return SamplingRows(sampling, [], logits[: len(sampling)], params, widths, rows)
         starting = [s for s in sampling if s in parents]
         seqs, rows = _with_forks(sampling)
@@ -119,7 +120,9 @@ class StepSampler:
             return []
         return logprob_entries(*sampled.logprobs, sampled.rows.logprobs)
 
-    def may_stop(self, sampled: Sampled, batch: Batch, stop: StopChecker) -> list[int] | None:
+    def may_stop(
+        self, sampled: Sampled, tokens: list[int], batch: Batch, stop: StopChecker
+    ) -> list[int] | None:
         """The sampled sequences that may stop (`StopChecker.may_stop`) from their rows'
         params; None (check every one) when forks, which have no row yet, sampled."""
         at = sampled.rows.table_rows
@@ -127,9 +130,10 @@ class StepSampler:
             return None
         slots = self.slots
         return stop.may_stop(
-            sampled.tokens, slots.ignore_eos[at], slots.has_stop[at], batch.sample_positions + 1,
-            slots.max_len[at],
-        ).tolist()  # fmt: skip
+            tokens, batch.sample_positions + 1, slots.max_len[at],
+            slots.ignore_eos[at] if slots.num_eos else None,
+            slots.has_stop[at] if slots.num_stop else None,
+        )  # fmt: skip
 
 
 def _logprobs_width(seq: Sequence) -> int:

@@ -15,20 +15,23 @@ class StopChecker:
     def __init__(self, tokenizer, eos_token_ids: frozenset[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self._eos = np.array(sorted(eos_token_ids), dtype=np.int64)
 
     def may_stop(
-        self, tokens: np.ndarray, ignore_eos: np.ndarray, has_stop: np.ndarray,
-        num_tokens: np.ndarray, max_len: np.ndarray,
-    ) -> np.ndarray:  # fmt: skip
+        self, tokens: list[int], num_tokens: np.ndarray, max_len: np.ndarray,
+        ignore_eos: np.ndarray | None, has_stop: np.ndarray | None,
+    ) -> list[int]:  # fmt: skip
         """The indices of the sequences that `check` could stop once `tokens` are appended
-        (arrays, one entry per sequence: the token, its params, its length with the token):
-        an EOS they do not ignore, stop strings to search, the length limit. The others
-        cannot stop this step, so only these need `check`."""
-        maybe = has_stop | (num_tokens >= max_len)
-        for eos in self._eos.tolist():  # one or a few ids: cheaper than np.isin
-            maybe |= (tokens == eos) & ~ignore_eos
-        return np.flatnonzero(maybe)
+        (one entry per sequence: the token, its length with it, its params; `ignore_eos`
+        None: every one ignores EOS; `has_stop` None: none has stop strings): the length
+        limit, an EOS it heeds, stop strings to search. The others cannot stop this step,
+        so only these need `check`."""
+        maybe = np.flatnonzero(num_tokens >= max_len).tolist()
+        if has_stop is not None:
+            maybe += np.flatnonzero(has_stop).tolist()
+        if ignore_eos is not None:
+            eos = self.eos_token_ids
+            maybe += [i for i, t in enumerate(tokens) if t in eos and not ignore_eos[i]]
+        return sorted(set(maybe))
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
