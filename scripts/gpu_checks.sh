@@ -9,7 +9,8 @@
 #                       sm_80 (registers, shared memory, spills); needs no GPU, so it runs on
 #                       the CPUs beside kernels-tests, whose results do not depend on timing
 #   engine-tests.txt    greedy tokens on CUDA: triton vs transformers (float32), CUDA-graph
-#                       decode vs eager vs transformers, triton vs torch in bf16
+#                       decode vs eager vs transformers, triton vs torch in bf16; whole
+#                       steps under set_sync_debug_mode("error") (tests/test_host_copies.py)
 #   kernel-bench.txt    decode kernel GB/s and % of copy bandwidth
 #   host-overhead.txt   host ms per step by phase at 256 sequences, sharing on (CUDA, graphs)
 #   bench-share.txt     share workload, llama-1b-random bf16: pagedbatch (CUDA graphs) vs
@@ -48,9 +49,10 @@ PAGEDBATCH_KERNEL_GRID=quick check kernels-tests 100 \
     python3 -m pytest -q -p no:cacheprovider -m cuda -x tests/test_kernels.py
 wait "$compiling"
 SUMMARY+=("$(cat "$OUT/kernel-compile.summary")")
-check engine-tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
+check engine-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
+    tests/test_host_copies.py::test_cuda_engine_steps_never_synchronise_but_on_their_readback
 check kernel-bench 45 python3 -m pagedbatch.cli.kernel_bench --batch-sizes 64 256 --contexts 1024 4096
-check host-overhead 80 python3 -m pagedbatch bench --host-overhead --device cuda --json
+check host-overhead 70 python3 -m pagedbatch bench --host-overhead --device cuda --json
 check bench-share 120 python3 -m pagedbatch bench --workload share --model llama-1b-random \
     --config gpu --num-prompts 256 --skip pagedbatch-no-cascade
 check bench-cascade 75 python3 -m pagedbatch bench --workload share --model llama-1b-random \
