@@ -7,7 +7,15 @@ The names below are imported on first use, so that `import pagedbatch` (and ever
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+# Where torchao (the `quantize` extra) is installed, transformers imports it as it imports
+# its model code, and that import logs a warning for each CUDA extension a CPU build lacks,
+# and torch one about torchao's enums: noise on every run, before any output. Set here,
+# the first module of any pagedbatch import; their errors still show.
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from pagedbatch.engine.config import EngineConfig

@@ -18,7 +18,7 @@ from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
-from pagedbatch.models.loader import eos_token_ids, load_model
+from pagedbatch.models.loader import eos_token_ids, load_model, model_quantization
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
@@ -56,13 +56,20 @@ class LLM:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
         free = free_memory(self.device)  # before the weights: see num_blocks_for
+        # How the weights are quantized (None: full precision); refused here, one line,
+        # before any weight loads, when that cannot run on this device.
+        self.quantization = model_quantization(
+            self.config.model, self.config.quantize, self.device, dtype, self.config.cache_dir
+        )
         self.model, self.tokenizer = load_model(
             self.config.model, device=self.device, dtype=dtype,
             attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
+            quantize=self.config.quantize,
         )  # fmt: skip
         context = self.model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or context, context)
-        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
+        kv_dtype = self.config.torch_kv_dtype
+        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, kv_dtype)
         num_blocks = num_blocks_for(
             spec, self.device, self.config.num_blocks, self.config.kv_memory,
             weight_bytes=model_bytes(self.model), free=free,
@@ -230,6 +237,8 @@ class LLM:
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
             kv_bytes_per_token=spec.bytes_per_token,
             model_bytes=model_bytes(self.model),
+            weights=self.quantization.description if self.quantization else "full precision",
+            kv_dtype=str(spec.dtype).removeprefix("torch."),
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,

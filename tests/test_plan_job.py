@@ -56,6 +56,8 @@ CRAFTED_PLAN = {  # what the plan of before gave for this job
     "concurrent_sequences": 18,
     "largest_shared_prefixes": [{"tokens": 87, "records": 8, "longest_tokens": 99}],
     "output_tokens": 128, "max_model_len": 256, "estimate": None,
+    "weight_bytes": 271168, "weights": "full precision", "kv_dtype": "float32",
+    "kv_bytes_per_token": 128,
 }  # fmt: skip
 
 
@@ -91,6 +93,8 @@ def test_label_job_plan_json_is_as_before():
         "concurrent_sequences": 630,
         "largest_shared_prefixes": [{"tokens": 2651, "records": 120, "longest_tokens": 2734}],
         "output_tokens": 960, "max_model_len": 8192, "estimate": None,
+        "weight_bytes": 271168, "weights": "full precision", "kv_dtype": "float32",
+        "kv_bytes_per_token": 128,
     }  # fmt: skip
 
 

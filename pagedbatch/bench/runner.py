@@ -295,6 +295,7 @@ def _run_baselines(
     model, tokenizer = load_model(
         engine.model, device=device, dtype=engine.torch_dtype, attn_implementation="sdpa",
         cache_dir=None if engine.cache_dir is None else Path(engine.cache_dir),
+        quantize=engine.quantize,
     )  # fmt: skip
     load_s = time.perf_counter() - started
     if prompts is None:

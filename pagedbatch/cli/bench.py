@@ -38,6 +38,7 @@ def bench(
     choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False)] = None,
     choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
+    quantize: Annotated[str | None, typer.Option(help="Quantize the weights at load with torchao, as for run (int8, int4, fp8): pagedbatch and the transformers baselines run the same quantized model.", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
@@ -74,7 +75,7 @@ def bench(
         fail("give an INPUT file or --workload, not both or neither")
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
              "max_num_seqs": max_num_seqs, "threads": threads,
-             "cuda_graphs": cuda_graphs}  # fmt: skip
+             "cuda_graphs": cuda_graphs, "quantize": quantize}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))

@@ -3,10 +3,11 @@ needed), and its time from the last run's rates or a short probe of the model.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 from rich.console import Console
@@ -68,7 +69,15 @@ def plan(
     ] = None,
     max_num_seqs: Annotated[Int, opt("Most sequences running at once, as for run.")] = None,
     device: Annotated[Str, opt("auto, cpu or cuda: where the model would run.")] = None,
-    dtype: Annotated[Str, opt("Weights and KV dtype: auto, float32, bfloat16, float16.")] = None,
+    dtype: Annotated[
+        Str,
+        opt(
+            "Model dtype (and the KV cache's unless --kv-dtype): auto, float32, bfloat16, float16."
+        ),
+    ] = None,
+    quantize: Annotated[
+        Str, opt("Plan with the weights quantized at load, as for run: int8, int4 or fp8.")
+    ] = None,
     prefix_sharing: Annotated[
         bool | None,
         opt(
@@ -159,13 +168,18 @@ def plan_job(
         prompts = read_plan_prompts(index, builder, settings.sampling, limits, on_tokenized)
     finally:
         index.rows.close()
+    sizing = pool_sizing(engine, model_config)
     plan = make_plan(
         prompts,
         block_size=engine.block_size,
-        num_blocks=kv_blocks(engine, model_config),
+        num_blocks=sizing.num_blocks,
         max_model_len=context,
         prefix_sharing=engine.prefix_sharing,
     )
+    plan = dataclasses.replace(
+        plan, weight_bytes=sizing.weight_bytes, weights=sizing.weights,
+        kv_dtype=sizing.kv_dtype, kv_bytes_per_token=sizing.kv_bytes_per_token,
+    )  # fmt: skip
     return plan, prompts
 
 
@@ -194,8 +208,6 @@ def estimate_job(
 ) -> tuple[Plan, str | None]:
     """`plan` with its time estimate, from the last run's stored rates (unless `probe`)
     or else a probe of the model; or `plan` as it was and why there is no estimate."""
-    import dataclasses
-
     from pagedbatch.models.loader import ModelLoadError
     from pagedbatch.plan.estimate import estimate_time
     from pagedbatch.plan.rates import last_run_rates
@@ -220,18 +232,37 @@ def estimate_job(
     return dataclasses.replace(plan, estimate=estimate), None
 
 
-def kv_blocks(engine: EngineConfig, model_config: Any) -> int:
-    """The KV blocks `LLM(config=engine)` would allocate here now, without loading weights:
-    the same `num_blocks_for`, with the weights' bytes computed from the config."""
+class PoolSizing(NamedTuple):
+    """The KV pool `LLM(config=engine)` would allocate here now, and what sizes it."""
+
+    num_blocks: int
+    weight_bytes: int  # as loaded: quantized weights as stored
+    weights: str  # how they are quantized, or "full precision"
+    kv_bytes_per_token: int
+    kv_dtype: str
+
+
+def pool_sizing(engine: EngineConfig, model_config: Any) -> PoolSizing:
+    """The KV pool `LLM(config=engine)` would allocate here now, without loading weights:
+    the same `num_blocks_for`, with the weights' bytes (quantized as loading quantizes
+    them) computed from the config. ModelLoadError when the quantization cannot run here."""
     from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
+    from pagedbatch.models.quantization import weight_quantization
     from pagedbatch.models.weights import config_model_bytes
 
-    dtype = engine.torch_dtype
-    spec = KVCacheSpec.from_model_config(model_config, engine.block_size, dtype)
-    weights = 0 if engine.num_blocks is not None else config_model_bytes(model_config, dtype)
-    return num_blocks_for(
-        spec, engine.torch_device, engine.num_blocks, engine.kv_memory, weight_bytes=weights
-    )
+    dtype, device = engine.torch_dtype, engine.torch_device
+    quantization = weight_quantization(model_config, engine.model, engine.quantize, device, dtype)
+    spec = KVCacheSpec.from_model_config(model_config, engine.block_size, engine.torch_kv_dtype)
+    weights = config_model_bytes(model_config, dtype, quantization)
+    blocks = num_blocks_for(spec, device, engine.num_blocks, engine.kv_memory, weight_bytes=weights)
+    what = quantization.description if quantization is not None else "full precision"
+    kv_dtype = str(spec.dtype).removeprefix("torch.")
+    return PoolSizing(blocks, weights, what, spec.bytes_per_token, kv_dtype)
+
+
+def kv_blocks(engine: EngineConfig, model_config: Any) -> int:
+    """The KV blocks `LLM(config=engine)` would allocate here now (`pool_sizing`)."""
+    return pool_sizing(engine, model_config).num_blocks
 
 
 def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table:
@@ -246,7 +277,13 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
         ("too long for the model", ", ".join(map(str, p.too_long[:10])) or "none"),
         ("KV blocks for all at once, no sharing", f"{p.blocks_needed:,}"),
         ("KV blocks for all at once, shared", f"{p.blocks_needed_shared:,}"),
-        ("KV blocks configured", f"{p.num_blocks:,} of {block_size} tokens"),
+        ("weights", f"{p.weight_bytes / 2**20:,.1f} MiB, {p.weights}"),
+        ("KV blocks configured", f"{p.num_blocks:,} of {block_size} tokens, {p.kv_dtype}"),
+        (
+            "KV pool",
+            f"{p.num_blocks * block_size * p.kv_bytes_per_token / 2**20:,.1f} MiB "
+            f"({p.kv_bytes_per_token:,} bytes a token)",
+        ),
         ("sequences that fit at once", f"{p.concurrent_sequences:,}"),
     ]
     rows += [

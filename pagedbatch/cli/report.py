@@ -17,10 +17,10 @@ def memory_table(report: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     r = report
     rows = [
-        ("model weights", _mib(r["model_bytes"])),
+        ("model weights", f"{_mib(r['model_bytes'])}, {r.get('weights', 'full precision')}"),
         ("KV pool", f"{r['num_blocks']} blocks of {r['block_size']} tokens, "
                     f"{_mib(r['kv_pool_bytes'])}"),
-        ("KV bytes per token", f"{r['kv_bytes_per_token']:,}"),
+        ("KV bytes per token", f"{r['kv_bytes_per_token']:,} ({r.get('kv_dtype', '')})"),
         ("peak KV in use (paged)", f"{r['peak_blocks']} blocks, {_mib(r['paged_peak_bytes'])}"
                                    f" for {r['peak_running_seqs']} sequences"),
         ("same peak, contiguous cache", _mib(r["naive_contiguous_bytes"])),

@@ -57,6 +57,7 @@ def run(
     model: Annotated[Str, opt(MODEL_PANEL, f"Local model directory, .gguf file, hub id, or the alias smollm2-135m (embedded). [default: {DEFAULT.engine.model}]", "--model", "-m")] = None,
     device: Annotated[Str, opt(MODEL_PANEL, f"auto, cpu or cuda. [default: {DEFAULT.engine.device}]")] = None,
     dtype: Annotated[Str, opt(MODEL_PANEL, "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16. [default: auto]")] = None,
+    quantize: Annotated[Str, opt(MODEL_PANEL, "Quantize the weights at load with torchao (pip install \"pagedbatch[quantize]\"): int8 (weight-only, per-row scales; runs on CPU too), int4 (weight-only, groups of 128; CUDA, compute capability 8.0+, --dtype bfloat16) or fp8 (weights and activations; CUDA, compute capability 8.9+). A checkpoint quantized already (GPTQ, AWQ, compressed-tensors, bitsandbytes, ...) loads through its own quantizer without it. [default: none]")] = None,
     attention: Annotated[Str, opt(MODEL_PANEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
     max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
     cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
@@ -179,6 +180,7 @@ def _run_job(
 def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
     from pagedbatch.llm import LLM
     from pagedbatch.models.names import ModelLoadError
+    from pagedbatch.models.weights import model_bytes
 
     if cluster is not None:
         return load_ray_llm(settings, cluster)
@@ -190,6 +192,11 @@ def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
     except (RuntimeError, MemoryError) as e:  # the KV cache (or the model) does not fit
         fail(f"cannot load {settings.engine.model} with this KV cache ({first_line(e)}); "
              "lower --num-blocks or --kv-memory", code=1)  # fmt: skip
+    if llm.quantization is not None:
+        console.print(
+            f"Weights: {llm.quantization.description}; {model_bytes(llm.model) / 2**20:,.1f} MiB.",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
     if llm.cuda_graphs_problem:
         console.print(
             f"CUDA graphs are off, decode runs eagerly: {llm.cuda_graphs_problem}",

@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING, Any
 from pagedbatch.engine.threads import cpus_busy_elsewhere, default_threads, process_cpus
 from pagedbatch.engine.units import parse_memory
 from pagedbatch.models.names import DEFAULT_MODEL
+from pagedbatch.models.quantization import QUANTIZE_MODES
 
 if TYPE_CHECKING:  # torch is imported where a property needs it: checking a config is cheap
     import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The KV cache's element type: "auto" is the model's dtype; fp8 is float8 e4m3 with a scale
+# per layer and KV head (engine/kv_cache.py).
+KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -43,6 +47,8 @@ class EngineConfig:
     threads: int | None = None  # torch's intra-op threads; None: see torch_threads
     cuda_graphs: bool | None = None  # decode from CUDA graphs; None: see use_cuda_graphs
     cascade: bool = True  # read shared prefix pages once per step (engine/cascade.py)
+    quantize: str | None = None  # quantize the weights at load with torchao: int8, int4, fp8
+    kv_dtype: str = "auto"  # the KV cache's dtype: auto (the model's), fp32, bf16, fp16, fp8
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -50,6 +56,14 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(
+                f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}"
+            )
+        if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(
+                f"kv_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}"
             )
         if self.attention not in BACKENDS:
             raise ValueError(
@@ -95,6 +109,15 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: `kv_dtype`, or the model's (`torch_dtype`) for auto."""
+        import torch
+
+        if self.kv_dtype == "auto":
+            return self.torch_dtype
+        return getattr(torch, KV_DTYPES[self.kv_dtype])
 
     @property
     def attention_backend(self) -> str:

@@ -31,7 +31,12 @@ from pagedbatch.models.names import (
     alias_gguf_path,
     resolve_model_name,
 )
-from pagedbatch.models.random_presets import RANDOM_PRESETS, build_random_model
+from pagedbatch.models.quantization import (
+    WeightQuantization,
+    quantize_like_loading,
+    weight_quantization,
+)
+from pagedbatch.models.random_presets import RANDOM_PRESETS, build_random_model, preset_config
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "alias_gguf_path", "load_model"]
 
@@ -47,24 +52,34 @@ def load_model(
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     cache_dir: Path | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its tokenizer.
+    """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its
+    tokenizer.
 
-    The model is in eval mode on `device` with `dtype` and needs no gradients.
-    Raises ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run
-    it (see `check_supported`).
+    The model is in eval mode on `device` with `dtype` and needs no gradients; `quantize`
+    (int8, int4, fp8: models/quantization.py) quantizes its weights with torchao as they
+    load, and a checkpoint quantized already loads through its own quantizer. Raises
+    ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run it (see
+    `check_supported`), or its quantization cannot run here (before the weights load).
     """
     name = os.fspath(name)
     if name in RANDOM_PRESETS:
+        quantization = weight_quantization(preset_config(name), name, quantize, device, dtype)
         model, tokenizer = build_random_model(
             name, device=device, dtype=dtype, attn_implementation=attn_implementation
         )
+        if quantization is not None:
+            quantize_like_loading(model, quantization.torchao)
         check_supported(model)
         return model, tokenizer
     source, cached_only = _resolve_source(name, cache_dir)
     config = _load_config(source, name, cached_only)
     _check_config(config, _architecture(config))
+    quantization = weight_quantization(config, name, quantize, device, dtype)
     extra: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if quantization is not None:  # quantized weights load straight onto the device
+        extra.update(device_map=device, quantization_config=quantization.torchao)
     extra = {k: v for k, v in extra.items() if v is not None}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
@@ -74,10 +89,24 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
     check_supported(model)
-    model.to(device=device)
+    if quantization is None:
+        model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def model_quantization(
+    name: str, quantize: str | None, device: torch.device, dtype: torch.dtype,
+    cache_dir: Path | None = None,
+) -> WeightQuantization | None:  # fmt: skip
+    """How `load_model` quantizes `name`'s weights (None: full precision), from its config
+    alone; ModelLoadError, one line, when that cannot run here."""
+    if name in RANDOM_PRESETS:
+        return weight_quantization(preset_config(name), name, quantize, device, dtype)
+    source, cached_only = _resolve_source(name, cache_dir)
+    config = _load_config(source, name, cached_only)
+    return weight_quantization(config, name, quantize, device, dtype)
 
 
 def load_tokenizer_and_config(

@@ -40,6 +40,10 @@ class Plan:
     output_tokens: int = 0  # the most the records can generate: max_tokens x n each
     max_model_len: int = 0  # the cap on prompt + output tokens planned with
     estimate: Estimate | None = None  # the job's time, when rates were measured or stored
+    weight_bytes: int = 0  # the model's weights as loaded (quantized ones as stored)
+    weights: str = ""  # how the weights are quantized, or "full precision"
+    kv_dtype: str = ""  # the KV cache's element type
+    kv_bytes_per_token: int = 0  # K and V of one token, all layers, in kv_dtype
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
