@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
+from pagedbatch.engine import kv_scales
+from pagedbatch.engine.attention import ATTN_IMPLEMENTATION, kv_dtype_problem
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
@@ -18,7 +19,13 @@ from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
-from pagedbatch.models.loader import eos_token_ids, load_model, model_quantization
+from pagedbatch.models.loader import (
+    eos_token_ids,
+    load_model,
+    model_directory,
+    model_quantization,
+)
+from pagedbatch.models.quantization import checkpoint_kv_scales
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
@@ -55,6 +62,10 @@ class LLM:
         if (threads := self.config.torch_threads) is not None:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
+        kv_dtype = self.config.torch_kv_dtype
+        problem = kv_dtype_problem(self.config.attention_backend, kv_dtype, dtype)
+        if problem is not None:
+            raise ValueError(problem)
         free = free_memory(self.device)  # before the weights: see num_blocks_for
         # How the weights are quantized (None: full precision); refused here, one line,
         # before any weight loads, when that cannot run on this device.
@@ -68,7 +79,6 @@ class LLM:
         )  # fmt: skip
         context = self.model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or context, context)
-        kv_dtype = self.config.torch_kv_dtype
         spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, kv_dtype)
         num_blocks = num_blocks_for(
             spec, self.device, self.config.num_blocks, self.config.kv_memory,
@@ -83,6 +93,8 @@ class LLM:
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
             cascade=self.config.cascade,
         )  # fmt: skip
+        if self.kv_cache.quantized:
+            self._set_kv_scales()
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
             self._capture_cuda_graphs()
@@ -92,6 +104,27 @@ class LLM:
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks, self.config.prefix_sharing,
         )  # fmt: skip
         self.preparer = Preparer(self.prompts, limits)
+
+    def _set_kv_scales(self) -> None:
+        """An fp8 cache's scales: the checkpoint's, else measured on a fixed text (see
+        engine/kv_scales.py)."""
+        spec = self.kv_cache.spec
+        directory = model_directory(self.config.model, self.config.cache_dir)
+        found = None
+        if directory is not None:
+            found = checkpoint_kv_scales(directory, spec.num_layers, spec.num_kv_heads)
+        if found is not None:
+            k_scale, v_scale = (t.to(self.device) for t in found)
+            self.kv_cache.set_scales(k_scale, v_scale, kv_scales.CHECKPOINT)
+            return
+        builder = PromptBuilder(self.tokenizer)
+        messages = [{"role": "user", "content": kv_scales.MEASURE_TEXT}]
+        try:
+            ids = builder.token_ids(to_record({"messages": messages}, 0))
+        except ValueError:  # no chat template (PromptError)
+            ids = builder.token_ids(to_record(kv_scales.MEASURE_TEXT, 0))
+        backend = self.engine.attention.backend
+        kv_scales.measure_kv_scales(self.model, self.kv_cache, backend, ids)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA
@@ -239,6 +272,7 @@ class LLM:
             model_bytes=model_bytes(self.model),
             weights=self.quantization.description if self.quantization else "full precision",
             kv_dtype=str(spec.dtype).removeprefix("torch."),
+            kv_scales=self.kv_cache.scales_source,
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,

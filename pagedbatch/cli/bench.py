@@ -39,6 +39,8 @@ def bench(
     choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
     quantize: Annotated[str | None, typer.Option(help="Quantize the weights at load with torchao, as for run (int8, int4, fp8): pagedbatch and the transformers baselines run the same quantized model.", show_default=False)] = None,
+    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="pagedbatch's KV cache dtype, as for run (auto, fp32, bf16, fp16, fp8); with --kv-agreement, the dtype compared with the model's. \\[default: auto; fp8 with --kv-agreement]", show_default=False)] = None,
+    kv_agreement: Annotated[bool, typer.Option("--kv-agreement", help="Instead of contenders: run INPUT's records greedy (--max-tokens each) and, with --choices, scored, once with the KV cache in the model's dtype and once in --kv-dtype, on the same weights; report how many records generate the same tokens and the same first word (label), the tokens before the first difference, the mean absolute difference of the chosen tokens' log-probabilities, and the choices' agreement.")] = False,
     config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
@@ -48,7 +50,7 @@ def bench(
     host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
     cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/MEASUREMENTS.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups or --workload scale: print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups, --kv-agreement or --workload scale: print JSON.")] = False,
 ) -> None:  # fmt: skip
     """Time pagedbatch (as configured, without cascade attention, without prefix sharing; for
     INPUT also the whole `pagedbatch run` process) against transformers generate (padded static batches) and generate_batch
@@ -71,11 +73,17 @@ def bench(
         return _cascade_groups(num_prompts or CASCADE_GROUP_SEQS, threads or 1, seed, as_json)
     if workload == "scale":
         return _scale(num_prompts or SCALE_RECORDS, seconds, threads or 1, as_json)
+    if kv_agreement:
+        if input is None:
+            fail("--kv-agreement needs an INPUT file")
+        flags = {"model": model, "device": device, "threads": threads, "quantize": quantize}
+        return _kv_agreement(input, flags, config, kv_dtype or "fp8", num_prompts,
+                             max_tokens or FILE_MAX_TOKENS, choices, as_json)  # fmt: skip
     if (input is None) == (workload is None):
         fail("give an INPUT file or --workload, not both or neither")
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
              "max_num_seqs": max_num_seqs, "threads": threads,
-             "cuda_graphs": cuda_graphs, "quantize": quantize}  # fmt: skip
+             "cuda_graphs": cuda_graphs, "quantize": quantize, "kv_dtype": kv_dtype}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))
@@ -110,6 +118,53 @@ def bench(
         console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
+
+
+def _kv_agreement(
+    source: str, flags: dict, config: str | None, kv_dtype: str, num_prompts: int | None,
+    max_tokens: int, choices: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    from pagedbatch.bench.workloads import file_records
+    from pagedbatch.inputs.reader import InputError
+    from pagedbatch.job.settings import parse_choices, resolve_settings
+    from pagedbatch.models.names import ModelLoadError, resolve_model_name
+
+    try:
+        given = {k: v for k, v in flags.items() if v is not None}
+        engine = resolve_settings({**given, "kv_dtype": kv_dtype}, config).engine
+        labels = parse_choices(choices) if choices is not None else None
+        records = file_records(source, num_prompts)
+        resolve_model_name(engine.model)
+        quiet_libraries()
+        from pagedbatch.bench.kv_agreement import measure_kv_agreement
+
+        engine = engine.replace(threads=engine.torch_threads)
+        result = measure_kv_agreement(records, engine, kv_dtype, max_tokens, labels)
+    except (ValueError, InputError, ModelLoadError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    r = result
+    table = Table(title=f"KV cache {r.kv_dtype} against {r.reference_kv_dtype} on {escape(r.model)}"
+                  f" ({r.records} records, {max_tokens} greedy tokens each)", box=box.SIMPLE_HEAD)  # fmt: skip
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("records with the same greedy tokens", f"{r.identical_records:.1%}"),
+        ("records with the same first word (label)", f"{r.first_word_agreement:.1%}"),
+        ("tokens before the first difference", f"{r.token_agreement:.1%} of {r.tokens}"),
+        ("mean / max |logprob difference| of those", f"{r.mean_abs_logprob_diff:.4f} / {r.max_abs_logprob_diff:.4f}"),
+    ]  # fmt: skip
+    if r.choice_agreement is not None:
+        rows += [
+            ("records with the same best choice", f"{r.choice_agreement:.1%}"),
+            ("mean |logprob difference| of the choices", f"{r.choice_mean_abs_logprob_diff:.4f}"),
+        ]  # fmt: skip
+    rows.append(("seconds (both runs, loading included)", f"{r.seconds:.1f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
 
 
 def _scale(records: int, seconds: float | None, threads: int, as_json: bool) -> None:

@@ -78,6 +78,9 @@ def plan(
     quantize: Annotated[
         Str, opt("Plan with the weights quantized at load, as for run: int8, int4 or fp8.")
     ] = None,
+    kv_dtype: Annotated[
+        Str, opt("The KV cache's dtype, as for run: auto, fp32, bf16, fp16 or fp8.", "--kv-dtype")
+    ] = None,
     prefix_sharing: Annotated[
         bool | None,
         opt(
@@ -245,12 +248,17 @@ class PoolSizing(NamedTuple):
 def pool_sizing(engine: EngineConfig, model_config: Any) -> PoolSizing:
     """The KV pool `LLM(config=engine)` would allocate here now, without loading weights:
     the same `num_blocks_for`, with the weights' bytes (quantized as loading quantizes
-    them) computed from the config. ModelLoadError when the quantization cannot run here."""
+    them) computed from the config. ModelLoadError when the quantization cannot run here,
+    ValueError when the KV dtype cannot."""
+    from pagedbatch.engine.attention import kv_dtype_problem
     from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
     from pagedbatch.models.quantization import weight_quantization
     from pagedbatch.models.weights import config_model_bytes
 
     dtype, device = engine.torch_dtype, engine.torch_device
+    problem = kv_dtype_problem(engine.attention_backend, engine.torch_kv_dtype, dtype)
+    if problem is not None:
+        raise ValueError(problem)
     quantization = weight_quantization(model_config, engine.model, engine.quantize, device, dtype)
     spec = KVCacheSpec.from_model_config(model_config, engine.block_size, engine.torch_kv_dtype)
     weights = config_model_bytes(model_config, dtype, quantization)

@@ -96,6 +96,23 @@ def load_model(
     return model, tokenizer
 
 
+def model_directory(name: str, cache_dir: Path | None = None) -> Path | None:
+    """The local directory of `name`'s files (a directory, a converted GGUF, a hub id's
+    snapshot in the hub cache), None for a random preset or where there is none."""
+    if name in RANDOM_PRESETS:
+        return None
+    source, _ = _resolve_source(name, cache_dir)
+    if Path(source).is_dir():
+        return Path(source)
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(source, "config.json", local_files_only=True)
+    except OSError:
+        return None
+    return Path(config).parent if config else None
+
+
 def model_quantization(
     name: str, quantize: str | None, device: torch.device, dtype: torch.dtype,
     cache_dir: Path | None = None,

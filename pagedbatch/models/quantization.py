@@ -21,7 +21,9 @@ the model's forward, and so the paged attention, is unchanged.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagedbatch.models.names import ModelLoadError
@@ -242,3 +244,39 @@ def _quantized_linears(
     needs = quantizer.param_needs_quantization
     names = [n for n, _ in model.named_parameters() if needs(model, n)]
     return [(n, get_module_from_name(model, n)[0]) for n in names]
+
+
+# An fp8 KV cache's scales in a checkpoint, as llm-compressor and AutoFP8 write them (and
+# vLLM reads them): per attention layer, K's and V's (or one for both), a number or one
+# per KV head; stored = K / k_scale.
+_KV_SCALE = re.compile(
+    r"layers\.(\d+)\.self_attn\.(?:(k|v)_scale|(k|v)_proj\.output_scale|kv_scale)$"
+)
+
+
+def checkpoint_kv_scales(
+    directory: Path, num_layers: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fp8 KV scales stored in `directory`'s safetensors files, as two [num_layers,
+    num_kv_heads] float32 tensors (K's, V's); None unless every layer has both."""
+    import torch
+    from safetensors import safe_open
+
+    scales = {part: torch.zeros(num_layers, num_kv_heads) for part in ("k", "v")}
+    seen: set[tuple[str, int]] = set()
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors file is not a dict)
+                match = _KV_SCALE.search(key)
+                if match is None or int(match[1]) >= num_layers:
+                    continue
+                value = f.get_tensor(key).float().flatten()
+                if value.numel() not in (1, num_kv_heads):
+                    continue
+                layer, which = int(match[1]), match[2] or match[3]
+                for part in (which,) if which else ("k", "v"):
+                    scales[part][layer] = value
+                    seen.add((part, layer))
+    if len(seen) < 2 * num_layers or not all((t > 0).all() for t in scales.values()):
+        return None
+    return scales["k"], scales["v"]
