@@ -66,7 +66,7 @@ def run(
     block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
     num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,
     kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction like 0.5 of the memory free once the weights are loaded (as `pagedbatch plan` counts it). [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,
-    kv_dtype: Annotated[Str, opt(MEMORY_PANEL, "The KV cache's dtype: auto (the model's), fp32, bf16, fp16 or fp8 (float8 e4m3 with a scale per layer and KV head: the checkpoint's k_scale/v_scale, else measured on a fixed text at load; half of bf16's bytes). [default: auto]", "--kv-dtype")] = None,
+    kv_dtype: Annotated[Str, opt(MEMORY_PANEL, "The KV cache's dtype: auto (the model's), fp32, bf16, fp16 or fp8 (float8 e4m3 with a scale per layer and KV head: the checkpoint's k_scale/v_scale, else measured on a fixed text at load; half of bf16's bytes). A dtype other than the model's runs with --attention torch only (the Triton kernels read and write the model's dtype). [default: auto]", "--kv-dtype")] = None,
     max_batch_tokens: Annotated[Int, opt(MEMORY_PANEL, f"Token budget of one step; longer prompts are prefilled in chunks. [default: {DEFAULT.engine.max_batch_tokens}]")] = None,
     max_num_seqs: Annotated[Int, opt(MEMORY_PANEL, f"Most sequences running at once. [default: {DEFAULT.engine.max_num_seqs}]")] = None,
     max_tokens: Annotated[Int, opt(SAMPLING_PANEL, f"Most tokens generated per record (a record's max_tokens wins). [default: {DEFAULT.sampling.max_tokens}]")] = None,
