@@ -33,6 +33,7 @@ INPUT_PANEL, OUTPUT_PANEL, MODEL_PANEL, MEMORY_PANEL, SAMPLING_PANEL, RAY_PANEL 
     "Sampling",
     "Ray cluster",
 )
+STRUCTURED_PANEL = "Structured output"
 
 
 def run(
@@ -77,6 +78,10 @@ def run(
     choices: Annotated[Str, opt(SAMPLING_PANEL, 'Score these labels instead of generating: "positive,negative,neutral" (stripped), or a JSON list to keep spaces (\'[" yes", " no"]\'); each line gets the best label and every choice\'s logprob and probability (a record\'s choices win).', "--choices")] = None,
     choice_score: Annotated[Str, opt(SAMPLING_PANEL, "How choices are compared: sum (their log-probability) or mean (per token, which does not favour short choices). [default: sum]", "--choice-score")] = None,
     n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
+    json_schema: Annotated[Str, opt(STRUCTURED_PANEL, "Every output is JSON valid under this schema, inline ('{\"type\": \"object\", ...}') or a file; the line carries the parsed value as \"json\". One constraint flag at most; a record's own response_format, regex or grammar wins.", "--json-schema")] = None,
+    json_object: Annotated[bool | None, opt(STRUCTURED_PANEL, "Every output is a JSON object (any); the line carries it parsed as \"json\".", "--json")] = None,
+    regex: Annotated[Str, opt(STRUCTURED_PANEL, "Every output matches this regular expression whole.", "--regex")] = None,
+    grammar: Annotated[Str, opt(STRUCTURED_PANEL, "Every output is derived by this grammar file (EBNF / GBNF as xgrammar reads it, with a root rule).", "--grammar")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (attention torch: decoding records behind a shared prefix of 512+ tokens; not in decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
