@@ -19,6 +19,7 @@ from pagedbatch.engine.scheduler import Scheduler, SchedulerOutput
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.token_masks import TokenMasks
 
 
 class Engine:
@@ -47,6 +48,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
         self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
@@ -63,6 +65,8 @@ class Engine:
         """Queue a sequence (its `forks` join when its prompt is done)."""
         if seq.scores_only or seq.choice_ids is not None:
             self.runner.scoring = True  # until the engine runs dry: see step()
+        if seq.matcher is not None:
+            self.masks.active = True  # until the engine runs dry
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -90,8 +94,10 @@ class Engine:
             logits, sampling, parents, scored = _score_choices(batch, logits, sampling)
         seqs, rows = _with_forks(sampling)
         rows_logits = logits if len(rows) == len(sampling) else logits[rows]
-        sampled = sample_tokens(rows_logits, seqs)
+        mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
+        sampled = sample_tokens(rows_logits, seqs, mask)
         tokens = sampled.tolist()
+        self.masks.accept(seqs, tokens)
         for seq, entry in zip(seqs, token_logprobs(rows_logits, sampled, seqs)):
             if entry is not None:
                 seq.logprobs.append(entry)
@@ -112,6 +118,8 @@ class Engine:
         self.counter.timed(self.last_step)
         if self.runner.scoring and not self.scheduler.has_unfinished():
             self.runner.scoring = False
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False
         return finished
 
     def _finish_scored(
@@ -134,7 +142,7 @@ class Engine:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
-        self.runner.scoring = False
+        self.runner.scoring = self.masks.active = False
         return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:
@@ -170,6 +178,8 @@ class Engine:
             decode_step_seconds=c.decode_step_seconds,
             decode_step_tokens=c.decode_step_tokens,
             decode_steps=c.decode_steps,
+            mask_seconds=self.masks.seconds,
+            masked_steps=self.masks.steps,
         )
 
 

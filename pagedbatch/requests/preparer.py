@@ -3,8 +3,9 @@
 `check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
 in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
 the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
-bad choices. `sequences` builds a checked record's sequences (one per sample, or one per
-choice) when the record is admitted, from the token ids kept since in a `PromptStore`.
+bad choices, a constraint that does not compile. `sequences` builds a checked record's
+sequences (one per sample, or one per choice; each constrained one with its matcher) when
+the record is admitted, from the token ids kept since in a `PromptStore`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.constraints import ConstraintMatcher, Grammars
 from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.outputs import (
     ENGINE_ERROR,
@@ -45,9 +47,10 @@ class Limits:
 class Preparer:
     """Checks records and builds their sequences for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
+    def __init__(self, prompts: PromptBuilder, limits: Limits, grammars: Grammars) -> None:
         self.prompts = prompts
         self.limits = limits
+        self.grammars = grammars  # each record's constraint compiled (once each) when checked
         self._seq_ids = itertools.count()
         self._choices: dict[str, list[int]] = {}
 
@@ -86,14 +89,18 @@ class Preparer:
     def _check_fit(
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
-        """`ids`, or the error of a record whose prompt (and choices) do not fit."""
-        problem = (
-            self._choices_problem(len(ids), params)
-            if params.choices is not None
-            else self._length_problem(len(ids), params)
-        )
+        """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
+        constraint does not compile for the model."""
+        if params.choices is not None:
+            problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
+        else:
+            problem, code = self._length_problem(len(ids), params), PROMPT_TOO_LONG
+        if problem is None and params.constraint is not None:
+            try:
+                self.grammars.compile(params.constraint)
+            except ValueError as e:
+                problem, code = str(e), INVALID_PARAMS
         if problem is not None:
-            code = INVALID_PARAMS if params.choices is not None else PROMPT_TOO_LONG
             return _error(record, code, problem, prompt_tokens=len(ids))
         return ids
 
@@ -182,7 +189,12 @@ class Preparer:
             max_len=len(ids) if scored else min(limit, len(ids) + params.max_tokens),
             seed=random_seed() if seed is None else seed, request_id=record.id,
             choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
+            matcher=self._matcher(params),
         )  # fmt: skip
+
+    def _matcher(self, params: SamplingParams) -> ConstraintMatcher | None:
+        """A matcher of its own for each constrained sequence (at its grammar's start)."""
+        return None if params.constraint is None else self.grammars.matcher(params.constraint)
 
 
 def prompt_ids(
