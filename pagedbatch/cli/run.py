@@ -281,6 +281,11 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
     text = f"Wrote {records(result.written)} to {job.output} ({codes['ok']} ok" + (
         f", {failed} failed: {detail})" if failed else ")"
     )
+    if result.incomplete:
+        text += (
+            f"; {records(result.incomplete)} cut before the end of their constraint "
+            "(no parsed value)"
+        )
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
     if llm is not None:
