@@ -8,6 +8,9 @@ import re
 
 import pytest
 from job_helpers import by_id, invoke, one_line_error, read_lines, tiny_args, write_jsonl
+from typer.testing import CliRunner
+
+from pagedbatch.cli.app import app
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -138,3 +141,20 @@ def test_resume_refuses_another_constraint(tmp_path, tiny_model_dirs):
     assert "constraint" in other and "[a-z]{4}" in other
     fingerprint = json.loads((tmp_path / "out.jsonl.job.json").read_text())
     assert fingerprint["constraint"] == {"kind": "regex", "text": "[a-z]{3}"}
+
+
+def test_plan_counts_constrained_records_and_names_bad_ones(tmp_path, tiny_model_dirs):
+    rows = reviews(4)
+    rows[1]["response_format"] = {"type": "json_schema", "json_schema": {"schema": {"type": 3}}}
+    rows[2]["response_format"] = {"type": "text"}
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = CliRunner().invoke(app, [
+        "plan", str(src), "-m", str(tiny_model_dirs["llama"]), "--device", "cpu",
+        "--num-blocks", "64", "--no-estimate", "--json", "--regex", "[a-z]+",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["constrained_records"] == 2  # r000, r003 (the flag); r002 unconstrained
+    (problem,) = plan["constraint_problems"]
+    assert problem["id"] == "r001"
+    assert problem["problem"].startswith("response_format: the JSON schema cannot be used: ")

@@ -54,6 +54,14 @@ def plan(
             "--choices",
         ),
     ] = None,
+    json_schema: Annotated[
+        Str,
+        opt("Every output JSON under this schema (inline or a file), as for run.", "--json-schema"),
+    ] = None,
+    regex: Annotated[Str, opt("Every output matching this regex, as for run.", "--regex")] = None,
+    grammar: Annotated[
+        Str, opt("Every output derived by this grammar file, as for run.", "--grammar")
+    ] = None,
     max_model_len: Annotated[Int, opt("Cap on prompt + output tokens.")] = None,
     block_size: Annotated[Int, opt("Tokens per KV block.")] = None,
     num_blocks: Annotated[Int, opt("KV blocks (instead of --kv-memory).")] = None,
@@ -253,6 +261,13 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
         (f"shared prefix #{i + 1}", f"{_token_range(g)} tokens x {g.records} records")
         for i, g in enumerate(p.largest_shared_prefixes)
     ]
+    if p.constrained_records or p.constraint_problems:
+        rows.append(("constrained outputs", f"{p.constrained_records:,} records"))
+    rows += [
+        ("constraint cannot be used", f"{rid}: {why}") for rid, why in p.constraint_problems[:5]
+    ]
+    if len(p.constraint_problems) > 5:
+        rows.append(("", f"and {len(p.constraint_problems) - 5} more records"))
     if p.estimate is not None:
         rows += _estimate_rows(p.estimate)
     else:
