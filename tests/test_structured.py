@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,6 +238,44 @@ def test_constraints_are_canonical_and_compiled_once(tiny_model_dirs):
              {"name": "x", "schema": json.loads(a.text)}}} for i in range(3)]  # fmt: skip
     llm.generate(rows, SamplingParams(max_tokens=4))
     assert llm.grammars.num_compiled == 1
+
+
+@pytest.mark.slow
+def test_smollm2_labels_the_label_job_as_transformers_with_xgrammar(smollm2_dir):
+    """Two records of examples/label_job.jsonl under examples/label_schema.json: our greedy
+    tokens with sharing and cascade on, and off, are transformers' under xgrammar's processor."""
+    from pagedbatch.requests.records import parse_record
+
+    root = Path(__file__).resolve().parent.parent
+    lines = (root / "examples" / "label_job.jsonl").open()
+    rows = [{**json.loads(line), "max_tokens": 24} for line in itertools.islice(lines, 2)]
+    schema = json.loads((root / "examples" / "label_schema.json").read_text())
+    constraint = Constraint.json_schema(schema)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    wants: dict[int, list[int]] = {}  # transformers' tokens of each record, made once
+    for sharing in (True, False):
+        llm = LLM(str(smollm2_dir), device="cpu", num_blocks=512, prefix_sharing=sharing)
+        outputs = llm.generate(rows, SamplingParams(constraint=constraint))
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=model.config.vocab_size,
+            stop_token_ids=llm.grammars.stop_token_ids,
+        )  # fmt: skip
+        compiled = xgr.GrammarCompiler(info).compile_grammar(
+            build_grammar(constraint.kind, constraint.text)
+        )
+        for i, (row, output) in enumerate(zip(rows, outputs, strict=True)):
+            if i not in wants:
+                prompt = llm.prompts.token_ids(parse_record(row, default_id=i))
+                wants[i] = model.generate(
+                    torch.tensor([prompt]), max_new_tokens=25, do_sample=False,
+                    logits_processor=[xgr.contrib.hf.LogitsProcessor(compiled)],
+                )[0, len(prompt) :].tolist()  # fmt: skip
+            c = output.completions[0]
+            assert c.finish_reason == "stop" and list(c.token_ids) == wants[i][:-1]
+            assert wants[i][-1] in llm.grammars.stop_token_ids
+            jsonschema.validate(c.json.value, schema)
+        assert (llm.stats().prefix_hit_tokens > 0) == sharing
 
 
 @pytest.mark.cuda
