@@ -7,8 +7,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import ARCHS, ENGINE_PATHS
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pagedbatch import LLM, SamplingParams
 from pagedbatch.constraint import Constraint, build_grammar, record_constraint
 from pagedbatch.engine.cascade import ANY_GROUP
+from pagedbatch.engine.token_masks import StepMask, TokenMasks
 from pagedbatch.requests.records import Record
 from pagedbatch.sampling_params import derive_seed
 
@@ -174,6 +177,30 @@ def test_logprobs_are_the_masked_distribution(tiny_model_dirs):
         ]
         matcher.accept(token)
     assert all(entry.logprob <= 0 for entry in c.logprobs)
+
+
+@pytest.mark.parametrize("rows", [None, [0, 2, 3, 5]], ids=["all-rows", "some-rows"])
+def test_the_mask_is_xgrammar_s_on_sparse_and_dense_rows(rows):
+    """StepMask.apply (sparse rows: -inf, then the allowed logits put back) masks exactly as
+    xgrammar's kernel, on a vocabulary that is not a multiple of 32 (padding bits set)."""
+    rng = np.random.default_rng(0)
+    vocab, words = 1000, 32
+    bits = np.zeros((6, words), dtype=np.uint32)
+    bits[:2] = rng.integers(0, 2**32, (2, words), dtype=np.uint32)  # dense, padding bits too
+    for row in range(2, 6):  # sparse: 3 tokens each, one of them past the vocabulary's end
+        for token in (*rng.integers(0, vocab, 2), 1000 + row):
+            bits[row, token // 32] |= np.uint32(1 << (token % 32))
+    bits = torch.from_numpy(bits.view(np.int32))
+    logits = torch.from_numpy(rng.standard_normal((6, vocab), dtype=np.float32))
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bits, indices=rows)
+    masks = TokenMasks(torch.device("cpu"))
+    StepMask(bits, rows, masks).apply(logits)
+    assert torch.equal(logits, want)
+    assert masks.seconds > 0
+    masked = range(6) if rows is None else rows
+    finite = [2 if row in masked else vocab for row in range(2, 6)]
+    assert (logits[2:] > -math.inf).sum(dim=1).tolist() == finite
 
 
 def test_max_tokens_and_stop_strings_cut_the_value(tiny_model_dirs):

@@ -78,9 +78,43 @@ class StepMask:
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set every token the mask does not allow to -inf in `logits` [rows, vocab], in
-        place (xgrammar's kernel: C++ on CPU, Triton on CUDA)."""
+        place. xgrammar's kernel (Triton on CUDA, C++ on CPU) writes each masked entry; on
+        CPU a row that allows few tokens (a label's, a number's) is filled with -inf and
+        its allowed logits put back instead, several times faster there."""
         import xgrammar
 
         started = time.perf_counter()
-        xgrammar.apply_token_bitmask_inplace(logits, self.bits, indices=self.rows)
+        rows = self.rows
+        with torch.inference_mode():  # the forward's logits are inference tensors
+            if logits.device.type == "cpu":
+                rows = _keep_sparse_rows(logits, self.bits, rows)
+            if rows is None or rows:
+                xgrammar.apply_token_bitmask_inplace(logits, self.bits, indices=rows)
         self._owner.seconds += time.perf_counter() - started
+
+
+# A row whose allowed tokens lie in at most 1/_SPARSE of its bitmask words is sparse.
+_SPARSE = 8
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _keep_sparse_rows(
+    logits: torch.Tensor, bits: torch.Tensor, rows: list[int] | None
+) -> list[int]:
+    """Mask the sparse rows among `rows` (None: all) of `logits` by keeping their allowed
+    entries alone; return the rows left to mask."""
+    index = torch.arange(bits.shape[0]) if rows is None else torch.tensor(rows)
+    words = bits[index]  # [k, words]
+    sparse = (words != 0).sum(dim=1) * _SPARSE <= words.shape[1]
+    if sparse.any():
+        sparse_rows, words = index[sparse], words[sparse]
+        r, w = words.nonzero(as_tuple=True)  # the words holding allowed tokens
+        hit = (words[r, w][:, None] >> _BITS).bitwise_and_(1).bool()  # [m, 32]
+        e, b = hit.nonzero(as_tuple=True)
+        at_rows, at_tokens = sparse_rows[r[e]], w[e] * 32 + b
+        inside = at_tokens < logits.shape[1]
+        at_rows, at_tokens = at_rows[inside], at_tokens[inside]
+        kept = logits[at_rows, at_tokens]
+        logits.index_fill_(0, sparse_rows, float("-inf"))
+        logits[at_rows, at_tokens] = kept
+    return index[~sparse].tolist()
