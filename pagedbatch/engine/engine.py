@@ -13,6 +13,7 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
+from pagedbatch.engine.constraints import ConstraintMatcher, Grammars
 from pagedbatch.engine.kv_cache import KVCache
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
@@ -23,6 +24,7 @@ from pagedbatch.engine.scoring import Scoring, choice_family, record_scores
 from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.token_masks import TokenMasks
 from pagedbatch.sampling_params import SamplingParams
 
 
@@ -48,6 +50,7 @@ class Engine:
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
         cascade: bool = True,
+        grammars: Grammars | None = None,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -59,6 +62,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
         self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        self.grammars = grammars  # structured output: each constrained sequence's matcher
+        self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
@@ -89,6 +94,7 @@ class Engine:
                 max_len,
                 seed=random_seed() if seed is None else seed,
                 request_id=request_id,
+                matcher=self._matcher(params),
             )  # fmt: skip
             for seed in seeds
         ]
@@ -96,6 +102,15 @@ class Engine:
             seqs[0].forks = seqs[1:]
         self._queue(seqs)
         return seqs
+
+    def _matcher(self, params: SamplingParams) -> ConstraintMatcher | None:
+        """A matcher of its own for a constrained sequence, at its grammar's start."""
+        if params.constraint is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("a constrained request needs an engine built with grammars")
+        self.masks.active = True  # until the engine runs dry
+        return self.grammars.matcher(params.constraint)
 
     def add_choices(
         self, prompt: array[int], choices: list[list[int]], params: SamplingParams,
@@ -146,8 +161,10 @@ class Engine:
         sampling = out.sampling
         seqs, rows = _with_forks(sampling)
         logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
-        sampled = sample_tokens(logits, seqs)
+        mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
+        sampled = sample_tokens(logits, seqs, mask)
         tokens = sampled.tolist()
+        self.masks.accept(seqs, tokens)
         for seq, entry in zip(seqs, token_logprobs(logits, sampled, seqs)):
             if entry is not None:
                 seq.logprobs.append(entry)
@@ -184,6 +201,8 @@ class Engine:
             sample_seconds=sample_end - sample_start,
         )
         self.counter.timed(self.last_step)
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False  # until a constrained sequence is queued again
 
     def check_integrity(self) -> None:
         """Assert the block pool's and the prefix cache's invariants (tests, debugging)."""
@@ -193,6 +212,7 @@ class Engine:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
+        self.masks.active = False
         return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:
@@ -228,6 +248,8 @@ class Engine:
             decode_step_seconds=c.decode_step_seconds,
             decode_step_tokens=c.decode_step_tokens,
             decode_steps=c.decode_steps,
+            mask_seconds=self.masks.seconds,
+            masked_steps=self.masks.steps,
         )
 
 

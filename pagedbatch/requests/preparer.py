@@ -3,9 +3,10 @@
 `check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
 in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
 the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
-bad choices. When a checked record is admitted, `params` and `seeds` (or `choice_tokens`)
-give what the engine builds its sequences from (`Engine.add_samples`, `add_choices`),
-with the prompt's token ids kept since in a `PromptStore`.
+bad choices, a constraint that does not compile. When a checked record is admitted,
+`params` and `seeds` (or `choice_tokens`) give what the engine builds its sequences from
+(`Engine.add_samples`, `add_choices`), with the prompt's token ids kept since in a
+`PromptStore`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.constraints import Grammars
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -42,9 +44,10 @@ class Limits:
 class Preparer:
     """Checks records and gives what the engine needs to run them, for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
+    def __init__(self, prompts: PromptBuilder, limits: Limits, grammars: Grammars) -> None:
         self.prompts = prompts
         self.limits = limits
+        self.grammars = grammars  # each record's constraint compiled (once each) when checked
         self._choices: dict[str, list[int]] = {}
 
     def check(
@@ -81,14 +84,18 @@ class Preparer:
     def _check_fit(
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
-        """`ids`, or the error of a record whose prompt (and choices) do not fit."""
-        problem = (
-            self._choices_problem(len(ids), params)
-            if params.choices is not None
-            else self._length_problem(len(ids), params)
-        )
+        """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
+        constraint does not compile for the model."""
+        if params.choices is not None:
+            problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
+        else:
+            problem, code = self._length_problem(len(ids), params), PROMPT_TOO_LONG
+        if problem is None and params.constraint is not None:
+            try:
+                self.grammars.compile(params.constraint)
+            except ValueError as e:
+                problem, code = str(e), INVALID_PARAMS
         if problem is not None:
-            code = INVALID_PARAMS if params.choices is not None else PROMPT_TOO_LONG
             return _error(record, code, problem, prompt_tokens=len(ids))
         return ids
 
