@@ -129,6 +129,37 @@ def test_a_table_without_the_prompt_field_names_its_columns_and_the_options(tmp_
     assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
 
 
+JSON_TEMPLATE = 'Reply as JSON {"label": ...}. Review: {text}'
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["run", "reviews.parquet", "--template", "{title}: {text}"], "'title'"),
+        (["run", "reviews.csv", "--template", "{title}: {text} {meta[lang]}"], "'title', 'meta'"),
+        (["run", "saved", "--template", "{title}: {text}"], "'title'"),
+        (["run", "reviews.json", "--template", JSON_TEMPLATE], "'\"label\"'"),
+        (["run", "text.jsonl", "--template", JSON_TEMPLATE], "'\"label\"'"),
+        (["plan", "reviews.csv", "--template", "{title}: {text}"], "'title'"),
+    ],
+)
+def test_a_template_no_record_can_fill_is_exit_2_before_the_model_loads(
+    tmp_path, job, args, missing
+):
+    """Every record would be an invalid_record line and the job exit 0: refused instead, from
+    a table's columns before `datasets` loads, from a JSON Lines file once it is read; a
+    field that looks like JSON says how to write braces that are text."""
+    _tables_without_a_prompt(tmp_path)
+    code, stderr, cpu = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: {args[1]}: --template uses the field"), line
+    assert f" {missing}, which no record has (fields: " in line, line
+    assert ("write {{ and }}" in line) == ("label" in missing), line
+    assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
+    assert not list(tmp_path.glob("*.output.jsonl"))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

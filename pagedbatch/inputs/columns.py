@@ -12,15 +12,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pagedbatch.inputs.record_index import fields_problem
+from pagedbatch.inputs.record_index import fields_problem, template_problem
 from pagedbatch.inputs.rows import InputError
 from pagedbatch.requests.records import FieldMap
 
 
 def check_columns(name: str, columns: list[str] | None, fields: FieldMap) -> None:
-    """The file-level error of a table none of whose columns is the prompt field (as the
-    record index raises it after reading every row)."""
-    if columns is None or fields.template is not None or "custom_id" in columns:
+    """The file-level error of a table none of whose columns is the prompt field, or that
+    lacks a field the template uses (as the record index raises them after reading every
+    row)."""
+    if columns is None or "custom_id" in columns:
+        return
+    if fields.template is not None:
+        missing = [field for field in fields.template.fields if field not in columns]
+        if missing:
+            raise InputError(template_problem([dict.fromkeys(columns)], name, missing))
         return
     if fields.prompt not in columns and fields.messages not in columns:
         raise InputError(fields_problem([dict.fromkeys(columns)], name, fields))

@@ -21,6 +21,7 @@ from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.inputs.jsonl import JsonlError
 from pagedbatch.inputs.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.inputs.rows import InputError, RowSource
+from pagedbatch.requests.prompt_template import brace_hint
 from pagedbatch.requests.records import FieldMap, Record, invalid, parse_record
 
 _FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
@@ -50,6 +51,8 @@ class RecordIndex:
 
     def _read(self, on_read: Callable[[int], None] | None) -> None:
         prompt_seen, sample = False, []
+        template = self.fields.template
+        unseen = set(template.fields) if template is not None else set()  # in no row yet
         for batch in self.rows.batches():
             for position, locator, row in batch:
                 record = self._parse(position, row)
@@ -62,11 +65,16 @@ class RecordIndex:
                         sample.append(row)
                     fields = self.fields
                     prompt_seen = prompt_seen or fields.prompt in row or fields.messages in row
+                    if unseen:
+                        unseen = {name for name in unseen if name not in row}
             if on_read is not None:
                 on_read(len(self))
         self._check_unique()
         if not self.batch and self.fields.template is None and sample and not prompt_seen:
             raise InputError(fields_problem(sample, self.rows.name, self.fields))
+        if not self.batch and template is not None and sample and unseen:
+            missing = [name for name in template.fields if name in unseen]
+            raise InputError(template_problem(sample, self.rows.name, missing))
 
     def _parse(self, position: int, row: Any) -> Record:
         if isinstance(row, JsonlError):
@@ -184,6 +192,21 @@ def fields_problem(rows: Sequence[Mapping[str, Any]], name: str, fields: FieldMa
         f"{name}: no record has a '{fields.prompt}' or '{fields.messages}' field (fields: "
         f"{shown or 'none'}); name the prompt's field with --prompt-field {example}, chat "
         f"messages with --messages-field, or build prompts with --template '... {{{example}}}'"
+    )
+
+
+def template_problem(rows: Sequence[Mapping[str, Any]], name: str, missing: list[str]) -> str:
+    """A `--template` field that no row has: every record would fail, so the file is refused,
+    naming the fields it has (and how to write braces that are text, when the field looks
+    like JSON)."""
+    seen = list(dict.fromkeys(key for row in rows for key in row))
+    shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
+        ", ..." if len(seen) > _FIELDS_SHOWN else ""
+    )
+    plural = "s" if len(missing) > 1 else ""
+    return (
+        f"{name}: --template uses the field{plural} {', '.join(map(repr, missing))}, which no "
+        f"record has (fields: {shown or 'none'}){brace_hint(missing)}"
     )
 
 
