@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,6 +19,7 @@ from pagedbatch.cli.common import Float, Int, Str, console, fail, first_line, op
 from pagedbatch.cli.progress import JobProgress
 from pagedbatch.job.interrupts import Interrupts, Stopped
 from pagedbatch.job.job import JobResult, ResumePolicy
+from pagedbatch.job.outcome import TOO_MANY_ERRORS, RunTimes, error_limit_problem, run_summary
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ def run(
     overwrite: Annotated[bool | None, opt(OUTPUT_PANEL, "Start over, replacing an output that already has lines.", "--overwrite")] = None,
     force: Annotated[bool | None, opt(OUTPUT_PANEL, "Resume even though the job fingerprint stored beside the output differs.", "--force")] = None,
     errors: Annotated[Path | None, opt(OUTPUT_PANEL, "Also write each failed record's input line, with its error, to this file (feed it back as input).")] = None,
+    max_errors: Annotated[Int, opt(OUTPUT_PANEL, f"Exit {TOO_MANY_ERRORS} (not 0) when more than N records of the output failed (its error lines, those of earlier runs resumed included); the output is still complete and resumable. [default: no limit]", "--max-errors")] = None,
+    max_error_rate: Annotated[Float, opt(OUTPUT_PANEL, f"Exit {TOO_MANY_ERRORS} when more than this fraction (0 to 1) of the output's records failed. [default: no limit]", "--max-error-rate")] = None,
+    summary_json: Annotated[Path | None, opt(OUTPUT_PANEL, "At the end, write the run's summary as JSON to this file (- for stdout): status and exit code, records by outcome and error code, tokens, seconds, prefix hit rate, peak KV, model and settings.", "--summary-json")] = None,
     order: Annotated[Str, opt(OUTPUT_PANEL, f"completion (lines as records finish) or input (the lines of a sequential run, in input order). [default: {DEFAULT.order}]")] = None,
     config: Annotated[Str, opt(MODEL_PANEL, "Preset name from configs/ (cpu, gpu, tiny) or a TOML file; flags given here win.")] = None,
     split: Annotated[Str, opt(INPUT_PANEL, "Dataset split. [default: train, or the only one]")] = None,
@@ -135,7 +140,7 @@ def _run_job(
     from pagedbatch.job.job import Job, JobError
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
-    started = time.monotonic()
+    started, loading = time.monotonic(), 0.0
     with (
         Interrupts() as interrupts,
         contextlib.ExitStack() as files,
@@ -144,6 +149,7 @@ def _run_job(
         try:
             with progress.phase(f"reading {source}"):
                 job = files.enter_context(Job(source, settings, policy, progress.counted))
+            _drop_stale_summary(settings.summary_json)
             if job.input_note:
                 console.print(job.input_note, soft_wrap=True, markup=False, highlight=False)
             llm = None
@@ -151,7 +157,9 @@ def _run_job(
                 resolve_model_name(settings.engine.model)
                 where = " on Ray replicas" if cluster else ""
                 with progress.phase(f"loading {settings.engine.model}{where}"):
+                    loaded = time.monotonic()
                     llm = _load_llm(settings, cluster)
+                    loading = time.monotonic() - loaded
                 if cluster is not None:
                     files.callback(llm.close)  # the replicas, and a cluster started here
             interrupts.on_first = _say_stopping
@@ -162,18 +170,33 @@ def _run_job(
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
         result = _run_with_progress(job, llm, interrupts, progress, resume)
-        _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
+        times = RunTimes(time.monotonic() - started, loading, progress.generation_seconds)
+        _summary(job, result, llm, times.total, times.generating)
         if cluster is not None and llm is not None:
             ray_note(llm)
         if llm is not None and settings.engine.memory_report:
             _memory_report(llm, job.output)
-    if interrupts.requested() and result.not_run:
+        interrupted = interrupts.requested() and result.not_run > 0
+        too_many = error_limit_problem(settings, result)
+        code = interrupts.exit_code if interrupted else TOO_MANY_ERRORS if too_many else 0
+        if settings.summary_json is not None:
+            status = "interrupted" if interrupted else "too_many_errors" if too_many else "ok"
+            summary = run_summary(
+                job, result, status=status, exit_code=code, times=times, error_limit=too_many,
+                stats=llm.stats() if llm is not None else None,
+                peak_kv_bytes=llm.memory_report()["paged_peak_bytes"] if llm is not None else None,
+            )  # fmt: skip
+            _write_summary(summary, settings.summary_json)
+    if interrupted:
         console.print(
             f"Interrupted by {interrupts.name}: {records(result.not_run)} not run yet. "
             f"Resume with:\n  {resume}",
             soft_wrap=True, markup=False, highlight=False,
         )  # fmt: skip
-        raise typer.Exit(interrupts.exit_code)
+        raise typer.Exit(code)
+    if too_many:
+        fail(f"{too_many} (exit {code}); every line is written: fix the failed records "
+             "and run them again with --retry-errors", code=code)  # fmt: skip
 
 
 def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
@@ -295,6 +318,29 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
     if failed and job.errors_path is not None:
         text += f"; failed records in {job.errors_path}"
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
+
+
+def _drop_stale_summary(path: Path | None) -> None:
+    """A summary left by an earlier run goes once this one starts: if this run ends
+    before writing its own, none is there to be taken for it."""
+    if path is not None and str(path) != "-":
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _write_summary(summary: dict[str, Any], path: Path) -> None:
+    text = json.dumps(summary, indent=1) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from pagedbatch.files import atomic_write
+
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        fail(f"cannot write the summary {path}: {e.strerror or e}; the output is complete", 1)
 
 
 def _memory_report(llm: Any, output: Path) -> None:

@@ -1,0 +1,105 @@
+"""What a nightly job (a cron job, a monitor) can trust: exit codes, the summary JSON, the
+plan's counts and the words of the final lines. Each test runs the installed `pagedbatch`
+command as a process, as a user or a cron job does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from job_helpers import BIN, read_lines, write_jsonl
+
+
+def pagedbatch(args: list[object], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "pagedbatch"), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def tiny(model_dir: Path, *extra: object) -> list[object]:
+    return ["-m", model_dir, "--device", "cpu", "--num-blocks", "64", "--max-tokens", "4",
+            "--threads", "1", "--no-progress", *extra]  # fmt: skip
+
+
+# Four records, two of which fail: one lacks the template's field, one has bad params.
+REVIEWS = [
+    {"id": "a", "text": "Great phone, the battery lasts for days"},
+    {"id": "b", "title": "no text here"},
+    {"id": "c", "text": "Broke after a week", "max_tokens": -1},
+    {"id": "d", "text": "Fine for the price"},
+]
+TEMPLATE = ["--template", "Review: {text}"]
+
+
+@pytest.fixture
+def reviews(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "reviews.jsonl", REVIEWS)
+
+
+def test_too_many_failed_records_is_exit_3_with_the_output_complete_and_resumable(
+    tmp_path, reviews, tiny_model_dirs
+):
+    model = tiny_model_dirs["llama"]
+    args = ["run", reviews, "-o", "out.jsonl", *tiny(model, *TEMPLATE)]
+    done = pagedbatch([*args, "--max-errors", "1", "--summary-json", "summary.json"], tmp_path)
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 2 of 4 records failed, more than --max-errors 1 (exit 3)")
+    lines = read_lines(tmp_path / "out.jsonl")
+    assert sorted(line["id"] for line in lines) == ["a", "b", "c", "d"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["exit_code"]) == ("too_many_errors", 3)
+    assert summary["records"] == {
+        "input": 4, "written": 4, "ok": 2, "failed": 2, "skipped": 0, "not_run": 0
+    }  # fmt: skip
+    assert summary["written_by_code"] == {"invalid_params": 1, "invalid_record": 1, "ok": 2}
+    generated = sum(line["usage"]["completion_tokens"] for line in lines)
+    prompt = sum(line["usage"]["prompt_tokens"] for line in lines)
+    assert summary["tokens"]["generated"] == generated > 0
+    assert summary["tokens"]["prompt"] == prompt
+    assert summary["kv"]["blocks"] == 64 and 1 <= summary["kv"]["peak_blocks"] <= 64
+    assert summary["model"] == str(model) and summary["settings"]["max_tokens"] == 4
+    assert summary["seconds"]["total"] >= summary["seconds"]["generating"] > 0
+
+    # A resume finds nothing to do; the limits count the whole output, so still exit 3.
+    again = pagedbatch([*args, "--resume", "--max-errors", "1"], tmp_path)
+    assert again.returncode == 3, again.stderr
+    assert "Nothing to do" in again.stderr
+    # Half the records failed: a rate of 0.5 allows it, 0.4 does not.
+    assert pagedbatch([*args, "--resume", "--max-error-rate", "0.5"], tmp_path).returncode == 0
+    over = pagedbatch([*args, "--resume", "--max-error-rate", "0.4", "--summary-json", "-"],
+                      tmp_path)  # fmt: skip
+    assert over.returncode == 3, over.stderr
+    printed = json.loads(over.stdout)  # stdout holds the summary and nothing else
+    assert printed["output_by_code"] == {"invalid_params": 1, "invalid_record": 1, "ok": 2}
+    assert printed["records"]["skipped"] == 4 and printed["error_limit"].startswith("2 of 4")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-errors", "-1"], "max_errors must be >= 0, got -1"),
+        (["--max-error-rate", "1.5"], "max_error_rate must be a fraction from 0 to 1, got 1.5"),
+        (["--summary-json", "reviews.jsonl"], "the summary file reviews.jsonl is the same file"),
+    ],
+)
+def test_bad_error_limits_and_summary_paths_are_one_line_errors(tmp_path, reviews, flags, message):
+    done = pagedbatch(["run", reviews, *TEMPLATE, *flags], tmp_path)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert json.loads(reviews.read_text().splitlines()[0]) == REVIEWS[0]
+
+
+def test_a_run_that_ends_early_leaves_no_summary_of_an_earlier_run(tmp_path, reviews):
+    """A monitor must not read last night's summary as tonight's."""
+    (tmp_path / "summary.json").write_text('{"status": "ok"}\n')
+    done = pagedbatch(
+        ["run", reviews, *TEMPLATE, "--model", "./no-such-dir", "--summary-json", "summary.json"],
+        tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert not (tmp_path / "summary.json").exists()
