@@ -103,3 +103,35 @@ def test_a_run_that_ends_early_leaves_no_summary_of_an_earlier_run(tmp_path, rev
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+PLAN = ["-m", "tiny-random", "--device", "cpu", "--num-blocks", "64", "--no-estimate"]
+
+
+def test_plan_counts_the_invalid_records_by_code(tmp_path, reviews):
+    args = ["plan", reviews, *TEMPLATE, *PLAN]
+    as_json = pagedbatch([*args, "--json"], tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    plan = json.loads(as_json.stdout)
+    assert (plan["records"], plan["would_run"]) == (4, 2)
+    assert plan["invalid"] == {"invalid_params": 1, "invalid_record": 1}
+    text = pagedbatch(args, tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "│ records that would run" in text.stdout and "2 of 4 │" in text.stdout
+    assert "1 invalid_params, 1 invalid_record" in text.stdout
+
+
+def test_plan_of_a_job_whose_every_record_fails_says_none_would_run(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "a", "prompt": "Hello", "max_tokens": -5},
+        {"id": "b", "prompt": ""},
+        {"id": "c", "prompt": "Hi", "temperature": -1},
+    ])  # fmt: skip
+    text = pagedbatch(["plan", src, *PLAN[:-1]], tmp_path)  # the estimate asked for, too
+    assert text.returncode == 0, text.stderr
+    assert "0 of 3 │" in text.stdout and "2 invalid_params, 1 invalid_record" in text.stdout
+    assert "none: no record would run" in text.stdout
+    for nonsense in ("sequences that fit at once", "KV blocks", "prompt tokens"):
+        assert nonsense not in text.stdout, text.stdout
+    plan = json.loads(pagedbatch(["plan", src, *PLAN, "--json"], tmp_path).stdout)
+    assert (plan["records"], plan["would_run"], plan["concurrent_sequences"]) == (3, 0, 0)

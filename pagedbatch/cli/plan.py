@@ -239,11 +239,19 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
-        ("records that would run", f"{p.records - len(p.too_long)} of {p.records}"),
+        ("records that would run", f"{p.would_run:,} of {p.records:,}"),
+        ("invalid (error lines)", _counts(p.invalid) or "none"),
+        ("too long for the model", ", ".join(map(str, p.too_long[:10])) or "none"),
+    ]
+    if not p.would_run:
+        rows.append(("time estimate", "none: no record would run"))
+        for name, value in rows:
+            table.add_row(name, value)
+        return table
+    rows += [
         ("prompt tokens", f"{p.prompt_tokens:,}"),
         ("tokens to compute after sharing", f"{p.tokens_to_compute:,}"),
         ("predicted prefix hit rate", f"{p.predicted_hit_rate:.1%}"),
-        ("too long for the model", ", ".join(map(str, p.too_long[:10])) or "none"),
         ("KV blocks for all at once, no sharing", f"{p.blocks_needed:,}"),
         ("KV blocks for all at once, shared", f"{p.blocks_needed_shared:,}"),
         ("KV blocks configured", f"{p.num_blocks:,} of {block_size} tokens"),
@@ -262,6 +270,11 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _counts(codes: dict[str, int]) -> str:
+    """'2 invalid_params, 2 invalid_record'."""
+    return ", ".join(f"{n:,} {code}" for code, n in codes.items())
 
 
 def _estimate_rows(e: Estimate) -> list[tuple[str, str]]:
