@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from job_helpers import BIN, read_lines, write_jsonl
+from job_helpers import BIN, ROOT, read_lines, write_jsonl
 
 
 def pagedbatch(args: list[object], cwd: Path) -> subprocess.CompletedProcess:
@@ -135,3 +135,28 @@ def test_plan_of_a_job_whose_every_record_fails_says_none_would_run(tmp_path):
         assert nonsense not in text.stdout, text.stdout
     plan = json.loads(pagedbatch(["plan", src, *PLAN, "--json"], tmp_path).stdout)
     assert (plan["records"], plan["would_run"], plan["concurrent_sequences"]) == (3, 0, 0)
+
+
+@pytest.mark.parametrize("job", [["--choices", "positive,negative,mixed"], ["--n", "3"]])
+def test_one_prefix_hit_rate_in_the_lines_the_report_the_summary_and_the_plan(
+    tmp_path, tiny_model_dirs, job
+):
+    """Choices and samples share their record's prompt: the prompt counts once, as in
+    the lines' usage, wherever a hit rate is told."""
+    src = ROOT / "examples" / "reviews.jsonl"
+    model = ["-m", tiny_model_dirs["llama"], "--device", "cpu", "--num-blocks", "1024", *job]
+    run = pagedbatch(["run", src, "-o", "out.jsonl", *model, "--max-tokens", "2",
+                      "--threads", "1", "--no-progress", "--memory-report",
+                      "--summary-json", "summary.json"], tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    usage = [line["usage"] for line in read_lines(tmp_path / "out.jsonl") if "error" not in line]
+    lines = sum(u["cached_tokens"] for u in usage) / sum(u["prompt_tokens"] for u in usage)
+    assert lines > 0.3  # the reviews share an instruction
+    report = json.loads((tmp_path / "out.memory.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert report["prefix_hit_rate"] == pytest.approx(lines, abs=1e-12)
+    assert summary["prefix_hit_rate"] == pytest.approx(lines, abs=1e-4)
+    assert summary["tokens"]["prompt"] == sum(u["prompt_tokens"] for u in usage)
+    assert f"prefix hit rate │ {lines:.1%}" in " ".join(run.stderr.split())
+    plan = pagedbatch(["plan", src, *model, "--no-estimate", "--json"], tmp_path)
+    assert json.loads(plan.stdout)["predicted_hit_rate"] == pytest.approx(lines, abs=0.01)

@@ -46,6 +46,7 @@ def plan(
         bool | None, opt("Render plain prompts through the chat template.", "--chat/--no-chat")
     ] = None,
     max_tokens: Annotated[Int, opt("Tokens per record (a record's max_tokens wins).")] = None,
+    n: Annotated[Int, opt("Samples per record, as for run (a record's n wins).", "--n")] = None,
     choices: Annotated[
         Str,
         opt(
