@@ -129,6 +129,33 @@ def test_a_table_without_the_prompt_field_names_its_columns_and_the_options(tmp_
     assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
 
 
+def _reviews_with_an_id_first(root: Path) -> None:
+    """Tables whose first column is an id and whose text is in a column named otherwise."""
+    import datasets
+
+    (root / "ids.csv").write_text('review_id,stars,text\nR1,5,"Great phone, fast"\nR2,1,Bad\n')
+    rows = {"review_id": ["R1", "R2"], "stars": [5, 1], "comment": ["Great phone, fast", "Bad"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(root / "ids.parquet"))
+    rows = {"review_id": ["R1"], "stars": [5], "review_body": ["Great phone, fast"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(root / "ids_saved"))
+    line = {"review_id": "R1", "title": "Great", "body": "The phone is fast and the battery lasts"}
+    (root / "ids.jsonl").write_text(json.dumps(line) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("src", "column"),
+    [("ids.csv", "text"), ("ids.parquet", "comment"), ("ids_saved", "review_body"),
+     ("ids.jsonl", "body")],
+)  # fmt: skip
+def test_the_missing_prompt_field_hint_names_the_text_column_not_the_first(tmp_path, src, column):
+    _reviews_with_an_id_first(tmp_path)
+    code, stderr, cpu = _pagedbatch(["run", src], tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    [line] = stderr.strip().splitlines()
+    assert f"--prompt-field {column}, " in line and f"--template '... {{{column}}}'" in line, line
+    assert cpu < CPU_LIMIT, f"pagedbatch run {src} used {cpu:.2f} CPU s"
+
+
 JSON_TEMPLATE = 'Reply as JSON {"label": ...}. Review: {text}'
 
 

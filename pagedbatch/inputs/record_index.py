@@ -187,12 +187,40 @@ def fields_problem(rows: Sequence[Mapping[str, Any]], name: str, fields: FieldMa
     shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
         ", ..." if len(seen) > _FIELDS_SHOWN else ""
     )
-    example = next((key for key in seen if key != fields.id), "text")
+    example = likely_text_field(rows, exclude=fields.id)
     return (
         f"{name}: no record has a '{fields.prompt}' or '{fields.messages}' field (fields: "
         f"{shown or 'none'}); name the prompt's field with --prompt-field {example}, chat "
         f"messages with --messages-field, or build prompts with --template '... {{{example}}}'"
     )
+
+
+# Names a prompt's column often has, a tie-break when no value tells (columns known alone).
+_TEXT_NAMES = (
+    "text", "prompt", "content", "body", "review", "question", "input", "query", "instruction",
+    "document", "sentence", "message", "comment", "description",
+)  # fmt: skip
+
+
+def likely_text_field(rows: Sequence[Mapping[str, Any]], exclude: str) -> str:
+    """The field of `rows` most likely to hold the prompt: the one whose string values are
+    longest in all, then one named like text (`_TEXT_NAMES`), then the first; 'text' when
+    there is none but `exclude` (the id field)."""
+    length: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != exclude:
+                length[key] = length.get(key, 0) + (len(value) if isinstance(value, str) else 0)
+    if not length:
+        return "text"
+
+    def named_like_text(key: str) -> int:
+        words = key.lower().replace("-", "_").split("_")
+        if "id" in words:  # review_id: an id, not the review
+            return -100
+        return -min((_TEXT_NAMES.index(w) for w in words if w in _TEXT_NAMES), default=99)
+
+    return max(length, key=lambda key: (length[key], named_like_text(key)))
 
 
 def template_problem(rows: Sequence[Mapping[str, Any]], name: str, missing: list[str]) -> str:
