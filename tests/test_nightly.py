@@ -19,9 +19,9 @@ def pagedbatch(args: list[object], cwd: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def tiny(model_dir: Path, *extra: object) -> list[object]:
+def tiny(model_dir: Path, *extra: object, progress: bool = False) -> list[object]:
     return ["-m", model_dir, "--device", "cpu", "--num-blocks", "64", "--max-tokens", "4",
-            "--threads", "1", "--no-progress", *extra]  # fmt: skip
+            "--threads", "1", "--progress" if progress else "--no-progress", *extra]  # fmt: skip
 
 
 # Four records, two of which fail: one lacks the template's field, one has bad params.
@@ -160,3 +160,103 @@ def test_one_prefix_hit_rate_in_the_lines_the_report_the_summary_and_the_plan(
     assert f"prefix hit rate │ {lines:.1%}" in " ".join(run.stderr.split())
     plan = pagedbatch(["plan", src, *model, "--no-estimate", "--json"], tmp_path)
     assert json.loads(plan.stdout)["predicted_hit_rate"] == pytest.approx(lines, abs=0.01)
+
+
+def on_a_terminal(args: list[object], cwd: Path) -> tuple[int, str]:
+    """(exit code, what the terminal got) of `pagedbatch ARGS` run on a pseudo-terminal."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([str(BIN / "pagedbatch"), *map(str, args)], cwd=cwd, env=env,
+                               stdin=side, stdout=side, stderr=side)  # fmt: skip
+    os.close(side)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the command ended: the terminal is gone
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(main)
+    return process.wait(timeout=600), screen.decode(errors="replace")
+
+
+def _plain(screen: str) -> list[str]:
+    """The terminal's text, one entry per redraw or line, colours left out."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    return [part.strip() for part in re.split(r"[\r\n]+", text) if part.strip()]
+
+
+CHOICES = ["--choices", "positive,negative,mixed"]
+
+
+def test_a_choices_job_speaks_of_records_per_second_on_a_terminal(tmp_path, tiny_model_dirs):
+    """No tok/s of a job that generates nothing; the bar's last state (with its elapsed
+    time) comes before the summary and says the same rate."""
+    src = ROOT / "examples" / "reviews.jsonl"
+    code, screen = on_a_terminal(
+        ["run", src, "-o", "out.jsonl", *tiny(tiny_model_dirs["llama"], *CHOICES, progress=True)],
+        tmp_path,
+    )  # fmt: skip
+    assert code == 0, screen
+    parts = _plain(screen)
+    summary = parts[-1]
+    assert summary.startswith("Wrote 61 records") and " s scoring, " in summary, parts
+    last_bar = parts[-2]
+    assert last_bar.startswith("records") and "61/61" in last_bar and "ETA" not in last_bar
+    assert " | elapsed 0:00:" in last_bar
+    rate = summary.split(" s scoring, ")[1].split(" records/s")[0]
+    assert f" {rate} records/s | elapsed" in last_bar, (last_bar, summary)
+    bars = [part for part in parts if part.startswith("records")]
+    assert all("elapsed" in bar for bar in bars)
+    assert "tok/s" not in screen
+
+
+def test_the_log_of_a_job_says_each_thing_once_in_words_that_fit(tmp_path, tiny_model_dirs):
+    src = ROOT / "examples" / "reviews.jsonl"
+    env_args = ["env", "PAGEDBATCH_LOG_INTERVAL=0.01", BIN / "pagedbatch"]
+    args = ["run", src, "-o", "out.jsonl", *tiny(tiny_model_dirs["llama"], *CHOICES, progress=True)]
+    done = subprocess.run([*map(str, env_args), *map(str, args)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert sum("records 61/61 (100%)" in line for line in lines) == 1, lines
+    assert "tok/s" not in done.stderr
+    rate = lines[-1].split(" s scoring, ")[1].split(" records/s")[0]
+    assert f"records 61/61 (100%) | {rate} records/s |" in done.stderr
+
+    # Resumed with the same records done: the summary does not time the skipping.
+    (tmp_path / "out.jsonl").write_text(
+        "".join(line + "\n" for line in (tmp_path / "out.jsonl").read_text().splitlines()[:20])
+    )
+    resumed = pagedbatch([*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    last = resumed.stderr.splitlines()[-1]
+    assert last.startswith("Wrote 41 records") and last.endswith("; skipped 20 already done.")
+
+
+def test_a_job_whose_every_record_fails_reports_no_rate(tmp_path, tiny_model_dirs):
+    src = write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "a", "prompt": "Hello", "max_tokens": -5}, {"id": "b", "prompt": ""},
+    ])  # fmt: skip
+    env = ["env", "PAGEDBATCH_LOG_INTERVAL=0.01", BIN / "pagedbatch"]
+    args = ["run", src, "-o", "out.jsonl", *tiny(tiny_model_dirs["llama"], progress=True)]
+    done = subprocess.run([*map(str, env), *map(str, args)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "records/s" not in done.stderr and "tok/s" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(
+        "in "
+        + done.stderr.split(" in ")[-1].split(" s")[0]
+        + " s: no record ran (each failed before it started)."
+    )

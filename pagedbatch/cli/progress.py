@@ -47,7 +47,7 @@ class Eta:
         self.prior = prior_tokens_per_record
         self.rate: float | None = None  # output tokens per second, smoothed
         self.records_done = 0
-        self._generated_done = 0  # records done that generated (not error lines)
+        self.records_ran = 0  # records done that ran (not error lines)
         self._finished_tokens = 0  # output tokens of the records done
         self._generated = 0  # output tokens of every record, running ones included
         self._running: int | None = None  # sequences running (None: not told)
@@ -79,13 +79,13 @@ class Eta:
         counts as done but not in the mean output per record."""
         self.records_done += 1
         if not failed:
-            self._generated_done += 1
+            self.records_ran += 1
             self._finished_tokens += output_tokens
 
     @property
     def tokens_left(self) -> float:
         left = self.records - self.records_done
-        done = self._generated_done
+        done = self.records_ran
         mean = self._finished_tokens / done if done else self.prior
         running = max(self._generated - self._finished_tokens, 0)
         if self._running is None:
@@ -102,6 +102,12 @@ class Eta:
         if done:
             mean = (self._finished_tokens + seqs * final) / (done + seqs)
         return (left - seqs) * mean + seqs * (final - age)
+
+    @property
+    def scoring(self) -> bool:
+        """Nothing is generated, as far as known (choices are scored): a rate of records,
+        not of tokens, tells the job's pace."""
+        return self.prior == 0 and self._generated == 0
 
     def seconds_left(self) -> float | None:
         if self.records_done >= self.records:
@@ -148,6 +154,7 @@ class JobProgress:
         self._prepared = 0
         self._stats: EngineStats | None = None
         self._progress: Progress | None = None
+        self._counting = False  # the bar counts records done (else: records tokenized)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -229,7 +236,7 @@ class JobProgress:
         if output_tokens is not None and self._eta is not None:
             with self._lock:
                 self._eta.prior = output_tokens
-        if self._progress is not None:
+        if self._progress is not None and not self._counting:
             self._progress.update(self._task, completed=done, total=total)
 
     def step(self, stats: EngineStats) -> None:
@@ -256,9 +263,15 @@ class JobProgress:
         return (self._ended or time.monotonic()) - self._started
 
     def finish(self) -> None:
-        """The records are done (or stopped): a last plain line, when lines are shown."""
+        """The records are done (or stopped): the bar's last state, or a last plain line,
+        with the job's mean rate (as the summary that follows says it), before anything
+        else is printed."""
         self._ended = time.monotonic()
-        if self.enabled and not self.live and self._eta is not None:
+        if self._progress is not None:
+            self._redraw()
+            self._progress.stop()  # no redraw after the summary
+            self._progress = None
+        elif self.enabled and not self.live and self._eta is not None:
             self._stop_ticker()  # its last line must not come after this one
             self._print(self.line())
 
@@ -268,29 +281,43 @@ class JobProgress:
     def line(self) -> str:
         """The state in one plain line."""
         with self._lock:
-            now = time.monotonic()
             if self._eta is None:
                 return self._phase_line()
             eta = self._eta
             if eta.records_done == 0 and self._stats is None:
                 return f"tokenizing {self._prepared}/{eta.records} records"
             share = eta.records_done / eta.records if eta.records else 1.0
-            return (
-                f"records {eta.records_done}/{eta.records} ({share:.0%}) | {self._detail()} | "
-                f"elapsed {clock(now - self._started)}"
-            )
+            return f"records {eta.records_done}/{eta.records} ({share:.0%}) | {self._detail()}"
 
     def _detail(self) -> str:
+        """Rate | ETA | elapsed | KV (what a narrow terminal cuts last first); once finished,
+        the job's mean rate (none when no record ran) and no ETA."""
         eta, stats = self._eta, self._stats
         assert eta is not None
-        parts = [f"{eta.rate:.1f} tok/s" if eta.rate is not None else "- tok/s"]
+        now = self._ended or time.monotonic()
+        parts = [] if self._ended and not eta.records_ran else [self._rate(now)]
+        if self._ended is None:
+            parts.append(f"ETA {clock(eta.seconds_left())}")
+        parts.append(f"elapsed {clock(now - self._started)}")
         if stats is not None:
             parts.append(
                 f"KV {stats.blocks_in_use} used + {stats.cached_blocks} cached / "
                 f"{stats.num_blocks} blocks"
             )
-        parts.append(f"ETA {clock(eta.seconds_left())}")
         return " | ".join(parts)
+
+    def _rate(self, now: float) -> str:
+        """Output tokens per second (the moving average; once finished, the mean, as the
+        summary has it), or records per second when nothing is generated."""
+        eta, stats = self._eta, self._stats
+        assert eta is not None
+        seconds = max(now - self._started, 1e-9)
+        if eta.scoring:
+            return f"{eta.records_ran / seconds:.1f} records/s"
+        if self._ended is not None:
+            generated = stats.generated_tokens if stats is not None else 0
+            return f"{generated / seconds:.1f} tok/s"
+        return f"{eta.rate:.1f} tok/s" if eta.rate is not None else "- tok/s"
 
     def _redraw(self) -> None:
         if self._progress is None or self._eta is None:
@@ -298,6 +325,7 @@ class JobProgress:
         with self._lock:
             detail = self._detail()
             done = self._eta.records_done
+        self._counting = True  # the bar counts records done from now on, not tokenized
         self._progress.update(self._task, description="records", completed=done, detail=detail)
 
     def _stop_ticker(self) -> None:
@@ -310,5 +338,6 @@ class JobProgress:
         while not self._stop.wait(interval):
             with self._lock:
                 idle = not self._phase and self._eta is None
-            if not idle:
+                done = self._eta is not None and self._eta.records_done >= self._eta.records
+            if not idle and not done:  # the last line is finish()'s
                 self._print(self.line())

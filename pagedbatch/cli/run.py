@@ -294,30 +294,39 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
         )  # fmt: skip
         return
     codes = result.codes
-    failed = result.written - codes["ok"]
+    failed = result.failed
     detail = ", ".join(f"{n} {code}" for code, n in sorted(codes.items()) if code != "ok")
     text = f"Wrote {records(result.written)} to {job.output} ({codes['ok']} ok" + (
         f", {failed} failed: {detail})" if failed else ")"
     )
+    text += f" in {seconds:.1f} s"
+    if llm is not None:
+        text += _run_figures(llm.stats(), codes["ok"], generating)
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
-    if llm is not None:
-        stats = llm.stats()
-        rate = (
-            f"{stats.generated_tokens / max(generating, 1e-9):.1f} output tok/s"
-            if stats.generated_tokens
-            else f"{result.written / max(generating, 1e-9):.1f} records/s"
-        )
-        text += (
-            f" in {seconds:.1f} s ({generating:.1f} s generating, {rate}); peak KV "
-            f"blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, {stats.preemptions} "
-            "preemptions"
-        )
-        if stats.graph_steps:
-            text += f", {stats.graph_steps} decode steps from CUDA graphs"
     if failed and job.errors_path is not None:
         text += f"; failed records in {job.errors_path}"
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
+
+
+def _run_figures(stats: Any, ran: int, generating: float) -> str:
+    """' (12.0 s generating, 43.4 output tok/s); peak KV ...' for the records that ran: a
+    job that generates nothing (choices are scored) in records/s; none when every record
+    failed before it ran."""
+    if not ran:
+        return ": no record ran (each failed before it started)"
+    seconds = max(generating, 1e-9)
+    if stats.generated_tokens:
+        pace = f"{generating:.1f} s generating, {stats.generated_tokens / seconds:.1f} output tok/s"
+    else:
+        pace = f"{generating:.1f} s scoring, {ran / seconds:.1f} records/s"
+    text = (
+        f" ({pace}); peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
+        f"{stats.preemptions} preemption{'' if stats.preemptions == 1 else 's'}"
+    )
+    if stats.graph_steps:
+        text += f", {stats.graph_steps} decode steps from CUDA graphs"
+    return text
 
 
 def _drop_stale_summary(path: Path | None) -> None:
