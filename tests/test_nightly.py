@@ -5,6 +5,7 @@ command as a process, as a user or a cron job does."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -165,7 +166,6 @@ def test_one_prefix_hit_rate_in_the_lines_the_report_the_summary_and_the_plan(
 def on_a_terminal(args: list[object], cwd: Path) -> tuple[int, str]:
     """(exit code, what the terminal got) of `pagedbatch ARGS` run on a pseudo-terminal."""
     import fcntl
-    import os
     import pty
     import struct
     import termios
@@ -260,3 +260,55 @@ def test_a_job_whose_every_record_fails_reports_no_rate(tmp_path, tiny_model_dir
         + done.stderr.split(" in ")[-1].split(" s")[0]
         + " s: no record ran (each failed before it started)."
     )
+
+
+def _chart(path: Path) -> dict[str, float]:
+    """What the memory chart's PNG says of itself: its y-axis top, the pool, the peak held."""
+    from PIL import Image
+
+    words = Image.open(path).info["Description"].replace(";", "").split()
+    return {"top": float(words[3]), "pool": float(words[8]), "held": float(words[12])}
+
+
+def test_the_memory_chart_spans_the_jobs_peak_with_the_pool_as_a_line(tmp_path, tiny_model_dirs):
+    src = ROOT / "examples" / "reviews.jsonl"
+    model = ["-m", tiny_model_dirs["llama"], "--max-tokens", "8", "--threads", "1",
+             "--no-progress", "--memory-report"]  # fmt: skip
+    for blocks in (4096, 400):  # a pool far above the job's peak; one it nearly fills
+        out = f"out{blocks}.jsonl"
+        run = pagedbatch(["run", src, "-o", out, "--num-blocks", blocks, *model], tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert f"Memory report: out{blocks}.memory.json, out{blocks}.memory.png" in run.stderr
+        chart = _chart(tmp_path / f"out{blocks}.memory.png")
+        assert chart["pool"] == blocks and 0 < chart["held"] <= blocks
+        if blocks == 4096:  # the axis ends near the peak, not at the pool
+            assert chart["held"] < chart["top"] <= 1.2 * chart["held"], chart
+        else:  # the pool is on the chart
+            assert blocks < chart["top"] <= 1.2 * blocks, chart
+
+
+def test_without_matplotlib_the_report_says_why_there_is_no_chart(tmp_path, tiny_model_dirs):
+    hidden = tmp_path / "hide"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by a test')\n")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello there"}])
+    done = subprocess.run(
+        [str(BIN / "pagedbatch"), "run", str(src), "-o", "out.jsonl", "--memory-report",
+         *map(str, tiny(tiny_model_dirs["llama"]))],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(hidden)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "Memory report: out.memory.json; no chart out.memory.png: matplotlib is not installed "
+        "(pip install matplotlib, or scripts/setup.sh)"
+    )
+    assert not (tmp_path / "out.memory.png").exists()
+
+
+def test_setup_installs_matplotlib_for_the_chart_the_readme_promises():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    extras = next(line for line in setup.splitlines() if line.startswith("extras="))
+    assert "report" in extras.split('"')[1].split(",")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'report = ["matplotlib' in pyproject

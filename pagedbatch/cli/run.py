@@ -362,6 +362,7 @@ def _memory_report(llm: Any, output: Path) -> None:
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drawn = write_timeline_png(report, png_path)
     console.print(
-        f"Memory report: {json_path}" + (f", {png_path}" if drawn else " (pip install "
-        "matplotlib for the timeline chart)"), soft_wrap=True, markup=False, highlight=False,
+        f"Memory report: {json_path}" + (f", {png_path}" if drawn else "; no chart "
+        f"{png_path}: matplotlib is not installed (pip install matplotlib, or "
+        "scripts/setup.sh)"), soft_wrap=True, markup=False, highlight=False,
     )  # fmt: skip
