@@ -312,3 +312,40 @@ def test_setup_installs_matplotlib_for_the_chart_the_readme_promises():
     assert "report" in extras.split('"')[1].split(",")
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'report = ["matplotlib' in pyproject
+
+
+def _seconds(clock: str) -> int:
+    h, m, s = (int(part) for part in clock.split(":"))
+    return 3600 * h + 60 * m + s
+
+
+def test_the_logged_eta_foretells_the_end_of_a_job(tmp_path, tiny_model_dirs):
+    """Every record generates its max_tokens (EOS ignored): the work is known, and the ETA
+    of each line from a fifth of the job on puts its end near the real one (the exact
+    figures: tests/test_progress.py's simulated job)."""
+    rows = [{"id": i, "prompt": f"review {i}: " + "the fabric is soft and warm " * (1 + i % 5)}
+            for i in range(480)]  # fmt: skip
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = [BIN / "pagedbatch", "run", src, "-o", "out.jsonl", "-m", tiny_model_dirs["llama"],
+            "--device", "cpu", "--num-blocks", "512", "--max-tokens", "64", "--ignore-eos",
+            "--max-num-seqs", "32", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(
+        [str(a) for a in args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PAGEDBATCH_LOG_INTERVAL": "0.25"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("records ")]
+    total = _seconds(lines[-1].split("elapsed ")[1].split(" ")[0])
+    assert total >= 3, "too short a job to time"
+    ends = []
+    for line in lines[:-1]:
+        if "ETA -" in line:
+            continue
+        eta = _seconds(line.split("ETA ")[1].split(" ")[0])
+        elapsed = _seconds(line.split("elapsed ")[1].split(" ")[0])
+        if elapsed >= total / 5:
+            ends.append(elapsed + eta)
+    assert ends, lines
+    # Within half the job's time (the clock shows whole seconds; the machine is shared):
+    # a moving average of tokens/s said several times the job's time early on.
+    assert all(abs(end - total) <= max(0.5 * total, 3) for end in ends), (total, ends, lines)

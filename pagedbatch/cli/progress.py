@@ -22,103 +22,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 
+from pagedbatch.cli.eta import Eta
 from pagedbatch.engine.stats import EngineStats
 
 DEFAULT_LOG_INTERVAL = 10.0  # seconds between plain lines; PAGEDBATCH_LOG_INTERVAL overrides
-RATE_TIME_CONSTANT = 20.0  # seconds: the moving average of tokens/s forgets at this pace
-
-
-class Eta:
-    """Seconds left in a job, from output tokens rather than records.
-
-    Records finish in bursts (a group sharing a prefix ends together), so a rate of
-    records jumps; tokens come out at a steady pace. The rate is an exponential moving
-    average of output tokens per second (time constant RATE_TIME_CONSTANT); the tokens
-    still to come are the records left times the mean output of the records finished
-    (the `prior` until one has: the records' mean max_tokens x n, their own where they
-    set it, once they are tokenized; failed records, which generate nothing, are left out
-    of the mean), less what the running records have generated already. A job that
-    generates nothing (prior 0: choices are scored) takes the mean time per record done
-    since the first step.
-    """
-
-    def __init__(self, records: int, prior_tokens_per_record: float) -> None:
-        self.records = records
-        self.prior = prior_tokens_per_record
-        self.rate: float | None = None  # output tokens per second, smoothed
-        self.records_done = 0
-        self.records_ran = 0  # records done that ran (not error lines)
-        self._finished_tokens = 0  # output tokens of the records done
-        self._generated = 0  # output tokens of every record, running ones included
-        self._running: int | None = None  # sequences running (None: not told)
-        self._last: tuple[float, int] | None = None
-        self._first = 0.0
-
-    def step(self, now: float, generated_tokens: int, running: int | None = None) -> None:
-        """After an engine step: the total output tokens generated so far, and how many
-        sequences are running."""
-        self._generated = generated_tokens
-        self._running = running
-        if self._last is None:
-            self._first = now
-            self._last = (now, generated_tokens)
-            return
-        then, before = self._last
-        dt = now - then
-        if dt <= 0:
-            return
-        rate = (generated_tokens - before) / dt
-        if self.rate is None:
-            self.rate = rate
-        else:
-            self.rate += (1 - math.exp(-dt / RATE_TIME_CONSTANT)) * (rate - self.rate)
-        self._last = (now, generated_tokens)
-
-    def record_done(self, output_tokens: int, failed: bool = False) -> None:
-        """A record is done; a failed one (an error line, written before it generates)
-        counts as done but not in the mean output per record."""
-        self.records_done += 1
-        if not failed:
-            self.records_ran += 1
-            self._finished_tokens += output_tokens
-
-    @property
-    def tokens_left(self) -> float:
-        left = self.records - self.records_done
-        done = self.records_ran
-        mean = self._finished_tokens / done if done else self.prior
-        running = max(self._generated - self._finished_tokens, 0)
-        if self._running is None:
-            return max(left * mean - running, 0.0)
-        # Records that stop early (EOS) finish first, so the records done are the short
-        # ones: a running record that has made `age` tokens is expected to end halfway
-        # between that and the prior (an upper bound: max_tokens), at least one token on,
-        # and the records not started as the done and running ones together.
-        seqs = min(self._running, left)
-        if seqs == 0:
-            return left * mean
-        age = running / seqs
-        final = max(mean, (age + self.prior) / 2, age + 1)
-        if done:
-            mean = (self._finished_tokens + seqs * final) / (done + seqs)
-        return (left - seqs) * mean + seqs * (final - age)
-
-    @property
-    def scoring(self) -> bool:
-        """Nothing is generated, as far as known (choices are scored): a rate of records,
-        not of tokens, tells the job's pace."""
-        return self.prior == 0 and self._generated == 0
-
-    def seconds_left(self) -> float | None:
-        if self.records_done >= self.records:
-            return 0.0
-        if self.prior == 0 and self.records_done and self._last is not None:
-            # Nothing is generated (choices are scored): the mean time per record so far.
-            elapsed = self._last[0] - self._first
-            return elapsed / self.records_done * (self.records - self.records_done)
-        if not self.rate or self.rate <= 0:
-            return None
-        return self.tokens_left / self.rate
 
 
 def clock(seconds: float | None) -> str:
@@ -246,7 +153,10 @@ class JobProgress:
         with self._lock:
             self._stats = stats
             if self._eta is not None:
-                self._eta.step(time.monotonic(), stats.generated_tokens, stats.running_seqs)
+                self._eta.step(
+                    time.monotonic(), stats.generated_tokens, stats.running_seqs,
+                    stats.computed_tokens,
+                )  # fmt: skip
         self._redraw()
 
     def record_done(self, output_tokens: int = 0, failed: bool = False) -> None:
