@@ -349,3 +349,37 @@ def test_the_logged_eta_foretells_the_end_of_a_job(tmp_path, tiny_model_dirs):
     # Within half the job's time (the clock shows whole seconds; the machine is shared):
     # a moving average of tokens/s said several times the job's time early on.
     assert all(abs(end - total) <= max(0.5 * total, 3) for end in ends), (total, ends, lines)
+
+
+def test_the_readme_says_what_its_first_command_does_when_run_again(tmp_path, tiny_model_dirs):
+    readme = (ROOT / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if "pagedbatch run examples/" in line)
+    command = first.split("&& ")[1].replace(".venv/bin/pagedbatch ", "").split()
+    assert command[:2] == ["run", "examples/reviews.jsonl"], first
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "reviews.jsonl").write_bytes((ROOT / command[1]).read_bytes())
+    model = tiny(tiny_model_dirs["llama"])
+    assert pagedbatch([*command, *model], tmp_path).returncode == 0
+    again = pagedbatch([*command, *model], tmp_path)
+    assert again.returncode == 2
+    said = again.stderr.strip().removeprefix("error: ")
+    assert said.startswith("out.jsonl already exists (61 records done); pass --resume")
+    assert f"`error: {said.split('; ')[0]}; pass --resume to continue that job" in " ".join(
+        readme.split()
+    )
+    resumed = pagedbatch([*command, *model, "--resume"], tmp_path)
+    assert "Nothing to do: all 61 records are already in out.jsonl." in resumed.stderr
+
+
+def test_the_library_does_not_print_a_progress_bar_while_it_loads(tmp_path, tiny_model_dirs):
+    code = (
+        "from pagedbatch import LLM\n"
+        "from transformers.utils import logging\n"
+        f"LLM({str(tiny_model_dirs['llama'])!r}, device='cpu', num_blocks=16)\n"
+        "print(logging.is_progress_bar_enabled())\n"  # the caller's setting, as it was
+    )
+    done = subprocess.run([str(BIN / "python"), "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "Loading weights" not in done.stderr and "it/s" not in done.stderr, done.stderr
