@@ -383,3 +383,22 @@ def test_the_library_does_not_print_a_progress_bar_while_it_loads(tmp_path, tiny
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
     assert "Loading weights" not in done.stderr and "it/s" not in done.stderr, done.stderr
+
+
+def test_plan_states_the_basis_and_range_of_its_time_estimate(tmp_path):
+    src = ROOT / "examples" / "reviews.jsonl"
+    args = ["plan", src, "-m", "tiny-random", "--device", "cpu", "--threads", "1", "--probe"]
+    as_json = pagedbatch([*args, "--json"], tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    e = json.loads(as_json.stdout)["estimate"]
+    assert 0 < e["low_seconds"] < e["seconds"]
+    assert e["basis"].startswith("rates from a probe of this model just now: prefill ")
+    assert "the range is every output of one token to every output at max_tokens" in e["basis"]
+    assert 0 < e["load_seconds"] <= e["probe_seconds"]
+    text = pagedbatch(args, tmp_path).stdout
+    flat = " ".join(text.replace("│", " ").split())
+    assert "(outputs of 1 token to all at max_tokens; model load not included)" in flat
+    assert "probe just now (" in flat
+    scored = " ".join(pagedbatch([*args, *CHOICES], tmp_path).stdout.replace("│", " ").split())
+    assert "(scoring, no outputs; model load not included)" in scored
+    assert "decode" not in scored and "max_tokens" not in scored

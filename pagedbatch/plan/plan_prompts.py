@@ -85,6 +85,11 @@ class PlanPrompts:
         """Sequences the fitting records generate: their `n` summed."""
         return sum(self.n)
 
+    @property
+    def generating_samples(self) -> int:
+        """Sequences the fitting records generate, those that score choices left out."""
+        return sum(n for n, most in zip(self.n, self.max_tokens) if most > 0)
+
     def fits(self, ids: Sequence[int]) -> bool:
         return len(ids) < self.max_model_len
 
