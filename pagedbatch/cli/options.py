@@ -59,4 +59,5 @@ JsonSchema = Annotated[Str, opt(STRUCTURED_PANEL, "Every output is JSON valid un
 JsonObject = Annotated[bool | None, opt(STRUCTURED_PANEL, "Every output is a JSON object (any); run's lines carry it parsed as \"json\".", "--json")]
 Regex = Annotated[Str, opt(STRUCTURED_PANEL, "Every output matches this regular expression whole.", "--regex")]
 Grammar = Annotated[Str, opt(STRUCTURED_PANEL, "Every output is derived by this grammar file (EBNF / GBNF as xgrammar reads it, with a root rule).", "--grammar")]
+N = Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")]
 # fmt: on

@@ -36,6 +36,7 @@ def plan(
     system: shared.System = None,
     chat: shared.Chat = None,
     max_tokens: shared.MaxTokens = None,
+    n: shared.N = None,
     choices: shared.Choices = None,
     json_schema: shared.JsonSchema = None,
     regex: shared.Regex = None,
@@ -66,10 +67,11 @@ def plan(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Tokenize every record and build the prefix tree: records, prompt tokens, tokens left
-    to compute after sharing, predicted hit rate, the largest shared prefixes, records too
-    long, KV blocks needed and sequences that fit at once; then estimate the time (an upper
-    bound: every record generating its max_tokens), unless --no-estimate."""
+    """Tokenize every record and build the prefix tree: records (those that would run, and
+    the invalid ones by error code), prompt tokens, tokens left to compute after sharing,
+    predicted hit rate, the largest shared prefixes, records too long, KV blocks needed and
+    sequences that fit at once; then estimate the time, from every output of one token to
+    every record generating its max_tokens, unless --no-estimate."""
     given = {
         k: v
         for k, v in locals().items()
@@ -174,7 +176,7 @@ def estimate_job(
     running = min(engine.max_num_seqs, plan.concurrent_sequences, prompts.samples)
     if not len(prompts.store):
         return plan, "no record would run"
-    rates, load = None if probe else last_run_rates(engine), None
+    rates, load, took = None if probe else last_run_rates(engine), None, None
     if rates is None:
         from pagedbatch.bench.rate_probe import probe_rates
 
@@ -183,10 +185,12 @@ def estimate_job(
             result = probe_rates(engine, first, running, plan.max_model_len)
         except (ValueError, RuntimeError, ModelLoadError) as e:  # OutOfMemoryError: Runtime
             return plan, f"the probe failed: {first_line(e)}"
-        rates, load = result.rates, result.load_seconds
+        rates, load, took = result.rates, result.load_seconds, result.seconds
     estimate = estimate_time(
-        plan.tokens_to_compute, plan.output_tokens, rates, running_seqs=running, load_seconds=load
-    )
+        plan.tokens_to_compute, plan.output_tokens, rates, running_seqs=running,
+        load_seconds=load, samples=prompts.generating_samples,
+    )  # fmt: skip
+    estimate = dataclasses.replace(estimate, probe_seconds=took)
     return dataclasses.replace(plan, estimate=estimate), None
 
 
@@ -209,11 +213,19 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
-        ("records that would run", f"{p.records - len(p.too_long)} of {p.records}"),
+        ("records that would run", f"{p.would_run:,} of {p.records:,}"),
+        ("invalid (error lines)", _counts(p.invalid) or "none"),
+        ("too long for the model", ", ".join(map(str, p.too_long[:10])) or "none"),
+    ]
+    if not p.would_run:
+        rows.append(("time estimate", "none: no record would run"))
+        for name, value in rows:
+            table.add_row(name, value)
+        return table
+    rows += [
         ("prompt tokens", f"{p.prompt_tokens:,}"),
         ("tokens to compute after sharing", f"{p.tokens_to_compute:,}"),
         ("predicted prefix hit rate", f"{p.predicted_hit_rate:.1%}"),
-        ("too long for the model", ", ".join(map(str, p.too_long[:10])) or "none"),
         ("KV blocks for all at once, no sharing", f"{p.blocks_needed:,}"),
         ("KV blocks for all at once, shared", f"{p.blocks_needed_shared:,}"),
         ("KV blocks configured", f"{p.num_blocks:,} of {block_size} tokens"),
@@ -241,19 +253,36 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
     return table
 
 
+def _counts(codes: dict[str, int]) -> str:
+    """'2 invalid_params, 2 invalid_record'."""
+    return ", ".join(f"{n:,} {code}" for code, n in codes.items())
+
+
 def _estimate_rows(e: Estimate) -> list[tuple[str, str]]:
     r = e.rates
+    if r.source == "probe":
+        source = (
+            f"probe just now ({duration(e.probe_seconds or 0)}, loading the model "
+            f"{duration(e.load_seconds or 0)})"
+        )
+    else:
+        source = f"last run, {r.measured_at} (same model, device, dtype, threads)"
+    prefill = ("  prefill", f"{e.prefill_tokens:,} tokens at {r.prefill_tok_s:,.0f} tok/s: "
+               f"{duration(e.prefill_seconds)}")  # fmt: skip
+    if not e.output_tokens:  # choices are scored: nothing is decoded
+        return [
+            ("time estimate", f"~ {duration(e.seconds)} (scoring, no outputs; model load not included)"),
+            prefill,
+            ("  rates from", source),
+        ]  # fmt: skip
     at = f"{r.decode_seqs:,.0f} seqs per step"
     if round(r.decode_seqs) != e.running_seqs:
         at += f"; this job runs up to {e.running_seqs:,}"
-    if r.source == "probe":
-        source = f"probe just now (loading the model took {duration(e.load_seconds or 0)})"
-    else:
-        source = f"last run, {r.measured_at} (same model, device, dtype, threads)"
+    span = f"{duration(e.low_seconds)} to {duration(e.seconds)}"
     return [
-        ("time estimate", f"~ {duration(e.seconds)} (outputs at max_tokens; model load not included)"),
-        ("  prefill", f"{e.prefill_tokens:,} tokens at {r.prefill_tok_s:,.0f} tok/s: {duration(e.prefill_seconds)}"),
-        ("  decode", f"{e.output_tokens:,} tokens at {r.decode_tok_s:,.0f} tok/s ({at}): {duration(e.decode_seconds)}"),
+        ("time estimate", f"{span} (outputs of 1 token to all at max_tokens; model load not included)"),
+        prefill,
+        ("  decode", f"up to {e.output_tokens:,} tokens at {r.decode_tok_s:,.0f} tok/s ({at}): {duration(e.decode_seconds)}"),
         ("  rates from", source),
     ]  # fmt: skip
 

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,6 +29,7 @@ from pagedbatch.cli.options import (
 from pagedbatch.cli.progress import JobProgress
 from pagedbatch.job.interrupts import Interrupts, Stopped
 from pagedbatch.job.job import JobResult, ResumePolicy
+from pagedbatch.job.outcome import TOO_MANY_ERRORS, RunTimes, error_limit_problem, run_summary
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ def run(
     overwrite: Annotated[bool | None, opt(OUTPUT_PANEL, "Start over, replacing an output that already has lines.", "--overwrite")] = None,
     force: Annotated[bool | None, opt(OUTPUT_PANEL, "Resume even though the job fingerprint stored beside the output differs.", "--force")] = None,
     errors: Annotated[Path | None, opt(OUTPUT_PANEL, "Also write each failed record's input line, with its error, to this file (feed it back as input).")] = None,
+    max_errors: Annotated[Int, opt(OUTPUT_PANEL, f"Exit {TOO_MANY_ERRORS} (not 0) when more than N records of the output failed (its error lines, those of earlier runs resumed included); the output is still complete and resumable. [default: no limit]", "--max-errors")] = None,
+    max_error_rate: Annotated[Float, opt(OUTPUT_PANEL, f"Exit {TOO_MANY_ERRORS} when more than this fraction (0 to 1) of the output's records failed. [default: no limit]", "--max-error-rate")] = None,
+    summary_json: Annotated[Path | None, opt(OUTPUT_PANEL, "At the end, write the run's summary as JSON to this file (- for stdout): status and exit code, records by outcome and error code, tokens, seconds, prefix hit rate, peak KV, model and settings.", "--summary-json")] = None,
     order: Annotated[Str, opt(OUTPUT_PANEL, f"completion (lines as records finish) or input (the lines of a sequential run, in input order). [default: {DEFAULT.order}]")] = None,
     config: shared.Config = None,
     split: shared.Split = None,
@@ -76,7 +81,7 @@ def run(
     logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
     choices: shared.Choices = None,
     choice_score: shared.ChoiceScore = None,
-    n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
+    n: shared.N = None,
     json_schema: shared.JsonSchema = None,
     json_object: shared.JsonObject = None,
     regex: shared.Regex = None,
@@ -139,7 +144,7 @@ def _run_job(
     from pagedbatch.job.job import Job, JobError
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
-    started = time.monotonic()
+    started, loading = time.monotonic(), 0.0
     with (
         Interrupts() as interrupts,
         contextlib.ExitStack() as files,
@@ -148,6 +153,7 @@ def _run_job(
         try:
             with progress.phase(f"reading {source}"):
                 job = files.enter_context(Job(source, settings, policy, progress.counted))
+            _drop_stale_summary(settings.summary_json)
             if job.input_note:
                 console.print(job.input_note, soft_wrap=True, markup=False, highlight=False)
             llm = None
@@ -155,7 +161,9 @@ def _run_job(
                 resolve_model_name(settings.engine.model)
                 where = " on Ray replicas" if cluster else ""
                 with progress.phase(f"loading {settings.engine.model}{where}"):
+                    loaded = time.monotonic()
                     llm = _load_llm(settings, cluster)
+                    loading = time.monotonic() - loaded
                 if cluster is not None:
                     files.callback(llm.close)  # the replicas, and a cluster started here
             interrupts.on_first = _say_stopping
@@ -166,18 +174,33 @@ def _run_job(
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
         result = _run_with_progress(job, llm, interrupts, progress, resume)
-        _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
+        times = RunTimes(time.monotonic() - started, loading, progress.generation_seconds)
+        _summary(job, result, llm, times.total, times.generating)
         if cluster is not None and llm is not None:
             ray_note(llm)
         if llm is not None and settings.engine.memory_report:
             _memory_report(llm, job.output)
-    if interrupts.requested() and result.not_run:
+        interrupted = interrupts.requested() and result.not_run > 0
+        too_many = error_limit_problem(settings, result)
+        code = interrupts.exit_code if interrupted else TOO_MANY_ERRORS if too_many else 0
+        if settings.summary_json is not None:
+            status = "interrupted" if interrupted else "too_many_errors" if too_many else "ok"
+            summary = run_summary(
+                job, result, status=status, exit_code=code, times=times, error_limit=too_many,
+                stats=llm.stats() if llm is not None else None,
+                peak_kv_bytes=llm.memory_report()["paged_peak_bytes"] if llm is not None else None,
+            )  # fmt: skip
+            _write_summary(summary, settings.summary_json)
+    if interrupted:
         console.print(
             f"Interrupted by {interrupts.name}: {records(result.not_run)} not run yet. "
             f"Resume with:\n  {resume}",
             soft_wrap=True, markup=False, highlight=False,
         )  # fmt: skip
-        raise typer.Exit(interrupts.exit_code)
+        raise typer.Exit(code)
+    if too_many:
+        fail(f"{too_many} (exit {code}); every line is written: fix the failed records "
+             "and run them again with --retry-errors", code=code)  # fmt: skip
 
 
 def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
@@ -277,11 +300,14 @@ def _summary(
         )  # fmt: skip
         return
     codes = result.codes
-    failed = result.written - codes["ok"]
+    failed = result.failed
     detail = ", ".join(f"{n} {code}" for code, n in sorted(codes.items()) if code != "ok")
     text = f"Wrote {records(result.written)} to {job.output} ({codes['ok']} ok" + (
         f", {failed} failed: {detail})" if failed else ")"
     )
+    text += f" in {seconds:.1f} s"
+    if llm is not None:
+        text += _run_figures(llm.stats(), codes["ok"], generating)
     if result.incomplete:
         text += (
             f"; {records(result.incomplete)} cut before the end of their constraint "
@@ -289,23 +315,52 @@ def _summary(
         )
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
-    if llm is not None:
-        stats = llm.stats()
-        rate = (
-            f"{stats.generated_tokens / max(generating, 1e-9):.1f} output tok/s"
-            if stats.generated_tokens
-            else f"{result.written / max(generating, 1e-9):.1f} records/s"
-        )
-        text += (
-            f" in {seconds:.1f} s ({generating:.1f} s generating, {rate}); peak KV "
-            f"blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, {stats.preemptions} "
-            "preemptions"
-        )
-        if stats.graph_steps:
-            text += f", {stats.graph_steps} decode steps from CUDA graphs"
     if failed and job.errors_path is not None:
         text += f"; failed records in {job.errors_path}"
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
+
+
+def _run_figures(stats: Any, ran: int, generating: float) -> str:
+    """' (12.0 s generating, 43.4 output tok/s); peak KV ...' for the records that ran: a
+    job that generates nothing (choices are scored) in records/s; none when every record
+    failed before it ran."""
+    if not ran:
+        return ": no record ran (each failed before it started)"
+    seconds = max(generating, 1e-9)
+    if stats.generated_tokens:
+        pace = f"{generating:.1f} s generating, {stats.generated_tokens / seconds:.1f} output tok/s"
+    else:
+        pace = f"{generating:.1f} s scoring, {ran / seconds:.1f} records/s"
+    text = (
+        f" ({pace}); peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
+        f"{stats.preemptions} preemption{'' if stats.preemptions == 1 else 's'}"
+    )
+    if stats.graph_steps:
+        text += f", {stats.graph_steps} decode steps from CUDA graphs"
+    return text
+
+
+def _drop_stale_summary(path: Path | None) -> None:
+    """A summary left by an earlier run goes once this one starts: if this run ends
+    before writing its own, none is there to be taken for it."""
+    if path is not None and str(path) != "-":
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _write_summary(summary: dict[str, Any], path: Path) -> None:
+    text = json.dumps(summary, indent=1) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from pagedbatch.files import atomic_write
+
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        fail(f"cannot write the summary {path}: {e.strerror or e}; the output is complete", 1)
 
 
 def _memory_report(llm: Generator, output: Path) -> None:
@@ -318,6 +373,7 @@ def _memory_report(llm: Generator, output: Path) -> None:
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drawn = write_timeline_png(report, png_path)
     console.print(
-        f"Memory report: {json_path}" + (f", {png_path}" if drawn else " (pip install "
-        "matplotlib for the timeline chart)"), soft_wrap=True, markup=False, highlight=False,
+        f"Memory report: {json_path}" + (f", {png_path}" if drawn else "; no chart "
+        f"{png_path}: matplotlib is not installed (pip install matplotlib, or "
+        "scripts/setup.sh)"), soft_wrap=True, markup=False, highlight=False,
     )  # fmt: skip

@@ -70,6 +70,7 @@ class Sequence:
     # most likely tokens), as the sampler saw them.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     forks: list[Sequence] = field(default_factory=list)
+    forked: bool = False  # started as a fork: its prompt is its record's first sequence's
     choice_ids: tuple[int, ...] | None = None
     choice_logprobs: list[float | None] = field(default_factory=list)
     scores_only: bool = False

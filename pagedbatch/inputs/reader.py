@@ -21,9 +21,9 @@ from pagedbatch.files import file_kind
 from pagedbatch.inputs.columns import (
     check_columns,
     check_hub_dataset,
-    data_file_columns,
-    document_columns,
-    saved_dataset_columns,
+    data_file_head,
+    document_head,
+    saved_dataset_head,
     select_split,
 )
 from pagedbatch.inputs.jsonl import loads
@@ -94,7 +94,7 @@ def open_rows(
     path = Path(name)
     mode = _stat_mode(name)
     if mode is not None and stat.S_ISDIR(mode):
-        check_columns(name, saved_dataset_columns(path, name, split), fields)
+        check_columns(name, saved_dataset_head(path, name, split), fields)
         return _dataset_rows(_load_directory(path, name), name, split, fields)
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
@@ -116,7 +116,7 @@ def _file_rows(
         document = _json_document(path, name) if suffix == ".json" else None
         if document is not None:
             _check_file_split(name, split)
-            check_columns(name, document_columns(document), fields)
+            check_columns(name, document_head(document), fields)
             loaded = _load(name, lambda ds: ds.load_dataset("json", data_files=name), "cannot read")
             return _dataset_rows(loaded, name, split, fields)
         _check_file_split(name, split)
@@ -130,7 +130,7 @@ def _file_rows(
             f"{name}: unsupported file type '{suffix}' (use {kinds} or a dataset directory)"
         )
     _check_file_split(name, split)
-    check_columns(name, data_file_columns(path, suffix), fields)
+    check_columns(name, data_file_head(path, suffix), fields)
     data = _load(name, lambda ds: ds.load_dataset(suffix[1:], data_files=name), "cannot read")
     return _dataset_rows(data, name, split, fields)
 

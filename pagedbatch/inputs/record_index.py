@@ -21,6 +21,7 @@ from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.inputs.jsonl import JsonlError
 from pagedbatch.inputs.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.inputs.rows import InputError, RowSource
+from pagedbatch.requests.prompt_template import brace_hint
 from pagedbatch.requests.records import FieldMap, Record, invalid, parse_record
 
 _FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
@@ -50,6 +51,8 @@ class RecordIndex:
 
     def _read(self, on_read: Callable[[int], None] | None) -> None:
         prompt_seen, sample = False, []
+        template = self.fields.template
+        unseen = set(template.fields) if template is not None else set()  # in no row yet
         for batch in self.rows.batches():
             for position, locator, row in batch:
                 record = self._parse(position, row)
@@ -62,11 +65,16 @@ class RecordIndex:
                         sample.append(row)
                     fields = self.fields
                     prompt_seen = prompt_seen or fields.prompt in row or fields.messages in row
+                    if unseen:
+                        unseen = {name for name in unseen if name not in row}
             if on_read is not None:
                 on_read(len(self))
         self._check_unique()
         if not self.batch and self.fields.template is None and sample and not prompt_seen:
             raise InputError(fields_problem(sample, self.rows.name, self.fields))
+        if not self.batch and template is not None and sample and unseen:
+            missing = [name for name in template.fields if name in unseen]
+            raise InputError(template_problem(sample, self.rows.name, missing))
 
     def _parse(self, position: int, row: Any) -> Record:
         if isinstance(row, JsonlError):
@@ -179,11 +187,54 @@ def fields_problem(rows: Sequence[Mapping[str, Any]], name: str, fields: FieldMa
     shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
         ", ..." if len(seen) > _FIELDS_SHOWN else ""
     )
-    example = next((key for key in seen if key != fields.id), "text")
+    example = likely_text_field(rows, exclude=fields.id)
     return (
         f"{name}: no record has a '{fields.prompt}' or '{fields.messages}' field (fields: "
         f"{shown or 'none'}); name the prompt's field with --prompt-field {example}, chat "
         f"messages with --messages-field, or build prompts with --template '... {{{example}}}'"
+    )
+
+
+# Names a prompt's column often has, a tie-break when no value tells (columns known alone).
+_TEXT_NAMES = (
+    "text", "prompt", "content", "body", "review", "question", "input", "query", "instruction",
+    "document", "sentence", "message", "comment", "description",
+)  # fmt: skip
+
+
+def likely_text_field(rows: Sequence[Mapping[str, Any]], exclude: str) -> str:
+    """The field of `rows` most likely to hold the prompt: the one whose string values are
+    longest in all, then one named like text (`_TEXT_NAMES`), then the first; 'text' when
+    there is none but `exclude` (the id field)."""
+    length: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != exclude:
+                length[key] = length.get(key, 0) + (len(value) if isinstance(value, str) else 0)
+    if not length:
+        return "text"
+
+    def named_like_text(key: str) -> int:
+        words = key.lower().replace("-", "_").split("_")
+        if "id" in words:  # review_id: an id, not the review
+            return -100
+        return -min((_TEXT_NAMES.index(w) for w in words if w in _TEXT_NAMES), default=99)
+
+    return max(length, key=lambda key: (length[key], named_like_text(key)))
+
+
+def template_problem(rows: Sequence[Mapping[str, Any]], name: str, missing: list[str]) -> str:
+    """A `--template` field that no row has: every record would fail, so the file is refused,
+    naming the fields it has (and how to write braces that are text, when the field looks
+    like JSON)."""
+    seen = list(dict.fromkeys(key for row in rows for key in row))
+    shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
+        ", ..." if len(seen) > _FIELDS_SHOWN else ""
+    )
+    plural = "s" if len(missing) > 1 else ""
+    return (
+        f"{name}: --template uses the field{plural} {', '.join(map(repr, missing))}, which no "
+        f"record has (fields: {shown or 'none'}){brace_hint(missing)}"
     )
 
 

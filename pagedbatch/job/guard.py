@@ -22,7 +22,8 @@ from pathlib import Path
 from pagedbatch.files import file_kind
 
 LOCK_SUFFIX = ".lock"
-USER_ROLES = ("output", "errors file")  # the written files the user names (-o, --errors)
+# The written files the user names (-o, --errors, --summary-json).
+USER_ROLES = ("output", "errors file", "summary file")
 
 
 class GuardError(Exception):

@@ -59,10 +59,22 @@ class JobResult:
     skipped: int = 0  # already in the output when the run started
     not_run: int = 0  # left for a resume (the run was stopped)
     incomplete: int = 0  # ok records with a constrained completion cut before its end
+    skipped_errors: Counter[str] = field(default_factory=Counter)  # the skipped error lines
 
     @property
     def written(self) -> int:
         return sum(self.codes.values())
+
+    @property
+    def failed(self) -> int:
+        """Error lines this run wrote."""
+        return self.written - self.codes["ok"]
+
+    @property
+    def output_codes(self) -> Counter[str]:
+        """The output's lines of this input's records by code: this run's and the skipped."""
+        skipped_ok = self.skipped - sum(self.skipped_errors.values())
+        return self.codes + self.skipped_errors + Counter(ok=skipped_ok)
 
 
 def default_output(source: str) -> Path:
@@ -120,6 +132,11 @@ class Job:
         self.records = RecordView(self.index, np.arange(len(self.index)))
         self.todo = RecordView(self.index, np.flatnonzero(~done.contains(self.index.keys())))
         self.skipped = len(self.records) - len(self.todo)
+        self.skipped_errors: Counter[str] = Counter()  # the codes of skipped error lines
+        if not policy.retry_errors:
+            for rid, error in self._scan.errors.items():
+                if self.index.find(rid) is not None:
+                    self.skipped_errors[str(error.get("code") or "error")] += 1
         self._writers: list[OutputWriter] = []
         self._created = int(time.time())
 
@@ -177,6 +194,9 @@ class Job:
         if self.settings.engine.memory_report:
             json_path, png_path = report_paths(self.output)
             roles += [("memory report", json_path), ("memory chart", png_path)]
+        summary = self.settings.summary_json
+        if summary is not None and str(summary) != "-":
+            roles.append(("summary file", summary))
         return roles
 
     def run(
@@ -194,7 +214,7 @@ class Job:
         with every line before it whole on disk. The rates the run reached are stored in
         the cache dir (job/rates.py)."""
         self._prepare_files()
-        result = JobResult(skipped=self.skipped)
+        result = JobResult(skipped=self.skipped, skipped_errors=self.skipped_errors.copy())
         with self._open_writers() as (out, quarantine):
 
             def write(output: RequestOutput) -> None:

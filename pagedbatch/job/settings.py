@@ -41,6 +41,9 @@ class RunSettings:
     system: str | None = None
     skip_invalid: bool = False
     order: str = "completion"
+    max_errors: int | None = None  # exit TOO_MANY_ERRORS when the output has more error lines
+    max_error_rate: float | None = None  # ... or more than this fraction of its lines
+    summary_json: Path | None = None  # the run's summary as JSON ("-": stdout)
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(seed=DEFAULT_JOB_SEED))
 
@@ -49,6 +52,11 @@ class RunSettings:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.template is not None:
             PromptTemplate(self.template)  # raises ValueError naming the problem
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ValueError(f"max_errors must be >= 0, got {self.max_errors}")
+        rate = self.max_error_rate
+        if rate is not None and not 0 <= rate <= 1:
+            raise ValueError(f"max_error_rate must be a fraction from 0 to 1, got {rate}")
 
     @property
     def fields(self) -> FieldMap:
@@ -133,7 +141,7 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
         values["stop"] = tuple(values["stop"])
     if isinstance(values.get("choices"), str):
         values["choices"] = parse_choices(values["choices"])
-    for name in ("output", "errors"):
+    for name in ("output", "errors", "summary_json"):
         if isinstance(values.get(name), str):
             values[name] = Path(values[name])
     if values.get("system") is not None:

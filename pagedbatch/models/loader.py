@@ -7,8 +7,10 @@ directory with plain `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +70,10 @@ def load_model(
     extra = {k: v for k, v in extra.items() if v is not None}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=cached_only, **extra
-        )
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=cached_only, **extra
+            )
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
     check_supported(model)
@@ -142,7 +145,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     if target.is_dir():  # only ever created complete, by atomic_directory's rename
         return target
     try:
-        with atomic_directory(target) as staging:
+        with atomic_directory(target) as staging, _no_progress_bars():
             _write_converted(gguf_path, staging)
     except OSError as exc:
         raise ModelLoadError(
@@ -208,6 +211,21 @@ def _check_config(config: PretrainedConfig, name: str) -> None:
                 f"pagedbatch cannot run {name}: it uses attention logit soft-capping "
                 f"(attn_logit_softcapping={softcap})"
             )
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off while
+    a model loads or converts: a library does not print (the caller's setting comes back)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _architecture(config: PretrainedConfig, model: PreTrainedModel | None = None) -> str:

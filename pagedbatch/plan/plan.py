@@ -27,7 +27,9 @@ class SharedPrefix(NamedTuple):
 
 @dataclass(frozen=True)
 class Plan:
-    records: int
+    records: int  # every record read: those that would run, too long, invalid
+    would_run: int  # records that fit the context and are valid
+    invalid: dict[str, int]  # records `run` writes an error line for, by error code
     prompt_tokens: int
     tokens_to_compute: int
     predicted_hit_rate: float
@@ -93,9 +95,11 @@ def make_plan(
         groups = shared_prefix_groups(lcps, block_size)
     total, saved = int(lengths.sum()), int(cached.sum())
     private = int(held.sum()) - saved // block_size
-    mean_private = private / len(lengths) if len(lengths) else 1
+    mean_private = max(private / len(lengths), 1) if len(lengths) else 0
     return Plan(
         records=prompts.records,
+        would_run=len(lengths),
+        invalid=dict(sorted(prompts.invalid.items())),
         prompt_tokens=total,
         tokens_to_compute=total - saved + extra,
         predicted_hit_rate=saved / total if total else 0.0,
@@ -103,7 +107,7 @@ def make_plan(
         blocks_needed=int(needed.sum()),
         blocks_needed_shared=private,
         num_blocks=num_blocks,
-        concurrent_sequences=int(num_blocks // max(mean_private, 1)),
+        concurrent_sequences=int(num_blocks // mean_private) if mean_private else 0,
         largest_shared_prefixes=groups[:top],
         output_tokens=outputs,
         max_model_len=max_model_len,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -49,7 +50,8 @@ class PlanPrompts:
     Invariants: `len(store) == len(max_tokens) == len(n) == len(choice_ends)`; prompt k's
     choices have the token counts `choice_tokens[choice_ends[k-1]:choice_ends[k]]` (none
     for a record that generates); every stored prompt is shorter than `max_model_len`;
-    `too_long` lists the other records' ids in input order.
+    `too_long` lists the other records' ids in input order; `invalid` counts by error code
+    the records left out because `run` writes an error line for them.
     """
 
     def __init__(self, vocab_size: int, max_model_len: int) -> None:
@@ -62,6 +64,7 @@ class PlanPrompts:
         self.too_long: list[Any] = []
         self.constrained = 0  # records whose output a constraint shapes (that would run)
         self.constraint_problems: list[tuple[Any, str]] = []  # (id, why), input order
+        self.invalid: Counter[str] = Counter()  # records left out as `run` fails them, by code
         self._order: np.ndarray | None = None
 
     @classmethod
@@ -79,13 +82,18 @@ class PlanPrompts:
 
     @property
     def records(self) -> int:
-        """Records planned: those that fit and those too long."""
-        return len(self.store) + len(self.too_long)
+        """Records read: those that fit, those too long and those left out as invalid."""
+        return len(self.store) + len(self.too_long) + self.invalid.total()
 
     @property
     def samples(self) -> int:
         """Sequences the fitting records generate: their `n` summed."""
         return sum(self.n)
+
+    @property
+    def generating_samples(self) -> int:
+        """Sequences the fitting records generate, those that score choices left out."""
+        return sum(n for n, most in zip(self.n, self.max_tokens) if most > 0)
 
     def fits(self, ids: Sequence[int]) -> bool:
         return len(ids) < self.max_model_len
@@ -122,7 +130,8 @@ def read_plan_prompts(
 ) -> PlanPrompts:
     """The prompts of every record of `index`, tokenized a batch at a time, as `run` checks
     them: a record with an error, invalid params, a prompt the tokenizer or chat template
-    refuses, an empty prompt or ids outside the vocabulary is left out; one too long for
+    refuses, an empty prompt or ids outside the vocabulary is left out (counted in
+    `invalid` by its error code); one too long for
     the context is counted in `too_long`. `limits` is (vocab_size, max_model_len);
     `on_tokenized(done, total)` follows the records."""
     vocab_size, max_model_len = limits
@@ -139,6 +148,8 @@ def read_plan_prompts(
                 problem = _constraint_problem(batch[j].overrides)
                 if problem is not None:
                     prompts.constraint_problems.append((prompt.id, problem))
+                assert prompt.error is not None
+                prompts.invalid[prompt.error.code] += 1
                 continue
             ids, params = prompt
             prompts.constrained += params.constraint is not None
