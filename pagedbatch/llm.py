@@ -6,6 +6,7 @@ import math
 from array import array
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,10 +16,12 @@ from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.tensor_parallel import start_tensor_parallel
 from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
@@ -57,25 +60,34 @@ class LLM:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
         free = free_memory(self.device)  # before the weights: see num_blocks_for
-        self.model, self.tokenizer = load_model(
-            self.config.model, device=self.device, dtype=dtype,
-            attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
+        # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
+        self.tensor_parallel = start_tensor_parallel(self.config)
+        tp = self.tensor_parallel
+        load = tp.load_model if tp is not None else partial(load_model, self.config.model)
+        self.model, self.tokenizer = load(
+            device=self.device, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+            cache_dir=self.config.cache_dir,
         )  # fmt: skip
         context = self.model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or context, context)
         spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
-        num_blocks = num_blocks_for(
-            spec, self.device, self.config.num_blocks, self.config.kv_memory,
-            weight_bytes=model_bytes(self.model), free=free,
-        )  # fmt: skip
+        if tp is not None:
+            spec, num_blocks = tp.size_pool(spec, self.model, free)
+        else:
+            num_blocks = num_blocks_for(
+                spec, self.device, self.config.num_blocks, self.config.kv_memory,
+                weight_bytes=model_bytes(self.model), free=free,
+            )  # fmt: skip
         _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
+        if tp is not None:
+            tp.start_engines(spec, num_blocks, self.max_model_len)
         stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
-            cascade=self.config.cascade,
+            cascade=self.config.cascade, make_runner=tp.runner if tp is not None else ModelRunner,
         )  # fmt: skip
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
@@ -236,6 +248,11 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one rank); the LLM is done."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
 
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from array import array
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -48,6 +49,7 @@ class Engine:
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
         cascade: bool = True,
+        make_runner: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -58,7 +60,8 @@ class Engine:
         )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
-        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        # make_runner: ModelRunner, or tensor parallelism's (engine/tensor_parallel.py)
+        self.runner = make_runner(model, self.attention, self.block_manager, cascade=cascade)
         self.stop_checker = stop_checker
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None

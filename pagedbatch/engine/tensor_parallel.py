@@ -1,0 +1,415 @@
+"""Tensor parallelism on torch.distributed: one model sharded over N ranks of one node.
+
+Rank 0 is this process: it owns the block tables, the scheduler, the radix cache and the
+sampler, exactly as without tensor parallelism. Ranks 1..N-1 are worker processes
+(engine/tp_worker.py) that hold their shard of every weight and the KV blocks of their own
+KV heads (the same block ids as rank 0, so one block table serves every rank). Each step,
+rank 0 sends the step's block copies and its `Batch` to every worker over a pipe, then all
+ranks run the same forward; the model's collectives (gloo on CPU, NCCL on CUDA) join them
+inside it. The weights are sharded by the architecture's own transformers plan
+(`base_model_tp_plan`: attention heads and MLP columnwise, `o_proj` and `down_proj`
+rowwise with an all-reduce, the LM head gathered to full-vocab logits), so what runs is
+the model's own code with fewer heads per rank.
+
+A rank that dies ends the job: its pipe closes or a collective fails (a dead peer at
+once, a stuck one after `TIMEOUT`), and rank 0 raises `TensorParallelError` naming the
+rank; the job layer keeps every line written before. A worker whose parent dies is
+killed by the kernel (PR_SET_PDEATHSIG) and sees its pipe close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pagedbatch.engine.attention import PagedAttention
+from pagedbatch.engine.batch import Batch
+from pagedbatch.engine.block_manager import BlockCopy, BlockManager
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
+from pagedbatch.engine.model_runner import ModelRunner
+from pagedbatch.engine.scheduler import SchedulerOutput
+
+TIMEOUT = timedelta(seconds=60)  # a collective or the start waiting longer ends the job
+_EXIT_GRACE = 3.0  # seconds rank 0 waits for a failing worker to say why, or exit
+
+
+class TensorParallelError(Exception):
+    """A rank failed or died; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to join the group and load its shard (its first message)."""
+
+    config: EngineConfig
+    rank: int
+    world_size: int
+    store_port: int
+    threads: int | None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A worker loaded its shard: memory free on its device before, and its weight bytes."""
+
+    free_before: int
+    weight_bytes: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A worker's last word: why it stops (one line)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class StartEngine:
+    """The KV pool every rank allocates (same block ids, each rank its own KV heads)."""
+
+    spec: KVCacheSpec
+    num_blocks: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's inputs: the copy-on-write block copies, then the batch to run."""
+
+    copies: list[BlockCopy]
+    batch: Batch
+
+
+def support_problem(config: Any, n: int) -> str | None:
+    """Why the model of `config` cannot be split over `n` ranks, or None (config only)."""
+    text = config.get_text_config()
+    name = ", ".join(config.architectures or []) or config.model_type
+    if not getattr(text, "base_model_tp_plan", None):
+        return f"tensor parallel needs a transformers tensor-parallel plan; {name} has none"
+    sizes = {
+        "attention heads": text.num_attention_heads,
+        "KV heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "intermediate size": getattr(text, "intermediate_size", 0),
+        "vocabulary": text.vocab_size,
+    }
+    for what, size in sizes.items():
+        if size % n:
+            return f"tensor_parallel {n} must divide the {what} of {name} ({size})"
+    return None
+
+
+def shard_spec(spec: KVCacheSpec, n: int) -> KVCacheSpec:
+    """One rank's KV cache shape: its own `num_kv_heads / n` KV heads."""
+    return dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads // n)
+
+
+def local_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's parameters (a sharded weight counts its local shard)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def rank_threads(config: EngineConfig) -> int | None:
+    """Torch threads of each rank: `threads` as given, else the default shared by the ranks
+    (on CPU the ranks compute at once on the same cores)."""
+    if config.threads is not None:
+        return config.threads
+    threads = config.torch_threads
+    return None if threads is None else max(1, threads // config.tensor_parallel)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: cuda:r on CUDA, the CPU otherwise."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+@contextlib.contextmanager
+def local_rank_env(rank: int):
+    """transformers reads LOCAL_RANK to place a sharded model; set it around a load only."""
+    before = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = str(rank)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = before
+
+
+def portable(obj: Any, device: torch.device) -> Any:
+    """`obj` (a Batch and what it holds) with every tensor and device moved to `device`
+    (frozen dataclasses rebuilt, so no cached property of the other device survives)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, torch.device):
+        return device
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: portable(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, tuple | list):
+        return type(obj)(portable(x, device) for x in obj)
+    return obj
+
+
+class TensorParallel:
+    """Rank 0's side of the group: the worker processes, their pipes and the process group.
+
+    Start it before loading the model (the workers load theirs meanwhile), then
+    `load_model`, `size_pool`, `start_engines`; the engine's `TensorParallelRunner` sends
+    each step. `close()` stops the workers and leaves torch.distributed uninitialised.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        if dist.is_initialized():
+            raise ValueError(
+                "tensor_parallel needs this process's torch.distributed to itself: another "
+                "tensor-parallel LLM is open (close() it) or the caller initialised it"
+            )
+        self.config = config
+        self.world_size = n = config.tensor_parallel
+        self.device = rank_device(config.torch_device, 0)
+        if self.device.type == "cuda" and torch.cuda.device_count() < n:
+            raise ValueError(
+                f"tensor_parallel {n} needs {n} GPUs, torch sees {torch.cuda.device_count()}"
+            )
+        self.closed = False
+        self.failed: TensorParallelError | None = None
+        store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, timeout=TIMEOUT,
+                              wait_for_workers=False)  # fmt: skip
+        threads = rank_threads(config)
+        self.workers: list[subprocess.Popen] = []
+        self.pipes: list[Connection] = []
+        try:
+            for rank in range(1, n):
+                self._spawn(WorkerSpec(config, rank, n, store.port, threads))
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(
+                backend_for(self.device), store=store, rank=0, world_size=n, timeout=TIMEOUT
+            )
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (n,))
+        except Exception as e:
+            raise self.failure(e) from e
+
+    def _spawn(self, spec: WorkerSpec) -> None:
+        ours, theirs = Pipe()
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pagedbatch.engine.tp_worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=None if os.environ.get("PAGEDBATCH_TP_DEBUG") else subprocess.DEVNULL,
+            env=env,
+        )  # fmt: skip
+        theirs.close()
+        self.workers.append(worker)
+        self.pipes.append(ours)
+        send(ours, spec)
+
+    def load_model(self, **kw: Any):
+        """Rank 0's shard of the model (and the tokenizer): models.loader.load_model."""
+        from pagedbatch.models.loader import load_model
+
+        with local_rank_env(0):
+            return load_model(self.config.model, device_mesh=self.mesh, **kw)
+
+    def size_pool(
+        self, spec: KVCacheSpec, model: torch.nn.Module, free: int
+    ) -> tuple[KVCacheSpec, int]:
+        """Each rank's KV spec and the pool's blocks (the same count on every rank).
+
+        On CPU the ranks share one memory: the pool is sized as one process would size
+        the whole model's (`kv_memory` is the total); on CUDA each GPU holds its shard of
+        the weights and of the pool (`kv_memory` per GPU, from the GPU with least free)."""
+        reports = [self._receive(rank, Loaded) for rank in range(1, self.world_size)]
+        config, n = self.config, self.world_size
+        local = shard_spec(spec, n)
+        weights = local_weight_bytes(model)
+        if self.device.type == "cpu":
+            blocks = num_blocks_for(spec, self.device, config.num_blocks, config.kv_memory,
+                                    weight_bytes=weights * n, free=free)  # fmt: skip
+            return local, blocks
+        free = min([free, *(r.free_before for r in reports)])
+        weights = max([weights, *(r.weight_bytes for r in reports)])
+        blocks = num_blocks_for(local, self.device, config.num_blocks, config.kv_memory,
+                                weight_bytes=weights, free=free)  # fmt: skip
+        return local, blocks
+
+    def start_engines(self, spec: KVCacheSpec, num_blocks: int, max_model_len: int) -> None:
+        """Every worker allocates its KV pool and waits for steps."""
+        self._broadcast(StartEngine(spec, num_blocks, max_model_len))
+
+    def send(self, copies: list[BlockCopy], batch: Batch) -> None:
+        """The step's inputs to every worker (scoring stays on rank 0)."""
+        batch = dataclasses.replace(batch, scores=None)
+        if self.device.type != "cpu":
+            batch = portable(batch, torch.device("cpu"))
+        self._broadcast(Step(copies, batch))
+
+    def _broadcast(self, message: Any) -> None:
+        if self.failed is not None:
+            raise self.failed
+        try:
+            for pipe in self.pipes:
+                send(pipe, message)
+        except OSError as e:
+            raise self.failure(e) from e
+
+    def _receive(self, rank: int, kind: type) -> Any:
+        try:
+            message = receive(self.pipes[rank - 1])
+        except (OSError, EOFError) as e:
+            raise self.failure(e) from e
+        if isinstance(message, Failed):
+            raise self.failure(RuntimeError(message.message))
+        if not isinstance(message, kind):
+            raise self.failure(RuntimeError(f"rank {rank} sent {type(message).__name__}"))
+        return message
+
+    def failure(self, error: BaseException) -> TensorParallelError:
+        """The one-line error of a failed step or start: which rank failed and how (a
+        worker's own reason, its exit), else the collective's error. Ends the group."""
+        if self.failed is not None:
+            return self.failed
+        deadline = time.monotonic() + _EXIT_GRACE
+        reason = None
+        while reason is None and time.monotonic() < deadline:
+            reason = self._worker_reason()
+            if reason is None:
+                time.sleep(0.05)
+        if reason is None:
+            lines = str(error).strip().splitlines()
+            reason = f"a collective failed ({type(error).__name__}: {lines[0] if lines else ''})"
+        self.failed = TensorParallelError(f"tensor parallel stopped: {reason}")
+        self.close()
+        return self.failed
+
+    def _worker_reason(self) -> str | None:
+        """The first worker's reason to stop: a Failed message, or its exit."""
+        for rank, (worker, pipe) in enumerate(zip(self.workers, self.pipes), start=1):
+            with contextlib.suppress(OSError, EOFError):
+                if pipe.poll():
+                    message = receive(pipe)
+                    if isinstance(message, Failed):
+                        return f"rank {rank} failed: {message.message}"
+            code = worker.poll()
+            if code is not None:
+                return f"rank {rank} (pid {worker.pid}) {_exit_text(code)}"
+        return None
+
+    def close(self) -> None:
+        """Stop the workers (a goodbye, then SIGKILL after a grace) and the process group."""
+        if self.closed:
+            return
+        self.closed = True
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                send(pipe, None)
+        deadline = time.monotonic() + _EXIT_GRACE
+        for worker in self.workers:
+            try:
+                worker.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        for pipe in self.pipes:
+            pipe.close()
+        if self.failed is not None:  # a peer is gone: nothing may wait for it
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+    def runner(self, model, attention: PagedAttention, block_manager: BlockManager,
+               cascade: bool = False) -> TensorParallelRunner:  # fmt: skip
+        """The engine's model runner (Engine's `make_runner`)."""
+        return TensorParallelRunner(model, attention, block_manager, cascade, group=self)
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's runner: sends each prepared step to the workers; a collective that fails
+    raises the group's TensorParallelError."""
+
+    def __init__(self, model, attention: PagedAttention, block_manager: BlockManager,
+                 cascade: bool = False, *, group: TensorParallel) -> None:  # fmt: skip
+        super().__init__(model, attention, block_manager, cascade)
+        self.group = group
+
+    def prepare(self, out: SchedulerOutput) -> Batch:
+        batch = super().prepare(out)
+        self.group.send(out.copies, batch)
+        return batch
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        try:
+            return super().forward(batch)
+        except (RuntimeError, OSError) as e:  # dist errors are RuntimeErrors
+            raise self.group.failure(e) from e
+
+
+def send(pipe: Connection, message: Any) -> None:
+    """Plain pickle (tensors by value): `Connection.send` would pass tensors through shared
+    memory, whose handshake needs a multiprocessing-started peer."""
+    pipe.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(pipe: Connection) -> Any:
+    return pickle.loads(pipe.recv_bytes())
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere the pipe's
+    end-of-file stops a worker waiting for a step)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def start_tensor_parallel(config: EngineConfig) -> TensorParallel | None:
+    """The started group of `config.tensor_parallel` ranks (None for one): the model's
+    config is checked first (ModelLoadError naming what cannot be split)."""
+    if config.tensor_parallel == 1:
+        return None
+    from pagedbatch.models.loader import ModelLoadError, load_tokenizer_and_config
+    from pagedbatch.models.random_presets import RANDOM_PRESETS
+
+    if config.model in RANDOM_PRESETS:
+        raise ModelLoadError(f"tensor parallel runs checkpoints, not random preset {config.model}")
+    _, model_config = load_tokenizer_and_config(config.model, config.cache_dir)
+    problem = support_problem(model_config, config.tensor_parallel)
+    if problem is not None:
+        raise ModelLoadError(problem)
+    return TensorParallel(config)
