@@ -1,0 +1,146 @@
+"""Tensor parallelism (engine/tensor_parallel.py) on CPU: 2 ranks over gloo, real processes.
+
+Exactness rule: the ranks sum partial matmuls (o_proj, down_proj) in another order than
+one process does, so fp32 logits differ in the last bits. Each generated token is
+compared with one process's; where they differ, one process's top-2 logprob margin at
+that position must be a near-tie (< NEAR_TIE), and the logprobs before it must agree
+within LOGPROB_TOL. On these tiny models no token differs (asserted: the test reports it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from tiny_models import tiny_config
+
+from pagedbatch import LLM, SamplingParams
+from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.tensor_parallel import TensorParallelError, support_problem
+from pagedbatch.models.loader import ModelLoadError
+
+LOGPROB_TOL = 1e-4
+NEAR_TIE = 1e-3
+# The tiny preset's pool and budget: chunked prefill, preemption (configs/tiny.toml).
+SMALL = {"device": "cpu", "threads": 1, "block_size": 8, "num_blocks": 24,
+         "max_batch_tokens": 32, "max_num_seqs": 8}  # fmt: skip
+SHARED = "Label the following review as positive or negative. The food was "
+PROMPTS = [
+    SHARED + "cold.",
+    SHARED + "great, the room quiet.",
+    "Once upon a time there was a small model",
+    SHARED + "slow and the room loud.",
+    "Question: What is the capital of France? Answer:",
+]
+
+
+def _records() -> list[dict]:
+    records = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)]
+    records.append({"id": "forks", "prompt": SHARED + "fine.", "n": 3, "temperature": 0.8,
+                    "seed": 7})  # fmt: skip
+    records.append({"id": "choice", "prompt": SHARED + "bad. Label:",
+                    "choices": [" positive", " negative"]})  # fmt: skip
+    return records
+
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, ignore_eos=True)
+
+
+def _compare(tp, one) -> int:
+    """Assert tp's outputs match one process's (module doc's rule); return tokens compared."""
+    compared = 0
+    for a, b in zip(tp, one, strict=True):
+        assert a.id == b.id
+        if b.choices is not None:
+            for x, y in zip(a.choices, b.choices, strict=True):
+                assert x.logprob == pytest.approx(y.logprob, abs=LOGPROB_TOL)
+            continue
+        for x, y in zip(a.completions, b.completions, strict=True):
+            for k, (u, v) in enumerate(zip(x.logprobs, y.logprobs, strict=True)):
+                if u.token_id != v.token_id:
+                    margin = v.top[0][2] - v.top[1][2]
+                    assert margin < NEAR_TIE, f"{a.id}: token {k} differs at margin {margin}"
+                    break
+                assert u.logprob == pytest.approx(v.logprob, abs=LOGPROB_TOL)
+                compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_two_ranks_generate_what_one_process_does(tiny_model_dirs, arch):
+    """Greedy with shared prefixes, forks (n=3 sampled from the parent's row), a scored
+    choice, chunked prefill and preemption in a small pool: the same tokens as one process."""
+    path = str(tiny_model_dirs[arch])
+    llm = LLM(path, tensor_parallel=2, **SMALL)
+    try:
+        assert llm.kv_cache.spec.num_kv_heads == 1  # rank 0 holds its one of 2 KV heads
+        tp = llm.generate(_records(), PARAMS)
+        stats = llm.stats()
+    finally:
+        llm.close()
+    one = LLM(path, **SMALL).generate(_records(), PARAMS)
+    assert stats.preemptions > 0 and stats.prefix_hit_tokens > 0
+    total = sum(len(c.token_ids) for o in one if o.completions for c in o.completions)
+    assert _compare(tp, one) == total  # no token differed
+
+
+def test_a_killed_rank_ends_generate_at_once_with_the_rank_named(tiny_model_dirs):
+    """SIGKILL a worker mid-run: generate raises within seconds naming rank 1 and the
+    signal; the outputs finished before were handed out; the LLM's workers are gone."""
+    llm = LLM(str(tiny_model_dirs["llama"]), tensor_parallel=2, **SMALL)
+    worker = llm.tensor_parallel.workers[0]
+    done, killed_at = [], []
+
+    def on_step(stats):
+        if stats.steps == 3:
+            os.kill(worker.pid, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    records = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS * 3)]
+    with pytest.raises(TensorParallelError) as raised:
+        llm.generate(records, params, on_step=on_step, on_output=done.append)
+    assert time.monotonic() - killed_at[0] < 10
+    message = str(raised.value)
+    assert "rank 1" in message and "SIGKILL" in message and "\n" not in message
+    assert worker.poll() is not None and llm.tensor_parallel.closed
+    with pytest.raises(TensorParallelError):  # the group stays failed
+        llm.generate(records[:1], params)
+
+
+def test_refusals_are_one_line():
+    refusals = {
+        "CUDA graphs": {"cuda_graphs": True},
+        "torch attention only": {"attention": "triton"},
+        "cuda:r": {"device": "cuda:1"},
+    }
+    for words, kw in refusals.items():
+        with pytest.raises(ValueError, match=words):
+            EngineConfig(tensor_parallel=2, **kw)
+    with pytest.raises(ValueError, match="tensor_parallel must be >= 1"):
+        EngineConfig(tensor_parallel=0)
+    assert EngineConfig(tensor_parallel=2, device="cpu").attention_backend == "torch"
+    assert not EngineConfig(tensor_parallel=2, device="cpu").use_cuda_graphs
+
+
+def test_models_whose_shapes_do_not_split_are_refused_before_any_process_starts():
+    config = tiny_config("llama", 448, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    assert "KV heads" in support_problem(config, 2)
+    assert "attention heads" in support_problem(config, 4)
+    assert support_problem(tiny_config("qwen3", 448), 2) is None
+    assert "vocabulary" in support_problem(tiny_config("llama", 447), 2)
+    with pytest.raises(ModelLoadError, match="random preset"):
+        LLM("tiny-random", tensor_parallel=2, device="cpu")
+
+
+def test_an_architecture_without_a_plan_is_refused_by_name():
+    from transformers import GPT2Config
+
+    config = GPT2Config(architectures=["GPT2LMHeadModel"])
+    if getattr(config, "base_model_tp_plan", None):
+        pytest.skip("GPT-2 has a tensor-parallel plan in this transformers")
+    assert support_problem(config, 2) == (
+        "tensor parallel needs a transformers tensor-parallel plan; GPT2LMHeadModel has none"
+    )
