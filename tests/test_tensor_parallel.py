@@ -12,8 +12,21 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
+from job_helpers import (
+    by_id,
+    invoke,
+    prompts,
+    read_lines,
+    resume_command,
+    run_shell,
+    start,
+    tiny_args,
+    wait_for_lines,
+    write_jsonl,
+)
 from tiny_models import tiny_config
 
 from pagedbatch import LLM, SamplingParams
@@ -144,3 +157,46 @@ def test_an_architecture_without_a_plan_is_refused_by_name():
     assert support_problem(config, 2) == (
         "tensor parallel needs a transformers tensor-parallel plan; GPT2LMHeadModel has none"
     )
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """The tensor-parallel workers among the children of process `pid`."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(c) for c in children
+        if b"tp_worker" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]  # fmt: skip
+
+
+def test_a_job_whose_rank_is_killed_stops_in_seconds_and_resumes_to_the_full_output(
+    tiny_model_dirs, tmp_path
+):
+    """A real `pagedbatch run --tensor-parallel 2`: SIGKILL rank 1 once lines are written;
+    the job exits 1 within seconds with one error line naming the rank and the resume
+    command; the output ends on a whole line; the printed resume finishes it, and every
+    line equals a one-process run's."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(24))
+    out = tmp_path / "out.jsonl"
+    args = tiny_args(tiny_model_dirs["llama"], "--threads", "1", "--max-num-seqs", "2",
+                     "--max-tokens", "16", "--ignore-eos", "-o", out)  # fmt: skip
+    job = start([str(source), *args, "--tensor-parallel", "2"], tmp_path)
+    wait_for_lines(out, 2, job)
+    (worker,) = _worker_pids(job.pid)
+    os.kill(worker, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = job.communicate(timeout=60)
+    assert time.monotonic() - killed < 15
+    assert job.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert f"rank 1 (pid {worker}) was killed by SIGKILL" in errors[0]
+    written = read_lines(out)
+    assert 2 <= len(written) < 24
+    resumed = run_shell(resume_command(stderr), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "one.jsonl"
+    assert invoke(source, *args[:-1], reference).exit_code == 0
+    got, want = by_id(read_lines(out)), by_id(read_lines(reference))
+    assert got.keys() == want.keys()
+    for key, line in want.items():
+        assert got[key]["choices"] == line["choices"], key
