@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from job_helpers import (
     by_id,
     invoke,
@@ -30,8 +31,14 @@ from job_helpers import (
 from tiny_models import tiny_config
 
 from pagedbatch import LLM, SamplingParams
+from pagedbatch.cli.plan import kv_blocks
 from pagedbatch.engine.config import EngineConfig
-from pagedbatch.engine.tensor_parallel import TensorParallelError, support_problem
+from pagedbatch.engine.tensor_parallel import TensorParallelError
+from pagedbatch.engine.tp_shards import (
+    config_rank_weight_bytes,
+    local_weight_bytes,
+    support_problem,
+)
 from pagedbatch.models.loader import ModelLoadError
 
 LOGPROB_TOL = 1e-4
@@ -102,7 +109,14 @@ def test_two_ranks_generate_what_one_process_does(tiny_model_dirs, arch):
 def test_a_killed_rank_ends_generate_at_once_with_the_rank_named(tiny_model_dirs):
     """SIGKILL a worker mid-run: generate raises within seconds naming rank 1 and the
     signal; the outputs finished before were handed out; the LLM's workers are gone."""
-    llm = LLM(str(tiny_model_dirs["llama"]), tensor_parallel=2, **SMALL)
+    path = str(tiny_model_dirs["llama"])
+    small = {**SMALL, "num_blocks": None, "kv_memory": "96KiB"}
+    llm = LLM(path, tensor_parallel=2, **small)
+    # `plan` sizes what LLM allocates: the pool (1/2 of each block's bytes on each rank)
+    # and a rank's weights, from the config alone
+    engine, model_config = llm.config, llm.model.config
+    assert kv_blocks(engine, model_config) == llm.kv_cache.num_blocks == 24
+    assert local_weight_bytes(llm.model) == config_rank_weight_bytes(model_config, torch.float32, 2)
     worker = llm.tensor_parallel.workers[0]
     done, killed_at = [], []
 

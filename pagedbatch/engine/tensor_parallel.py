@@ -20,16 +20,12 @@ killed by the kernel (PR_SET_PDEATHSIG) and sees its pipe close.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any
@@ -41,138 +37,35 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockCopy, BlockManager
 from pagedbatch.engine.config import EngineConfig
-from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
+from pagedbatch.engine.kv_cache import KVCacheSpec
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
+from pagedbatch.engine.tp_protocol import (
+    TIMEOUT,
+    Failed,
+    Loaded,
+    StartEngine,
+    Step,
+    WorkerSpec,
+    backend_for,
+    local_rank_env,
+    portable,
+    rank_device,
+    receive,
+    send,
+)
+from pagedbatch.engine.tp_shards import (
+    local_weight_bytes,
+    pool_blocks,
+    rank_threads,
+    support_problem,
+)
 
-TIMEOUT = timedelta(seconds=60)  # a collective or the start waiting longer ends the job
 _EXIT_GRACE = 3.0  # seconds rank 0 waits for a failing worker to say why, or exit
 
 
 class TensorParallelError(Exception):
     """A rank failed or died; the message is one line naming it."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker needs to join the group and load its shard (its first message)."""
-
-    config: EngineConfig
-    rank: int
-    world_size: int
-    store_port: int
-    threads: int | None
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A worker loaded its shard: memory free on its device before, and its weight bytes."""
-
-    free_before: int
-    weight_bytes: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A worker's last word: why it stops (one line)."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class StartEngine:
-    """The KV pool every rank allocates (same block ids, each rank its own KV heads)."""
-
-    spec: KVCacheSpec
-    num_blocks: int
-    max_model_len: int
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step's inputs: the copy-on-write block copies, then the batch to run."""
-
-    copies: list[BlockCopy]
-    batch: Batch
-
-
-def support_problem(config: Any, n: int) -> str | None:
-    """Why the model of `config` cannot be split over `n` ranks, or None (config only)."""
-    text = config.get_text_config()
-    name = ", ".join(config.architectures or []) or config.model_type
-    if not getattr(text, "base_model_tp_plan", None):
-        return f"tensor parallel needs a transformers tensor-parallel plan; {name} has none"
-    sizes = {
-        "attention heads": text.num_attention_heads,
-        "KV heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        "intermediate size": getattr(text, "intermediate_size", 0),
-        "vocabulary": text.vocab_size,
-    }
-    for what, size in sizes.items():
-        if size % n:
-            return f"tensor_parallel {n} must divide the {what} of {name} ({size})"
-    return None
-
-
-def shard_spec(spec: KVCacheSpec, n: int) -> KVCacheSpec:
-    """One rank's KV cache shape: its own `num_kv_heads / n` KV heads."""
-    return dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads // n)
-
-
-def local_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of this rank's parameters (a sharded weight counts its local shard)."""
-    total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
-
-
-def rank_threads(config: EngineConfig) -> int | None:
-    """Torch threads of each rank: `threads` as given, else the default shared by the ranks
-    (on CPU the ranks compute at once on the same cores)."""
-    if config.threads is not None:
-        return config.threads
-    threads = config.torch_threads
-    return None if threads is None else max(1, threads // config.tensor_parallel)
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r's device: cuda:r on CUDA, the CPU otherwise."""
-    return torch.device("cuda", rank) if device.type == "cuda" else device
-
-
-@contextlib.contextmanager
-def local_rank_env(rank: int):
-    """transformers reads LOCAL_RANK to place a sharded model; set it around a load only."""
-    before = os.environ.get("LOCAL_RANK")
-    os.environ["LOCAL_RANK"] = str(rank)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["LOCAL_RANK"]
-        else:
-            os.environ["LOCAL_RANK"] = before
-
-
-def portable(obj: Any, device: torch.device) -> Any:
-    """`obj` (a Batch and what it holds) with every tensor and device moved to `device`
-    (frozen dataclasses rebuilt, so no cached property of the other device survives)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, torch.device):
-        return device
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: portable(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, tuple | list):
-        return type(obj)(portable(x, device) for x in obj)
-    return obj
 
 
 class TensorParallel:
@@ -241,24 +134,13 @@ class TensorParallel:
     def size_pool(
         self, spec: KVCacheSpec, model: torch.nn.Module, free: int
     ) -> tuple[KVCacheSpec, int]:
-        """Each rank's KV spec and the pool's blocks (the same count on every rank).
-
-        On CPU the ranks share one memory: the pool is sized as one process would size
-        the whole model's (`kv_memory` is the total); on CUDA each GPU holds its shard of
-        the weights and of the pool (`kv_memory` per GPU, from the GPU with least free)."""
+        """Each rank's KV spec and the pool's blocks (tp_shards.pool_blocks), from every
+        rank's weights and, on CUDA, the least memory free before loading."""
         reports = [self._receive(rank, Loaded) for rank in range(1, self.world_size)]
-        config, n = self.config, self.world_size
-        local = shard_spec(spec, n)
-        weights = local_weight_bytes(model)
-        if self.device.type == "cpu":
-            blocks = num_blocks_for(spec, self.device, config.num_blocks, config.kv_memory,
-                                    weight_bytes=weights * n, free=free)  # fmt: skip
-            return local, blocks
-        free = min([free, *(r.free_before for r in reports)])
-        weights = max([weights, *(r.weight_bytes for r in reports)])
-        blocks = num_blocks_for(local, self.device, config.num_blocks, config.kv_memory,
-                                weight_bytes=weights, free=free)  # fmt: skip
-        return local, blocks
+        if self.device.type != "cpu":  # the GPU with least room decides
+            free = min([free, *(r.free_before for r in reports)])
+        weights = max([local_weight_bytes(model), *(r.weight_bytes for r in reports)])
+        return pool_blocks(spec, self.config, self.device, weights, free)
 
     def start_engines(self, spec: KVCacheSpec, num_blocks: int, max_model_len: int) -> None:
         """Every worker allocates its KV pool and waits for steps."""
@@ -373,29 +255,10 @@ class TensorParallelRunner(ModelRunner):
             raise self.group.failure(e) from e
 
 
-def send(pipe: Connection, message: Any) -> None:
-    """Plain pickle (tensors by value): `Connection.send` would pass tensors through shared
-    memory, whose handshake needs a multiprocessing-started peer."""
-    pipe.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def receive(pipe: Connection) -> Any:
-    return pickle.loads(pipe.recv_bytes())
-
-
 def _exit_text(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
-
-
-def die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (Linux; elsewhere the pipe's
-    end-of-file stops a worker waiting for a step)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def start_tensor_parallel(config: EngineConfig) -> TensorParallel | None:

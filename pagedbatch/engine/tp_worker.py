@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pagedbatch.engine.attention import ATTN_IMPLEMENTATION, PagedAttention
 from pagedbatch.engine.kv_cache import KVCache, free_memory
 from pagedbatch.engine.model_runner import ModelRunner
-from pagedbatch.engine.tensor_parallel import (
+from pagedbatch.engine.tp_protocol import (
     TIMEOUT,
     Failed,
     Loaded,
@@ -29,12 +29,12 @@ from pagedbatch.engine.tensor_parallel import (
     backend_for,
     die_with_parent,
     local_rank_env,
-    local_weight_bytes,
     portable,
     rank_device,
     receive,
     send,
 )
+from pagedbatch.engine.tp_shards import local_weight_bytes
 from pagedbatch.models.loader import load_model
 
 

@@ -40,6 +40,9 @@ class Plan:
     output_tokens: int = 0  # the most the records can generate: max_tokens x n each
     max_model_len: int = 0  # the cap on prompt + output tokens planned with
     estimate: Estimate | None = None  # the job's time, when rates were measured or stored
+    tensor_parallel: int = 1  # ranks; with more than one, what the fullest rank holds:
+    rank_weight_bytes: int | None = None  # its shard of the weights
+    rank_kv_bytes: int | None = None  # its KV heads' part of the pool
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
