@@ -22,6 +22,7 @@ from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
 from pagedbatch.engine.tensor_parallel import start_tensor_parallel
+from pagedbatch.engine.tp_shards import local_weight_bytes
 from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
@@ -236,15 +237,23 @@ class LLM:
         The per-step timeline is there only with `memory_report=True`.
         """
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
-        return memory_report(
+        ranks = self.config.tensor_parallel  # the figures are all ranks' together
+        report = memory_report(
             counter.peak, counter.kv_waste_mean, counter.timeline,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
-            kv_bytes_per_token=spec.bytes_per_token,
+            kv_bytes_per_token=spec.bytes_per_token * ranks,
             model_bytes=model_bytes(self.model),
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,
         )  # fmt: skip
+        if self.tensor_parallel is not None:  # what each rank holds (rank 0's shard)
+            report["tensor_parallel"] = {
+                "ranks": ranks,
+                "rank_weight_bytes": local_weight_bytes(self.model),
+                "rank_kv_pool_bytes": self.kv_cache.nbytes,
+            }
+        return report
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

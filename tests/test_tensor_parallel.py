@@ -97,10 +97,18 @@ def test_two_ranks_generate_what_one_process_does(tiny_model_dirs, arch):
     try:
         assert llm.kv_cache.spec.num_kv_heads == 1  # rank 0 holds its one of 2 KV heads
         tp = llm.generate(_records(), PARAMS)
-        stats = llm.stats()
+        stats, report = llm.stats(), llm.memory_report()
     finally:
         llm.close()
-    one = LLM(path, **SMALL).generate(_records(), PARAMS)
+    alone = LLM(path, **SMALL)
+    one = alone.generate(_records(), PARAMS)
+    whole = alone.memory_report()
+    assert (
+        report["kv_pool_bytes"]
+        == whole["kv_pool_bytes"]
+        == 2 * report["tensor_parallel"]["rank_kv_pool_bytes"]
+    )
+    assert report["model_bytes"] == whole["model_bytes"]
     assert stats.preemptions > 0 and stats.prefix_hit_tokens > 0
     total = sum(len(c.token_ids) for o in one if o.completions for c in o.completions)
     assert _compare(tp, one) == total  # no token differed
