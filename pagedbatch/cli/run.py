@@ -99,7 +99,7 @@ def run(
     except ValueError as e:
         fail(str(e))
     if cluster is not None and settings.engine.tensor_parallel > 1:
-        fail("--tensor-parallel does not run with --ray yet: a replica is one GPU")
+        fail("--tensor-parallel does not run with --ray yet: a replica is one GPU")  # RayLLM too
     _run_job(input, settings, policy, progress, resume_command(ctx), cluster)
 
 

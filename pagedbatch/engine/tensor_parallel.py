@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
@@ -109,6 +110,19 @@ class TensorParallel:
             self.mesh = init_device_mesh(self.device.type, (n,))
         except Exception as e:
             raise self.failure(e) from e
+        threading.Thread(target=self._watch, name="pagedbatch-tp-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Notice a worker's death while this rank may wait in a collective: NCCL would wait
+        out the timeout, so its group is aborted at once and the collective fails (gloo
+        fails by itself, as the dead peer's sockets close)."""
+        while not self.closed:
+            if any(worker.poll() is not None for worker in self.workers):
+                if self.device.type == "cuda":
+                    with contextlib.suppress(Exception):
+                        dist.distributed_c10d._abort_process_group()
+                return
+            time.sleep(0.2)
 
     def _spawn(self, spec: WorkerSpec) -> None:
         ours, theirs = Pipe()
