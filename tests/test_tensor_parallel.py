@@ -225,3 +225,22 @@ def test_a_job_whose_rank_is_killed_stops_in_seconds_and_resumes_to_the_full_out
     assert got.keys() == want.keys()
     for key, line in want.items():
         assert got[key]["choices"] == line["choices"], key
+
+
+def test_cascade_attention_under_two_ranks_matches_one_process(tiny_model_dirs):
+    """Records decoding behind a shared prefix of 512+ tokens (the torch cascade rule):
+    each rank reads its KV heads' prefix pages once per group, with the same tokens."""
+    path = str(tiny_model_dirs["llama"])
+    shared = " ".join(["Summarize the text below in one sentence."] * 60)
+    records = [{"id": i, "prompt": f"{shared} Part {i}:"} for i in range(4)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
+    kw = {"device": "cpu", "threads": 1, "num_blocks": 160, "max_batch_tokens": 1024}
+    llm = LLM(path, tensor_parallel=2, **kw)
+    try:
+        tp = llm.generate(records, params)
+        saved = llm.stats().cascade_saved_token_reads
+    finally:
+        llm.close()
+    one = LLM(path, **kw).generate(records, params)
+    assert saved > 0
+    assert _compare(tp, one) == 4 * 6
