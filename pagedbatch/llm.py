@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
@@ -21,7 +22,7 @@ from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
-from pagedbatch.engine.tensor_parallel import start_tensor_parallel
+from pagedbatch.engine.tensor_parallel import TensorParallel, start_tensor_parallel
 from pagedbatch.engine.tp_shards import local_weight_bytes
 from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import eos_token_ids, load_model
@@ -64,6 +65,33 @@ class LLM:
         # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
         self.tensor_parallel = start_tensor_parallel(self.config)
         tp = self.tensor_parallel
+        try:
+            self._load(tp, free, dtype)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
+        if tp is not None:  # an LLM dropped without close() stops its workers too
+            weakref.finalize(self, tp.close)
+        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
+        self.engine = Engine(
+            self.model, self.kv_cache, stop, self.config.max_batch_tokens,
+            self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
+            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
+            cascade=self.config.cascade, make_runner=tp.runner if tp is not None else ModelRunner,
+        )  # fmt: skip
+        self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
+        if self.config.use_cuda_graphs:
+            self._capture_cuda_graphs()
+        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
+        limits = Limits(
+            self.model.get_input_embeddings().num_embeddings, self.max_model_len,
+            self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
+        )  # fmt: skip
+        self.preparer = Preparer(self.prompts, limits)
+
+    def _load(self, tp: TensorParallel | None, free: int, dtype: torch.dtype) -> None:
+        """Load the model (this rank's shard) and allocate the KV cache (its KV heads)."""
         load = tp.load_model if tp is not None else partial(load_model, self.config.model)
         self.model, self.tokenizer = load(
             device=self.device, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
@@ -83,22 +111,6 @@ class LLM:
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         if tp is not None:
             tp.start_engines(spec, num_blocks, self.max_model_len)
-        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
-        self.engine = Engine(
-            self.model, self.kv_cache, stop, self.config.max_batch_tokens,
-            self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
-            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
-            cascade=self.config.cascade, make_runner=tp.runner if tp is not None else ModelRunner,
-        )  # fmt: skip
-        self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
-        if self.config.use_cuda_graphs:
-            self._capture_cuda_graphs()
-        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
-        limits = Limits(
-            self.model.get_input_embeddings().num_embeddings, self.max_model_len,
-            self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
-        )  # fmt: skip
-        self.preparer = Preparer(self.prompts, limits)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA

@@ -120,6 +120,9 @@ def test_a_killed_rank_ends_generate_at_once_with_the_rank_named(tiny_model_dirs
     signal; the outputs finished before were handed out; the LLM's workers are gone."""
     path = str(tiny_model_dirs["llama"])
     small = {**SMALL, "num_blocks": None, "kv_memory": "96KiB"}
+    with pytest.raises(ValueError, match="holds no KV block"):  # the workers are stopped
+        LLM(path, tensor_parallel=2, **{**small, "kv_memory": "1KiB"})
+    assert not torch.distributed.is_initialized()
     llm = LLM(path, tensor_parallel=2, **small)
     # `plan` sizes what LLM allocates: the pool (1/2 of each block's bytes on each rank)
     # and a rank's weights, from the config alone
