@@ -247,3 +247,28 @@ def test_cascade_attention_under_two_ranks_matches_one_process(tiny_model_dirs):
     one = LLM(path, **kw).generate(records, params)
     assert saved > 0
     assert _compare(tp, one) == 4 * 6
+
+
+def test_ctrl_c_to_the_process_group_stops_the_job_after_its_step_and_the_workers(
+    tiny_model_dirs, tmp_path
+):
+    """A terminal's SIGINT reaches rank 0 and the workers alike: rank 0 stops after the
+    step as without tensor parallelism (exit 130, the resume command), and the workers
+    wait to be told, then exit."""
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(24))
+    out = tmp_path / "out.jsonl"
+    args = tiny_args(tiny_model_dirs["llama"], "--threads", "1", "--max-num-seqs", "2",
+                     "--max-tokens", "16", "--ignore-eos", "-o", out)  # fmt: skip
+    job = start([str(source), *args, "--tensor-parallel", "2"], tmp_path)
+    wait_for_lines(out, 1, job)
+    (worker,) = _worker_pids(job.pid)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr
+    assert "Interrupted by SIGINT" in stderr and "tensor parallel stopped" not in stderr
+    assert not Path(f"/proc/{worker}").exists() or "Z" in _state(worker)
+    assert 1 <= len(read_lines(out)) < 24
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]

@@ -9,6 +9,7 @@ reads None or the pipe closes. Whatever stops it otherwise is sent back as `Fail
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -77,6 +78,10 @@ def serve(pipe: Connection, spec: WorkerSpec) -> None:
 
 
 def main(argv: list[str]) -> int:
+    # A terminal's Ctrl-C or hang-up reaches the whole process group: rank 0 decides (it
+    # stops after the step, then closes the pipes); a worker stops when told or orphaned.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent()
     pipe = Connection(int(argv[1]))
     try:
