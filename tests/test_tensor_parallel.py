@@ -272,3 +272,20 @@ def test_ctrl_c_to_the_process_group_stops_the_job_after_its_step_and_the_worker
 
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+
+
+@pytest.mark.slow
+def test_smollm2_over_three_ranks_generates_what_one_process_does(smollm2_dir):
+    """The embedded SmolLM2 (9 query and 3 KV heads, tied embeddings) over 3 ranks: each
+    holds 3 query heads and 1 KV head; greedy tokens per the module doc's rule."""
+    records = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:3])]
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
+    kw = {"device": "cpu", "threads": 1, "num_blocks": 64}
+    llm = LLM(str(smollm2_dir), tensor_parallel=3, **kw)
+    try:
+        assert llm.kv_cache.spec.num_kv_heads == 1
+        tp = llm.generate(records, params)
+    finally:
+        llm.close()
+    one = LLM(str(smollm2_dir), **kw).generate(records, params)
+    assert _compare(tp, one) == 3 * 8
