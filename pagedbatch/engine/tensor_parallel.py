@@ -14,7 +14,8 @@ the model's own code with fewer heads per rank.
 A rank that dies ends the job: its pipe closes or a collective fails (a dead peer at
 once, a stuck one after `TIMEOUT`), and rank 0 raises `TensorParallelError` naming the
 rank; the job layer keeps every line written before. A worker whose parent dies is
-killed by the kernel (PR_SET_PDEATHSIG) and sees its pipe close.
+killed by the kernel (PR_SET_PDEATHSIG) and sees its pipe close. Workers' stderr is
+discarded (their reasons come back as `Failed`) unless PAGEDBATCH_TP_DEBUG is set.
 """
 
 from __future__ import annotations
@@ -182,18 +183,19 @@ class TensorParallel:
         except (OSError, EOFError) as e:
             raise self.failure(e) from e
         if isinstance(message, Failed):
-            raise self.failure(RuntimeError(message.message))
+            raise self.failure(reason=f"rank {rank} failed: {message.message}")
         if not isinstance(message, kind):
-            raise self.failure(RuntimeError(f"rank {rank} sent {type(message).__name__}"))
+            raise self.failure(reason=f"rank {rank} sent {type(message).__name__}")
         return message
 
-    def failure(self, error: BaseException) -> TensorParallelError:
-        """The one-line error of a failed step or start: which rank failed and how (a
-        worker's own reason, its exit), else the collective's error. Ends the group."""
+    def failure(
+        self, error: BaseException | None = None, reason: str | None = None
+    ) -> TensorParallelError:
+        """The one-line error of a failed step or start: `reason`, else which rank failed
+        and how (a worker's own reason, its exit), else `error`. Ends the group."""
         if self.failed is not None:
             return self.failed
         deadline = time.monotonic() + _EXIT_GRACE
-        reason = None
         while reason is None and time.monotonic() < deadline:
             reason = self._worker_reason()
             if reason is None:
