@@ -141,7 +141,8 @@ class EngineConfig:
     @property
     def torch_threads(self) -> int | None:
         """The intra-op threads to give torch: `threads`, else (on CPU) the CPUs this process
-        may use less those other processes keep busy now, at least 1 (engine/threads.py);
+        may use less those other processes keep busy now, at least 1 (engine/threads.py),
+        shared by the tensor-parallel ranks (each computes at once on the same cores);
         None (torch's own) on CUDA or when OMP_NUM_THREADS is set."""
         if self.threads is not None:
             return self.threads
@@ -149,7 +150,8 @@ class EngineConfig:
             return None
         if self.torch_device.type != "cpu":
             return None  # the host thread mostly launches kernels
-        return default_threads(process_cpus(), cpus_busy_elsewhere())
+        threads = default_threads(process_cpus(), cpus_busy_elsewhere())
+        return max(1, threads // self.tensor_parallel)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

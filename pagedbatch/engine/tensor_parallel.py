@@ -59,7 +59,6 @@ from pagedbatch.engine.tp_protocol import (
 from pagedbatch.engine.tp_shards import (
     local_weight_bytes,
     pool_blocks,
-    rank_threads,
     support_problem,
 )
 
@@ -95,7 +94,7 @@ class TensorParallel:
         self.failed: TensorParallelError | None = None
         store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, timeout=TIMEOUT,
                               wait_for_workers=False)  # fmt: skip
-        threads = rank_threads(config)
+        threads = config.torch_threads  # measured once, here: the ranks' count
         self.workers: list[subprocess.Popen] = []
         self.pipes: list[Connection] = []
         try:

@@ -44,15 +44,6 @@ def local_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def rank_threads(config: EngineConfig) -> int | None:
-    """Torch threads of each rank: `threads` as given, else the default shared by the ranks
-    (on CPU the ranks compute at once on the same cores)."""
-    if config.threads is not None:
-        return config.threads
-    threads = config.torch_threads
-    return None if threads is None else max(1, threads // config.tensor_parallel)
-
-
 def pool_blocks(
     spec: KVCacheSpec, config: EngineConfig, device: torch.device, rank_weight_bytes: int,
     free: int | None = None,
