@@ -289,3 +289,17 @@ def test_smollm2_over_three_ranks_generates_what_one_process_does(smollm2_dir):
         llm.close()
     one = LLM(str(smollm2_dir), **kw).generate(records, params)
     assert _compare(tp, one) == 3 * 8
+
+
+def test_a_stuck_rank_ends_generate_after_the_collective_timeout(tiny_model_dirs, monkeypatch):
+    """SIGSTOP rank 1 (alive, silent): rank 0 waits PAGEDBATCH_TP_TIMEOUT seconds in the
+    step's first collective, then raises saying so; the stopped worker is killed."""
+    monkeypatch.setenv("PAGEDBATCH_TP_TIMEOUT", "4")
+    llm = LLM(str(tiny_model_dirs["llama"]), tensor_parallel=2, **SMALL)
+    worker = llm.tensor_parallel.workers[0]
+    os.kill(worker.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(TensorParallelError, match="waited longer than 4 s"):
+        llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4))
+    assert time.monotonic() - started < 4 + 15
+    assert worker.poll() is not None

@@ -12,7 +12,7 @@ rowwise with an all-reduce, the LM head gathered to full-vocab logits), so what 
 the model's own code with fewer heads per rank.
 
 A rank that dies ends the job: its pipe closes or a collective fails (a dead peer at
-once, a stuck one after `TIMEOUT`), and rank 0 raises `TensorParallelError` naming the
+once, a stuck one after `collective_timeout()`), and rank 0 raises `TensorParallelError` naming the
 rank; the job layer keeps every line written before. A worker whose parent dies is
 killed by the kernel (PR_SET_PDEATHSIG) and sees its pipe close. Workers' stderr is
 discarded (their reasons come back as `Failed`) unless PAGEDBATCH_TP_DEBUG is set.
@@ -43,13 +43,13 @@ from pagedbatch.engine.kv_cache import KVCacheSpec
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
 from pagedbatch.engine.tp_protocol import (
-    TIMEOUT,
     Failed,
     Loaded,
     StartEngine,
     Step,
     WorkerSpec,
     backend_for,
+    collective_timeout,
     local_rank_env,
     portable,
     rank_device,
@@ -92,18 +92,19 @@ class TensorParallel:
             )
         self.closed = False
         self.failed: TensorParallelError | None = None
-        store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, timeout=TIMEOUT,
+        self.timeout = timeout = collective_timeout()
+        store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, timeout=timeout,
                               wait_for_workers=False)  # fmt: skip
         threads = config.torch_threads  # measured once, here: the ranks' count
         self.workers: list[subprocess.Popen] = []
         self.pipes: list[Connection] = []
         try:
             for rank in range(1, n):
-                self._spawn(WorkerSpec(config, rank, n, store.port, threads))
+                self._spawn(WorkerSpec(config, rank, n, store.port, threads, timeout))
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(
-                backend_for(self.device), store=store, rank=0, world_size=n, timeout=TIMEOUT
+                backend_for(self.device), store=store, rank=0, world_size=n, timeout=timeout
             )
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -199,6 +200,11 @@ class TensorParallel:
             reason = self._worker_reason()
             if reason is None:
                 time.sleep(0.05)
+        if reason is None and "timed out" in str(error).lower():
+            reason = (
+                f"a collective waited longer than {self.timeout.total_seconds():.0f} s: a rank "
+                "is stuck or too slow (PAGEDBATCH_TP_TIMEOUT sets the limit)"
+            )
         if reason is None:
             lines = str(error).strip().splitlines()
             reason = f"a collective failed ({type(error).__name__}: {lines[0] if lines else ''})"

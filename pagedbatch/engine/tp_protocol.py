@@ -24,7 +24,13 @@ from pagedbatch.engine.block_manager import BlockCopy
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.kv_cache import KVCacheSpec
 
-TIMEOUT = timedelta(seconds=60)  # a collective or the start waiting longer ends the job
+TIMEOUT_SECONDS = 60.0  # a collective or the start waiting longer ends the job
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits in a collective (or for the others to start):
+    PAGEDBATCH_TP_TIMEOUT seconds, else TIMEOUT_SECONDS. Rank 0 reads it; workers get its."""
+    return timedelta(seconds=float(os.environ.get("PAGEDBATCH_TP_TIMEOUT", TIMEOUT_SECONDS)))
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class WorkerSpec:
     world_size: int
     store_port: int
     threads: int | None
+    timeout: timedelta
 
 
 @dataclass(frozen=True)

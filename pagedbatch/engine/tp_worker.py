@@ -21,7 +21,6 @@ from pagedbatch.engine.attention import ATTN_IMPLEMENTATION, PagedAttention
 from pagedbatch.engine.kv_cache import KVCache, free_memory
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.tp_protocol import (
-    TIMEOUT,
     Failed,
     Loaded,
     StartEngine,
@@ -48,9 +47,9 @@ def serve(pipe: Connection, spec: WorkerSpec) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world_size, is_master=False,
-                          timeout=TIMEOUT)  # fmt: skip
+                          timeout=spec.timeout)  # fmt: skip
     dist.init_process_group(backend_for(device), store=store, rank=spec.rank,
-                            world_size=spec.world_size, timeout=TIMEOUT)  # fmt: skip
+                            world_size=spec.world_size, timeout=spec.timeout)  # fmt: skip
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
