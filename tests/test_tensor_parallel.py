@@ -203,7 +203,7 @@ def test_a_job_whose_rank_is_killed_stops_in_seconds_and_resumes_to_the_full_out
     the job exits 1 within seconds with one error line naming the rank and the resume
     command; the output ends on a whole line; the printed resume finishes it, and every
     line equals a one-process run's."""
-    source = write_jsonl(tmp_path / "in.jsonl", prompts(24))
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(48))  # still running at the kill
     out = tmp_path / "out.jsonl"
     args = tiny_args(tiny_model_dirs["llama"], "--threads", "1", "--max-num-seqs", "2",
                      "--max-tokens", "16", "--ignore-eos", "-o", out)  # fmt: skip
@@ -219,7 +219,7 @@ def test_a_job_whose_rank_is_killed_stops_in_seconds_and_resumes_to_the_full_out
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     assert f"rank 1 (pid {worker}) was killed by SIGKILL" in errors[0]
     written = read_lines(out)
-    assert 2 <= len(written) < 24
+    assert 2 <= len(written) < 48
     resumed = run_shell(resume_command(stderr), tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     reference = tmp_path / "one.jsonl"
@@ -255,7 +255,7 @@ def test_ctrl_c_to_the_process_group_stops_the_job_after_its_step_and_the_worker
     """A terminal's SIGINT reaches rank 0 and the workers alike: rank 0 stops after the
     step as without tensor parallelism (exit 130, the resume command), and the workers
     wait to be told, then exit."""
-    source = write_jsonl(tmp_path / "in.jsonl", prompts(24))
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(200))  # still running at the signal
     out = tmp_path / "out.jsonl"
     args = tiny_args(tiny_model_dirs["llama"], "--threads", "1", "--max-num-seqs", "2",
                      "--max-tokens", "16", "--ignore-eos", "-o", out)  # fmt: skip
@@ -267,7 +267,7 @@ def test_ctrl_c_to_the_process_group_stops_the_job_after_its_step_and_the_worker
     assert job.returncode == 130, stderr
     assert "Interrupted by SIGINT" in stderr and "tensor parallel stopped" not in stderr
     assert not Path(f"/proc/{worker}").exists() or "Z" in _state(worker)
-    assert 1 <= len(read_lines(out)) < 24
+    assert 1 <= len(read_lines(out)) < 200
 
 
 def _state(pid: int) -> str:

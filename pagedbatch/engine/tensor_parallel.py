@@ -44,6 +44,7 @@ from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
 from pagedbatch.engine.tp_protocol import (
     Failed,
+    Joining,
     Loaded,
     StartEngine,
     Step,
@@ -101,6 +102,8 @@ class TensorParallel:
         try:
             for rank in range(1, n):
                 self._spawn(WorkerSpec(config, rank, n, store.port, threads, timeout))
+            for rank in range(1, n):
+                self._receive(rank, Joining)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(

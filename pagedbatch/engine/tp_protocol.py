@@ -46,6 +46,13 @@ class WorkerSpec:
 
 
 @dataclass(frozen=True)
+class Joining:
+    """A worker has imported everything and joins the process group now: rank 0 waits for
+    this on the pipes (as long as the worker lives), so the group's rendezvous, timed
+    by the collective timeout, never waits for a slow start."""
+
+
+@dataclass(frozen=True)
 class Loaded:
     """A worker loaded its shard: memory free on its device before, and its weight bytes."""
 

@@ -1,7 +1,7 @@
 """A tensor-parallel worker: rank r > 0 of engine/tensor_parallel.py, a process of its own.
 
 `python -m pagedbatch.engine.tp_worker FD`: FD is its end of a pipe to rank 0. It reads a
-`WorkerSpec`, joins the process group, loads its shard of the model and reports `Loaded`;
+`WorkerSpec`, says `Joining` and joins the process group, loads its shard of the model and reports `Loaded`;
 reads `StartEngine` and allocates its KV pool (its own KV heads); then runs every `Step`
 it is sent (block copies, then the forward, whose collectives meet rank 0's) until it
 reads None or the pipe closes. Whatever stops it otherwise is sent back as `Failed`.
@@ -22,6 +22,7 @@ from pagedbatch.engine.kv_cache import KVCache, free_memory
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.tp_protocol import (
     Failed,
+    Joining,
     Loaded,
     StartEngine,
     Step,
@@ -46,6 +47,7 @@ def serve(pipe: Connection, spec: WorkerSpec) -> None:
     device = rank_device(config.torch_device, spec.rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    send(pipe, Joining())
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world_size, is_master=False,
                           timeout=spec.timeout)  # fmt: skip
     dist.init_process_group(backend_for(device), store=store, rank=spec.rank,
