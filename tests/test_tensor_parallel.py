@@ -262,9 +262,11 @@ def test_ctrl_c_to_the_process_group_stops_the_job_after_its_step_and_the_worker
     job = start([str(source), *args, "--tensor-parallel", "2"], tmp_path)
     wait_for_lines(out, 1, job)
     (worker,) = _worker_pids(job.pid)
+    masks = [line for line in Path(f"/proc/{job.pid}/status").read_text().splitlines()
+             if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]  # fmt: skip
     os.killpg(job.pid, signal.SIGINT)
     _, stderr = job.communicate(timeout=60)
-    assert job.returncode == 130, stderr
+    assert job.returncode == 130, (masks, stderr)
     assert "Interrupted by SIGINT" in stderr and "tensor parallel stopped" not in stderr
     assert not Path(f"/proc/{worker}").exists() or "Z" in _state(worker)
     assert 1 <= len(read_lines(out)) < 200

@@ -1,10 +1,11 @@
 """A tensor-parallel worker: rank r > 0 of engine/tensor_parallel.py, a process of its own.
 
 `python -m pagedbatch.engine.tp_worker FD`: FD is its end of a pipe to rank 0. It reads a
-`WorkerSpec`, says `Joining` and joins the process group, loads its shard of the model and reports `Loaded`;
-reads `StartEngine` and allocates its KV pool (its own KV heads); then runs every `Step`
-it is sent (block copies, then the forward, whose collectives meet rank 0's) until it
-reads None or the pipe closes. Whatever stops it otherwise is sent back as `Failed`.
+`WorkerSpec`, says `Joining` and joins the process group, loads its shard of the model,
+reports `Loaded`; reads `StartEngine` and allocates its KV pool (its own KV heads); then
+runs every `Step` it is sent (block copies, then the forward, whose collectives meet rank
+0's) until it reads None or the pipe closes. Whatever stops it otherwise is sent back as
+`Failed`. SIGINT and SIGHUP are ignored: rank 0 decides when the job stops.
 """
 
 from __future__ import annotations
