@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,10 +19,13 @@ from pagedbatch.engine.constraints import Grammars
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.tensor_parallel import TensorParallel, start_tensor_parallel
+from pagedbatch.engine.tp_shards import local_weight_bytes
 from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import eos_token_ids, load_model
 from pagedbatch.models.weights import model_bytes
@@ -60,19 +65,17 @@ class LLM:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
         free = free_memory(self.device)  # before the weights: see num_blocks_for
-        self.model, self.tokenizer = load_model(
-            self.config.model, device=self.device, dtype=dtype,
-            attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
-        )  # fmt: skip
-        context = self.model.config.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or context, context)
-        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
-        num_blocks = num_blocks_for(
-            spec, self.device, self.config.num_blocks, self.config.kv_memory,
-            weight_bytes=model_bytes(self.model), free=free,
-        )  # fmt: skip
-        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
-        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
+        self.tensor_parallel = start_tensor_parallel(self.config)
+        tp = self.tensor_parallel
+        try:
+            self._load(tp, free, dtype)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
+        if tp is not None:  # an LLM dropped without close() stops its workers too
+            weakref.finalize(self, tp.close)
         eos = eos_token_ids(self.model, self.tokenizer)
         stop = StopChecker(self.tokenizer, eos)
         # Structured output: the logits' width is the model's vocabulary, not the tokenizer's.
@@ -82,6 +85,7 @@ class LLM:
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
             cascade=self.config.cascade, grammars=self.grammars,
+            make_runner=tp.runner if tp is not None else ModelRunner,
         )  # fmt: skip
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
@@ -92,6 +96,28 @@ class LLM:
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
         self.preparer = Preparer(self.prompts, limits, self.grammars)
+
+    def _load(self, tp: TensorParallel | None, free: int, dtype: torch.dtype) -> None:
+        """Load the model (this rank's shard) and allocate the KV cache (its KV heads)."""
+        load = tp.load_model if tp is not None else partial(load_model, self.config.model)
+        self.model, self.tokenizer = load(
+            device=self.device, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+            cache_dir=self.config.cache_dir,
+        )  # fmt: skip
+        context = self.model.config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
+        if tp is not None:
+            spec, num_blocks = tp.size_pool(spec, self.model, free)
+        else:
+            num_blocks = num_blocks_for(
+                spec, self.device, self.config.num_blocks, self.config.kv_memory,
+                weight_bytes=model_bytes(self.model), free=free,
+            )  # fmt: skip
+        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        if tp is not None:
+            tp.start_engines(spec, num_blocks, self.max_model_len)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA
@@ -230,10 +256,11 @@ class LLM:
         The per-step timeline is there only with `memory_report=True`.
         """
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
+        ranks = self.config.tensor_parallel  # the figures are all ranks' together
         report = memory_report(
             counter.peak, counter.kv_waste_mean, counter.timeline,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
-            kv_bytes_per_token=spec.bytes_per_token,
+            kv_bytes_per_token=spec.bytes_per_token * ranks,
             model_bytes=model_bytes(self.model),
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
@@ -241,10 +268,21 @@ class LLM:
         )  # fmt: skip
         if self.grammars.num_compiled:  # host memory, beside the KV figures
             report["compiled_grammar_bytes"] = self.grammars.memory_bytes
+        if self.tensor_parallel is not None:  # what each rank holds (rank 0's shard)
+            report["tensor_parallel"] = {
+                "ranks": ranks,
+                "rank_weight_bytes": local_weight_bytes(self.model),
+                "rank_kv_pool_bytes": self.kv_cache.nbytes,
+            }
         return report
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one rank); the LLM is done."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
 
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:

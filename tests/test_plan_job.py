@@ -59,6 +59,7 @@ CRAFTED_PLAN = {  # what the plan of before gave for this job
     "largest_shared_prefixes": [{"tokens": 87, "records": 8, "longest_tokens": 99}],
     "output_tokens": 128, "max_model_len": 256, "estimate": None,
     "constrained_records": 0, "constraint_problems": [],
+    "tensor_parallel": 1, "rank_weight_bytes": None, "rank_kv_bytes": None,
 }  # fmt: skip
 
 
@@ -96,6 +97,7 @@ def test_label_job_plan_json_is_as_before():
         "largest_shared_prefixes": [{"tokens": 2651, "records": 120, "longest_tokens": 2734}],
         "output_tokens": 960, "max_model_len": 8192, "estimate": None,
         "constrained_records": 0, "constraint_problems": [],
+        "tensor_parallel": 1, "rank_weight_bytes": None, "rank_kv_bytes": None,
     }  # fmt: skip
 
 

@@ -43,6 +43,7 @@ Dtype = Annotated[Str, opt(MODEL_PANEL, "Weights and KV dtype: auto (float32 on 
 MaxModelLen = Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")]
 CacheDir = Annotated[Str, opt(MODEL_PANEL, "Where converted models and the rates of the last runs (for plan) are kept. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")]
 Threads = Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less those other processes keep busy at start, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")]
+TensorParallel = Annotated[Int, opt(MODEL_PANEL, "Shard the model over N processes of this machine (ranks r on cuda:r, or N processes on CPU over gloo): attention heads, KV heads and MLP split by the architecture's transformers plan; rank 0 schedules and samples. Torch attention, no CUDA graphs, not with --ray. [default: 1]", "--tensor-parallel")]
 CudaGraphs = Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps from CUDA graphs captured at load (needs triton attention); prefill and mixed steps run eagerly. [default: on with CUDA and triton attention; if the capture fails, off with a warning]", "--cuda-graphs/--no-cuda-graphs")]
 
 BlockSize = Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {_ENGINE.block_size}]")]

@@ -52,6 +52,7 @@ def plan(
     prefix_sharing: shared.PrefixSharing = None,
     cache_dir: shared.CacheDir = None,
     threads: shared.Threads = None,
+    tensor_parallel: shared.TensorParallel = None,
     estimate: Annotated[
         bool,
         typer.Option(
@@ -138,7 +139,7 @@ def plan_job(
         max_model_len=context,
         prefix_sharing=engine.prefix_sharing,
     )
-    return plan, prompts
+    return with_ranks(plan, engine, model_config), prompts
 
 
 class _PlanStatus:
@@ -198,14 +199,37 @@ def kv_blocks(engine: EngineConfig, model_config: Any) -> int:
     """The KV blocks `LLM(config=engine)` would allocate here now, without loading weights:
     the same `num_blocks_for`, with the weights' bytes computed from the config."""
     from pagedbatch.engine.kv_cache import KVCacheSpec, num_blocks_for
+    from pagedbatch.engine.tp_shards import config_rank_weight_bytes, pool_blocks
     from pagedbatch.models.weights import config_model_bytes
 
     dtype = engine.torch_dtype
     spec = KVCacheSpec.from_model_config(model_config, engine.block_size, dtype)
+    if engine.tensor_parallel > 1:  # per rank: its shard of the weights, its KV heads
+        weights = config_rank_weight_bytes(model_config, dtype, engine.tensor_parallel)
+        return pool_blocks(spec, engine, engine.torch_device, weights)[1]
     weights = 0 if engine.num_blocks is not None else config_model_bytes(model_config, dtype)
     return num_blocks_for(
         spec, engine.torch_device, engine.num_blocks, engine.kv_memory, weight_bytes=weights
     )
+
+
+def with_ranks(plan: Plan, engine: EngineConfig, model_config: Any) -> Plan:
+    """`plan` with what the fullest rank holds under tensor parallelism (weights, KV)."""
+    import dataclasses
+
+    from pagedbatch.engine.kv_cache import KVCacheSpec
+    from pagedbatch.engine.tp_shards import config_rank_weight_bytes, shard_spec, support_problem
+
+    n, dtype = engine.tensor_parallel, engine.torch_dtype
+    if n == 1:
+        return plan
+    if (problem := support_problem(model_config, n)) is not None:
+        raise ValueError(problem)
+    spec = shard_spec(KVCacheSpec.from_model_config(model_config, engine.block_size, dtype), n)
+    return dataclasses.replace(
+        plan, tensor_parallel=n, rank_weight_bytes=config_rank_weight_bytes(model_config, dtype, n),
+        rank_kv_bytes=plan.num_blocks * spec.bytes_per_block,
+    )  # fmt: skip
 
 
 def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table:
@@ -231,6 +255,9 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
         ("KV blocks configured", f"{p.num_blocks:,} of {block_size} tokens"),
         ("sequences that fit at once", f"{p.concurrent_sequences:,}"),
     ]
+    if p.rank_weight_bytes is not None and p.rank_kv_bytes is not None:
+        rows.append((f"per rank ({p.tensor_parallel} tensor-parallel)",
+                     f"weights {_size(p.rank_weight_bytes)}, KV pool {_size(p.rank_kv_bytes)}"))  # fmt: skip
     rows += [
         (f"shared prefix #{i + 1}", f"{_token_range(g)} tokens x {g.records} records")
         for i, g in enumerate(p.largest_shared_prefixes)
@@ -285,6 +312,15 @@ def _estimate_rows(e: Estimate) -> list[tuple[str, str]]:
         ("  decode", f"up to {e.output_tokens:,} tokens at {r.decode_tok_s:,.0f} tok/s ({at}): {duration(e.decode_seconds)}"),
         ("  rates from", source),
     ]  # fmt: skip
+
+
+def _size(nbytes: int) -> str:
+    """'512 KiB', '38.2 MiB', '1.50 GiB'."""
+    if nbytes < 2**20:
+        return f"{nbytes / 2**10:,.0f} KiB"
+    if nbytes < 2**30:
+        return f"{nbytes / 2**20:,.1f} MiB"
+    return f"{nbytes / 2**30:,.2f} GiB"
 
 
 def duration(seconds: float) -> str:

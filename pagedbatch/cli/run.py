@@ -67,6 +67,7 @@ def run(
     cache_dir: shared.CacheDir = None,
     threads: shared.Threads = None,
     cuda_graphs: shared.CudaGraphs = None,
+    tensor_parallel: shared.TensorParallel = None,
     block_size: shared.BlockSize = None,
     num_blocks: shared.NumBlocks = None,
     kv_memory: shared.KvMemory = None,
@@ -106,6 +107,8 @@ def run(
         )  # fmt: skip
     except ValueError as e:
         fail(str(e))
+    if cluster is not None and settings.engine.tensor_parallel > 1:
+        fail("--tensor-parallel does not run with --ray yet: a replica is one GPU")  # RayLLM too
     _run_job(input, settings, policy, progress, resume_command(ctx), cluster)
 
 
@@ -164,8 +167,8 @@ def _run_job(
                     loaded = time.monotonic()
                     llm = _load_llm(settings, cluster)
                     loading = time.monotonic() - loaded
-                if cluster is not None:
-                    files.callback(llm.close)  # the replicas, and a cluster started here
+                # the replicas and a cluster started here; the tensor-parallel workers
+                files.callback(llm.close)
             interrupts.on_first = _say_stopping
             interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
             interrupts.started = True  # from here a signal stops the job between steps
@@ -204,6 +207,7 @@ def _run_job(
 
 
 def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
+    from pagedbatch.engine.tensor_parallel import TensorParallelError
     from pagedbatch.llm import LLM
     from pagedbatch.models.names import ModelLoadError
 
@@ -212,7 +216,7 @@ def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
     quiet_libraries()
     try:
         llm = LLM(config=settings.engine)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, ValueError, TensorParallelError) as e:
         fail(str(e))
     except (RuntimeError, MemoryError) as e:  # the KV cache (or the model) does not fit
         fail(f"cannot load {settings.engine.model} with this KV cache ({first_line(e)}); "
@@ -232,6 +236,7 @@ def _run_with_progress(
         return job.run(None, should_stop=interrupts.requested)
     import torch
 
+    from pagedbatch.engine.tensor_parallel import TensorParallelError
     from pagedbatch.inputs.reader import InputError
 
     prior = job.settings.sampling.most_output_tokens
@@ -244,7 +249,7 @@ def _run_with_progress(
             ),
             on_prepared=progress.prepared,
         )  # fmt: skip
-    except InputError as e:  # the input changed while the job ran
+    except (InputError, TensorParallelError) as e:  # the input changed, a rank died
         fail(f"{e}; the lines before are safe. Resume with: {resume}", code=1)
     except OSError as e:
         where = e.filename or job.output

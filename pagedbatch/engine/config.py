@@ -43,6 +43,7 @@ class EngineConfig:
     threads: int | None = None  # torch's intra-op threads; None: see torch_threads
     cuda_graphs: bool | None = None  # decode from CUDA graphs; None: see use_cuda_graphs
     cascade: bool = True  # read shared prefix pages once per step (engine/cascade.py)
+    tensor_parallel: int = 1  # ranks the model is sharded over (engine/tensor_parallel.py)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -71,12 +72,30 @@ class EngineConfig:
                 "cuda_graphs needs a CUDA device and triton attention, got device "
                 f"{self.device} and attention {self.attention}"
             )
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and (problem := self._tensor_parallel_problem()) is not None:
+            raise ValueError(problem)
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
         if self.num_blocks is not None and self.kv_memory is not None:
             raise ValueError("give num_blocks or kv_memory, not both")
         if self.kv_memory is not None:
             parse_memory(self.kv_memory)
+
+    def _tensor_parallel_problem(self) -> str | None:
+        """What tensor parallelism cannot run with (engine/tensor_parallel.py), or None."""
+        n = self.tensor_parallel
+        if self.cuda_graphs:
+            return (
+                f"tensor_parallel {n} runs decode eagerly: CUDA graphs are not captured with "
+                "collectives yet; drop cuda_graphs (--no-cuda-graphs)"
+            )
+        if self.attention == "triton":
+            return f"tensor_parallel {n} runs the torch attention only, got attention triton"
+        if self.device.startswith("cuda:"):
+            return f"tensor_parallel {n} puts rank r on cuda:r; give device cuda, not {self.device}"
+        return None
 
     @property
     def torch_device(self) -> torch.device:
@@ -101,6 +120,8 @@ class EngineConfig:
         """The attention to run: 'auto' is triton on CUDA when Triton imports, else torch."""
         from pagedbatch.engine.attention import resolve_backend
 
+        if self.tensor_parallel > 1:
+            return "torch"  # config_problem refused triton by name
         return resolve_backend(self.attention, self.torch_device)
 
     @property
@@ -109,6 +130,7 @@ class EngineConfig:
         attention. The torch backend sizes each step's gathers from its contexts on the
         host, so a graph of it would be wrong for the next step: True then is refused."""
         capturable = self.torch_device.type == "cuda" and self.attention_backend == "triton"
+        capturable = capturable and self.tensor_parallel == 1
         if self.cuda_graphs and not capturable:  # device or attention auto, resolved here
             raise ValueError(
                 "cuda_graphs needs a CUDA device and triton attention, got device "
@@ -119,7 +141,8 @@ class EngineConfig:
     @property
     def torch_threads(self) -> int | None:
         """The intra-op threads to give torch: `threads`, else (on CPU) the CPUs this process
-        may use less those other processes keep busy now, at least 1 (engine/threads.py);
+        may use less those other processes keep busy now, at least 1 (engine/threads.py),
+        shared by the tensor-parallel ranks (each computes at once on the same cores);
         None (torch's own) on CUDA or when OMP_NUM_THREADS is set."""
         if self.threads is not None:
             return self.threads
@@ -127,7 +150,8 @@ class EngineConfig:
             return None
         if self.torch_device.type != "cpu":
             return None  # the host thread mostly launches kernels
-        return default_threads(process_cpus(), cpus_busy_elsewhere())
+        threads = default_threads(process_cpus(), cpus_busy_elsewhere())
+        return max(1, threads // self.tensor_parallel)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from array import array
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,7 @@ class Engine:
         keep_timeline: bool = False,
         cascade: bool = True,
         grammars: Grammars | None = None,
+        make_runner: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -61,7 +63,8 @@ class Engine:
         )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
-        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        # make_runner: ModelRunner, or tensor parallelism's (engine/tensor_parallel.py)
+        self.runner = make_runner(model, self.attention, self.block_manager, cascade=cascade)
         self.grammars = grammars  # structured output: each constrained sequence's matcher
         self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker

@@ -49,14 +49,19 @@ def load_model(
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     cache_dir: Path | None = None,
+    device_mesh: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its tokenizer.
 
     The model is in eval mode on `device` with `dtype` and needs no gradients.
+    A `device_mesh` (a 1-D torch DeviceMesh, engine/tensor_parallel.py) loads this rank's
+    shard of each weight by the model's own tensor-parallel plan.
     Raises ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run
     it (see `check_supported`).
     """
     name = os.fspath(name)
+    if name in RANDOM_PRESETS and device_mesh is not None:
+        raise ModelLoadError(f"tensor parallel runs checkpoints, not random preset {name}")
     if name in RANDOM_PRESETS:
         model, tokenizer = build_random_model(
             name, device=device, dtype=dtype, attn_implementation=attn_implementation
@@ -68,6 +73,11 @@ def load_model(
     _check_config(config, _architecture(config))
     extra: dict[str, Any] = {"attn_implementation": attn_implementation}
     extra = {k: v for k, v in extra.items() if v is not None}
+    if device_mesh is not None:
+        from transformers.distributed import DistributedConfig
+
+        extra.update(distributed_config=DistributedConfig(tp_size=device_mesh.size()),
+                     device_mesh=device_mesh)  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
         with _no_progress_bars():
@@ -77,7 +87,8 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
     check_supported(model)
-    model.to(device=device)
+    if device_mesh is None:  # a sharded model is on its rank's device already
+        model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -45,6 +45,9 @@ class Plan:
     constrained_records: int = 0  # records whose output a constraint shapes
     # (id, why) of records whose own constraint cannot be used (their line is an error)
     constraint_problems: list[tuple[Any, str]] = field(default_factory=list)
+    tensor_parallel: int = 1  # ranks; with more than one, what the fullest rank holds:
+    rank_weight_bytes: int | None = None  # its shard of the weights
+    rank_kv_bytes: int | None = None  # its KV heads' part of the pool
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -47,6 +47,8 @@ class RayLLM:
     ) -> None:
         from pagedbatch.models.loader import load_tokenizer_and_config
 
+        if config.tensor_parallel > 1:
+            raise ValueError("tensor_parallel does not run on Ray yet: a replica is one GPU")
         tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
         self._prompts = PromptBuilder(tokenizer, config.chat)
         self.cluster = connect(address, replicas=replicas)
