@@ -1,0 +1,117 @@
+"""An input changed under a running job: no line's text ever comes from another record.
+
+A job reads its input once (keeping a digest of every record), then reads each record
+again to tokenize and to admit it. Each test changes the input while a real job runs,
+then checks that the job stopped with one line (or never saw the change), that every
+line it wrote is the line of its own id's record as first read, and that the printed
+resume command completes the output.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+from job_helpers import by_id, read_lines, write_jsonl
+
+JOB = [
+    "--device", "cpu", "--num-blocks", "64", "--max-tokens", "6", "--max-num-seqs", "1",
+    "--threads", "1", "--no-progress",
+]  # fmt: skip
+ANIMALS = ["cat", "dog", "owl", "fox", "cow", "pig", "rat", "bee"]
+
+
+def poems(n: int) -> list[dict]:
+    return [
+        {
+            "id": f"r{i:03d}",
+            "prompt": f"Here is a short poem about a {ANIMALS[i % 8]}, number {i:03d}:",
+        }
+        for i in range(n)
+    ]
+
+
+def untimed(lines: list[dict]) -> dict:
+    """id -> line (every id once), without the prompt tokens found cached (they depend on
+    which records ran before)."""
+    for line in lines:
+        line.get("usage", {}).pop("cached_tokens", None)
+    return by_id(lines)
+
+
+def one_line(code: int, stderr: str, expected: int) -> str:
+    assert code == expected, stderr
+    text = stderr.strip()
+    assert "Traceback" not in text and "\n" not in text and text.startswith("error: "), text
+    return text
+
+
+def resumed(stderr: str) -> list[str]:
+    """The printed resume command's arguments, from `run` on."""
+    command = stderr.split("Resume with:", 1)[1].strip()
+    words = shlex.split(command)
+    assert words[:2] == ["pagedbatch", "run"] and words[-1] == "--resume", command
+    return words[1:]
+
+
+def swap_pairs(data: bytes) -> bytes:
+    """Lines 2i and 2i+1 swapped: the same records, each at the other's offset."""
+    lines = data.split(b"\n")[:-1]
+    return b"".join(lines[i + 1] + b"\n" + lines[i] + b"\n" for i in range(0, len(lines), 2))
+
+
+def with_max_tokens(records: list[dict]) -> list[dict]:
+    return [{**r, "max_tokens": 30} if i >= 90 else r for i, r in enumerate(records)]
+
+
+# (records, the in-place edit (same size), flags): the issue's three reproductions.
+EDITS = {
+    "lines swapped": (poems(100), swap_pairs, []),
+    # Admitted in input order, so the edited records are read again after the edit.
+    "max_tokens 30 to -3": (
+        with_max_tokens(poems(100)),
+        lambda data: data.replace(b'"max_tokens": 30', b'"max_tokens": -3'),
+        ["--no-prefix-sharing"],
+    ),
+    "ids renamed, --order input": (
+        poems(100),
+        lambda data: data.replace(b'"id": "r08', b'"id": "q08'),
+        ["--order", "input"],
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_jsonl_input_rewritten_in_place_stops_the_job_with_one_line_and_resumes(
+    forked, tiny_model_dirs, tmp_path, edit
+):
+    records, change, flags = EDITS[edit]
+    data = write_jsonl(tmp_path / "in.jsonl", records).read_bytes()
+    edited = change(data)
+    assert edited != data and len(edited) == len(data)
+    (tmp_path / "edited.jsonl").write_bytes(edited)
+    job = ["-m", tiny_model_dirs["llama"], *JOB, *flags]
+    for name, out in (("in.jsonl", "ref.jsonl"), ("edited.jsonl", "ref2.jsonl")):
+        code, stderr = forked.run(["run", name, "-o", out, *job], tmp_path)
+        assert code == 0, stderr
+    ref, ref2 = (untimed(read_lines(tmp_path / f)) for f in ("ref.jsonl", "ref2.jsonl"))
+    out = tmp_path / "out.jsonl"
+    child = forked.start(["run", "in.jsonl", "-o", out.name, *job], tmp_path)
+    assert child.poll_lines(out, 3)
+    with (tmp_path / "in.jsonl").open("r+b") as f:
+        f.write(edited)
+    code, stderr = child.wait()
+    error = one_line(code, stderr, expected=1)
+    assert "in.jsonl: changed while the job ran" in error and "the lines before are safe" in error
+    written = untimed(read_lines(out))
+    assert 3 <= len(written) < len(records)
+    for rid, line in written.items():  # each line is its own record's, as first read
+        assert line == ref[rid], rid
+    if "--order" in flags:  # a prefix of the sequential run's lines
+        assert list(written) == list(ref)[: len(written)]
+    code, stderr = forked.run(resumed(error), tmp_path)
+    assert code == 0, stderr
+    final = untimed(read_lines(out))
+    assert final == ref2
+    if "--order" in flags:
+        assert list(final) == list(ref2)
