@@ -9,10 +9,14 @@ resume command completes the output.
 
 from __future__ import annotations
 
+import os
 import shlex
+from pathlib import Path
 
 import pytest
 from job_helpers import by_id, read_lines, write_jsonl
+
+from pagedbatch.inputs.reader import read_index
 
 JOB = [
     "--device", "cpu", "--num-blocks", "64", "--max-tokens", "6", "--max-num-seqs", "1",
@@ -115,3 +119,51 @@ def test_a_jsonl_input_rewritten_in_place_stops_the_job_with_one_line_and_resume
     assert final == ref2
     if "--order" in flags:
         assert list(final) == list(ref2)
+
+
+def _arrow_file(directory: Path) -> Path:
+    (arrow,) = directory.glob("*.arrow")
+    return arrow
+
+
+SAVED_CHANGES = {
+    "truncated": lambda arrow: os.truncate(arrow, 1000),
+    "edited in place": lambda arrow: arrow.write_bytes(
+        arrow.read_bytes().replace(b"r09", b"q09").replace(b"cat", b"dog")
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(SAVED_CHANGES))
+def test_a_saved_dataset_changed_under_the_job_is_never_read_again(
+    forked, tiny_model_dirs, tmp_path, change
+):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(poems(100)).save_to_disk(tmp_path / "ds")
+    job = ["-m", tiny_model_dirs["llama"], *JOB]
+    code, stderr = forked.run(["run", "ds", "-o", "ref.jsonl", *job], tmp_path)
+    assert code == 0, stderr
+    out = tmp_path / "out.jsonl"
+    child = forked.start(["run", "ds", "-o", out.name, *job], tmp_path)
+    assert child.poll_lines(out, 3)
+    arrow = _arrow_file(tmp_path / "ds")
+    size = arrow.stat().st_size
+    SAVED_CHANGES[change](arrow)
+    assert arrow.stat().st_size == (1000 if change == "truncated" else size)
+    code, stderr = child.wait()
+    assert code == 0, stderr  # the job reads a private copy, made when it started
+    assert untimed(read_lines(out)) == untimed(read_lines(tmp_path / "ref.jsonl"))
+
+
+def test_a_saved_dataset_is_read_from_a_copy_that_is_gone_once_mapped(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(poems(5)).save_to_disk(tmp_path / "ds")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    index = read_index(tmp_path / "ds")
+    try:
+        assert list((tmp_path / "cache").iterdir()) == []  # the copy is unlinked, still mapped
+        _arrow_file(tmp_path / "ds").write_bytes(b"\0" * 10)
+        assert [r.id for r in index.records()] == [r["id"] for r in poems(5)]
+        assert index.record(4).prompt == poems(5)[4]["prompt"]
+    finally:
+        index.rows.close()

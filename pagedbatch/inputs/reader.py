@@ -11,9 +11,12 @@ OpenAI batch requests are read as such (openai_batch.py).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from pagedbatch.inputs.columns import (
     data_file_columns,
     document_columns,
     saved_dataset_columns,
+    saved_split,
     select_split,
 )
 from pagedbatch.inputs.jsonl import loads
@@ -94,8 +98,12 @@ def open_rows(
     path = Path(name)
     mode = _stat_mode(name)
     if mode is not None and stat.S_ISDIR(mode):
-        check_columns(name, saved_dataset_columns(path, name, split), fields)
-        return _dataset_rows(_load_directory(path, name), name, split, fields)
+        saved = saved_split(path, name, split)
+        if saved is not None:
+            check_columns(name, saved_dataset_columns(saved), fields)
+            return DatasetRows(_load_saved(saved, name), name, fields.messages)
+        data = _load(name, lambda ds: ds.load_dataset(name), "not a dataset directory")
+        return _dataset_rows(data, name, split, fields)
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
     if mode is not None:
@@ -160,10 +168,47 @@ def _check_file_split(name: str, split: str | None) -> None:
         raise InputError(f"{name}: no split '{split}' (available: {_FILE_SPLIT})")
 
 
-def _load_directory(path: Path, name: str) -> Any:
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        return _load(name, lambda ds: ds.load_from_disk(name), "cannot load saved dataset")
-    return _load(name, lambda ds: ds.load_dataset(name), "not a dataset directory")
+def _load_saved(directory: Path, name: str) -> Any:
+    """A split saved with `save_to_disk`, loaded from a private copy of its files.
+
+    `load_from_disk` maps the Arrow files, and the job reads its rows again from the map:
+    a file rewritten in place would change rows under the job, and one truncated would
+    kill it (SIGBUS). The copy, in the `datasets` cache (where every other data file's
+    converted copy goes), is unlinked once mapped: no other process can change it, and its
+    space is freed when the job ends.
+    """
+
+    def load(ds: Any) -> Any:
+        with _private_copy(directory, Path(ds.config.HF_DATASETS_CACHE), name) as copy:
+            return ds.load_from_disk(copy)
+
+    return _load(name, load, "cannot load saved dataset")
+
+
+@contextlib.contextmanager
+def _private_copy(directory: Path, root: Path, name: str) -> Iterator[Path]:
+    """A new directory in `root` holding a copy of the regular files of `directory`,
+    removed on exit (a file still mapped or open lives on until it is closed)."""
+    copy = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        copy = Path(tempfile.mkdtemp(prefix="pagedbatch-", dir=root))
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    shutil.copyfile(entry.path, copy / entry.name)  # a kernel copy
+    except OSError as e:
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+        where = e.filename or root
+        raise InputError(
+            f"{name}: cannot copy it into the datasets cache to read it ({where}: "
+            f"{e.strerror or e})"
+        ) from None
+    try:
+        yield copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
@@ -179,6 +224,8 @@ def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
     try:
         return load(datasets)
     # `datasets` raises many unrelated types for a bad input; all are the user's to fix.
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"{name}: {failure} ({_short_reason(e)})") from e
 
