@@ -167,3 +167,36 @@ def test_a_saved_dataset_is_read_from_a_copy_that_is_gone_once_mapped(tmp_path, 
         assert index.record(4).prompt == poems(5)[4]["prompt"]
     finally:
         index.rows.close()
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    if path.suffix == ".csv":
+        path.write_text("id,prompt\n" + "".join(f"{r['id']},{r['prompt']}\n" for r in rows))
+    else:
+        pq = pytest.importorskip("pyarrow.parquet")
+        pa = pytest.importorskip("pyarrow")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_table_replaced_with_its_time_kept_is_read_as_it_is_now(
+    forked, tiny_model_dirs, tmp_path, suffix
+):
+    """`datasets` knows a converted file by its path and modification time; a file
+    replaced with its time kept (cp -p, rsync -t, touch -r) must not be read as it was."""
+    pytest.importorskip("datasets")
+    old = [{"id": "c1", "prompt": "The sky is"}, {"id": "c2", "prompt": "Grass is"}]
+    new = [{"id": "c1", "prompt": "The ocean is deep"}, *old[1:], {"id": "c3", "prompt": "Hi"}]
+    table = tmp_path / f"d{suffix}"
+    _write_table(table, old)
+    _write_table(tmp_path / f"now{suffix}", new)
+    job = ["-m", tiny_model_dirs["llama"], *JOB]
+    for name, out in ((table.name, "a.jsonl"), (f"now{suffix}", "ref.jsonl")):
+        code, stderr = forked.run(["run", name, "-o", out, *job], tmp_path)
+        assert code == 0, stderr
+    kept = table.stat()
+    _write_table(table, new)
+    os.utime(table, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    code, stderr = forked.run(["run", table.name, "-o", "b.jsonl", *job], tmp_path)
+    assert code == 0, stderr
+    assert untimed(read_lines(tmp_path / "b.jsonl")) == untimed(read_lines(tmp_path / "ref.jsonl"))

@@ -3,7 +3,9 @@
 JSON Lines files are read strictly by our own reader (jsonl.py), so that a broken file
 is reported with its line number before any work starts. Everything else goes through
 the Hugging Face `datasets` library, imported only when it is needed, and read in Arrow
-batches. Either way the rows are a stream (rows.py) that a `RecordIndex`
+batches, never from a file the user can change under the job: local data files are
+converted again for every job (`_FRESH`), a saved dataset is read from a private copy
+(`_load_saved`). Either way the rows are a stream (rows.py) that a `RecordIndex`
 (record_index.py) reads once and keeps a few bytes of per record. Rows shaped like
 OpenAI batch requests are read as such (openai_batch.py).
 """
@@ -44,6 +46,12 @@ _DATA_FILE_SUFFIXES = (".csv", ".parquet", ".arrow")
 # A local file has one split, as `datasets` names it.
 _FILE_SPLIT = "train"
 _DEFAULT_FIELDS = FieldMap()
+# Local files are converted by `datasets` into its cache, which knows a file by its path
+# and modification time: a file replaced with its time kept (cp -p, rsync -t, touch -r)
+# would be read as its old version. A job converts the bytes on disk now, every time (the
+# old conversion is replaced: a job still reading it keeps the file it mapped). The split
+# sizes recorded with the old conversion are not the new file's: not checked.
+_FRESH = {"download_mode": "force_redownload", "verification_mode": "no_checks"}
 _MAX_REASON_CHARS = 200
 
 
@@ -102,7 +110,7 @@ def open_rows(
         if saved is not None:
             check_columns(name, saved_dataset_columns(saved), fields)
             return DatasetRows(_load_saved(saved, name), name, fields.messages)
-        data = _load(name, lambda ds: ds.load_dataset(name), "not a dataset directory")
+        data = _load(name, lambda ds: ds.load_dataset(name, **_FRESH), "not a dataset directory")
         return _dataset_rows(data, name, split, fields)
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
@@ -125,7 +133,9 @@ def _file_rows(
         if document is not None:
             _check_file_split(name, split)
             check_columns(name, document_columns(document), fields)
-            loaded = _load(name, lambda ds: ds.load_dataset("json", data_files=name), "cannot read")
+            loaded = _load(
+                name, lambda ds: ds.load_dataset("json", data_files=name, **_FRESH), "cannot read"
+            )
             return _dataset_rows(loaded, name, split, fields)
         _check_file_split(name, split)
         try:
@@ -139,7 +149,9 @@ def _file_rows(
         )
     _check_file_split(name, split)
     check_columns(name, data_file_columns(path, suffix), fields)
-    data = _load(name, lambda ds: ds.load_dataset(suffix[1:], data_files=name), "cannot read")
+    data = _load(
+        name, lambda ds: ds.load_dataset(suffix[1:], data_files=name, **_FRESH), "cannot read"
+    )
     return _dataset_rows(data, name, split, fields)
 
 
