@@ -75,6 +75,7 @@ class SamplingParams:
             raise ValueError(
                 f"stop must be a non-empty string or a list of them, got {self.stop!r}"
             )
+        check_text("stop", self.stop)
         if self.choice_score not in CHOICE_SCORES:
             raise ValueError(
                 f"choice_score must be one of {', '.join(CHOICE_SCORES)}, got {self.choice_score!r}"
@@ -95,6 +96,7 @@ class SamplingParams:
                 raise ValueError(
                     f"every choice must be a non-empty string, got {short_repr(choice)}"
                 )
+        check_text("choices", choices)
         if len(set(choices)) < len(choices):
             repeated = next(c for c in choices if choices.count(c) > 1)
             raise ValueError(
@@ -123,6 +125,33 @@ class SamplingParams:
         if not overrides:
             return self
         return dataclasses.replace(self, **overrides)
+
+
+def not_text(value: Any) -> str | None:
+    """The first string in `value` (a string, or lists, tuples and mappings of them) that
+    holds a lone surrogate ("\\ud800" is valid JSON, and a Python string, but no character:
+    no tokenizer or UTF-8 file takes it); None when there is none."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodes(value) else value
+    if isinstance(value, Mapping):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return None
+    return next((found for v in value if (found := not_text(v)) is not None), None)
+
+
+def check_text(name: str, value: Any) -> None:
+    """Raise ValueError, naming `name`, when `value` holds a string that is not text."""
+    if (found := not_text(value)) is not None:
+        raise ValueError(f"{name}: {short_repr(found)} holds a lone surrogate, which is not text")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:

@@ -25,6 +25,7 @@ from pagedbatch.inputs.jsonl import loads
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
 from pagedbatch.requests.records import Record
+from pagedbatch.sampling_params import not_text
 
 SUFFIX = ".job.json"
 # A digest of every record (id and row), so that a resume on a changed input can tell
@@ -120,7 +121,8 @@ def job_digest(fingerprint: Fingerprint) -> str:
     """A short id of the job (of the compared keys): 16 hex digits."""
     compared = {k: v for k, v in fingerprint.items() if k not in _INFO_KEYS}
     text = json.dumps(compared, sort_keys=True, ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    # surrogatepass: a name from the command line that is not UTF-8 (surrogate-escaped)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def load_fingerprint(path: Path) -> Fingerprint | None:
@@ -136,9 +138,11 @@ def load_fingerprint(path: Path) -> Fingerprint | None:
 
 def save_fingerprint(path: Path, fingerprint: Fingerprint) -> None:
     """Write the fingerprint atomically (beside, then renamed into place)."""
+    text = json.dumps(fingerprint, indent=1, ensure_ascii=False)
+    if not_text(text) is not None:  # a path that is not UTF-8: written as JSON escapes
+        text = json.dumps(fingerprint, indent=1)
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def model_identity(model: str) -> tuple[str, str]:

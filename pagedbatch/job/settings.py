@@ -11,7 +11,7 @@ from typing import Any
 from pagedbatch.engine.config import EngineConfig, load_preset
 from pagedbatch.requests.prompt_template import PromptTemplate
 from pagedbatch.requests.records import FieldMap
-from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.sampling_params import SamplingParams, check_text
 
 _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
@@ -41,6 +41,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        for name in ("split", "prompt_field", "messages_field", "id_field", "template", "system"):
+            check_text(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.template is not None:
             PromptTemplate(self.template)  # raises ValueError naming the problem
 
