@@ -22,6 +22,9 @@ MAX_INT = 2**63 - 1
 # Most samples per record: each is a sequence of its own, with its own copy of the prompt's
 # token ids, all built when the record is admitted (n = 10**9 would fill the memory).
 MAX_N = 4096
+# Most choices per record: each is scored by a sequence of its own (a fork of the prompt),
+# all built when the record is admitted, and each costs a row of logits.
+MAX_CHOICES = 1024
 
 
 @dataclass(frozen=True)
@@ -91,17 +94,20 @@ class SamplingParams:
                 f"choices must be a non-empty list of strings, got {short_repr(given)}"
             )
         object.__setattr__(self, "choices", choices)
+        if len(choices) > MAX_CHOICES:
+            raise ValueError(f"choices: at most {MAX_CHOICES} a record, got {len(choices)}")
+        seen: set[str] = set()
         for choice in choices:
             if not isinstance(choice, str) or not choice:
                 raise ValueError(
                     f"every choice must be a non-empty string, got {short_repr(choice)}"
                 )
+            if choice in seen:
+                raise ValueError(
+                    f"choices must differ from each other: {short_repr(choice)} is repeated"
+                )
+            seen.add(choice)
         check_text("choices", choices)
-        if len(set(choices)) < len(choices):
-            repeated = next(c for c in choices if choices.count(c) > 1)
-            raise ValueError(
-                f"choices must differ from each other: {short_repr(repeated)} is repeated"
-            )
         if self.n > 1:
             raise ValueError("choices are scored once: n must be 1 with choices")
         if self.logprobs is not None:
