@@ -135,7 +135,7 @@ class Job:
         )  # fmt: skip
         self._scan = check.scan()
         self.input_note = check.input_note
-        check_writable(self._written_files())
+        check_writable(self._written_files(), self._rewritten_files())
 
     @property
     def batch(self) -> bool:
@@ -165,7 +165,19 @@ class Job:
         return files if self.errors_path is None else [*files, ("errors file", self.errors_path)]
 
     def _written_files(self) -> list[Path]:
-        return [path for _, path in self._appended_files()] + [self._fp]
+        files = [path for _, path in self._appended_files()] + [self._fp]
+        if self.settings.engine.memory_report:
+            files += report_paths(self.output)
+        return files
+
+    def _rewritten_files(self) -> list[Path]:
+        """The files `run` writes whole (atomic_write: staged beside, renamed over)."""
+        files = [] if load_fingerprint(self._fp) == self.fingerprint else [self._fp]
+        if self.errors_path is not None:
+            files.append(self.errors_path)  # rebuilt from the output
+        if self.policy.retry_errors and self._scan.errors:
+            files.append(self.output)  # its error lines dropped
+        return files
 
     def _roles(self) -> list[tuple[str, Path]]:
         """(role, path) of every file the job writes, for `check_paths`."""
