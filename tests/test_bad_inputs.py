@@ -134,6 +134,15 @@ def test_a_lone_surrogate_in_a_flag_is_one_line(tmp_path, flags, message):
     assert not out.exists()
 
 
+def test_a_huge_id_is_cut_in_a_message(tmp_path):
+    huge = "x" * 2**20
+    src = tmp_path / "ids.jsonl"
+    src.write_text("".join(json.dumps({"id": huge, "prompt": p}) + "\n" for p in ("a", "b")))
+    error = one_line_error(invoke(src, "-o", tmp_path / "out.jsonl", "-m", "no-model-needed"))
+    assert f"line 2: duplicate id '{'x' * 36}... (first on line 1)" in error
+    assert len(error) < 300
+
+
 def test_an_input_whose_name_is_not_utf8_runs_and_resumes(tmp_path, tiny_model_dirs):
     src = tmp_path / os.fsdecode(b"caf\xe9.jsonl")  # the name as Python holds it: '\udce9'
     src.write_text('{"id": "a", "prompt": "Hi"}\n')

@@ -101,8 +101,10 @@ def test_a_changed_input_names_the_records_that_changed_and_runs_new_ones(job):
     assert result.exit_code == 0, result.output
     assert "none of the 10 records it holds did: 4 to run" in result.stderr
     assert out.read_bytes().startswith(before) and len(by_id(read_lines(out))) == 14
+    ordered = out.with_name("ordered.jsonl")
+    assert invoke(src, "-o", ordered, *flags, "--order", "input").exit_code == 0
     write_jsonl(src, rows[:5] + [{"id": "new", "prompt": "a new one"}] + rows[5:])
-    error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--order", "input"))
+    error = one_line_error(invoke(src, "-o", ordered, *flags, "--resume", "--order", "input"))
     assert "has new records before records" in error  # the file would leave input order
     result = invoke(src, "-o", out, *flags, "--resume")  # in completion order: fine
     assert result.exit_code == 0 and "Wrote 1 record to" in result.stderr, result.output
@@ -186,3 +188,19 @@ def test_order_input_writes_the_lines_of_a_sequential_run(job, tiny_model_dirs, 
     records = [json.loads(line) for line in src.read_text().splitlines()]
     sequential = [llm.generate([r], params)[0].to_json() for r in records]
     assert out.read_bytes() == b"".join(encode_line(line) for line in sequential)
+
+
+def test_an_output_is_resumed_in_the_order_it_was_started_in(job):
+    """--order is in the fingerprint: a completion-order file resumed with --order input
+    (or back) would be in neither order."""
+    src, out, flags = job
+    assert invoke(src, "-o", out, *flags).exit_code == 0
+    error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--order", "input"))
+    assert 'was written by a different job: order ("completion" -> "input")' in error
+    result = invoke(src, "-o", out, *flags, "--resume", "--order", "completion")
+    assert result.exit_code == 0 and "Nothing to do" in result.stderr, result.output
+    assert invoke(src, "-o", out, *flags, "--overwrite", "--order", "input").exit_code == 0
+    error = one_line_error(invoke(src, "-o", out, *flags, "--resume"))
+    assert 'order ("input" -> "completion")' in error
+    stored = json.loads(out.with_name(out.name + ".job.json").read_text())
+    assert stored["order"] == "input"

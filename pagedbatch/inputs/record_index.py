@@ -26,6 +26,7 @@ from pagedbatch.inputs.jsonl import JsonlError
 from pagedbatch.inputs.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.inputs.rows import InputError, RowSource
 from pagedbatch.requests.records import FieldMap, Record, invalid, parse_record
+from pagedbatch.sampling_params import short_repr
 
 _FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
 _FIELDS_SHOWN = 10
@@ -168,8 +169,9 @@ class RecordIndex:
             unit, where = self.rows.unit, self._positions[first]
             id_field = "custom_id" if self.batch else self.fields.id
             raise InputError(
-                f"{self.rows.name}: {unit} {self._positions[again]}: duplicate id {other.id!r} "
-                f"(first on {unit} {where}{_numbered(one, where, unit, id_field)})"
+                f"{self.rows.name}: {unit} {self._positions[again]}: duplicate id "
+                f"{short_repr(other.id)} (first on {unit} {where}"
+                f"{_numbered(one, where, unit, id_field)})"
             )
 
 

@@ -2,7 +2,8 @@
 
 The fingerprint holds what decides the text of every line: the model and tokenizer
 files, the prompt shaping (template, system message, chat, field names, context cap),
-the sampling defaults with the job seed, and the input's content. Device, dtype and
+the sampling defaults with the job seed, and the input's content; and the order of the
+lines (`--order input`). Device, dtype and
 KV cache size are left out: a job may resume on another machine.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from pagedbatch.files import atomic_write
 from pagedbatch.inputs.digests import RECORD_DIGEST_BYTES, input_identity, record_digest
 from pagedbatch.inputs.jsonl import loads
-from pagedbatch.job.settings import RunSettings
+from pagedbatch.job.settings import DEFAULT_ORDER, RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
 from pagedbatch.requests.records import Record
 from pagedbatch.sampling_params import not_text
@@ -42,6 +43,9 @@ _HEAD_TAIL_BYTES = 4 * 2**20
 _CHUNK = 2**20
 
 Fingerprint = dict[str, Any]
+# Keys stored only when not their default (so the job digest of every other job, and a
+# fingerprint written before the key existed, stay as they were): their value when absent.
+_ABSENT_MEANS = {"order": DEFAULT_ORDER}
 
 
 def fingerprint_path(output: Path) -> Path:
@@ -74,6 +78,9 @@ def job_fingerprint(
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
         **sampling,
+        # The order of the lines: a file started in one order and resumed in the other
+        # would be in neither. Stored only when not the default (see _ABSENT_MEANS).
+        **({"order": settings.order} if settings.order != DEFAULT_ORDER else {}),
         "input": input_identity(source, settings.split, content_digest, records),
         "model_name": settings.engine.model,
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
@@ -84,10 +91,14 @@ def job_fingerprint(
 def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:
     """`key (old -> new)` for every compared key that differs."""
     keys = sorted((stored.keys() | current.keys()) - set(_INFO_KEYS))
+
+    def value(fingerprint: Fingerprint, key: str) -> Any:
+        return fingerprint.get(key, _ABSENT_MEANS.get(key))
+
     return [
-        f"{k} ({_short(stored.get(k))} -> {_short(current.get(k))})"
+        f"{k} ({_short(value(stored, k))} -> {_short(value(current, k))})"
         for k in keys
-        if stored.get(k) != current.get(k)
+        if value(stored, k) != value(current, k)
     ]
 
 

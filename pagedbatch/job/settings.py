@@ -16,6 +16,7 @@ from pagedbatch.sampling_params import SamplingParams, check_text
 _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
 ORDERS = ("completion", "input")
+DEFAULT_ORDER = "completion"
 # The job seed: a record without a seed samples with derive_seed(job seed, record id), so a
 # resumed or reordered run samples the same text. Fixed, so that this holds by default.
 DEFAULT_JOB_SEED = 0
@@ -34,7 +35,7 @@ class RunSettings:
     template: str | None = None
     system: str | None = None
     skip_invalid: bool = False
-    order: str = "completion"
+    order: str = DEFAULT_ORDER
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(seed=DEFAULT_JOB_SEED))
 
