@@ -158,6 +158,24 @@ def test_errors_file_holds_failed_inputs_that_feed_back(job, tmp_path):
     assert set(by_id(read_lines(tmp_path / "again.jsonl"))) == {"bad-params", "bad-record"}
 
 
+def test_an_errors_file_edited_by_hand_is_not_rebuilt_over_the_edit(job, tmp_path):
+    """--retry-errors (and --resume) rebuild the errors file from the input and the output:
+    a line fixed by hand that keeps its pagedbatch_error used to be dropped silently."""
+    src, out, flags = job
+    errors = tmp_path / "failed.jsonl"
+    assert invoke(src, "-o", out, *flags, "--errors", errors).exit_code == 0
+    lines = read_lines(errors)
+    lines[0]["max_tokens"] = 4  # fixed, its error kept
+    write_jsonl(errors, lines)
+    edited = errors.read_bytes()
+    for again in ("--retry-errors", "--resume"):
+        error = one_line_error(invoke(src, "-o", out, *flags, "--errors", errors, again))
+        assert f"{errors}: line 1 is not the line written for its record (edited by hand?)" in error
+        assert errors.read_bytes() == edited
+    result = invoke(src, "-o", out, *flags, "--errors", errors, "--overwrite")  # start over
+    assert result.exit_code == 0, result.output
+
+
 def test_errors_file_of_lines_without_ids_names_the_line_number(tmp_path, tiny_model_dirs):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b'{"prompt": "fine"}\n[1, 2]\n{"prompt": "also fine"}\n')

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pagedbatch.files import atomic_write
+from pagedbatch.inputs.jsonl import loads
 from pagedbatch.inputs.openai_batch import batch_output_line
 from pagedbatch.inputs.reader import read_index
 from pagedbatch.inputs.record_index import RecordView
@@ -32,7 +33,13 @@ from pagedbatch.job.fingerprint import (
     save_fingerprint,
 )
 from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
-from pagedbatch.job.output_scan import QUARANTINE_KEY, cut_torn_line, drop_error_lines
+from pagedbatch.job.output_scan import (
+    QUARANTINE_KEY,
+    canonical,
+    cut_torn_line,
+    drop_error_lines,
+    edited_line,
+)
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.resume import JobError, ResumeCheck, ResumePolicy
 from pagedbatch.plan.rates import store_run_rates
@@ -135,7 +142,27 @@ class Job:
         )  # fmt: skip
         self._scan = check.scan()
         self.input_note = check.input_note
+        self._check_errors_file()
         check_writable(self._written_files(), self._rewritten_files())
+
+    def _check_errors_file(self) -> None:
+        """A resume rebuilds the errors file from the input and the output: refuse one
+        holding a line edited by hand (the rebuild would drop the edit)."""
+        if self.errors_path is None or not self.policy.resuming:
+            return
+        written = {
+            canonical(loads(encode_line(self._quarantine_line(rid, error))))
+            for rid, error in self._scan.errors.items()
+            if self.index.find(rid) is not None
+        }
+        n = edited_line(self.errors_path, written)
+        if n is not None:
+            raise GuardError(
+                f"{self.errors_path}: line {n} is not the line written for its record (edited "
+                "by hand?), and a resume rebuilds this file from the input and the output, "
+                "dropping the edit: run the edited file as an input of its own, or move it "
+                "away first"
+            )
 
     @property
     def batch(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from array import array
 from collections.abc import Iterator
@@ -130,6 +131,26 @@ def check_errors_file(path: Path) -> None:
                     f"'{QUARANTINE_KEY}'), so it is not this job's errors file and a resume "
                     "would replace it; give another --errors path, or --overwrite to start over"
                 )
+
+
+def edited_line(path: Path, written: set[str]) -> int | None:
+    """The number of the first whole line of errors file `path` that is not one of the
+    lines a resume writes when it rebuilds the file (`written`, each as `canonical` gives
+    it): a line edited by hand, which the rebuild would drop. None when there is none."""
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return None
+    with file:
+        for n, raw in enumerate(file, start=1):
+            if raw.strip() and raw.endswith(b"\n") and canonical(loads(raw)) not in written:
+                return n
+    return None
+
+
+def canonical(line: Any) -> str:
+    """A line's JSON with its keys sorted: equal for lines that hold the same values."""
+    return json.dumps(line, sort_keys=True, ensure_ascii=True)
 
 
 def cut_torn_line(path: Path, scan: OutputScan) -> None:
