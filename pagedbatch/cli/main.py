@@ -5,7 +5,9 @@ silence) and the right exit code, never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
 import signal
 import sys
 from types import FrameType
@@ -34,6 +36,12 @@ def main() -> None:
             code = e.exit_code
             with contextlib.suppress(OSError):
                 os.write(2, f"error: stopped by {e.name}\n".encode())
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            code = 1  # anywhere (importing the libraries scans directories): one line
+            with contextlib.suppress(OSError):
+                os.write(2, f"error: {_too_many_files(e)}\n".encode())
         # The command is done: a signal from now on (a second SIGHUP just after the job
         # stopped for the first) changes nothing, and its exit code stands.
         for sig in SIGNALS:
@@ -46,6 +54,13 @@ def main() -> None:
     # Its files are closed: exit now, without the interpreter's slow teardown (torch's),
     # during which a signal would end the process by its default action.
     os._exit(code)
+
+
+def _too_many_files(e: OSError) -> str:
+    if e.errno == errno.ENFILE:
+        return "the system has too many open files; try again once it has fewer"
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return f"too many open files: this process may open only {limit} at once; raise ulimit -n"
 
 
 def _done(signum: int, frame: FrameType | None) -> None:
