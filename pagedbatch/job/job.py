@@ -151,11 +151,11 @@ class Job:
         if self.errors_path is None or not self.policy.resuming:
             return
         written = {
-            canonical(loads(encode_line(self._quarantine_line(rid, error))))
+            canonical(rid): canonical(loads(encode_line(self._quarantine_line(rid, error))))
             for rid, error in self._scan.errors.items()
             if self.index.find(rid) is not None
         }
-        n = edited_line(self.errors_path, written)
+        n = edited_line(self.errors_path, written, (self.settings.id_field, "custom_id"))
         if n is not None:
             raise GuardError(
                 f"{self.errors_path}: line {n} is not the line written for its record (edited "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,17 +133,24 @@ def check_errors_file(path: Path) -> None:
                 )
 
 
-def edited_line(path: Path, written: set[str]) -> int | None:
-    """The number of the first whole line of errors file `path` that is not one of the
-    lines a resume writes when it rebuilds the file (`written`, each as `canonical` gives
-    it): a line edited by hand, which the rebuild would drop. None when there is none."""
+def edited_line(path: Path, written: Mapping[str, str], id_fields: tuple[str, ...]) -> int | None:
+    """The number of the first whole line of errors file `path` that a resume would
+    rebuild otherwise: its id (the first of `id_fields` it holds) is one the rebuild writes
+    a line for (`written`: id -> line, each as `canonical` gives it), and the line is not
+    that one (edited by hand). None when there is none."""
     try:
         file = path.open("rb")
     except FileNotFoundError:
         return None
     with file:
         for n, raw in enumerate(file, start=1):
-            if raw.strip() and raw.endswith(b"\n") and canonical(loads(raw)) not in written:
+            if not raw.strip() or not raw.endswith(b"\n"):
+                continue
+            line = loads(raw)
+            rid = next((line[f] for f in id_fields if f in line), None)
+            if (expected := written.get(canonical(rid))) is not None and expected != canonical(
+                line
+            ):
                 return n
     return None
 
