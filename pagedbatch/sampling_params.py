@@ -26,6 +26,9 @@ MAX_INT = 2**63 - 1
 # Most samples per record: each is a sequence of its own, with its own copy of the prompt's
 # token ids, all built when the record is admitted (n = 10**9 would fill the memory).
 MAX_N = 4096
+# Most choices per record: each is scored by a sequence of its own (a fork of the prompt),
+# all built when the record is admitted, and each costs a row of logits.
+MAX_CHOICES = 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class SamplingParams:
             raise ValueError(
                 f"stop must be a non-empty string or a list of them, got {self.stop!r}"
             )
+        check_text("stop", self.stop)
         if self.choice_score not in CHOICE_SCORES:
             raise ValueError(
                 f"choice_score must be one of {', '.join(CHOICE_SCORES)}, got {self.choice_score!r}"
@@ -100,16 +104,20 @@ class SamplingParams:
                 f"choices must be a non-empty list of strings, got {short_repr(given)}"
             )
         object.__setattr__(self, "choices", choices)
+        if len(choices) > MAX_CHOICES:
+            raise ValueError(f"choices: at most {MAX_CHOICES} a record, got {len(choices)}")
+        seen: set[str] = set()
         for choice in choices:
             if not isinstance(choice, str) or not choice:
                 raise ValueError(
                     f"every choice must be a non-empty string, got {short_repr(choice)}"
                 )
-        if len(set(choices)) < len(choices):
-            repeated = next(c for c in choices if choices.count(c) > 1)
-            raise ValueError(
-                f"choices must differ from each other: {short_repr(repeated)} is repeated"
-            )
+            if choice in seen:
+                raise ValueError(
+                    f"choices must differ from each other: {short_repr(choice)} is repeated"
+                )
+            seen.add(choice)
+        check_text("choices", choices)
         if self.n > 1:
             raise ValueError("choices are scored once: n must be 1 with choices")
         if self.logprobs is not None:
@@ -140,6 +148,33 @@ class SamplingParams:
         if len(fields) < len(overrides):  # the record's own constraint wins over the job's
             fields["constraint"] = record_constraint(overrides)
         return dataclasses.replace(self, **fields)
+
+
+def not_text(value: Any) -> str | None:
+    """The first string in `value` (a string, or lists, tuples and mappings of them) that
+    holds a lone surrogate ("\\ud800" is valid JSON, and a Python string, but no character:
+    no tokenizer or UTF-8 file takes it); None when there is none."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodes(value) else value
+    if isinstance(value, Mapping):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return None
+    return next((found for v in value if (found := not_text(v)) is not None), None)
+
+
+def check_text(name: str, value: Any) -> None:
+    """Raise ValueError, naming `name`, when `value` holds a string that is not text."""
+    if (found := not_text(value)) is not None:
+        raise ValueError(f"{name}: {short_repr(found)} holds a lone surrogate, which is not text")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:

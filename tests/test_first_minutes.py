@@ -288,3 +288,27 @@ def test_model_names_resolve_without_loading(tmp_path, monkeypatch):
         resolve_model_name(str(tmp_path / "dir" / "config.json"))
     with pytest.raises(ModelLoadError, match="no such directory"):
         resolve_model_name("a/b/c")
+
+
+def test_too_few_open_files_is_one_line(job, tiny_model_dirs):
+    """`ulimit -n` of a few: importing the libraries (which scan their directories) runs out
+    of file descriptors; that used to be a 100-line traceback."""
+    args = ["run", str(job), "-m", str(tiny_model_dirs["llama"]), "--no-progress"]
+    failed = []
+    for limit in (6, 7):
+
+        def few_files(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        done = subprocess.run(
+            [str(BIN / "pagedbatch"), *args], cwd=job.parent, capture_output=True, text=True,
+            timeout=600, preexec_fn=few_files,
+        )  # fmt: skip
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        if done.returncode:
+            assert done.returncode == 1 and done.stderr == (
+                f"error: too many open files: this process may open only {limit} at once; "
+                "raise ulimit -n\n"
+            ), done.stderr
+            failed.append(limit)
+    assert failed, "no limit was low enough to fail"

@@ -93,7 +93,7 @@ def run(
     memory_report: Annotated[bool | None, opt(OUTPUT_PANEL, "At the end, show the KV memory report and write it to <output>.memory.json (and .memory.png with matplotlib).", "--memory-report")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT_PANEL)] = True,
     ray: Annotated[bool | None, opt(RAY_PANEL, "Run the job on a Ray cluster: replicas of the model take shards of it, this process writes the output (needs pip install -e \".[ray]\").", "--ray")] = None,
-    ray_address: Annotated[Str, opt(RAY_PANEL, "The cluster to join. [default: auto, the one running on this machine, else a local one started for the job]", "--ray-address")] = None,
+    ray_address: Annotated[Str, opt(RAY_PANEL, "The cluster to join. [default: auto, the one running on this machine (never another job's own), else a local one started for the job]", "--ray-address")] = None,
     replicas: Annotated[Int, opt(RAY_PANEL, "Replicas of the model, one per GPU (or CPU slot) of the cluster. [default: the cluster's GPUs, or its nodes without GPUs]", "--replicas")] = None,
 ) -> None:  # fmt: skip
     """Generate a completion for every record of INPUT and write them to a JSONL file."""
@@ -238,6 +238,7 @@ def _run_with_progress(
 
     from pagedbatch.engine.tensor_parallel import TensorParallelError
     from pagedbatch.inputs.reader import InputError
+    from pagedbatch.ray.cluster import ClusterError  # (it imports Ray only when asked)
 
     prior = job.settings.sampling.most_output_tokens
     progress.generating(len(job.todo), prior_tokens_per_record=prior)
@@ -249,7 +250,11 @@ def _run_with_progress(
             ),
             on_prepared=progress.prepared,
         )  # fmt: skip
-    except (InputError, TensorParallelError) as e:  # the input changed, a rank died
+    except (
+        InputError,
+        TensorParallelError,
+        ClusterError,
+    ) as e:  # the input changed, a rank died, the Ray cluster went away
         fail(f"{e}; the lines before are safe. Resume with: {resume}", code=1)
     except OSError as e:
         where = e.filename or job.output

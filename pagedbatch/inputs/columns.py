@@ -1,7 +1,7 @@
 """What an input holds, read before `datasets` is imported (about a second of CPU), so
 that a table without the prompt field is refused at once: a CSV header and first rows, a
-Parquet file's first rows, a JSON list's keys and first objects, a saved dataset's features
-(None: not known that cheaply); a hub
+Parquet file's first rows, a JSON list's keys and first objects, a saved dataset's split
+and features (None: not known that cheaply); a hub
 dataset name that is neither cached nor reachable; and the split a job reads."""
 
 from __future__ import annotations
@@ -78,21 +78,32 @@ def data_file_head(path: Path, suffix: str) -> Head | None:
     return None
 
 
-def saved_dataset_head(path: Path, name: str, split: str | None) -> Head | None:
-    """The features of a dataset saved with `save_to_disk` (as a row of None), from its JSON
-    files: the split chosen as `select_split` chooses it (whose errors it raises)."""
-    try:
-        if (path / "dataset_dict.json").is_file():
+def saved_split(path: Path, name: str, split: str | None) -> Path | None:
+    """The directory of the split a job reads of a dataset saved with `save_to_disk`,
+    chosen as `select_split` chooses it (whose errors it raises); None when `path` is not
+    such a dataset."""
+    if (path / "dataset_dict.json").is_file():
+        try:
             splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-            chosen = select_split({s: path / s for s in splits}, name, split)
-        elif (path / "state.json").is_file():
-            chosen = select_split(path, name, split)  # one Dataset: no splits
-        else:
-            return None
-        info = json.loads((chosen / "dataset_info.json").read_text())
-        return [dict.fromkeys(info["features"])]
-    except InputError:
-        raise
+            directories = {str(s): path / str(s) for s in splits}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            raise InputError(
+                f"{name}: cannot load saved dataset (dataset_dict.json: {problem})"
+            ) from None
+        return select_split(directories, name, split)
+    if (path / "state.json").is_file():
+        return select_split(path, name, split)  # one Dataset: no splits
+    return None
+
+
+def saved_dataset_head(directory: Path) -> Head | None:
+    """The features of a split saved with `save_to_disk` (as a row of None), from its
+    dataset_info.json."""
+    try:
+        return [
+            dict.fromkeys(json.loads((directory / "dataset_info.json").read_text())["features"])
+        ]
     except Exception:  # noqa: BLE001 - `datasets` will load it, and say what is wrong
         return None
 

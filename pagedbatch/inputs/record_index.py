@@ -5,6 +5,10 @@ row, unique ids, a prompt field some row has) and keeping per record its row's p
 and locator, its id's key (id_keys.py) and its digest (digests.py): 40 bytes, where
 a parsed record with its row is about 1-2 KB. `RecordView` is a sequence of some of the
 records (what a job still has to do) that reads each record when it is asked for.
+
+A record read again is proven to be the record read first (its digest), whatever the
+input kind; one that is not raises InputError, so an input changed under a job (even in
+place, at the same size) never puts one record's text under another's id.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pagedbatch.inputs.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.inputs.rows import InputError, RowSource
 from pagedbatch.requests.prompt_template import brace_hint
 from pagedbatch.requests.records import FieldMap, Record, invalid, parse_record
+from pagedbatch.sampling_params import short_repr
 
 _FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
 _FIELDS_SHOWN = 10
@@ -92,9 +97,10 @@ class RecordIndex:
         return parse_record(row, default_id=position, fields=self.fields)
 
     def record(self, k: int) -> Record:
-        """The k-th record, read again from its row."""
+        """The k-th record, read again from its row (InputError unless it is the record
+        read first: `_same`)."""
         position = self._positions[k]
-        return self._parse(position, self.rows.row_at(self._locators[k], position))
+        return self._same(k, self._parse(position, self.rows.row_at(self._locators[k], position)))
 
     def records(self, ks: np.ndarray | None = None) -> Iterator[Record]:
         """The records numbered `ks` (ascending; all when None), read in file order when
@@ -111,9 +117,28 @@ class RecordIndex:
         k = 0
         for batch in self.rows.batches():
             for position, _, row in batch:
+                if k >= len(self):
+                    raise InputError(
+                        f"{self.rows.name}: changed while the job ran (it has more rows)"
+                    )
                 if wanted is None or wanted[k]:
-                    yield self._parse(position, row)
+                    yield self._same(k, self._parse(position, row))
                 k += 1
+        if k != len(self):
+            raise InputError(f"{self.rows.name}: changed while the job ran (it has fewer rows)")
+
+    def _same(self, k: int, record: Record) -> Record:
+        """`record`, read again as the k-th: InputError unless its digest is the one read
+        first. Every record a job uses after the first pass (tokenized, admitted, written
+        to the errors file) comes through here, so an input changed under the job (in
+        place, at the same size) stops it before a line is written from another record."""
+        if record_digest(record) != self.digest(k):
+            unit, position = self.rows.unit, self._positions[k]
+            raise InputError(
+                f"{self.rows.name}: changed while the job ran ({unit} {position} is not the "
+                "record read at the start)"
+            )
+        return record
 
     def position(self, k: int) -> int:
         return self._positions[k]
@@ -152,8 +177,9 @@ class RecordIndex:
             unit, where = self.rows.unit, self._positions[first]
             id_field = "custom_id" if self.batch else self.fields.id
             raise InputError(
-                f"{self.rows.name}: {unit} {self._positions[again]}: duplicate id {other.id!r} "
-                f"(first on {unit} {where}{_numbered(one, where, unit, id_field)})"
+                f"{self.rows.name}: {unit} {self._positions[again]}: duplicate id "
+                f"{short_repr(other.id)} (first on {unit} {where}"
+                f"{_numbered(one, where, unit, id_field)})"
             )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.files import atomic_write
 from pagedbatch.generator import Generator, OnOutput, OnPrepared, OnStep, ShouldStop
+from pagedbatch.inputs.jsonl import loads
 from pagedbatch.inputs.openai_batch import batch_output_line
 from pagedbatch.inputs.reader import read_index
 from pagedbatch.inputs.record_index import RecordView
@@ -34,7 +35,13 @@ from pagedbatch.job.fingerprint import (
     save_fingerprint,
 )
 from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
-from pagedbatch.job.output_scan import QUARANTINE_KEY, cut_torn_line, drop_error_lines
+from pagedbatch.job.output_scan import (
+    QUARANTINE_KEY,
+    canonical,
+    cut_torn_line,
+    drop_error_lines,
+    edited_line,
+)
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.resume import JobError, ResumeCheck, ResumePolicy
 from pagedbatch.plan.rates import store_run_rates
@@ -155,7 +162,27 @@ class Job:
         )  # fmt: skip
         self._scan = check.scan()
         self.input_note = check.input_note
-        check_writable(self._written_files())
+        self._check_errors_file()
+        check_writable(self._written_files(), self._rewritten_files())
+
+    def _check_errors_file(self) -> None:
+        """A resume rebuilds the errors file from the input and the output: refuse one
+        holding a line edited by hand (the rebuild would drop the edit)."""
+        if self.errors_path is None or not self.policy.resuming:
+            return
+        written = {
+            canonical(rid): canonical(loads(encode_line(self._quarantine_line(rid, error))))
+            for rid, error in self._scan.errors.items()
+            if self.index.find(rid) is not None
+        }
+        n = edited_line(self.errors_path, written, (self.settings.id_field, "custom_id"))
+        if n is not None:
+            raise GuardError(
+                f"{self.errors_path}: line {n} is not the line written for its record (edited "
+                "by hand?), and a resume rebuilds this file from the input and the output, "
+                "dropping the edit: run the edited file as an input of its own, or move it "
+                "away first"
+            )
 
     @property
     def batch(self) -> bool:
@@ -185,7 +212,19 @@ class Job:
         return files if self.errors_path is None else [*files, ("errors file", self.errors_path)]
 
     def _written_files(self) -> list[Path]:
-        return [path for _, path in self._appended_files()] + [self._fp]
+        files = [path for _, path in self._appended_files()] + [self._fp]
+        if self.settings.engine.memory_report:
+            files += report_paths(self.output)
+        return files
+
+    def _rewritten_files(self) -> list[Path]:
+        """The files `run` writes whole (atomic_write: staged beside, renamed over)."""
+        files = [] if load_fingerprint(self._fp) == self.fingerprint else [self._fp]
+        if self.errors_path is not None:
+            files.append(self.errors_path)  # rebuilt from the output
+        if self.policy.retry_errors and self._scan.errors:
+            files.append(self.output)  # its error lines dropped
+        return files
 
     def _roles(self) -> list[tuple[str, Path]]:
         """(role, path) of every file the job writes, for `check_paths`."""

@@ -12,7 +12,7 @@ from pagedbatch.constraint import Constraint
 from pagedbatch.engine.config import EngineConfig, load_preset
 from pagedbatch.requests.prompt_template import PromptTemplate
 from pagedbatch.requests.records import FieldMap
-from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.sampling_params import SamplingParams, check_text
 
 _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
@@ -22,6 +22,8 @@ CONSTRAINT_FLAGS = {
     "json_schema": "--json-schema", "json_object": "--json", "regex": "--regex",
     "grammar": "--grammar",
 }  # fmt: skip
+
+DEFAULT_ORDER = "completion"
 # The job seed: a record without a seed samples with derive_seed(job seed, record id), so a
 # resumed or reordered run samples the same text. Fixed, so that this holds by default.
 DEFAULT_JOB_SEED = 0
@@ -40,7 +42,7 @@ class RunSettings:
     template: str | None = None
     system: str | None = None
     skip_invalid: bool = False
-    order: str = "completion"
+    order: str = DEFAULT_ORDER
     max_errors: int | None = None  # exit TOO_MANY_ERRORS when the output has more error lines
     max_error_rate: float | None = None  # ... or more than this fraction of its lines
     summary_json: Path | None = None  # the run's summary as JSON ("-": stdout)
@@ -50,6 +52,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        for name in ("split", "prompt_field", "messages_field", "id_field", "template", "system"):
+            check_text(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.template is not None:
             PromptTemplate(self.template)  # raises ValueError naming the problem
         if self.max_errors is not None and self.max_errors < 0:

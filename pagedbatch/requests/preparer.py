@@ -25,7 +25,7 @@ from pagedbatch.outputs import (
     RequestOutput,
 )
 from pagedbatch.requests.prompts import PromptBuilder, PromptError
-from pagedbatch.requests.records import Record
+from pagedbatch.requests.records import Record, text_problem
 from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed, short_repr
 
 _CHOICES_CACHED = 4096  # choice texts whose tokens are kept (a job has a few)
@@ -178,6 +178,8 @@ def prompt_ids(
 def _params(record: Record, defaults: SamplingParams) -> SamplingParams | RequestOutput:
     if record.error is not None:
         return RequestOutput(record.id, error=record.error)
+    if (problem := text_problem(record)) is not None:
+        return _error(record, INVALID_RECORD, problem)
     try:
         return defaults.with_overrides(record.overrides)
     except (TypeError, ValueError) as e:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pagedbatch.outputs import INVALID_RECORD, RecordError
 from pagedbatch.requests.prompt_template import PromptTemplate, TemplateError
-from pagedbatch.sampling_params import OVERRIDABLE
+from pagedbatch.sampling_params import OVERRIDABLE, not_text, short_repr
 
 _OVERRIDABLE = frozenset(OVERRIDABLE)
 
@@ -80,6 +80,20 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
         overrides=overrides,
         source=row,
     )
+
+
+def text_problem(record: Record) -> str | None:
+    """Why a record's text is not text, if it is not: its prompt (a template's fields
+    included), messages, stop strings or choices hold a lone surrogate."""
+    parts = (
+        ("prompt", record.prompt), ("message", record.messages),
+        ("stop string", record.overrides.get("stop")),
+        ("choice", record.overrides.get("choices")),
+    )  # fmt: skip
+    for what, value in parts:
+        if (found := not_text(value)) is not None:
+            return f"{what} {short_repr(found)} holds a lone surrogate, which is not text"
+    return None
 
 
 def with_system(system: str, prompt: str | None, messages: Any) -> list[Mapping[str, Any]]:
