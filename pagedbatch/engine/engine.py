@@ -93,8 +93,8 @@ class Engine:
         if self.runner.scoring:  # a job without choices never scans for them
             logits, sampling, parents, scored = _score_choices(batch, logits, sampling)
         seqs, rows = _with_forks(sampling)
-        rows_logits = logits if len(rows) == len(sampling) else logits[rows]
         mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
+        rows_logits = logits if len(rows) == len(sampling) else logits[rows]
         sampled = sample_tokens(rows_logits, seqs, mask)
         tokens = sampled.tolist()
         self.masks.accept(seqs, tokens)
