@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pagedbatch.constraint import Constraint
     from pagedbatch.engine.config import EngineConfig
     from pagedbatch.llm import LLM
     from pagedbatch.outputs import Completion, RecordError, RequestOutput
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "LLM": "pagedbatch.llm",
     "Completion": "pagedbatch.outputs",
+    "Constraint": "pagedbatch.constraint",
     "EngineConfig": "pagedbatch.engine.config",
     "Record": "pagedbatch.requests.records",
     "RecordError": "pagedbatch.outputs",
@@ -28,6 +30,7 @@ _HOMES = {
 __all__ = [
     "LLM",
     "Completion",
+    "Constraint",
     "EngineConfig",
     "Record",
     "RecordError",

@@ -316,9 +316,16 @@ def constrained_line(report: BenchReport) -> str | None:
     if ours is None or ours.error is not None or not ours.seconds:
         return None
     d = ours.details
-    parts = [f"Constrained ({ours.given['constraint']}): {ours.tokens_per_s:.1f} out tok/s"]
+    parts = [
+        f"Constrained ({ours.given['constraint']}): {ours.records_per_s:.2f} records/s, "
+        f"{ours.tokens_per_s:.1f} out tok/s"
+    ]
     if free is not None and free.error is None and free.seconds:
-        parts[0] += f", {ours.tokens_per_s / free.tokens_per_s:.2f}x unconstrained"
+        parts[0] += (
+            f" ({ours.records_per_s / free.records_per_s:.2f}x and "
+            f"{ours.tokens_per_s / free.tokens_per_s:.2f}x unconstrained, whose records all "
+            "generate --max-tokens)"
+        )
         if d["decode_steps"] and free.details["decode_steps"]:
             parts.append(
                 f"decode {d['decode_ms']:.2f} ms/step against {free.details['decode_ms']:.2f} "

@@ -163,8 +163,8 @@ class Engine:
         and of its forks (from its row); the logprobs of those that ask for them."""
         sampling = out.sampling
         seqs, rows = _with_forks(sampling)
-        logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
         mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
+        logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
         sampled = sample_tokens(logits, seqs, mask)
         tokens = sampled.tolist()
         self.masks.accept(seqs, tokens)
