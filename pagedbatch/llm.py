@@ -15,6 +15,7 @@ from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.reasoning import think_tokens
 from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
@@ -70,7 +71,8 @@ class LLM:
         )  # fmt: skip
         _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
-        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
+        self.think = think_tokens(self.tokenizer, self.config.reasoning_parser)
+        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer), self.think)
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
@@ -80,12 +82,14 @@ class LLM:
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
             self._capture_cuda_graphs()
-        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
+        self.prompts = PromptBuilder(
+            self.tokenizer, self.config.chat, self.config.chat_template_kwargs
+        )
         limits = Limits(
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
-        self.preparer = Preparer(self.prompts, limits)
+        self.preparer = Preparer(self.prompts, limits, thinks=self.think is not None)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA
@@ -240,13 +244,16 @@ class LLM:
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:
             return _choice_output(rid, seqs)
+        stop = self.engine.stop_checker
         completions = tuple(
             Completion(
                 k,
-                self.engine.stop_checker.text(s),
+                stop.text(s),
                 tuple(s.output_ids),
                 s.finish_reason,
                 self._logprobs(s),
+                stop.reasoning(s),
+                stop.reasoning_tokens(s),
             )  # fmt: skip
             for k, s in enumerate(seqs)
         )

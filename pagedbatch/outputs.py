@@ -27,11 +27,17 @@ class RecordError:
 
 @dataclass(frozen=True)
 class Completion:
+    """One generated text. A thinking model's completion that thought has its thinking's
+    text in `reasoning` and the answer in `text`; `reasoning_tokens` of its `token_ids`
+    are the thinking and its marks."""
+
     index: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,11 @@ class RequestOutput:
         return sum(len(c.token_ids) for c in self.completions)
 
     @property
+    def reasoning_tokens(self) -> int:
+        """The completion tokens that were thinking (counted in completion_tokens too)."""
+        return sum(c.reasoning_tokens for c in self.completions)
+
+    @property
     def text(self) -> str:
         """The first completion's text, or the label of scored choices ('' for an error)."""
         if self.choices:
@@ -112,11 +123,16 @@ class RequestOutput:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
         }
+        if any(c.reasoning is not None for c in self.completions):
+            line["usage"]["reasoning_tokens"] = self.reasoning_tokens
         return line
 
 
 def _choice_json(c: Completion) -> dict:
-    choice: dict = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+    choice: dict = {"index": c.index}
+    if c.reasoning is not None:
+        choice["reasoning"] = c.reasoning
+    choice.update(text=c.text, finish_reason=c.finish_reason)
     if c.logprobs is not None:
         choice["logprobs"] = [t.to_json() for t in c.logprobs]
     return choice

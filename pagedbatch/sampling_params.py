@@ -12,6 +12,7 @@ from typing import Any
 # Fields a record may override, as they are spelled in the input file.
 OVERRIDABLE = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs", "choices",
+    "reasoning_budget",
 )  # fmt: skip
 MAX_LOGPROBS = 20  # most alternatives a token may report (OpenAI's limit)
 CHOICE_SCORES = ("sum", "mean")
@@ -37,6 +38,10 @@ class SamplingParams:
 
     `choices`: instead of generating, score each choice as a continuation of the prompt:
     the sum of its tokens' log-probabilities (`choice_score="mean"`: their mean).
+
+    `reasoning_budget`: a thinking model thinks at most this many tokens (then its
+    end-of-thinking token is forced) and its answer has `max_tokens` of its own; without
+    one, `max_tokens` counts the thinking and the answer together (engine/reasoning.py).
     """
 
     max_tokens: int = 256
@@ -50,6 +55,7 @@ class SamplingParams:
     logprobs: int | None = None
     choices: tuple[str, ...] | None = None
     choice_score: str = "sum"
+    reasoning_budget: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +73,8 @@ class SamplingParams:
         _check_int("n", self.n, minimum=1, maximum=MAX_N)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        if self.reasoning_budget is not None:
+            _check_int("reasoning_budget", self.reasoning_budget, minimum=0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
             if self.logprobs > MAX_LOGPROBS:
@@ -110,10 +118,18 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def max_output_tokens(self) -> int:
+        """The most tokens one sample generates: max_tokens, and with a reasoning budget the
+        thinking's too (the budget and its two marks)."""
+        if self.reasoning_budget is None:
+            return self.max_tokens
+        return self.max_tokens + self.reasoning_budget + 2
+
+    @property
     def most_output_tokens(self) -> int:
-        """The most tokens these params generate: max_tokens x n (choices: none, they are
-        scored)."""
-        return 0 if self.choices is not None else self.max_tokens * self.n
+        """The most tokens these params generate: max_output_tokens x n (choices: none, they
+        are scored)."""
+        return 0 if self.choices is not None else self.max_output_tokens * self.n
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SamplingParams:
         """These params with some fields replaced; raises ValueError naming a bad field."""

@@ -14,6 +14,7 @@ from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.engine.logits_processor import LogitsProcessor
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.radix_cache import RadixCache
@@ -60,6 +61,7 @@ class Engine:
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
         self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
         self.stop_checker = stop_checker
+        self.logits_processor = LogitsProcessor(stop_checker.think)
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
         # What StepTrace's seconds are read from: wall time; time.thread_time gives the
@@ -79,7 +81,9 @@ class Engine:
         """Queue a request's samples, one sequence per seed (None: a random one); return
         them. With prefix sharing the prompt is computed once: the others fork from the
         first when its prompt is done."""
-        max_len = min(self.max_model_len, len(prompt) + params.max_tokens)
+        max_len = min(self.max_model_len, len(prompt) + params.max_output_tokens)
+        think = self.stop_checker.think
+        think_start = think.thinking_start(prompt) if think is not None else None
         seqs = [
             Sequence(
                 next(self._seq_ids),
@@ -89,6 +93,7 @@ class Engine:
                 max_len,
                 seed=random_seed() if seed is None else seed,
                 request_id=request_id,
+                think_start=think_start,
             )  # fmt: skip
             for seed in seeds
         ]
@@ -146,7 +151,7 @@ class Engine:
         sampling = out.sampling
         seqs, rows = _with_forks(sampling)
         logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
-        sampled = sample_tokens(logits, seqs)
+        sampled = sample_tokens(self.logits_processor(logits, seqs), seqs)
         tokens = sampled.tolist()
         for seq, entry in zip(seqs, token_logprobs(logits, sampled, seqs)):
             if entry is not None:

@@ -37,7 +37,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     randoms = [s.params for s in seqs if not s.params.greedy]
     if not randoms:
         return greedy
-    packed = _upload(_pack(seqs), logits.device)  # [n, 5] int64
+    packed = upload(_pack(seqs), logits.device)  # [n, 5] int64
     seed, position, top_k = packed[:, 0], packed[:, 1], packed[:, 2]
     temperature, top_p = packed[:, 3:].view(torch.float64).float().unbind(dim=-1)
     random = temperature > 0
@@ -95,7 +95,7 @@ def _pack(seqs: list[Sequence]) -> torch.Tensor:
     return torch.cat([ints, floats.view(torch.int64)], dim=1)
 
 
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`host` on `device` without a host sync (pinned memory, asynchronous copy)."""
     if device.type != "cuda":
         return host.to(device)

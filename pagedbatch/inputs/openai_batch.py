@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from pagedbatch.outputs import RequestOutput, TokenLogprob
+from pagedbatch.outputs import Completion, RequestOutput, TokenLogprob
 from pagedbatch.requests.records import Record, invalid, messages_problem
 
 CHAT = "/v1/chat/completions"
@@ -74,6 +74,7 @@ def batch_output_line(
             "completion_tokens": output.completion_tokens,
             "total_tokens": output.prompt_tokens + output.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": output.cached_tokens},
+            **_reasoning_usage(output),
         },
     )
     body["id"] = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + rid
@@ -141,11 +142,23 @@ def _label_choice(label: str, endpoint: str) -> dict[str, Any]:
     return {"index": 0, "text": label, "logprobs": None, "finish_reason": "stop"}
 
 
+def _reasoning_usage(output: RequestOutput) -> dict[str, Any]:
+    """OpenAI's count of the completion tokens that were thinking, when the model thought."""
+    if all(c.reasoning is None for c in output.completions):
+        return {}
+    return {"completion_tokens_details": {"reasoning_tokens": output.reasoning_tokens}}
+
+
+def _reasoning(c: Completion) -> dict[str, Any]:
+    """A thinking completion's reasoning, as vLLM writes it: `reasoning_content`."""
+    return {} if c.reasoning is None else {"reasoning_content": c.reasoning}
+
+
 def _chat_body(output: RequestOutput) -> dict[str, Any]:
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": {"role": "assistant", "content": c.text, **_reasoning(c)},
             "logprobs": None
             if c.logprobs is None
             else {"content": [_chat_logprob(t) for t in c.logprobs]},
@@ -161,6 +174,7 @@ def _completion_body(output: RequestOutput) -> dict[str, Any]:
         {
             "index": c.index,
             "text": c.text,
+            **_reasoning(c),
             "logprobs": _completion_logprobs(c.logprobs),
             "finish_reason": c.finish_reason,
         }  # fmt: skip

@@ -57,7 +57,8 @@ def job_fingerprint(
     content hashed as the reader read it, so the file is not read again; `records` adds
     the records' digests: the records, or their digests sorted and joined); raises
     ModelLoadError for an alias whose package is missing."""
-    model, tokenizer = model_identity(settings.engine.model)
+    engine = settings.engine
+    model, tokenizer = model_identity(engine.model)
     sampling = dataclasses.asdict(settings.sampling)
     sampling["stop"] = list(sampling["stop"])
     if sampling["choices"] is not None:  # as JSON stores it, so a resume compares equal
@@ -69,6 +70,10 @@ def job_fingerprint(
         "tokenizer": tokenizer,
         "max_model_len": settings.engine.max_model_len,
         "chat": settings.engine.chat,
+        **_given(
+            chat_template_kwargs=settings.engine.chat_template_kwargs,
+            reasoning_parser=None if engine.reasoning_parser == "auto" else engine.reasoning_parser,
+        ),
         "template": settings.template,
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
@@ -78,6 +83,13 @@ def job_fingerprint(
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
         **({RECORDS_KEY: base64.b64encode(records).decode()} if records is not None else {}),
     }
+
+
+def _given(**settings: Any) -> dict[str, Any]:
+    """The settings given (not None; a default is given as None): settings added after jobs
+    were fingerprinted without them, so that such a job still resumes when it leaves them
+    at their default."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:

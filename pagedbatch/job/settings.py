@@ -16,6 +16,7 @@ from pagedbatch.sampling_params import SamplingParams
 _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
 ORDERS = ("completion", "input")
+_JSON_OBJECTS = ("chat_template_kwargs",)  # settings a flag gives as JSON text
 # The job seed: a record without a seed samples with derive_seed(job seed, record id), so a
 # resumed or reordered run samples the same text. Fixed, so that this holds by default.
 DEFAULT_JOB_SEED = 0
@@ -69,6 +70,17 @@ def parse_choices(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(","))
 
 
+def parse_json_object(text: str, name: str) -> dict[str, Any]:
+    """A flag whose value is a JSON object (--chat-template-kwargs '{"enable_thinking": false}')."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{name}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text}")
+    return value
+
+
 def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSettings:
     """Merge a preset (name or TOML path) with the flags given; raises ValueError when invalid."""
     values = dict(load_preset(preset)) if preset else {}
@@ -80,6 +92,9 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
         values["stop"] = tuple(values["stop"])
     if isinstance(values.get("choices"), str):
         values["choices"] = parse_choices(values["choices"])
+    for name in _JSON_OBJECTS:
+        if isinstance(values.get(name), str):
+            values[name] = parse_json_object(values[name], name)
     for name in ("output", "errors"):
         if isinstance(values.get(name), str):
             values[name] = Path(values[name])

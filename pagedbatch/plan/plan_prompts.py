@@ -135,7 +135,7 @@ def read_plan_prompts(
             ids, params = prompt
             if prompts.fits(ids):
                 choices = params.choices or ()
-                prompts.add(ids, params.max_tokens, params.n, [counted(c) for c in choices])
+                prompts.add(ids, params.max_output_tokens, params.n, [counted(c) for c in choices])
             else:
                 too_long.append(start + j)
         start += len(batch)

@@ -48,7 +48,7 @@ class RayLLM:
         from pagedbatch.models.loader import load_tokenizer_and_config
 
         tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
-        self._prompts = PromptBuilder(tokenizer, config.chat)
+        self._prompts = PromptBuilder(tokenizer, config.chat, config.chat_template_kwargs)
         self.cluster = connect(address, replicas=replicas)
         self._pool: ReplicaPool | None = None
         self.replaced = 0  # replicas that died and were replaced

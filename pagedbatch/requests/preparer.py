@@ -42,9 +42,10 @@ class Limits:
 class Preparer:
     """Checks records and gives what the engine needs to run them, for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
+    def __init__(self, prompts: PromptBuilder, limits: Limits, thinks: bool = False) -> None:
         self.prompts = prompts
         self.limits = limits
+        self.thinks = thinks  # the model marks its thinking (engine/reasoning.py)
         self._choices: dict[str, list[int]] = {}
 
     def check(
@@ -81,7 +82,14 @@ class Preparer:
     def _check_fit(
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
-        """`ids`, or the error of a record whose prompt (and choices) do not fit."""
+        """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
+        params the model cannot follow."""
+        if params.reasoning_budget is not None and not self.thinks:
+            problem = (
+                "reasoning_budget: the model marks no thinking (<think> ... </think> tokens "
+                "used by its chat template; see --reasoning-parser)"
+            )
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
         problem = (
             self._choices_problem(len(ids), params)
             if params.choices is not None
@@ -130,11 +138,12 @@ class Preparer:
         limit = self.limits.max_model_len
         if prompt_len >= limit:
             return f"the prompt has {prompt_len} tokens; the model's context is {limit}"
-        total = min(limit, prompt_len + params.max_tokens)
+        total = min(limit, prompt_len + params.max_output_tokens)
         needed = blocks_for(total, self.limits.block_size)
         if needed > self.limits.num_blocks:
+            budget = "" if params.reasoning_budget is None else " and its reasoning budget"
             return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}){budget} needs "
                 f"{needed} KV blocks but the cache has {self.limits.num_blocks}; "
                 "raise --kv-memory or --num-blocks, or lower max_tokens"
             )

@@ -7,11 +7,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedbatch.engine.config import check_template_kwargs
 from pagedbatch.outputs import INVALID_RECORD, RecordError
 from pagedbatch.requests.prompt_template import PromptTemplate, TemplateError
 from pagedbatch.sampling_params import OVERRIDABLE
 
 _OVERRIDABLE = frozenset(OVERRIDABLE)
+TEMPLATE_KWARGS = "chat_template_kwargs"  # a record's field: its chat template variables
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Record:
     says why none is.
     `overrides` holds the per-record sampling fields as given (validated later, so that
     a bad value becomes an `invalid_params` error of this record only).
+    `chat_template_kwargs` are the record's own chat template variables (over the job's).
     `endpoint` is the OpenAI batch `url` the record came with (None for plain input);
     `source` is the input row as read, kept to quarantine the record when it fails.
     """
@@ -47,6 +50,7 @@ class Record:
     messages: tuple[Mapping[str, Any], ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    chat_template_kwargs: Mapping[str, Any] | None = None
     error: RecordError | None = None
     endpoint: str | None = None
     source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
@@ -72,12 +76,18 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
             return Record(id=rid, error=invalid(problem), source=row)
     if fields.system is not None:
         prompt, messages = None, with_system(fields.system, prompt, messages)
+    kwargs = row.get(TEMPLATE_KWARGS)
+    try:
+        check_template_kwargs(kwargs, TEMPLATE_KWARGS)
+    except ValueError as e:
+        return Record(id=rid, error=invalid(str(e)), source=row)
     overrides = {k: v for k, v in row.items() if k in _OVERRIDABLE and v is not None}
     return Record(
         id=rid,
         prompt=prompt,
         messages=None if messages is None else tuple(dict(m) for m in messages),
         overrides=overrides,
+        chat_template_kwargs=kwargs,
         source=row,
     )
 
