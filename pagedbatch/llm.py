@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from array import array
 from collections.abc import Callable, Iterable
@@ -12,6 +13,7 @@ import torch
 
 from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
 from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.constraints import Grammars
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
@@ -26,6 +28,7 @@ from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
     Completion,
+    ParsedJson,
     RequestOutput,
     TokenLogprob,
 )
@@ -72,7 +75,8 @@ class LLM:
         _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         self.think = think_tokens(self.tokenizer, self.config.reasoning_parser)
-        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer), self.think)
+        eos = eos_token_ids(self.model, self.tokenizer)
+        stop = StopChecker(self.tokenizer, eos, self.think)
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
@@ -89,7 +93,9 @@ class LLM:
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
-        self.preparer = Preparer(self.prompts, limits, thinks=self.think is not None)
+        # Structured output: the logits' width is the model's vocabulary, not the tokenizer's.
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, eos)
+        self.preparer = Preparer(self.prompts, limits, self.grammars, thinks=self.think is not None)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA
@@ -217,7 +223,8 @@ class LLM:
             seqs = self.engine.add_choices(ids, choices, params, record.id)
         else:
             seeds = self.preparer.seeds(record, params)
-            seqs = self.engine.add_samples(ids, params, seeds, record.id)
+            matchers = self.preparer.matchers(params)
+            seqs = self.engine.add_samples(ids, params, seeds, record.id, matchers)
         group = _Group(index, record.id, seqs)
         for seq in seqs:
             owner[seq.seq_id] = group
@@ -228,7 +235,7 @@ class LLM:
         The per-step timeline is there only with `memory_report=True`.
         """
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
-        return memory_report(
+        report = memory_report(
             counter.peak, counter.kv_waste_mean, counter.timeline,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
             kv_bytes_per_token=spec.bytes_per_token,
@@ -237,6 +244,9 @@ class LLM:
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,
         )  # fmt: skip
+        if self.grammars.num_compiled:  # host memory, beside the KV figures
+            report["compiled_grammar_bytes"] = self.grammars.memory_bytes
+        return report
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -244,22 +254,24 @@ class LLM:
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:
             return _choice_output(rid, seqs)
-        stop = self.engine.stop_checker
-        completions = tuple(
-            Completion(
-                k,
-                stop.text(s),
-                tuple(s.output_ids),
-                s.finish_reason,
-                self._logprobs(s),
-                stop.reasoning(s),
-                stop.reasoning_tokens(s),
-            )  # fmt: skip
-            for k, s in enumerate(seqs)
-        )
+        completions = tuple(self._completion(k, s) for k, s in enumerate(seqs))
         return RequestOutput(
             rid, completions, prompt_tokens=seqs[0].num_prompt_tokens,
             cached_tokens=seqs[0].num_prefix_hit_tokens,
+        )  # fmt: skip
+
+    def _completion(self, index: int, seq: Sequence) -> Completion:
+        stop = self.engine.stop_checker
+        text = stop.text(seq)
+        complete, value = None, None
+        if seq.matcher is not None:  # constrained: whole unless a limit or stop string cut it
+            complete = seq.matcher.complete and seq.stop_text_end is None
+            if complete and seq.params.constraint is not None and seq.params.constraint.is_json:
+                value = _parse_json(text)
+        return Completion(
+            index, text, tuple(seq.output_ids), seq.finish_reason, self._logprobs(seq),
+            complete=complete, json=value, reasoning=stop.reasoning(seq),
+            reasoning_tokens=stop.reasoning_tokens(seq),
         )  # fmt: skip
 
     def _logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...] | None:
@@ -274,6 +286,15 @@ class LLM:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+
+def _parse_json(text: str) -> ParsedJson | None:
+    """The value of a JSON text its grammar completed (None if it does not parse after all:
+    bytes of a character cut in two, left out of the text)."""
+    try:
+        return ParsedJson(json.loads(text))
+    except ValueError:
+        return None
 
 
 def _choice_output(rid: Any, seqs: list[Sequence]) -> RequestOutput:

@@ -9,10 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Fields a record may override, as they are spelled in the input file.
+from pagedbatch.constraint import RECORD_FIELDS, Constraint, record_constraint
+
+# Fields a record may override, as they are spelled in the input file (RECORD_FIELDS set
+# the record's `constraint`).
 OVERRIDABLE = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs", "choices",
     "reasoning_budget",
+    *RECORD_FIELDS,
 )  # fmt: skip
 MAX_LOGPROBS = 20  # most alternatives a token may report (OpenAI's limit)
 CHOICE_SCORES = ("sum", "mean")
@@ -42,6 +46,8 @@ class SamplingParams:
     `reasoning_budget`: a thinking model thinks at most this many tokens (then its
     end-of-thinking token is forced) and its answer has `max_tokens` of its own; without
     one, `max_tokens` counts the thinking and the answer together (engine/reasoning.py).
+    `constraint`: the output must match it (a JSON schema, any JSON object, a regex or a
+    grammar: constraint.py); the tokens it does not allow are masked before sampling.
     """
 
     max_tokens: int = 256
@@ -56,6 +62,7 @@ class SamplingParams:
     choices: tuple[str, ...] | None = None
     choice_score: str = "sum"
     reasoning_budget: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +94,8 @@ class SamplingParams:
             raise ValueError(
                 f"choice_score must be one of {', '.join(CHOICE_SCORES)}, got {self.choice_score!r}"
             )
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be a Constraint, got {short_repr(self.constraint)}")
         if self.choices is not None:
             self._check_choices()
 
@@ -112,6 +121,10 @@ class SamplingParams:
             raise ValueError("choices are scored once: n must be 1 with choices")
         if self.logprobs is not None:
             raise ValueError("logprobs applies to generated tokens, not to choices")
+        if self.constraint is not None:
+            raise ValueError(
+                f"a {self.constraint.kind} constraint applies to generated text, not to choices"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -138,7 +151,10 @@ class SamplingParams:
             raise ValueError(f"unknown sampling field(s): {', '.join(sorted(unknown))}")
         if not overrides:
             return self
-        return dataclasses.replace(self, **overrides)
+        fields = {k: v for k, v in overrides.items() if k not in RECORD_FIELDS}
+        if len(fields) < len(overrides):  # the record's own constraint wins over the job's
+            fields["constraint"] = record_constraint(overrides)
+        return dataclasses.replace(self, **fields)
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:

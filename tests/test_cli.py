@@ -160,7 +160,7 @@ def test_every_option_of_every_command_has_help(command):
 
 
 # Names that `bench` gives options of its own (its contenders' knobs), not run's and plan's.
-BENCH_OWN = {"input", "max_tokens", "choices", "seed", "as_json"}
+BENCH_OWN = {"input", "max_tokens", "choices", "seed", "as_json", "json_schema", "regex"}
 
 
 def test_an_option_of_several_commands_reads_the_same_in_each():

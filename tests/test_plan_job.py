@@ -56,6 +56,7 @@ CRAFTED_PLAN = {  # what the plan of before gave for this job
     "concurrent_sequences": 18,
     "largest_shared_prefixes": [{"tokens": 87, "records": 8, "longest_tokens": 99}],
     "output_tokens": 128, "max_model_len": 256, "estimate": None,
+    "constrained_records": 0, "constraint_problems": [],
 }  # fmt: skip
 
 
@@ -91,6 +92,7 @@ def test_label_job_plan_json_is_as_before():
         "concurrent_sequences": 630,
         "largest_shared_prefixes": [{"tokens": 2651, "records": 120, "longest_tokens": 2734}],
         "output_tokens": 960, "max_model_len": 8192, "estimate": None,
+        "constrained_records": 0, "constraint_problems": [],
     }  # fmt: skip
 
 

@@ -162,6 +162,30 @@ def test_choices_on_ray_score_as_one_process(ray_cluster, job):
             )
 
 
+def test_constrained_outputs_on_ray_are_one_process_s(ray_cluster, job):
+    pytest.importorskip("xgrammar")
+    root, flags, _, _ = job
+    schema = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]},
+              "stars": {"type": "integer", "minimum": 1, "maximum": 5}},
+              "required": ["label", "stars"]}  # fmt: skip
+    rows = [{"id": f"s{i}", "prompt": f"{INSTRUCTION}\nReview {i}: {CORPUS[i % len(CORPUS)][:30]}",
+             **({"temperature": 0.9} if i % 2 else {})} for i in range(12)]  # fmt: skip
+    rows += [{"id": "own", "prompt": "Is it good?", "regex": "(yes|no)!"},
+             {"id": "bad", "prompt": "x", "regex": "[0-9"}]  # fmt: skip
+    write_jsonl(root / "constrained.jsonl", rows)
+    outs = {}
+    for name, extra in (("single", []), ("ray", ["--ray", "--replicas", "2"])):
+        outs[name] = root / f"constrained-{name}.jsonl"
+        result = invoke(root / "constrained.jsonl", "-o", outs[name], *flags,
+                        "--json-schema", json.dumps(schema), *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    single, ray = by_id(read_lines(outs["single"])), by_id(read_lines(outs["ray"]))
+    assert texts(ray) == texts(single)
+    assert single["bad"]["error"]["code"] == "invalid_params"
+    assert single["own"]["choices"][0]["text"] in ("yes!", "no!")
+    assert sum("json" in line["choices"][0] for line in single.values() if "choices" in line) >= 6
+
+
 def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_dirs):
     import ray
 

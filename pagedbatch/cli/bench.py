@@ -33,9 +33,11 @@ def bench(
     model: shared.Model = None,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices.", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices, pagedbatch-constrained.", show_default=False)] = None,
     choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False, rich_help_panel=SAMPLING_PANEL)] = None,
     choice_score: shared.ChoiceScore = None,
+    json_schema: Annotated[str | None, typer.Option("--json-schema", help="Also generate every record under this JSON schema (inline or a file, as for run: the pagedbatch-constrained contender): its output tokens/s and decode ms/step against pagedbatch's unconstrained, and the token masks' own ms per step. Give --max-tokens room for a whole value.", show_default=False)] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="As --json-schema, with every output matching this regex.", show_default=False)] = None,
     device: shared.Device = None,
     config: shared.Config = None,
     max_batch_tokens: shared.MaxBatchTokens = None,
@@ -59,7 +61,7 @@ def bench(
     """
     from pagedbatch.bench.workloads import file_records
     from pagedbatch.inputs.reader import InputError
-    from pagedbatch.job.settings import parse_choices, resolve_settings
+    from pagedbatch.job.settings import flag_constraint, parse_choices, resolve_settings
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
     from pagedbatch.sampling_params import SamplingParams
 
@@ -83,6 +85,7 @@ def bench(
         choice_score = choice_score or SamplingParams().choice_score
         if labels is not None:
             SamplingParams(choices=labels, choice_score=choice_score)  # checks them
+        constraint = flag_constraint({"json_schema": json_schema, "regex": regex})
         records = file_records(input, num_prompts) if input is not None else None
         if workload is not None:
             _workload(workload)
@@ -92,7 +95,7 @@ def bench(
 
         engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
         options = BenchOptions(
-            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score
+            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score, constraint
         )
         report = _run(console, options, input, workload, num_prompts, max_tokens, records)
     except (ValueError, InputError, ModelLoadError) as e:
@@ -104,9 +107,9 @@ def bench(
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
-    line = choices_line(report)
-    if line:
-        console.print(line, highlight=False)
+    for line in (choices_line(report), constrained_line(report)):
+        if line:
+            console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
 
@@ -303,6 +306,26 @@ def choices_line(report: BenchReport) -> str | None:
     agreement = scored.details.get("label_agreement")
     if agreement is not None:
         parts.append(f"best label = first word of the greedy generation for {agreement:.0%}")
+    return "; ".join(parts) + "."
+
+
+def constrained_line(report: BenchReport) -> str | None:
+    """The constrained contender against pagedbatch unconstrained: per output token and per
+    decode step (its records stop where their grammar ends), and the masks' own time."""
+    ours, free = report.get("pagedbatch-constrained"), report.get("pagedbatch")
+    if ours is None or ours.error is not None or not ours.seconds:
+        return None
+    d = ours.details
+    parts = [f"Constrained ({ours.given['constraint']}): {ours.tokens_per_s:.1f} out tok/s"]
+    if free is not None and free.error is None and free.seconds:
+        parts[0] += f", {ours.tokens_per_s / free.tokens_per_s:.2f}x unconstrained"
+        if d["decode_steps"] and free.details["decode_steps"]:
+            parts.append(
+                f"decode {d['decode_ms']:.2f} ms/step against {free.details['decode_ms']:.2f} "
+                f"({d['decode_batch']:.1f} and {free.details['decode_batch']:.1f} sequences)"
+            )
+    parts.append(f"masks {d['mask_ms']:.3f} ms per step over {d['masked_steps']} steps (host)")
+    parts.append(f"{d['complete']} of {ours.records} outputs complete")
     return "; ".join(parts) + "."
 
 

@@ -22,6 +22,7 @@ INPUT_PANEL, OUTPUT_PANEL, MODEL_PANEL, MEMORY_PANEL, SAMPLING_PANEL, RAY_PANEL 
     "Sampling",
     "Ray cluster",
 )
+STRUCTURED_PANEL = "Structured output"
 _ENGINE = DEFAULT.engine
 
 # fmt: off
@@ -54,4 +55,7 @@ PrefixSharing = Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each
 MaxTokens = Annotated[Int, opt(SAMPLING_PANEL, f"Most tokens generated per record (a record's max_tokens wins). [default: {DEFAULT.sampling.max_tokens}]")]
 Choices = Annotated[Str, opt(SAMPLING_PANEL, 'Score these labels instead of generating: "positive,negative,neutral" (stripped), or a JSON list to keep spaces (\'[" yes", " no"]\'); a record\'s choices win. run writes the best label and every choice\'s logprob and probability; plan counts their tokens, and no outputs.', "--choices")]
 ChoiceScore = Annotated[Str, opt(SAMPLING_PANEL, f"How choices are compared: sum (their log-probability) or mean (per token, which does not favour short choices). [default: {DEFAULT.sampling.choice_score}]", "--choice-score")]
+JsonSchema = Annotated[Str, opt(STRUCTURED_PANEL, "Every output is JSON valid under this schema, inline ('{\"type\": \"object\", ...}') or a file; the line carries the parsed value as \"json\". One constraint flag at most; a record's own response_format, regex or grammar wins.", "--json-schema")]
+Regex = Annotated[Str, opt(STRUCTURED_PANEL, "Every output matches this regular expression whole.", "--regex")]
+Grammar = Annotated[Str, opt(STRUCTURED_PANEL, "Every output is derived by this grammar file (EBNF / GBNF as xgrammar reads it, with a root rule).", "--grammar")]
 # fmt: on

@@ -37,6 +37,9 @@ def plan(
     chat: shared.Chat = None,
     max_tokens: shared.MaxTokens = None,
     choices: shared.Choices = None,
+    json_schema: shared.JsonSchema = None,
+    regex: shared.Regex = None,
+    grammar: shared.Grammar = None,
     max_model_len: shared.MaxModelLen = None,
     block_size: shared.BlockSize = None,
     num_blocks: shared.NumBlocks = None,
@@ -220,6 +223,13 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
         (f"shared prefix #{i + 1}", f"{_token_range(g)} tokens x {g.records} records")
         for i, g in enumerate(p.largest_shared_prefixes)
     ]
+    if p.constrained_records or p.constraint_problems:
+        rows.append(("constrained outputs", f"{p.constrained_records:,} records"))
+    rows += [
+        ("constraint cannot be used", f"{rid}: {why}") for rid, why in p.constraint_problems[:5]
+    ]
+    if len(p.constraint_problems) > 5:
+        rows.append(("", f"and {len(p.constraint_problems) - 5} more records"))
     if p.estimate is not None:
         rows += _estimate_rows(p.estimate)
     else:

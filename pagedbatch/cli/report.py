@@ -31,6 +31,8 @@ def memory_table(report: dict[str, Any]) -> Table:
         ("preemptions / recomputed tokens", f"{r['preemptions']} / {r['recomputed_tokens']}"),
         ("evicted cached blocks", str(r["evictions"])),
     ]  # fmt: skip
+    if "compiled_grammar_bytes" in r:  # structured output: host memory
+        rows.append(("compiled grammars (host)", _mib(r["compiled_grammar_bytes"])))
     for name, value in rows:
         table.add_row(name, value)
     return table

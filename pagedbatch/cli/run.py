@@ -24,6 +24,7 @@ from pagedbatch.cli.options import (
     OUTPUT_PANEL,
     RAY_PANEL,
     SAMPLING_PANEL,
+    STRUCTURED_PANEL,
 )
 from pagedbatch.cli.progress import JobProgress
 from pagedbatch.job.interrupts import Interrupts, Stopped
@@ -80,6 +81,10 @@ def run(
     choices: shared.Choices = None,
     choice_score: shared.ChoiceScore = None,
     n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
+    json_schema: shared.JsonSchema = None,
+    json_object: Annotated[bool | None, opt(STRUCTURED_PANEL, "Every output is a JSON object (any); the line carries it parsed as \"json\".", "--json")] = None,
+    regex: shared.Regex = None,
+    grammar: shared.Grammar = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: shared.PrefixSharing = None,
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (attention torch: decoding records behind a shared prefix of 512+ tokens; not in decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
@@ -281,6 +286,11 @@ def _summary(
     text = f"Wrote {records(result.written)} to {job.output} ({codes['ok']} ok" + (
         f", {failed} failed: {detail})" if failed else ")"
     )
+    if result.incomplete:
+        text += (
+            f"; {records(result.incomplete)} cut before the end of their constraint "
+            "(no parsed value)"
+        )
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
     if llm is not None:

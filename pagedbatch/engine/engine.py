@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from array import array
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -24,7 +24,11 @@ from pagedbatch.engine.scoring import Scoring, choice_family, record_scores
 from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.token_masks import TokenMasks
 from pagedbatch.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedbatch.engine.constraints import ConstraintMatcher
 
 
 class Sampled(NamedTuple):
@@ -60,6 +64,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
         self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
         self.logits_processor = LogitsProcessor(stop_checker.think)
         self.counter = StatsCounter(keep_timeline)
@@ -76,11 +81,12 @@ class Engine:
 
     def add_samples(
         self, prompt: array[int], params: SamplingParams, seeds: list[int | None],
-        request_id: str | int | None = None,
+        request_id: str | int | None = None, matchers: list[ConstraintMatcher] | None = None,
     ) -> list[Sequence]:  # fmt: skip
-        """Queue a request's samples, one sequence per seed (None: a random one); return
-        them. With prefix sharing the prompt is computed once: the others fork from the
-        first when its prompt is done."""
+        """Queue a request's samples, one sequence per seed (None: a random one), with
+        `matchers[k]` following sample k's constrained output; return them. With prefix
+        sharing the prompt is computed once: the others fork from the first when its
+        prompt is done."""
         max_len = min(self.max_model_len, len(prompt) + params.max_output_tokens)
         think = self.stop_checker.think
         think_start = think.thinking_start(prompt) if think is not None else None
@@ -94,8 +100,9 @@ class Engine:
                 seed=random_seed() if seed is None else seed,
                 request_id=request_id,
                 think_start=think_start,
+                matcher=matchers[k] if matchers is not None else None,
             )  # fmt: skip
-            for seed in seeds
+            for k, seed in enumerate(seeds)
         ]
         if self.prefix_cache is not None:
             seqs[0].forks = seqs[1:]
@@ -115,6 +122,8 @@ class Engine:
 
     def _queue(self, family: list[Sequence]) -> None:
         """Queue a request's sequences: the first alone when the others are its forks."""
+        if family[0].matcher is not None:
+            self.masks.active = True  # until the engine runs dry: see step()
         for seq in family[:1] if family[0].forks else family:
             self.scheduler.add(seq)
 
@@ -143,6 +152,8 @@ class Engine:
         sample_end = self.clock()
         finished = self._postprocess(out, sampled, batch.scores)
         self._timed(trace, started, forward_start, sample_start, sample_end)
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False
         return finished
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> Sampled:
@@ -151,8 +162,10 @@ class Engine:
         sampling = out.sampling
         seqs, rows = _with_forks(sampling)
         logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
-        sampled = sample_tokens(self.logits_processor(logits, seqs), seqs)
+        mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
+        sampled = sample_tokens(logits, seqs, mask, self.logits_processor)
         tokens = sampled.tolist()
+        self.masks.accept(seqs, tokens)
         for seq, entry in zip(seqs, token_logprobs(logits, sampled, seqs)):
             if entry is not None:
                 seq.logprobs.append(entry)
@@ -198,6 +211,7 @@ class Engine:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
+        self.masks.active = False
         return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:
@@ -233,6 +247,8 @@ class Engine:
             decode_step_seconds=c.decode_step_seconds,
             decode_step_tokens=c.decode_step_tokens,
             decode_steps=c.decode_steps,
+            mask_seconds=self.masks.seconds,
+            masked_steps=self.masks.steps,
         )
 
 

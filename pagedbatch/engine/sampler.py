@@ -8,10 +8,17 @@ batch, in any row, and again after a preemption (which samples the same position
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.token_masks import StepMask
 from pagedbatch.sampling_params import SamplingParams
+
+# Changes rows of the logits [n, vocab] as their sequences ask: engine/logits_processor.py.
+Processor = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]
 
 _U64 = (1 << 64) - 1
 
@@ -29,10 +36,22 @@ _MIX2 = _int64(0x94D049BB133111EB)
 _UNIFORM_BITS = 23  # (k + 1/2) / 2^23 for a 23-bit k is exact in float32 and never 0 or 1
 
 
-def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], mask: StepMask | None = None,
+    processor: Processor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """One token per row of `logits` [num_seqs, vocab], with each sequence's params:
     [num_seqs] int64 on the device of `logits`, without a host sync (the per-row params go
-    up in one asynchronous copy, none when all are greedy)."""
+    up in one asynchronous copy, none when all are greedy).
+
+    With a `mask` (the constrained rows' allowed tokens), the tokens it does not allow are
+    set to -inf in `logits` first, in place (logprobs see them so). The `processor` then
+    changes the rows whose params ask for it (penalties, logit bias, ...) on a copy; those
+    changes keep a masked token at -inf."""
+    if mask is not None:
+        mask.apply(logits)
+    if processor is not None:
+        logits = processor(logits, seqs)
     greedy = logits.argmax(dim=-1)  # [n]
     randoms = [s.params for s in seqs if not s.params.greedy]
     if not randoms:
@@ -55,8 +74,9 @@ def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """Per row whose sequence asks for logprobs: the log-probability of its sampled token
-    under the model (log-softmax of the logits, before temperature and filters) and the
-    `params.logprobs` most likely tokens with theirs; None for the other rows. One
+    under the model (log-softmax of the logits, before temperature and filters; a
+    constrained row's logits after its mask) and the `params.logprobs` most likely tokens
+    with theirs; None for the other rows. One
     device-to-host copy, none when no row asks."""
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not wanted:
@@ -71,7 +91,8 @@ def token_logprobs(
     entries: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
     for i, v, t in zip(wanted, values, ids, strict=True):
         k = seqs[i].params.logprobs
-        entries[i] = (v[0], list(zip(t[:k], v[1 : k + 1])))
+        # A constrained row's masked tokens (-inf) are no alternatives.
+        entries[i] = (v[0], [(j, x) for j, x in zip(t[:k], v[1 : k + 1]) if x > -math.inf])
     return entries
 
 

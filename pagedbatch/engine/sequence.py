@@ -12,6 +12,7 @@ from pagedbatch.outputs import FinishReason
 from pagedbatch.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedbatch.engine.constraints import ConstraintMatcher
     from pagedbatch.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -44,7 +45,8 @@ class Sequence:
 
     `seed` keys the sampler's noise (with the position of the token being sampled); a
     sequence created without one draws a random 63-bit seed. `detokenizer` holds the
-    decoded tail of the output while stop strings are searched.
+    decoded tail of the output while stop strings are searched. `matcher` follows the
+    output through the grammar of `params.constraint` (engine/constraints.py).
 
     Scoring a choice instead of generating (engine/scoring.py): `choice_ids` are the
     choice's tokens, of which `token_ids` (the prompt, then all but the last choice token)
@@ -78,6 +80,7 @@ class Sequence:
     scores_only: bool = False
     think_start: int | None = None
     think_end: int | None = None
+    matcher: ConstraintMatcher | None = None
 
     @property
     def is_scoring(self) -> bool:

@@ -46,6 +46,10 @@ class EngineStats:
     decode_step_seconds: float = 0.0
     decode_step_tokens: int = 0
     decode_steps: int = 0
+    # Structured output: host time filling and applying token masks, and the steps that
+    # masked some row (engine/constraints.py).
+    mask_seconds: float = 0.0
+    masked_steps: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -19,9 +19,12 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 ENDPOINTS = (CHAT, COMPLETIONS)
 # Body fields that become the record's sampling overrides (checked later, per record, as
-# invalid_params); other fields (model, logprobs, ...) are ignored.
-# "choices" is pagedbatch's: score these texts instead of generating (README, Choices).
-_BODY_PARAMS = ("temperature", "top_p", "seed", "stop", "n", "choices")
+# invalid_params); other fields (model, ...) are ignored. "choices" (score these texts
+# instead of generating), "regex" and "grammar" are pagedbatch's (README, Choices and
+# Structured output).
+_BODY_PARAMS = (
+    "temperature", "top_p", "seed", "stop", "n", "choices", "response_format", "regex", "grammar",
+)  # fmt: skip
 
 
 def is_batch_request(row: Mapping[str, Any]) -> bool:
@@ -163,6 +166,7 @@ def _chat_body(output: RequestOutput) -> dict[str, Any]:
             if c.logprobs is None
             else {"content": [_chat_logprob(t) for t in c.logprobs]},
             "finish_reason": c.finish_reason,
+            **_parsed(c),
         }
         for c in output.completions
     ]
@@ -177,10 +181,16 @@ def _completion_body(output: RequestOutput) -> dict[str, Any]:
             **_reasoning(c),
             "logprobs": _completion_logprobs(c.logprobs),
             "finish_reason": c.finish_reason,
+            **_parsed(c),
         }  # fmt: skip
         for c in output.completions
     ]
     return {"id": "", "object": "text_completion", "choices": choices}
+
+
+def _parsed(c: Completion) -> dict[str, Any]:
+    """A JSON-constrained choice's parsed value, as pagedbatch's lines carry it: `json`."""
+    return {} if c.json is None else {"json": c.json.value}
 
 
 def _chat_logprob(t: TokenLogprob) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class JobResult:
     codes: Counter[str] = field(default_factory=Counter)
     skipped: int = 0  # already in the output when the run started
     not_run: int = 0  # left for a resume (the run was stopped)
+    incomplete: int = 0  # ok records with a constrained completion cut before its end
 
     @property
     def written(self) -> int:
@@ -202,6 +203,7 @@ class Job:
                     error = output.error.to_json()
                     quarantine.write_line(self._quarantine_line(output.id, error))
                 result.codes[output.error.code if output.error else "ok"] += 1
+                result.incomplete += any(c.incomplete for c in output.completions)
                 if on_output is not None:
                     on_output(output)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pagedbatch.constraint import Constraint
 from pagedbatch.engine.config import EngineConfig, load_preset
 from pagedbatch.requests.prompt_template import PromptTemplate
 from pagedbatch.requests.records import FieldMap
@@ -17,6 +18,11 @@ _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
 ORDERS = ("completion", "input")
 _JSON_OBJECTS = ("chat_template_kwargs",)  # settings a flag gives as JSON text
+# The flags that constrain every record's output (one at most), as their parameters are named.
+CONSTRAINT_FLAGS = {
+    "json_schema": "--json-schema", "json_object": "--json", "regex": "--regex",
+    "grammar": "--grammar",
+}  # fmt: skip
 # The job seed: a record without a seed samples with derive_seed(job seed, record id), so a
 # resumed or reordered run samples the same text. Fixed, so that this holds by default.
 DEFAULT_JOB_SEED = 0
@@ -81,6 +87,48 @@ def parse_json_object(text: str, name: str) -> dict[str, Any]:
     return value
 
 
+def flag_constraint(flags: dict[str, Any]) -> Constraint | None:
+    """The constraint of `--json-schema SCHEMA` (inline JSON or a file), `--json`, `--regex
+    PATTERN` or `--grammar FILE` in `flags` (None: none given); raises ValueError naming the
+    flag."""
+    given = [name for name in CONSTRAINT_FLAGS if flags.get(name) not in (None, False)]
+    if len(given) > 1:
+        names = " and ".join(CONSTRAINT_FLAGS[name] for name in given)
+        raise ValueError(f"{names}: give one constraint, not several")
+    if not given:
+        return None
+    name = given[0]
+    value = flags[name]
+    try:
+        if name == "json_schema":
+            return Constraint.json_schema(_inline_or_file(str(value)))
+        if name == "json_object":
+            return Constraint.json_object()
+        if name == "regex":
+            return Constraint.regex(value)
+        return Constraint.grammar(_read_text(Path(value)))
+    except ValueError as e:
+        raise ValueError(f"{CONSTRAINT_FLAGS[name]}: {e}") from None
+
+
+def _inline_or_file(value: str) -> str:
+    """A JSON text given inline (it starts with `{`), or the text of the file it names."""
+    if value.lstrip().startswith("{"):
+        return value
+    if not Path(value).exists():
+        raise ValueError(f"no such file: {value} (a schema given inline starts with '{{')")
+    return _read_text(Path(value))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSettings:
     """Merge a preset (name or TOML path) with the flags given; raises ValueError when invalid."""
     values = dict(load_preset(preset)) if preset else {}
@@ -88,6 +136,11 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
     if unknown:
         raise ValueError(f"config {preset}: unknown setting(s): {', '.join(sorted(unknown))}")
     values.update(flags)
+    constraint = flag_constraint(values)
+    for name in CONSTRAINT_FLAGS:
+        values.pop(name, None)
+    if constraint is not None:
+        values["constraint"] = constraint
     if "stop" in values:
         values["stop"] = tuple(values["stop"])
     if isinstance(values.get("choices"), str):

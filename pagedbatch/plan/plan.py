@@ -40,11 +40,17 @@ class Plan:
     output_tokens: int = 0  # the most the records can generate: max_tokens x n each
     max_model_len: int = 0  # the cap on prompt + output tokens planned with
     estimate: Estimate | None = None  # the job's time, when rates were measured or stored
+    constrained_records: int = 0  # records whose output a constraint shapes
+    # (id, why) of records whose own constraint cannot be used (their line is an error)
+    constraint_problems: list[tuple[Any, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["largest_shared_prefixes"] = [p._asdict() for p in self.largest_shared_prefixes]
         data["estimate"] = self.estimate.to_json() if self.estimate else None
+        data["constraint_problems"] = [
+            {"id": rid, "problem": why} for rid, why in self.constraint_problems
+        ]
         return data
 
 
@@ -101,6 +107,8 @@ def make_plan(
         largest_shared_prefixes=groups[:top],
         output_tokens=outputs,
         max_model_len=max_model_len,
+        constrained_records=prompts.constrained,
+        constraint_problems=list(prompts.constraint_problems),
     )
 
 

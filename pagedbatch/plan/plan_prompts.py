@@ -4,8 +4,10 @@
 (prompt k there is the k-th that fits, in input order), their `max_tokens` and `n` in
 arrays of the same numbering (a record that scores choices generates nothing: max_tokens
 0, and its choices' token counts are kept), and the ids of the records too long for the
-context (their tokens are not kept). `read_plan_prompts` fills it from a `RecordIndex` as `run`
-checks records, tokenizing a batch at a time; `PlanPrompts.of` from a few `PlanPrompt`s.
+context (their tokens are not kept); how many records constrain their output, and the ids of
+those whose own constraint cannot be used, with why. `read_plan_prompts` fills it from a
+`RecordIndex` as `run` checks records, tokenizing a batch at a time; `PlanPrompts.of` from a
+few `PlanPrompt`s.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pagedbatch.constraint import record_constraint
 from pagedbatch.inputs.record_index import RecordIndex
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.requests.ahead import ahead
@@ -57,6 +60,8 @@ class PlanPrompts:
         self.choice_tokens = array("i")
         self.choice_ends = array("q")
         self.too_long: list[Any] = []
+        self.constrained = 0  # records whose output a constraint shapes (that would run)
+        self.constraint_problems: list[tuple[Any, str]] = []  # (id, why), input order
         self._order: np.ndarray | None = None
 
     @classmethod
@@ -131,8 +136,12 @@ def read_plan_prompts(
     for batch, checked in ahead(batches, check):  # tokenizing while the next batch is read
         for j, prompt in enumerate(checked):
             if isinstance(prompt, RequestOutput):  # run writes an error line for it
+                problem = _constraint_problem(batch[j].overrides)
+                if problem is not None:
+                    prompts.constraint_problems.append((prompt.id, problem))
                 continue
             ids, params = prompt
+            prompts.constrained += params.constraint is not None
             if prompts.fits(ids):
                 choices = params.choices or ()
                 prompts.add(ids, params.max_output_tokens, params.n, [counted(c) for c in choices])
@@ -144,3 +153,12 @@ def read_plan_prompts(
     numbers = np.frombuffer(too_long, dtype=np.int64) if too_long else np.zeros(0, np.int64)
     prompts.too_long = [record.id for record in index.records(numbers)]
     return prompts
+
+
+def _constraint_problem(fields: Any) -> str | None:
+    """Why a record's own constraint (response_format, regex, grammar) cannot be used."""
+    try:
+        record_constraint(fields)
+    except ValueError as e:
+        return str(e)
+    return None

@@ -3,9 +3,10 @@
 `check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
 in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
 the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
-bad choices. When a checked record is admitted, `params` and `seeds` (or `choice_tokens`)
-give what the engine builds its sequences from (`Engine.add_samples`, `add_choices`),
-with the prompt's token ids kept since in a `PromptStore`.
+bad choices, a constraint that does not compile. When a checked record is admitted,
+`params` and `seeds` (or `choice_tokens`) give what the engine builds its sequences from
+(`Engine.add_samples`, `add_choices`; `matchers` for a constrained record's samples), with
+the prompt's token ids kept since in a `PromptStore`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.constraints import ConstraintMatcher, Grammars
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -42,9 +44,12 @@ class Limits:
 class Preparer:
     """Checks records and gives what the engine needs to run them, for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits, thinks: bool = False) -> None:
+    def __init__(
+        self, prompts: PromptBuilder, limits: Limits, grammars: Grammars, thinks: bool = False
+    ) -> None:
         self.prompts = prompts
         self.limits = limits
+        self.grammars = grammars  # each record's constraint compiled (once each) when checked
         self.thinks = thinks  # the model marks its thinking (engine/reasoning.py)
         self._choices: dict[str, list[int]] = {}
 
@@ -83,20 +88,23 @@ class Preparer:
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
         """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
-        params the model cannot follow."""
+        params the model cannot follow, or whose constraint does not compile for it."""
         if params.reasoning_budget is not None and not self.thinks:
             problem = (
                 "reasoning_budget: the model marks no thinking (<think> ... </think> tokens "
                 "used by its chat template; see --reasoning-parser)"
             )
             return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
-        problem = (
-            self._choices_problem(len(ids), params)
-            if params.choices is not None
-            else self._length_problem(len(ids), params)
-        )
+        if params.choices is not None:
+            problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
+        else:
+            problem, code = self._length_problem(len(ids), params), PROMPT_TOO_LONG
+        if problem is None and params.constraint is not None:
+            try:
+                self.grammars.compile(params.constraint)
+            except ValueError as e:
+                problem, code = str(e), INVALID_PARAMS
         if problem is not None:
-            code = INVALID_PARAMS if params.choices is not None else PROMPT_TOO_LONG
             return _error(record, code, problem, prompt_tokens=len(ids))
         return ids
 
@@ -155,6 +163,13 @@ class Preparer:
         if "seed" in record.overrides or params.seed is None:
             return params.seed
         return derive_seed(params.seed, record.id)
+
+    def matchers(self, params: SamplingParams) -> list[ConstraintMatcher] | None:
+        """A matcher of its own for each sample of a constrained record (at its grammar's
+        start); None when the record is not constrained."""
+        if params.constraint is None:
+            return None
+        return [self.grammars.matcher(params.constraint) for _ in range(params.n)]
 
 
 def prompt_ids(
