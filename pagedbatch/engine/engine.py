@@ -66,7 +66,7 @@ class Engine:
         self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
         self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
-        self.logits_processor = LogitsProcessor(stop_checker.think)
+        self.logits_processor = LogitsProcessor(stop_checker.eos_token_ids, stop_checker.think)
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
         # What StepTrace's seconds are read from: wall time; time.thread_time gives the
@@ -164,6 +164,7 @@ class Engine:
         logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
         mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
         sampled = sample_tokens(logits, seqs, mask, self.logits_processor)
+        self.logits_processor.accept(sampled)
         tokens = sampled.tolist()
         self.masks.accept(seqs, tokens)
         for seq, entry in zip(seqs, token_logprobs(logits, sampled, seqs)):

@@ -27,15 +27,20 @@ class StopChecker:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def check(self, seq: Sequence) -> FinishReason | None:
-        """'stop' on EOS, a stop string (recording where the text ends) or the end of the
-        output's grammar (even with ignore_eos), 'length' at the limit."""
+        """'stop' on EOS, a stop token id, a stop string (recording where the text ends; not
+        before min_tokens) or the end of the output's grammar (even with ignore_eos),
+        'length' at the limit."""
         if self.think is not None:
             advance(seq, self.think)
         if seq.matcher is not None and seq.matcher.ended:
             return "stop"
-        if not seq.params.ignore_eos and seq.token_ids[-1] in self.eos_token_ids:
+        params, token = seq.params, seq.token_ids[-1]
+        if not params.ignore_eos and token in self.eos_token_ids:
             return "stop"
-        if seq.params.stop and self._stop_string_end(seq) is not None:
+        if token in params.stop_token_ids:
+            return "stop"
+        early = seq.num_output_tokens < params.min_tokens  # stop strings wait for min_tokens
+        if params.stop and not early and self._stop_string_end(seq) is not None:
             return "stop"
         if seq.num_tokens >= seq.max_len:
             return "length"

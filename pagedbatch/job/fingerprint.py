@@ -25,6 +25,7 @@ from pagedbatch.inputs.jsonl import loads
 from pagedbatch.job.settings import RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
 from pagedbatch.requests.records import Record
+from pagedbatch.sampling_params import CONTROLS, SamplingParams
 
 SUFFIX = ".job.json"
 # A digest of every record (id and row), so that a resume on a changed input can tell
@@ -41,6 +42,7 @@ _HEAD_TAIL_BYTES = 4 * 2**20
 _CHUNK = 2**20
 
 Fingerprint = dict[str, Any]
+_SAMPLING_DEFAULTS = json.loads(json.dumps(dataclasses.asdict(SamplingParams())))
 
 
 def fingerprint_path(output: Path) -> Path:
@@ -59,10 +61,12 @@ def job_fingerprint(
     ModelLoadError for an alias whose package is missing."""
     engine = settings.engine
     model, tokenizer = model_identity(engine.model)
-    sampling = dataclasses.asdict(settings.sampling)
-    sampling["stop"] = list(sampling["stop"])
-    if sampling["choices"] is not None:  # as JSON stores it, so a resume compares equal
-        sampling["choices"] = list(sampling["choices"])
+    # As JSON stores it (tuples as lists), so that a resume compares equal; the controls
+    # added after jobs were fingerprinted without them are left out at their defaults.
+    sampling = json.loads(json.dumps(dataclasses.asdict(settings.sampling)))
+    for name in CONTROLS:
+        if sampling[name] == _SAMPLING_DEFAULTS[name]:
+            del sampling[name]
     if records is not None and not isinstance(records, bytes):
         records = b"".join(sorted(record_digest(r) for r in records))
     return {

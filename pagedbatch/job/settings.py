@@ -17,7 +17,7 @@ from pagedbatch.sampling_params import SamplingParams
 _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
 ORDERS = ("completion", "input")
-_JSON_OBJECTS = ("chat_template_kwargs",)  # settings a flag gives as JSON text
+_JSON_OBJECTS = ("chat_template_kwargs", "logit_bias")  # settings a flag gives as JSON text
 # The flags that constrain every record's output (one at most), as their parameters are named.
 CONSTRAINT_FLAGS = {
     "json_schema": "--json-schema", "json_object": "--json", "regex": "--regex",
@@ -74,6 +74,16 @@ def parse_choices(text: str) -> tuple[str, ...]:
             raise ValueError(f"choices must be a JSON list of strings, got {text}")
         return tuple(choices)
     return tuple(part.strip() for part in text.split(","))
+
+
+def parse_token_ids(text: str) -> tuple[int, ...]:
+    """`--stop-token-ids 7,42`: comma-separated token ids."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"stop_token_ids must be token ids separated by commas, got {text!r}"
+        ) from None
 
 
 def parse_json_object(text: str, name: str) -> dict[str, Any]:
@@ -145,6 +155,8 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
         values["stop"] = tuple(values["stop"])
     if isinstance(values.get("choices"), str):
         values["choices"] = parse_choices(values["choices"])
+    if isinstance(values.get("stop_token_ids"), str):
+        values["stop_token_ids"] = parse_token_ids(values["stop_token_ids"])
     for name in _JSON_OBJECTS:
         if isinstance(values.get(name), str):
             values[name] = parse_json_object(values[name], name)

@@ -95,6 +95,9 @@ class Preparer:
                 "used by its chat template; see --reasoning-parser)"
             )
             return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
+        problem = _vocabulary_problem(params, self.limits.vocab_size)
+        if problem is not None:
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
         if params.choices is not None:
             problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
         else:
@@ -210,6 +213,17 @@ def _ids_problem(record: Record, ids: list[int] | Exception, vocab: int) -> Requ
         return _error(record, INVALID_RECORD, "the prompt is empty")
     if not 0 <= min(ids) <= max(ids) < vocab:
         return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+    return None
+
+
+def _vocabulary_problem(params: SamplingParams, vocab_size: int) -> str | None:
+    """A token id of `logit_bias` or `stop_token_ids` outside the vocabulary, named."""
+    for name, tokens in (
+        ("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)
+    ):  # fmt: skip
+        outside = [t for t in tokens if t >= vocab_size]
+        if outside:
+            return f"{name}: token {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})"
     return None
 
 
