@@ -8,13 +8,7 @@ from array import array
 import pytest
 import torch
 from job_helpers import by_id, invoke, one_line_error, read_lines, tiny_args, write_jsonl
-from tiny_models import (
-    OPEN_THINKING_CHAT_TEMPLATE,
-    THINK_TOKENS,
-    THINKING_CHAT_TEMPLATE,
-    build_thinking_tokenizer,
-    build_tiny_model,
-)
+from tiny_models import THINK_TOKENS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedbatch import LLM, SamplingParams
@@ -27,19 +21,6 @@ START, END = 448, 449  # THINK_TOKENS' ids
 EOS = 2
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Label the review: the food was cold."}]
-
-
-@pytest.fixture(scope="module")
-def thinking_dirs(tmp_path_factory):
-    """Tiny Qwen3 models with a Qwen3-style template ("qwen3": the model opens its thinking,
-    enable_thinking false closes it in the prompt) and an R1-style one ("r1": the prompt
-    opens it)."""
-    root = tmp_path_factory.mktemp("thinking")
-    templates = {"qwen3": THINKING_CHAT_TEMPLATE, "r1": OPEN_THINKING_CHAT_TEMPLATE}
-    return {
-        name: build_tiny_model("qwen3", root / name, tokenizer=build_thinking_tokenizer(t))
-        for name, t in templates.items()
-    }
 
 
 def transformers_prompt(model_dir, messages, **kwargs) -> list[int]:

@@ -57,13 +57,15 @@ THINKING_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}"
     "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
 )
-# DeepSeek-R1's style: the assistant turn opens the thinking in the prompt.
+# DeepSeek's style: the assistant turn opens the thinking in the prompt (R1), or with
+# `thinking` false closes it there (V3.1).
 OPEN_THINKING_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
-    "{# </think> ends it #}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if thinking is defined and thinking is false %}{{ '</think>' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}{% endif %}"
 )
 
 CORPUS = (

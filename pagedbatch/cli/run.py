@@ -55,6 +55,7 @@ def run(
     system: shared.System = None,
     chat: shared.Chat = None,
     chat_template_kwargs: Annotated[Str, opt(INPUT_PANEL, 'Variables for the chat template, as a JSON object, e.g. \'{"enable_thinking": false}\' (a record\'s chat_template_kwargs win, key by key).', "--chat-template-kwargs")] = None,
+    lenient: Annotated[bool | None, opt(INPUT_PANEL, "OpenAI batch input: run a request whose body has fields pagedbatch does not support without them (counted in the summary) instead of writing it as an invalid_params error.", "--lenient")] = None,
     skip_invalid: Annotated[bool | None, opt(INPUT_PANEL, "Turn lines that are not JSON objects into invalid_record error lines instead of stopping.", "--skip-invalid")] = None,
     model: shared.Model = None,
     device: shared.Device = None,
@@ -300,6 +301,9 @@ def _summary(
         )
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
+    if job.index.ignored:
+        fields = ", ".join(f"{name!r} in {records(n)}" for name, n in job.index.ignored.items())
+        text += f"; ran without unsupported body fields (--lenient): {fields}"
     if llm is not None:
         stats = llm.stats()
         rate = (

@@ -89,7 +89,9 @@ class Engine:
         prompt is done."""
         max_len = min(self.max_model_len, len(prompt) + params.max_output_tokens)
         think = self.stop_checker.think
-        think_start = think.thinking_start(prompt) if think is not None else None
+        # A constrained output is not split: its grammar covers all of it.
+        thinks = think is not None and matchers is None
+        think_start = think.thinking_start(prompt) if thinks else None
         seqs = [
             Sequence(
                 next(self._seq_ids),

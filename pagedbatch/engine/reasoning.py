@@ -7,7 +7,8 @@ The thinking then runs to the `</think>` token; the answer is what follows. A se
 whose prompt closes the thinking (Qwen3 with `enable_thinking: false`) or whose first
 token is anything else does not think: its whole output is the answer.
 
-With a `reasoning_budget` of N, the token after N thinking tokens is forced to be
+A constrained output (structured output's grammar) is not split: the grammar covers all of
+it. With a `reasoning_budget` of N, the token after N thinking tokens is forced to be
 `</think>`, and the answer may then take `max_tokens` tokens of its own.
 """
 

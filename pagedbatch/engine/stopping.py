@@ -30,7 +30,7 @@ class StopChecker:
         """'stop' on EOS, a stop token id, a stop string (recording where the text ends; not
         before min_tokens) or the end of the output's grammar (even with ignore_eos),
         'length' at the limit."""
-        if self.think is not None:
+        if self.think is not None and seq.matcher is None:  # a constrained output: not split
             advance(seq, self.think)
         if seq.matcher is not None and seq.matcher.ended:
             return "stop"

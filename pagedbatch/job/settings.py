@@ -41,6 +41,7 @@ class RunSettings:
     template: str | None = None
     system: str | None = None
     skip_invalid: bool = False
+    lenient: bool = False
     order: str = "completion"
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(seed=DEFAULT_JOB_SEED))
@@ -59,6 +60,7 @@ class RunSettings:
             id=self.id_field,
             template=None if self.template is None else PromptTemplate(self.template),
             system=self.system,
+            lenient=self.lenient,
         )
 
 

@@ -23,6 +23,8 @@ class FieldMap:
     With a `template`, the prompt is the template filled from the row's fields
     instead. With a `system` message, the record is a chat: [system, user prompt], or
     its messages with the system message first (unless they start with one already).
+    `lenient` runs an OpenAI batch request without the body fields pagedbatch does not
+    support, instead of making it an error (inputs/batch_fields.py).
     """
 
     prompt: str = "prompt"
@@ -30,6 +32,7 @@ class FieldMap:
     id: str = "id"
     template: PromptTemplate | None = None
     system: str | None = None
+    lenient: bool = False  # an OpenAI batch body's unsupported fields: ignored, not an error
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Record:
     a bad value becomes an `invalid_params` error of this record only).
     `chat_template_kwargs` are the record's own chat template variables (over the job's).
     `endpoint` is the OpenAI batch `url` the record came with (None for plain input);
+    `ignored` names the fields of its body that it runs without (`--lenient`).
     `source` is the input row as read, kept to quarantine the record when it fails.
     """
 
@@ -53,6 +57,7 @@ class Record:
     chat_template_kwargs: Mapping[str, Any] | None = None
     error: RecordError | None = None
     endpoint: str | None = None
+    ignored: tuple[str, ...] = ()
     source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
