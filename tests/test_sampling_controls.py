@@ -249,13 +249,17 @@ def test_greedy_tokens_equal_generate_with_the_same_processors(
     llm.engine.check_integrity()
 
 
-def test_greedy_tokens_through_pagedbatch_run_with_flags_and_records(tmp_path, tiny_model_dirs):
-    """Flags set the job's controls, records their own; each line's tokens (read from its
-    logprobs) are transformers generate's with the same processors."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_through_pagedbatch_run_with_flags_and_records(
+    arch, tmp_path, tiny_model_dirs
+):
+    """Flags set the job's controls, records their own; each line's tokens, of both its
+    samples (read from their logprobs), are transformers generate's with the same
+    processors; the prompts share prefixes and the 28-block pool preempts."""
     from tiny_models import CORPUS
     from transformers import AutoTokenizer
 
-    model_dir = tiny_model_dirs["qwen3"]
+    model_dir = tiny_model_dirs[arch]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [CORPUS[k // 2][: 60 + 40 * k] for k in range(6)]  # pairs share their start
     rows = [
@@ -275,14 +279,14 @@ def test_greedy_tokens_through_pagedbatch_run_with_flags_and_records(tmp_path, t
     args = tiny_args(
         model_dir, "--max-tokens", "10", "--repetition-penalty", "1.2", "--presence-penalty",
         "0.3", "--logit-bias", '{"11": 1.5}', "--logprobs", "0", "--num-blocks", "28",
-        "--max-batch-tokens", "32", "--block-size", "4",
+        "--max-batch-tokens", "32", "--block-size", "4", "--n", "2",
     )  # fmt: skip
     result = invoke(source, "-o", out, *args)
     assert result.exit_code == 0, result.output
     lines = by_id(read_lines(out))
     for r, want in zip(rows, expected, strict=True):
-        tokens = [t["id"] for t in lines[r["id"]]["choices"][0]["logprobs"]]
-        assert tokens == want, r["id"]
+        samples = [[t["id"] for t in c["logprobs"]] for c in lines[r["id"]]["choices"]]
+        assert samples == [want, want], r["id"]
     assert any(line["usage"]["cached_tokens"] for line in lines.values())
     preemptions = re.search(r"(\d+) preemptions", result.output)
     assert preemptions and int(preemptions.group(1)) > 0, result.output

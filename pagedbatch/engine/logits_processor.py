@@ -78,16 +78,10 @@ class LogitsProcessor:
                 self.counts = TokenCounts(x.shape[-1], x.device)
             slots = self.counts.slots(seqs)
             self._pending = (rows, slots)
-            per_row = upload(
-                torch.tensor(
-                    [
-                        (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
-                        for p in params
-                    ],
-                    dtype=torch.float32,
-                ),
-                x.device,
-            )  # [r, 3]
+            values = [
+                (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) for p in params
+            ]
+            per_row = upload(torch.tensor(values, dtype=torch.float32), x.device)  # [r, 3]
             if bias:
                 x = x + self.counts["bias"][slots]
             if repetition:
