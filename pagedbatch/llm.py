@@ -20,6 +20,7 @@ from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.model_runner import ModelRunner
+from pagedbatch.engine.reasoning import think_tokens
 from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
@@ -76,8 +77,9 @@ class LLM:
             raise
         if tp is not None:  # an LLM dropped without close() stops its workers too
             weakref.finalize(self, tp.close)
+        self.think = think_tokens(self.tokenizer, self.config.reasoning_parser)
         eos = eos_token_ids(self.model, self.tokenizer)
-        stop = StopChecker(self.tokenizer, eos)
+        stop = StopChecker(self.tokenizer, eos, self.think)
         # Structured output: the logits' width is the model's vocabulary, not the tokenizer's.
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, eos)
         self.engine = Engine(
@@ -90,12 +92,14 @@ class LLM:
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
             self._capture_cuda_graphs()
-        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
+        self.prompts = PromptBuilder(
+            self.tokenizer, self.config.chat, self.config.chat_template_kwargs
+        )
         limits = Limits(
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
-        self.preparer = Preparer(self.prompts, limits, self.grammars)
+        self.preparer = Preparer(self.prompts, limits, self.grammars, thinks=self.think is not None)
 
     def _load(self, tp: TensorParallel | None, free: int, dtype: torch.dtype) -> None:
         """Load the model (this rank's shard) and allocate the KV cache (its KV heads)."""
@@ -294,7 +298,8 @@ class LLM:
         )  # fmt: skip
 
     def _completion(self, index: int, seq: Sequence) -> Completion:
-        text = self.engine.stop_checker.text(seq)
+        stop = self.engine.stop_checker
+        text = stop.text(seq)
         complete, value = None, None
         if seq.matcher is not None:  # constrained: whole unless a limit or stop string cut it
             complete = seq.matcher.complete and seq.stop_text_end is None
@@ -302,7 +307,8 @@ class LLM:
                 value = _parse_json(text)
         return Completion(
             index, text, tuple(seq.output_ids), seq.finish_reason, self._logprobs(seq),
-            complete, value,
+            complete=complete, json=value, reasoning=stop.reasoning(seq),
+            reasoning_tokens=stop.reasoning_tokens(seq),
         )  # fmt: skip
 
     def _logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...] | None:

@@ -126,7 +126,7 @@ def plan_job(
         from pagedbatch.requests.prompts import PromptBuilder
 
         tokenizer, model_config = load_tokenizer_and_config(engine.model, engine.cache_dir)
-        builder = PromptBuilder(tokenizer, engine.chat)
+        builder = PromptBuilder(tokenizer, engine.chat, engine.chat_template_kwargs)
         context = max_model_len(engine, model_config)
         limits = (model_config.vocab_size, context)
         prompts = read_plan_prompts(index, builder, settings.sampling, limits, on_tokenized)

@@ -58,6 +58,8 @@ def run(
     template: shared.Template = None,
     system: shared.System = None,
     chat: shared.Chat = None,
+    chat_template_kwargs: Annotated[Str, opt(INPUT_PANEL, 'Variables for the chat template, as a JSON object, e.g. \'{"enable_thinking": false}\' (a record\'s chat_template_kwargs win, key by key).', "--chat-template-kwargs")] = None,
+    lenient: Annotated[bool | None, opt(INPUT_PANEL, "OpenAI batch input: run a request whose body has fields pagedbatch does not support without them (counted in the summary) instead of writing it as an invalid_params error.", "--lenient")] = None,
     skip_invalid: Annotated[bool | None, opt(INPUT_PANEL, "Turn lines that are not JSON objects into invalid_record error lines instead of stopping.", "--skip-invalid")] = None,
     model: shared.Model = None,
     device: shared.Device = None,
@@ -80,6 +82,8 @@ def run(
     seed: Annotated[Int, opt(SAMPLING_PANEL, f"Job seed: a record without its own seed samples with a seed derived from this and its id. [default: {DEFAULT.sampling.seed}]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING_PANEL, "Stop string (repeatable); the text ends before it.")] = None,
     logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
+    reasoning_parser: Annotated[Str, opt(MODEL_PANEL, "Split a thinking model's output into reasoning and text: auto (when the tokenizer has <think> and </think> tokens and its chat template uses them), think, or none. [default: auto]", "--reasoning-parser")] = None,
+    reasoning_budget: Annotated[Int, opt(SAMPLING_PANEL, "Thinking tokens a thinking model may spend before its </think> is forced; the answer then has max_tokens of its own (a record's reasoning_budget wins). [default: none: max_tokens counts thinking and answer]", "--reasoning-budget")] = None,
     choices: shared.Choices = None,
     choice_score: shared.ChoiceScore = None,
     n: shared.N = None,
@@ -87,6 +91,13 @@ def run(
     json_object: shared.JsonObject = None,
     regex: shared.Regex = None,
     grammar: shared.Grammar = None,
+    repetition_penalty: Annotated[Float, opt(SAMPLING_PANEL, "Divide the positive logits of the tokens already in the prompt or output, multiply the negative ones (transformers' repetition penalty; > 0, 1 is off). [default: 1]", "--repetition-penalty")] = None,
+    presence_penalty: Annotated[Float, opt(SAMPLING_PANEL, "Subtract this from the logit of every token already in the output (OpenAI's; -2 to 2). [default: 0]", "--presence-penalty")] = None,
+    frequency_penalty: Annotated[Float, opt(SAMPLING_PANEL, "Subtract this times its count from the logit of every token already in the output (OpenAI's; -2 to 2). [default: 0]", "--frequency-penalty")] = None,
+    min_p: Annotated[Float, opt(SAMPLING_PANEL, "Sample only among tokens at least this fraction as probable as the most probable one, after temperature (0 to 1). [default: 0, off]", "--min-p")] = None,
+    logit_bias: Annotated[Str, opt(SAMPLING_PANEL, 'Add to token logits before sampling: a JSON object of token id to bias, -100 to 100 (\'{"50256": -100}\'). [default: none]', "--logit-bias")] = None,
+    min_tokens: Annotated[Int, opt(SAMPLING_PANEL, "Generate at least this many tokens: EOS and the stop token ids are not sampled and stop strings do not end the output before. [default: 0]", "--min-tokens")] = None,
+    stop_token_ids: Annotated[Str, opt(SAMPLING_PANEL, "Token ids that end the output as EOS does, comma-separated (\"7,42\"). [default: none]", "--stop-token-ids")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
     prefix_sharing: shared.PrefixSharing = None,
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (attention torch: decoding records behind a shared prefix of 512+ tokens; not in decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
@@ -325,6 +336,9 @@ def _summary(
         )
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
+    if job.index.ignored:
+        fields = ", ".join(f"{name!r} in {records(n)}" for name, n in job.index.ignored.items())
+        text += f"; ran without unsupported body fields (--lenient): {fields}"
     if failed and job.errors_path is not None:
         text += f"; failed records in {job.errors_path}"
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)

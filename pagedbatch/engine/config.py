@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pagedbatch.engine.reasoning import REASONING_PARSERS
 from pagedbatch.engine.threads import cpus_busy_elsewhere, default_threads, process_cpus
 from pagedbatch.engine.units import parse_memory
 from pagedbatch.models.names import DEFAULT_MODEL
+from pagedbatch.sampling_params import short_repr
 
 if TYPE_CHECKING:  # torch is imported where a property needs it: checking a config is cheap
     import torch
@@ -37,6 +40,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     chat: bool = False
+    # Variables of the chat template (e.g. {"enable_thinking": False}); a record's own win.
+    chat_template_kwargs: Mapping[str, Any] | None = None
     prefix_sharing: bool = True
     memory_report: bool = False  # keep a KV snapshot per step, for memory_report()
     cache_dir: str | None = None
@@ -44,6 +49,8 @@ class EngineConfig:
     cuda_graphs: bool | None = None  # decode from CUDA graphs; None: see use_cuda_graphs
     cascade: bool = True  # read shared prefix pages once per step (engine/cascade.py)
     tensor_parallel: int = 1  # ranks the model is sharded over (engine/tensor_parallel.py)
+    # Split a thinking model's output into reasoning and answer (engine/reasoning.py).
+    reasoning_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -82,6 +89,12 @@ class EngineConfig:
             raise ValueError("give num_blocks or kv_memory, not both")
         if self.kv_memory is not None:
             parse_memory(self.kv_memory)
+        check_template_kwargs(self.chat_template_kwargs, "chat_template_kwargs")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                f"got {self.reasoning_parser!r}"
+            )
 
     def _tensor_parallel_problem(self) -> str | None:
         """What tensor parallelism cannot run with (engine/tensor_parallel.py), or None."""
@@ -155,6 +168,16 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_template_kwargs(kwargs: Any, name: str) -> None:
+    """Raise ValueError unless `kwargs` is None or an object of named template variables."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(
+            f"{name} must be an object of template variables, got {short_repr(kwargs)}"
+        )
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:

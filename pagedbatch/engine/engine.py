@@ -16,6 +16,7 @@ from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.constraints import ConstraintMatcher, Grammars
 from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.engine.logits_processor import LogitsProcessor
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.radix_cache import RadixCache
@@ -68,6 +69,7 @@ class Engine:
         self.grammars = grammars  # structured output: each constrained sequence's matcher
         self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
+        self.logits_processor = LogitsProcessor(stop_checker.eos_token_ids, stop_checker.think)
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
         # What StepTrace's seconds are read from: wall time; time.thread_time gives the
@@ -84,10 +86,15 @@ class Engine:
         self, prompt: array[int], params: SamplingParams, seeds: list[int | None],
         request_id: str | int | None = None,
     ) -> list[Sequence]:  # fmt: skip
-        """Queue a request's samples, one sequence per seed (None: a random one); return
-        them. With prefix sharing the prompt is computed once: the others fork from the
-        first when its prompt is done."""
-        max_len = min(self.max_model_len, len(prompt) + params.max_tokens)
+        """Queue a request's samples, one sequence per seed (None: a random one), each
+        constrained one with a matcher of its own; return them. With prefix
+        sharing the prompt is computed once: the others fork from the first when its
+        prompt is done."""
+        max_len = min(self.max_model_len, len(prompt) + params.max_output_tokens)
+        think = self.stop_checker.think
+        # A constrained output is not split: its grammar covers all of it.
+        thinks = think is not None and params.constraint is None
+        think_start = think.thinking_start(prompt) if thinks else None
         seqs = [
             Sequence(
                 next(self._seq_ids),
@@ -97,9 +104,10 @@ class Engine:
                 max_len,
                 seed=random_seed() if seed is None else seed,
                 request_id=request_id,
+                think_start=think_start,
                 matcher=self._matcher(params),
             )  # fmt: skip
-            for seed in seeds
+            for k, seed in enumerate(seeds)
         ]
         if self.prefix_cache is not None:
             seqs[0].forks = seqs[1:]
@@ -128,6 +136,8 @@ class Engine:
 
     def _queue(self, family: list[Sequence]) -> None:
         """Queue a request's sequences: the first alone when the others are its forks."""
+        if family[0].matcher is not None:
+            self.masks.active = True  # until the engine runs dry: see step()
         for seq in family[:1] if family[0].forks else family:
             self.scheduler.add(seq)
 
@@ -156,6 +166,8 @@ class Engine:
         sample_end = self.clock()
         finished = self._postprocess(out, sampled, batch.scores)
         self._timed(trace, started, forward_start, sample_start, sample_end)
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False
         return finished
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> Sampled:
@@ -165,7 +177,8 @@ class Engine:
         seqs, rows = _with_forks(sampling)
         mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
         logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
-        sampled = sample_tokens(logits, seqs, mask)
+        sampled = sample_tokens(logits, seqs, mask, self.logits_processor)
+        self.logits_processor.accept(sampled)
         tokens = sampled.tolist()
         self.masks.accept(seqs, tokens)
         for seq, entry in zip(seqs, token_logprobs(logits, sampled, seqs)):

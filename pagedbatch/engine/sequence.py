@@ -38,6 +38,11 @@ class Sequence:
     `forks` are the other samples of the same record, forked from this one when its
     prompt is done. (Its path in the prefix cache is the BlockManager's to keep.)
 
+    A thinking model's sequence thinks from `think_start` (the first token after `<think>`)
+    to `think_end` (the `</think>` token): both None when it does not think, `think_end`
+    None while it thinks (engine/reasoning.py). With a reasoning budget, `max_len` leaves
+    room for the thinking and then shrinks to the answer's own max_tokens.
+
     `seed` keys the sampler's noise (with the position of the token being sampled); a
     sequence created without one draws a random 63-bit seed. `detokenizer` holds the
     decoded tail of the output while stop strings are searched. `matcher` follows the
@@ -74,6 +79,8 @@ class Sequence:
     choice_ids: tuple[int, ...] | None = None
     choice_logprobs: list[float | None] = field(default_factory=list)
     scores_only: bool = False
+    think_start: int | None = None
+    think_end: int | None = None
     matcher: ConstraintMatcher | None = None
 
     @property

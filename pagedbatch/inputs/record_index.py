@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
@@ -43,6 +44,8 @@ class RecordIndex:
         self.rows = rows
         self.fields = fields
         self.batch = False  # the rows are OpenAI batch requests
+        # With FieldMap.lenient: body field -> requests that run without it.
+        self.ignored: Counter[str] = Counter()
         self._decided = False
         self._positions = array("q")
         self._locators = array("q")
@@ -61,6 +64,7 @@ class RecordIndex:
         for batch in self.rows.batches():
             for position, locator, row in batch:
                 record = self._parse(position, row)
+                self.ignored.update(record.ignored)
                 self._positions.append(position)
                 self._locators.append(locator)
                 self._keys += id_key(record.id)
@@ -93,7 +97,7 @@ class RecordIndex:
                     "do not apply"
                 )
         if self.batch:
-            return parse_batch_request(row, default_id=position)
+            return parse_batch_request(row, default_id=position, lenient=self.fields.lenient)
         return parse_record(row, default_id=position, fields=self.fields)
 
     def record(self, k: int) -> Record:

@@ -26,7 +26,7 @@ from pagedbatch.inputs.jsonl import loads
 from pagedbatch.job.settings import DEFAULT_ORDER, RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
 from pagedbatch.requests.records import Record
-from pagedbatch.sampling_params import not_text
+from pagedbatch.sampling_params import CONTROLS, SamplingParams, not_text
 
 SUFFIX = ".job.json"
 # A digest of every record (id and row), so that a resume on a changed input can tell
@@ -46,6 +46,7 @@ Fingerprint = dict[str, Any]
 # Keys stored only when not their default (so the job digest of every other job, and a
 # fingerprint written before the key existed, stay as they were): their value when absent.
 _ABSENT_MEANS = {"order": DEFAULT_ORDER}
+_SAMPLING_DEFAULTS = json.loads(json.dumps(dataclasses.asdict(SamplingParams())))
 
 
 def fingerprint_path(output: Path) -> Path:
@@ -62,11 +63,14 @@ def job_fingerprint(
     content hashed as the reader read it, so the file is not read again; `records` adds
     the records' digests: the records, or their digests sorted and joined); raises
     ModelLoadError for an alias whose package is missing."""
-    model, tokenizer = model_identity(settings.engine.model)
-    sampling = dataclasses.asdict(settings.sampling)
-    sampling["stop"] = list(sampling["stop"])
-    if sampling["choices"] is not None:  # as JSON stores it, so a resume compares equal
-        sampling["choices"] = list(sampling["choices"])
+    engine = settings.engine
+    model, tokenizer = model_identity(engine.model)
+    # As JSON stores it (tuples as lists), so that a resume compares equal; the controls
+    # added after jobs were fingerprinted without them are left out at their defaults.
+    sampling = json.loads(json.dumps(dataclasses.asdict(settings.sampling)))
+    for name in CONTROLS:
+        if sampling[name] == _SAMPLING_DEFAULTS[name]:
+            del sampling[name]
     if records is not None and not isinstance(records, bytes):
         records = b"".join(sorted(record_digest(r) for r in records))
     return {
@@ -74,6 +78,10 @@ def job_fingerprint(
         "tokenizer": tokenizer,
         "max_model_len": settings.engine.max_model_len,
         "chat": settings.engine.chat,
+        **_given(
+            chat_template_kwargs=settings.engine.chat_template_kwargs,
+            reasoning_parser=None if engine.reasoning_parser == "auto" else engine.reasoning_parser,
+        ),
         "template": settings.template,
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
@@ -86,6 +94,13 @@ def job_fingerprint(
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
         **({RECORDS_KEY: base64.b64encode(records).decode()} if records is not None else {}),
     }
+
+
+def _given(**settings: Any) -> dict[str, Any]:
+    """The settings given (not None; a default is given as None): settings added after jobs
+    were fingerprinted without them, so that such a job still resumes when it leaves them
+    at their default."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:

@@ -17,6 +17,7 @@ from pagedbatch.sampling_params import SamplingParams, check_text
 _ENGINE = {f.name for f in fields(EngineConfig)}
 _SAMPLING = {f.name for f in fields(SamplingParams)}
 ORDERS = ("completion", "input")
+_JSON_OBJECTS = ("chat_template_kwargs", "logit_bias")  # settings a flag gives as JSON text
 # The flags that constrain every record's output (one at most), as their parameters are named.
 CONSTRAINT_FLAGS = {
     "json_schema": "--json-schema", "json_object": "--json", "regex": "--regex",
@@ -42,6 +43,7 @@ class RunSettings:
     template: str | None = None
     system: str | None = None
     skip_invalid: bool = False
+    lenient: bool = False
     order: str = DEFAULT_ORDER
     max_errors: int | None = None  # exit TOO_MANY_ERRORS when the output has more error lines
     max_error_rate: float | None = None  # ... or more than this fraction of its lines
@@ -70,6 +72,7 @@ class RunSettings:
             id=self.id_field,
             template=None if self.template is None else PromptTemplate(self.template),
             system=self.system,
+            lenient=self.lenient,
         )
 
 
@@ -85,6 +88,27 @@ def parse_choices(text: str) -> tuple[str, ...]:
             raise ValueError(f"choices must be a JSON list of strings, got {text}")
         return tuple(choices)
     return tuple(part.strip() for part in text.split(","))
+
+
+def parse_token_ids(text: str) -> tuple[int, ...]:
+    """`--stop-token-ids 7,42`: comma-separated token ids."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"stop_token_ids must be token ids separated by commas, got {text!r}"
+        ) from None
+
+
+def parse_json_object(text: str, name: str) -> dict[str, Any]:
+    """A flag whose value is a JSON object (--chat-template-kwargs '{"enable_thinking": false}')."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{name}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text}")
+    return value
 
 
 def flag_constraint(flags: dict[str, Any]) -> Constraint | None:
@@ -145,6 +169,11 @@ def resolve_settings(flags: dict[str, Any], preset: str | None = None) -> RunSet
         values["stop"] = tuple(values["stop"])
     if isinstance(values.get("choices"), str):
         values["choices"] = parse_choices(values["choices"])
+    if isinstance(values.get("stop_token_ids"), str):
+        values["stop_token_ids"] = parse_token_ids(values["stop_token_ids"])
+    for name in _JSON_OBJECTS:
+        if isinstance(values.get(name), str):
+            values[name] = parse_json_object(values[name], name)
     for name in ("output", "errors", "summary_json"):
         if isinstance(values.get(name), str):
             values[name] = Path(values[name])

@@ -155,7 +155,7 @@ def read_plan_prompts(
             prompts.constrained += params.constraint is not None
             if prompts.fits(ids):
                 choices = params.choices or ()
-                prompts.add(ids, params.max_tokens, params.n, [counted(c) for c in choices])
+                prompts.add(ids, params.max_output_tokens, params.n, [counted(c) for c in choices])
             else:
                 too_long.append(start + j)
         start += len(batch)

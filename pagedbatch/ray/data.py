@@ -21,7 +21,9 @@ from pagedbatch.requests.records import FieldMap, parse_record
 from pagedbatch.sampling_params import SamplingParams, short_repr
 
 ERROR_COLUMN = "__inference_error__"  # ray.data.llm's name for it
-_INTEGER_FIELDS = ("max_tokens", "top_k", "seed", "n", "logprobs")  # sampling fields
+_INTEGER_FIELDS = (  # sampling fields
+    "max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens", "reasoning_budget",
+)  # fmt: skip
 
 
 class RowError(ValueError):

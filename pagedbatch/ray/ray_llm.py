@@ -52,7 +52,7 @@ class RayLLM:
         if config.tensor_parallel > 1:
             raise ValueError("tensor_parallel does not run on Ray yet: a replica is one GPU")
         tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
-        self._prompts = PromptBuilder(tokenizer, config.chat)
+        self._prompts = PromptBuilder(tokenizer, config.chat, config.chat_template_kwargs)
         self.cluster = connect(address, replicas=replicas)
         self._pool: ReplicaPool | None = None
         self.replaced = 0  # replicas that died and were replaced

@@ -44,10 +44,13 @@ class Limits:
 class Preparer:
     """Checks records and gives what the engine needs to run them, for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits, grammars: Grammars) -> None:
+    def __init__(
+        self, prompts: PromptBuilder, limits: Limits, grammars: Grammars, thinks: bool = False
+    ) -> None:
         self.prompts = prompts
         self.limits = limits
         self.grammars = grammars  # each record's constraint compiled (once each) when checked
+        self.thinks = thinks  # the model marks its thinking (engine/reasoning.py)
         self._choices: dict[str, list[int]] = {}
 
     def check(
@@ -85,7 +88,16 @@ class Preparer:
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
         """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
-        constraint does not compile for the model."""
+        params the model cannot follow, or whose constraint does not compile for it."""
+        if params.reasoning_budget is not None and not self.thinks:
+            problem = (
+                "reasoning_budget: the model marks no thinking (<think> ... </think> tokens "
+                "used by its chat template; see --reasoning-parser)"
+            )
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
+        problem = _vocabulary_problem(params, self.limits.vocab_size)
+        if problem is not None:
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
         if params.choices is not None:
             problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
         else:
@@ -137,11 +149,12 @@ class Preparer:
         limit = self.limits.max_model_len
         if prompt_len >= limit:
             return f"the prompt has {prompt_len} tokens; the model's context is {limit}"
-        total = min(limit, prompt_len + params.max_tokens)
+        total = min(limit, prompt_len + params.max_output_tokens)
         needed = blocks_for(total, self.limits.block_size)
         if needed > self.limits.num_blocks:
+            budget = "" if params.reasoning_budget is None else " and its reasoning budget"
             return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}){budget} needs "
                 f"{needed} KV blocks but the cache has {self.limits.num_blocks}; "
                 "raise --kv-memory or --num-blocks, or lower max_tokens"
             )
@@ -195,6 +208,17 @@ def _ids_problem(record: Record, ids: list[int] | Exception, vocab: int) -> Requ
         return _error(record, INVALID_RECORD, "the prompt is empty")
     if not 0 <= min(ids) <= max(ids) < vocab:
         return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+    return None
+
+
+def _vocabulary_problem(params: SamplingParams, vocab_size: int) -> str | None:
+    """A token id of `logit_bias` or `stop_token_ids` outside the vocabulary, named."""
+    for name, tokens in (
+        ("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)
+    ):  # fmt: skip
+        outside = [t for t in tokens if t >= vocab_size]
+        if outside:
+            return f"{name}: token {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})"
     return None
 
 
