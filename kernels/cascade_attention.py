@@ -15,9 +15,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from pagedbatch.kernels.triton_common import LOG2_E, attend_span
-
-MAX_PREFIX_ROWS = 64  # (member, query head) rows of one prefix program: a K/V tile serves them all
+from pagedbatch.kernels.triton_common import LOG2_E, attend_span, row_tile_size, tile_warps
 
 
 class DecodeCascade(NamedTuple):
@@ -146,7 +144,7 @@ def cascade_prefix(
     if num_groups == 0:
         return
     rows = cascade.max_members * group  # (member, query head) rows of the largest group
-    block_m = min(MAX_PREFIX_ROWS, max(16, triton.next_power_of_2(rows)))
+    block_m = min(row_tile_size(query.dtype), max(16, triton.next_power_of_2(rows)))
     grid = (num_groups, k_cache.shape[2], triton.cdiv(rows, block_m))
     _cascade_prefix_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
@@ -162,5 +160,5 @@ def cascade_prefix(
         stride_pd=part_out.stride(3), stride_ls=part_lse.stride(0), stride_lh=part_lse.stride(1),
         stride_lk=part_lse.stride(2), BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=block_d, DOT_F32=dot_f32, BY_TOKEN=by_token,
-        num_warps=4, num_stages=2,
+        num_warps=tile_warps(block_m, block_d), num_stages=2,
     )  # fmt: skip

@@ -270,7 +270,7 @@ def decode_attention(
         part_out, part_lse = workspace.buffers(num_seqs, num_heads, total_splits, head_dim)
     block_d = head_tile_size(head_dim)
     block_n = key_tile_size(head_dim, query.dtype)
-    dot_f32 = dot_in_float32(query.dtype, query.device)
+    dot_f32 = dot_in_float32(query.dtype)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc,

@@ -29,9 +29,9 @@ from pagedbatch.kernels.triton_common import (
     head_tile_size,
     key_tile_size,
     load_page_tile,
+    row_tile_size,
+    tile_warps,
 )
-
-BLOCK_M = 64  # (token, head) rows per program
 
 
 @triton.jit
@@ -124,7 +124,10 @@ def _prefill_kernel(
         m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_F32)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence's tokens see nothing
-    if start > 0:  # cascade: this is the part after the prefix; merged with the prefix's
+    # Compiled, `start` is a runtime value even without HAS_STARTS (Triton makes an int
+    # assigned in a kernel one), so without the constexpr this branch would be compiled
+    # with part_out_ptr None, and fail. The interpreter only sees 0 > 0.
+    if HAS_STARTS and start > 0:  # cascade: the part after the prefix, merged with its part
         p_ptrs = (
             part_out_ptr + (q_start + token)[:, None] * stride_pt + heads[:, None] * stride_ph
             + offs_d[None, :] * stride_pd
@@ -182,9 +185,10 @@ def prefill_attention(
             stride_pt=own.stride(0), stride_ph=own.stride(1), stride_pd=own.stride(2),
             stride_lt=own_lse.stride(0), stride_lh=own_lse.stride(1), HAS_STARTS=True,
         )  # fmt: skip
-    grid = (num_seqs, triton.cdiv(max_query_len * group, BLOCK_M), k_cache.shape[2])
-    block_n, block_d = key_tile_size(head_dim, query.dtype), head_tile_size(head_dim)
-    dot_f32 = dot_in_float32(query.dtype, query.device)
+    block_m, block_n = row_tile_size(query.dtype), key_tile_size(head_dim, query.dtype)
+    block_d = head_tile_size(head_dim)
+    grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), k_cache.shape[2])
+    dot_f32 = dot_in_float32(query.dtype)
     _prefill_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc, out_ptr=out,
@@ -194,8 +198,8 @@ def prefill_attention(
         stride_cb=k_cache.stride(0), stride_ct=k_cache.stride(1), stride_ch=k_cache.stride(2),
         stride_cd=k_cache.stride(3), stride_bt=block_tables.stride(0),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_F32=dot_f32, num_warps=4, num_stages=2, **parts,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_F32=dot_f32, num_warps=tile_warps(block_m, block_d), num_stages=2, **parts,
     )  # fmt: skip
     if cascade is not None:
         prefix = torch.empty_like(own)[:, :, None, :]

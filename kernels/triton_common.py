@@ -70,14 +70,16 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
 
 
-def dot_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
+def dot_in_float32(dtype: torch.dtype) -> bool:
     """Whether tl.dot should take float32 operands (computed in IEEE precision).
 
-    Always for float32 caches (TF32 would cost ~1e-3 relative error). Also on CPU:
-    the interpreter of Triton 3.6 multiplies bfloat16 bit patterns as integers in
-    tl.dot, so the interpreter upcasts; CUDA multiplies 16-bit operands natively.
+    Always for float32 caches (TF32 would cost ~1e-3 relative error). Also in the
+    interpreter: Triton 3.6's multiplies bfloat16 bit patterns as integers in tl.dot,
+    so it upcasts; a compiled kernel multiplies 16-bit operands natively. (Decided by
+    the interpreter, not the tensors' device, so a kernel compiled ahead of time from
+    CPU tensors is the one a GPU runs: tests/test_kernel_compile.py.)
     """
-    return dtype == torch.float32 or device.type == "cpu"
+    return dtype == torch.float32 or INTERPRETED
 
 
 @triton.jit
@@ -213,7 +215,33 @@ def head_tile_size(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# A compiled float32 kernel multiplies on FMA units (tl.dot of float32 operands in IEEE
+# precision, staged through shared memory): at the 16-bit tiles it spills kilobytes of
+# registers, at 16 x 16 none (tests/test_kernel_compile.py). The interpreter has no
+# registers and keeps the larger tiles: fewer, larger numpy steps, ~10x quicker tests.
+FLOAT32_TILE = 16
+
+
+def _compiled_float32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and not INTERPRETED
+
+
 def key_tile_size(head_dim: int, dtype: torch.dtype) -> int:
-    """Keys per tile: 64, or 32 where a row of a tile is over 256 bytes (registers)."""
+    """Keys per tile: 64, or 32 where a row of a tile is over 256 bytes (registers);
+    FLOAT32_TILE in a compiled float32 kernel."""
+    if _compiled_float32(dtype):
+        return FLOAT32_TILE
     row_bytes = head_tile_size(head_dim) * torch.empty((), dtype=dtype).element_size()
     return 64 if row_bytes <= 256 else 32
+
+
+def tile_warps(block_m: int, block_d: int) -> int:
+    """Warps of a program whose float32 accumulator is [block_m, block_d]: 4, or 8 from
+    64 x 128 on (with 4, sm_80 spills there, at 255 registers)."""
+    return 8 if block_m * block_d >= 64 * 128 else 4
+
+
+def row_tile_size(dtype: torch.dtype) -> int:
+    """Query rows, at most, of one prefill or cascade prefix program (a K/V tile serves
+    them all): 64; FLOAT32_TILE in a compiled float32 kernel."""
+    return FLOAT32_TILE if _compiled_float32(dtype) else 64

@@ -18,6 +18,7 @@ for _logger in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
+    from pagedbatch.constraint import Constraint
     from pagedbatch.engine.config import EngineConfig
     from pagedbatch.llm import LLM
     from pagedbatch.outputs import Completion, RecordError, RequestOutput
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "LLM": "pagedbatch.llm",
     "Completion": "pagedbatch.outputs",
+    "Constraint": "pagedbatch.constraint",
     "EngineConfig": "pagedbatch.engine.config",
     "Record": "pagedbatch.requests.records",
     "RecordError": "pagedbatch.outputs",
@@ -36,6 +38,7 @@ _HOMES = {
 __all__ = [
     "LLM",
     "Completion",
+    "Constraint",
     "EngineConfig",
     "Record",
     "RecordError",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,12 +16,19 @@ import torch
 from pagedbatch.engine import kv_scales
 from pagedbatch.engine.attention import ATTN_IMPLEMENTATION, kv_dtype_problem
 from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.constraints import Grammars
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.model_runner import ModelRunner
+from pagedbatch.engine.reasoning import think_tokens
+from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.tensor_parallel import TensorParallel, start_tensor_parallel
+from pagedbatch.engine.tp_shards import local_weight_bytes
+from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import (
     eos_token_ids,
     load_model,
@@ -30,6 +40,7 @@ from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
     Completion,
+    ParsedJson,
     RequestOutput,
     TokenLogprob,
 )
@@ -41,7 +52,6 @@ from pagedbatch.requests.records import Input, record_batches, to_record
 from pagedbatch.sampling_params import SamplingParams
 
 _Emit = Callable[[int, RequestOutput], None]  # (input number, its output)
-_Stop = Callable[[], bool]
 _PREPARE_BATCH = 512  # records tokenized at a time
 # Sequences kept waiting in the engine: enough to fill every step, few enough that a job's
 # memory is this window, not its records.
@@ -72,38 +82,68 @@ class LLM:
         self.quantization = model_quantization(
             self.config.model, self.config.quantize, self.device, dtype, self.config.cache_dir
         )
-        self.model, self.tokenizer = load_model(
-            self.config.model, device=self.device, dtype=dtype,
-            attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
-            quantize=self.config.quantize,
-        )  # fmt: skip
-        context = self.model.config.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or context, context)
-        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, kv_dtype)
-        num_blocks = num_blocks_for(
-            spec, self.device, self.config.num_blocks, self.config.kv_memory,
-            weight_bytes=model_bytes(self.model), free=free,
-        )  # fmt: skip
-        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
-        self.kv_cache = KVCache(spec, num_blocks, self.device)
-        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
+        # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
+        self.tensor_parallel = start_tensor_parallel(self.config)
+        tp = self.tensor_parallel
+        try:
+            self._load(tp, free, dtype)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
+        if tp is not None:  # an LLM dropped without close() stops its workers too
+            weakref.finalize(self, tp.close)
+        self.think = think_tokens(self.tokenizer, self.config.reasoning_parser)
+        eos = eos_token_ids(self.model, self.tokenizer)
+        stop = StopChecker(self.tokenizer, eos, self.think)
+        # Structured output: the logits' width is the model's vocabulary, not the tokenizer's.
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, eos)
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
-            cascade=self.config.cascade,
+            cascade=self.config.cascade, grammars=self.grammars,
+            make_runner=tp.runner if tp is not None else ModelRunner,
         )  # fmt: skip
         if self.kv_cache.quantized:
             self._set_kv_scales()
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
             self._capture_cuda_graphs()
-        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
+        self.prompts = PromptBuilder(
+            self.tokenizer, self.config.chat, self.config.chat_template_kwargs
+        )
         limits = Limits(
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
-            self.kv_cache.spec.block_size, self.kv_cache.num_blocks, self.config.prefix_sharing,
+            self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
-        self.preparer = Preparer(self.prompts, limits)
+        self.preparer = Preparer(self.prompts, limits, self.grammars, thinks=self.think is not None)
+
+    def _load(self, tp: TensorParallel | None, free: int, dtype: torch.dtype) -> None:
+        """Load the model (this rank's shard) and allocate the KV cache (its KV heads)."""
+        if tp is not None:  # full precision (EngineConfig refuses quantize with it)
+            load = tp.load_model
+        else:
+            load = partial(load_model, self.config.model, quantize=self.config.quantize)
+        self.model, self.tokenizer = load(
+            device=self.device, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+            cache_dir=self.config.cache_dir,
+        )  # fmt: skip
+        context = self.model.config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        kv_dtype = self.config.torch_kv_dtype
+        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, kv_dtype)
+        if tp is not None:
+            spec, num_blocks = tp.size_pool(spec, self.model, free)
+        else:
+            num_blocks = num_blocks_for(
+                spec, self.device, self.config.num_blocks, self.config.kv_memory,
+                weight_bytes=model_bytes(self.model), free=free,
+            )  # fmt: skip
+        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        if tp is not None:
+            tp.start_engines(spec, num_blocks, self.max_model_len)
 
     def _set_kv_scales(self) -> None:
         """An fp8 cache's scales: the checkpoint's, else measured on a fixed text (see
@@ -142,16 +182,11 @@ class LLM:
             self.cuda_graphs_problem = problem
 
     def generate(
-        self,
-        inputs: Iterable[Input],
-        params: SamplingParams | None = None,
-        *,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[EngineStats], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[[int, int, float], None] | None = None,
+        self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
+        on_output: OnOutput | None = None, on_step: OnStep | None = None,
+        should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
         keep_outputs: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput]:  # fmt: skip
         """Generate for every input; return outputs in input order.
 
         `on_output` is called as each record finishes (errors first, before any step);
@@ -188,8 +223,8 @@ class LLM:
         return [results[i] for i in sorted(results)]
 
     def _tokenize(
-        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: _Stop,
-        on_prepared: Callable[[int, int, float], None] | None,
+        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: ShouldStop,
+        on_prepared: OnPrepared | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time (in a worker thread, while the
         next batch is read: requests/ahead.py; only that thread touches the tokenizer and the
@@ -217,8 +252,7 @@ class LLM:
 
     def _run(
         self, items: Seq[Input], store: PromptStore, numbers: array[int],
-        defaults: SamplingParams, emit: _Emit,
-        on_step: Callable[[EngineStats], None] | None, stop: _Stop,
+        defaults: SamplingParams, emit: _Emit, on_step: OnStep | None, stop: ShouldStop,
     ) -> None:  # fmt: skip
         """Admit the prompts a window at a time and step until all are done (or `stop`).
 
@@ -249,15 +283,19 @@ class LLM:
         self, items: Seq[Input], k: int, store: PromptStore, numbers: array[int],
         defaults: SamplingParams, owner: dict[int, _Group],
     ) -> None:  # fmt: skip
-        """Queue prompt k's record: read it again, build its sequences."""
+        """Queue prompt k's record: read it again; the engine builds its sequences."""
         index = numbers[k]
         record = to_record(items[index], index)
-        params = self.preparer.params(record, defaults)
-        group = _Group(index, record.id, self.preparer.sequences(record, store.tokens(k), params))
-        for seq in group.seqs:
+        params, ids = self.preparer.params(record, defaults), store.tokens(k)
+        if params.choices is not None:
+            choices = self.preparer.choice_tokens(params)
+            seqs = self.engine.add_choices(ids, choices, params, record.id)
+        else:
+            seeds = self.preparer.seeds(record, params)
+            seqs = self.engine.add_samples(ids, params, seeds, record.id)
+        group = _Group(index, record.id, seqs)
+        for seq in seqs:
             owner[seq.seq_id] = group
-        for seq in group.seqs if not group.seqs[0].forks else group.seqs[:1]:
-            self.engine.add(seq)
 
     def memory_report(self) -> dict:
         """The KV memory figures of everything generated so far (plain, JSON-ready data).
@@ -265,10 +303,11 @@ class LLM:
         The per-step timeline is there only with `memory_report=True`.
         """
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
-        return memory_report(
+        ranks = self.config.tensor_parallel  # the figures are all ranks' together
+        report = memory_report(
             counter.peak, counter.kv_waste_mean, counter.timeline,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
-            kv_bytes_per_token=spec.bytes_per_token,
+            kv_bytes_per_token=spec.bytes_per_token * ranks,
             model_bytes=model_bytes(self.model),
             weights=self.quantization.description if self.quantization else "full precision",
             kv_dtype=str(spec.dtype).removeprefix("torch."),
@@ -277,26 +316,45 @@ class LLM:
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,
         )  # fmt: skip
+        if self.grammars.num_compiled:  # host memory, beside the KV figures
+            report["compiled_grammar_bytes"] = self.grammars.memory_bytes
+        if self.tensor_parallel is not None:  # what each rank holds (rank 0's shard)
+            report["tensor_parallel"] = {
+                "ranks": ranks,
+                "rank_weight_bytes": local_weight_bytes(self.model),
+                "rank_kv_pool_bytes": self.kv_cache.nbytes,
+            }
+        return report
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one rank); the LLM is done."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
+
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:
             return _choice_output(rid, seqs)
-        completions = tuple(
-            Completion(
-                k,
-                self.engine.stop_checker.text(s),
-                tuple(s.output_ids),
-                s.finish_reason,
-                self._logprobs(s),
-            )  # fmt: skip
-            for k, s in enumerate(seqs)
-        )
+        completions = tuple(self._completion(k, s) for k, s in enumerate(seqs))
         return RequestOutput(
             rid, completions, prompt_tokens=seqs[0].num_prompt_tokens,
             cached_tokens=seqs[0].num_prefix_hit_tokens,
+        )  # fmt: skip
+
+    def _completion(self, index: int, seq: Sequence) -> Completion:
+        stop = self.engine.stop_checker
+        text = stop.text(seq)
+        complete, value = None, None
+        if seq.matcher is not None:  # constrained: whole unless a limit or stop string cut it
+            complete = seq.matcher.complete and seq.stop_text_end is None
+            if complete and seq.params.constraint is not None and seq.params.constraint.is_json:
+                value = _parse_json(text)
+        return Completion(
+            index, text, tuple(seq.output_ids), seq.finish_reason, self._logprobs(seq),
+            complete=complete, json=value, reasoning=stop.reasoning(seq),
+            reasoning_tokens=stop.reasoning_tokens(seq),
         )  # fmt: skip
 
     def _logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...] | None:
@@ -313,22 +371,28 @@ class LLM:
         return self.tokenizer.decode([token_id])
 
 
+def _parse_json(text: str) -> ParsedJson | None:
+    """The value of a JSON text its grammar completed (None if it does not parse after all:
+    bytes of a character cut in two, left out of the text)."""
+    try:
+        return ParsedJson(json.loads(text))
+    except ValueError:
+        return None
+
+
 def _choice_output(rid: Any, seqs: list[Sequence]) -> RequestOutput:
     """The scored choices of a record: each choice's summed log-probability, and the
     softmax over the choices of their scores (sums, or per-token means)."""
     params = seqs[0].params
     assert params.choices is not None
-    scored = [s for s in seqs if s.choice_ids is not None]
-    sums = [math.fsum(s.choice_logprobs) for s in scored]  # every entry set by now
-    ranks = sums if params.choice_score == "sum" else [
-        total / len(s.choice_ids) for total, s in zip(sums, scored)
-    ]  # fmt: skip
+    scored = choice_logprobs(seqs)  # (sum, tokens) of each choice
+    ranks = [total if params.choice_score == "sum" else total / n for total, n in scored]
     top = max(ranks)
     weights = [math.exp(r - top) for r in ranks]
     probs = [w / math.fsum(weights) for w in weights]
     choices = tuple(
-        ChoiceScore(text, total, prob, len(s.choice_ids))
-        for text, total, prob, s in zip(params.choices, sums, probs, scored, strict=True)
+        ChoiceScore(text, total, prob, n)
+        for text, (total, n), prob in zip(params.choices, scored, probs, strict=True)
     )
     first = seqs[0]
     return RequestOutput(

@@ -15,7 +15,6 @@ from tiny_models import ARCHS, ENGINE_PATHS
 from transformers import AutoModelForCausalLM
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.engine import engine as engine_module
 from pagedbatch.engine.cascade import ANY_GROUP
 from pagedbatch.requests.records import Record
 
@@ -140,6 +139,11 @@ def test_mean_score_ranks_by_the_per_token_mean(tiny_model_dirs):
         ({"choices": ["yes", ""]}, "every choice must be a non-empty string, got ''"),
         ({"choices": ["yes", 3]}, "every choice must be a non-empty string, got 3"),
         ({"choices": ["yes", "no", "yes"]}, "choices must differ from each other: 'yes' is"),
+        # Checked in linear time (this took 15 s when each choice was counted), and bounded.
+        ({"choices": [f"c{i}" for i in range(40_000)] + ["c0"]},
+         "choices: at most 1024 a record, got 40001"),
+        ({"choices": [f"c{i}" for i in range(1_000)] + ["c0"]},
+         "choices must differ from each other: 'c0' is repeated"),
         ({"choices": ["yes", "no"], "n": 2}, "n must be 1 with choices"),
         ({"choices": ["yes", "no"], "logprobs": 2}, "logprobs applies to generated tokens"),
         ({"choices": "yes"}, "choices must be a non-empty list of strings, got 'yes'"),
@@ -260,6 +264,10 @@ def test_a_bad_choices_flag_is_one_line(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     message = one_line_error(invoke(src, "--choices", "[1, 2]"))
     assert "choices must be a JSON list of strings" in message
+    labels = ",".join(f"label{i}" for i in range(1025))
+    assert "choices: at most 1024 a record, got 1025" in one_line_error(
+        invoke(src, "--choices", labels)
+    )
 
 
 @pytest.mark.slow
@@ -286,7 +294,7 @@ def test_choice_logprobs_on_smollm2_labelling_records(smollm2_dir):
                 assert choice.logprob == pytest.approx(want, abs=1e-4), (row["id"], choice.text)
 
 
-def test_choices_and_generation_in_the_same_steps(tiny_model_dirs, monkeypatch):
+def test_choices_and_generation_in_the_same_steps(tiny_model_dirs):
     # Records that score choices and records that generate (with logprobs) run together:
     # the LM head's rows hold the sampling rows, then the scoring rows, in one step.
     from test_logprobs import check_logprobs, reference_logprobs
@@ -297,13 +305,14 @@ def test_choices_and_generation_in_the_same_steps(tiny_model_dirs, monkeypatch):
         for i, p in enumerate(PROMPTS)
     ]
     both = []  # per step: whether its LM head ran on sampling rows and scoring rows
-    score_choices = engine_module._score_choices
+    prepare = llm.engine.runner.prepare  # the real one, its batches recorded
 
-    def spy(batch, logits, sampling):
-        both.append(batch.scores is not None and batch.scores.num_sample_rows > 0)
-        return score_choices(batch, logits, sampling)
+    def recording(out):
+        batch = prepare(out)
+        both.append(batch.scores is not None and batch.num_sampled > 0)
+        return batch
 
-    monkeypatch.setattr(engine_module, "_score_choices", spy)
+    llm.engine.runner.prepare = recording
     outputs = llm.generate(records, SamplingParams(max_tokens=5, ignore_eos=True))
     assert any(both)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3"], dtype=torch.float32)

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from pagedbatch.bench.result import BenchReport, BenchResult
 from pagedbatch.bench.workloads import WORKLOADS, Workload
+from pagedbatch.cli import options as shared
 from pagedbatch.cli.common import fail, quiet_libraries
-from pagedbatch.models.names import DEFAULT_MODEL
-from pagedbatch.models.random_presets import RANDOM_PRESETS
+from pagedbatch.cli.options import SAMPLING_PANEL
 
 if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
@@ -24,30 +24,31 @@ if TYPE_CHECKING:
 FILE_MAX_TOKENS = 8
 SCALE_RECORDS = 10_000
 CASCADE_GROUP_SEQS = 32
-PRESETS = ", ".join(RANDOM_PRESETS)
 
 
 def bench(
     input: Annotated[str | None, typer.Argument(help="JSONL job to run with every contender (e.g. examples/label_job.jsonl); or give --workload.", show_default=False)] = None,
-    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/MEASUREMENTS.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random.", show_default=False)] = None,
+    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/MEASUREMENTS.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random, torch on --threads (default 1 here).", show_default=False)] = None,
     num_prompts: Annotated[int | None, typer.Option(help="Prompts of the workload, or the first records of INPUT. On a 2-core CPU with a 135M model: about 8 for label, 4 for share, 2 for mixed (outputs up to 1024 tokens). \\[default: 256, or all of INPUT]", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
+    model: shared.Model = None,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices.", show_default=False)] = None,
-    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False)] = None,
-    choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
-    quantize: Annotated[str | None, typer.Option(help="Quantize the weights at load with torchao, as for run (int8, int4, fp8): pagedbatch and the transformers baselines run the same quantized model.", show_default=False)] = None,
-    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="pagedbatch's KV cache dtype, as for run (auto, fp32, bf16, fp16, fp8); with --kv-agreement, the dtype compared with the model's. \\[default: auto; fp8 with --kv-agreement]", show_default=False)] = None,
-    kv_agreement: Annotated[bool, typer.Option("--kv-agreement", help="Instead of contenders: run INPUT's records greedy (--max-tokens each) and, with --choices, scored, once with the KV cache in the model's dtype and once in --kv-dtype, on the same weights; report how many records generate the same tokens and the same first word (label), the tokens before the first difference, the mean absolute difference of the chosen tokens' log-probabilities, and the choices' agreement.")] = False,
-    config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
-    max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices, pagedbatch-constrained.", show_default=False)] = None,
+    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False, rich_help_panel=SAMPLING_PANEL)] = None,
+    choice_score: shared.ChoiceScore = None,
+    json_schema: Annotated[str | None, typer.Option("--json-schema", help="Also generate every record under this JSON schema (inline or a file, as for run: the pagedbatch-constrained contender): its output tokens/s and decode ms/step against pagedbatch's unconstrained, and the token masks' own ms per step. Give --max-tokens room for a whole value.", show_default=False)] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="As --json-schema, with every output matching this regex.", show_default=False)] = None,
+    device: shared.Device = None,
+    quantize: shared.Quantize = None,
+    kv_dtype: shared.KvDtype = None,
+    kv_agreement: Annotated[bool, typer.Option("--kv-agreement", help="Instead of contenders: run INPUT's records greedy (--max-tokens each) and, with --choices, scored, once with the KV cache in the model's dtype and once in --kv-dtype (default fp8), on the same weights; report how many records generate the same tokens and the same first word (label), the tokens before the first difference, the mean absolute difference of the chosen tokens' log-probabilities, and the choices' agreement.")] = False,
+    config: shared.Config = None,
+    max_batch_tokens: shared.MaxBatchTokens = None,
+    max_num_seqs: shared.MaxNumSeqs = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
-    cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="As for run: decode-only steps from CUDA graphs, which run without cascade attention. \\[default: the config's, else on with CUDA and triton]", show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
-    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
+    cuda_graphs: shared.CudaGraphs = None,
+    threads: shared.Threads = None,
+    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model; on --device (default cpu here), torch on 1 thread.")] = False,
     cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/MEASUREMENTS.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups, --kv-agreement or --workload scale: print JSON.")] = False,
@@ -63,7 +64,7 @@ def bench(
     """
     from pagedbatch.bench.workloads import file_records
     from pagedbatch.inputs.reader import InputError
-    from pagedbatch.job.settings import parse_choices, resolve_settings
+    from pagedbatch.job.settings import flag_constraint, parse_choices, resolve_settings
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
     from pagedbatch.sampling_params import SamplingParams
 
@@ -90,8 +91,10 @@ def bench(
     try:  # the arguments, the input and the model name are checked before torch loads
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
         labels = parse_choices(choices) if choices is not None else None
+        choice_score = choice_score or SamplingParams().choice_score
         if labels is not None:
             SamplingParams(choices=labels, choice_score=choice_score)  # checks them
+        constraint = flag_constraint({"json_schema": json_schema, "regex": regex})
         records = file_records(input, num_prompts) if input is not None else None
         if workload is not None:
             _workload(workload)
@@ -101,7 +104,7 @@ def bench(
 
         engine = engine.replace(threads=engine.torch_threads)  # not re-derived per contender
         options = BenchOptions(
-            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score
+            engine, batch_size, frozenset(skip or ()), seed, labels, choice_score, constraint
         )
         report = _run(console, options, input, workload, num_prompts, max_tokens, records)
     except (ValueError, InputError, ModelLoadError) as e:
@@ -113,9 +116,9 @@ def bench(
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
-    line = choices_line(report)
-    if line:
-        console.print(line, highlight=False)
+    for line in (choices_line(report), constrained_line(report)):
+        if line:
+            console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
 
@@ -359,6 +362,33 @@ def choices_line(report: BenchReport) -> str | None:
     agreement = scored.details.get("label_agreement")
     if agreement is not None:
         parts.append(f"best label = first word of the greedy generation for {agreement:.0%}")
+    return "; ".join(parts) + "."
+
+
+def constrained_line(report: BenchReport) -> str | None:
+    """The constrained contender against pagedbatch unconstrained: per output token and per
+    decode step (its records stop where their grammar ends), and the masks' own time."""
+    ours, free = report.get("pagedbatch-constrained"), report.get("pagedbatch")
+    if ours is None or ours.error is not None or not ours.seconds:
+        return None
+    d = ours.details
+    parts = [
+        f"Constrained ({ours.given['constraint']}): {ours.records_per_s:.2f} records/s, "
+        f"{ours.tokens_per_s:.1f} out tok/s"
+    ]
+    if free is not None and free.error is None and free.seconds:
+        parts[0] += (
+            f" ({ours.records_per_s / free.records_per_s:.2f}x and "
+            f"{ours.tokens_per_s / free.tokens_per_s:.2f}x unconstrained, whose records all "
+            "generate --max-tokens)"
+        )
+        if d["decode_steps"] and free.details["decode_steps"]:
+            parts.append(
+                f"decode {d['decode_ms']:.2f} ms/step against {free.details['decode_ms']:.2f} "
+                f"({d['decode_batch']:.1f} and {free.details['decode_batch']:.1f} sequences)"
+            )
+    parts.append(f"masks {d['mask_ms']:.3f} ms per step over {d['masked_steps']} steps (host)")
+    parts.append(f"{d['complete']} of {ours.records} outputs complete")
     return "; ".join(parts) + "."
 
 

@@ -10,18 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from pagedbatch.engine.cascade import CascadePlan
-    from pagedbatch.engine.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class ScoreRows:
-    """The logits rows a step computes to score choices, after the sampling rows: row
-    `num_sample_rows + j` gives the log-probability of `targets[j]`, which belongs in
-    `owners[j]` = (sequence, index into its choice_logprobs)."""
-
-    num_sample_rows: int
-    targets: torch.Tensor  # [num_score_rows] token ids, on the device
-    owners: list[tuple[Sequence, int]]
+    from pagedbatch.engine.scoring import Scoring
 
 
 @dataclass(frozen=True)
@@ -39,11 +28,13 @@ class Batch:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
     context_lens: torch.Tensor  # [num_seqs] KV length after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    logits_indices: torch.Tensor  # [num_sampled] token index of each sampled sequence's last token
+    # [num_logits_rows] token index of each row the LM head runs on: the last token of each
+    # sequence that samples (`ScheduledSeq.samples`), then each position that scores a choice
+    logits_indices: torch.Tensor
     context_lens_host: list[int]
     query_start_loc_host: list[int]
     cascade: CascadePlan | None = None  # sequences sharing prefix pages (not for graph replays)
-    scores: ScoreRows | None = None  # logits rows that score choices (after the sampling rows)
+    scores: Scoring | None = None  # the logits rows that score choices (engine/scoring.py)
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +43,16 @@ class Batch:
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens_host)
+
+    @property
+    def num_sampled(self) -> int:
+        """The first logits rows: one per sequence that samples."""
+        return self.logits_indices.shape[0] if self.scores is None else self.scores.first_row
+
+    @property
+    def decode_only(self) -> bool:
+        """One new token per sequence, and every sequence samples (what CUDA graphs replay)."""
+        return self.num_tokens == self.num_seqs == self.num_sampled > 0
 
     @cached_property
     def query_lens_host(self) -> list[int]:

@@ -213,11 +213,6 @@ class BlockManager:
         if old is not None:
             self.prefix_cache.unlock(old)
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        """The physical KV slot of token `position` of `seq`."""
-        block = seq.block_table[position // self.block_size]
-        return block * self.block_size + position % self.block_size
-
     def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
         # The next write lands in the last block only when it is partially filled.
         if num_new_tokens == 0 or seq.num_computed_tokens % self.block_size == 0:

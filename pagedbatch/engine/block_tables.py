@@ -14,7 +14,8 @@ class BlockTables:
     travel (one host-to-device copy), so a step's batch reads its block tables by row
     with no table rebuilt on the host. On the CPU the device copy is the array itself.
     Rows and width grow (doubling) if a sequence needs more; the device copy is then
-    made anew, which a CUDA graph holding the old one must notice (`version`).
+    made anew (a step gathers its rows from the current copy; CUDA graphs copy those into
+    buffers of their own, so none holds the old one).
     """
 
     def __init__(self, num_rows: int = 8, width: int = 8) -> None:
@@ -23,7 +24,6 @@ class BlockTables:
         self._row_of: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._device: torch.Tensor | None = None
-        self.version = 0  # bumped whenever the device copy is reallocated
 
     @property
     def width(self) -> int:
@@ -64,7 +64,6 @@ class BlockTables:
         return self._device
 
     def _new_device_copy(self, device: torch.device) -> torch.Tensor:
-        self.version += 1
         if device.type == "cpu":
             return torch.from_numpy(self.host)  # shares memory: writes show at once
         return torch.from_numpy(self.host).to(device)

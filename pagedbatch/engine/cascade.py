@@ -79,10 +79,6 @@ class CascadePlan:
         return sum((len(g.seqs) - 1) * g.num_prefix_blocks for g in self.groups) * (self.block_size)
 
     @cached_property
-    def grouped_seqs(self) -> list[int]:
-        return sorted(i for g in self.groups for i in g.seqs)
-
-    @cached_property
     def decode_groups(self) -> list[tuple[list[int], tuple[int, ...]]]:
         """Each group's decoding members (one new token) and its prefix blocks; a group
         left with fewer than MIN_GROUP_SEQS of them is dropped (the Triton backend runs

@@ -39,13 +39,6 @@ def bucket_for(num_seqs: int, buckets: list[int]) -> int | None:
     return next((b for b in buckets if b >= num_seqs), None)
 
 
-def is_graph_step(batch: Batch) -> bool:
-    """A decode-only step: one new token per sequence, every sequence sampling."""
-    return batch.num_tokens == batch.num_seqs == batch.logits_indices.shape[0] > 0 and (
-        batch.max_query_len == 1 and batch.scores is None
-    )
-
-
 def static_batch(size: int, width: int, max_len: int, device: torch.device) -> Batch:
     """Input buffers for `size` padding rows (every graph uses views of the first rows).
 
@@ -128,16 +121,16 @@ class CudaGraphRunner:
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.device)
 
-    def replays_shape(self, num_seqs: int, num_tokens: int, num_sampling: int) -> bool:
-        """Whether a step of this shape (before its Batch exists) would replay a graph."""
-        decode = num_tokens == num_seqs == num_sampling > 0
-        return decode and bucket_for(num_seqs, self.buckets) is not None
+    def replays(self, batch: Batch) -> bool:
+        """Whether `batch` runs from a graph: a decode-only step (every sequence samples its
+        one new token: `Batch.decode_only`) of a captured bucket's size or less."""
+        return batch.decode_only and bucket_for(batch.num_seqs, self.buckets) is not None
 
     def run(self, batch: Batch) -> torch.Tensor | None:
         """Replay the graph of `batch`'s bucket; None when the step must run eagerly."""
-        size = bucket_for(batch.num_seqs, self.buckets)
-        if size is None or not is_graph_step(batch):
+        if not self.replays(batch):
             return None
+        size = bucket_for(batch.num_seqs, self.buckets)
         graph, logits = self.graphs[size]
         load_rows(self.static, batch, size)
         graph.replay()

@@ -1,8 +1,12 @@
-"""The synchronous step loop: schedule -> run -> sample -> postprocess."""
+"""The synchronous step loop: schedule -> run -> sample and score -> postprocess."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from array import array
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -10,15 +14,27 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
+from pagedbatch.engine.constraints import ConstraintMatcher, Grammars
 from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.engine.logits_processor import LogitsProcessor
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.radix_cache import RadixCache
 from pagedbatch.engine.sampler import sample_tokens, token_logprobs
 from pagedbatch.engine.scheduler import Scheduler, SchedulerOutput
-from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.scoring import Scoring, choice_family, record_scores
+from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.token_masks import TokenMasks
+from pagedbatch.sampling_params import SamplingParams
+
+
+class Sampled(NamedTuple):
+    """The sequences that sampled in a step (forks after their parent) and their tokens."""
+
+    seqs: list[Sequence]
+    tokens: list[int]
 
 
 class Engine:
@@ -36,6 +52,8 @@ class Engine:
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
         cascade: bool = True,
+        grammars: Grammars | None = None,
+        make_runner: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -46,24 +64,82 @@ class Engine:
         )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
-        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        # make_runner: ModelRunner, or tensor parallelism's (engine/tensor_parallel.py)
+        self.runner = make_runner(model, self.attention, self.block_manager, cascade=cascade)
+        self.grammars = grammars  # structured output: each constrained sequence's matcher
+        self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
+        self.logits_processor = LogitsProcessor(stop_checker.eos_token_ids, stop_checker.think)
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
         # What StepTrace's seconds are read from: wall time; time.thread_time gives the
         # host's CPU time instead, which a busy machine disturbs less (bench --host-overhead).
         self.clock = time.perf_counter
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self._seq_ids = itertools.count()
 
     def capture_cuda_graphs(self) -> None:
         """From now on, run decode-only steps from CUDA graphs (engine/cuda_graphs.py)."""
         self.runner.capture_cuda_graphs(self.max_num_seqs, self.max_model_len)
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a sequence (its `forks` join when its prompt is done)."""
-        if seq.scores_only or seq.choice_ids is not None:
-            self.runner.scoring = True  # until the engine runs dry: see step()
-        self.scheduler.add(seq)
+    def add_samples(
+        self, prompt: array[int], params: SamplingParams, seeds: list[int | None],
+        request_id: str | int | None = None,
+    ) -> list[Sequence]:  # fmt: skip
+        """Queue a request's samples, one sequence per seed (None: a random one), each
+        constrained one with a matcher of its own; return them. With prefix
+        sharing the prompt is computed once: the others fork from the first when its
+        prompt is done."""
+        max_len = min(self.max_model_len, len(prompt) + params.max_output_tokens)
+        think = self.stop_checker.think
+        # A constrained output is not split: its grammar covers all of it.
+        thinks = think is not None and params.constraint is None
+        think_start = think.thinking_start(prompt) if thinks else None
+        seqs = [
+            Sequence(
+                next(self._seq_ids),
+                array("i", prompt),
+                len(prompt),
+                params,
+                max_len,
+                seed=random_seed() if seed is None else seed,
+                request_id=request_id,
+                think_start=think_start,
+                matcher=self._matcher(params),
+            )  # fmt: skip
+            for k, seed in enumerate(seeds)
+        ]
+        if self.prefix_cache is not None:
+            seqs[0].forks = seqs[1:]
+        self._queue(seqs)
+        return seqs
+
+    def _matcher(self, params: SamplingParams) -> ConstraintMatcher | None:
+        """A matcher of its own for a constrained sequence, at its grammar's start."""
+        if params.constraint is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("a constrained request needs an engine built with grammars")
+        self.masks.active = True  # until the engine runs dry
+        return self.grammars.matcher(params.constraint)
+
+    def add_choices(
+        self, prompt: array[int], choices: list[list[int]], params: SamplingParams,
+        request_id: str | int | None = None,
+    ) -> list[Sequence]:  # fmt: skip
+        """Queue a request that scores each of `choices` (token ids) after `prompt`; return
+        its sequences (engine/scoring.py: with prefix sharing, the prompt's parent first)."""
+        share = self.prefix_cache is not None
+        seqs = choice_family(self._seq_ids, prompt, choices, params, request_id, share)
+        self._queue(seqs)
+        return seqs
+
+    def _queue(self, family: list[Sequence]) -> None:
+        """Queue a request's sequences: the first alone when the others are its forks."""
+        if family[0].matcher is not None:
+            self.masks.active = True  # until the engine runs dry: see step()
+        for seq in family[:1] if family[0].forks else family:
+            self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -73,7 +149,8 @@ class Engine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[Sequence]:
-        """Run one step; return the sequences that finished in it."""
+        """Run one step (schedule -> run -> sample and score -> postprocess); return the
+        sequences that finished in it."""
         started = self.clock()
         out = self.scheduler.schedule()
         if not out.scheduled:  # nothing fits now (a sequence that needs the whole pool)
@@ -82,49 +159,66 @@ class Engine:
         forward_start = self.clock()
         logits = self.runner.forward(batch)
         sample_start = self.clock()
-        sampling = [s.seq for s in out.scheduled if s.samples]
-        trace = _trace(out, len(sampling))
-        parents: list[Sequence] = []
-        scored: list[Sequence] = []
-        if self.runner.scoring:  # a job without choices never scans for them
-            logits, sampling, parents, scored = _score_choices(batch, logits, sampling)
+        trace = _trace(out, batch)  # before the commit
+        sampled = self._sample(out, logits)
+        if batch.scores is not None:
+            record_scores(batch.scores, logits)
+        sample_end = self.clock()
+        finished = self._postprocess(out, sampled, batch.scores)
+        self._timed(trace, started, forward_start, sample_start, sample_end)
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False
+        return finished
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> Sampled:
+        """The next token of each sequence that samples (the first logits rows, in order)
+        and of its forks (from its row); the logprobs of those that ask for them."""
+        sampling = out.sampling
         seqs, rows = _with_forks(sampling)
-        rows_logits = logits if len(rows) == len(sampling) else logits[rows]
-        sampled = sample_tokens(rows_logits, seqs)
+        mask = self.masks.fill(seqs)  # on the host, while an asynchronous forward runs
+        logits = logits[: len(sampling)] if len(rows) == len(sampling) else logits[rows]
+        sampled = sample_tokens(logits, seqs, mask, self.logits_processor)
+        self.logits_processor.accept(sampled)
         tokens = sampled.tolist()
-        for seq, entry in zip(seqs, token_logprobs(rows_logits, sampled, seqs)):
+        self.masks.accept(seqs, tokens)
+        for seq, entry in zip(seqs, token_logprobs(logits, sampled, seqs)):
             if entry is not None:
                 seq.logprobs.append(entry)
-        sample_end = self.clock()
-        forked = [child for parent in parents for child in parent.forks]
-        self.scheduler.commit(out, seqs + parents)  # forks the parents' choices
-        self.counter.step(out.num_tokens, len(tokens), self.block_manager.usage, self._snapshot)
-        finished = self.scheduler.postprocess(seqs, tokens, self.stop_checker)
-        if parents or scored:
-            finished += self._finish_scored(parents, scored, forked)
+        return Sampled(seqs, tokens)
+
+    def _postprocess(
+        self, out: SchedulerOutput, sampled: Sampled, scoring: Scoring | None
+    ) -> list[Sequence]:
+        """Commit the step (the forks of the sampled sequences and of the choices' parents
+        start), append the sampled tokens; return the sequences that stopped and those that
+        scoring ended."""
+        parents = scoring.parents if scoring is not None else []
+        self.scheduler.commit(out, sampled.seqs + parents)
+        self.counter.step(
+            out.num_tokens, len(sampled.tokens), self.block_manager.usage, self._snapshot
+        )
+        finished = self.scheduler.postprocess(sampled.seqs, sampled.tokens, self.stop_checker)
+        for seq in scoring.ended if scoring is not None else []:
+            seq.finish_reason = "stop"
+            self.scheduler.finish(seq)
+            finished.append(seq)
         for seq in finished:
             self.counter.finished(seq)
+        return finished
+
+    def _timed(
+        self, trace: StepTrace, started: float, forward_start: float, sample_start: float,
+        sample_end: float,
+    ) -> None:  # fmt: skip
+        """Count the step's time (`last_step`: its trace, with seconds)."""
         self.last_step = trace._replace(
             seconds=self.clock() - started,
             forward_seconds=sample_start - forward_start,
             sample_seconds=sample_end - sample_start,
         )
         self.counter.timed(self.last_step)
-        if self.runner.scoring and not self.scheduler.has_unfinished():
-            self.runner.scoring = False
-        return finished
-
-    def _finish_scored(
-        self, parents: list[Sequence], scored: list[Sequence], forked: list[Sequence]
-    ) -> list[Sequence]:
-        """End the choices' prompt parents (their choices, `forked` from them, run on) and
-        the choices whose tokens are all computed (scored); a one-token choice is scored
-        by its parent's logits alone, so it ends at its fork."""
-        done = [*scored, *parents, *(c for c in forked if c.num_uncomputed_tokens == 0)]
-        for seq in done:
-            seq.finish_reason = "stop"
-            self.scheduler.finish(seq)
-        return done
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False  # until a constrained sequence is queued again
 
     def check_integrity(self) -> None:
         """Assert the block pool's and the prefix cache's invariants (tests, debugging)."""
@@ -134,7 +228,7 @@ class Engine:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
-        self.runner.scoring = False
+        self.masks.active = False
         return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:
@@ -170,38 +264,15 @@ class Engine:
             decode_step_seconds=c.decode_step_seconds,
             decode_step_tokens=c.decode_step_tokens,
             decode_steps=c.decode_steps,
+            mask_seconds=self.masks.seconds,
+            masked_steps=self.masks.steps,
         )
 
 
-def _trace(out: SchedulerOutput, num_sampling: int) -> StepTrace:
+def _trace(out: SchedulerOutput, batch: Batch) -> StepTrace:
     """The shape of a step (before its tokens are committed); seconds filled in after."""
     context = sum(seq.num_computed_tokens + n for seq, n in out.scheduled)
-    decode = num_sampling == len(out.scheduled) == out.num_tokens > 0
-    return StepTrace(0.0, 0.0, 0.0, len(out.scheduled), out.num_tokens, context, decode)
-
-
-def _score_choices(
-    batch: Batch, logits: torch.Tensor, sampling: list[Sequence]
-) -> tuple[torch.Tensor, list[Sequence], list[Sequence], list[Sequence]]:
-    """Put this step's choice-token log-probabilities in their sequences; return the logits
-    and sequences that sample, the scores_only parents whose prompt is done (each gives its
-    choices the first token's log-probability), and the choices scored to their end."""
-    rowed = [seq for seq in sampling if seq.choice_ids is None]  # logits rows, in order
-    scored = [seq for seq in sampling if seq.choice_ids is not None]
-    if batch.scores is not None:
-        rows = logits[batch.scores.num_sample_rows :].float()
-        targets = batch.scores.targets[:, None]
-        values = torch.log_softmax(rows, dim=-1).gather(1, targets)[:, 0].tolist()
-        for (seq, k), value in zip(batch.scores.owners, values, strict=True):
-            seq.choice_logprobs[k] = value
-    parents = [(row, seq) for row, seq in enumerate(rowed) if seq.scores_only]
-    for row, parent in parents:
-        firsts = [child.choice_ids[0] for child in parent.forks]
-        values = torch.log_softmax(logits[row].float(), dim=-1)[firsts].tolist()
-        for child, value in zip(parent.forks, values, strict=True):
-            child.choice_logprobs[0] = value
-    keep = [row for row, seq in enumerate(rowed) if not seq.scores_only]
-    return logits[keep], [rowed[row] for row in keep], [p for _, p in parents], scored
+    return StepTrace(0.0, 0.0, 0.0, len(out.scheduled), out.num_tokens, context, batch.decode_only)
 
 
 def _with_forks(sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,7 +42,7 @@ class KVUsage:
 
     The BlockManager calls `hold` / `release` for every block-table entry it adds or
     drops and `fill` as tokens are computed, so reading the figures costs O(1) per step
-    (`count_snapshot` recounts them from the tables, for the tests). A block's `filled`
+    (tests/test_step_state.py recounts them from the tables after every step). A block's `filled`
     slots only grow while it is held (no block is written while shared, and tables are
     append-only); a block starts empty when it is allocated.
     """
@@ -114,35 +113,6 @@ class KVUsage:
         """1 - live slots / slots of the blocks in use (0 with none in use)."""
         slots = self.in_use * self.block_size
         return 1 - self.live_slots / slots if slots else 0.0
-
-
-def count_snapshot(
-    step: int, running: list[Sequence], num_used: int, num_free: int, block_size: int
-) -> KVSnapshot:
-    """Count the blocks of `running` from their block tables (O(blocks)): what `KVUsage`
-    must always agree with."""
-    holders = Counter(b for seq in running for b in seq.block_table)
-    shared = sum(1 for n in holders.values() if n > 1)
-    partial: dict[int, int] = {}  # last block -> empty slots in it
-    for seq in running:
-        empty = len(seq.block_table) * block_size - seq.num_computed_tokens
-        if empty > 0:
-            partial[seq.block_table[-1]] = min(partial.get(seq.block_table[-1], block_size), empty)
-    longest = max((s.max_len for s in running), default=0)
-    live = len(holders) * block_size - sum(partial.values())
-    return KVSnapshot(
-        step=step,
-        running=len(running),
-        private=len(holders) - shared,
-        shared=shared,
-        cached=num_used - len(holders),
-        free=num_free,
-        logical=sum(holders.values()),
-        live_slots=live,
-        reserved_tokens=sum(s.max_len for s in running),
-        padded_tokens=longest * len(running),
-        kv_waste=1 - live / (len(holders) * block_size) if holders else 0.0,
-    )
 
 
 def memory_report(

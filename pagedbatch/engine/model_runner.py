@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import torch
 
 from pagedbatch.engine.attention import PagedAttention
-from pagedbatch.engine.batch import Batch, ScoreRows
+from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.cascade import (
@@ -20,11 +21,12 @@ from pagedbatch.engine.cascade import (
 )
 from pagedbatch.engine.cuda_graphs import CudaGraphRunner
 from pagedbatch.engine.scheduler import SchedulerOutput
-from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.scoring import Scoring, plan_scoring
 
 
 class ModelRunner:
-    """Turns a SchedulerOutput into a Batch, runs the model, returns the logits to sample."""
+    """Turns a SchedulerOutput into a Batch, runs the model, returns the logits to sample
+    (and to score: the Batch says which rows do which)."""
 
     def __init__(
         self,
@@ -37,7 +39,6 @@ class ModelRunner:
         self.cascade = cascade  # plan cascade attention for sequences sharing prefix pages
         # Which groups are worth it: measured for torch; Triton takes any (see cascade.py).
         self.cascade_rule = TORCH_RULE if attention.backend == "torch" else ANY_GROUP
-        self.scoring = False  # some queued sequence scores choices (set by Engine.add)
         self.attention = attention
         self.block_manager = block_manager
         self.device = next(model.parameters()).device
@@ -73,52 +74,48 @@ class ModelRunner:
         size = self.block_manager.block_size
         blocks = tables.host[np.repeat(rows, counts), positions // size]
         slots = blocks.astype(np.int64) * size + positions % size
-        last, scores = self._logits_rows(scheduled, begins, ends, starts)
+        logits_rows, scores = self._logits_rows(out, starts)
         staged = torch.from_numpy(
-            np.concatenate([input_ids, positions, slots, ends, starts, last, rows])
+            np.concatenate([input_ids, positions, slots, ends, starts, logits_rows, rows])
         )
         device = self.device
         if device.type != "cpu":
             staged = staged.pin_memory().to(device, non_blocking=True)
         t, s = len(positions), len(scheduled)
-        cuts = (t, t, t, s, s + 1, len(last), s)
-        ids, pos, slot, lens, loc, logits_rows, row_ids = staged.split(cuts)
+        cuts = (t, t, t, s, s + 1, len(logits_rows), s)
+        ids, pos, slot, lens, loc, logits_indices, row_ids = staged.split(cuts)
         width = blocks_for(int(ends.max()), size)
-        # A decode step that replays a CUDA graph runs the kernels captured without cascade.
-        replays = self.graphs is not None and scores is None and self.graphs.replays_shape(
-            len(scheduled), len(positions), len(last)
-        )  # fmt: skip
-        cascade = self.cascade and not replays
-        return Batch(
+        batch = Batch(
             input_ids=ids,
             positions=pos,
             slot_mapping=slot,
             block_tables=tables.device(device)[row_ids, :width],
             context_lens=lens.to(torch.int32),
             query_start_loc=loc.to(torch.int32),
-            logits_indices=logits_rows,
+            logits_indices=logits_indices,
             context_lens_host=ends.tolist(),
             query_start_loc_host=starts.tolist(),
-            cascade=self._cascade_plan(rows, begins, ends, starts) if cascade else None,
             scores=scores,
         )
+        # A decode step that replays a CUDA graph runs the kernels captured without cascade.
+        if self.cascade and not (self.graphs is not None and self.graphs.replays(batch)):
+            plan = self._cascade_plan(rows, begins, ends, starts)
+            batch = dataclasses.replace(batch, cascade=plan)
+        return batch
 
     def _logits_rows(
-        self, scheduled: list, begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
-    ) -> tuple[np.ndarray, ScoreRows | None]:
+        self, out: SchedulerOutput, starts: np.ndarray
+    ) -> tuple[np.ndarray, Scoring | None]:
         """The token rows the LM head runs on: the last of each sequence that samples, then
-        (while choices are queued) every row that scores a choice token."""
-        samples = ends == np.array([s.seq.num_tokens for s in scheduled], dtype=np.int64)
-        scoring = []
-        if self.scoring:
-            scoring = [i for i, s in enumerate(scheduled) if s.seq.choice_ids is not None]
-        if not scoring:
-            return starts[1:][samples] - 1, None
-        samples[scoring] = False  # a choice's sequence is scored, not sampled
+        every row that scores a choice token (engine/scoring.py)."""
+        samples = np.array(out.samples, dtype=bool)
         last = starts[1:][samples] - 1
-        score_rows, targets, owners = _score_rows(scheduled, scoring, begins, ends, starts)
-        targets = torch.tensor(targets, dtype=torch.int64, device=self.device)
-        return np.concatenate([last, score_rows]), ScoreRows(len(last), targets, owners)
+        others = np.flatnonzero(~samples).tolist()  # prompt chunks, sequences that score
+        planned = plan_scoring(out.scheduled, others, starts, len(last), self.device)
+        if planned is None:
+            return last, None
+        score_rows, scoring = planned
+        return np.concatenate([last, np.array(score_rows, dtype=np.int64)]), scoring
 
     def _cascade_plan(
         self, rows: np.ndarray, begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
@@ -149,26 +146,6 @@ class ModelRunner:
             paged_batch=batch,
         )
         return result.logits[0]
-
-
-def _score_rows(
-    scheduled: list, scoring: list[int], begins: np.ndarray, ends: np.ndarray, starts: np.ndarray
-) -> tuple[np.ndarray, list[int], list[tuple[Sequence, int]]]:
-    """The flat token index of every position this step computes that scores a choice
-    token (from each choice sequence's `first_scored_position` on), its target token, and
-    where its log-probability goes."""
-    rows: list[int] = []
-    targets: list[int] = []
-    owners: list[tuple[Sequence, int]] = []
-    for i in scoring:
-        seq = scheduled[i].seq
-        first = seq.first_scored_position
-        begin, end = int(begins[i]), int(ends[i])
-        for position in range(max(begin, first), end):
-            rows.append(int(starts[i]) + position - begin)
-            targets.append(seq.choice_ids[position - first])
-            owners.append((seq, position - first))
-    return np.array(rows, dtype=np.int64), targets, owners
 
 
 def _new_token_ids(scheduled: list, begins: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Next tokens from logits: greedy, temperature, top-k, top-p, per-sequence seeds.
+"""Next tokens from logits: greedy, temperature, top-k, top-p, min-p, per-sequence seeds.
 
 All rows are sampled by one set of tensor ops. The randomness is counter-based: the noise
 of vocab entry `v` when a sequence with seed `s` samples its token at position `t` is a
@@ -8,10 +8,17 @@ batch, in any row, and again after a preemption (which samples the same position
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.token_masks import StepMask
 from pagedbatch.sampling_params import SamplingParams
+
+# Changes rows of the logits [n, vocab] as their sequences ask: engine/logits_processor.py.
+Processor = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]
 
 _U64 = (1 << 64) - 1
 
@@ -29,28 +36,35 @@ _MIX2 = _int64(0x94D049BB133111EB)
 _UNIFORM_BITS = 23  # (k + 1/2) / 2^23 for a 23-bit k is exact in float32 and never 0 or 1
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per row of `logits` [num_seqs, vocab], with each sequence's params.
+def sample_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], mask: StepMask | None = None,
+    processor: Processor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One token per row of `logits` [num_seqs, vocab], with each sequence's params:
+    [num_seqs] int64 on the device of `logits`, without a host sync (the per-row params go
+    up in one asynchronous copy, none when all are greedy).
 
-    The step's one device-to-host copy: the sampled tokens.
-    """
-    return sample_tokens(logits, seqs).tolist()
-
-
-def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """The tokens of `sample` [num_seqs] int64, on the device of `logits`, without a host
-    sync: the per-row params go up in one asynchronous copy (none when all are greedy)."""
+    With a `mask` (the constrained rows' allowed tokens), the tokens it does not allow are
+    set to -inf in `logits` first, in place (logprobs see them so). The `processor` then
+    changes the rows whose params ask for it (penalties, logit bias, ...) on a copy; those
+    changes keep a masked token at -inf."""
+    if mask is not None:
+        mask.apply(logits)
+    if processor is not None:
+        logits = processor(logits, seqs)
     greedy = logits.argmax(dim=-1)  # [n]
     randoms = [s.params for s in seqs if not s.params.greedy]
     if not randoms:
         return greedy
-    packed = _upload(_pack(seqs), logits.device)  # [n, 5] int64
+    packed = upload(_pack(seqs), logits.device)  # [n, 6] int64
     seed, position, top_k = packed[:, 0], packed[:, 1], packed[:, 2]
-    temperature, top_p = packed[:, 3:].view(torch.float64).float().unbind(dim=-1)
+    temperature, top_p, min_p = packed[:, 3:].view(torch.float64).float().unbind(dim=-1)
     random = temperature > 0
     scaled = logits.float() / torch.where(random, temperature, 1.0)[:, None]
     if any(p.top_k > 0 or p.top_p < 1 for p in randoms):  # sorting the vocab costs most
         scaled = filter_top_k_top_p(scaled, top_k, top_p, _sort_width(randoms, logits.shape[-1]))
+    if any(p.min_p > 0 for p in randoms):
+        scaled = filter_min_p(scaled, min_p)
     # Gumbel-max: argmax(logits / T + G) with G = -log(-log U) draws from softmax(logits / T);
     # it is the exponential race argmax(p / E) with E = -log U, taken in logs.
     noisy = uniform_noise(seed, position, logits.shape[-1]).log_().neg_().log_().neg_()
@@ -62,8 +76,9 @@ def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
 ) -> list[tuple[float, list[tuple[int, float]]] | None]:
     """Per row whose sequence asks for logprobs: the log-probability of its sampled token
-    under the model (log-softmax of the logits, before temperature and filters) and the
-    `params.logprobs` most likely tokens with theirs; None for the other rows. One
+    under the model (log-softmax of the logits, before temperature and filters; a
+    constrained row's logits after its mask) and the `params.logprobs` most likely tokens
+    with theirs; None for the other rows. One
     device-to-host copy, none when no row asks."""
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not wanted:
@@ -78,7 +93,8 @@ def token_logprobs(
     entries: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
     for i, v, t in zip(wanted, values, ids, strict=True):
         k = seqs[i].params.logprobs
-        entries[i] = (v[0], list(zip(t[:k], v[1 : k + 1])))
+        # A constrained row's masked tokens (-inf) are no alternatives.
+        entries[i] = (v[0], [(j, x) for j, x in zip(t[:k], v[1 : k + 1]) if x > -math.inf])
     return entries
 
 
@@ -91,18 +107,19 @@ def _sort_width(params: list[SamplingParams], vocab_size: int) -> int:
 
 
 def _pack(seqs: list[Sequence]) -> torch.Tensor:
-    """Per-row params on the host [n, 5] int64: seed, position of the token being sampled,
-    top-k, then temperature and top-p as float64 bits."""
+    """Per-row params on the host [n, 6] int64: seed, position of the token being sampled,
+    top-k, then temperature, top-p and min-p as float64 bits."""
     ints = torch.tensor(
         [(_int64(s.seed), s.num_tokens, s.params.top_k) for s in seqs], dtype=torch.int64
     )
     floats = torch.tensor(
-        [(s.params.temperature, s.params.top_p) for s in seqs], dtype=torch.float64
+        [(s.params.temperature, s.params.top_p, s.params.min_p) for s in seqs],
+        dtype=torch.float64,
     )
     return torch.cat([ints, floats.view(torch.int64)], dim=1)
 
 
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`host` on `device` without a host sync (pinned memory, asynchronous copy)."""
     if device.type != "cuda":
         return host.to(device)
@@ -164,3 +181,11 @@ def filter_top_k_top_p(
     outside_p = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)
     sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] with every token whose probability is below `min_p` [n] (0 = off)
+    times the row's top probability set to -inf (the top token always stays)."""
+    probs = logits.softmax(dim=-1)
+    below = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(below, float("-inf"))

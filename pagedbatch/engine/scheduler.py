@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, NamedTuple
 
 from pagedbatch.engine.block_manager import BlockCopy, BlockManager
@@ -18,9 +19,16 @@ class ScheduledSeq(NamedTuple):
     num_new_tokens: int
 
     @property
-    def samples(self) -> bool:
-        """True when this step computes the sequence's last token, so it samples the next."""
+    def completes(self) -> bool:
+        """This step computes the sequence's last token (its logits follow all its tokens)."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This step samples the sequence's next token: it completes a sequence that
+        generates (one that scores choices never samples). The one rule of which sequences
+        sample: the runner's sampling rows, the engine's sampler, CUDA graph replays."""
+        return self.completes and not self.seq.is_scoring
 
 
 @dataclass
@@ -31,6 +39,17 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    @cached_property
+    def samples(self) -> list[bool]:
+        """Whether each scheduled sequence samples (`ScheduledSeq.samples`), worked out once
+        per step: asked after the schedule is made, before it is committed."""
+        return [s.samples for s in self.scheduled]
+
+    @property
+    def sampling(self) -> list[Sequence]:
+        """The sequences that sample this step, in order (the step's first logits rows)."""
+        return [s.seq for s, samples in zip(self.scheduled, self.samples) if samples]
 
 
 class Scheduler:
@@ -135,6 +154,7 @@ class Scheduler:
         for parent in sampled:
             for child in parent.forks:
                 self.block_manager.fork(parent, child)
+                child.forked = True
                 self.add_running(child)
             parent.forks = []
 

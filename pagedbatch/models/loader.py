@@ -7,8 +7,10 @@ directory with plain `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +55,22 @@ def load_model(
     attn_implementation: str | None = None,
     cache_dir: Path | None = None,
     quantize: str | None = None,
+    device_mesh: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its
     tokenizer.
 
     The model is in eval mode on `device` with `dtype` and needs no gradients; `quantize`
     (int8, int4, fp8: models/quantization.py) quantizes its weights with torchao as they
-    load, and a checkpoint quantized already loads through its own quantizer. Raises
-    ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run it (see
+    load, and a checkpoint quantized already loads through its own quantizer. A
+    `device_mesh` (a 1-D torch DeviceMesh, engine/tensor_parallel.py) loads this rank's
+    shard of each weight by the model's own tensor-parallel plan. Raises ModelLoadError
+    when it cannot be found or loaded, or pagedbatch cannot run it (see
     `check_supported`), or its quantization cannot run here (before the weights load).
     """
     name = os.fspath(name)
+    if name in RANDOM_PRESETS and device_mesh is not None:
+        raise ModelLoadError(f"tensor parallel runs checkpoints, not random preset {name}")
     if name in RANDOM_PRESETS:
         quantization = weight_quantization(preset_config(name), name, quantize, device, dtype)
         model, tokenizer = build_random_model(
@@ -81,15 +88,22 @@ def load_model(
     if quantization is not None:  # quantized weights load straight onto the device
         extra.update(device_map=device, quantization_config=quantization.torchao)
     extra = {k: v for k, v in extra.items() if v is not None}
+    if device_mesh is not None:
+        from transformers.distributed import DistributedConfig
+
+        extra.update(distributed_config=DistributedConfig(tp_size=device_mesh.size()),
+                     device_mesh=device_mesh)  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=cached_only, **extra
-        )
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=cached_only, **extra
+            )
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
     check_supported(model)
-    if quantization is None:
+    # Quantized weights load straight onto the device; a sharded model is on its rank's.
+    if quantization is None and device_mesh is None:
         model.to(device=device)
     model.eval()
     model.requires_grad_(False)
@@ -188,7 +202,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     if target.is_dir():  # only ever created complete, by atomic_directory's rename
         return target
     try:
-        with atomic_directory(target) as staging:
+        with atomic_directory(target) as staging, _no_progress_bars():
             _write_converted(gguf_path, staging)
     except OSError as exc:
         raise ModelLoadError(
@@ -254,6 +268,21 @@ def _check_config(config: PretrainedConfig, name: str) -> None:
                 f"pagedbatch cannot run {name}: it uses attention logit soft-capping "
                 f"(attn_logit_softcapping={softcap})"
             )
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off while
+    a model loads or converts: a library does not print (the caller's setting comes back)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _architecture(config: PretrainedConfig, model: PreTrainedModel | None = None) -> str:

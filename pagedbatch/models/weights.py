@@ -20,9 +20,9 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of `t`; for a tensor subclass (torchao's quantized weights), of the plain
-    tensors it is made of."""
+    tensors it is made of; a tensor-parallel shard (a DTensor), the whole weight's."""
     flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is None:
+    if flatten is None or hasattr(t, "to_local"):
         return t.numel() * t.element_size()
     names, _ = flatten()
     return sum(tensor_bytes(getattr(t, name)) for name in names)

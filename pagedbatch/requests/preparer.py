@@ -1,21 +1,21 @@
-"""Records to engine sequences, in two steps a job of millions of records can afford.
+"""Records to engine requests, in two steps a job of millions of records can afford.
 
 `check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
 in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
 the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
-bad choices. `sequences` builds a checked record's sequences (one per sample, or one per
-choice) when the record is admitted, from the token ids kept since in a `PromptStore`.
+bad choices, a constraint that does not compile. When a checked record is admitted,
+`params` and `seeds` (or `choice_tokens`) give what the engine builds its sequences from
+(`Engine.add_samples`, `add_choices`), with the prompt's token ids kept since in a
+`PromptStore`.
 """
 
 from __future__ import annotations
 
-import itertools
-from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
-from pagedbatch.engine.sequence import Sequence, random_seed
+from pagedbatch.engine.constraints import Grammars
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -25,7 +25,7 @@ from pagedbatch.outputs import (
     RequestOutput,
 )
 from pagedbatch.requests.prompts import PromptBuilder, PromptError
-from pagedbatch.requests.records import Record
+from pagedbatch.requests.records import Record, text_problem
 from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed, short_repr
 
 _CHOICES_CACHED = 4096  # choice texts whose tokens are kept (a job has a few)
@@ -39,16 +39,18 @@ class Limits:
     max_model_len: int
     block_size: int
     num_blocks: int
-    prefix_sharing: bool
 
 
 class Preparer:
-    """Checks records and builds their sequences for one LLM."""
+    """Checks records and gives what the engine needs to run them, for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
+    def __init__(
+        self, prompts: PromptBuilder, limits: Limits, grammars: Grammars, thinks: bool = False
+    ) -> None:
         self.prompts = prompts
         self.limits = limits
-        self._seq_ids = itertools.count()
+        self.grammars = grammars  # each record's constraint compiled (once each) when checked
+        self.thinks = thinks  # the model marks its thinking (engine/reasoning.py)
         self._choices: dict[str, list[int]] = {}
 
     def check(
@@ -72,28 +74,40 @@ class Preparer:
         """The sampling params of a record that passed `check`."""
         return defaults.with_overrides(record.overrides)
 
-    def sequences(self, record: Record, ids: array[int], params: SamplingParams) -> list[Sequence]:
-        """The sequences of a checked record: one per sample, or a parent and one per choice
-        (with prefix sharing, samples and choices are forks of the first sequence)."""
-        if params.choices is not None:
-            return self._choice_sequences(record, ids, params)
+    def seeds(self, record: Record, params: SamplingParams) -> list[int | None]:
+        """The seed of each sample of a record that passed `check` (None: a random one)."""
         seed = self._record_seed(record, params)
-        seqs = [self._sequence(record, ids, params, sample_seed(seed, k)) for k in range(params.n)]
-        if self.limits.prefix_sharing:
-            seqs[0].forks = seqs[1:]  # the prompt is computed once, then forked
-        return seqs
+        return [sample_seed(seed, k) for k in range(params.n)]
+
+    def choice_tokens(self, params: SamplingParams) -> list[list[int]]:
+        """The token ids of each choice of a record that passed `check` (none empty)."""
+        assert params.choices is not None
+        return [self._choice_tokens(text) for text in params.choices]
 
     def _check_fit(
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
-        """`ids`, or the error of a record whose prompt (and choices) do not fit."""
-        problem = (
-            self._choices_problem(len(ids), params)
-            if params.choices is not None
-            else self._length_problem(len(ids), params)
-        )
+        """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
+        params the model cannot follow, or whose constraint does not compile for it."""
+        if params.reasoning_budget is not None and not self.thinks:
+            problem = (
+                "reasoning_budget: the model marks no thinking (<think> ... </think> tokens "
+                "used by its chat template; see --reasoning-parser)"
+            )
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
+        problem = _vocabulary_problem(params, self.limits.vocab_size)
         if problem is not None:
-            code = INVALID_PARAMS if params.choices is not None else PROMPT_TOO_LONG
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
+        if params.choices is not None:
+            problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
+        else:
+            problem, code = self._length_problem(len(ids), params), PROMPT_TOO_LONG
+        if problem is None and params.constraint is not None:
+            try:
+                self.grammars.compile(params.constraint)
+            except ValueError as e:
+                problem, code = str(e), INVALID_PARAMS
+        if problem is not None:
             return _error(record, code, problem, prompt_tokens=len(ids))
         return ids
 
@@ -135,33 +149,16 @@ class Preparer:
         limit = self.limits.max_model_len
         if prompt_len >= limit:
             return f"the prompt has {prompt_len} tokens; the model's context is {limit}"
-        total = min(limit, prompt_len + params.max_tokens)
+        total = min(limit, prompt_len + params.max_output_tokens)
         needed = blocks_for(total, self.limits.block_size)
         if needed > self.limits.num_blocks:
+            budget = "" if params.reasoning_budget is None else " and its reasoning budget"
             return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}){budget} needs "
                 f"{needed} KV blocks but the cache has {self.limits.num_blocks}; "
                 "raise --kv-memory or --num-blocks, or lower max_tokens"
             )
         return None
-
-    def _choice_sequences(
-        self, record: Record, ids: array[int], params: SamplingParams
-    ) -> list[Sequence]:
-        """One sequence per choice: the prompt and the choice's tokens but the last, scored
-        from the prompt's last position on. With prefix sharing, a scores_only parent
-        computes the prompt once and the choices are forked from it."""
-        assert params.choices is not None
-        choices = [self._choice_tokens(text) for text in params.choices]
-        seqs = [
-            self._sequence(record, ids + array("i", t[:-1]), params, 0, choice_ids=tuple(t))
-            for t in choices
-        ]
-        if not self.limits.prefix_sharing:
-            return seqs
-        parent = self._sequence(record, ids, params, 0)
-        parent.scores_only, parent.forks = True, seqs
-        return [parent, *seqs]
 
     def _record_seed(self, record: Record, params: SamplingParams) -> int | None:
         """The record's own seed; else one derived from the job seed (`params.seed`) and the
@@ -169,20 +166,6 @@ class Preparer:
         if "seed" in record.overrides or params.seed is None:
             return params.seed
         return derive_seed(params.seed, record.id)
-
-    def _sequence(
-        self, record: Record, ids: array[int], params: SamplingParams, seed: int | None,
-        choice_ids: tuple[int, ...] | None = None,
-    ) -> Sequence:  # fmt: skip
-        scored = choice_ids is not None or params.choices is not None
-        limit = self.limits.max_model_len
-        return Sequence(
-            seq_id=next(self._seq_ids), token_ids=array("i", ids), num_prompt_tokens=len(ids),
-            params=params,
-            max_len=len(ids) if scored else min(limit, len(ids) + params.max_tokens),
-            seed=random_seed() if seed is None else seed, request_id=record.id,
-            choice_ids=choice_ids, choice_logprobs=[None] * len(choice_ids or ()),
-        )  # fmt: skip
 
 
 def prompt_ids(
@@ -208,6 +191,8 @@ def prompt_ids(
 def _params(record: Record, defaults: SamplingParams) -> SamplingParams | RequestOutput:
     if record.error is not None:
         return RequestOutput(record.id, error=record.error)
+    if (problem := text_problem(record)) is not None:
+        return _error(record, INVALID_RECORD, problem)
     try:
         return defaults.with_overrides(record.overrides)
     except (TypeError, ValueError) as e:
@@ -223,6 +208,17 @@ def _ids_problem(record: Record, ids: list[int] | Exception, vocab: int) -> Requ
         return _error(record, INVALID_RECORD, "the prompt is empty")
     if not 0 <= min(ids) <= max(ids) < vocab:
         return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+    return None
+
+
+def _vocabulary_problem(params: SamplingParams, vocab_size: int) -> str | None:
+    """A token id of `logit_bias` or `stop_token_ids` outside the vocabulary, named."""
+    for name, tokens in (
+        ("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)
+    ):  # fmt: skip
+        outside = [t for t in tokens if t >= vocab_size]
+        if outside:
+            return f"{name}: token {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})"
     return None
 
 
