@@ -8,6 +8,11 @@ Layout shared with the Triton kernels:
   query_start_loc:   [num_seqs + 1] offsets of each sequence's new tokens in the flat batch
 The new tokens of a sequence are its last `query_len` positions, so query token t of
 sequence i sits at position context_lens[i] - query_len + t and sees keys 0..position.
+
+An fp8 cache (float8 e4m3) holds K / k_scale and V / v_scale, saturated at +-448, with
+k_scale, v_scale: [num_kv_heads] float32 of the layer; every read multiplies them back
+(`dequantize`) into the query's dtype, where the attention is computed. A cache of
+another dtype is written and read as it is (the attention in the cache's dtype).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn
+
 
 def store_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -24,12 +32,43 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, slot = block * block_size + offset; < 0 skipped
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write each token's K and V into its slot of the paged cache."""
+    """Write each token's K and V into its slot of the paged cache (fp8: quantized)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    for new, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        stored = quantize(new[keep], scale) if cache.dtype == FP8 else new[keep].to(cache.dtype)
+        _raw(cache).view(-1, *cache.shape[2:]).index_copy_(0, slots, _raw(stored))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., num_kv_heads, head_dim] / scale [num_kv_heads] in float8 e4m3, saturated."""
+    return (x.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize(
+    x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:  # x [..., num_kv_heads, head_dim], read from a cache
+    """Entries read from a cache, ready to attend with: an fp8 cache's times their KV head's
+    scale, in `dtype`; any other cache's as they are."""
+    if x.dtype != FP8:
+        return x
+    if scale is None:
+        raise ValueError("an fp8 cache is read with its scales (k_scale, v_scale)")
+    return (x.float() * scale[:, None]).to(dtype)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor's bytes (index_copy_ has no float8 kernel); any other tensor itself."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def _take(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache[index], gathered as bytes for an fp8 cache (indexing kernels may lack float8)."""
+    return _raw(cache)[index].view(cache.dtype)
 
 
 # New tokens up to which a sequence joins the padded batch; longer ones run alone, so one
@@ -48,6 +87,9 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     padded_query_len: int = PADDED_QUERY_LEN,
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its cached pages.
 
@@ -55,6 +97,7 @@ def paged_attention(
     batch; the others (prefill, or extend after a cached prefix) one by one. Lengths
     are host ints: no device sync.
     """
+    scales = (k_scale, v_scale)
     out = torch.empty_like(query)
     query_lens = [b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:])]
     short = [i for i, n in enumerate(query_lens) if n <= padded_query_len]
@@ -64,14 +107,14 @@ def paged_attention(
         out[rows] = _padded(
             query, [query_start_loc[i] for i in short], [query_lens[i] for i in short],
             k_cache, v_cache, block_tables[short], [context_lens[i] for i in short], scale,
-            sliding_window,
+            sliding_window, scales,
         )  # fmt: skip
     for i, n in enumerate(query_lens):
         if n > padded_query_len:
             a, b = query_start_loc[i], query_start_loc[i + 1]
             out[a:b] = _extend(
                 query[a:b], k_cache, v_cache, block_tables[i], context_lens[i], scale,
-                sliding_window,
+                sliding_window, scales,
             )  # fmt: skip
     return out
 
@@ -82,7 +125,7 @@ def gather_pages(
     """The first `max_len` tokens of each sequence's pages, in logical order."""
     block_size = cache.shape[1]
     num_blocks = -(-max_len // block_size)
-    pages = cache[block_tables[:, :num_blocks].long()]  # [S, nb, bs, H, D]
+    pages = _take(cache, block_tables[:, :num_blocks].long())  # [S, nb, bs, H, D]
     return pages.flatten(1, 2)[:, :max_len]
 
 
@@ -93,7 +136,9 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return mask
 
 
-def _padded(query, starts, query_lens, k_cache, v_cache, block_tables, context_lens, scale, window):
+def _padded(
+    query, starts, query_lens, k_cache, v_cache, block_tables, context_lens, scale, window, scales
+):
     """Sequences padded to the longest query and context among them; returns their rows,
     concatenated in order ([sum(query_lens), Hq, D])."""
     device, max_q, max_len = query.device, max(query_lens), max(context_lens)
@@ -103,8 +148,8 @@ def _padded(query, starts, query_lens, k_cache, v_cache, block_tables, context_l
     q = query[q_idx.clamp(max=query.shape[0] - 1)].transpose(1, 2)  # [S, Hq, Q, D]
     lens = torch.tensor(context_lens, device=device)
     slots = _padded_slots(block_tables, lens, max_len, k_cache.shape[1])  # [S, L]
-    keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [S, Hkv, L, D]
-    values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+    keys = _gather(k_cache, slots, scales[0], query.dtype).transpose(1, 2)  # [S, Hkv, L, D]
+    values = _gather(v_cache, slots, scales[1], query.dtype).transpose(1, 2)
     k_pos = torch.arange(max_len, device=device)[None, None, :]
     q_pos = (lens - q_lens)[:, None, None] + torch.arange(max_q, device=device)[None, :, None]
     mask = _visible(q_pos, k_pos, window) & (k_pos < lens[:, None, None])  # [S, Q, L]
@@ -125,11 +170,18 @@ def _padded_slots(block_tables, lens, max_len, block_size):
     return blocks * block_size + pos % block_size
 
 
-def _extend(query, k_cache, v_cache, block_table, context_len, scale, window):
+def _gather(cache, slots, scale, dtype):
+    """The cache entries at `slots` (any shape S), dequantized: [*S, Hkv, D]."""
+    return dequantize(_take(cache.flatten(0, 1), slots), scale, dtype)
+
+
+def _extend(query, k_cache, v_cache, block_table, context_len, scale, window, scales):
     # query: [Q, Hq, D] for positions context_len - Q .. context_len - 1
     num_new = query.shape[0]
-    keys = gather_pages(k_cache, block_table[None], context_len)[0].transpose(0, 1)
-    values = gather_pages(v_cache, block_table[None], context_len)[0].transpose(0, 1)
+    keys = gather_pages(k_cache, block_table[None], context_len)[0]
+    values = gather_pages(v_cache, block_table[None], context_len)[0]
+    keys = dequantize(keys, scales[0], query.dtype).transpose(0, 1)
+    values = dequantize(values, scales[1], query.dtype).transpose(0, 1)
     q_pos = torch.arange(context_len - num_new, context_len, device=query.device)[:, None]
     mask = _visible(q_pos, torch.arange(context_len, device=query.device)[None, :], window)
     out = F.scaled_dot_product_attention(
@@ -148,6 +200,9 @@ def cascade_attention(
     query_start_loc: list[int],
     scale: float,
     groups: list[tuple[list[int], torch.Tensor]],  # (sequences, their shared prefix's blocks)
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """`paged_attention` (no sliding window) where each group of sequences shares the
     pages of a prefix: the group's query tokens attend to the prefix's keys together (its
@@ -158,7 +213,7 @@ def cascade_attention(
     were computed before the step), so the prefix part needs no mask.
     """
     out = torch.empty_like(query)
-    qsl, device = query_start_loc, query.device
+    qsl, device, scales = query_start_loc, query.device, (k_scale, v_scale)
     grouped = [i for seqs, _ in groups for i in seqs]
     loose = sorted(set(range(len(context_lens))) - set(grouped))
     if loose:
@@ -166,11 +221,13 @@ def cascade_attention(
         sub_qsl = [0, *itertools.accumulate(qsl[i + 1] - qsl[i] for i in loose)]
         out[rows] = paged_attention(
             query[rows], k_cache, v_cache, block_tables[loose], [context_lens[i] for i in loose],
-            sub_qsl, scale,
+            sub_qsl, scale, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
     if not groups:
         return out
-    prefix_out, prefix_lse, starts = _prefix_attention(query, k_cache, v_cache, qsl, scale, groups)
+    prefix_out, prefix_lse, starts = _prefix_attention(
+        query, k_cache, v_cache, qsl, scale, groups, scales
+    )
     own_out = torch.empty(query.shape, dtype=torch.float32, device=device)
     own_lse = torch.empty(query.shape[:2], dtype=torch.float32, device=device)
     decodes = [i for i in grouped if qsl[i + 1] - qsl[i] == 1]
@@ -178,7 +235,7 @@ def cascade_attention(
     for seqs in ([decodes] if decodes else []) + extends:
         rows = _rows(qsl, seqs, device)
         own_out[rows], own_lse[rows] = _attend_range(
-            query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts
+            query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts, scales
         )
     rows = _rows(qsl, grouped, device)
     merged = merge_by_lse(prefix_out, prefix_lse, own_out[rows], own_lse[rows])
@@ -193,6 +250,7 @@ def _prefix_attention(
     qsl: list[int],
     scale: float,
     groups: list[tuple[list[int], torch.Tensor]],
+    scales: tuple[torch.Tensor | None, torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
     """Each group's queries against its prefix's pages, gathered once per group: the
     outputs and log-sum-exps of the grouped tokens (in group order), and the first key
@@ -201,8 +259,9 @@ def _prefix_attention(
     block_size = k_cache.shape[1]
     for seqs, blocks in groups:
         q = query[_rows(qsl, seqs, query.device)].transpose(0, 1)[None]  # [1, Hq, T, D]
-        keys = k_cache[blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
-        values = v_cache[blocks].flatten(0, 1).transpose(0, 1)[None]
+        keys = dequantize(_take(k_cache, blocks).flatten(0, 1), scales[0], query.dtype)
+        values = dequantize(_take(v_cache, blocks).flatten(0, 1), scales[1], query.dtype)
+        keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # once a group
         o, lse = _attend(q, keys, values, None, scale)
         outs.append(o[0].transpose(0, 1))  # [T, Hq, D]
         lses.append(lse[0].transpose(0, 1))  # [T, Hq]
@@ -243,7 +302,9 @@ def _attend(q, k, v, mask, scale):
     return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
 
 
-def _attend_range(query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts):
+def _attend_range(
+    query, k_cache, v_cache, block_tables, context_lens, qsl, scale, seqs, starts, scales
+):
     """Causal attention of `seqs`' new tokens over their keys from `starts[i]` on, padded
     together; returns their rows' out [T, Hq, D] and lse [T, Hq] (float32), in order."""
     device = query.device
@@ -262,8 +323,8 @@ def _attend_range(query, k_cache, v_cache, block_tables, context_lens, qsl, scal
     tables = block_tables[seqs].long()
     slots = torch.gather(tables, 1, pos // k_cache.shape[1]) * k_cache.shape[1]
     slots += pos % k_cache.shape[1]
-    keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [S, Hkv, L, D]
-    values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
+    keys = _gather(k_cache, slots, scales[0], query.dtype).transpose(1, 2)  # [S, Hkv, L, D]
+    values = _gather(v_cache, slots, scales[1], query.dtype).transpose(1, 2)
     q_pos = (lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [S, Q]
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & in_range[:, None, :]
     out, lse = _attend(q, keys, values, mask, scale)

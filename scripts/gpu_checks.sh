@@ -19,6 +19,12 @@
 #   bench-cascade.txt   the same workload without CUDA graphs (eager decode), pagedbatch
 #                       with and without cascade attention: KV reads saved, ms and K/V MB
 #                       read per decode step (goal: MB/step down >= 3x, ms/step with it)
+#   structured.txt      structured output on CUDA (skipped where xgrammar is not installed:
+#                       the GPU image lacks it): constrained greedy tokens with CUDA graphs
+#                       equal the CPU's; label workload, smollm2-135m-random, every output
+#                       under a regex against unconstrained in one run: decode ms/step
+#                       (goal: equal, the mask filled on the host while the forward runs)
+#                       and the masks' host ms per step
 # The GPU machines carry torch, triton, transformers, typer, rich, pytest; not datasets/gguf.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +64,13 @@ check bench-share 120 python3 -m pagedbatch bench --workload share --model llama
 check bench-cascade 75 python3 -m pagedbatch bench --workload share --model llama-1b-random \
     --config gpu --num-prompts 256 --no-cuda-graphs --skip pagedbatch-no-sharing \
     --skip generate --skip generate_batch
+check structured 40 bash -c 'python3 -c "import xgrammar" 2>/dev/null || {
+    echo "skipped: xgrammar is not installed"; exit 0; }
+    python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_structured.py &&
+    python3 -m pagedbatch bench --workload label --model smollm2-135m-random --config gpu \
+        --num-prompts 256 --regex "(positive|negative|mixed)( [a-z]{1,8}){0,3}" \
+        --skip pagedbatch-no-cascade --skip pagedbatch-no-sharing --skip generate \
+        --skip generate_batch'
 
 echo "== pagedbatch GPU checks ($(head -n 1 "$OUT/device.txt"))"
 printf '%s\n' "${SUMMARY[@]}"

@@ -39,7 +39,8 @@ from pagedbatch.bench.runner import (
 )
 from pagedbatch.bench.workloads import WORKLOADS, BenchPrompts, Workload, workload_prompts
 from pagedbatch.cli.app import app
-from pagedbatch.cli.bench import choices_line, tables
+from pagedbatch.cli.bench import choices_line, constrained_line, tables
+from pagedbatch.constraint import Constraint
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.models.loader import load_model
 from pagedbatch.models.random_presets import RANDOM_PRESETS, preset_config
@@ -303,6 +304,28 @@ def test_choices_contender_scores_the_same_records(tiny_model_dirs, tmp_path):
     assert 0 <= scored.details["label_agreement"] <= 1
     line = choices_line(report)
     assert "x pagedbatch generating" in line and "x transformers generate" in line, line
+
+
+def test_constrained_contender_reports_its_masks_against_unconstrained(tiny_model_dirs, tmp_path):
+    pytest.importorskip("xgrammar")
+    rows = [{"id": i, "prompt": f"record number {i} is"} for i in range(3)]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skip = frozenset({"run", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
+                      "generate_batch"})  # fmt: skip
+    constraint = Constraint.regex("(yes|no), [0-9]")
+    report = run_file_benchmark(str(source), 12, options(tiny_model_dirs["llama"], skip=skip,
+                                                          constraint=constraint))  # fmt: skip
+    assert [r.contender for r in report.results] == ["pagedbatch", "pagedbatch-constrained"]
+    ours = report.get("pagedbatch-constrained")
+    assert ours.error is None and ours.records == 3 and ours.given["constraint"] == "regex"
+    # Each output is 4 or 5 tokens of the regex, then its grammar ends it (EOS ignored or not).
+    assert 3 * 4 <= ours.output_tokens < report.get("pagedbatch").output_tokens == 3 * 12
+    assert ours.details["complete"] == 3 and ours.details["masked_steps"] >= 4
+    assert ours.details["mask_ms"] > 0
+    line = constrained_line(report)
+    assert line.startswith("Constrained (regex): ") and "x unconstrained, whose" in line, line
+    assert "3 of 3 outputs complete" in line
 
 
 def test_label_matches_the_first_word_of_a_generation():

@@ -212,3 +212,36 @@ def signal_after(monkeypatch, records: int, *signums: int) -> None:
                 os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(JobProgress, "record_done", counting)
+
+
+_SIGNAL_AS_IT_ENDS = """
+import os, signal, sys
+import pagedbatch.cli.app
+
+class HupOnFlush:  # stdout whose flush brings a SIGHUP: one that comes as the command ends
+    def __init__(self, stream):
+        self.stream = stream
+    def flush(self):
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.stream.flush()
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+def stopped_job(prog_name):  # a job that a first SIGHUP stopped: exit 129
+    raise SystemExit(129)
+
+sys.stdout = HupOnFlush(sys.stdout)
+pagedbatch.cli.app.app = stopped_job
+from pagedbatch.cli.main import main
+main()
+"""
+
+
+def test_a_signal_as_the_command_ends_keeps_its_exit_code():
+    """A second SIGHUP 5 ms after the first used to hit main()'s final flush: an uncaught
+    Stopped, a traceback and exit 1 instead of 129."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AS_IT_ENDS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 129, done.stderr
+    assert done.stderr == "", done.stderr

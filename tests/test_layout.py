@@ -10,7 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module may import its own layer and the layers before it, never after.
 LAYERS = (
-    ("pagedbatch.outputs", "pagedbatch.sampling_params", "pagedbatch.files"),
+    (
+        "pagedbatch.outputs",
+        "pagedbatch.sampling_params",
+        "pagedbatch.constraint",
+        "pagedbatch.files",
+    ),
     ("pagedbatch.kernels",),
     ("pagedbatch.models",),
     ("pagedbatch.engine",),

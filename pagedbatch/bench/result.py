@@ -9,7 +9,7 @@ from typing import Any
 # The contenders, as `--skip` spells them (see bench.py).
 CONTENDERS = (
     "run", "pagedbatch", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
-    "generate_batch", "pagedbatch-choices",
+    "generate_batch", "pagedbatch-choices", "pagedbatch-constrained",
 )  # fmt: skip
 
 
@@ -29,7 +29,9 @@ class BenchResult:
     `cascade_saved_token_reads` (K/V token reads, over layers, that cascade saved), `decode_steps`,
     `decode_ms` (mean decode-only step), `decode_batch` (mean sequences per decode step),
     `decode_kv_bytes` (K/V bytes a decode-only step read, cascade's savings taken out)
-    and, on CUDA, `floor_fraction` (bandwidth floor / step time).
+    and, on CUDA, `floor_fraction` (bandwidth floor / step time). A constrained run also
+    has `mask_ms` (host time filling and applying the token masks, per step that masked),
+    `masked_steps` and `complete` (outputs whose grammar reached its end).
     """
 
     contender: str

@@ -10,7 +10,10 @@ Contenders (names as `--skip` spells them):
   same model (same weights: a random preset is rebuilt from the same seed);
 - `pagedbatch-choices` (with `choices`): the same records scored against the choices
   instead of generated (`LLM.generate` with `SamplingParams.choices`); its details say how
-  often the best choice is the first word of `pagedbatch`'s greedy generation.
+  often the best choice is the first word of `pagedbatch`'s greedy generation;
+- `pagedbatch-constrained` (with `constraint`): `pagedbatch` with every output under the
+  constraint (structured output); each record stops where its grammar ends, so it is
+  compared per output token and per decode step, with the masks' own time per step.
 
 Every contender generates exactly each prompt's output length (EOS ignored) from the
 same prompt token ids, and times generation only, after a warm-up; loading is reported
@@ -43,8 +46,10 @@ from pagedbatch.bench.workloads import (
     record_prompts,
     workload_prompts,
 )
+from pagedbatch.constraint import Constraint
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.kv_cache import free_memory
+from pagedbatch.engine.stats import EngineStats
 from pagedbatch.llm import LLM
 from pagedbatch.models.loader import load_model
 from pagedbatch.sampling_params import SamplingParams
@@ -53,8 +58,11 @@ if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
     from pagedbatch.requests.records import Record
 
-# The contenders of every benchmark in this process (pagedbatch-choices runs with choices only).
-IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c != "pagedbatch-choices")
+# The contenders of every benchmark in this process (pagedbatch-choices and
+# pagedbatch-constrained run with choices, a constraint only).
+IN_PROCESS = tuple(
+    c for c in CONTENDERS[1:] if c not in ("pagedbatch-choices", "pagedbatch-constrained")
+)
 # Each pagedbatch contender: the engine config's changes.
 PAGEDBATCH = {
     "pagedbatch": {},
@@ -80,6 +88,7 @@ class BenchOptions:
     seed: int = 0
     choices: tuple[str, ...] | None = None  # also score these (the pagedbatch-choices contender)
     choice_score: str = "sum"
+    constraint: Constraint | None = None  # also generate under it (pagedbatch-constrained)
 
     def __post_init__(self) -> None:
         unknown = set(self.skip) - set(CONTENDERS)
@@ -161,6 +170,14 @@ def _run(
             record(bench_llm(llm, prompts, load_s, copy_bw, contender, kept))
             del llm
             release_memory(device)
+    if options.constraint is not None and options.runs("pagedbatch-constrained"):
+        llm, load_s = load_llm(engine)
+        if prompts is None:
+            prompts = source(llm.tokenizer, vocab_size(llm.model))
+        contender = "pagedbatch-constrained"
+        record(bench_llm(llm, prompts, load_s, copy_bw, contender, constraint=options.constraint))
+        del llm
+        release_memory(device)
     if options.choices is not None and options.runs("pagedbatch-choices"):
         llm, load_s = load_llm(engine)
         if prompts is None:
@@ -192,15 +209,18 @@ def bench_llm(
     copy_bw: float | None = None,
     contender: str = "pagedbatch",
     outputs: list | None = None,
+    constraint: Constraint | None = None,
 ) -> BenchResult:
     """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics;
-    the RequestOutputs go into `outputs` when given."""
+    the RequestOutputs go into `outputs` when given. With a `constraint`, every output is
+    under it (and ends where its grammar does)."""
+    params = SamplingParams(ignore_eos=True, constraint=constraint)
     warm_up = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
-    llm.generate(warm_up, SamplingParams(max_tokens=4, ignore_eos=True))
+    llm.generate(warm_up, dataclasses.replace(params, max_tokens=4))  # compiles the grammar
     before = llm.stats()
     probe = DecodeProbe(llm.engine)
     started = time.perf_counter()
-    outs = llm.generate(prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step)
+    outs = llm.generate(prompts.records(), params, on_step=probe.on_step)
     seconds = time.perf_counter() - started
     if outputs is not None:
         outputs.extend(outs)
@@ -223,10 +243,27 @@ def bench_llm(
     }
     produced = [tokens.get(i, 0) for i in range(len(prompts))]
     given = engine_given(llm.config, after.num_blocks)
+    if constraint is not None:  # outputs end where the grammar does: fewer tokens
+        details.update(_mask_details(before, after, outs))
+        given["constraint"] = constraint.kind
+        name = f"pagedbatch --{constraint.kind.replace('_', '-')}"
+        return BenchResult(contender, name, seconds, len(produced), sum(produced), details,
+                           given, error)  # fmt: skip
     result = BenchResult.counted(
         contender, contender, seconds, prompts.max_tokens, produced, given, error
     )
     return dataclasses.replace(result, details=details)
+
+
+def _mask_details(before: EngineStats, after: EngineStats, outs: list) -> dict[str, Any]:
+    """The token masks' host time per step that masked, and the outputs that completed."""
+    steps = after.masked_steps - before.masked_steps
+    seconds = after.mask_seconds - before.mask_seconds
+    return {
+        "masked_steps": steps,
+        "mask_ms": 1e3 * seconds / steps if steps else 0.0,
+        "complete": sum(bool(c.complete) for o in outs for c in o.completions),
+    }
 
 
 def bench_choices(
@@ -295,6 +332,7 @@ def _run_baselines(
     model, tokenizer = load_model(
         engine.model, device=device, dtype=engine.torch_dtype, attn_implementation="sdpa",
         cache_dir=None if engine.cache_dir is None else Path(engine.cache_dir),
+        quantize=engine.quantize,
     )  # fmt: skip
     load_s = time.perf_counter() - started
     if prompts is None:

@@ -7,6 +7,8 @@ as keyword arguments of the model's forward (no global state).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import AttentionInterface
 
@@ -28,6 +30,17 @@ def triton_problem(device: torch.device) -> str | None:
             "or use attention 'torch'"
         )
     return launch_problem(device)
+
+
+def kv_dtype_problem(backend: str, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
+    """Why attention `backend` cannot keep K/V in `kv_dtype` for a `model_dtype` model."""
+    if backend == "triton" and kv_dtype != model_dtype:
+        kv, model = (str(d).removeprefix("torch.") for d in (kv_dtype, model_dtype))
+        return (
+            f"a {kv} KV cache runs with --attention torch: the Triton kernels read and write "
+            f"K/V in the model's dtype ({model}); pass --attention torch, or --kv-dtype auto"
+        )
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -70,6 +83,8 @@ class PagedAttention:
         self.max_model_len = max_model_len
         # K/V token reads (summed over layers and KV heads' worth) that cascade saved.
         self.cascade_saved_token_reads = 0
+        # Called with (layer, key, value) before a layer stores them (engine/kv_scales.py).
+        self.before_store: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     def __call__(
         self,
@@ -82,20 +97,24 @@ class PagedAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        if self.before_store is not None:
+            self.before_store(layer, key, value)
         if self.backend == "triton":
             return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
-        reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        k_scale, v_scale = self.kv_cache.scales(layer)  # an fp8 cache's; else None
+        reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping,
+                           k_scale=k_scale, v_scale=v_scale)  # fmt: skip
         plan = self._plan(batch, sliding_window)
         if plan is not None:
             self.cascade_saved_token_reads += plan.saved_token_reads
             groups = [(list(g.seqs), b) for g, b in zip(plan.groups, plan.prefix_blocks)]
             return reference.cascade_attention(
                 query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
-                batch.query_start_loc_host, scale, groups,
+                batch.query_start_loc_host, scale, groups, k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         return reference.paged_attention(
             query, k_cache, v_cache, batch.block_tables, batch.context_lens_host,
-            batch.query_start_loc_host, scale, sliding_window,
+            batch.query_start_loc_host, scale, sliding_window, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from array import array
+from collections.abc import Callable
 
 import torch
 
@@ -12,7 +13,9 @@ from pagedbatch.engine.attention import PagedAttention
 from pagedbatch.engine.batch import Batch
 from pagedbatch.engine.block_manager import BlockManager
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
+from pagedbatch.engine.constraints import ConstraintMatcher, Grammars
 from pagedbatch.engine.kv_cache import KVCache
+from pagedbatch.engine.logits_processor import LogitsProcessor
 from pagedbatch.engine.memory import KVSnapshot
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.radix_cache import RadixCache
@@ -22,6 +25,7 @@ from pagedbatch.engine.sequence import Sequence, random_seed
 from pagedbatch.engine.stats import EngineStats, StatsCounter, StepTrace
 from pagedbatch.engine.step_sampler import Sampled, StepSampler
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.token_masks import TokenMasks
 from pagedbatch.sampling_params import SamplingParams
 
 
@@ -40,6 +44,8 @@ class Engine:
         prefix_sharing: bool = True,
         keep_timeline: bool = False,
         cascade: bool = True,
+        grammars: Grammars | None = None,
+        make_runner: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
         block_size = kv_cache.spec.block_size
         self.pool = BlockPool(kv_cache.num_blocks)
@@ -50,9 +56,13 @@ class Engine:
         )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.attention = PagedAttention(kv_cache, attention_backend, max_model_len)
-        self.runner = ModelRunner(model, self.attention, self.block_manager, cascade=cascade)
+        # make_runner: ModelRunner, or tensor parallelism's (engine/tensor_parallel.py)
+        self.runner = make_runner(model, self.attention, self.block_manager, cascade=cascade)
+        self.grammars = grammars  # structured output: each constrained sequence's matcher
+        self.masks = TokenMasks(self.runner.device)
         self.stop_checker = stop_checker
         self.sampler = StepSampler(max_num_seqs, self.runner.uploads)
+        self.logits_processor = LogitsProcessor(stop_checker.eos_token_ids, stop_checker.think)
         self._parents: set[Sequence] = set()  # queued or running, forks not started yet
         self.counter = StatsCounter(keep_timeline)
         self.last_step: StepTrace | None = None
@@ -70,10 +80,15 @@ class Engine:
         self, prompt: array[int], params: SamplingParams, seeds: list[int | None],
         request_id: str | int | None = None,
     ) -> list[Sequence]:  # fmt: skip
-        """Queue a request's samples, one sequence per seed (None: a random one); return
-        them. With prefix sharing the prompt is computed once: the others fork from the
-        first when its prompt is done."""
-        max_len = min(self.max_model_len, len(prompt) + params.max_tokens)
+        """Queue a request's samples, one sequence per seed (None: a random one), each
+        constrained one with a matcher of its own; return them. With prefix
+        sharing the prompt is computed once: the others fork from the first when its
+        prompt is done."""
+        max_len = min(self.max_model_len, len(prompt) + params.max_output_tokens)
+        think = self.stop_checker.think
+        # A constrained output is not split: its grammar covers all of it.
+        thinks = think is not None and params.constraint is None
+        think_start = think.thinking_start(prompt) if thinks else None
         seqs = [
             Sequence(
                 next(self._seq_ids),
@@ -83,6 +98,8 @@ class Engine:
                 max_len,
                 seed=random_seed() if seed is None else seed,
                 request_id=request_id,
+                think_start=think_start,
+                matcher=self._matcher(params),
             )  # fmt: skip
             for seed in seeds
         ]
@@ -90,6 +107,15 @@ class Engine:
             seqs[0].forks = seqs[1:]
         self._queue(seqs)
         return seqs
+
+    def _matcher(self, params: SamplingParams) -> ConstraintMatcher | None:
+        """A matcher of its own for a constrained sequence, at its grammar's start."""
+        if params.constraint is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("a constrained request needs an engine built with grammars")
+        self.masks.active = True  # until the engine runs dry
+        return self.grammars.matcher(params.constraint)
 
     def add_choices(
         self, prompt: array[int], choices: list[list[int]], params: SamplingParams,
@@ -143,7 +169,9 @@ class Engine:
 
     def _sample(self, out: SchedulerOutput, batch: Batch, logits: torch.Tensor) -> Sampled:
         """Sample and score (engine/step_sampler.py): the step's one device-to-host copy."""
-        return self.sampler.sample(out.sampling, self._parents, batch, logits)
+        return self.sampler.sample(
+            out.sampling, self._parents, batch, logits, self.masks, self.logits_processor
+        )
 
     def _postprocess(self, out: SchedulerOutput, batch: Batch, sampled: Sampled) -> list[Sequence]:
         """Commit the step (the forks of the sampled sequences and of the choices' parents
@@ -161,6 +189,7 @@ class Engine:
         if scoring is not None:
             record_scores(scoring, sampled.scores.tolist())
         tokens = sampled.tokens.tolist()
+        self.masks.accept(rows.seqs, tokens)
         may_stop = self.sampler.may_stop(sampled, tokens, batch, self.stop_checker)
         finished = self.scheduler.postprocess(rows.seqs, tokens, self.stop_checker, may_stop)
         for seq in scoring.ended if scoring is not None else []:
@@ -182,6 +211,8 @@ class Engine:
             sample_seconds=sample_end - sample_start,
         )
         self.counter.timed(self.last_step)
+        if self.masks.active and not self.scheduler.has_unfinished():
+            self.masks.active = False  # until a constrained sequence is queued again
 
     def check_integrity(self) -> None:
         """Assert the block pool's and the prefix cache's invariants (tests, debugging)."""
@@ -192,6 +223,7 @@ class Engine:
     def abort_all(self) -> list[Sequence]:
         """Drop every unfinished sequence, freeing its blocks (an interrupted job)."""
         self._parents.clear()
+        self.masks.active = False
         return self.scheduler.abort_all()
 
     def _snapshot(self) -> KVSnapshot:
@@ -228,6 +260,8 @@ class Engine:
             decode_step_seconds=c.decode_step_seconds,
             decode_step_tokens=c.decode_step_tokens,
             decode_steps=c.decode_steps,
+            mask_seconds=self.masks.seconds,
+            masked_steps=self.masks.steps,
         )
 
 

@@ -150,6 +150,9 @@ def memory_report(
     num_blocks: int,
     kv_bytes_per_token: int,
     model_bytes: int,
+    weights: str = "full precision",
+    kv_dtype: str = "",
+    kv_scales: str | None = None,
     prefix_hit_rate: float,
     preemptions: int,
     recomputed_tokens: int,
@@ -159,10 +162,16 @@ def memory_report(
     """The figures of `--memory-report`, as plain JSON-ready data.
 
     `peak` is the step with the most KV blocks in use; `timeline` may be empty.
+    `model_bytes` counts the weights as loaded (quantized ones as stored), `weights` says
+    how they are quantized; `kv_bytes_per_token` is in the cache's `kv_dtype`, and
+    `kv_scales` says where an fp8 cache's scales came from (None for other dtypes).
     """
     block_bytes = kv_bytes_per_token * block_size
     return {
         "model_bytes": model_bytes,
+        "weights": weights,
+        "kv_dtype": kv_dtype,
+        "kv_scales": kv_scales,
         "num_blocks": num_blocks,
         "block_size": block_size,
         "kv_bytes_per_token": kv_bytes_per_token,

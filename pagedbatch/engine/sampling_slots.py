@@ -22,23 +22,29 @@ _FIELDS = {
     "top_k": (0, np.int64),
     "temperature": (0.0, np.float64),
     "top_p": (1.0, np.float64),
+    "min_p": (0.0, np.float64),
     "logprobs": (-1, np.int64),  # alternatives per token; -1: no logprobs
     "max_len": (0, np.int64),
     "ignore_eos": (False, np.bool_),
-    "has_stop": (False, np.bool_),  # stop strings
+    # stop strings, stop token ids or a constraint: StopChecker.check every step
+    "has_stop": (False, np.bool_),
+    "processes": (False, np.bool_),  # the LogitsProcessor changes its logits
 }
 
 
 class SamplingSlots:
-    """Per block-table row: how its sequence samples (seed, top-k, temperature, top-p),
-    reports (logprobs) and stops (max_len, ignore_eos, stop strings)."""
+    """Per block-table row: how its sequence samples (seed, top-k, temperature, top-p,
+    min-p, logits changes), reports (logprobs) and stops (max_len, ignore_eos, stop
+    strings, stop token ids, a constraint's end)."""
 
     def __init__(self, num_rows: int = 8) -> None:
         for name, (fill, dtype) in _FIELDS.items():
             setattr(self, name, np.full(max(num_rows, 1), fill, dtype=dtype))
         # Rows (any, left or not) that sample at random, ask for logprobs, have stop
-        # strings, heed EOS: when none does, a step skips that work without a look.
+        # strings, heed EOS, have their logits changed: when none does, a step skips that
+        # work without a look.
         self.num_random = self.num_logprobs = self.num_stop = self.num_eos = 0
+        self.num_processes = 0
 
     def join(self, row: int, seq: Sequence) -> None:
         """`seq` runs in `row` from now on."""
@@ -48,9 +54,11 @@ class SamplingSlots:
         p = seq.params
         self.seed[row] = int64_bits(seq.seed)
         self.top_k[row], self.temperature[row], self.top_p[row] = p.top_k, p.temperature, p.top_p
+        self.min_p[row] = p.min_p
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
         self.max_len[row], self.ignore_eos[row] = seq.max_len, p.ignore_eos
-        self.has_stop[row] = bool(p.stop)
+        self.has_stop[row] = bool(p.stop or p.stop_token_ids) or seq.matcher is not None
+        self.processes[row] = p.processes_logits
         self._count(row, 1)
 
     def _count(self, row: int, sign: int) -> None:
@@ -58,10 +66,11 @@ class SamplingSlots:
         self.num_logprobs += sign * bool(self.logprobs[row] >= 0)
         self.num_stop += sign * bool(self.has_stop[row])
         self.num_eos += sign * (self.max_len[row] > 0 and not self.ignore_eos[row])
+        self.num_processes += sign * bool(self.processes[row])
 
     def packed(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """[n, 5] int64 for the rows `rows` sampling at `positions`: seed, position, top-k,
-        then temperature and top-p as float64 bits (the sampler's `RowParams.packed`)."""
+        """[n, 6] int64 for the rows `rows` sampling at `positions`: seed, position, top-k,
+        then temperature, top-p and min-p as float64 bits (the sampler's `RowParams.packed`)."""
         return np.stack(
             [
                 self.seed[rows],
@@ -69,6 +78,7 @@ class SamplingSlots:
                 self.top_k[rows],
                 self.temperature[rows].view(np.int64),
                 self.top_p[rows].view(np.int64),
+                self.min_p[rows].view(np.int64),
             ],
             axis=1,
         )
@@ -84,13 +94,14 @@ class SamplingSlots:
         if not random.any():
             return None
         top_k, top_p = self.top_k[rows][random], self.top_p[rows][random]
+        min_p = bool((self.min_p[rows][random] > 0).any())
         if not ((top_k > 0) | (top_p < 1)).any():
             width = None
         elif (top_k > 0).all():  # the rule of `sampler.sort_width`, on arrays
             width = min(vocab_size, int(top_k.max()))
         else:
             width = vocab_size
-        return RowParams(uploads.put(self.packed(rows, positions)), width)
+        return RowParams(uploads.put(self.packed(rows, positions)), width, min_p)
 
     def _grow(self, num_rows: int) -> None:
         for name, (fill, dtype) in _FIELDS.items():

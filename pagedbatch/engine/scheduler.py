@@ -278,6 +278,7 @@ class Scheduler:
         for parent in parents:
             for child in parent.forks:
                 self.block_manager.fork(parent, child)
+                child.forked = True
                 self.add_running(child)
             parent.forks = []
 

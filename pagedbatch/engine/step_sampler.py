@@ -11,7 +11,7 @@ the choice scores when the step scores, come back in the step's one device-to-ho
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from pagedbatch.engine.scoring import score_values
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.staging import Readback, Uploads
 from pagedbatch.engine.stopping import StopChecker
+from pagedbatch.engine.token_masks import TokenMasks
+
+if TYPE_CHECKING:
+    from pagedbatch.engine.logits_processor import LogitsProcessor
 
 
 class SamplingRows(NamedTuple):
@@ -69,15 +73,27 @@ class StepSampler:
 
     def sample(
         self, sampling: list[Sequence], parents: set[Sequence], batch: Batch,
-        logits: torch.Tensor,
+        logits: torch.Tensor, masks: TokenMasks, processor: LogitsProcessor,
     ) -> Sampled:  # fmt: skip
         """The next token of each of `sampling` (the first logits rows, in order) and of
         the forks of those among `parents` (sequences whose forks have not started); the
-        logprobs of those that ask for them and the step's choice scores."""
+        logprobs of those that ask for them and the step's choice scores.
+
+        The constrained rows' tokens are masked first (`masks`, filled on the host before
+        anything waits for the forward; in place, so logprobs see the mask), then the
+        `processor` changes the rows that ask on a copy (penalties, bias, min_tokens, the
+        end of a thinking budget)."""
         rows = self._rows(sampling, parents, batch, logits)
         if not rows.seqs and batch.scores is None:
             return Sampled(rows, np.zeros(0, dtype=np.int64), None, None)
-        tokens = sample_rows(rows.logits, rows.params)
+        mask = masks.fill(rows.seqs)
+        if mask is not None:
+            mask.apply(rows.logits)
+        changes = rows.table_rows is None or self.slots.num_processes or processor.think
+        processed = processor(rows.logits, rows.seqs) if changes else rows.logits
+        tokens = sample_rows(processed, rows.params)
+        if changes:
+            processor.accept(tokens)
         parts = [tokens]
         widths = rows.logprobs
         wants_logprobs = widths is not None and len(widths) > 0 and widths.max() >= 0
@@ -104,7 +120,10 @@ class StepSampler:
         put = self.uploads.put
         rows_logits = logits[put(np.array(rows, dtype=np.int64))]
         randoms = [s.params for s in seqs if not s.params.greedy]
-        params = RowParams(put(pack(seqs)), sort_width(randoms, vocab)) if randoms else None
+        params = None
+        if randoms:
+            min_p = any(p.min_p > 0 for p in randoms)
+            params = RowParams(put(pack(seqs)), sort_width(randoms, vocab), min_p)
         widths = np.array([_logprobs_width(s) for s in seqs], dtype=np.int64)
         return SamplingRows(seqs, starting, rows_logits, params, widths, None)
 

@@ -18,10 +18,12 @@ from typing import Any
 
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.requests.records import FieldMap, parse_record
-from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.sampling_params import SamplingParams, short_repr
 
 ERROR_COLUMN = "__inference_error__"  # ray.data.llm's name for it
-_INTEGER_FIELDS = ("max_tokens", "top_k", "seed", "n", "logprobs")  # sampling fields
+_INTEGER_FIELDS = (  # sampling fields
+    "max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens", "reasoning_budget",
+)  # fmt: skip
 
 
 class RowError(ValueError):
@@ -65,7 +67,7 @@ class PagedBatchProcessor:
         if not self.should_continue_on_error:
             for output, error in zip(outputs, errors):
                 if error:
-                    raise RowError(f"row {output.id!r}: {error}")
+                    raise RowError(f"row {short_repr(output.id)}: {error}")
         return {
             **columns,
             "generated_text": [output.text for output in outputs],
