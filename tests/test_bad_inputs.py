@@ -8,6 +8,7 @@ on (exit 0). Never a traceback. The README's "Errors" table documents the same.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,18 @@ RECORD_ERRORS = {
         "n-0": ("invalid_params", "n must be >= 1, got 0"),
         "stop-empty": ("invalid_params", "stop must be a non-empty string or a list of them"),
     },
+    # Valid JSON, but "\ud800" alone is no character: no tokenizer takes it.
+    "lone_surrogates.jsonl": {
+        "ok": (OK, None),
+        "prompt": (
+            "invalid_record",
+            "prompt 'Hi \\ud800' holds a lone surrogate, which is not text",
+        ),
+        "messages": ("invalid_record", "message 'Hi \\udfff there' holds a lone surrogate"),
+        "stop": ("invalid_record", "stop string '\\ud800' holds a lone surrogate"),
+        "choices": ("invalid_record", "choice '\\ud800' holds a lone surrogate"),
+        "fine-choices": (OK, None),
+    },
     "unknown_openai_url.jsonl": {
         "chat": (OK, None),
         "embed": (
@@ -91,6 +104,52 @@ def test_record_level_problems_become_error_lines(tmp_path, tiny_model_dirs, nam
     assert set(lines) == set(RECORD_ERRORS[name])
     for rid, (code, message) in RECORD_ERRORS[name].items():
         assert_outcome(lines[rid], code, message)
+
+
+def test_a_lone_surrogate_in_a_template_field_is_that_records_error(tmp_path, tiny_model_dirs):
+    rows = '{"id": "t", "text": "Hi \\ud800"}\n{"id": "ok", "text": "Hi"}\n'
+    (tmp_path / "t.jsonl").write_text(rows)
+    lines = run_job(tmp_path / "t.jsonl", tmp_path, tiny_model_dirs, "--template", "Say {text}")
+    assert_outcome(lines["ok"], OK, None)
+    assert_outcome(lines["t"], "invalid_record", "prompt 'Say Hi \\ud800' holds a lone surrogate")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--choices", '["\\ud800", "ok"]'], "choices: '\\ud800' holds a lone surrogate"),
+        (["--choices", "\udcff,ok"], "choices: '\\udcff' holds a lone surrogate"),  # not UTF-8
+        (["--stop", "\udcff"], "stop: '\\udcff' holds a lone surrogate"),
+        (["--system", "Be \udcff"], "--system: 'Be \\udcff' holds a lone surrogate"),
+        (["--template", "{prompt} \udcff"], "--template: '{prompt} \\udcff' holds a lone"),
+        (["--prompt-field", "\udcff"], "--prompt-field: '\\udcff' holds a lone surrogate"),
+    ],
+)
+def test_a_lone_surrogate_in_a_flag_is_one_line(tmp_path, flags, message):
+    """A flag's text that is not text (a JSON escape, or argv bytes that are not UTF-8,
+    which Python passes on as lone surrogates) is refused before any work."""
+    out = tmp_path / "out.jsonl"
+    error = one_line_error(invoke(CORPUS / "lone_surrogates.jsonl", "-o", out, *flags))
+    assert message in error, error
+    assert not out.exists()
+
+
+def test_a_huge_id_is_cut_in_a_message(tmp_path):
+    huge = "x" * 2**20
+    src = tmp_path / "ids.jsonl"
+    src.write_text("".join(json.dumps({"id": huge, "prompt": p}) + "\n" for p in ("a", "b")))
+    error = one_line_error(invoke(src, "-o", tmp_path / "out.jsonl", "-m", "no-model-needed"))
+    assert f"line 2: duplicate id '{'x' * 36}... (first on line 1)" in error
+    assert len(error) < 300
+
+
+def test_an_input_whose_name_is_not_utf8_runs_and_resumes(tmp_path, tiny_model_dirs):
+    src = tmp_path / os.fsdecode(b"caf\xe9.jsonl")  # the name as Python holds it: '\udce9'
+    src.write_text('{"id": "a", "prompt": "Hi"}\n')
+    assert set(run_job(src, tmp_path, tiny_model_dirs)) == {"a"}
+    out = tmp_path / f"{src.stem}.out.jsonl"
+    result = invoke(src, "-o", out, *tiny_args(tiny_model_dirs["llama"], "--resume"))
+    assert result.exit_code == 0 and "Nothing to do" in result.stderr, result.output
 
 
 def test_huge_prompts_are_prompt_too_long(tmp_path, tiny_model_dirs):

@@ -45,7 +45,8 @@ from pagedbatch.bench.workloads import (
     workload_prompts,
 )
 from pagedbatch.cli.app import app
-from pagedbatch.cli.bench import choices_line, tables
+from pagedbatch.cli.bench import choices_line, constrained_line, tables
+from pagedbatch.constraint import Constraint
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.models.loader import load_model
 from pagedbatch.models.random_presets import RANDOM_PRESETS, preset_config
@@ -112,12 +113,23 @@ def test_every_contender_generates_every_token(reports, name):
     assert report.copy_bandwidth is None
 
 
-def test_report_says_what_each_contender_was_given(reports):
+def test_report_says_what_each_contender_was_given(reports, tiny_model_dirs):
     report = reports["mixed"]  # 3 prompts; the engine's defaults and 512 blocks
+    # The prompts the report ran: one padded batch of 3 rows, each as wide as the longest
+    # prompt plus the longest output; the padding is the share of slots no row uses.
+    model, tokenizer = load_model(
+        tiny_model_dirs["llama"], device=torch.device("cpu"), dtype=torch.float32
+    )
+    prompts = workload_prompts(
+        TINY_WORKLOADS["mixed"], vocab_size(model), tokenizer.all_special_ids, seed=0
+    )
+    used = sum(len(p) + n for p, n in zip(prompts.token_ids, prompts.max_tokens))
+    slots = 3 * (max(map(len, prompts.token_ids)) + max(prompts.max_tokens))
+    assert 0 < used < slots
     generate = report.get("generate").given
     assert generate == {
         "batch_size": 256, "batches": 1, "order": "sorted by prompt length, then output length",
-        "padding": generate["padding"], "batch_size_from": "max_num_seqs",
+        "padding": f"{1 - used / slots:.1%}", "batch_size_from": "max_num_seqs",
     }  # fmt: skip
     assert report.get("generate").name == "generate (batch 3)"
     given = {"pagedbatch": ("by prompt token ids", True),
@@ -338,6 +350,28 @@ def test_cli_profile_prints_the_table(tiny_model_dirs, tmp_path):
     assert "float32" not in result.output  # --dtype: that one only
     result = CliRunner().invoke(app, ["bench", "--workload", "label", "--profile"])
     assert result.exit_code == 2 and "--profile needs an INPUT file" in result.output
+
+
+def test_constrained_contender_reports_its_masks_against_unconstrained(tiny_model_dirs, tmp_path):
+    pytest.importorskip("xgrammar")
+    rows = [{"id": i, "prompt": f"record number {i} is"} for i in range(3)]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skip = frozenset({"run", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
+                      "generate_batch"})  # fmt: skip
+    constraint = Constraint.regex("(yes|no), [0-9]")
+    report = run_file_benchmark(str(source), 12, options(tiny_model_dirs["llama"], skip=skip,
+                                                          constraint=constraint))  # fmt: skip
+    assert [r.contender for r in report.results] == ["pagedbatch", "pagedbatch-constrained"]
+    ours = report.get("pagedbatch-constrained")
+    assert ours.error is None and ours.records == 3 and ours.given["constraint"] == "regex"
+    # Each output is 4 or 5 tokens of the regex, then its grammar ends it (EOS ignored or not).
+    assert 3 * 4 <= ours.output_tokens < report.get("pagedbatch").output_tokens == 3 * 12
+    assert ours.details["complete"] == 3 and ours.details["masked_steps"] >= 4
+    assert ours.details["mask_ms"] > 0
+    line = constrained_line(report)
+    assert line.startswith("Constrained (regex): ") and "x unconstrained, whose" in line, line
+    assert "3 of 3 outputs complete" in line
 
 
 def test_label_matches_the_first_word_of_a_generation():

@@ -81,6 +81,7 @@ def check(manager: BlockManager, *seqs: Sequence) -> None:
         locked = [t for node in reversed(path(cache, manager.cache_node(s))) for t in node.tokens]
         assert locked == s.token_ids[: len(locked)]
         assert manager.num_inserted_blocks(s) * BS == len(locked)
+        assert manager.num_inserted_blocks(s) == s.num_computed_tokens // BS
 
 
 def test_attach_takes_whole_cached_blocks_but_never_the_last_token():
@@ -422,3 +423,50 @@ def test_a_sequence_that_computed_cached_tokens_again_gives_its_copies_back():
     manager.free(b)
     check(manager, a, b)
     assert cache.num_evictable_blocks == 3 and manager.pool.num_free == 5
+
+
+class ComparingCache(RadixCache):
+    """Records how many tokens each insert is given and which nodes' tokens it compares."""
+
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        super().__init__(pool, block_size)
+        self.given: list[int] = []
+        self.compared: list[Node] = []
+
+    def insert(self, tokens, blocks, after=None):
+        self.given.append(len(tokens))
+        return super().insert(tokens, blocks, after)
+
+    def _shared_blocks(self, node, tokens, pos):
+        self.compared.append(node)
+        return super()._shared_blocks(node, tokens, pos)
+
+
+def test_commit_inserts_only_the_newly_full_blocks_after_the_sequences_own_node():
+    pool = BlockPool(16)
+    cache = ComparingCache(pool, BS)
+    manager = BlockManager(pool, BS, cache)
+    seq = make_seq(0, list(range(13)))
+    run(manager, seq, 13)  # three full blocks and one token
+    prompt = manager.cache_node(seq)
+    assert (prompt.blocks, cache.given, cache.compared) == ([0, 1, 2], [12], [])
+    for token in (13, 14, 15):  # block 3 fills with the third
+        seq.token_ids.append(token)
+        run(manager, seq, 1)
+    decode = manager.cache_node(seq)
+    assert (decode.parent, decode.blocks, list(decode.tokens)) == (prompt, [3], [12, 13, 14, 15])
+    assert cache.given == [12, 4] and cache.compared == []  # the prompt was not read again
+    assert [n.lock_ref for n in path(cache, decode)] == [1, 1]
+    check(manager, seq)
+    # A fork that generates the same next block finds it under the shared node.
+    fork = make_seq(1, [])
+    manager.fork(seq, fork)
+    fork.token_ids = list(seq.token_ids)
+    for token in range(16, 20):
+        for s in (seq, fork):
+            s.token_ids.append(token)
+            run(manager, s, 1)
+    assert cache.given == [12, 4, 4, 4] and cache.compared == [manager.cache_node(seq)]
+    assert manager.cache_node(fork) is manager.cache_node(seq)
+    assert seq.block_table == [0, 1, 2, 3, 4] and fork.block_table == [0, 1, 2, 3, 4]
+    check(manager, seq, fork)

@@ -141,6 +141,11 @@ def test_mean_score_ranks_by_the_per_token_mean(tiny_model_dirs):
         ({"choices": ["yes", ""]}, "every choice must be a non-empty string, got ''"),
         ({"choices": ["yes", 3]}, "every choice must be a non-empty string, got 3"),
         ({"choices": ["yes", "no", "yes"]}, "choices must differ from each other: 'yes' is"),
+        # Checked in linear time (this took 15 s when each choice was counted), and bounded.
+        ({"choices": [f"c{i}" for i in range(40_000)] + ["c0"]},
+         "choices: at most 1024 a record, got 40001"),
+        ({"choices": [f"c{i}" for i in range(1_000)] + ["c0"]},
+         "choices must differ from each other: 'c0' is repeated"),
         ({"choices": ["yes", "no"], "n": 2}, "n must be 1 with choices"),
         ({"choices": ["yes", "no"], "logprobs": 2}, "logprobs applies to generated tokens"),
         ({"choices": "yes"}, "choices must be a non-empty list of strings, got 'yes'"),
@@ -263,6 +268,10 @@ def test_a_bad_choices_flag_is_one_line(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
     message = one_line_error(invoke(src, "--choices", "[1, 2]"))
     assert "choices must be a JSON list of strings" in message
+    labels = ",".join(f"label{i}" for i in range(1025))
+    assert "choices: at most 1024 a record, got 1025" in one_line_error(
+        invoke(src, "--choices", labels)
+    )
 
 
 @pytest.mark.slow

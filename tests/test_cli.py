@@ -60,7 +60,7 @@ def test_tiny_preset_runs_with_chunking_and_preemption(tmp_path, tiny_model_dirs
     assert [line["id"] for line in sorted(read_lines(out), key=lambda o: o["id"])] == list(
         range(1, 13)
     )
-    preemptions = int(re.search(r"(\d+) preemptions", result.stderr).group(1))
+    preemptions = int(re.search(r"(\d+) preemptions?\b", result.stderr).group(1))
     assert preemptions > 0
     assert "peak KV blocks 24/24" in result.stderr
 
@@ -157,6 +157,30 @@ def test_every_option_of_every_command_has_help(command):
         if isinstance(param, click.Option):
             assert param.help and param.help.strip(), f"{command} {param.opts} has no help"
             assert param.opts[0] in result.output, param.opts
+
+
+# Names that `bench` gives options of its own (its contenders' knobs), not run's and plan's.
+BENCH_OWN = {"input", "max_tokens", "choices", "seed", "as_json", "json_schema", "regex"}
+
+
+def test_an_option_of_several_commands_reads_the_same_in_each():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    found: dict[str, set] = {}
+    users: dict[str, list[str]] = {}
+    for command in ("run", "plan", "bench"):
+        for param in commands[command].params:
+            if command == "bench" and param.name in BENCH_OWN:
+                continue
+            panel = getattr(param, "rich_help_panel", None)
+            found.setdefault(param.name, set()).add((param.help, tuple(param.opts), panel))
+            users.setdefault(param.name, []).append(command)
+    shared = {name for name, commands in users.items() if len(commands) > 1}
+    assert {"block_size", "max_num_seqs", "threads", "model", "config"} <= shared
+    assert users["threads"] == ["run", "plan", "bench"]
+    for name in shared:
+        assert len(found[name]) == 1, f"--{name} is declared differently: {found[name]}"
 
 
 def test_template_and_system_message_build_chat_prompts(tmp_path, tiny_model_dirs):

@@ -364,6 +364,49 @@ def test_an_unwritable_output_is_refused_before_the_model_loads(forked, tmp_path
         subprocess.run(["chattr", "-i", *map(str, immutable)], check=True)
 
 
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
+def test_files_written_whole_in_a_sealed_directory_are_refused_before_the_model_loads(
+    forked, tmp_path
+):
+    """An immutable directory holding the output, its lock and its fingerprint: appending
+    works there, creating a file does not. The errors file (rebuilt), the output on
+    --retry-errors (its error lines dropped) and the memory report are written through new
+    files: each used to fail once the job had run (a traceback after the last line for the
+    memory report)."""
+    records = rows(4)
+    records[1]["max_tokens"] = -1  # an error line
+    write_jsonl(tmp_path / "t.jsonl", records)
+    sealed = tmp_path / "sealed"
+    sealed.mkdir()
+    job = ["t.jsonl", "-o", "sealed/o.jsonl", "--errors", "sealed/e.jsonl", *FLAGS]
+    assert run(forked, tmp_path, *job)[0] == 0
+    lines = (sealed / "o.jsonl").read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if b'"r003"' not in line]  # r003 is left to run
+    (sealed / "o.jsonl").write_bytes(b"".join(kept))
+    for lock in ("o.jsonl.lock", "e.jsonl.lock"):
+        (sealed / lock).write_text("")  # as a killed job leaves them
+    if subprocess.run(["chattr", "+i", str(sealed)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not permitted here")
+    sealed_off = "cannot write it (no new file can be created in sealed: Operation not permitted)"
+    cases = [
+        ([*job, "--resume"], f"sealed/e.jsonl: {sealed_off}"),
+        ([*job[:3], *FLAGS, "--retry-errors"], f"sealed/o.jsonl: {sealed_off}"),
+        ([*job[:3], *FLAGS, "--resume", "--memory-report"], f"sealed/o.memory.json: {sealed_off}"),
+    ]
+
+    def files() -> dict[str, bytes]:  # (a lock file holds its last owner's pid)
+        return {name: data for name, data in snapshot(sealed).items() if ".lock" not in name}
+
+    try:
+        before = files()
+        for args, message in cases:
+            error = one_line(*run(forked, tmp_path, *args))  # exit 2: before the model loads
+            assert error == f"error: {message}", args
+            assert files() == before
+    finally:
+        subprocess.run(["chattr", "-i", str(sealed)], check=True)
+
+
 def test_messages_name_the_real_problem(forked, tmp_path):
     write_jsonl(tmp_path / "t.jsonl", rows(3))
     assert run(forked, tmp_path, "t.jsonl", "-o", "o.jsonl", *FLAGS)[0] == 0

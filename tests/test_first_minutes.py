@@ -129,6 +129,64 @@ def test_a_table_without_the_prompt_field_names_its_columns_and_the_options(tmp_
     assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
 
 
+def _reviews_with_an_id_first(root: Path) -> None:
+    """Tables whose first column is an id and whose text is in a column named otherwise."""
+    import datasets
+
+    (root / "ids.csv").write_text('review_id,stars,text\nR1,5,"Great phone, fast"\nR2,1,Bad\n')
+    rows = {"review_id": ["R1", "R2"], "stars": [5, 1], "comment": ["Great phone, fast", "Bad"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(root / "ids.parquet"))
+    rows = {"review_id": ["R1"], "stars": [5], "review_body": ["Great phone, fast"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(root / "ids_saved"))
+    line = {"review_id": "R1", "title": "Great", "body": "The phone is fast and the battery lasts"}
+    (root / "ids.jsonl").write_text(json.dumps(line) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("src", "column"),
+    [("ids.csv", "text"), ("ids.parquet", "comment"), ("ids_saved", "review_body"),
+     ("ids.jsonl", "body")],
+)  # fmt: skip
+def test_the_missing_prompt_field_hint_names_the_text_column_not_the_first(tmp_path, src, column):
+    _reviews_with_an_id_first(tmp_path)
+    code, stderr, cpu = _pagedbatch(["run", src], tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    [line] = stderr.strip().splitlines()
+    assert f"--prompt-field {column}, " in line and f"--template '... {{{column}}}'" in line, line
+    assert cpu < CPU_LIMIT, f"pagedbatch run {src} used {cpu:.2f} CPU s"
+
+
+JSON_TEMPLATE = 'Reply as JSON {"label": ...}. Review: {text}'
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["run", "reviews.parquet", "--template", "{title}: {text}"], "'title'"),
+        (["run", "reviews.csv", "--template", "{title}: {text} {meta[lang]}"], "'title', 'meta'"),
+        (["run", "saved", "--template", "{title}: {text}"], "'title'"),
+        (["run", "reviews.json", "--template", JSON_TEMPLATE], "'\"label\"'"),
+        (["run", "text.jsonl", "--template", JSON_TEMPLATE], "'\"label\"'"),
+        (["plan", "reviews.csv", "--template", "{title}: {text}"], "'title'"),
+    ],
+)
+def test_a_template_no_record_can_fill_is_exit_2_before_the_model_loads(
+    tmp_path, job, args, missing
+):
+    """Every record would be an invalid_record line and the job exit 0: refused instead, from
+    a table's columns before `datasets` loads, from a JSON Lines file once it is read; a
+    field that looks like JSON says how to write braces that are text."""
+    _tables_without_a_prompt(tmp_path)
+    code, stderr, cpu = _pagedbatch(args, tmp_path, _env(tmp_path))
+    assert code == 2, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: {args[1]}: --template uses the field"), line
+    assert f" {missing}, which no record has (fields: " in line, line
+    assert ("write {{ and }}" in line) == ("label" in missing), line
+    assert cpu < CPU_LIMIT, f"pagedbatch {' '.join(args)} used {cpu:.2f} CPU s"
+    assert not list(tmp_path.glob("*.output.jsonl"))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -230,3 +288,27 @@ def test_model_names_resolve_without_loading(tmp_path, monkeypatch):
         resolve_model_name(str(tmp_path / "dir" / "config.json"))
     with pytest.raises(ModelLoadError, match="no such directory"):
         resolve_model_name("a/b/c")
+
+
+def test_too_few_open_files_is_one_line(job, tiny_model_dirs):
+    """`ulimit -n` of a few: importing the libraries (which scan their directories) runs out
+    of file descriptors; that used to be a 100-line traceback."""
+    args = ["run", str(job), "-m", str(tiny_model_dirs["llama"]), "--no-progress"]
+    failed = []
+    for limit in (6, 7):
+
+        def few_files(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        done = subprocess.run(
+            [str(BIN / "pagedbatch"), *args], cwd=job.parent, capture_output=True, text=True,
+            timeout=600, preexec_fn=few_files,
+        )  # fmt: skip
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        if done.returncode:
+            assert done.returncode == 1 and done.stderr == (
+                f"error: too many open files: this process may open only {limit} at once; "
+                "raise ulimit -n\n"
+            ), done.stderr
+            failed.append(limit)
+    assert failed, "no limit was low enough to fail"

@@ -10,7 +10,7 @@ from test_io import USER_HI, write_bytes, write_jsonl
 
 from pagedbatch.inputs.reader import InputError, read_records
 from pagedbatch.outputs import INVALID_RECORD, RecordError
-from pagedbatch.requests.prompt_template import PromptTemplate
+from pagedbatch.requests.prompt_template import PromptTemplate, TemplateError
 from pagedbatch.requests.records import FieldMap, Record
 
 
@@ -109,3 +109,12 @@ def test_openai_batch_files_are_detected(tmp_path: Path) -> None:
     assert c4.endpoint == "/v1/embeddings"
     with pytest.raises(InputError, match="OpenAI batch file: --template and --system"):
         read_records(tmp_path / "in.jsonl", fields=FieldMap(system="x"))
+
+
+def test_a_record_missing_a_json_looking_field_says_to_double_the_braces() -> None:
+    template = PromptTemplate('Reply as JSON {"label": ...}: {text}')
+    with pytest.raises(TemplateError, match=r"""missing field '"label"'.*write \{\{ and \}\}"""):
+        template.fill({"text": "fine", '"label"': None})
+    with pytest.raises(TemplateError) as missing_text:
+        template.fill({'"label"': 1})
+    assert "{{" not in str(missing_text.value)

@@ -1,8 +1,8 @@
 """Killed, torn and interrupted jobs lose nothing finished and duplicate nothing.
 
-The real-process tests start `python -m pagedbatch run` (about 5 s of imports each), so
-they are few and share one small job; the in-process ones send the signal from the
-job's own progress callback, at an exact point.
+The real-process tests start `pagedbatch run` (about 5 s of imports each), so they are
+few and share one small job; each stops itself at an exact line before the test signals
+it. The in-process ones send the signal from the job's own progress callback.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from job_helpers import (
+    BIN,
     by_id,
     invoke,
     prompts,
@@ -24,7 +28,6 @@ from job_helpers import (
     run_shell,
     start,
     tiny_args,
-    wait_for_lines,
     write_jsonl,
 )
 
@@ -43,6 +46,43 @@ def job(tmp_path_factory, tiny_model_dirs):
     result = invoke(root / "in.jsonl", "-o", root / "reference.jsonl", *flags)
     assert result.exit_code == 0, result.output
     return root, "in.jsonl", flags, by_id(read_lines(root / "reference.jsonl"))
+
+
+# `pagedbatch run ARGS` that stops itself (SIGSTOP) as soon as its PAUSE-th line is written:
+# the test signals it at that exact point, however slow or loaded the machine is.
+_PAUSING_RUN = """
+import os, signal, sys
+from pagedbatch.cli.progress import JobProgress
+pause, record_done, count = int(sys.argv[1]), JobProgress.record_done, 0
+def counting(self, *args, **kwargs):
+    global count
+    record_done(self, *args, **kwargs)
+    count += 1
+    if count == pause:
+        os.kill(os.getpid(), signal.SIGSTOP)
+JobProgress.record_done = counting
+sys.argv = ["pagedbatch", "run", *sys.argv[2:]]
+from pagedbatch.cli.main import main
+main()
+"""
+
+
+def start_pausing(args: list[str], cwd: Path, pause: int) -> subprocess.Popen:
+    """`pagedbatch run ARGS` as a real process, returned once it has stopped itself with
+    `pause` lines written (SIGCONT lets it go on)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PAUSING_RUN, str(pause), *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    stat = Path(f"/proc/{process.pid}/stat")
+    deadline = time.monotonic() + 600  # only against a hang: a loaded start takes minutes
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        if process.poll() is not None:
+            raise AssertionError(f"the job ended first: {process.communicate()[1][-2000:]}")
+        assert time.monotonic() < deadline, f"the job did not write {pause} lines"
+        time.sleep(0.01)
+    return process
 
 
 @dataclass
@@ -66,17 +106,16 @@ def scenario(job, tmp_path_factory) -> Scenario:
     process = start(args, cwd)
     process.kill()  # SIGKILL while starting: nothing written yet
     process.communicate(timeout=30)
-    process = start(args, cwd)
-    wait_for_lines(out, 4, process)
-    process.kill()  # SIGKILL mid-job
+    process = start_pausing(args, cwd, 4)
+    process.kill()  # SIGKILL mid-job, its 4th line written
     process.communicate(timeout=30)
     after_kill = out.read_bytes()
     # As if the process had died in the middle of writing its last line:
     lines = after_kill.splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
-    process = start(args, cwd)
-    wait_for_lines(out, len(lines) + 4, process)
-    process.send_signal(signal.SIGINT)
+    process = start_pausing(args, cwd, 4)  # resumed: 3 lines kept, 4 more written
+    process.send_signal(signal.SIGINT)  # pending until it runs again
+    process.send_signal(signal.SIGCONT)
     stdout, stderr = process.communicate(timeout=60)
     sigint = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
     after_sigint = out.read_bytes()
@@ -87,7 +126,7 @@ def scenario(job, tmp_path_factory) -> Scenario:
 
 def test_sigkill_leaves_whole_lines(scenario):
     text = scenario.after_kill.decode()
-    assert text.endswith("\n") and 4 <= text.count("\n") < NUM_RECORDS
+    assert text.endswith("\n") and text.count("\n") == 4
     by_id([json.loads(line) for line in text.splitlines()])
 
 
@@ -96,7 +135,8 @@ def test_sigint_exits_130_with_a_valid_file_and_a_resume_command_that_works(scen
     assert sigint.returncode == 130, sigint.stderr
     assert "Traceback" not in sigint.stderr
     written = by_id([json.loads(line) for line in scenario.after_sigint.decode().splitlines()])
-    assert scenario.after_sigint.endswith(b"\n") and len(written) < NUM_RECORDS
+    # 3 whole lines kept, 4 written before the signal, then at most the step's others
+    assert scenario.after_sigint.endswith(b"\n") and 3 + 4 <= len(written) < NUM_RECORDS
     assert (
         f"Interrupted by SIGINT: {NUM_RECORDS - len(written)} records not run yet" in sigint.stderr
     )
@@ -172,3 +212,36 @@ def signal_after(monkeypatch, records: int, *signums: int) -> None:
                 os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(JobProgress, "record_done", counting)
+
+
+_SIGNAL_AS_IT_ENDS = """
+import os, signal, sys
+import pagedbatch.cli.app
+
+class HupOnFlush:  # stdout whose flush brings a SIGHUP: one that comes as the command ends
+    def __init__(self, stream):
+        self.stream = stream
+    def flush(self):
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.stream.flush()
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+def stopped_job(prog_name):  # a job that a first SIGHUP stopped: exit 129
+    raise SystemExit(129)
+
+sys.stdout = HupOnFlush(sys.stdout)
+pagedbatch.cli.app.app = stopped_job
+from pagedbatch.cli.main import main
+main()
+"""
+
+
+def test_a_signal_as_the_command_ends_keeps_its_exit_code():
+    """A second SIGHUP 5 ms after the first used to hit main()'s final flush: an uncaught
+    Stopped, a traceback and exit 1 instead of 129."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AS_IT_ENDS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 129, done.stderr
+    assert done.stderr == "", done.stderr

@@ -10,12 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module may import its own layer and the layers before it, never after.
 LAYERS = (
-    ("pagedbatch.outputs", "pagedbatch.sampling_params", "pagedbatch.files"),
+    (
+        "pagedbatch.outputs",
+        "pagedbatch.sampling_params",
+        "pagedbatch.constraint",
+        "pagedbatch.files",
+    ),
     ("pagedbatch.kernels",),
     ("pagedbatch.models",),
     ("pagedbatch.engine",),
     ("pagedbatch.requests",),
-    ("pagedbatch.llm",),
+    ("pagedbatch.llm", "pagedbatch.generator"),
     ("pagedbatch.inputs",),
     ("pagedbatch.plan",),
     ("pagedbatch.job",),

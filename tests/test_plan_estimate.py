@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pagedbatch import LLM, SamplingParams
-from pagedbatch.bench.rate_probe import probe_prompts, probe_rates
+from pagedbatch.bench.rate_probe import CPU_PREFILL_TOKENS, probe_prompts, probe_rates
 from pagedbatch.cli.app import app
 from pagedbatch.cli.plan import duration
 from pagedbatch.engine.config import EngineConfig
@@ -126,6 +126,17 @@ def test_probe_measures_positive_rates_at_the_batch_asked(tmp_path):
     assert rates.prefill_tok_s > 0 and rates.decode_tok_s > 0
     assert rates.decode_seqs == 12  # every decode-only step ran the whole batch
     assert 0 < result.load_seconds <= result.seconds
+
+
+def test_a_probe_on_a_cpu_prefills_a_few_hundred_tokens_not_a_whole_step(tmp_path):
+    """One 2048-token step took most of a minute with a 135M model on one CPU thread."""
+    config = EngineConfig(
+        model="tiny-random", device="cpu", num_blocks=512, cache_dir=str(tmp_path)
+    )
+    prompts = [[3 + (i * 7 + j) % 200 for j in range(300)] for i in range(12)]
+    result = probe_rates(config, prompts, running_seqs=12, max_model_len=8192)
+    assert config.max_batch_tokens == 2048
+    assert 0 < result.prefill_tokens <= CPU_PREFILL_TOKENS
 
 
 def test_engine_splits_step_time_into_prefill_and_decode():

@@ -50,12 +50,18 @@ def _crafted_job(path: Path) -> Path:
 CRAFTED = ["-m", "tiny-random", "--device", "cpu", "--num-blocks", "64",
            "--max-model-len", "256", "--max-tokens", "8"]  # fmt: skip
 CRAFTED_PLAN = {  # what the plan of before gave for this job
-    "records": 12, "prompt_tokens": 932, "tokens_to_compute": 324,
+    "records": 16, "would_run": 10,
+    "invalid": {"invalid_params": 1, "invalid_record": 3},
+    "prompt_tokens": 932, "tokens_to_compute": 324,
     "predicted_hit_rate": 0.6523605150214592, "too_long": ["long-1", "long-2"],
     "blocks_needed": 72, "blocks_needed_shared": 34, "num_blocks": 64,
     "concurrent_sequences": 18,
     "largest_shared_prefixes": [{"tokens": 87, "records": 8, "longest_tokens": 99}],
     "output_tokens": 128, "max_model_len": 256, "estimate": None,
+    "weight_bytes": 271168, "weights": "full precision", "kv_dtype": "float32",
+    "kv_bytes_per_token": 128,
+    "constrained_records": 0, "constraint_problems": [],
+    "tensor_parallel": 1, "rank_weight_bytes": None, "rank_kv_bytes": None,
 }  # fmt: skip
 
 
@@ -74,7 +80,7 @@ def test_plan_job_reports_reading_and_tokenizing(tmp_path):
     plan, prompts = plan_job(str(src), settings, read.append, lambda *d: tokenized.append(d))
     assert read[-1] == 16 and tokenized[-1] == (16, 16)
     assert plan.to_json() == CRAFTED_PLAN
-    assert (len(prompts.store), prompts.samples, prompts.records) == (10, 12, 12)
+    assert (len(prompts.store), prompts.samples, prompts.records) == (10, 12, 16)
     first = prompts.first(3)  # what the probe gets: the first prompts in sorted order
     assert first == sorted(first) and len(first) == 3
 
@@ -85,12 +91,17 @@ def test_label_job_plan_json_is_as_before():
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
-        "records": 120, "prompt_tokens": 327559, "tokens_to_compute": 10615,
+        "records": 120, "would_run": 120, "invalid": {},
+        "prompt_tokens": 327559, "tokens_to_compute": 10615,
         "predicted_hit_rate": 0.9675936243546964, "too_long": [],
         "blocks_needed": 20588, "blocks_needed_shared": 779, "num_blocks": 4096,
         "concurrent_sequences": 630,
         "largest_shared_prefixes": [{"tokens": 2651, "records": 120, "longest_tokens": 2734}],
         "output_tokens": 960, "max_model_len": 8192, "estimate": None,
+        "weight_bytes": 271168, "weights": "full precision", "kv_dtype": "float32",
+        "kv_bytes_per_token": 128,
+        "constrained_records": 0, "constraint_problems": [],
+        "tensor_parallel": 1, "rank_weight_bytes": None, "rank_kv_bytes": None,
     }  # fmt: skip
 
 

@@ -11,7 +11,8 @@ from job_helpers import invoke, tiny_args, write_jsonl
 from typer.testing import CliRunner
 
 from pagedbatch.cli.app import app
-from pagedbatch.cli.progress import RATE_TIME_CONSTANT, Eta, clock
+from pagedbatch.cli.eta import RATE_TIME_CONSTANT, Eta
+from pagedbatch.cli.progress import clock
 
 
 def test_eta_counts_tokens_left_at_the_smoothed_rate():
@@ -29,8 +30,8 @@ def test_eta_counts_tokens_left_at_the_smoothed_rate():
         eta.record_done(5)
     assert eta.tokens_left == 0  # 6 x 5 left, but the running ones made 60 - 20 already
     eta.step(3.0, 60)
-    eta.record_done(0)  # a record that generated nothing: the running made 40, mean 4
-    assert math.isclose(eta.tokens_left, 5 * 4 - 40 if 5 * 4 > 40 else 0)
+    eta.record_done(0)  # a record that generated nothing: the mean is now 20 / 5 = 4
+    assert eta.tokens_left == 0  # 5 left x 4 = 20, less the 40 the running made: never < 0
     eta.record_done(40)  # the mean is now 10 over 6 records, 4 left, none running
     assert math.isclose(eta.tokens_left, 4 * 10)
     assert math.isclose(eta.seconds_left(), 40 / eta.rate)
@@ -66,8 +67,8 @@ def test_plain_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_model_dirs, mo
     lines = result.stderr.splitlines()
     last = [line for line in lines if line.startswith("records ")][-1]
     assert re.fullmatch(
-        r"records 6/6 \(100%\) \| [\d.]+ tok/s \| KV \d+ used \+ \d+ cached / 64 blocks \| "
-        r"ETA 0:00:00 \| elapsed \d:\d\d:\d\d",
+        r"records 6/6 \(100%\) \| [\d.]+ tok/s \| elapsed \d:\d\d:\d\d \| "
+        r"KV \d+ used \+ \d+ cached / 64 blocks",
         last,
     ), last
     assert "\x1b" not in result.stderr and "…" not in result.stderr  # no redraws, no cuts
@@ -198,3 +199,52 @@ def test_the_prior_is_the_records_own_max_tokens(tiny_model_dirs):
         records[:1], SamplingParams(choices=("x", "y")), on_prepared=lambda *a: told.append(a)
     )
     assert told[-1] == (1, 1, 0.0)  # choices are scored: nothing generated
+
+
+def _simulated_job(eta: Eta, *, tell_computed: bool) -> list[tuple[float, float]]:
+    """A job of 240 records (120-token prompts, 32 output tokens each) on an engine whose
+    step takes 0.05 s + 10 ms a sampled token + 2 ms a prompt token, running at most 64
+    sequences and 1024 tokens a step: a prefill-heavy start, a batch that grows, a tail.
+    Returns (time, predicted end) after every step."""
+    now, generated, computed, ends = 0.0, 0, 0, []
+    waiting, running = [120] * 240, []  # prompt tokens left of each; running: [left, made]
+    while waiting or running:
+        budget, sampled, prompt = 1024, 0, 0
+        for seq in running:  # decode first, a token each
+            seq[1] += 1
+            sampled += 1
+            budget -= 1
+        while waiting and len(running) < 64 and budget > 0:
+            chunk = min(waiting[0], budget)
+            waiting[0] -= chunk
+            budget -= chunk
+            prompt += chunk
+            if waiting[0] == 0:
+                waiting.pop(0)
+                running.append([0, 1])  # its first token sampled with its last chunk
+                sampled += 1
+        now += 0.05 + 0.010 * sampled + 0.002 * prompt
+        generated += sampled
+        computed += sampled + prompt
+        for seq in [s for s in running if s[1] >= 32]:
+            running.remove(seq)
+            eta.record_done(32)
+        eta.step(now, generated, len(running), computed if tell_computed else None)
+        left = eta.seconds_left()
+        if left is not None:
+            ends.append((now, now + left))
+    return ends
+
+
+def test_the_eta_prices_prompts_and_outputs_at_the_measured_step_costs():
+    """A moving average of tokens/s, taken while the batch grows and prompts are computed,
+    put the end of a 3-minute job at 3x its time in its first third; the step costs fitted
+    from the engine's computed and sampled tokens put it within 15% from the first tenth."""
+    ends = _simulated_job(Eta(240, 32), tell_computed=True)
+    finish = ends[-1][0]
+    for now, end in ends:
+        if now >= 0.1 * finish:
+            assert abs(end - finish) <= 0.15 * finish, (now, end, finish)
+    blind = _simulated_job(Eta(240, 32), tell_computed=False)
+    early = [end for now, end in blind if 0.02 * finish <= now <= 0.1 * finish]
+    assert max(early) > 1.5 * finish  # what the rate alone said

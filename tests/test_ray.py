@@ -162,6 +162,30 @@ def test_choices_on_ray_score_as_one_process(ray_cluster, job):
             )
 
 
+def test_constrained_outputs_on_ray_are_one_process_s(ray_cluster, job):
+    pytest.importorskip("xgrammar")
+    root, flags, _, _ = job
+    schema = {"type": "object", "properties": {"label": {"enum": ["yes", "no"]},
+              "stars": {"type": "integer", "minimum": 1, "maximum": 5}},
+              "required": ["label", "stars"]}  # fmt: skip
+    rows = [{"id": f"s{i}", "prompt": f"{INSTRUCTION}\nReview {i}: {CORPUS[i % len(CORPUS)][:30]}",
+             **({"temperature": 0.9} if i % 2 else {})} for i in range(12)]  # fmt: skip
+    rows += [{"id": "own", "prompt": "Is it good?", "regex": "(yes|no)!"},
+             {"id": "bad", "prompt": "x", "regex": "[0-9"}]  # fmt: skip
+    write_jsonl(root / "constrained.jsonl", rows)
+    outs = {}
+    for name, extra in (("single", []), ("ray", ["--ray", "--replicas", "2"])):
+        outs[name] = root / f"constrained-{name}.jsonl"
+        result = invoke(root / "constrained.jsonl", "-o", outs[name], *flags,
+                        "--json-schema", json.dumps(schema), *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    single, ray = by_id(read_lines(outs["single"])), by_id(read_lines(outs["ray"]))
+    assert texts(ray) == texts(single)
+    assert single["bad"]["error"]["code"] == "invalid_params"
+    assert single["own"]["choices"][0]["text"] in ("yes!", "no!")
+    assert sum("json" in line["choices"][0] for line in single.values() if "choices" in line) >= 6
+
+
 def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_dirs):
     import ray
 
@@ -187,6 +211,34 @@ def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_di
         error = row["__inference_error__"]
         assert (error.startswith("invalid_params: max_tokens") if row["id"] == "q3"
                 else error == "")  # fmt: skip
+
+
+def test_build_processor_maps_a_dataset_as_the_readme_shows(ray_cluster, tiny_model_dirs):
+    import ray
+
+    from pagedbatch.llm import LLM
+    from pagedbatch.ray import build_processor
+    from pagedbatch.sampling_params import SamplingParams
+
+    rows = [{"id": f"b{i}", "prompt": f"tale number {i} " * 2} for i in range(5)]
+    rows[1]["max_tokens"] = 2  # a row's column wins over the sampling defaults
+    rows[4]["temperature"] = -1.0
+    model, engine = str(tiny_model_dirs["llama"]), {"device": "cpu", "num_blocks": 64, "threads": 1}
+    process = build_processor(
+        model, concurrency=1, batch_size=3, sampling={"max_tokens": 5, "ignore_eos": True},
+        should_continue_on_error=True, **engine,
+    )  # fmt: skip
+    done = {row["id"]: row for row in process(ray.data.from_items(rows)).take_all()}
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    expected = {o.id: o for o in LLM(model, **engine).generate(rows, params)}
+    assert sorted(done) == sorted(expected)
+    assert [done[f"b{i}"]["num_generated_tokens"] for i in range(4)] == [5, 2, 5, 5]
+    for rid, row in done.items():
+        assert row["generated_text"] == expected[rid].text
+        assert row["num_input_tokens"] == expected[rid].prompt_tokens
+    assert done["b4"]["__inference_error__"].startswith("invalid_params: temperature")
+    assert done["b4"]["num_input_tokens"] == 0 < done["b0"]["num_input_tokens"]
+    assert all(done[f"b{i}"]["__inference_error__"] == "" for i in range(4))
 
 
 def test_ray_flag_without_ray_says_how_to_install_it_in_one_line(tmp_path):
@@ -244,3 +296,90 @@ def test_the_driver_tells_the_eta_each_record_s_most_output_tokens():
     ]
     most = [_most_output_tokens(to_record(row, i), defaults) for i, row in enumerate(rows)]
     assert most == [10, 12, 0, 0, 0]
+
+
+def _ray_job(args: list[str], cwd, env: dict) -> subprocess.Popen:
+    """`pagedbatch run ARGS` as a real process with `env`, in a session of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagedbatch", "run", *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _ray_env(**extra: str) -> dict:
+    """This environment without RAY_ADDRESS (so --ray looks for a cluster), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
+
+
+SMALL_JOB = ["--device", "cpu", "--num-blocks", "64", "--max-tokens", "8", "--max-num-seqs",
+             "1", "--threads", "1", "--no-progress", "--ray", "--replicas", "1"]  # fmt: skip
+
+
+def test_two_ray_jobs_at_once_each_run_on_a_cluster_of_their_own(tmp_path, tiny_model_dirs):
+    """The second job used to join the local cluster the first started (Ray's "auto" finds
+    any running one), and died with it when the first ended."""
+    pytest.importorskip("ray")
+    # The first job is long (it is interrupted once the second runs), the second short.
+    first_rows = [{"id": f"a{i}", "prompt": f"story {i}", "max_tokens": 64} for i in range(2000)]
+    write_jsonl(tmp_path / "a.jsonl", first_rows)
+    rows = [{"id": f"b{i}", "prompt": f"tale {i}"} for i in range(24)]
+    write_jsonl(tmp_path / "b.jsonl", rows)
+    flags = ["-m", str(tiny_model_dirs["llama"]), *SMALL_JOB]
+    env = _ray_env()
+    first = _ray_job(["a.jsonl", "-o", "a.out.jsonl", *flags], tmp_path, env)
+    second = None
+    try:
+        wait_for_lines(tmp_path / "a.out.jsonl", 1, first, timeout=300)  # its cluster is up
+        second = _ray_job(["b.jsonl", "-o", "b.out.jsonl", *flags], tmp_path, env)
+        wait_for_lines(tmp_path / "b.out.jsonl", 1, second, timeout=300)
+        os.killpg(first.pid, signal.SIGINT)  # the first ends (and stops its cluster)
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 130, stderr
+        _, stderr = second.communicate(timeout=300)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert second.returncode == 0, stderr
+    assert set(by_id(read_lines(tmp_path / "b.out.jsonl"))) == {r["id"] for r in rows}
+
+
+_CLUSTER = """
+import logging, sys, ray
+ray.init(num_cpus=6, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes it
+ray.shutdown()
+"""
+
+
+def test_a_cluster_lost_under_the_job_is_one_line_with_the_resume_command(
+    tmp_path, tiny_model_dirs
+):
+    pytest.importorskip("ray")
+    rows = [{"id": f"r{i}", "prompt": f"story {i}"} for i in range(400)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    env = _ray_env(RAY_AUTH_MODE="token")  # (a job given an address uses a token if told so)
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, start_new_session=True, env=env,
+    )  # fmt: skip
+    job = None
+    try:
+        address = cluster.stdout.readline().strip()
+        args = ["in.jsonl", "-o", "out.jsonl", "-m", str(tiny_model_dirs["llama"]), *SMALL_JOB]
+        job = _ray_job([*args, "--ray-address", address], tmp_path, env)
+        wait_for_lines(tmp_path / "out.jsonl", 2, job, timeout=300)
+        cluster.stdin.close()  # its owner stops the cluster
+        cluster.wait(timeout=120)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        for process in (cluster, job):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert job.returncode == 1, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith(f"error: lost the Ray cluster at {address}"), line
+    assert "Resume with: pagedbatch run in.jsonl" in line and line.endswith("--resume"), line
+    lines = read_lines(tmp_path / "out.jsonl")
+    assert 2 <= len(by_id(lines)) < len(rows)

@@ -101,8 +101,10 @@ def test_a_changed_input_names_the_records_that_changed_and_runs_new_ones(job):
     assert result.exit_code == 0, result.output
     assert "none of the 10 records it holds did: 4 to run" in result.stderr
     assert out.read_bytes().startswith(before) and len(by_id(read_lines(out))) == 14
+    ordered = out.with_name("ordered.jsonl")
+    assert invoke(src, "-o", ordered, *flags, "--order", "input").exit_code == 0
     write_jsonl(src, rows[:5] + [{"id": "new", "prompt": "a new one"}] + rows[5:])
-    error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--order", "input"))
+    error = one_line_error(invoke(src, "-o", ordered, *flags, "--resume", "--order", "input"))
     assert "has new records before records" in error  # the file would leave input order
     result = invoke(src, "-o", out, *flags, "--resume")  # in completion order: fine
     assert result.exit_code == 0 and "Wrote 1 record to" in result.stderr, result.output
@@ -156,6 +158,24 @@ def test_errors_file_holds_failed_inputs_that_feed_back(job, tmp_path):
     assert set(by_id(read_lines(tmp_path / "again.jsonl"))) == {"bad-params", "bad-record"}
 
 
+def test_an_errors_file_edited_by_hand_is_not_rebuilt_over_the_edit(job, tmp_path):
+    """--retry-errors (and --resume) rebuild the errors file from the input and the output:
+    a line fixed by hand that keeps its pagedbatch_error used to be dropped silently."""
+    src, out, flags = job
+    errors = tmp_path / "failed.jsonl"
+    assert invoke(src, "-o", out, *flags, "--errors", errors).exit_code == 0
+    lines = read_lines(errors)
+    lines[0]["max_tokens"] = 4  # fixed, its error kept
+    write_jsonl(errors, lines)
+    edited = errors.read_bytes()
+    for again in ("--retry-errors", "--resume"):
+        error = one_line_error(invoke(src, "-o", out, *flags, "--errors", errors, again))
+        assert f"{errors}: line 1 is not the line written for its record (edited by hand?)" in error
+        assert errors.read_bytes() == edited
+    result = invoke(src, "-o", out, *flags, "--errors", errors, "--overwrite")  # start over
+    assert result.exit_code == 0, result.output
+
+
 def test_errors_file_of_lines_without_ids_names_the_line_number(tmp_path, tiny_model_dirs):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b'{"prompt": "fine"}\n[1, 2]\n{"prompt": "also fine"}\n')
@@ -186,3 +206,19 @@ def test_order_input_writes_the_lines_of_a_sequential_run(job, tiny_model_dirs, 
     records = [json.loads(line) for line in src.read_text().splitlines()]
     sequential = [llm.generate([r], params)[0].to_json() for r in records]
     assert out.read_bytes() == b"".join(encode_line(line) for line in sequential)
+
+
+def test_an_output_is_resumed_in_the_order_it_was_started_in(job):
+    """--order is in the fingerprint: a completion-order file resumed with --order input
+    (or back) would be in neither order."""
+    src, out, flags = job
+    assert invoke(src, "-o", out, *flags).exit_code == 0
+    error = one_line_error(invoke(src, "-o", out, *flags, "--resume", "--order", "input"))
+    assert 'was written by a different job: order ("completion" -> "input")' in error
+    result = invoke(src, "-o", out, *flags, "--resume", "--order", "completion")
+    assert result.exit_code == 0 and "Nothing to do" in result.stderr, result.output
+    assert invoke(src, "-o", out, *flags, "--overwrite", "--order", "input").exit_code == 0
+    error = one_line_error(invoke(src, "-o", out, *flags, "--resume"))
+    assert 'order ("input" -> "completion")' in error
+    stored = json.loads(out.with_name(out.name + ".job.json").read_text())
+    assert stored["order"] == "input"

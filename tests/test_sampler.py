@@ -12,7 +12,7 @@ from tiny_models import build_tiny_tokenizer
 
 from pagedbatch import LLM, Record, SamplingParams
 from pagedbatch.engine.detokenizer import IncrementalDetokenizer
-from pagedbatch.engine.sampler import filter_top_k_top_p, sample, sample_tokens, uniform_noise
+from pagedbatch.engine.sampler import filter_top_k_top_p, sample_tokens, uniform_noise
 from pagedbatch.engine.sequence import Sequence
 from pagedbatch.engine.stopping import StopChecker
 from pagedbatch.sampling_params import derive_seed, sample_seed
@@ -35,6 +35,11 @@ def reference_uniform(seed: int, position: int, index: int) -> float:
     return ((mix64((key + index * GOLDEN) & U64) >> 41) + 0.5) / 2**23
 
 
+def sampled(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """The tokens as the engine takes them: `sample_tokens`, then one copy to the host."""
+    return sample_tokens(logits, seqs).tolist()
+
+
 def seqs_of(params: SamplingParams, keys: list[tuple[int, int]]) -> list[Sequence]:
     """One sequence per (seed, position): it samples its token at that position."""
     return [
@@ -46,7 +51,7 @@ def seqs_of(params: SamplingParams, keys: list[tuple[int, int]]) -> list[Sequenc
 def draws(logits: list[float], params: SamplingParams, count: int) -> list[int]:
     """`count` tokens sampled from one logits row, at fixed (seed, position) pairs."""
     keys = [(seed, position) for seed in range(count // 100) for position in range(100)]
-    return sample(torch.tensor([logits]).expand(len(keys), -1), seqs_of(params, keys))
+    return sampled(torch.tensor([logits]).expand(len(keys), -1), seqs_of(params, keys))
 
 
 def chi_square(tokens: list[int], probs: list[float]) -> float:
@@ -97,8 +102,8 @@ def test_top_k_one_is_argmax_and_tiny_top_p_keeps_only_the_top_token():
     logits = torch.randn(300, 50, generator=torch.Generator().manual_seed(0)) * 3
     keys = [(seed, 5) for seed in range(300)]
     argmax = logits.argmax(dim=-1).tolist()
-    assert sample(logits, seqs_of(SamplingParams(temperature=2.0, top_k=1), keys)) == argmax
-    assert sample(logits, seqs_of(SamplingParams(temperature=2.0, top_p=1e-6), keys)) == argmax
+    assert sampled(logits, seqs_of(SamplingParams(temperature=2.0, top_k=1), keys)) == argmax
+    assert sampled(logits, seqs_of(SamplingParams(temperature=2.0, top_p=1e-6), keys)) == argmax
 
 
 def test_a_token_with_minus_infinite_logit_is_never_drawn():
@@ -151,7 +156,7 @@ def test_a_row_samples_the_same_token_whatever_the_other_rows_are():
     mixed = [greedy, top_k_3, SamplingParams(temperature=1.0)]
     mixed.append(SamplingParams(temperature=0.7, top_p=0.6))  # the whole vocab is sorted
     alone = [
-        sample(logits[i : i + 1], [Sequence(0, [0] * 9, 9, target, 10**9, seed=100 + i)])[0]
+        sampled(logits[i : i + 1], [Sequence(0, [0] * 9, 9, target, 10**9, seed=100 + i)])[0]
         for i in range(12)
     ]
     for trial in range(4):
@@ -165,7 +170,7 @@ def test_a_row_samples_the_same_token_whatever_the_other_rows_are():
                 Sequence(0, [0] * 9, 9, target if r == row else mates[r], 10**9, seed=100 + r)
                 for r in rows
             ]
-            tokens = sample(logits[rows], seqs)
+            tokens = sampled(logits[rows], seqs)
             assert tokens[rows.index(row)] == alone[row], (trial, row)
 
 
@@ -184,7 +189,7 @@ def test_cuda_sampling_never_synchronises_and_draws_what_the_cpu_draws():
         tokens = sample_tokens(device_logits, seqs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert tokens.tolist() == sample(logits, seqs)
+    assert tokens.tolist() == sampled(logits, seqs)
 
 
 # --- whole runs on a tiny model ---

@@ -36,6 +36,7 @@ def step(scheduler: Scheduler, token: int = 0) -> list[tuple[int, int]]:
     out = scheduler.schedule()
     plan = [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled]
     sampling = [s.seq for s in out.scheduled if s.samples]
+    assert out.sampling == sampling  # worked out as they were scheduled, by the same rule
     scheduler.commit(out, sampling)
     scheduler.postprocess(sampling, [token] * len(sampling), STOP)
     return plan
@@ -125,12 +126,12 @@ def test_postprocess_appends_and_finishes_on_eos_or_length_and_frees_the_blocks(
     assert scheduler.postprocess([short, long, deaf], [7, 8, 9], STOP) == [short]
     assert short.token_ids == [1, 1, 1, 7] and short.finish_reason == "length"
     assert short.status is SequenceStatus.FINISHED and short.block_table == []
-    assert scheduler.running == [long, deaf] and pool.num_free == 6
+    assert list(scheduler.running) == [long, deaf] and pool.num_free == 6
     out = scheduler.schedule()
     scheduler.commit(out, [long, deaf])
     assert scheduler.postprocess([long, deaf], [EOS, EOS], STOP) == [long]
     assert long.finish_reason == "stop" and long.token_ids[-1] == EOS
-    assert deaf.finish_reason is None and scheduler.running == [deaf]  # ignore_eos
+    assert deaf.finish_reason is None and list(scheduler.running) == [deaf]  # ignore_eos
     pool.check_integrity()
 
 
@@ -143,7 +144,7 @@ def test_commit_starts_the_forks_on_the_computed_prompt():
     assert [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled] == [(0, 6)]
     children = list(parent.forks)
     scheduler.commit(out, [parent, *children])
-    assert parent.forks == [] and scheduler.running == [parent, *children]
+    assert parent.forks == [] and list(scheduler.running) == [parent, *children]
     assert all(c.block_table == [0, 1] and c.num_computed_tokens == 6 for c in children)
     assert [pool.refcount(b) for b in (0, 1)] == [3, 3]
     assert scheduler.postprocess([parent, *children], [4, 5, 6], STOP) == []

@@ -68,7 +68,7 @@ def test_the_engine_forks_the_choices_onto_the_prompt_blocks_and_scores_each_tok
     assert scoring.target_rows.tolist() == [0, 0, 0] and scoring.targets.tolist() == [5, 6, 6]
     assert scoring.owners == [(one, 0), (two, 0), (three, 0)]
     assert scoring.parents == [parent] and scoring.ended == [parent, one]
-    assert engine.scheduler.running == [two, three]
+    assert list(engine.scheduler.running) == [two, three]
     assert two.block_table == three.block_table and len(two.block_table) == 3
     assert two.num_computed_tokens == three.num_computed_tokens == 10
     assert engine.pool.refcount(two.block_table[2]) == 2  # the partial block, shared
@@ -127,7 +127,9 @@ def test_only_a_generating_sequence_that_completes_samples():
         assert seq.is_scoring and ScheduledSeq(seq, seq.num_tokens).completes
         assert not ScheduledSeq(seq, seq.num_tokens).samples  # scored, never sampled
     chunk = Sequence(1, [1] * 6, 6, SamplingParams(), 10)
-    out = SchedulerOutput([ScheduledSeq(parent, 6), ScheduledSeq(gen, 6), ScheduledSeq(chunk, 2)])
+    out = SchedulerOutput()
+    for seq, n in ((parent, 6), (gen, 6), (chunk, 2)):
+        out.add(seq, n, seq.num_uncomputed_tokens)
     assert out.samples == [False, True, False] and out.sampling == [gen]
 
 

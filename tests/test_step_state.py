@@ -7,10 +7,11 @@ import random
 
 import pytest
 import torch
+from kv_counts import count_snapshot
 
 from pagedbatch import LLM, Record, SamplingParams
 from pagedbatch.engine.block_tables import BlockTables
-from pagedbatch.engine.memory import count_snapshot
+from pagedbatch.engine.staging import Uploads
 
 
 def _jobs(seed: int, count: int) -> list[Record]:
@@ -42,13 +43,13 @@ def test_step_state_equals_a_recount_after_every_step(tiny_model_dirs, seed):
     def on_step(stats) -> None:
         running = engine.scheduler.running
         pool = engine.pool
-        now = usage.snapshot(stats.steps, running, pool.num_used, pool.num_free)
+        now = usage.snapshot(stats.steps, running.figures, pool.num_used, pool.num_free)
         recount = count_snapshot(stats.steps, running, pool.num_used, pool.num_free, 4)
         assert now == recount, f"step {stats.steps}"
         assert stats.blocks_in_use == recount.in_use
         assert stats.cached_blocks == recount.cached and stats.free_blocks == recount.free
         tables = engine.block_manager.tables
-        device_rows = tables.device(torch.device("cpu"))
+        device_rows = tables.device(Uploads(torch.device("cpu")))
         rows = [tables.row(seq.seq_id) for seq in running]
         assert len(set(rows)) == len(rows), "two sequences share a row"
         for seq, row in zip(running, rows):
@@ -82,19 +83,19 @@ def test_block_tables_reuse_rows_and_grow_keeping_every_row():
     tables = BlockTables(num_rows=2, width=2)
     tables.write(10, 0, [5, 6])
     tables.write(11, 0, [7])
-    view = tables.device(torch.device("cpu"))
+    view = tables.device(Uploads(torch.device("cpu")))
     assert (tables.row(10), tables.row(11)) == (0, 1)
     tables.write(10, 2, [8, 9, 4])  # past the width: doubles it, rows kept
     tables.write(12, 0, [3])  # past the rows: doubles them
-    assert tables.host.shape == (4, 5) and tables.version == 1
+    assert tables.host.shape == (4, 5)
     assert tables.host[tables.row(10), :5].tolist() == [5, 6, 8, 9, 4]
     assert tables.host[tables.row(11), :1].tolist() == [7]
     assert tables.row(12) == 2
-    grown = tables.device(torch.device("cpu"))
-    assert grown is not view and tables.version == 2
+    grown = tables.device(Uploads(torch.device("cpu")))
+    assert grown is not view  # made anew: the old copy is too small
     assert grown[tables.row(10), :5].tolist() == [5, 6, 8, 9, 4]
     tables.release(11)
     tables.write(13, 0, [1])
     assert tables.row(13) == 1  # the freed row is taken again
     tables.host[0, 0] = 42  # on the CPU the device copy is the array itself
-    assert tables.device(torch.device("cpu"))[0, 0].item() == 42
+    assert tables.device(Uploads(torch.device("cpu")))[0, 0].item() == 42

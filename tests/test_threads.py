@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 from job_helpers import ROOT, invoke, one_line_error, prompts, read_lines, tiny_args, write_jsonl
@@ -71,13 +70,18 @@ def test_busy_cpus_sums_the_non_idle_share_of_the_cpus_asked_about():
     assert busy_cpus(_BEFORE, _BEFORE, None) == 0.0  # no time passed
 
 
+# Says when it spins, then spins: a runnable process on our CPUs keeps at least one of
+# them busy however loaded the machine is (others only add to what is busy).
+_SPIN = "print('spinning', flush=True)\nwhile True: pass"
+
+
 @pytest.mark.skipif(not threads.PROC_STAT.exists(), reason="needs /proc/stat")
 def test_a_process_spinning_on_our_cpus_is_seen_busy(monkeypatch):
     monkeypatch.setattr(threads, "_last_sample", None)
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    monkeypatch.setattr(threads, "SAMPLE_SECONDS", 0.5)
+    spinner = subprocess.Popen([sys.executable, "-c", _SPIN], stdout=subprocess.PIPE, text=True)
     try:
-        monkeypatch.setattr(threads, "SAMPLE_SECONDS", 0.5)
-        time.sleep(0.3)  # (interpreter start)
+        assert spinner.stdout is not None and spinner.stdout.readline() == "spinning\n"
         assert threads.cpus_busy_elsewhere() >= 0.6
     finally:
         spinner.kill()

@@ -45,6 +45,29 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Thinking models mark their reasoning with two added tokens (not special, as Qwen3's).
+THINK_TOKENS = ("<think>", "</think>")  # ids 448, 449
+# Qwen3's chat template reduced to ChatML and its thinking switch: enable_thinking false
+# writes an empty thinking into the prompt; else the model opens its own.
+THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+# DeepSeek's style: the assistant turn opens the thinking in the prompt (R1), or with
+# `thinking` false closes it there (V3.1).
+OPEN_THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if thinking is defined and thinking is false %}{{ '</think>' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A paged cache stores keys and values "
     "in fixed-size blocks, so that many sequences can share the memory of one pool.",
@@ -99,6 +122,14 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def build_thinking_tokenizer(template: str = THINKING_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with <think> and </think> added and a thinking chat template."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(list(THINK_TOKENS))
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def tiny_config(arch: str, vocab_size: int, **overrides: object) -> PretrainedConfig:
     """The config of a tiny `arch` model; `overrides` replace any field."""
     if arch not in _CONFIG_CLASSES:
@@ -126,9 +157,13 @@ def tiny_config(arch: str, vocab_size: int, **overrides: object) -> PretrainedCo
     return _CONFIG_CLASSES[arch](**fields)
 
 
-def build_tiny_model(arch: str, path: Path, **config_overrides: object) -> Path:
-    """Save a seeded random-weight `arch` causal LM and its tokenizer to `path`."""
-    tokenizer = build_tiny_tokenizer()
+def build_tiny_model(
+    arch: str, path: Path, tokenizer: PreTrainedTokenizerFast | None = None,
+    **config_overrides: object,
+) -> Path:  # fmt: skip
+    """Save a seeded random-weight `arch` causal LM and its tokenizer (default: the tiny
+    ChatML one) to `path`."""
+    tokenizer = tokenizer or build_tiny_tokenizer()
     config = tiny_config(arch, len(tokenizer), **config_overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

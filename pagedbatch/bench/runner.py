@@ -13,6 +13,9 @@ Contenders (names as `--skip` spells them):
   often the best choice is the first word of `pagedbatch`'s greedy generation;
 - `vllm-cpu` (on CPU, with a Python that imports vllm: `vllm_peer.py`): vLLM's offline
   engine in its own process, same token ids, dtype and cores as pagedbatch.
+- `pagedbatch-constrained` (with `constraint`): `pagedbatch` with every output under the
+  constraint (structured output); each record stops where its grammar ends, so it is
+  compared per output token and per decode step, with the masks' own time per step.
 
 Every contender generates exactly each prompt's output length (EOS ignored) from the
 same prompt token ids, and times generation only, after a warm-up; loading is reported
@@ -47,8 +50,10 @@ from pagedbatch.bench.workloads import (
     record_prompts,
     workload_prompts,
 )
+from pagedbatch.constraint import Constraint
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.kv_cache import free_memory
+from pagedbatch.engine.stats import EngineStats
 from pagedbatch.llm import LLM
 from pagedbatch.models.loader import load_model
 from pagedbatch.sampling_params import SamplingParams
@@ -57,9 +62,13 @@ if TYPE_CHECKING:
     from pagedbatch.bench.baselines import StaticBatchSize
     from pagedbatch.requests.records import Record
 
-# The contenders of every benchmark in this process (pagedbatch-choices runs with choices
-# only, vllm-cpu in a process of its own).
-IN_PROCESS = tuple(c for c in CONTENDERS[1:] if c not in ("pagedbatch-choices", "vllm-cpu"))
+# The contenders of every benchmark in this process (pagedbatch-choices and
+# pagedbatch-constrained run with choices, a constraint only; vllm-cpu in a process of its
+# own).
+IN_PROCESS = tuple(
+    c for c in CONTENDERS[1:]
+    if c not in ("pagedbatch-choices", "pagedbatch-constrained", "vllm-cpu")
+)  # fmt: skip
 # Each pagedbatch contender: the engine config's changes.
 PAGEDBATCH = {
     "pagedbatch": {},
@@ -86,6 +95,7 @@ class BenchOptions:
     choices: tuple[str, ...] | None = None  # also score these (the pagedbatch-choices contender)
     choice_score: str = "sum"
     vllm_python: str | None = None  # a Python that imports vllm: the vllm-cpu contender
+    constraint: Constraint | None = None  # also generate under it (pagedbatch-constrained)
 
     def __post_init__(self) -> None:
         unknown = set(self.skip) - set(CONTENDERS)
@@ -174,6 +184,14 @@ def _run(
             prompts = source(llm.tokenizer, vocab_size(llm.model))
             del llm
         record(_vllm(options, prompts, greedy))
+    if options.constraint is not None and options.runs("pagedbatch-constrained"):
+        llm, load_s = load_llm(engine)
+        if prompts is None:
+            prompts = source(llm.tokenizer, vocab_size(llm.model))
+        contender = "pagedbatch-constrained"
+        record(bench_llm(llm, prompts, load_s, copy_bw, contender, constraint=options.constraint))
+        del llm
+        release_memory(device)
     if options.choices is not None and options.runs("pagedbatch-choices"):
         llm, load_s = load_llm(engine)
         if prompts is None:
@@ -225,14 +243,17 @@ def bench_llm(
     copy_bw: float | None = None,
     contender: str = "pagedbatch",
     outputs: list | None = None,
+    constraint: Constraint | None = None,
 ) -> BenchResult:
     """Time `llm.generate` on `prompts` (after a short warm-up), with its cache statistics;
-    the RequestOutputs go into `outputs` when given."""
-    warm_up(llm)
+    the RequestOutputs go into `outputs` when given. With a `constraint`, every output is
+    under it (and ends where its grammar does)."""
+    params = SamplingParams(ignore_eos=True, constraint=constraint)
+    warm_up(llm, params)  # compiles the grammar
     before = llm.stats()
     probe = DecodeProbe(llm.engine)
     started = time.perf_counter()
-    outs = llm.generate(prompts.records(), SamplingParams(ignore_eos=True), on_step=probe.on_step)
+    outs = llm.generate(prompts.records(), params, on_step=probe.on_step)
     seconds = time.perf_counter() - started
     if outputs is not None:
         outputs.extend(outs)
@@ -258,16 +279,35 @@ def bench_llm(
     }
     produced = [tokens.get(i, 0) for i in range(len(prompts))]
     given = engine_given(llm.config, after.num_blocks)
+    if constraint is not None:  # outputs end where the grammar does: fewer tokens
+        details.update(_mask_details(before, after, outs))
+        given["constraint"] = constraint.kind
+        name = f"pagedbatch --{constraint.kind.replace('_', '-')}"
+        return BenchResult(contender, name, seconds, len(produced), sum(produced), details,
+                           given, error)  # fmt: skip
     result = BenchResult.counted(
         contender, contender, seconds, prompts.max_tokens, produced, given, error
     )
     return dataclasses.replace(result, details=details)
 
 
-def warm_up(llm: LLM) -> None:
-    """Two short generations of token prompts that no job shares a prefix with."""
+def _mask_details(before: EngineStats, after: EngineStats, outs: list) -> dict[str, Any]:
+    """The token masks' host time per step that masked, and the outputs that completed."""
+    steps = after.masked_steps - before.masked_steps
+    seconds = after.mask_seconds - before.mask_seconds
+    return {
+        "masked_steps": steps,
+        "mask_ms": 1e3 * seconds / steps if steps else 0.0,
+        "complete": sum(bool(c.complete) for o in outs for c in o.completions),
+    }
+
+
+def warm_up(llm: LLM, params: SamplingParams | None = None) -> None:
+    """Two short generations of token prompts that no job shares a prefix with (with
+    `params`, 4 tokens each)."""
     prompts = [[1 + 7 * i % (vocab_size(llm.model) - 1) for i in range(n)] for n in (20, 40)]
-    llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    params = params or SamplingParams(ignore_eos=True)
+    llm.generate(prompts, dataclasses.replace(params, max_tokens=4))
 
 
 def bench_choices(
@@ -336,6 +376,7 @@ def _run_baselines(
     model, tokenizer = load_model(
         engine.model, device=device, dtype=engine.torch_dtype, attn_implementation="sdpa",
         cache_dir=None if engine.cache_dir is None else Path(engine.cache_dir),
+        quantize=engine.quantize,
     )  # fmt: skip
     load_s = time.perf_counter() - started
     if prompts is None:

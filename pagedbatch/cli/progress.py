@@ -22,97 +22,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 
+from pagedbatch.cli.eta import Eta
 from pagedbatch.engine.stats import EngineStats
 
 DEFAULT_LOG_INTERVAL = 10.0  # seconds between plain lines; PAGEDBATCH_LOG_INTERVAL overrides
-RATE_TIME_CONSTANT = 20.0  # seconds: the moving average of tokens/s forgets at this pace
-
-
-class Eta:
-    """Seconds left in a job, from output tokens rather than records.
-
-    Records finish in bursts (a group sharing a prefix ends together), so a rate of
-    records jumps; tokens come out at a steady pace. The rate is an exponential moving
-    average of output tokens per second (time constant RATE_TIME_CONSTANT); the tokens
-    still to come are the records left times the mean output of the records finished
-    (the `prior` until one has: the records' mean max_tokens x n, their own where they
-    set it, once they are tokenized; failed records, which generate nothing, are left out
-    of the mean), less what the running records have generated already. A job that
-    generates nothing (prior 0: choices are scored) takes the mean time per record done
-    since the first step.
-    """
-
-    def __init__(self, records: int, prior_tokens_per_record: float) -> None:
-        self.records = records
-        self.prior = prior_tokens_per_record
-        self.rate: float | None = None  # output tokens per second, smoothed
-        self.records_done = 0
-        self._generated_done = 0  # records done that generated (not error lines)
-        self._finished_tokens = 0  # output tokens of the records done
-        self._generated = 0  # output tokens of every record, running ones included
-        self._running: int | None = None  # sequences running (None: not told)
-        self._last: tuple[float, int] | None = None
-        self._first = 0.0
-
-    def step(self, now: float, generated_tokens: int, running: int | None = None) -> None:
-        """After an engine step: the total output tokens generated so far, and how many
-        sequences are running."""
-        self._generated = generated_tokens
-        self._running = running
-        if self._last is None:
-            self._first = now
-            self._last = (now, generated_tokens)
-            return
-        then, before = self._last
-        dt = now - then
-        if dt <= 0:
-            return
-        rate = (generated_tokens - before) / dt
-        if self.rate is None:
-            self.rate = rate
-        else:
-            self.rate += (1 - math.exp(-dt / RATE_TIME_CONSTANT)) * (rate - self.rate)
-        self._last = (now, generated_tokens)
-
-    def record_done(self, output_tokens: int, failed: bool = False) -> None:
-        """A record is done; a failed one (an error line, written before it generates)
-        counts as done but not in the mean output per record."""
-        self.records_done += 1
-        if not failed:
-            self._generated_done += 1
-            self._finished_tokens += output_tokens
-
-    @property
-    def tokens_left(self) -> float:
-        left = self.records - self.records_done
-        done = self._generated_done
-        mean = self._finished_tokens / done if done else self.prior
-        running = max(self._generated - self._finished_tokens, 0)
-        if self._running is None:
-            return max(left * mean - running, 0.0)
-        # Records that stop early (EOS) finish first, so the records done are the short
-        # ones: a running record that has made `age` tokens is expected to end halfway
-        # between that and the prior (an upper bound: max_tokens), at least one token on,
-        # and the records not started as the done and running ones together.
-        seqs = min(self._running, left)
-        if seqs == 0:
-            return left * mean
-        age = running / seqs
-        final = max(mean, (age + self.prior) / 2, age + 1)
-        if done:
-            mean = (self._finished_tokens + seqs * final) / (done + seqs)
-        return (left - seqs) * mean + seqs * (final - age)
-
-    def seconds_left(self) -> float | None:
-        if self.records_done >= self.records:
-            return 0.0
-        if self.prior == 0 and self.records_done and self._last is not None:
-            # Nothing is generated (choices are scored): the mean time per record so far.
-            elapsed = self._last[0] - self._first
-            return elapsed / self.records_done * (self.records - self.records_done)
-        if not self.rate or self.rate <= 0:
-            return None
-        return self.tokens_left / self.rate
 
 
 def clock(seconds: float | None) -> str:
@@ -148,6 +61,7 @@ class JobProgress:
         self._prepared = 0
         self._stats: EngineStats | None = None
         self._progress: Progress | None = None
+        self._counting = False  # the bar counts records done (else: records tokenized)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -229,7 +143,7 @@ class JobProgress:
         if output_tokens is not None and self._eta is not None:
             with self._lock:
                 self._eta.prior = output_tokens
-        if self._progress is not None:
+        if self._progress is not None and not self._counting:
             self._progress.update(self._task, completed=done, total=total)
 
     def step(self, stats: EngineStats) -> None:
@@ -239,7 +153,10 @@ class JobProgress:
         with self._lock:
             self._stats = stats
             if self._eta is not None:
-                self._eta.step(time.monotonic(), stats.generated_tokens, stats.running_seqs)
+                self._eta.step(
+                    time.monotonic(), stats.generated_tokens, stats.running_seqs,
+                    stats.computed_tokens,
+                )  # fmt: skip
         self._redraw()
 
     def record_done(self, output_tokens: int = 0, failed: bool = False) -> None:
@@ -256,9 +173,15 @@ class JobProgress:
         return (self._ended or time.monotonic()) - self._started
 
     def finish(self) -> None:
-        """The records are done (or stopped): a last plain line, when lines are shown."""
+        """The records are done (or stopped): the bar's last state, or a last plain line,
+        with the job's mean rate (as the summary that follows says it), before anything
+        else is printed."""
         self._ended = time.monotonic()
-        if self.enabled and not self.live and self._eta is not None:
+        if self._progress is not None:
+            self._redraw()
+            self._progress.stop()  # no redraw after the summary
+            self._progress = None
+        elif self.enabled and not self.live and self._eta is not None:
             self._stop_ticker()  # its last line must not come after this one
             self._print(self.line())
 
@@ -268,29 +191,43 @@ class JobProgress:
     def line(self) -> str:
         """The state in one plain line."""
         with self._lock:
-            now = time.monotonic()
             if self._eta is None:
                 return self._phase_line()
             eta = self._eta
             if eta.records_done == 0 and self._stats is None:
                 return f"tokenizing {self._prepared}/{eta.records} records"
             share = eta.records_done / eta.records if eta.records else 1.0
-            return (
-                f"records {eta.records_done}/{eta.records} ({share:.0%}) | {self._detail()} | "
-                f"elapsed {clock(now - self._started)}"
-            )
+            return f"records {eta.records_done}/{eta.records} ({share:.0%}) | {self._detail()}"
 
     def _detail(self) -> str:
+        """Rate | ETA | elapsed | KV (what a narrow terminal cuts last first); once finished,
+        the job's mean rate (none when no record ran) and no ETA."""
         eta, stats = self._eta, self._stats
         assert eta is not None
-        parts = [f"{eta.rate:.1f} tok/s" if eta.rate is not None else "- tok/s"]
+        now = self._ended or time.monotonic()
+        parts = [] if self._ended and not eta.records_ran else [self._rate(now)]
+        if self._ended is None:
+            parts.append(f"ETA {clock(eta.seconds_left())}")
+        parts.append(f"elapsed {clock(now - self._started)}")
         if stats is not None:
             parts.append(
                 f"KV {stats.blocks_in_use} used + {stats.cached_blocks} cached / "
                 f"{stats.num_blocks} blocks"
             )
-        parts.append(f"ETA {clock(eta.seconds_left())}")
         return " | ".join(parts)
+
+    def _rate(self, now: float) -> str:
+        """Output tokens per second (the moving average; once finished, the mean, as the
+        summary has it), or records per second when nothing is generated."""
+        eta, stats = self._eta, self._stats
+        assert eta is not None
+        seconds = max(now - self._started, 1e-9)
+        if eta.scoring:
+            return f"{eta.records_ran / seconds:.1f} records/s"
+        if self._ended is not None:
+            generated = stats.generated_tokens if stats is not None else 0
+            return f"{generated / seconds:.1f} tok/s"
+        return f"{eta.rate:.1f} tok/s" if eta.rate is not None else "- tok/s"
 
     def _redraw(self) -> None:
         if self._progress is None or self._eta is None:
@@ -298,6 +235,7 @@ class JobProgress:
         with self._lock:
             detail = self._detail()
             done = self._eta.records_done
+        self._counting = True  # the bar counts records done from now on, not tokenized
         self._progress.update(self._task, description="records", completed=done, detail=detail)
 
     def _stop_ticker(self) -> None:
@@ -310,5 +248,6 @@ class JobProgress:
         while not self._stop.wait(interval):
             with self._lock:
                 idle = not self._phase and self._eta is None
-            if not idle:
+                done = self._eta is not None and self._eta.records_done >= self._eta.records
+            if not idle and not done:  # the last line is finish()'s
                 self._print(self.line())

@@ -7,83 +7,106 @@ import json
 import os
 import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pagedbatch.cli import options as shared
 from pagedbatch.cli.cluster import RayOptions, load_ray_llm, ray_note, ray_options
 from pagedbatch.cli.common import Float, Int, Str, console, fail, first_line, opt, quiet_libraries
+from pagedbatch.cli.options import (
+    DEFAULT,
+    INPUT_PANEL,
+    MEMORY_PANEL,
+    MODEL_PANEL,
+    OUTPUT_PANEL,
+    RAY_PANEL,
+    SAMPLING_PANEL,
+)
 from pagedbatch.cli.progress import JobProgress
 from pagedbatch.job.interrupts import Interrupts, Stopped
 from pagedbatch.job.job import JobResult, ResumePolicy
+from pagedbatch.job.outcome import TOO_MANY_ERRORS, RunTimes, error_limit_problem, run_summary
 from pagedbatch.job.settings import RunSettings, resolve_settings
 
 if TYPE_CHECKING:
+    from pagedbatch.generator import Generator
     from pagedbatch.job.job import Job
-
-DEFAULT = RunSettings()  # shown in --help
-
-INPUT_PANEL, OUTPUT_PANEL, MODEL_PANEL, MEMORY_PANEL, SAMPLING_PANEL, RAY_PANEL = (
-    "Input",
-    "Output",
-    "Model",
-    "KV cache and batching",
-    "Sampling",
-    "Ray cluster",
-)
 
 
 def run(
     ctx: typer.Context,
-    input: Annotated[str, typer.Argument(help="JSONL file (plain or OpenAI batch), local data file (json, csv, parquet), dataset saved with save_to_disk, or a Hugging Face dataset name.", show_default=False)],
+    input: shared.Input,
     output: Annotated[Path | None, opt(OUTPUT_PANEL, "Output JSONL path. [default: <input name>.output.jsonl]", "--output", "-o")] = None,
     resume: Annotated[bool | None, opt(OUTPUT_PANEL, "Continue the job whose output this is: skip every record it holds, run the rest.", "--resume")] = None,
     retry_errors: Annotated[bool | None, opt(OUTPUT_PANEL, "Resume, and run again the records whose line is an error.", "--retry-errors")] = None,
     overwrite: Annotated[bool | None, opt(OUTPUT_PANEL, "Start over, replacing an output that already has lines.", "--overwrite")] = None,
     force: Annotated[bool | None, opt(OUTPUT_PANEL, "Resume even though the job fingerprint stored beside the output differs.", "--force")] = None,
     errors: Annotated[Path | None, opt(OUTPUT_PANEL, "Also write each failed record's input line, with its error, to this file (feed it back as input).")] = None,
+    max_errors: Annotated[Int, opt(OUTPUT_PANEL, f"Exit {TOO_MANY_ERRORS} (not 0) when more than N records of the output failed (its error lines, those of earlier runs resumed included); the output is still complete and resumable. [default: no limit]", "--max-errors")] = None,
+    max_error_rate: Annotated[Float, opt(OUTPUT_PANEL, f"Exit {TOO_MANY_ERRORS} when more than this fraction (0 to 1) of the output's records failed. [default: no limit]", "--max-error-rate")] = None,
+    summary_json: Annotated[Path | None, opt(OUTPUT_PANEL, "At the end, write the run's summary as JSON to this file (- for stdout): status and exit code, records by outcome and error code, tokens, seconds, prefix hit rate, peak KV, model and settings.", "--summary-json")] = None,
     order: Annotated[Str, opt(OUTPUT_PANEL, f"completion (lines as records finish) or input (the lines of a sequential run, in input order). [default: {DEFAULT.order}]")] = None,
-    config: Annotated[Str, opt(MODEL_PANEL, "Preset name from configs/ (cpu, gpu, tiny) or a TOML file; flags given here win.")] = None,
-    split: Annotated[Str, opt(INPUT_PANEL, "Dataset split. [default: train, or the only one]")] = None,
-    prompt_field: Annotated[Str, opt(INPUT_PANEL, f"Field holding the prompt text. [default: {DEFAULT.prompt_field}]")] = None,
-    messages_field: Annotated[Str, opt(INPUT_PANEL, f"Field holding chat messages. [default: {DEFAULT.messages_field}]")] = None,
-    id_field: Annotated[Str, opt(INPUT_PANEL, f"Field holding the record id (missing: line number, or row index). [default: {DEFAULT.id_field}]")] = None,
-    template: Annotated[Str, opt(INPUT_PANEL, 'Build each prompt from the record\'s fields, e.g. "Classify the review: {text}".')] = None,
-    system: Annotated[Str, opt(INPUT_PANEL, "System message put before each prompt (implies --chat).")] = None,
-    chat: Annotated[bool | None, opt(INPUT_PANEL, "Render plain prompts through the model's chat template too. [default: no-chat]", "--chat/--no-chat")] = None,
+    config: shared.Config = None,
+    split: shared.Split = None,
+    prompt_field: shared.PromptField = None,
+    messages_field: shared.MessagesField = None,
+    id_field: shared.IdField = None,
+    template: shared.Template = None,
+    system: shared.System = None,
+    chat: shared.Chat = None,
+    chat_template_kwargs: Annotated[Str, opt(INPUT_PANEL, 'Variables for the chat template, as a JSON object, e.g. \'{"enable_thinking": false}\' (a record\'s chat_template_kwargs win, key by key).', "--chat-template-kwargs")] = None,
+    lenient: Annotated[bool | None, opt(INPUT_PANEL, "OpenAI batch input: run a request whose body has fields pagedbatch does not support without them (counted in the summary) instead of writing it as an invalid_params error.", "--lenient")] = None,
     skip_invalid: Annotated[bool | None, opt(INPUT_PANEL, "Turn lines that are not JSON objects into invalid_record error lines instead of stopping.", "--skip-invalid")] = None,
-    model: Annotated[Str, opt(MODEL_PANEL, f"Local model directory, .gguf file, hub id, or the alias smollm2-135m (embedded). [default: {DEFAULT.engine.model}]", "--model", "-m")] = None,
-    device: Annotated[Str, opt(MODEL_PANEL, f"auto, cpu or cuda. [default: {DEFAULT.engine.device}]")] = None,
-    dtype: Annotated[Str, opt(MODEL_PANEL, "auto (bfloat16 on CUDA and on CPUs with native bfloat16 matmul, AMX or AVX512-BF16; else float32), float32, bfloat16 or float16. [default: auto]")] = None,
+    model: shared.Model = None,
+    device: shared.Device = None,
+    dtype: shared.Dtype = None,
+    quantize: shared.Quantize = None,
     attention: Annotated[Str, opt(MODEL_PANEL, "Attention implementation: auto (triton on CUDA when Triton imports, else torch), torch or triton. [default: auto]")] = None,
-    max_model_len: Annotated[Int, opt(MODEL_PANEL, "Cap on prompt + output tokens. [default: the model's context]")] = None,
-    cache_dir: Annotated[Str, opt(MODEL_PANEL, "Where converted models are cached. [default: $PAGEDBATCH_CACHE or ~/.cache/pagedbatch]")] = None,
-    threads: Annotated[Int, opt(MODEL_PANEL, "CPU threads torch computes with; threads sharing a core with another process stall each other. [default: on CPU, the CPUs this process may use less those other processes keep busy at start, at least 1; torch's own on CUDA or when OMP_NUM_THREADS is set]")] = None,
-    cuda_graphs: Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps from CUDA graphs captured at load (needs triton attention); prefill and mixed steps run eagerly. [default: on with CUDA and triton attention; if the capture fails, off with a warning]", "--cuda-graphs/--no-cuda-graphs")] = None,
-    block_size: Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {DEFAULT.engine.block_size}]")] = None,
-    num_blocks: Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")] = None,
-    kv_memory: Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction like 0.5 of the memory free once the weights are loaded (as `pagedbatch plan` counts it). [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")] = None,
-    max_batch_tokens: Annotated[Int, opt(MEMORY_PANEL, f"Token budget of one step; longer prompts are prefilled in chunks. [default: {DEFAULT.engine.max_batch_tokens}]")] = None,
-    max_num_seqs: Annotated[Int, opt(MEMORY_PANEL, f"Most sequences running at once. [default: {DEFAULT.engine.max_num_seqs}]")] = None,
-    max_tokens: Annotated[Int, opt(SAMPLING_PANEL, f"Most tokens generated per record (a record's max_tokens wins). [default: {DEFAULT.sampling.max_tokens}]")] = None,
+    max_model_len: shared.MaxModelLen = None,
+    cache_dir: shared.CacheDir = None,
+    threads: shared.Threads = None,
+    cuda_graphs: shared.CudaGraphs = None,
+    tensor_parallel: shared.TensorParallel = None,
+    block_size: shared.BlockSize = None,
+    num_blocks: shared.NumBlocks = None,
+    kv_memory: shared.KvMemory = None,
+    kv_dtype: shared.KvDtype = None,
+    max_batch_tokens: shared.MaxBatchTokens = None,
+    max_num_seqs: shared.MaxNumSeqs = None,
+    max_tokens: shared.MaxTokens = None,
     temperature: Annotated[Float, opt(SAMPLING_PANEL, f"0 is greedy. [default: {DEFAULT.sampling.temperature}]")] = None,
     top_p: Annotated[Float, opt(SAMPLING_PANEL, f"Nucleus sampling mass, in (0, 1]. [default: {DEFAULT.sampling.top_p}]")] = None,
     top_k: Annotated[Int, opt(SAMPLING_PANEL, f"Sample among the k most likely tokens; 0 is off. [default: {DEFAULT.sampling.top_k}]")] = None,
     seed: Annotated[Int, opt(SAMPLING_PANEL, f"Job seed: a record without its own seed samples with a seed derived from this and its id. [default: {DEFAULT.sampling.seed}]")] = None,
     stop: Annotated[list[str] | None, opt(SAMPLING_PANEL, "Stop string (repeatable); the text ends before it.")] = None,
     logprobs: Annotated[Int, opt(SAMPLING_PANEL, "Report each generated token's log-probability and the K most likely tokens at its position, 0 to 20 (a record's logprobs wins). [default: none reported]", "--logprobs")] = None,
-    choices: Annotated[Str, opt(SAMPLING_PANEL, 'Score these labels instead of generating: "positive,negative,neutral" (stripped), or a JSON list to keep spaces (\'[" yes", " no"]\'); each line gets the best label and every choice\'s logprob and probability (a record\'s choices win).', "--choices")] = None,
-    choice_score: Annotated[Str, opt(SAMPLING_PANEL, "How choices are compared: sum (their log-probability) or mean (per token, which does not favour short choices). [default: sum]", "--choice-score")] = None,
-    n: Annotated[Int, opt(SAMPLING_PANEL, f"Samples per record, 1 to 4096 (a record's n wins): the prompt is computed once, its pages shared. [default: {DEFAULT.sampling.n}]", "--n")] = None,
+    reasoning_parser: Annotated[Str, opt(MODEL_PANEL, "Split a thinking model's output into reasoning and text: auto (when the tokenizer has <think> and </think> tokens and its chat template uses them), think, or none. [default: auto]", "--reasoning-parser")] = None,
+    reasoning_budget: Annotated[Int, opt(SAMPLING_PANEL, "Thinking tokens a thinking model may spend before its </think> is forced; the answer then has max_tokens of its own (a record's reasoning_budget wins). [default: none: max_tokens counts thinking and answer]", "--reasoning-budget")] = None,
+    choices: shared.Choices = None,
+    choice_score: shared.ChoiceScore = None,
+    n: shared.N = None,
+    json_schema: shared.JsonSchema = None,
+    json_object: shared.JsonObject = None,
+    regex: shared.Regex = None,
+    grammar: shared.Grammar = None,
+    repetition_penalty: Annotated[Float, opt(SAMPLING_PANEL, "Divide the positive logits of the tokens already in the prompt or output, multiply the negative ones (transformers' repetition penalty; > 0, 1 is off). [default: 1]", "--repetition-penalty")] = None,
+    presence_penalty: Annotated[Float, opt(SAMPLING_PANEL, "Subtract this from the logit of every token already in the output (OpenAI's; -2 to 2). [default: 0]", "--presence-penalty")] = None,
+    frequency_penalty: Annotated[Float, opt(SAMPLING_PANEL, "Subtract this times its count from the logit of every token already in the output (OpenAI's; -2 to 2). [default: 0]", "--frequency-penalty")] = None,
+    min_p: Annotated[Float, opt(SAMPLING_PANEL, "Sample only among tokens at least this fraction as probable as the most probable one, after temperature (0 to 1). [default: 0, off]", "--min-p")] = None,
+    logit_bias: Annotated[Str, opt(SAMPLING_PANEL, 'Add to token logits before sampling: a JSON object of token id to bias, -100 to 100 (\'{"50256": -100}\'). [default: none]', "--logit-bias")] = None,
+    min_tokens: Annotated[Int, opt(SAMPLING_PANEL, "Generate at least this many tokens: EOS and the stop token ids are not sampled and stop strings do not end the output before. [default: 0]", "--min-tokens")] = None,
+    stop_token_ids: Annotated[Str, opt(SAMPLING_PANEL, "Token ids that end the output as EOS does, comma-separated (\"7,42\"). [default: none]", "--stop-token-ids")] = None,
     ignore_eos: Annotated[bool | None, opt(SAMPLING_PANEL, "Generate max_tokens tokens even past EOS (benchmarks). [default: stop-at-eos]", "--ignore-eos/--stop-at-eos")] = None,
-    prefix_sharing: Annotated[bool | None, opt(MEMORY_PANEL, "Compute and store each shared prompt prefix once (radix cache), running records that share it together. [default: prefix-sharing]", "--prefix-sharing/--no-prefix-sharing")] = None,
+    prefix_sharing: shared.PrefixSharing = None,
     cascade: Annotated[bool | None, opt(MEMORY_PANEL, "Attend to shared prefix pages once per step for all the records that share them, then each to its own tokens, merged exactly (attention torch: decoding records behind a shared prefix of 512+ tokens; not in decode steps replayed from CUDA graphs). [default: cascade]", "--cascade/--no-cascade")] = None,
     memory_report: Annotated[bool | None, opt(OUTPUT_PANEL, "At the end, show the KV memory report and write it to <output>.memory.json (and .memory.png with matplotlib).", "--memory-report")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT_PANEL)] = True,
     ray: Annotated[bool | None, opt(RAY_PANEL, "Run the job on a Ray cluster: replicas of the model take shards of it, this process writes the output (needs pip install -e \".[ray]\").", "--ray")] = None,
-    ray_address: Annotated[Str, opt(RAY_PANEL, "The cluster to join. [default: auto, the one running on this machine, else a local one started for the job]", "--ray-address")] = None,
+    ray_address: Annotated[Str, opt(RAY_PANEL, "The cluster to join. [default: auto, the one running on this machine (never another job's own), else a local one started for the job]", "--ray-address")] = None,
     replicas: Annotated[Int, opt(RAY_PANEL, "Replicas of the model, one per GPU (or CPU slot) of the cluster. [default: the cluster's GPUs, or its nodes without GPUs]", "--replicas")] = None,
 ) -> None:  # fmt: skip
     """Generate a completion for every record of INPUT and write them to a JSONL file."""
@@ -97,6 +120,8 @@ def run(
         )  # fmt: skip
     except ValueError as e:
         fail(str(e))
+    if cluster is not None and settings.engine.tensor_parallel > 1:
+        fail("--tensor-parallel does not run with --ray yet: a replica is one GPU")  # RayLLM too
     _run_job(input, settings, policy, progress, resume_command(ctx), cluster)
 
 
@@ -135,7 +160,7 @@ def _run_job(
     from pagedbatch.job.job import Job, JobError
     from pagedbatch.models.names import ModelLoadError, resolve_model_name
 
-    started = time.monotonic()
+    started, loading = time.monotonic(), 0.0
     with (
         Interrupts() as interrupts,
         contextlib.ExitStack() as files,
@@ -144,6 +169,7 @@ def _run_job(
         try:
             with progress.phase(f"reading {source}"):
                 job = files.enter_context(Job(source, settings, policy, progress.counted))
+            _drop_stale_summary(settings.summary_json)
             if job.input_note:
                 console.print(job.input_note, soft_wrap=True, markup=False, highlight=False)
             llm = None
@@ -151,9 +177,11 @@ def _run_job(
                 resolve_model_name(settings.engine.model)
                 where = " on Ray replicas" if cluster else ""
                 with progress.phase(f"loading {settings.engine.model}{where}"):
+                    loaded = time.monotonic()
                     llm = _load_llm(settings, cluster)
-                if cluster is not None:
-                    files.callback(llm.close)  # the replicas, and a cluster started here
+                    loading = time.monotonic() - loaded
+                # the replicas and a cluster started here; the tensor-parallel workers
+                files.callback(llm.close)
             interrupts.on_first = _say_stopping
             interrupts.on_second = lambda signum: _exit_now(job, signum, resume)
             interrupts.started = True  # from here a signal stops the job between steps
@@ -162,34 +190,62 @@ def _run_job(
         except (InputError, JobError, ModelLoadError) as e:
             fail(str(e))
         result = _run_with_progress(job, llm, interrupts, progress, resume)
-        _summary(job, result, llm, time.monotonic() - started, progress.generation_seconds)
+        times = RunTimes(time.monotonic() - started, loading, progress.generation_seconds)
+        _summary(job, result, llm, times.total, times.generating)
         if cluster is not None and llm is not None:
             ray_note(llm)
         if llm is not None and settings.engine.memory_report:
             _memory_report(llm, job.output)
-    if interrupts.requested() and result.not_run:
+        interrupted = interrupts.requested() and result.not_run > 0
+        too_many = error_limit_problem(settings, result)
+        code = interrupts.exit_code if interrupted else TOO_MANY_ERRORS if too_many else 0
+        if settings.summary_json is not None:
+            status = "interrupted" if interrupted else "too_many_errors" if too_many else "ok"
+            summary = run_summary(
+                job, result, status=status, exit_code=code, times=times, error_limit=too_many,
+                stats=llm.stats() if llm is not None else None,
+                peak_kv_bytes=llm.memory_report()["paged_peak_bytes"] if llm is not None else None,
+            )  # fmt: skip
+            _write_summary(summary, settings.summary_json)
+    if interrupted:
         console.print(
             f"Interrupted by {interrupts.name}: {records(result.not_run)} not run yet. "
             f"Resume with:\n  {resume}",
             soft_wrap=True, markup=False, highlight=False,
         )  # fmt: skip
-        raise typer.Exit(interrupts.exit_code)
+        raise typer.Exit(code)
+    if too_many:
+        fail(f"{too_many} (exit {code}); every line is written: fix the failed records "
+             "and run them again with --retry-errors", code=code)  # fmt: skip
 
 
 def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
+    from pagedbatch.engine.tensor_parallel import TensorParallelError
     from pagedbatch.llm import LLM
     from pagedbatch.models.names import ModelLoadError
+    from pagedbatch.models.weights import model_bytes
 
     if cluster is not None:
         return load_ray_llm(settings, cluster)
     quiet_libraries()
     try:
         llm = LLM(config=settings.engine)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, ValueError, TensorParallelError) as e:
         fail(str(e))
     except (RuntimeError, MemoryError) as e:  # the KV cache (or the model) does not fit
         fail(f"cannot load {settings.engine.model} with this KV cache ({first_line(e)}); "
              "lower --num-blocks or --kv-memory", code=1)  # fmt: skip
+    if llm.quantization is not None:
+        console.print(
+            f"Weights: {llm.quantization.description}; {model_bytes(llm.model) / 2**20:,.1f} MiB.",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
+    if llm.kv_cache.quantized:
+        console.print(
+            f"KV cache: {str(llm.kv_cache.spec.dtype).removeprefix('torch.')}, a scale per "
+            f"layer and KV head: {llm.kv_cache.scales_source}.",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
     if llm.cuda_graphs_problem:
         console.print(
             f"CUDA graphs are off, decode runs eagerly: {llm.cuda_graphs_problem}",
@@ -199,13 +255,15 @@ def _load_llm(settings: RunSettings, cluster: RayOptions | None = None) -> Any:
 
 
 def _run_with_progress(
-    job: Job, llm: Any, interrupts: Interrupts, progress: JobProgress, resume: str
+    job: Job, llm: Generator | None, interrupts: Interrupts, progress: JobProgress, resume: str
 ) -> JobResult:
     if llm is None:
         return job.run(None, should_stop=interrupts.requested)
     import torch
 
+    from pagedbatch.engine.tensor_parallel import TensorParallelError
     from pagedbatch.inputs.reader import InputError
+    from pagedbatch.ray.cluster import ClusterError  # (it imports Ray only when asked)
 
     prior = job.settings.sampling.most_output_tokens
     progress.generating(len(job.todo), prior_tokens_per_record=prior)
@@ -217,7 +275,11 @@ def _run_with_progress(
             ),
             on_prepared=progress.prepared,
         )  # fmt: skip
-    except InputError as e:  # the input changed while the job ran
+    except (
+        InputError,
+        TensorParallelError,
+        ClusterError,
+    ) as e:  # the input changed, a rank died, the Ray cluster went away
         fail(f"{e}; the lines before are safe. Resume with: {resume}", code=1)
     except OSError as e:
         where = e.filename or job.output
@@ -257,7 +319,9 @@ def records(n: int) -> str:
     return f"{n} record" if n == 1 else f"{n} records"
 
 
-def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: float) -> None:
+def _summary(
+    job: Job, result: JobResult, llm: Generator | None, seconds: float, generating: float
+) -> None:
     if not job.records:
         console.print(
             f"The input has no records; {job.output} is empty.",
@@ -271,33 +335,74 @@ def _summary(job: Job, result: JobResult, llm: Any, seconds: float, generating: 
         )  # fmt: skip
         return
     codes = result.codes
-    failed = result.written - codes["ok"]
+    failed = result.failed
     detail = ", ".join(f"{n} {code}" for code, n in sorted(codes.items()) if code != "ok")
     text = f"Wrote {records(result.written)} to {job.output} ({codes['ok']} ok" + (
         f", {failed} failed: {detail})" if failed else ")"
     )
+    text += f" in {seconds:.1f} s"
+    if llm is not None:
+        text += _run_figures(llm.stats(), codes["ok"], generating, llm.dtype)
+    if result.incomplete:
+        text += (
+            f"; {records(result.incomplete)} cut before the end of their constraint "
+            "(no parsed value)"
+        )
     if result.skipped:
         text += f"; skipped {result.skipped} already done"
-    if llm is not None:
-        stats = llm.stats()
-        rate = (
-            f"{stats.generated_tokens / max(generating, 1e-9):.1f} output tok/s"
-            if stats.generated_tokens
-            else f"{result.written / max(generating, 1e-9):.1f} records/s"
-        )
-        text += (
-            f" in {seconds:.1f} s ({generating:.1f} s generating, {rate}, {llm.dtype}); peak KV "
-            f"blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, {stats.preemptions} "
-            "preemptions"
-        )
-        if stats.graph_steps:
-            text += f", {stats.graph_steps} decode steps from CUDA graphs"
+    if job.index.ignored:
+        fields = ", ".join(f"{name!r} in {records(n)}" for name, n in job.index.ignored.items())
+        text += f"; ran without unsupported body fields (--lenient): {fields}"
     if failed and job.errors_path is not None:
         text += f"; failed records in {job.errors_path}"
     console.print(text + ".", soft_wrap=True, markup=False, highlight=False)
 
 
-def _memory_report(llm: Any, output: Path) -> None:
+def _run_figures(stats: Any, ran: int, generating: float, dtype: str) -> str:
+    """' (12.0 s generating, 43.4 output tok/s, bfloat16); peak KV ...' for the records that ran: a
+    job that generates nothing (choices are scored) in records/s; none when every record
+    failed before it ran."""
+    if not ran:
+        return ": no record ran (each failed before it started)"
+    seconds = max(generating, 1e-9)
+    if stats.generated_tokens:
+        pace = f"{generating:.1f} s generating, {stats.generated_tokens / seconds:.1f} output tok/s"
+    else:
+        pace = f"{generating:.1f} s scoring, {ran / seconds:.1f} records/s"
+    pace += f", {dtype}"
+    text = (
+        f" ({pace}); peak KV blocks {stats.peak_blocks_in_use}/{stats.num_blocks}, "
+        f"{stats.preemptions} preemption{'' if stats.preemptions == 1 else 's'}"
+    )
+    if stats.graph_steps:
+        text += f", {stats.graph_steps} decode steps from CUDA graphs"
+    return text
+
+
+def _drop_stale_summary(path: Path | None) -> None:
+    """A summary left by an earlier run goes once this one starts: if this run ends
+    before writing its own, none is there to be taken for it."""
+    if path is not None and str(path) != "-":
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _write_summary(summary: dict[str, Any], path: Path) -> None:
+    text = json.dumps(summary, indent=1) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from pagedbatch.files import atomic_write
+
+    try:
+        with atomic_write(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        fail(f"cannot write the summary {path}: {e.strerror or e}; the output is complete", 1)
+
+
+def _memory_report(llm: Generator, output: Path) -> None:
     from pagedbatch.cli.report import memory_table, write_timeline_png
     from pagedbatch.job.job import report_paths
 
@@ -307,6 +412,7 @@ def _memory_report(llm: Any, output: Path) -> None:
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drawn = write_timeline_png(report, png_path)
     console.print(
-        f"Memory report: {json_path}" + (f", {png_path}" if drawn else " (pip install "
-        "matplotlib for the timeline chart)"), soft_wrap=True, markup=False, highlight=False,
+        f"Memory report: {json_path}" + (f", {png_path}" if drawn else "; no chart "
+        f"{png_path}: matplotlib is not installed (pip install matplotlib, or "
+        "scripts/setup.sh)"), soft_wrap=True, markup=False, highlight=False,
     )  # fmt: skip

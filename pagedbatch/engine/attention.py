@@ -7,6 +7,8 @@ as keyword arguments of the model's forward (no global state).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import AttentionInterface
 
@@ -29,6 +31,17 @@ def triton_problem(device: torch.device) -> str | None:
             "or use attention 'torch'"
         )
     return launch_problem(device)
+
+
+def kv_dtype_problem(backend: str, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
+    """Why attention `backend` cannot keep K/V in `kv_dtype` for a `model_dtype` model."""
+    if backend == "triton" and kv_dtype != model_dtype:
+        kv, model = (str(d).removeprefix("torch.") for d in (kv_dtype, model_dtype))
+        return (
+            f"a {kv} KV cache runs with --attention torch: the Triton kernels read and write "
+            f"K/V in the model's dtype ({model}); pass --attention torch, or --kv-dtype auto"
+        )
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -76,6 +89,8 @@ class PagedAttention:
         # The torch backend's plans of the step being run (`_torch_plan`).
         self._plans_for: Batch | None = None
         self._plans: dict[tuple[int | None, reference.Shape], reference.Plan] = {}
+        # Called with (layer, key, value) before a layer stores them (engine/kv_scales.py).
+        self.before_store: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     def __call__(
         self,
@@ -88,15 +103,19 @@ class PagedAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        if self.before_store is not None:
+            self.before_store(layer, key, value)
         if self.backend == "triton":
             return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
-        reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        k_scale, v_scale = self.kv_cache.scales(layer)  # an fp8 cache's; else None
+        reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping,
+                           k_scale=k_scale, v_scale=v_scale)  # fmt: skip
         cascade = self._plan(batch, sliding_window)
         if cascade is not None:
             self.cascade_saved_token_reads += cascade.saved_token_reads
         shape = reference.Shape.of(query, k_cache)
         plan = self._torch_plan(batch, sliding_window, cascade, shape)
-        return reference.run(plan, query, k_cache, v_cache, scale)
+        return reference.run(plan, query, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
 
     def _torch_plan(
         self, batch: Batch, sliding_window: int | None, cascade: CascadePlan | None,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ class Batch:
     query_start_loc_host: list[int]
     cascade: CascadePlan | None = None  # sequences sharing prefix pages (not for graph replays)
     scores: Scoring | None = None  # the logits rows that score choices (engine/scoring.py)
+    # The sampling rows' host facts, in logits-row order: each one's block-table row (the
+    # row of its params: engine/sampling_slots.py) and the position of the token it samples.
+    sample_rows: np.ndarray | None = None  # [num_sampled] int64
+    sample_positions: np.ndarray | None = None  # [num_sampled] int64
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from pagedbatch.engine.block_pool import BlockPool, blocks_for
 from pagedbatch.engine.block_tables import BlockTables
 from pagedbatch.engine.memory import KVUsage
@@ -50,6 +52,9 @@ class BlockManager:
         self.tables = BlockTables(max_num_seqs, max_blocks_per_seq)
         self._cache_nodes: dict[int, Node] = {}  # seq_id -> end of its locked cached path
         self._inserted: dict[int, int] = {}  # seq_id -> its blocks in the cache (> 0)
+        # Sequences whose partly filled last block may be shared (forks, until they write):
+        # the only ones whose next token may need a copy-on-write.
+        self.shared_tails: set[int] = set()
 
     def cache_node(self, seq: Sequence) -> Node | None:
         """The end of `seq`'s path in the prefix cache, locked for it (None: no path)."""
@@ -103,6 +108,8 @@ class BlockManager:
             self.usage.release(old)
             self.pool.free([old])
             copies.append(BlockCopy(old, new))
+        if num_new_tokens:
+            self.shared_tails.discard(seq.seq_id)  # its last block is its own from here on
         end = seq.num_computed_tokens + num_new_tokens
         missing = self.blocks_for(end) - len(seq.block_table)
         if missing > 0:
@@ -115,27 +122,60 @@ class BlockManager:
         """Mark the next `num_new_tokens` tokens computed; cache blocks that became full."""
         begin = seq.num_computed_tokens
         end = seq.num_computed_tokens = begin + num_new_tokens
+        size, table, fill = self.block_size, seq.block_table, self.usage.fill
+        for index in range(begin // size, -(-end // size)):
+            fill(table[index], min(size, end - index * size))
+        if end // size > begin // size:
+            self._cache_full_blocks(seq)
+
+    def commit_each(
+        self, seqs: list[Sequence], begins: list[int], counts: list[int], rows: np.ndarray
+    ) -> None:
+        """`commit(seqs[i], counts[i])` for each i (`begins[i]`: its computed tokens now,
+        `rows[i]` its row of the block tables); a step where each computes one token
+        (decode) with numpy, looping only over those whose block became full."""
+        if len(seqs) != sum(counts) or 0 in counts:
+            for seq, n in zip(seqs, counts):
+                self.commit(seq, n)
+            return
         size = self.block_size
-        for index in range(begin // size, blocks_for(end, size)):
-            self.usage.fill(seq.block_table[index], min(size, end - index * size))
+        index = np.array(begins, dtype=np.int64) // size  # the block each token lands in
+        blocks = self.tables.host[rows, index]
+        ends = [b + 1 for b in begins]
+        for seq, end in zip(seqs, ends):
+            seq.num_computed_tokens = end
+        self.usage.write_each(blocks, np.array(ends, dtype=np.int64) - index * size)
+        for seq, end in zip(seqs, ends):
+            if end % size == 0:  # its block became full
+                self._cache_full_blocks(seq)
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Put `seq`'s whole computed blocks that the prefix cache lacks in it."""
+        size, end = self.block_size, seq.num_computed_tokens
         full, inserted = end // size, self.num_inserted_blocks(seq)
         if self.prefix_cache is None or full <= inserted:
             return
-        cached = self.prefix_cache.insert(seq.token_ids[: full * size], seq.block_table[:full])
+        # Only the newly full blocks, after the end of the sequence's cached path.
+        cached = self.prefix_cache.insert(
+            seq.token_ids[inserted * size : full * size],
+            seq.block_table[inserted:full],
+            self.cache_node(seq),
+        )
         self._adopt(seq, cached.blocks, inserted)
         self._move_lock(seq, cached.node)
         self._inserted[seq.seq_id] = full
 
     def _adopt(self, seq: Sequence, cached: list[int], start: int) -> None:
-        """Hold the cache's copy of each block from `start` on that `seq` computed twice.
+        """Hold the cache's copy of each block that `seq` computed twice: `cached` are the
+        tree's blocks for the sequence's blocks from `start` on.
 
         Two sequences that computed the same tokens in the same step both insert them;
         the tree keeps the first one's blocks. The second gives its duplicates back, so
         its lock never pins two copies of a block (on a small pool that could leave a
         sequence unable to grow, preempting itself again and again).
         """
-        for index in range(start, len(cached)):
-            own, block = seq.block_table[index], cached[index]
+        for index, block in enumerate(cached, start):
+            own = seq.block_table[index]
             if own == block:
                 continue
             self._share([block])
@@ -169,6 +209,8 @@ class BlockManager:
         if child.block_table:
             raise RuntimeError("fork() into a sequence that already holds blocks")
         self._share(parent.block_table)
+        if parent.num_computed_tokens % self.block_size:
+            self.shared_tails.update((parent.seq_id, child.seq_id))
         child.block_table = list(parent.block_table)
         self.tables.write(child.seq_id, 0, child.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
@@ -189,6 +231,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._inserted.pop(seq.seq_id, None)
+        self.shared_tails.discard(seq.seq_id)
 
     def _share(self, blocks: list[int]) -> None:
         """One more table holds each of `blocks`."""
@@ -204,19 +247,17 @@ class BlockManager:
 
     def _move_lock(self, seq: Sequence, node: Node | None) -> None:
         """`seq`'s cached path now ends at `node`: lock it, unlock the old end."""
-        if node is not None:
-            self.prefix_cache.lock(node)
-            old = self._cache_nodes.get(seq.seq_id)
-            self._cache_nodes[seq.seq_id] = node
-        else:
+        if node is None:
             old = self._cache_nodes.pop(seq.seq_id, None)
-        if old is not None:
-            self.prefix_cache.unlock(old)
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """The physical KV slot of token `position` of `seq`."""
-        block = seq.block_table[position // self.block_size]
-        return block * self.block_size + position % self.block_size
+            if old is not None:
+                self.prefix_cache.unlock(old)
+            return
+        old = self._cache_nodes.get(seq.seq_id)
+        self._cache_nodes[seq.seq_id] = node
+        if old is None:
+            self.prefix_cache.lock(node)
+        else:
+            self.prefix_cache.move_lock(old, node)
 
     def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
         # The next write lands in the last block only when it is partially filled.

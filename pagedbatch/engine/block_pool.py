@@ -38,9 +38,6 @@ class BlockPool:
     def refcount(self, block: int) -> int:
         return self._refcount[block]
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
     def allocate(self, n: int) -> list[int]:
         """Take `n` free blocks, each with refcount 1."""
         if n > len(self._free):

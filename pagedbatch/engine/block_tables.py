@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pagedbatch.engine.staging import Uploads
+
 
 class BlockTables:
     """Rows of physical block ids, `[num_rows, width]` int32, one row per sequence that holds
@@ -14,7 +16,8 @@ class BlockTables:
     travel (one host-to-device copy), so a step's batch reads its block tables by row
     with no table rebuilt on the host. On the CPU the device copy is the array itself.
     Rows and width grow (doubling) if a sequence needs more; the device copy is then
-    made anew, which a CUDA graph holding the old one must notice (`version`).
+    made anew (a step gathers its rows from the current copy; CUDA graphs copy those into
+    buffers of their own, so none holds the old one).
     """
 
     def __init__(self, num_rows: int = 8, width: int = 8) -> None:
@@ -23,7 +26,6 @@ class BlockTables:
         self._row_of: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._device: torch.Tensor | None = None
-        self.version = 0  # bumped whenever the device copy is reallocated
 
     @property
     def width(self) -> int:
@@ -31,6 +33,11 @@ class BlockTables:
 
     def row(self, seq_id: int) -> int:
         return self._row_of[seq_id]
+
+    def rows(self, seq_ids: list[int]) -> np.ndarray:
+        """The rows of `seq_ids` [n] int64."""
+        row_of = self._row_of
+        return np.array([row_of[i] for i in seq_ids], dtype=np.int64)
 
     def write(self, seq_id: int, start: int, blocks: list[int]) -> None:
         """Entries `start ..` of the sequence's table are now `blocks` (a row if it had none)."""
@@ -49,25 +56,22 @@ class BlockTables:
         if row is not None:
             self._free_rows.append(row)
 
-    def device(self, device: torch.device) -> torch.Tensor:
-        """`[num_rows, width]` int32 on `device`, current with every write so far."""
+    def device(self, uploads: Uploads) -> torch.Tensor:
+        """`[num_rows, width]` int32 on the uploads' device, current with every write so
+        far (the rows written since the last call go up through `uploads`)."""
+        device = uploads.device
         if self._device is None or self._device.device != device:
-            self._device = self._new_device_copy(device)
+            self._device = self._new_device_copy(uploads)
         elif self._dirty and device.type != "cpu":
-            rows = sorted(self._dirty)
-            staged = torch.from_numpy(self.host[rows]).pin_memory()
-            index = torch.tensor(rows, dtype=torch.long).pin_memory()
-            self._device.index_copy_(
-                0, index.to(device, non_blocking=True), staged.to(device, non_blocking=True)
-            )
+            rows = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
+            self._device.index_copy_(0, uploads.put(rows), uploads.put(self.host[rows]))
         self._dirty.clear()
         return self._device
 
-    def _new_device_copy(self, device: torch.device) -> torch.Tensor:
-        self.version += 1
-        if device.type == "cpu":
+    def _new_device_copy(self, uploads: Uploads) -> torch.Tensor:
+        if uploads.device.type == "cpu":
             return torch.from_numpy(self.host)  # shares memory: writes show at once
-        return torch.from_numpy(self.host).to(device)
+        return uploads.put(self.host)
 
     def _take_row(self) -> int:
         if not self._free_rows:

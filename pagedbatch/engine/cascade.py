@@ -14,6 +14,7 @@ so every query of the group sees every key of the prefix: no causal mask there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -64,24 +65,17 @@ class CascadePlan:
     block_size: int
     query_start_loc: tuple[int, ...]
     prefix_host: tuple[tuple[int, ...], ...]  # per group: its prefix's block ids
-    device: torch.device
+    upload: Callable[[np.ndarray], torch.Tensor]  # an array on the device (the step's uploads)
 
     @cached_property
     def prefix_blocks(self) -> tuple[torch.Tensor, ...]:
         """`prefix_host` on the device (the torch backend's gathers), uploaded on first use."""
-        return tuple(
-            torch.tensor(p, dtype=torch.int64).to(self.device, non_blocking=True)
-            for p in self.prefix_host
-        )
+        return tuple(self.upload(np.array(p, dtype=np.int64)) for p in self.prefix_host)
 
     @property
     def saved_token_reads(self) -> int:
         """Key/value tokens per layer and KV head not read this step thanks to the plan."""
         return sum((len(g.seqs) - 1) * g.num_prefix_blocks for g in self.groups) * (self.block_size)
-
-    @cached_property
-    def grouped_seqs(self) -> list[int]:
-        return sorted(i for g in self.groups for i in g.seqs)
 
     @cached_property
     def decode_groups(self) -> list[tuple[list[int], tuple[int, ...]]]:
@@ -124,8 +118,7 @@ class CascadePlan:
         if groups is None:
             return None
         seqs = [i for members, _ in self.extend_groups for i in members]
-        rows = torch.tensor(self.rows(seqs)).to(self.device, non_blocking=True)
-        return ExtendCascade(groups, rows)
+        return ExtendCascade(groups, self.upload(np.array(self.rows(seqs), dtype=np.int64)))
 
     def _upload(
         self, kept: list[tuple[list[int], tuple[int, ...]]], by_token: bool
@@ -147,12 +140,8 @@ class CascadePlan:
         lens = np.array([len(b) * self.block_size for _, b in kept], dtype=np.int32)
         counts = np.array([len(ids) for ids in members], dtype=np.int32)
 
-        def upload(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(self.device, non_blocking=True)
-
-        return DecodeCascade(
-            upload(starts), upload(tables), upload(lens), upload(rows), upload(counts), most
-        )
+        up = self.upload
+        return DecodeCascade(up(starts), up(tables), up(lens), up(rows), up(counts), most)
 
     def rows(self, seqs: list[int] | tuple[int, ...]) -> list[int]:
         """The query rows (flat token indices) of `seqs`, in order."""
@@ -195,20 +184,24 @@ def plan_cascade(
         return []
     first = rows[candidates, 0]
     order = np.argsort(first, kind="stable")
-    bounds = np.flatnonzero(np.diff(first[order])) + 1
+    first = first[order]
+    bounds = np.flatnonzero(first[1:] != first[:-1]) + 1
+    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(first)]])
+    big = np.flatnonzero(ends - starts >= MIN_GROUP_SEQS)  # groups of one are never kept
+    ordered_candidates = candidates[order]
     groups = []
-    for members in np.split(candidates[order], bounds):
-        if len(members) < MIN_GROUP_SEQS:
-            continue
+    for begin, end in zip(starts[big].tolist(), ends[big].tolist()):
+        members = ordered_candidates[begin:end]
         shared = _shared_blocks(rows[members], usable[members])
-        counts = (shared[None, :] >= shared[:, None]).sum(axis=1)  # members sharing >= l_i
+        ordered = np.sort(shared)
+        counts = len(shared) - np.searchsorted(ordered, shared)  # members sharing >= l_i
         saved = np.where(shared >= least, (counts - 1) * shared, 0)
         if saved.max() == 0:
             continue
         prefix = int(shared[saved == saved.max()].max())
         kept = members[shared >= prefix]
         if len(kept) >= MIN_GROUP_SEQS:
-            groups.append(CascadeGroup(tuple(int(i) for i in sorted(kept)), prefix))
+            groups.append(CascadeGroup(tuple(np.sort(kept).tolist()), prefix))
     return groups
 
 
@@ -217,9 +210,10 @@ def _shared_blocks(rows: np.ndarray, usable: np.ndarray) -> np.ndarray:
     blocks, at most its own `usable`."""
     ref = int(np.argmax(usable))
     width = int(usable[ref])
-    equal = rows[:, :width] == rows[ref, :width]  # [members, width]
-    run = np.where(equal.all(axis=1), width, np.argmin(equal, axis=1))
-    return np.minimum(run, usable)
+    equal = np.empty((len(rows), width + 1), dtype=bool)  # [members, width + 1]
+    equal[:, :width] = rows[:, :width] == rows[ref, :width]
+    equal[:, width] = False  # ends every run
+    return np.minimum(equal.argmin(axis=1), usable)
 
 
 def make_plan(
@@ -228,9 +222,16 @@ def make_plan(
     block_size: int,
     query_start_loc: list[int],
     device: torch.device,
+    upload: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> CascadePlan | None:
-    """The plan of `groups` (None when there is none)."""
+    """The plan of `groups` (None when there is none); its index arrays go to `device`
+    through `upload` (the engine's pinned staging) or a plain copy."""
     if not groups:
         return None
+    if upload is None:
+
+        def upload(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device)
+
     prefix = tuple(tuple(rows[g.seqs[0], : g.num_prefix_blocks].tolist()) for g in groups)
-    return CascadePlan(tuple(groups), block_size, tuple(query_start_loc), prefix, device)
+    return CascadePlan(tuple(groups), block_size, tuple(query_start_loc), prefix, upload)

@@ -5,19 +5,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pagedbatch.engine.reasoning import REASONING_PARSERS
 from pagedbatch.engine.threads import cpus_busy_elsewhere, default_threads, process_cpus
 from pagedbatch.engine.units import parse_memory
 from pagedbatch.models.names import DEFAULT_MODEL
+from pagedbatch.models.quantization import QUANTIZE_MODES
+from pagedbatch.sampling_params import short_repr
 
 if TYPE_CHECKING:  # torch is imported where a property needs it: checking a config is cheap
     import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The KV cache's element type: "auto" is the model's dtype; fp8 is float8 e4m3 with a scale
+# per layer and KV head (engine/kv_cache.py).
+KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -39,12 +46,19 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     chat: bool = False
+    # Variables of the chat template (e.g. {"enable_thinking": False}); a record's own win.
+    chat_template_kwargs: Mapping[str, Any] | None = None
     prefix_sharing: bool = True
     memory_report: bool = False  # keep a KV snapshot per step, for memory_report()
     cache_dir: str | None = None
     threads: int | None = None  # torch's intra-op threads; None: see torch_threads
     cuda_graphs: bool | None = None  # decode from CUDA graphs; None: see use_cuda_graphs
     cascade: bool = True  # read shared prefix pages once per step (engine/cascade.py)
+    quantize: str | None = None  # quantize the weights at load with torchao: int8, int4, fp8
+    kv_dtype: str = "auto"  # the KV cache's dtype: auto (the model's), fp32, bf16, fp16, fp8
+    tensor_parallel: int = 1  # ranks the model is sharded over (engine/tensor_parallel.py)
+    # Split a thinking model's output into reasoning and answer (engine/reasoning.py).
+    reasoning_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -52,6 +66,14 @@ class EngineConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(
+                f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}"
+            )
+        if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(
+                f"kv_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}"
             )
         if self.attention not in BACKENDS:
             raise ValueError(
@@ -73,12 +95,41 @@ class EngineConfig:
                 "cuda_graphs needs a CUDA device and triton attention, got device "
                 f"{self.device} and attention {self.attention}"
             )
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and (problem := self._tensor_parallel_problem()) is not None:
+            raise ValueError(problem)
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
         if self.num_blocks is not None and self.kv_memory is not None:
             raise ValueError("give num_blocks or kv_memory, not both")
         if self.kv_memory is not None:
             parse_memory(self.kv_memory)
+        check_template_kwargs(self.chat_template_kwargs, "chat_template_kwargs")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                f"got {self.reasoning_parser!r}"
+            )
+
+    def _tensor_parallel_problem(self) -> str | None:
+        """What tensor parallelism cannot run with (engine/tensor_parallel.py), or None."""
+        n = self.tensor_parallel
+        if self.cuda_graphs:
+            return (
+                f"tensor_parallel {n} runs decode eagerly: CUDA graphs are not captured with "
+                "collectives yet; drop cuda_graphs (--no-cuda-graphs)"
+            )
+        if self.attention == "triton":
+            return f"tensor_parallel {n} runs the torch attention only, got attention triton"
+        if self.device.startswith("cuda:"):
+            return f"tensor_parallel {n} puts rank r on cuda:r; give device cuda, not {self.device}"
+        if self.quantize is not None or self.kv_dtype != "auto":
+            return (
+                f"tensor_parallel {n} runs full-precision weights and the model's KV dtype "
+                "only: drop quantize and kv_dtype (not built yet)"
+            )
+        return None
 
     @property
     def torch_device(self) -> torch.device:
@@ -103,10 +154,21 @@ class EngineConfig:
         return torch.float32
 
     @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: `kv_dtype`, or the model's (`torch_dtype`) for auto."""
+        import torch
+
+        if self.kv_dtype == "auto":
+            return self.torch_dtype
+        return getattr(torch, KV_DTYPES[self.kv_dtype])
+
+    @property
     def attention_backend(self) -> str:
         """The attention to run: 'auto' is triton on CUDA when Triton imports, else torch."""
         from pagedbatch.engine.attention import resolve_backend
 
+        if self.tensor_parallel > 1:
+            return "torch"  # config_problem refused triton by name
         return resolve_backend(self.attention, self.torch_device)
 
     @property
@@ -115,6 +177,7 @@ class EngineConfig:
         attention. The torch backend sizes each step's gathers from its contexts on the
         host, so a graph of it would be wrong for the next step: True then is refused."""
         capturable = self.torch_device.type == "cuda" and self.attention_backend == "triton"
+        capturable = capturable and self.tensor_parallel == 1
         if self.cuda_graphs and not capturable:  # device or attention auto, resolved here
             raise ValueError(
                 "cuda_graphs needs a CUDA device and triton attention, got device "
@@ -125,7 +188,8 @@ class EngineConfig:
     @property
     def torch_threads(self) -> int | None:
         """The intra-op threads to give torch: `threads`, else (on CPU) the CPUs this process
-        may use less those other processes keep busy now, at least 1 (engine/threads.py);
+        may use less those other processes keep busy now, at least 1 (engine/threads.py),
+        shared by the tensor-parallel ranks (each computes at once on the same cores);
         None (torch's own) on CUDA or when OMP_NUM_THREADS is set."""
         if self.threads is not None:
             return self.threads
@@ -133,7 +197,8 @@ class EngineConfig:
             return None
         if self.torch_device.type != "cpu":
             return None  # the host thread mostly launches kernels
-        return default_threads(process_cpus(), cpus_busy_elsewhere())
+        threads = default_threads(process_cpus(), cpus_busy_elsewhere())
+        return max(1, threads // self.tensor_parallel)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -147,6 +212,16 @@ def cpu_has_native_bfloat16() -> bool:
 
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def check_template_kwargs(kwargs: Any, name: str) -> None:
+    """Raise ValueError unless `kwargs` is None or an object of named template variables."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(
+            f"{name} must be an object of template variables, got {short_repr(kwargs)}"
+        )
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:

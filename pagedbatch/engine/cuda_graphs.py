@@ -121,14 +121,15 @@ class CudaGraphRunner:
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.device)
 
-    def replays(self, batch: Batch) -> bool:
-        """Whether `batch` runs from a graph: a decode-only step (every sequence samples its
-        one new token: `Batch.decode_only`) of a captured bucket's size or less."""
-        return batch.decode_only and bucket_for(batch.num_seqs, self.buckets) is not None
+    def takes(self, num_seqs: int, decode_only: bool) -> bool:
+        """Whether a batch of `num_seqs` sequences runs from a graph: a decode-only step
+        (every sequence samples its one new token: `Batch.decode_only`) of a captured
+        bucket's size or less."""
+        return decode_only and bucket_for(num_seqs, self.buckets) is not None
 
     def run(self, batch: Batch) -> torch.Tensor | None:
         """Replay the graph of `batch`'s bucket; None when the step must run eagerly."""
-        if not self.replays(batch):
+        if not self.takes(batch.num_seqs, batch.decode_only):
             return None
         size = bucket_for(batch.num_seqs, self.buckets)
         graph, logits = self.graphs[size]

@@ -1,4 +1,11 @@
-"""The paged KV cache tensors of one model, and how many blocks fit in memory."""
+"""The paged KV cache tensors of one model, and how many blocks fit in memory.
+
+An fp8 cache (float8 e4m3, `--kv-dtype fp8`) holds each K and V divided by a scale of its
+layer and KV head (`k_scale`, `v_scale`: [num_layers, num_kv_heads] float32, beside the
+pool: 8 bytes a layer and head, not per block). Where the scales come from: the
+checkpoint's own `k_scale` / `v_scale` when it has them, else measured at load
+(engine/kv_scales.py); they never change after that.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedbatch.engine.block_manager import BlockCopy
 from pagedbatch.engine.units import parse_memory
+from pagedbatch.kernels.reference import FP8
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,20 @@ class KVCacheSpec:
 
 
 class KVCache:
-    """Per-layer K and V pools of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer K and V pools of shape [num_blocks, block_size, num_kv_heads, head_dim],
+    and an fp8 pool's scales."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
         shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # An fp8 pool's scales: ones until `set_scales` (the store divides by them).
+        self.k_scale: torch.Tensor | None = None  # [num_layers, num_kv_heads] float32
+        self.v_scale: torch.Tensor | None = None
+        self.scales_source: str | None = None  # where they came from, for people
+        if spec.dtype == FP8:
+            ones = torch.ones(spec.num_layers, spec.num_kv_heads, device=device)
+            self.k_scale, self.v_scale = ones, ones.clone()
         # Uninitialised: kernels read only slots a sequence wrote (padding they gather is
         # masked and zeroed), and on CPU pages never touched cost no RAM.
         self.k = [
@@ -58,15 +73,32 @@ class KVCache:
     def nbytes(self) -> int:
         return self.num_blocks * self.spec.bytes_per_block
 
-    def copy_blocks(self, copies: list[BlockCopy]) -> None:
-        """Copy whole blocks (copy-on-write) in every layer."""
-        if not copies:
-            return
-        device = self.k[0].device
-        src = torch.tensor([c.src for c in copies], device=device)
-        dst = torch.tensor([c.dst for c in copies], device=device)
+    @property
+    def quantized(self) -> bool:
+        """An fp8 pool: its entries are read and written with `k_scale` / `v_scale`."""
+        return self.k_scale is not None
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer `layer`'s k_scale and v_scale ([num_kv_heads]), or (None, None)."""
+        if self.k_scale is None or self.v_scale is None:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
+
+    def set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor, source: str) -> None:
+        """Fix an fp8 pool's scales ([num_layers, num_kv_heads]) before anything is stored."""
+        if self.k_scale is None or self.v_scale is None:
+            raise ValueError(f"a {self.spec.dtype} KV cache has no scales")
+        self.k_scale.copy_(k_scale)
+        self.v_scale.copy_(v_scale)
+        self.scales_source = source
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks `src[i]` into `dst[i]` (copy-on-write) in every layer, byte for
+        byte (an fp8 block keeps its values: the scales are the layer's, not the block's);
+        the block ids [num_copies] int64 on the cache's device."""
         for cache in (*self.k, *self.v):
-            cache[dst] = cache[src]
+            raw = cache.view(torch.uint8) if cache.dtype == FP8 else cache
+            raw[dst] = raw[src]
 
 
 def free_memory(device: torch.device) -> int:

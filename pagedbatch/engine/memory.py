@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from pagedbatch.engine.sequence import Sequence
 
@@ -38,12 +40,28 @@ class KVSnapshot:
         return self.private + self.shared
 
 
+class RunningFigures(NamedTuple):
+    """What a KVSnapshot needs of the running sequences (kept as they join and leave:
+    `scheduler.RunningSet.figures`)."""
+
+    count: int
+    max_len_sum: int  # tokens a contiguous cache would reserve for them
+    longest: int  # the largest max_len (0: none)
+
+
+def running_figures(running: Collection[Sequence]) -> RunningFigures:
+    """The RunningFigures of `running`, counted."""
+    return RunningFigures(
+        len(running), sum(s.max_len for s in running), max((s.max_len for s in running), default=0)
+    )
+
+
 class KVUsage:
     """Counters of the blocks that block tables hold, kept as blocks move.
 
     The BlockManager calls `hold` / `release` for every block-table entry it adds or
     drops and `fill` as tokens are computed, so reading the figures costs O(1) per step
-    (`count_snapshot` recounts them from the tables, for the tests). A block's `filled`
+    (tests/test_step_state.py recounts them from the tables after every step). A block's `filled`
     slots only grow while it is held (no block is written while shared, and tables are
     append-only); a block starts empty when it is allocated.
     """
@@ -51,7 +69,8 @@ class KVUsage:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.holders = [0] * num_blocks  # block tables holding each block
-        self.filled = [0] * num_blocks  # computed slots of each block
+        # Computed slots of each block (an array: a decode step writes them at once).
+        self.filled = np.zeros(num_blocks, dtype=np.int32)
         self.in_use = 0  # blocks held by at least one table
         self.shared = 0  # blocks held by two or more tables
         self.logical = 0  # block-table entries
@@ -67,7 +86,7 @@ class KVUsage:
         self.logical += 1
         if n == 0:
             self.in_use += 1
-            self.live_slots += self.filled[block]
+            self.live_slots += int(self.filled[block])
         elif n == 1:
             self.shared += 1
 
@@ -77,35 +96,41 @@ class KVUsage:
         self.logical -= 1
         if n == 0:
             self.in_use -= 1
-            self.live_slots -= self.filled[block]
+            self.live_slots -= int(self.filled[block])
         elif n == 1:
             self.shared -= 1
 
     def fill(self, block: int, slots: int) -> None:
         """`block` now holds `slots` computed slots (never fewer than before)."""
-        grown = slots - self.filled[block]
+        grown = slots - int(self.filled[block])
         if grown > 0:
             self.filled[block] = slots
             if self.holders[block]:
                 self.live_slots += grown
 
+    def write_each(self, blocks: np.ndarray, slots: np.ndarray) -> None:
+        """`fill(blocks[i], slots[i])` for blocks that a step wrote: each held by the
+        sequence that wrote it, which holds more computed slots there than before (no
+        block is written while shared), so each grows and counts."""
+        self.live_slots += int((slots - self.filled[blocks]).sum())
+        self.filled[blocks] = slots
+
     def snapshot(
-        self, step: int, running: list[Sequence], num_used: int, num_free: int
+        self, step: int, running: RunningFigures, num_used: int, num_free: int
     ) -> KVSnapshot:
-        """The KVSnapshot of now: the counters, plus O(running) for the reserved figures."""
+        """The KVSnapshot of now, from the counters (O(1))."""
         in_use, block_size = self.in_use, self.block_size
-        longest = max((s.max_len for s in running), default=0)
         return KVSnapshot(
             step=step,
-            running=len(running),
+            running=running.count,
             private=in_use - self.shared,
             shared=self.shared,
             cached=num_used - in_use,
             free=num_free,
             logical=self.logical,
             live_slots=self.live_slots,
-            reserved_tokens=sum(s.max_len for s in running),
-            padded_tokens=longest * len(running),
+            reserved_tokens=running.max_len_sum,
+            padded_tokens=running.longest * running.count,
             kv_waste=1 - self.live_slots / (in_use * block_size) if in_use else 0.0,
         )
 
@@ -114,35 +139,6 @@ class KVUsage:
         """1 - live slots / slots of the blocks in use (0 with none in use)."""
         slots = self.in_use * self.block_size
         return 1 - self.live_slots / slots if slots else 0.0
-
-
-def count_snapshot(
-    step: int, running: list[Sequence], num_used: int, num_free: int, block_size: int
-) -> KVSnapshot:
-    """Count the blocks of `running` from their block tables (O(blocks)): what `KVUsage`
-    must always agree with."""
-    holders = Counter(b for seq in running for b in seq.block_table)
-    shared = sum(1 for n in holders.values() if n > 1)
-    partial: dict[int, int] = {}  # last block -> empty slots in it
-    for seq in running:
-        empty = len(seq.block_table) * block_size - seq.num_computed_tokens
-        if empty > 0:
-            partial[seq.block_table[-1]] = min(partial.get(seq.block_table[-1], block_size), empty)
-    longest = max((s.max_len for s in running), default=0)
-    live = len(holders) * block_size - sum(partial.values())
-    return KVSnapshot(
-        step=step,
-        running=len(running),
-        private=len(holders) - shared,
-        shared=shared,
-        cached=num_used - len(holders),
-        free=num_free,
-        logical=sum(holders.values()),
-        live_slots=live,
-        reserved_tokens=sum(s.max_len for s in running),
-        padded_tokens=longest * len(running),
-        kv_waste=1 - live / (len(holders) * block_size) if holders else 0.0,
-    )
 
 
 def memory_report(
@@ -155,6 +151,9 @@ def memory_report(
     num_blocks: int,
     kv_bytes_per_token: int,
     model_bytes: int,
+    weights: str = "full precision",
+    kv_dtype: str = "",
+    kv_scales: str | None = None,
     prefix_hit_rate: float,
     preemptions: int,
     recomputed_tokens: int,
@@ -164,12 +163,18 @@ def memory_report(
     """The figures of `--memory-report`, as plain JSON-ready data.
 
     `peak` is the step with the most KV blocks in use; `timeline` may be empty; `dtype`
-    is the one the model ran in (weights and KV cache).
+    is the one the model ran in. `model_bytes` counts the weights as loaded (quantized
+    ones as stored), `weights` says how they are quantized; `kv_bytes_per_token` is in
+    the cache's `kv_dtype`, and `kv_scales` says where an fp8 cache's scales came from
+    (None for other dtypes).
     """
     block_bytes = kv_bytes_per_token * block_size
     return {
         "dtype": dtype,
         "model_bytes": model_bytes,
+        "weights": weights,
+        "kv_dtype": kv_dtype,
+        "kv_scales": kv_scales,
         "num_blocks": num_blocks,
         "block_size": block_size,
         "kv_bytes_per_token": kv_bytes_per_token,

@@ -70,14 +70,21 @@ class RadixCache:
 
     def _key(self, tokens: Seq[int], start: int) -> bytes:
         """A child's key: its first block's tokens, packed (a few bytes a token)."""
-        return array("i", tokens[start : start + self.block_size]).tobytes()
+        block = tokens[start : start + self.block_size]
+        if not (isinstance(block, array) and block.typecode == "i"):
+            block = array("i", block)
+        return block.tobytes()
 
     def match(self, tokens: Seq[int]) -> MatchResult:
         """Blocks of the longest cached prefix of `tokens` (whole blocks only).
 
         A match that ends inside a node splits it, so that the result ends on a node.
         """
-        node, blocks, pos, now = self.root, [], 0, next(self._clock)
+        return self._walk(self.root, tokens, next(self._clock))
+
+    def _walk(self, node: Node, tokens: Seq[int], now: int) -> MatchResult:
+        """`match` of `tokens` below `node`: the blocks of the cached tokens that follow it."""
+        blocks, pos = [], 0
         while len(tokens) - pos >= self.block_size:
             child = node.children.get(self._key(tokens, pos))
             if child is None:
@@ -92,17 +99,24 @@ class RadixCache:
             node = child
         return MatchResult(blocks, node)
 
-    def insert(self, tokens: Seq[int], blocks: list[int]) -> MatchResult:
-        """Cache `blocks` as holding the full-block prefix `tokens`.
+    def insert(self, tokens: Seq[int], blocks: list[int], after: Node | None = None) -> MatchResult:
+        """Cache `blocks` as holding the full blocks `tokens`, which follow the path
+        root..`after` (the root by default: `tokens` are then a prefix).
 
-        Where the tree already holds some of these tokens it keeps its own blocks; only
-        the new tail is added (and referenced). Returns the tree's blocks for all of
-        `tokens` (where they differ from `blocks`, the caller's are duplicates) and the
-        last node.
+        Only the tokens after `after` are compared: a sequence that caches its blocks as
+        they fill passes the end of its cached path, and an insert costs its new blocks,
+        not its whole prefix. The path to `after` is touched as a match of all the tokens
+        from the root would (the same recency, so the same eviction order). Where the tree
+        already holds some of `tokens` it keeps its own blocks; only the new tail is added
+        (and referenced). Returns the tree's blocks for `tokens` (where they differ from
+        `blocks`, the caller's are duplicates) and the last node.
         """
         if len(tokens) != len(blocks) * self.block_size:
             raise ValueError(f"insert() of {len(tokens)} tokens with {len(blocks)} blocks")
-        match = self.match(tokens)
+        now = next(self._clock)
+        after = self.root if after is None else after
+        self._touch_path(after, now)
+        match = self._walk(after, tokens, now)
         done = match.num_blocks
         if done == len(blocks):
             return match
@@ -116,6 +130,16 @@ class RadixCache:
         self.num_nodes += 1
         self._push_if_leaf(node)
         return MatchResult(match.blocks + node.blocks, node)
+
+    def _touch_path(self, node: Node, now: int) -> None:
+        """The nodes root..`node` were used at `now` (O(nodes on the path), no tokens)."""
+        end = node
+        while node is not self.root:
+            if node.parent is None:
+                raise RuntimeError("insert() after a node that is no longer in the tree")
+            node.last_access = now
+            node = node.parent
+        self._push_if_leaf(end)  # the only one of them that may be a leaf
 
     def lock(self, node: Node) -> None:
         """Pin the path root..node: none of it is evicted until `unlock`."""
@@ -134,6 +158,22 @@ class RadixCache:
                 self.num_evictable_blocks += len(node.blocks)
                 self._push_if_leaf(node)
             node = node.parent
+
+    def move_lock(self, old: Node, new: Node) -> None:
+        """`lock(new)` then `unlock(old)`; when `new` lies below `old` (a sequence's cached
+        path grew) only the nodes between them change, O(those nodes)."""
+        between, node = [], new
+        while node is not old and node is not self.root:
+            between.append(node)
+            node = node.parent
+        if node is not old:
+            self.lock(new)
+            self.unlock(old)
+            return
+        for node in between:
+            if node.lock_ref == 0:
+                self.num_evictable_blocks -= len(node.blocks)
+            node.lock_ref += 1
 
     def evict(self, num_blocks: int) -> int:
         """Drop least recently used unlocked leaves until `num_blocks` blocks are freed.

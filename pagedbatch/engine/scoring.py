@@ -6,10 +6,11 @@ holding the prompt and the choice's tokens but the last, so that position
 the prompt comes first: it computes the prompt once, its last logits score every choice's
 first token, and the choices fork from it (a one-token choice is then done).
 
-These sequences never sample (`ScheduledSeq.samples`). Each step the model runner puts the
+These sequences never sample (`scheduler.samples`). Each step the model runner puts the
 positions they score after the sampling rows of the LM head (`plan_scoring`, carried by
 `Batch.scores`); the engine puts their log-probabilities in the sequences
-(`record_scores`), forks the parents' choices and ends the sequences `Scoring.ended` names.
+(`score_values`, read back with the sampled tokens, then `record_scores`), forks the
+parents' choices and ends the sequences `Scoring.ended` names.
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ import math
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pagedbatch.engine.sequence import Sequence
+from pagedbatch.engine.staging import Uploads
 from pagedbatch.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedbatch.engine.scheduler import ScheduledSeq
 
 
 def choice_family(
@@ -91,13 +89,14 @@ class Scoring:
 
 
 def plan_scoring(
-    scheduled: list[ScheduledSeq], candidates: list[int], starts: np.ndarray, first_row: int,
-    device: torch.device,
+    seqs: list[Sequence], counts: list[int], candidates: list[int], starts: np.ndarray,
+    first_row: int, uploads: Uploads,
 ) -> tuple[list[int], Scoring] | None:  # fmt: skip
     """The flat token index of each position this step computes that scores a choice token
     (in order: the LM head's rows after the `first_row` sampling rows), and the step's
-    Scoring; None when none does. `candidates` index the scheduled sequences that do not
-    sample (scoring sequences among them); `starts[i]` is sequence i's first token index."""
+    Scoring; None when none does. `seqs` are the scheduled sequences and `counts` their new
+    tokens; `candidates` index those that do not sample (scoring sequences among them);
+    `starts[i]` is sequence i's first token index."""
     rows: list[int] = []
     target_rows: list[int] = []
     targets: list[int] = []
@@ -105,17 +104,19 @@ def plan_scoring(
     parents: list[Sequence] = []
     done: list[Sequence] = []
     for i in candidates:
-        seq = scheduled[i].seq
+        seq, n = seqs[i], counts[i]
+        begin = seq.num_computed_tokens
+        completes = begin + n == seq.num_tokens
         if seq.choice_ids is not None:
-            first, begin = seq.first_scored_position, seq.num_computed_tokens
-            for position in range(max(begin, first), begin + scheduled[i].num_new_tokens):
+            first = seq.first_scored_position
+            for position in range(max(begin, first), begin + n):
                 target_rows.append(len(rows))
                 rows.append(int(starts[i]) + position - begin)
                 targets.append(seq.choice_ids[position - first])
                 owners.append((seq, position - first))
-            if scheduled[i].completes:
+            if completes:
                 done.append(seq)
-        elif seq.scores_only and scheduled[i].completes:  # its last row: each first token
+        elif seq.scores_only and completes:  # its last row: each first token
             target_rows += [len(rows)] * len(seq.forks)
             targets += [child.choice_ids[0] for child in seq.forks]
             owners += [(child, 0) for child in seq.forks]
@@ -123,16 +124,21 @@ def plan_scoring(
             parents.append(seq)
     if not rows:
         return None
-    pairs = torch.tensor([target_rows, targets], dtype=torch.int64, device=device)
+    pairs = uploads.put(np.array([target_rows, targets], dtype=np.int64))
     one_token = [c for parent in parents for c in parent.forks if len(c.choice_ids) == 1]
     ended = [*done, *parents, *one_token]
     return rows, Scoring(first_row, pairs[0], pairs[1], owners, parents, ended)
 
 
-def record_scores(scoring: Scoring, logits: torch.Tensor) -> None:
-    """Put the log-probabilities of the step's scored tokens in their sequences (one
-    device-to-host copy). `logits`: [num_logits_rows, vocab], the step's LM head output."""
+def score_values(scoring: Scoring, logits: torch.Tensor) -> torch.Tensor:
+    """The log-probabilities of the step's scored tokens [num_targets] float32, on the
+    device (read back with the sampled tokens). `logits`: [num_logits_rows, vocab], the
+    step's LM head output."""
     logprobs = torch.log_softmax(logits[scoring.first_row :].float(), dim=-1)
-    values = logprobs[scoring.target_rows, scoring.targets].tolist()
+    return logprobs[scoring.target_rows, scoring.targets]
+
+
+def record_scores(scoring: Scoring, values: list[float]) -> None:
+    """Put `score_values`, on the host, in their sequences."""
     for (seq, k), value in zip(scoring.owners, values, strict=True):
         seq.choice_logprobs[k] = value

@@ -12,6 +12,7 @@ from pagedbatch.outputs import FinishReason
 from pagedbatch.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedbatch.engine.constraints import ConstraintMatcher
     from pagedbatch.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -37,9 +38,15 @@ class Sequence:
     `forks` are the other samples of the same record, forked from this one when its
     prompt is done. (Its path in the prefix cache is the BlockManager's to keep.)
 
+    A thinking model's sequence thinks from `think_start` (the first token after `<think>`)
+    to `think_end` (the `</think>` token): both None when it does not think, `think_end`
+    None while it thinks (engine/reasoning.py). With a reasoning budget, `max_len` leaves
+    room for the thinking and then shrinks to the answer's own max_tokens.
+
     `seed` keys the sampler's noise (with the position of the token being sampled); a
     sequence created without one draws a random 63-bit seed. `detokenizer` holds the
-    decoded tail of the output while stop strings are searched.
+    decoded tail of the output while stop strings are searched. `matcher` follows the
+    output through the grammar of `params.constraint` (engine/constraints.py).
 
     Scoring a choice instead of generating (engine/scoring.py): `choice_ids` are the
     choice's tokens, of which `token_ids` (the prompt, then all but the last choice token)
@@ -68,9 +75,13 @@ class Sequence:
     # most likely tokens), as the sampler saw them.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     forks: list[Sequence] = field(default_factory=list)
+    forked: bool = False  # started as a fork: its prompt is its record's first sequence's
     choice_ids: tuple[int, ...] | None = None
     choice_logprobs: list[float | None] = field(default_factory=list)
     scores_only: bool = False
+    think_start: int | None = None
+    think_end: int | None = None
+    matcher: ConstraintMatcher | None = None
 
     @property
     def is_scoring(self) -> bool:

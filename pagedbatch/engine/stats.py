@@ -20,8 +20,8 @@ class EngineStats:
     """
 
     steps: int
-    prompt_tokens: int
-    prefix_hit_tokens: int
+    prompt_tokens: int  # of the finished records, each prompt once
+    prefix_hit_tokens: int  # of those, taken from the prefix cache
     computed_tokens: int
     generated_tokens: int
     finished_seqs: int
@@ -46,10 +46,16 @@ class EngineStats:
     decode_step_seconds: float = 0.0
     decode_step_tokens: int = 0
     decode_steps: int = 0
+    # Structured output: host time filling and applying token masks, and the steps that
+    # masked some row (engine/constraints.py).
+    mask_seconds: float = 0.0
+    masked_steps: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
-        """Prompt tokens taken from the prefix cache / prompt tokens of finished sequences."""
+        """Prompt tokens taken from the prefix cache / prompt tokens, each record's prompt
+        counted once (its samples and choices share it): the output lines' summed
+        `usage.cached_tokens` / `usage.prompt_tokens`, what `plan` predicts."""
         return self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
@@ -129,6 +135,10 @@ class StatsCounter:
         return self.waste_sum / self.waste_steps if self.waste_steps else 0.0
 
     def finished(self, seq: Sequence) -> None:
+        """Count a finished sequence; a record's prompt once, with its first sequence (the
+        samples and choices forked from it share that prompt): the prefix hit rate is the
+        lines' `usage.cached_tokens` / `usage.prompt_tokens`, as `plan` predicts it."""
         self.finished_seqs += 1
-        self.prompt_tokens += seq.num_prompt_tokens
-        self.prefix_hit_tokens += seq.num_prefix_hit_tokens
+        if not seq.forked:
+            self.prompt_tokens += seq.num_prompt_tokens
+            self.prefix_hit_tokens += seq.num_prefix_hit_tokens

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import codecs
 import json
-from typing import Any, NamedTuple
+from typing import Any
 
 # Deepest nesting of arrays and objects a line may have. Records need a handful of levels;
 # the limit keeps every later step (parsing, templates, writing the errors file) far from
@@ -24,35 +23,6 @@ class JsonlError(ValueError):
 class JsonLimitError(ValueError):
     """Valid JSON beyond what is read: nested deeper than MAX_DEPTH, or a number with more
     digits than Python converts."""
-
-
-class JsonlRow(NamedTuple):
-    line: int  # 1-based, blank lines counted
-    value: dict[str, Any] | JsonlError
-
-
-def jsonl_rows(data: bytes, *, keep_going: bool = False) -> list[JsonlRow]:
-    """The object of every non-blank line.
-
-    A line that is not valid UTF-8, not valid JSON, cut off (the last line, without
-    its newline) or not an object raises JsonlError; with `keep_going` the error takes
-    the line's place instead.
-    """
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    lines = data.split(b"\n")
-    rows = []
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            # Only the last piece can lack a trailing newline; it is b"" when the file ends in one.
-            rows.append(JsonlRow(n, parse_object(raw, n, cut_off=n == len(lines))))
-        except JsonlError as e:
-            if not keep_going:
-                raise
-            rows.append(JsonlRow(n, e))
-    return rows
 
 
 def parse_object(raw: bytes, n: int, *, cut_off: bool) -> dict[str, Any]:

@@ -12,24 +12,28 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from pagedbatch.outputs import RequestOutput, TokenLogprob
-from pagedbatch.requests.records import Record, invalid, messages_problem
+from pagedbatch.engine.config import check_template_kwargs
+from pagedbatch.inputs.batch_fields import (
+    CHAT,
+    COMPLETIONS,
+    SAMPLING_FIELDS,
+    unsupported_fields,
+    unsupported_message,
+)
+from pagedbatch.outputs import INVALID_PARAMS, Completion, RecordError, RequestOutput, TokenLogprob
+from pagedbatch.requests.records import TEMPLATE_KWARGS, Record, invalid, messages_problem
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
 ENDPOINTS = (CHAT, COMPLETIONS)
-# Body fields that become the record's sampling overrides (checked later, per record, as
-# invalid_params); other fields (model, logprobs, ...) are ignored.
-# "choices" is pagedbatch's: score these texts instead of generating (README, Choices).
-_BODY_PARAMS = ("temperature", "top_p", "seed", "stop", "n", "choices")
 
 
 def is_batch_request(row: Mapping[str, Any]) -> bool:
     return "custom_id" in row and "body" in row
 
 
-def parse_batch_request(row: Mapping[str, Any], default_id: int) -> Record:
-    """The record of one request line; problems become its error (`invalid_record` mostly)."""
+def parse_batch_request(row: Mapping[str, Any], default_id: int, lenient: bool = False) -> Record:
+    """The record of one request line; problems become its error (`invalid_record` mostly,
+    `invalid_params` for body fields pagedbatch does not support, unless `lenient`: the
+    record then runs without them, and names them in `ignored`)."""
     url = row.get("url")
     endpoint = url if isinstance(url, str) else ""
     cid = row.get("custom_id")
@@ -43,12 +47,23 @@ def parse_batch_request(row: Mapping[str, Any], default_id: int) -> Record:
     body = row.get("body")
     if not isinstance(body, Mapping):
         return _failed(cid, endpoint, row, "'body' must be an object")
-    overrides = _overrides(body)
+    unsupported = unsupported_fields(body, url)
+    problem = _params_problem(body, url) or (
+        unsupported_message(unsupported, url) if unsupported and not lenient else None
+    )
+    if problem is not None:
+        error = RecordError(INVALID_PARAMS, problem)
+        return Record(id=cid, error=error, endpoint=endpoint, source=row)
     try:
         prompt = _chat_prompt(body) if url == CHAT else _completion_prompt(body)
+        kwargs = body.get(TEMPLATE_KWARGS) if url == CHAT else None
+        check_template_kwargs(kwargs, f"body.{TEMPLATE_KWARGS}")
     except ValueError as e:
         return _failed(cid, endpoint, row, str(e))
-    return Record(id=cid, **prompt, overrides=overrides, endpoint=endpoint, source=row)
+    return Record(
+        id=cid, **prompt, overrides=_overrides(body), chat_template_kwargs=kwargs,
+        endpoint=endpoint, source=row, ignored=tuple(unsupported),
+    )  # fmt: skip
 
 
 def batch_output_line(
@@ -74,6 +89,7 @@ def batch_output_line(
             "completion_tokens": output.completion_tokens,
             "total_tokens": output.prompt_tokens + output.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": output.cached_tokens},
+            **_reasoning_usage(output),
         },
     )
     body["id"] = ("chatcmpl-" if endpoint == CHAT else "cmpl-") + rid
@@ -86,8 +102,19 @@ def _failed(rid: str | int, endpoint: str, row: Mapping[str, Any], message: str)
     return Record(id=rid, error=invalid(message), endpoint=endpoint, source=row)
 
 
+def _params_problem(body: Mapping[str, Any], endpoint: str) -> str | None:
+    """A chat request asking for alternatives without asking for logprobs (as OpenAI)."""
+    if (
+        endpoint == CHAT
+        and body.get("top_logprobs") is not None
+        and body.get("logprobs") is not True
+    ):
+        return "top_logprobs needs logprobs: true"
+    return None
+
+
 def _overrides(body: Mapping[str, Any]) -> dict[str, Any]:
-    overrides = {k: body[k] for k in _BODY_PARAMS if body.get(k) is not None}
+    overrides = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
@@ -141,15 +168,28 @@ def _label_choice(label: str, endpoint: str) -> dict[str, Any]:
     return {"index": 0, "text": label, "logprobs": None, "finish_reason": "stop"}
 
 
+def _reasoning_usage(output: RequestOutput) -> dict[str, Any]:
+    """OpenAI's count of the completion tokens that were thinking, when the model thought."""
+    if all(c.reasoning is None for c in output.completions):
+        return {}
+    return {"completion_tokens_details": {"reasoning_tokens": output.reasoning_tokens}}
+
+
+def _reasoning(c: Completion) -> dict[str, Any]:
+    """A thinking completion's reasoning, as vLLM writes it: `reasoning_content`."""
+    return {} if c.reasoning is None else {"reasoning_content": c.reasoning}
+
+
 def _chat_body(output: RequestOutput) -> dict[str, Any]:
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": {"role": "assistant", "content": c.text, **_reasoning(c)},
             "logprobs": None
             if c.logprobs is None
             else {"content": [_chat_logprob(t) for t in c.logprobs]},
             "finish_reason": c.finish_reason,
+            **_parsed(c),
         }
         for c in output.completions
     ]
@@ -161,12 +201,19 @@ def _completion_body(output: RequestOutput) -> dict[str, Any]:
         {
             "index": c.index,
             "text": c.text,
+            **_reasoning(c),
             "logprobs": _completion_logprobs(c.logprobs),
             "finish_reason": c.finish_reason,
+            **_parsed(c),
         }  # fmt: skip
         for c in output.completions
     ]
     return {"id": "", "object": "text_completion", "choices": choices}
+
+
+def _parsed(c: Completion) -> dict[str, Any]:
+    """A JSON-constrained choice's parsed value, as pagedbatch's lines carry it: `json`."""
+    return {} if c.json is None else {"json": c.json.value}
 
 
 def _chat_logprob(t: TokenLogprob) -> dict[str, Any]:

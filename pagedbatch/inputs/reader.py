@@ -3,7 +3,9 @@
 JSON Lines files are read strictly by our own reader (jsonl.py), so that a broken file
 is reported with its line number before any work starts. Everything else goes through
 the Hugging Face `datasets` library, imported only when it is needed, and read in Arrow
-batches. Either way the rows are a stream (rows.py) that a `RecordIndex`
+batches, never from a file the user can change under the job: local data files are
+converted again for every job (`_FRESH`), a saved dataset is read from a private copy
+(`_load_saved`). Either way the rows are a stream (rows.py) that a `RecordIndex`
 (record_index.py) reads once and keeps a few bytes of per record. Rows shaped like
 OpenAI batch requests are read as such (openai_batch.py).
 """
@@ -11,9 +13,12 @@ OpenAI batch requests are read as such (openai_batch.py).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +26,10 @@ from pagedbatch.files import file_kind
 from pagedbatch.inputs.columns import (
     check_columns,
     check_hub_dataset,
-    data_file_columns,
-    document_columns,
-    saved_dataset_columns,
+    data_file_head,
+    document_head,
+    saved_dataset_head,
+    saved_split,
     select_split,
 )
 from pagedbatch.inputs.jsonl import loads
@@ -40,6 +46,12 @@ _DATA_FILE_SUFFIXES = (".csv", ".parquet", ".arrow")
 # A local file has one split, as `datasets` names it.
 _FILE_SPLIT = "train"
 _DEFAULT_FIELDS = FieldMap()
+# Local files are converted by `datasets` into its cache, which knows a file by its path
+# and modification time: a file replaced with its time kept (cp -p, rsync -t, touch -r)
+# would be read as its old version. A job converts the bytes on disk now, every time (the
+# old conversion is replaced: a job still reading it keeps the file it mapped). The split
+# sizes recorded with the old conversion are not the new file's: not checked.
+_FRESH = {"download_mode": "force_redownload", "verification_mode": "no_checks"}
 _MAX_REASON_CHARS = 200
 
 
@@ -94,8 +106,12 @@ def open_rows(
     path = Path(name)
     mode = _stat_mode(name)
     if mode is not None and stat.S_ISDIR(mode):
-        check_columns(name, saved_dataset_columns(path, name, split), fields)
-        return _dataset_rows(_load_directory(path, name), name, split, fields)
+        saved = saved_split(path, name, split)
+        if saved is not None:
+            check_columns(name, saved_dataset_head(saved), fields)
+            return DatasetRows(_load_saved(saved, name), name, fields.messages)
+        data = _load(name, lambda ds: ds.load_dataset(name, **_FRESH), "not a dataset directory")
+        return _dataset_rows(data, name, split, fields)
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{name}: is {file_kind(mode)}, not a regular file")
     if mode is not None:
@@ -116,8 +132,10 @@ def _file_rows(
         document = _json_document(path, name) if suffix == ".json" else None
         if document is not None:
             _check_file_split(name, split)
-            check_columns(name, document_columns(document), fields)
-            loaded = _load(name, lambda ds: ds.load_dataset("json", data_files=name), "cannot read")
+            check_columns(name, document_head(document), fields)
+            loaded = _load(
+                name, lambda ds: ds.load_dataset("json", data_files=name, **_FRESH), "cannot read"
+            )
             return _dataset_rows(loaded, name, split, fields)
         _check_file_split(name, split)
         try:
@@ -130,8 +148,10 @@ def _file_rows(
             f"{name}: unsupported file type '{suffix}' (use {kinds} or a dataset directory)"
         )
     _check_file_split(name, split)
-    check_columns(name, data_file_columns(path, suffix), fields)
-    data = _load(name, lambda ds: ds.load_dataset(suffix[1:], data_files=name), "cannot read")
+    check_columns(name, data_file_head(path, suffix), fields)
+    data = _load(
+        name, lambda ds: ds.load_dataset(suffix[1:], data_files=name, **_FRESH), "cannot read"
+    )
     return _dataset_rows(data, name, split, fields)
 
 
@@ -160,10 +180,47 @@ def _check_file_split(name: str, split: str | None) -> None:
         raise InputError(f"{name}: no split '{split}' (available: {_FILE_SPLIT})")
 
 
-def _load_directory(path: Path, name: str) -> Any:
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        return _load(name, lambda ds: ds.load_from_disk(name), "cannot load saved dataset")
-    return _load(name, lambda ds: ds.load_dataset(name), "not a dataset directory")
+def _load_saved(directory: Path, name: str) -> Any:
+    """A split saved with `save_to_disk`, loaded from a private copy of its files.
+
+    `load_from_disk` maps the Arrow files, and the job reads its rows again from the map:
+    a file rewritten in place would change rows under the job, and one truncated would
+    kill it (SIGBUS). The copy, in the `datasets` cache (where every other data file's
+    converted copy goes), is unlinked once mapped: no other process can change it, and its
+    space is freed when the job ends.
+    """
+
+    def load(ds: Any) -> Any:
+        with _private_copy(directory, Path(ds.config.HF_DATASETS_CACHE), name) as copy:
+            return ds.load_from_disk(copy)
+
+    return _load(name, load, "cannot load saved dataset")
+
+
+@contextlib.contextmanager
+def _private_copy(directory: Path, root: Path, name: str) -> Iterator[Path]:
+    """A new directory in `root` holding a copy of the regular files of `directory`,
+    removed on exit (a file still mapped or open lives on until it is closed)."""
+    copy = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        copy = Path(tempfile.mkdtemp(prefix="pagedbatch-", dir=root))
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    shutil.copyfile(entry.path, copy / entry.name)  # a kernel copy
+    except OSError as e:
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+        where = e.filename or root
+        raise InputError(
+            f"{name}: cannot copy it into the datasets cache to read it ({where}: "
+            f"{e.strerror or e})"
+        ) from None
+    try:
+        yield copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
@@ -179,6 +236,8 @@ def _load(name: str, load: Callable[[Any], Any], failure: str) -> Any:
     try:
         return load(datasets)
     # `datasets` raises many unrelated types for a bad input; all are the user's to fix.
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"{name}: {failure} ({_short_reason(e)})") from e
 

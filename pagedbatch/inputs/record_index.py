@@ -5,12 +5,17 @@ row, unique ids, a prompt field some row has) and keeping per record its row's p
 and locator, its id's key (id_keys.py) and its digest (digests.py): 40 bytes, where
 a parsed record with its row is about 1-2 KB. `RecordView` is a sequence of some of the
 records (what a job still has to do) that reads each record when it is asked for.
+
+A record read again is proven to be the record read first (its digest), whatever the
+input kind; one that is not raises InputError, so an input changed under a job (even in
+place, at the same size) never puts one record's text under another's id.
 """
 
 from __future__ import annotations
 
 import json
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
@@ -21,7 +26,9 @@ from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.inputs.jsonl import JsonlError
 from pagedbatch.inputs.openai_batch import is_batch_request, parse_batch_request
 from pagedbatch.inputs.rows import InputError, RowSource
+from pagedbatch.requests.prompt_template import brace_hint
 from pagedbatch.requests.records import FieldMap, Record, invalid, parse_record
+from pagedbatch.sampling_params import short_repr
 
 _FIELD_SAMPLE = 100  # rows whose field names a wrong-field error lists
 _FIELDS_SHOWN = 10
@@ -37,6 +44,8 @@ class RecordIndex:
         self.rows = rows
         self.fields = fields
         self.batch = False  # the rows are OpenAI batch requests
+        # With FieldMap.lenient: body field -> requests that run without it.
+        self.ignored: Counter[str] = Counter()
         self._decided = False
         self._positions = array("q")
         self._locators = array("q")
@@ -50,9 +59,12 @@ class RecordIndex:
 
     def _read(self, on_read: Callable[[int], None] | None) -> None:
         prompt_seen, sample = False, []
+        template = self.fields.template
+        unseen = set(template.fields) if template is not None else set()  # in no row yet
         for batch in self.rows.batches():
             for position, locator, row in batch:
                 record = self._parse(position, row)
+                self.ignored.update(record.ignored)
                 self._positions.append(position)
                 self._locators.append(locator)
                 self._keys += id_key(record.id)
@@ -62,11 +74,16 @@ class RecordIndex:
                         sample.append(row)
                     fields = self.fields
                     prompt_seen = prompt_seen or fields.prompt in row or fields.messages in row
+                    if unseen:
+                        unseen = {name for name in unseen if name not in row}
             if on_read is not None:
                 on_read(len(self))
         self._check_unique()
         if not self.batch and self.fields.template is None and sample and not prompt_seen:
             raise InputError(fields_problem(sample, self.rows.name, self.fields))
+        if not self.batch and template is not None and sample and unseen:
+            missing = [name for name in template.fields if name in unseen]
+            raise InputError(template_problem(sample, self.rows.name, missing))
 
     def _parse(self, position: int, row: Any) -> Record:
         if isinstance(row, JsonlError):
@@ -80,13 +97,14 @@ class RecordIndex:
                     "do not apply"
                 )
         if self.batch:
-            return parse_batch_request(row, default_id=position)
+            return parse_batch_request(row, default_id=position, lenient=self.fields.lenient)
         return parse_record(row, default_id=position, fields=self.fields)
 
     def record(self, k: int) -> Record:
-        """The k-th record, read again from its row."""
+        """The k-th record, read again from its row (InputError unless it is the record
+        read first: `_same`)."""
         position = self._positions[k]
-        return self._parse(position, self.rows.row_at(self._locators[k], position))
+        return self._same(k, self._parse(position, self.rows.row_at(self._locators[k], position)))
 
     def records(self, ks: np.ndarray | None = None) -> Iterator[Record]:
         """The records numbered `ks` (ascending; all when None), read in file order when
@@ -103,9 +121,28 @@ class RecordIndex:
         k = 0
         for batch in self.rows.batches():
             for position, _, row in batch:
+                if k >= len(self):
+                    raise InputError(
+                        f"{self.rows.name}: changed while the job ran (it has more rows)"
+                    )
                 if wanted is None or wanted[k]:
-                    yield self._parse(position, row)
+                    yield self._same(k, self._parse(position, row))
                 k += 1
+        if k != len(self):
+            raise InputError(f"{self.rows.name}: changed while the job ran (it has fewer rows)")
+
+    def _same(self, k: int, record: Record) -> Record:
+        """`record`, read again as the k-th: InputError unless its digest is the one read
+        first. Every record a job uses after the first pass (tokenized, admitted, written
+        to the errors file) comes through here, so an input changed under the job (in
+        place, at the same size) stops it before a line is written from another record."""
+        if record_digest(record) != self.digest(k):
+            unit, position = self.rows.unit, self._positions[k]
+            raise InputError(
+                f"{self.rows.name}: changed while the job ran ({unit} {position} is not the "
+                "record read at the start)"
+            )
+        return record
 
     def position(self, k: int) -> int:
         return self._positions[k]
@@ -144,8 +181,9 @@ class RecordIndex:
             unit, where = self.rows.unit, self._positions[first]
             id_field = "custom_id" if self.batch else self.fields.id
             raise InputError(
-                f"{self.rows.name}: {unit} {self._positions[again]}: duplicate id {other.id!r} "
-                f"(first on {unit} {where}{_numbered(one, where, unit, id_field)})"
+                f"{self.rows.name}: {unit} {self._positions[again]}: duplicate id "
+                f"{short_repr(other.id)} (first on {unit} {where}"
+                f"{_numbered(one, where, unit, id_field)})"
             )
 
 
@@ -179,11 +217,54 @@ def fields_problem(rows: Sequence[Mapping[str, Any]], name: str, fields: FieldMa
     shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
         ", ..." if len(seen) > _FIELDS_SHOWN else ""
     )
-    example = next((key for key in seen if key != fields.id), "text")
+    example = likely_text_field(rows, exclude=fields.id)
     return (
         f"{name}: no record has a '{fields.prompt}' or '{fields.messages}' field (fields: "
         f"{shown or 'none'}); name the prompt's field with --prompt-field {example}, chat "
         f"messages with --messages-field, or build prompts with --template '... {{{example}}}'"
+    )
+
+
+# Names a prompt's column often has, a tie-break when no value tells (columns known alone).
+_TEXT_NAMES = (
+    "text", "prompt", "content", "body", "review", "question", "input", "query", "instruction",
+    "document", "sentence", "message", "comment", "description",
+)  # fmt: skip
+
+
+def likely_text_field(rows: Sequence[Mapping[str, Any]], exclude: str) -> str:
+    """The field of `rows` most likely to hold the prompt: the one whose string values are
+    longest in all, then one named like text (`_TEXT_NAMES`), then the first; 'text' when
+    there is none but `exclude` (the id field)."""
+    length: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != exclude:
+                length[key] = length.get(key, 0) + (len(value) if isinstance(value, str) else 0)
+    if not length:
+        return "text"
+
+    def named_like_text(key: str) -> int:
+        words = key.lower().replace("-", "_").split("_")
+        if "id" in words:  # review_id: an id, not the review
+            return -100
+        return -min((_TEXT_NAMES.index(w) for w in words if w in _TEXT_NAMES), default=99)
+
+    return max(length, key=lambda key: (length[key], named_like_text(key)))
+
+
+def template_problem(rows: Sequence[Mapping[str, Any]], name: str, missing: list[str]) -> str:
+    """A `--template` field that no row has: every record would fail, so the file is refused,
+    naming the fields it has (and how to write braces that are text, when the field looks
+    like JSON)."""
+    seen = list(dict.fromkeys(key for row in rows for key in row))
+    shown = ", ".join(map(repr, seen[:_FIELDS_SHOWN])) + (
+        ", ..." if len(seen) > _FIELDS_SHOWN else ""
+    )
+    plural = "s" if len(missing) > 1 else ""
+    return (
+        f"{name}: --template uses the field{plural} {', '.join(map(repr, missing))}, which no "
+        f"record has (fields: {shown or 'none'}){brace_hint(missing)}"
     )
 
 

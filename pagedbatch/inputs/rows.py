@@ -120,7 +120,8 @@ class JsonlRows:
 
 
 class DatasetRows:
-    """The rows of a `datasets` table, converted from Arrow a batch at a time."""
+    """The rows of a `datasets` table, converted from Arrow a batch at a time (a saved
+    dataset is a private copy: reader._load_saved)."""
 
     unit = "row"
     identity = None  # a table is hashed by its records' digests (fingerprint.input_identity)

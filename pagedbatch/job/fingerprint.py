@@ -2,7 +2,8 @@
 
 The fingerprint holds what decides the text of every line: the model and tokenizer
 files, the prompt shaping (template, system message, chat, field names, context cap),
-the sampling defaults with the job seed, and the input's content. Device, dtype and
+the sampling defaults with the job seed, and the input's content; and the order of the
+lines (`--order input`). Device, dtype and
 KV cache size are left out: a job may resume on another machine.
 """
 
@@ -22,9 +23,10 @@ import numpy as np
 from pagedbatch.files import atomic_write
 from pagedbatch.inputs.digests import RECORD_DIGEST_BYTES, input_identity, record_digest
 from pagedbatch.inputs.jsonl import loads
-from pagedbatch.job.settings import RunSettings
+from pagedbatch.job.settings import DEFAULT_ORDER, RunSettings
 from pagedbatch.models.names import ALIASES, alias_gguf_path
 from pagedbatch.requests.records import Record
+from pagedbatch.sampling_params import CONTROLS, SamplingParams, not_text
 
 SUFFIX = ".job.json"
 # A digest of every record (id and row), so that a resume on a changed input can tell
@@ -41,6 +43,10 @@ _HEAD_TAIL_BYTES = 4 * 2**20
 _CHUNK = 2**20
 
 Fingerprint = dict[str, Any]
+# Keys stored only when not their default (so the job digest of every other job, and a
+# fingerprint written before the key existed, stay as they were): their value when absent.
+_ABSENT_MEANS = {"order": DEFAULT_ORDER}
+_SAMPLING_DEFAULTS = json.loads(json.dumps(dataclasses.asdict(SamplingParams())))
 
 
 def fingerprint_path(output: Path) -> Path:
@@ -57,11 +63,14 @@ def job_fingerprint(
     content hashed as the reader read it, so the file is not read again; `records` adds
     the records' digests: the records, or their digests sorted and joined); raises
     ModelLoadError for an alias whose package is missing."""
-    model, tokenizer = model_identity(settings.engine.model)
-    sampling = dataclasses.asdict(settings.sampling)
-    sampling["stop"] = list(sampling["stop"])
-    if sampling["choices"] is not None:  # as JSON stores it, so a resume compares equal
-        sampling["choices"] = list(sampling["choices"])
+    engine = settings.engine
+    model, tokenizer = model_identity(engine.model)
+    # As JSON stores it (tuples as lists), so that a resume compares equal; the controls
+    # added after jobs were fingerprinted without them are left out at their defaults.
+    sampling = json.loads(json.dumps(dataclasses.asdict(settings.sampling)))
+    for name in CONTROLS:
+        if sampling[name] == _SAMPLING_DEFAULTS[name]:
+            del sampling[name]
     if records is not None and not isinstance(records, bytes):
         records = b"".join(sorted(record_digest(r) for r in records))
     return {
@@ -69,10 +78,17 @@ def job_fingerprint(
         "tokenizer": tokenizer,
         "max_model_len": settings.engine.max_model_len,
         "chat": settings.engine.chat,
+        **_given(
+            chat_template_kwargs=settings.engine.chat_template_kwargs,
+            reasoning_parser=None if engine.reasoning_parser == "auto" else engine.reasoning_parser,
+        ),
         "template": settings.template,
         "system": settings.system,
         "fields": [settings.prompt_field, settings.messages_field, settings.id_field],
         **sampling,
+        # The order of the lines: a file started in one order and resumed in the other
+        # would be in neither. Stored only when not the default (see _ABSENT_MEANS).
+        **({"order": settings.order} if settings.order != DEFAULT_ORDER else {}),
         "input": input_identity(source, settings.split, content_digest, records),
         "model_name": settings.engine.model,
         "input_path": os.path.abspath(source) if os.path.exists(source) else source,
@@ -80,13 +96,24 @@ def job_fingerprint(
     }
 
 
+def _given(**settings: Any) -> dict[str, Any]:
+    """The settings given (not None; a default is given as None): settings added after jobs
+    were fingerprinted without them, so that such a job still resumes when it leaves them
+    at their default."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def changes(stored: Fingerprint, current: Fingerprint) -> list[str]:
     """`key (old -> new)` for every compared key that differs."""
     keys = sorted((stored.keys() | current.keys()) - set(_INFO_KEYS))
+
+    def value(fingerprint: Fingerprint, key: str) -> Any:
+        return fingerprint.get(key, _ABSENT_MEANS.get(key))
+
     return [
-        f"{k} ({_short(stored.get(k))} -> {_short(current.get(k))})"
+        f"{k} ({_short(value(stored, k))} -> {_short(value(current, k))})"
         for k in keys
-        if stored.get(k) != current.get(k)
+        if value(stored, k) != value(current, k)
     ]
 
 
@@ -120,7 +147,8 @@ def job_digest(fingerprint: Fingerprint) -> str:
     """A short id of the job (of the compared keys): 16 hex digits."""
     compared = {k: v for k, v in fingerprint.items() if k not in _INFO_KEYS}
     text = json.dumps(compared, sort_keys=True, ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    # surrogatepass: a name from the command line that is not UTF-8 (surrogate-escaped)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def load_fingerprint(path: Path) -> Fingerprint | None:
@@ -136,9 +164,11 @@ def load_fingerprint(path: Path) -> Fingerprint | None:
 
 def save_fingerprint(path: Path, fingerprint: Fingerprint) -> None:
     """Write the fingerprint atomically (beside, then renamed into place)."""
+    text = json.dumps(fingerprint, indent=1, ensure_ascii=False)
+    if not_text(text) is not None:  # a path that is not UTF-8: written as JSON escapes
+        text = json.dumps(fingerprint, indent=1)
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def model_identity(model: str) -> tuple[str, str]:

@@ -3,8 +3,9 @@
 `check_paths` refuses, before anything is read or written, an output, errors file or
 fingerprint that is the input (or inside an input directory) or one another, and any of
 them (the input too) that is not a regular file: a FIFO would block, a device read
-forever. `check_writable` opens each file the job will write without changing it, so
-that an immutable or read-only file is refused before the model loads. `OutputLock` is
+forever. `check_writable` opens each file the job will write without changing it, and
+checks that a file can be created where one will be, so that an immutable or read-only
+file or directory is refused before the model loads. `OutputLock` is
 an advisory lock beside the output, held for the life of the job: a second run on the
 same output is refused, naming the process that holds it.
 """
@@ -16,13 +17,15 @@ import errno
 import fcntl
 import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from pagedbatch.files import file_kind
 
 LOCK_SUFFIX = ".lock"
-USER_ROLES = ("output", "errors file")  # the written files the user names (-o, --errors)
+# The written files the user names (-o, --errors, --summary-json).
+USER_ROLES = ("output", "errors file", "summary file")
 
 
 class GuardError(Exception):
@@ -71,17 +74,40 @@ def check_paths(source: str, roles: Iterable[tuple[str, Path]]) -> None:
         seen.append((role, path))
 
 
-def check_writable(paths: Iterable[Path]) -> None:
-    """Open every existing file of `paths` for appending, writing nothing: refuses files the
-    job could not write (read-only, immutable) before any work starts."""
-    for path in paths:
+def check_writable(appended: Iterable[Path], rewritten: Iterable[Path] = ()) -> None:
+    """Refuse, before any work starts, a file the job could not write: read-only, immutable,
+    or in a directory where no file can be created (immutable, read-only). `appended`: files
+    written in place; an existing one is opened for appending, writing nothing, a missing
+    one must be creatable. `rewritten`: files written whole (staged beside, then renamed
+    over: atomic_write), whose directory must take a new file."""
+    for path in appended:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
         except FileNotFoundError:
+            _check_creatable(path)
             continue
         except OSError as e:
             raise GuardError(f"{path}: cannot write it ({e.strerror or e})") from None
         os.close(fd)
+    for path in rewritten:
+        _check_creatable(path)
+
+
+def _check_creatable(path: Path) -> None:
+    """Create and remove a file in the directory that holds (or, once created, will hold)
+    `path`: GuardError naming `path` when that fails."""
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent  # the job creates the directories below it
+    try:
+        fd, name = tempfile.mkstemp(prefix=".pagedbatch-", suffix=".check", dir=directory)
+    except OSError as e:
+        raise GuardError(
+            f"{path}: cannot write it (no new file can be created in {directory}: "
+            f"{e.strerror or e})"
+        ) from None
+    os.close(fd)
+    os.unlink(name)
 
 
 class OutputLock:

@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from pagedbatch.engine.stats import EngineStats
 from pagedbatch.files import atomic_write
+from pagedbatch.generator import Generator, OnOutput, OnPrepared, OnStep, ShouldStop
+from pagedbatch.inputs.jsonl import loads
 from pagedbatch.inputs.openai_batch import batch_output_line
 from pagedbatch.inputs.reader import read_index
 from pagedbatch.inputs.record_index import RecordView
@@ -32,7 +35,13 @@ from pagedbatch.job.fingerprint import (
     save_fingerprint,
 )
 from pagedbatch.job.guard import GuardError, OutputLock, check_paths, check_writable
-from pagedbatch.job.output_scan import QUARANTINE_KEY, cut_torn_line, drop_error_lines
+from pagedbatch.job.output_scan import (
+    QUARANTINE_KEY,
+    canonical,
+    cut_torn_line,
+    drop_error_lines,
+    edited_line,
+)
 from pagedbatch.job.output_writer import OutputWriter, encode_line
 from pagedbatch.job.resume import JobError, ResumeCheck, ResumePolicy
 from pagedbatch.plan.rates import store_run_rates
@@ -56,10 +65,23 @@ class JobResult:
     codes: Counter[str] = field(default_factory=Counter)
     skipped: int = 0  # already in the output when the run started
     not_run: int = 0  # left for a resume (the run was stopped)
+    incomplete: int = 0  # ok records with a constrained completion cut before its end
+    skipped_errors: Counter[str] = field(default_factory=Counter)  # the skipped error lines
 
     @property
     def written(self) -> int:
         return sum(self.codes.values())
+
+    @property
+    def failed(self) -> int:
+        """Error lines this run wrote."""
+        return self.written - self.codes["ok"]
+
+    @property
+    def output_codes(self) -> Counter[str]:
+        """The output's lines of this input's records by code: this run's and the skipped."""
+        skipped_ok = self.skipped - sum(self.skipped_errors.values())
+        return self.codes + self.skipped_errors + Counter(ok=skipped_ok)
 
 
 def default_output(source: str) -> Path:
@@ -117,6 +139,11 @@ class Job:
         self.records = RecordView(self.index, np.arange(len(self.index)))
         self.todo = RecordView(self.index, np.flatnonzero(~done.contains(self.index.keys())))
         self.skipped = len(self.records) - len(self.todo)
+        self.skipped_errors: Counter[str] = Counter()  # the codes of skipped error lines
+        if not policy.retry_errors:
+            for rid, error in self._scan.errors.items():
+                if self.index.find(rid) is not None:
+                    self.skipped_errors[str(error.get("code") or "error")] += 1
         self._writers: list[OutputWriter] = []
         self._created = int(time.time())
 
@@ -135,7 +162,27 @@ class Job:
         )  # fmt: skip
         self._scan = check.scan()
         self.input_note = check.input_note
-        check_writable(self._written_files())
+        self._check_errors_file()
+        check_writable(self._written_files(), self._rewritten_files())
+
+    def _check_errors_file(self) -> None:
+        """A resume rebuilds the errors file from the input and the output: refuse one
+        holding a line edited by hand (the rebuild would drop the edit)."""
+        if self.errors_path is None or not self.policy.resuming:
+            return
+        written = {
+            canonical(rid): canonical(loads(encode_line(self._quarantine_line(rid, error))))
+            for rid, error in self._scan.errors.items()
+            if self.index.find(rid) is not None
+        }
+        n = edited_line(self.errors_path, written, (self.settings.id_field, "custom_id"))
+        if n is not None:
+            raise GuardError(
+                f"{self.errors_path}: line {n} is not the line written for its record (edited "
+                "by hand?), and a resume rebuilds this file from the input and the output, "
+                "dropping the edit: run the edited file as an input of its own, or move it "
+                "away first"
+            )
 
     @property
     def batch(self) -> bool:
@@ -165,7 +212,19 @@ class Job:
         return files if self.errors_path is None else [*files, ("errors file", self.errors_path)]
 
     def _written_files(self) -> list[Path]:
-        return [path for _, path in self._appended_files()] + [self._fp]
+        files = [path for _, path in self._appended_files()] + [self._fp]
+        if self.settings.engine.memory_report:
+            files += report_paths(self.output)
+        return files
+
+    def _rewritten_files(self) -> list[Path]:
+        """The files `run` writes whole (atomic_write: staged beside, renamed over)."""
+        files = [] if load_fingerprint(self._fp) == self.fingerprint else [self._fp]
+        if self.errors_path is not None:
+            files.append(self.errors_path)  # rebuilt from the output
+        if self.policy.retry_errors and self._scan.errors:
+            files.append(self.output)  # its error lines dropped
+        return files
 
     def _roles(self) -> list[tuple[str, Path]]:
         """(role, path) of every file the job writes, for `check_paths`."""
@@ -174,23 +233,27 @@ class Job:
         if self.settings.engine.memory_report:
             json_path, png_path = report_paths(self.output)
             roles += [("memory report", json_path), ("memory chart", png_path)]
+        summary = self.settings.summary_json
+        if summary is not None and str(summary) != "-":
+            roles.append(("summary file", summary))
         return roles
 
     def run(
         self,
-        llm: Any,
+        llm: Generator | None,
         *,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[Any], None] | None = None,
-        on_prepared: Callable[..., None] | None = None,
+        should_stop: ShouldStop = lambda: False,
+        on_output: OnOutput | None = None,
+        on_step: OnStep | None = None,
+        on_prepared: OnPrepared | None = None,
     ) -> JobResult:
         """Make the files ready, then run every record still to do (`llm` may be None when
-        there is none); returns what was written. A write error (a full disk) is raised,
+        there is none); returns what was written. The callbacks are `Generator.generate`'s,
+        `on_prepared` counting the records to do of this run. A write error (a full disk) is raised,
         with every line before it whole on disk. The rates the run reached are stored in
         the cache dir (job/rates.py)."""
         self._prepare_files()
-        result = JobResult(skipped=self.skipped)
+        result = JobResult(skipped=self.skipped, skipped_errors=self.skipped_errors.copy())
         with self._open_writers() as (out, quarantine):
 
             def write(output: RequestOutput) -> None:
@@ -199,16 +262,19 @@ class Job:
                     error = output.error.to_json()
                     quarantine.write_line(self._quarantine_line(output.id, error))
                 result.codes[output.error.code if output.error else "ok"] += 1
+                result.incomplete += any(c.incomplete for c in output.completions)
                 if on_output is not None:
                     on_output(output)
 
-            def step(stats: Any) -> None:
+            def step(stats: EngineStats) -> None:
                 for writer in self._writers:
                     writer.sync_if_due()
                 if on_step is not None:
                     on_step(stats)
 
             if self.todo and not should_stop():
+                if llm is None:
+                    raise ValueError("Job.run: records are left to run, and llm is None")
                 self._generate(llm, write, step, should_stop, on_prepared)
                 store_run_rates(self.settings.engine, llm.stats())  # for `pagedbatch plan`
         result.not_run = len(self.todo) - result.written
@@ -220,15 +286,16 @@ class Job:
             writer.abandon()
 
     def _generate(
-        self, llm: Any, write: Callable, step: Callable, should_stop: Callable, on_prepared: Any
-    ) -> None:
+        self, llm: Generator, write: OnOutput, step: OnStep, should_stop: ShouldStop,
+        on_prepared: OnPrepared | None,
+    ) -> None:  # fmt: skip
         sampling = self.settings.sampling
         total = len(self.todo)
         if self.settings.order == "completion":
             llm.generate(
                 self.todo, sampling, on_output=write, on_step=step, should_stop=should_stop,
                 on_prepared=on_prepared
-                and (lambda done, _, *most: on_prepared(done, total, *most)),
+                and (lambda done, _, most: on_prepared(done, total, most)),
                 keep_outputs=False,  # each is written as it finishes
             )  # fmt: skip
             return
@@ -241,7 +308,7 @@ class Job:
             llm.generate(
                 chunk, sampling, on_output=in_order, on_step=step, should_stop=should_stop,
                 on_prepared=on_prepared
-                and (lambda done, _, *most, s=start: on_prepared(s + done, total, *most)),
+                and (lambda done, _, most, s=start: on_prepared(s + done, total, most)),
                 keep_outputs=False,
             )  # fmt: skip
             if should_stop():
@@ -302,7 +369,7 @@ class Job:
 class _InputOrder:
     """Passes outputs on in the order of `records`, holding those that finish early."""
 
-    def __init__(self, records: Iterable[Record], write: Callable[[RequestOutput], None]) -> None:
+    def __init__(self, records: Iterable[Record], write: OnOutput) -> None:
         self._position = {r.id: i for i, r in enumerate(records)}
         self._held: dict[int, RequestOutput] = {}
         self._next = 0

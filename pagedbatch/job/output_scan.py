@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,33 @@ def check_errors_file(path: Path) -> None:
                     f"'{QUARANTINE_KEY}'), so it is not this job's errors file and a resume "
                     "would replace it; give another --errors path, or --overwrite to start over"
                 )
+
+
+def edited_line(path: Path, written: Mapping[str, str], id_fields: tuple[str, ...]) -> int | None:
+    """The number of the first whole line of errors file `path` that a resume would
+    rebuild otherwise: its id (the first of `id_fields` it holds) is one the rebuild writes
+    a line for (`written`: id -> line, each as `canonical` gives it), and the line is not
+    that one (edited by hand). None when there is none."""
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return None
+    with file:
+        for n, raw in enumerate(file, start=1):
+            if not raw.strip() or not raw.endswith(b"\n"):
+                continue
+            line = loads(raw)
+            rid = next((line[f] for f in id_fields if f in line), None)
+            if (expected := written.get(canonical(rid))) is not None and expected != canonical(
+                line
+            ):
+                return n
+    return None
+
+
+def canonical(line: Any) -> str:
+    """A line's JSON with its keys sorted: equal for lines that hold the same values."""
+    return json.dumps(line, sort_keys=True, ensure_ascii=True)
 
 
 def cut_torn_line(path: Path, scan: OutputScan) -> None:

@@ -25,6 +25,7 @@ from pagedbatch.job.output_scan import (
     output_ids,
     scan_output,
 )
+from pagedbatch.sampling_params import short_repr
 
 _NAMED_IDS = 5  # ids named in a message, before "and N more"
 
@@ -156,7 +157,9 @@ class ResumeCheck:
         return None if k is None else self.index.digest(k)
 
     def _duplicates_problem(self, scan: OutputScan) -> str:
-        shown = ", ".join(f"{rid!r} on lines {a} and {b}" for rid, a, b in scan.duplicates[:3])
+        shown = ", ".join(
+            f"{short_repr(rid)} on lines {a} and {b}" for rid, a, b in scan.duplicates[:3]
+        )
         more = scan.duplicate_count - len(scan.duplicates[:3])
         return (
             f"{self.output} holds a record more than once ({shown}"
@@ -190,7 +193,7 @@ def _count(ids: list[Any]) -> str:
 
 def _ids(ids: list[Any]) -> str:
     """The first few ids, as a user reads them."""
-    shown = ", ".join(repr(i) for i in ids[:_NAMED_IDS])
+    shown = ", ".join(short_repr(i) for i in ids[:_NAMED_IDS])
     return shown + (f", and {len(ids) - _NAMED_IDS} more" if len(ids) > _NAMED_IDS else "")
 
 

@@ -7,8 +7,10 @@ directory with plain `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,12 @@ from pagedbatch.models.names import (
     alias_gguf_path,
     resolve_model_name,
 )
-from pagedbatch.models.random_presets import RANDOM_PRESETS, build_random_model
+from pagedbatch.models.quantization import (
+    WeightQuantization,
+    quantize_like_loading,
+    weight_quantization,
+)
+from pagedbatch.models.random_presets import RANDOM_PRESETS, build_random_model, preset_config
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "alias_gguf_path", "load_model"]
 
@@ -47,37 +54,90 @@ def load_model(
     dtype: torch.dtype,
     attn_implementation: str | None = None,
     cache_dir: Path | None = None,
+    quantize: str | None = None,
+    device_mesh: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its tokenizer.
+    """Load `name` (alias, random preset, .gguf file, model directory or hub id) and its
+    tokenizer.
 
-    The model is in eval mode on `device` with `dtype` and needs no gradients.
-    Raises ModelLoadError when it cannot be found or loaded, or pagedbatch cannot run
-    it (see `check_supported`).
+    The model is in eval mode on `device` with `dtype` and needs no gradients; `quantize`
+    (int8, int4, fp8: models/quantization.py) quantizes its weights with torchao as they
+    load, and a checkpoint quantized already loads through its own quantizer. A
+    `device_mesh` (a 1-D torch DeviceMesh, engine/tensor_parallel.py) loads this rank's
+    shard of each weight by the model's own tensor-parallel plan. Raises ModelLoadError
+    when it cannot be found or loaded, or pagedbatch cannot run it (see
+    `check_supported`), or its quantization cannot run here (before the weights load).
     """
     name = os.fspath(name)
+    if name in RANDOM_PRESETS and device_mesh is not None:
+        raise ModelLoadError(f"tensor parallel runs checkpoints, not random preset {name}")
     if name in RANDOM_PRESETS:
+        quantization = weight_quantization(preset_config(name), name, quantize, device, dtype)
         model, tokenizer = build_random_model(
             name, device=device, dtype=dtype, attn_implementation=attn_implementation
         )
+        if quantization is not None:
+            quantize_like_loading(model, quantization.torchao)
         check_supported(model)
         return model, tokenizer
     source, cached_only = _resolve_source(name, cache_dir)
     config = _load_config(source, name, cached_only)
     _check_config(config, _architecture(config))
+    quantization = weight_quantization(config, name, quantize, device, dtype)
     extra: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if quantization is not None:  # quantized weights load straight onto the device
+        extra.update(device_map=device, quantization_config=quantization.torchao)
     extra = {k: v for k, v in extra.items() if v is not None}
+    if device_mesh is not None:
+        from transformers.distributed import DistributedConfig
+
+        extra.update(distributed_config=DistributedConfig(tp_size=device_mesh.size()),
+                     device_mesh=device_mesh)  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=cached_only, **extra
-        )
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=cached_only, **extra
+            )
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}': {_short_reason(exc)}") from exc
     check_supported(model)
-    model.to(device=device)
+    # Quantized weights load straight onto the device; a sharded model is on its rank's.
+    if quantization is None and device_mesh is None:
+        model.to(device=device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def model_directory(name: str, cache_dir: Path | None = None) -> Path | None:
+    """The local directory of `name`'s files (a directory, a converted GGUF, a hub id's
+    snapshot in the hub cache), None for a random preset or where there is none."""
+    if name in RANDOM_PRESETS:
+        return None
+    source, _ = _resolve_source(name, cache_dir)
+    if Path(source).is_dir():
+        return Path(source)
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(source, "config.json", local_files_only=True)
+    except OSError:
+        return None
+    return Path(config).parent if config else None
+
+
+def model_quantization(
+    name: str, quantize: str | None, device: torch.device, dtype: torch.dtype,
+    cache_dir: Path | None = None,
+) -> WeightQuantization | None:  # fmt: skip
+    """How `load_model` quantizes `name`'s weights (None: full precision), from its config
+    alone; ModelLoadError, one line, when that cannot run here."""
+    if name in RANDOM_PRESETS:
+        return weight_quantization(preset_config(name), name, quantize, device, dtype)
+    source, cached_only = _resolve_source(name, cache_dir)
+    config = _load_config(source, name, cached_only)
+    return weight_quantization(config, name, quantize, device, dtype)
 
 
 def load_tokenizer_and_config(
@@ -142,7 +202,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     if target.is_dir():  # only ever created complete, by atomic_directory's rename
         return target
     try:
-        with atomic_directory(target) as staging:
+        with atomic_directory(target) as staging, _no_progress_bars():
             _write_converted(gguf_path, staging)
     except OSError as exc:
         raise ModelLoadError(
@@ -217,6 +277,21 @@ def _check_config(config: PretrainedConfig, name: str) -> None:
                 f"pagedbatch cannot run {name}: it uses attention logit soft-capping "
                 f"(attn_logit_softcapping={softcap})"
             )
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off while
+    a model loads or converts: a library does not print (the caller's setting comes back)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _architecture(config: PretrainedConfig, model: PreTrainedModel | None = None) -> str:

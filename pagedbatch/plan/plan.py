@@ -27,7 +27,9 @@ class SharedPrefix(NamedTuple):
 
 @dataclass(frozen=True)
 class Plan:
-    records: int
+    records: int  # every record read: those that would run, too long, invalid
+    would_run: int  # records that fit the context and are valid
+    invalid: dict[str, int]  # records `run` writes an error line for, by error code
     prompt_tokens: int
     tokens_to_compute: int
     predicted_hit_rate: float
@@ -40,11 +42,24 @@ class Plan:
     output_tokens: int = 0  # the most the records can generate: max_tokens x n each
     max_model_len: int = 0  # the cap on prompt + output tokens planned with
     estimate: Estimate | None = None  # the job's time, when rates were measured or stored
+    weight_bytes: int = 0  # the model's weights as loaded (quantized ones as stored)
+    weights: str = ""  # how the weights are quantized, or "full precision"
+    kv_dtype: str = ""  # the KV cache's element type
+    kv_bytes_per_token: int = 0  # K and V of one token, all layers, in kv_dtype
+    constrained_records: int = 0  # records whose output a constraint shapes
+    # (id, why) of records whose own constraint cannot be used (their line is an error)
+    constraint_problems: list[tuple[Any, str]] = field(default_factory=list)
+    tensor_parallel: int = 1  # ranks; with more than one, what the fullest rank holds:
+    rank_weight_bytes: int | None = None  # its shard of the weights
+    rank_kv_bytes: int | None = None  # its KV heads' part of the pool
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["largest_shared_prefixes"] = [p._asdict() for p in self.largest_shared_prefixes]
         data["estimate"] = self.estimate.to_json() if self.estimate else None
+        data["constraint_problems"] = [
+            {"id": rid, "problem": why} for rid, why in self.constraint_problems
+        ]
         return data
 
 
@@ -87,9 +102,11 @@ def make_plan(
         groups = shared_prefix_groups(lcps, block_size)
     total, saved = int(lengths.sum()), int(cached.sum())
     private = int(held.sum()) - saved // block_size
-    mean_private = private / len(lengths) if len(lengths) else 1
+    mean_private = max(private / len(lengths), 1) if len(lengths) else 0
     return Plan(
         records=prompts.records,
+        would_run=len(lengths),
+        invalid=dict(sorted(prompts.invalid.items())),
         prompt_tokens=total,
         tokens_to_compute=total - saved + extra,
         predicted_hit_rate=saved / total if total else 0.0,
@@ -97,10 +114,12 @@ def make_plan(
         blocks_needed=int(needed.sum()),
         blocks_needed_shared=private,
         num_blocks=num_blocks,
-        concurrent_sequences=int(num_blocks // max(mean_private, 1)),
+        concurrent_sequences=int(num_blocks // mean_private) if mean_private else 0,
         largest_shared_prefixes=groups[:top],
         output_tokens=outputs,
         max_model_len=max_model_len,
+        constrained_records=prompts.constrained,
+        constraint_problems=list(prompts.constraint_problems),
     )
 
 

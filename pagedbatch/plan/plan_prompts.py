@@ -4,8 +4,10 @@
 (prompt k there is the k-th that fits, in input order), their `max_tokens` and `n` in
 arrays of the same numbering (a record that scores choices generates nothing: max_tokens
 0, and its choices' token counts are kept), and the ids of the records too long for the
-context (their tokens are not kept). `read_plan_prompts` fills it from a `RecordIndex` as `run`
-checks records, tokenizing a batch at a time; `PlanPrompts.of` from a few `PlanPrompt`s.
+context (their tokens are not kept); how many records constrain their output, and the ids of
+those whose own constraint cannot be used, with why. `read_plan_prompts` fills it from a
+`RecordIndex` as `run` checks records, tokenizing a batch at a time; `PlanPrompts.of` from a
+few `PlanPrompt`s.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import functools
 import itertools
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from pagedbatch.constraint import record_constraint
 from pagedbatch.inputs.record_index import RecordIndex
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.requests.ahead import ahead
@@ -46,7 +50,8 @@ class PlanPrompts:
     Invariants: `len(store) == len(max_tokens) == len(n) == len(choice_ends)`; prompt k's
     choices have the token counts `choice_tokens[choice_ends[k-1]:choice_ends[k]]` (none
     for a record that generates); every stored prompt is shorter than `max_model_len`;
-    `too_long` lists the other records' ids in input order.
+    `too_long` lists the other records' ids in input order; `invalid` counts by error code
+    the records left out because `run` writes an error line for them.
     """
 
     def __init__(self, vocab_size: int, max_model_len: int) -> None:
@@ -57,6 +62,9 @@ class PlanPrompts:
         self.choice_tokens = array("i")
         self.choice_ends = array("q")
         self.too_long: list[Any] = []
+        self.constrained = 0  # records whose output a constraint shapes (that would run)
+        self.constraint_problems: list[tuple[Any, str]] = []  # (id, why), input order
+        self.invalid: Counter[str] = Counter()  # records left out as `run` fails them, by code
         self._order: np.ndarray | None = None
 
     @classmethod
@@ -74,13 +82,18 @@ class PlanPrompts:
 
     @property
     def records(self) -> int:
-        """Records planned: those that fit and those too long."""
-        return len(self.store) + len(self.too_long)
+        """Records read: those that fit, those too long and those left out as invalid."""
+        return len(self.store) + len(self.too_long) + self.invalid.total()
 
     @property
     def samples(self) -> int:
         """Sequences the fitting records generate: their `n` summed."""
         return sum(self.n)
+
+    @property
+    def generating_samples(self) -> int:
+        """Sequences the fitting records generate, those that score choices left out."""
+        return sum(n for n, most in zip(self.n, self.max_tokens) if most > 0)
 
     def fits(self, ids: Sequence[int]) -> bool:
         return len(ids) < self.max_model_len
@@ -117,7 +130,8 @@ def read_plan_prompts(
 ) -> PlanPrompts:
     """The prompts of every record of `index`, tokenized a batch at a time, as `run` checks
     them: a record with an error, invalid params, a prompt the tokenizer or chat template
-    refuses, an empty prompt or ids outside the vocabulary is left out; one too long for
+    refuses, an empty prompt or ids outside the vocabulary is left out (counted in
+    `invalid` by its error code); one too long for
     the context is counted in `too_long`. `limits` is (vocab_size, max_model_len);
     `on_tokenized(done, total)` follows the records."""
     vocab_size, max_model_len = limits
@@ -131,11 +145,17 @@ def read_plan_prompts(
     for batch, checked in ahead(batches, check):  # tokenizing while the next batch is read
         for j, prompt in enumerate(checked):
             if isinstance(prompt, RequestOutput):  # run writes an error line for it
+                problem = _constraint_problem(batch[j].overrides)
+                if problem is not None:
+                    prompts.constraint_problems.append((prompt.id, problem))
+                assert prompt.error is not None
+                prompts.invalid[prompt.error.code] += 1
                 continue
             ids, params = prompt
+            prompts.constrained += params.constraint is not None
             if prompts.fits(ids):
                 choices = params.choices or ()
-                prompts.add(ids, params.max_tokens, params.n, [counted(c) for c in choices])
+                prompts.add(ids, params.max_output_tokens, params.n, [counted(c) for c in choices])
             else:
                 too_long.append(start + j)
         start += len(batch)
@@ -144,3 +164,12 @@ def read_plan_prompts(
     numbers = np.frombuffer(too_long, dtype=np.int64) if too_long else np.zeros(0, np.int64)
     prompts.too_long = [record.id for record in index.records(numbers)]
     return prompts
+
+
+def _constraint_problem(fields: Any) -> str | None:
+    """Why a record's own constraint (response_format, regex, grammar) cannot be used."""
+    try:
+        record_constraint(fields)
+    except ValueError as e:
+        return str(e)
+    return None

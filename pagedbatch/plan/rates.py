@@ -59,7 +59,9 @@ def rates_from_stats(stats: EngineStats, source: str) -> Rates | None:
 
 
 def rates_key(config: EngineConfig, threads: int) -> str:
-    """What the rates depend on: model, device (the GPU's name on CUDA), dtype, threads."""
+    """What the rates depend on: model, device (the GPU's name on CUDA; the tensor-parallel
+    ranks), dtype, threads, and the weights' quantization and KV dtype when they are not
+    the defaults."""
     import torch
 
     model = os.path.abspath(config.model) if os.path.exists(config.model) else config.model
@@ -67,8 +69,15 @@ def rates_key(config: EngineConfig, threads: int) -> str:
     where = device.type
     if device.type == "cuda":
         where = f"cuda {torch.cuda.get_device_name(device)}"
+    if config.tensor_parallel > 1:
+        where += f" x{config.tensor_parallel} tensor-parallel"
     dtype = str(config.torch_dtype).removeprefix("torch.")
-    return f"{model} | {where} | {dtype} | {threads} threads"
+    key = f"{model} | {where} | {dtype} | {threads} threads"
+    if config.quantize is not None:
+        key += f" | weights {config.quantize}"
+    if config.torch_kv_dtype != config.torch_dtype:
+        key += f" | kv {str(config.torch_kv_dtype).removeprefix('torch.')}"
+    return key
 
 
 def planned_threads(config: EngineConfig) -> int:

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ ACTOR_PREFIX = "pagedbatch-replica"  # names of the replica actors (tests find t
 # Logical CPUs a local cluster declares beyond one per replica: Ray's own tasks need some,
 # or actors and tasks wait on each other forever ("Cluster resources are not enough").
 SPARE_CPUS = 4
+PRIVATE = "pagedbatch_job_cluster"  # the resource that marks a job's own local cluster
 
 
 class ClusterError(ValueError):
@@ -40,33 +42,66 @@ def import_ray() -> Any:
 
 @dataclass(frozen=True)
 class Cluster:
-    """The cluster a job runs on: whether this process started it, and its resources."""
+    """The cluster a job runs on: whether this process started it, its resources, and the
+    address of its head (GCS)."""
 
     started_here: bool
     gpus: int
     cpus: int
     nodes: int
+    address: str = ""
 
 
 def connect(address: str = "auto", *, replicas: int | None = None) -> Cluster:
     """Join the cluster at `address` ("auto": the one running on this machine, if any), or
     start a local one when `address` is "auto" and none runs. Reuses a connection this
-    process already has."""
+    process already has.
+
+    A local cluster started here carries the resource PRIVATE: "auto" finds any running
+    cluster, but one that another job started is left alone (that job stops it when it
+    ends), and this job starts its own.
+    """
     ray = import_ray()
     started = False
     if not ray.is_initialized():
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+        joined = False
         try:
             ray.init(address=address, namespace=NAMESPACE, **quiet)
+            joined = address != "auto" or not ray.cluster_resources().get(PRIVATE)
+            if not joined:
+                ray.shutdown()
         except ConnectionError as e:
             if address != "auto":
                 raise ClusterError(f"cannot join the Ray cluster at {address}: {e}") from None
+        if not joined:
             cpus = max(process_cpus(), replicas or 1) + SPARE_CPUS
-            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, **quiet)
+            ray.init(
+                address="local", num_cpus=cpus, resources={PRIVATE: 1}, namespace=NAMESPACE,
+                include_dashboard=False, **quiet,
+            )  # fmt: skip
             started = True
     resources = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    return Cluster(started, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), nodes)
+    gcs = ray.get_runtime_context().gcs_address
+    return Cluster(started, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), nodes, gcs)
+
+
+def reachable(address: str, timeout: float = 1.0) -> bool:
+    """Whether the cluster's head (GCS) at `address` ("host:port") accepts a connection:
+    when it does not, the cluster is gone (and Ray ends this process within a minute)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def lost(cluster: Cluster) -> ClusterError:
+    return ClusterError(
+        f"lost the Ray cluster at {cluster.address} (it was stopped, or its head node died)"
+    )
 
 
 class ReplicaPool:
@@ -86,9 +121,16 @@ class ReplicaPool:
         self.dtypes: list[str] = []  # what the replicas run in (auto: per machine)
 
     def wait_ready(self) -> None:
-        """Wait until every replica loaded its model; ClusterError naming a load failure."""
+        """Wait until every replica loaded its model; ClusterError naming a load failure,
+        a replica that died or a cluster lost."""
         ray = import_ray()
-        states = ray.get([actor.ready.remote() for actor in self.actors])
+        try:
+            states = ray.get([actor.ready.remote() for actor in self.actors])
+        except ray.exceptions.RayActorError as e:
+            if not reachable(self.cluster.address):
+                raise lost(self.cluster) from None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClusterError(f"a replica died while loading the model ({reason})") from None
         for state in states:
             if state["problem"]:
                 raise ClusterError(f"a replica could not load the model: {state['problem']}")

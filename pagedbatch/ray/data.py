@@ -12,14 +12,18 @@ ran). A row that cannot run raises, unless `should_continue_on_error`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.requests.records import FieldMap, parse_record
-from pagedbatch.sampling_params import SamplingParams
+from pagedbatch.sampling_params import SamplingParams, short_repr
 
 ERROR_COLUMN = "__inference_error__"  # ray.data.llm's name for it
+_INTEGER_FIELDS = (  # sampling fields
+    "max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens", "reasoning_budget",
+)  # fmt: skip
 
 
 class RowError(ValueError):
@@ -63,7 +67,7 @@ class PagedBatchProcessor:
         if not self.should_continue_on_error:
             for output, error in zip(outputs, errors):
                 if error:
-                    raise RowError(f"row {output.id!r}: {error}")
+                    raise RowError(f"row {short_repr(output.id)}: {error}")
         return {
             **columns,
             "generated_text": [output.text for output in outputs],
@@ -105,9 +109,25 @@ def _columns(batch: Any) -> dict[str, Any]:
 
 
 def _rows(columns: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The rows of `columns` as plain Python values (numpy scalars and arrays unwrapped)."""
+    """The rows of `columns` as plain Python values (numpy scalars and arrays unwrapped).
+
+    A row without a column that other rows have holds a null there (None, or NaN in a
+    numeric column): it is left out of the row, which then takes the default. Such a
+    column comes as floats, so an integer sampling field's 2.0 is read as 2.
+    """
     size = len(next(iter(columns.values()))) if columns else 0
-    return [{name: _plain(values[i]) for name, values in columns.items()} for i in range(size)]
+    rows = []
+    for i in range(size):
+        row = {}
+        for name, values in columns.items():
+            value = _plain(values[i])
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if name in _INTEGER_FIELDS and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            row[name] = value
+        rows.append(row)
+    return rows
 
 
 def _plain(value: Any) -> Any:

@@ -10,16 +10,18 @@ returned, with the same seeds (they derive from the job seed and the record id).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.stats import EngineStats
+from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.outputs import RequestOutput
-from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray
+from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray, lost, reachable
 from pagedbatch.ray.shards import Shard, make_shards
 from pagedbatch.ray.stats import merge_memory_reports, merge_stats
 from pagedbatch.requests.prompt_store import PromptStore
@@ -32,6 +34,7 @@ TAKE_WAIT_S = 0.25  # a take returns at once with outputs, else after this (then
 _TOKENIZE_BATCH = 512  # records the driver tokenizes at a time
 MAX_SHARD_RECORDS = 20_000  # a big job is cut finer: a shard's records are read at once
 MAX_ATTEMPTS = 3  # a shard whose replica died this often stops the job
+LIVENESS_S = 2.0  # how often the driver checks that the cluster's head is still there
 
 
 class RayLLM:
@@ -47,11 +50,14 @@ class RayLLM:
     ) -> None:
         from pagedbatch.models.loader import load_tokenizer_and_config
 
+        if config.tensor_parallel > 1:
+            raise ValueError("tensor_parallel does not run on Ray yet: a replica is one GPU")
         tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
-        self._prompts = PromptBuilder(tokenizer, config.chat)
+        self._prompts = PromptBuilder(tokenizer, config.chat, config.chat_template_kwargs)
         self.cluster = connect(address, replicas=replicas)
         self._pool: ReplicaPool | None = None
         self.replaced = 0  # replicas that died and were replaced
+        self.lost = False  # the cluster went away under the job
         self._stats: dict[Any, EngineStats] = {}  # actor -> its latest statistics
         try:
             self._pool = ReplicaPool(config, self.cluster, replicas)
@@ -64,16 +70,11 @@ class RayLLM:
         self.load_seconds = self._pool.load_seconds
 
     def generate(
-        self,
-        inputs: Iterable[Input],
-        params: SamplingParams | None = None,
-        *,
-        on_output: Callable[[RequestOutput], None] | None = None,
-        on_step: Callable[[EngineStats], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_prepared: Callable[..., None] | None = None,
+        self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
+        on_output: OnOutput | None = None, on_step: OnStep | None = None,
+        should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
         keep_outputs: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput]:  # fmt: skip
         """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
         report. Record ids must be distinct (they tell the outputs apart)."""
         params = params or SamplingParams()
@@ -95,8 +96,9 @@ class RayLLM:
         return [results[rid] for rid in ids if rid in results]
 
     def _shards(
-        self, items: Seq[Input], defaults: SamplingParams, stop, on_prepared
-    ) -> list[Shard] | None:
+        self, items: Seq[Input], defaults: SamplingParams, stop: ShouldStop,
+        on_prepared: OnPrepared | None,
+    ) -> list[Shard] | None:  # fmt: skip
         """Tokenize the records a batch at a time (token ids kept in a PromptStore, as
         `LLM` does) and cut their depth-first order into shards; None when stopped.
         `on_prepared(done, total, mean most output tokens)` as `LLM.generate` calls it
@@ -134,11 +136,12 @@ class RayLLM:
         return merge_memory_reports(reports, self.stats())
 
     def close(self) -> None:
-        """Stop the replicas, and the local cluster when this process started it."""
-        if self._pool is not None:
+        """Stop the replicas, and the local cluster when this process started it (from a
+        cluster that is gone, only disconnect)."""
+        if self._pool is not None and not self.lost:
             self._pool.close()
-            self._pool = None
-        if self.cluster.started_here:
+        self._pool = None
+        if self.cluster.started_here or self.lost:
             import_ray().shutdown()
 
     def __enter__(self) -> RayLLM:
@@ -178,8 +181,9 @@ class _Dispatch:
     """One `generate` call: shards to idle replicas, outputs and statistics back."""
 
     def __init__(
-        self, llm: RayLLM, items: Seq[Input], params: SamplingParams, emit, on_step, stop
-    ) -> None:
+        self, llm: RayLLM, items: Seq[Input], params: SamplingParams, emit: OnOutput,
+        on_step: OnStep | None, stop: ShouldStop,
+    ) -> None:  # fmt: skip
         self.llm, self.items, self.params = llm, items, params
         self.emit, self.on_step, self.stop = emit, on_step, stop
         self.ray = import_ray()
@@ -190,7 +194,11 @@ class _Dispatch:
 
     def run(self, shards: list[Shard]) -> None:
         self.pending.extend(shards)
+        checked = time.monotonic()
         while self.pending or self.busy:
+            if time.monotonic() - checked > LIVENESS_S:
+                self._check_cluster()
+                checked = time.monotonic()
             if not self.stopping and self.stop():
                 self._stop_all()
             self._hand_out()
@@ -232,8 +240,17 @@ class _Dispatch:
         except self.ray.exceptions.RayActorError:
             self._lost(actor, shard)
 
+    def _check_cluster(self) -> None:
+        """ClusterError when the cluster's head is gone (stopped by its owner: `ray stop`,
+        the job that started it), before Ray ends this process for it."""
+        if not reachable(self.llm.cluster.address):
+            self.llm.lost = True
+            raise lost(self.llm.cluster)
+
     def _lost(self, actor: Any, shard: Shard) -> None:
-        """A replica died: its shard's unreturned records go first to the next idle one."""
+        """A replica died: its shard's unreturned records go first to the next idle one
+        (ClusterError when the whole cluster is gone)."""
+        self._check_cluster()
         pool = self.llm._pool
         assert pool is not None
         self.llm.replaced += 1

@@ -3,9 +3,10 @@
 `check` takes a batch of records and gives, for each, its prompt's token ids (tokenized
 in one batch: the fast tokenizer encodes it in Rust) or the error output that replaces
 the record: invalid params, a prompt that is empty, out of the vocabulary or too long,
-bad choices. When a checked record is admitted, `params` and `seeds` (or `choice_tokens`)
-give what the engine builds its sequences from (`Engine.add_samples`, `add_choices`),
-with the prompt's token ids kept since in a `PromptStore`.
+bad choices, a constraint that does not compile. When a checked record is admitted,
+`params` and `seeds` (or `choice_tokens`) give what the engine builds its sequences from
+(`Engine.add_samples`, `add_choices`), with the prompt's token ids kept since in a
+`PromptStore`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from pagedbatch.engine.block_pool import blocks_for
+from pagedbatch.engine.constraints import Grammars
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -23,7 +25,7 @@ from pagedbatch.outputs import (
     RequestOutput,
 )
 from pagedbatch.requests.prompts import PromptBuilder, PromptError
-from pagedbatch.requests.records import Record
+from pagedbatch.requests.records import Record, text_problem
 from pagedbatch.sampling_params import SamplingParams, derive_seed, sample_seed, short_repr
 
 _CHOICES_CACHED = 4096  # choice texts whose tokens are kept (a job has a few)
@@ -42,9 +44,13 @@ class Limits:
 class Preparer:
     """Checks records and gives what the engine needs to run them, for one LLM."""
 
-    def __init__(self, prompts: PromptBuilder, limits: Limits) -> None:
+    def __init__(
+        self, prompts: PromptBuilder, limits: Limits, grammars: Grammars, thinks: bool = False
+    ) -> None:
         self.prompts = prompts
         self.limits = limits
+        self.grammars = grammars  # each record's constraint compiled (once each) when checked
+        self.thinks = thinks  # the model marks its thinking (engine/reasoning.py)
         self._choices: dict[str, list[int]] = {}
 
     def check(
@@ -81,14 +87,27 @@ class Preparer:
     def _check_fit(
         self, record: Record, ids: list[int], params: SamplingParams
     ) -> list[int] | RequestOutput:
-        """`ids`, or the error of a record whose prompt (and choices) do not fit."""
-        problem = (
-            self._choices_problem(len(ids), params)
-            if params.choices is not None
-            else self._length_problem(len(ids), params)
-        )
+        """`ids`, or the error of a record whose prompt (and choices) do not fit, or whose
+        params the model cannot follow, or whose constraint does not compile for it."""
+        if params.reasoning_budget is not None and not self.thinks:
+            problem = (
+                "reasoning_budget: the model marks no thinking (<think> ... </think> tokens "
+                "used by its chat template; see --reasoning-parser)"
+            )
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
+        problem = _vocabulary_problem(params, self.limits.vocab_size)
         if problem is not None:
-            code = INVALID_PARAMS if params.choices is not None else PROMPT_TOO_LONG
+            return _error(record, INVALID_PARAMS, problem, prompt_tokens=len(ids))
+        if params.choices is not None:
+            problem, code = self._choices_problem(len(ids), params), INVALID_PARAMS
+        else:
+            problem, code = self._length_problem(len(ids), params), PROMPT_TOO_LONG
+        if problem is None and params.constraint is not None:
+            try:
+                self.grammars.compile(params.constraint)
+            except ValueError as e:
+                problem, code = str(e), INVALID_PARAMS
+        if problem is not None:
             return _error(record, code, problem, prompt_tokens=len(ids))
         return ids
 
@@ -130,11 +149,12 @@ class Preparer:
         limit = self.limits.max_model_len
         if prompt_len >= limit:
             return f"the prompt has {prompt_len} tokens; the model's context is {limit}"
-        total = min(limit, prompt_len + params.max_tokens)
+        total = min(limit, prompt_len + params.max_output_tokens)
         needed = blocks_for(total, self.limits.block_size)
         if needed > self.limits.num_blocks:
+            budget = "" if params.reasoning_budget is None else " and its reasoning budget"
             return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}){budget} needs "
                 f"{needed} KV blocks but the cache has {self.limits.num_blocks}; "
                 "raise --kv-memory or --num-blocks, or lower max_tokens"
             )
@@ -171,6 +191,8 @@ def prompt_ids(
 def _params(record: Record, defaults: SamplingParams) -> SamplingParams | RequestOutput:
     if record.error is not None:
         return RequestOutput(record.id, error=record.error)
+    if (problem := text_problem(record)) is not None:
+        return _error(record, INVALID_RECORD, problem)
     try:
         return defaults.with_overrides(record.overrides)
     except (TypeError, ValueError) as e:
@@ -186,6 +208,17 @@ def _ids_problem(record: Record, ids: list[int] | Exception, vocab: int) -> Requ
         return _error(record, INVALID_RECORD, "the prompt is empty")
     if not 0 <= min(ids) <= max(ids) < vocab:
         return _error(record, INVALID_RECORD, f"token ids must be in [0, {vocab})")
+    return None
+
+
+def _vocabulary_problem(params: SamplingParams, vocab_size: int) -> str | None:
+    """A token id of `logit_bias` or `stop_token_ids` outside the vocabulary, named."""
+    for name, tokens in (
+        ("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)
+    ):  # fmt: skip
+        outside = [t for t in tokens if t >= vocab_size]
+        if outside:
+            return f"{name}: token {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})"
     return None
 
 

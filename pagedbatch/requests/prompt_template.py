@@ -40,7 +40,9 @@ class PromptTemplate:
         """The prompt for `row`; raises TemplateError naming a missing field."""
         for name in self.fields:
             if row.get(name) is None:
-                raise TemplateError(f"missing field '{name}' that the template uses")
+                raise TemplateError(
+                    f"missing field '{name}' that the template uses{brace_hint([name])}"
+                )
         try:
             return self.template.format_map(row)
         except (LookupError, AttributeError, ValueError, TypeError) as e:
@@ -54,6 +56,18 @@ class PromptTemplate:
 
     def __hash__(self) -> int:
         return hash(self.template)
+
+
+def brace_hint(missing: list[str]) -> str:
+    """'; ... write {{ and }}' when a missing field's name looks like JSON (`{"label": ...}`
+    in a template is a replacement field named '"label"'), else ''."""
+    if not any(_looks_like_json(name) for name in missing):
+        return ""
+    return "; braces that are text (JSON in the prompt) must be doubled: write {{ and }}"
+
+
+def _looks_like_json(name: str) -> bool:
+    return any(quote in name for quote in "\"'") or name != name.strip()
 
 
 def _root(field: str) -> str:

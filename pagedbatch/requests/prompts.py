@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pagedbatch.requests.records import Record
 
@@ -16,14 +18,22 @@ class PromptBuilder:
 
     A `prompt` is tokenized as given (with the tokenizer's own special tokens, e.g. a
     BOS); `messages`, and plain prompts when `chat` is set, go through the model's chat
-    template with the assistant turn opened.
+    template with the assistant turn opened, given `chat_template_kwargs` as template
+    variables (a record's own `chat_template_kwargs` over them).
     """
 
-    def __init__(self, tokenizer, chat: bool = False) -> None:
+    def __init__(
+        self, tokenizer, chat: bool = False, chat_template_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.chat = chat
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat needs a model whose tokenizer has a chat template")
+        self.template_kwargs = dict(chat_template_kwargs or {})
+        self._arguments = _own_arguments(tokenizer)
+        problem = self._kwargs_problem(self.template_kwargs)
+        if problem is not None:
+            raise ValueError(problem)
 
     def token_ids(self, record: Record) -> list[int]:
         """One record's prompt token ids; raises PromptError (or the tokenizer's error)."""
@@ -43,7 +53,8 @@ class PromptBuilder:
             elif record.messages is not None or self.chat:
                 messages = record.messages or [{"role": "user", "content": record.prompt}]
                 try:
-                    texts[False].append((i, self._chat_text(list(messages))))
+                    kwargs = self._record_kwargs(record)
+                    texts[False].append((i, self._chat_text(list(messages), kwargs)))
                 except PromptError as e:
                     out[i] = e
             else:
@@ -73,15 +84,44 @@ class PromptBuilder:
                 return [_encode_one(self.tokenizer, texts[0], special)]
             return [_encode_one(self.tokenizer, t, special) for t in texts]
 
-    def _chat_text(self, messages: list[dict]) -> str:
+    def _record_kwargs(self, record: Record) -> dict[str, Any]:
+        """The template variables of a record: the job's, its own over them."""
+        if not record.chat_template_kwargs:
+            return self.template_kwargs
+        problem = self._kwargs_problem(record.chat_template_kwargs)
+        if problem is not None:
+            raise PromptError(problem)
+        return {**self.template_kwargs, **record.chat_template_kwargs}
+
+    def _kwargs_problem(self, kwargs: Mapping[str, Any]) -> str | None:
+        """Why `kwargs` cannot be template variables: a name that is an argument of
+        `apply_chat_template` itself (tokenize, add_generation_prompt, ...)."""
+        taken = sorted(self._arguments.intersection(kwargs))
+        if taken:
+            return (
+                f"chat_template_kwargs: {', '.join(map(repr, taken))} is an argument of "
+                "apply_chat_template, not a template variable"
+            )
+        return None
+
+    def _chat_text(self, messages: list[dict], kwargs: Mapping[str, Any]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise PromptError("has 'messages' but the model has no chat template")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=True, **kwargs
             )
         except Exception as e:  # jinja raises for roles a template refuses
             raise PromptError(f"chat template failed: {e}") from None
+
+
+def _own_arguments(tokenizer) -> frozenset[str]:
+    """The named arguments of the tokenizer's `apply_chat_template`."""
+    method = getattr(tokenizer, "apply_chat_template", None)
+    if method is None:
+        return frozenset()
+    parameters = inspect.signature(method).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is not p.VAR_KEYWORD)
 
 
 def _encode_one(tokenizer, text: str, special: bool) -> list[int] | Exception:

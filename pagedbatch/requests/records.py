@@ -7,11 +7,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedbatch.engine.config import check_template_kwargs
 from pagedbatch.outputs import INVALID_RECORD, RecordError
 from pagedbatch.requests.prompt_template import PromptTemplate, TemplateError
-from pagedbatch.sampling_params import OVERRIDABLE
+from pagedbatch.sampling_params import OVERRIDABLE, not_text, short_repr
 
 _OVERRIDABLE = frozenset(OVERRIDABLE)
+TEMPLATE_KWARGS = "chat_template_kwargs"  # a record's field: its chat template variables
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class FieldMap:
     With a `template`, the prompt is the template filled from the row's fields
     instead. With a `system` message, the record is a chat: [system, user prompt], or
     its messages with the system message first (unless they start with one already).
+    `lenient` runs an OpenAI batch request without the body fields pagedbatch does not
+    support, instead of making it an error (inputs/batch_fields.py).
     """
 
     prompt: str = "prompt"
@@ -28,6 +32,7 @@ class FieldMap:
     id: str = "id"
     template: PromptTemplate | None = None
     system: str | None = None
+    lenient: bool = False  # an OpenAI batch body's unsupported fields: ignored, not an error
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ class Record:
     says why none is.
     `overrides` holds the per-record sampling fields as given (validated later, so that
     a bad value becomes an `invalid_params` error of this record only).
+    `chat_template_kwargs` are the record's own chat template variables (over the job's).
     `endpoint` is the OpenAI batch `url` the record came with (None for plain input);
+    `ignored` names the fields of its body that it runs without (`--lenient`).
     `source` is the input row as read, kept to quarantine the record when it fails.
     """
 
@@ -47,8 +54,10 @@ class Record:
     messages: tuple[Mapping[str, Any], ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    chat_template_kwargs: Mapping[str, Any] | None = None
     error: RecordError | None = None
     endpoint: str | None = None
+    ignored: tuple[str, ...] = ()
     source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
@@ -72,14 +81,34 @@ def parse_record(row: Mapping[str, Any], default_id: int, fields: FieldMap = Fie
             return Record(id=rid, error=invalid(problem), source=row)
     if fields.system is not None:
         prompt, messages = None, with_system(fields.system, prompt, messages)
+    kwargs = row.get(TEMPLATE_KWARGS)
+    try:
+        check_template_kwargs(kwargs, TEMPLATE_KWARGS)
+    except ValueError as e:
+        return Record(id=rid, error=invalid(str(e)), source=row)
     overrides = {k: v for k, v in row.items() if k in _OVERRIDABLE and v is not None}
     return Record(
         id=rid,
         prompt=prompt,
         messages=None if messages is None else tuple(dict(m) for m in messages),
         overrides=overrides,
+        chat_template_kwargs=kwargs,
         source=row,
     )
+
+
+def text_problem(record: Record) -> str | None:
+    """Why a record's text is not text, if it is not: its prompt (a template's fields
+    included), messages, stop strings or choices hold a lone surrogate."""
+    parts = (
+        ("prompt", record.prompt), ("message", record.messages),
+        ("stop string", record.overrides.get("stop")),
+        ("choice", record.overrides.get("choices")),
+    )  # fmt: skip
+    for what, value in parts:
+        if (found := not_text(value)) is not None:
+            return f"{what} {short_repr(found)} holds a lone surrogate, which is not text"
+    return None
 
 
 def with_system(system: str, prompt: str | None, messages: Any) -> list[Mapping[str, Any]]:
