@@ -21,6 +21,20 @@ from pagedbatch.models.loader import DEFAULT_MODEL, alias_gguf_path, convert_ggu
 _session_cache: str | None = None  # the temporary model cache this session made
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bfloat16(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """In-process, dtype auto resolves as on a CPU without native bfloat16 matmul (float32),
+    whatever this machine is: CI machines differ (AVX2 only, AVX512-BF16, AMX), and the
+    exactness tests compare with transformers in float32. Tests of bfloat16 ask for it by
+    name; `@pytest.mark.native_cpu` tests see the machine's own capabilities."""
+    if request.node.get_closest_marker("native_cpu") is not None:
+        return
+    import torch
+
+    capabilities = {**torch.cpu.get_capabilities(), "avx512_bf16": False, "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """One model cache for the whole session (fixtures, CLI runs, subprocesses), never
     the user's own unless PAGEDBATCH_CACHE points there: the embedded model converts once."""

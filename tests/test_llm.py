@@ -38,6 +38,7 @@ def test_auto_dtype_on_cpu_is_bfloat16_only_with_native_bfloat16_matmul(
     assert EngineConfig(device="cpu", dtype="float32").torch_dtype == torch.float32
 
 
+@pytest.mark.native_cpu
 def test_this_cpu_runs_auto_in_what_its_capabilities_say(tiny_model_dirs):
     caps = torch.cpu.get_capabilities()
     native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))

@@ -97,6 +97,8 @@ class TensorParallel:
         store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, timeout=timeout,
                               wait_for_workers=False)  # fmt: skip
         threads = config.torch_threads  # measured once, here: the ranks' count
+        # Every rank runs the dtype rank 0 resolved (auto: from this process's view of the CPU).
+        config = config.replace(dtype=str(config.torch_dtype).removeprefix("torch."))
         self.workers: list[subprocess.Popen] = []
         self.pipes: list[Connection] = []
         try:
