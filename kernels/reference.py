@@ -210,10 +210,12 @@ def buckets(
 
 def _bucket(block_tables, context_lens, qsl, shape, first, window, seqs) -> Bucket:
     device, block_size = block_tables.device, shape.block_size
-    q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in seqs], device=device)
+    nq = [qsl[i + 1] - qsl[i] for i in seqs]
+    spans = [context_lens[i] - first[i] for i in seqs]
+    max_q, max_len = max(nq), max(spans)  # from the host lists: no device read
+    q_lens = torch.tensor(nq, device=device)
     lens = torch.tensor([context_lens[i] for i in seqs], device=device)
     firsts = torch.tensor([first[i] for i in seqs], device=device)
-    max_q, max_len = int(q_lens.max()), int((lens - firsts).max())
     starts = torch.tensor([qsl[i] for i in seqs], device=device)
     q_arange = torch.arange(max_q, device=device)[None, :]
     valid = q_arange < q_lens[:, None]  # [S, Q]
@@ -228,7 +230,10 @@ def _bucket(block_tables, context_lens, qsl, shape, first, window, seqs) -> Buck
     if window is not None:
         visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
     visible |= ~valid[:, :, None]  # padded queries see every key: finite, then dropped
-    mask = None if bool(visible.all()) else shape.mask(visible)
+    # Every query sees every key (one-token queries over spans of one length, inside the
+    # window): no mask. Decided on the host, as `visible.all()` would say.
+    full = max_q == 1 and min(spans) == max_len and (window is None or window >= max_len)
+    mask = None if full else shape.mask(visible)
     return Bucket(_rows(qsl, seqs, device), query_rows, valid, slots, mask)
 
 
