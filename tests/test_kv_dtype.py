@@ -200,7 +200,7 @@ def test_cli_fp8_run_plan_and_bad_combinations(forked, tmp_path, tiny_model_dirs
     triton.write_text('attention = "triton"\n')  # plan has no --attention of its own
     for flags, says in (
         (["--kv-dtype", "fp9"], "kv_dtype must be auto or one of fp32, bf16, fp16, fp8"),
-        (["--kv-dtype", "fp8", "--config", triton], "a float8_e4m3fn KV cache runs with "
+        (["--kv-dtype", "fp16", "--config", triton], "a float16 KV cache runs with "
                                                      "--attention torch"),
     ):  # fmt: skip
         for command in (["run", src, "-o", out, "--overwrite", *tiny_args(model, *flags)],
