@@ -20,13 +20,15 @@ from pagedbatch.kernels.triton_common import (
     scale_args,
 )
 
-E4M3_MIN_NORMAL = 2.0**-6  # below it e4m3 steps by 2**-9
-SUBNORMAL_ROUNDER = 2.0**14  # float32's step at 2**14 is 2**-9
+# Globals a compiled kernel reads must be constexpr.
+E4M3_MAX = tl.constexpr(FP8_MAX)
+E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)  # below it e4m3 steps by 2**-9
+SUBNORMAL_ROUNDER = tl.constexpr(2.0**14)  # float32's step at 2**14 is 2**-9
 
 
 @triton.jit
 def _round_to_e4m3(x):
-    """x (float32, |x| <= FP8_MAX) rounded to the nearest float8 e4m3 value, ties to even."""
+    """x (float32, |x| <= E4M3_MAX) rounded to the nearest float8 e4m3 value, ties to even."""
     mag = tl.abs(x)
     bits = mag.to(tl.int32, bitcast=True)
     # Keep 3 of float32's 23 mantissa bits: add just under half a step, plus the kept
@@ -41,9 +43,9 @@ def _round_to_e4m3(x):
 
 @triton.jit
 def _quantize(x, scale, dtype: tl.constexpr):
-    """x / scale as `dtype` (float8 e4m3), saturated at +-FP8_MAX; scale broadcasts."""
+    """x / scale as `dtype` (float8 e4m3), saturated at +-E4M3_MAX; scale broadcasts."""
     x = tl.math.div_rn(x.to(tl.float32), scale)  # IEEE division, as torch's
-    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)
     return _round_to_e4m3(x).to(dtype)
 
 
