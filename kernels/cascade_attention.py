@@ -19,6 +19,7 @@ from pagedbatch.kernels.triton_common import (
     LOG2_E,
     attend_span,
     kv_head_scales,
+    pipeline_stages,
     row_tile_size,
     scale_args,
     tile_warps,
@@ -159,6 +160,7 @@ def cascade_prefix(
     rows = cascade.max_members * group  # (member, query head) rows of the largest group
     block_m = min(row_tile_size(query.dtype), max(16, triton.next_power_of_2(rows)))
     grid = (num_groups, k_cache.shape[2], triton.cdiv(rows, block_m))
+    stages = pipeline_stages(query.dtype, k_scale is not None)
     _cascade_prefix_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
         query_start_loc_ptr=query_start_loc, prefix_tables_ptr=cascade.prefix_tables,
@@ -173,5 +175,5 @@ def cascade_prefix(
         stride_pd=part_out.stride(3), stride_ls=part_lse.stride(0), stride_lh=part_lse.stride(1),
         stride_lk=part_lse.stride(2), BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=block_d, DOT_F32=dot_f32, BY_TOKEN=by_token,
-        num_warps=tile_warps(block_m, block_d), num_stages=2, **scale_args(k_scale, v_scale),
+        num_warps=tile_warps(block_m, block_d), num_stages=stages, **scale_args(k_scale, v_scale),
     )  # fmt: skip

@@ -33,6 +33,7 @@ from pagedbatch.kernels.triton_common import (
     head_tile_size,
     key_tile_size,
     kv_head_scales,
+    pipeline_stages,
     scale_args,
 )
 
@@ -280,6 +281,7 @@ def decode_attention(
     block_d = head_tile_size(head_dim)
     block_n = key_tile_size(head_dim, query.dtype)
     dot_f32 = dot_in_float32(query.dtype)
+    stages = pipeline_stages(query.dtype, k_scale is not None)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc,
@@ -294,7 +296,7 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_F32=dot_f32, WRITE_OUT=direct,
         starts_ptr=context_lens if cascade is None else cascade.starts,
-        HAS_STARTS=cascade is not None, num_warps=4, num_stages=2,
+        HAS_STARTS=cascade is not None, num_warps=4, num_stages=stages,
         **scale_args(k_scale, v_scale),
     )  # fmt: skip
     if direct:

@@ -30,6 +30,7 @@ from pagedbatch.kernels.triton_common import (
     key_tile_size,
     kv_head_scales,
     load_page_tile,
+    pipeline_stages,
     row_tile_size,
     scale_args,
     tile_warps,
@@ -200,6 +201,7 @@ def prefill_attention(
     block_d = head_tile_size(head_dim)
     grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), k_cache.shape[2])
     dot_f32 = dot_in_float32(query.dtype)
+    stages = pipeline_stages(query.dtype, k_scale is not None)
     _prefill_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc, out_ptr=out,
@@ -210,7 +212,7 @@ def prefill_attention(
         stride_cd=k_cache.stride(3), stride_bt=block_tables.stride(0),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_F32=dot_f32, num_warps=tile_warps(block_m, block_d), num_stages=2, **parts,
+        DOT_F32=dot_f32, num_warps=tile_warps(block_m, block_d), num_stages=stages, **parts,
         **scale_args(k_scale, v_scale),
     )  # fmt: skip
     if cascade is not None:

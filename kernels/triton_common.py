@@ -320,6 +320,13 @@ def tile_warps(block_m: int, block_d: int) -> int:
     return 8 if block_m * block_d >= 64 * 128 else 4
 
 
+def pipeline_stages(dtype: torch.dtype, fp8: bool) -> int:
+    """num_stages of an attention kernel with `dtype` queries: 2; 1 for an fp8 cache under
+    float32 queries (pipelined, its fp8 tiles take 255 registers and spill ~350 bytes on
+    sm_90; unpipelined 72 and none: tests/test_kernel_compile.py)."""
+    return 1 if fp8 and dtype == torch.float32 else 2
+
+
 def row_tile_size(dtype: torch.dtype) -> int:
     """Query rows, at most, of one prefill or cascade prefix program (a K/V tile serves
     them all): 64; FLOAT32_TILE in a compiled float32 kernel."""
