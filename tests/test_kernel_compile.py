@@ -17,9 +17,10 @@ float32; head dims 64 and 128; GQA 1, 3, 4; one KV head; block tables 1, 16 and 
 blocks wide (Triton specialises on 1 and on multiples of 16). Every pair of 16-bit dtype,
 head dim and GQA ratio is covered, not every combination, and float32 at both head dims:
 about 100 specialisations per architecture, 40 s of one core each. And an fp8 KV cache
-under bfloat16, float16 and float32 queries: on sm_90 it compiles like the rest; on sm_80
-it cannot (no float8 e4m3 conversion below compute capability 8.9), every fp8 launch
-fails there and only those, which is why `triton_common.fp8_problem` refuses it.
+under bfloat16, float16 and float32 queries (about 36 more): on sm_90 they compile like
+the rest; on sm_80 they cannot (no float8 e4m3 conversion below compute capability 8.9),
+every fp8 launch fails there, quickly, and only those: why `triton_common.fp8_problem`
+refuses it.
 
 One child process per architecture compiles (the stub driver is process-wide, and under
 TRITON_INTERPRET=1 the kernels cannot be compiled in-process). By hand:
@@ -54,7 +55,7 @@ FP8_ARCH = 89  # the first with float8 e4m3 conversion (triton_common.fp8_proble
 # Bytes of spill stores a kernel may have, in any dtype: ptxas may trade a word for
 # occupancy (decode, head dim 128, GQA 1: 4 bytes at 96 registers rather than 118).
 SPILL_BUDGET = 16
-TIMEOUT = 600  # seconds per architecture (about 45 on an idle core)
+TIMEOUT = 600  # seconds per architecture (about 45 on an idle core before fp8's ~15)
 
 
 class Compiled(NamedTuple):
