@@ -365,7 +365,8 @@ def test_mixed_batch_with_sliding_window(case: Case):
 
 def _fp8_cases() -> list:
     """An fp8 cache under a 16- and a 32-bit model. CPU: two cases; CUDA: 16-bit queries
-    with every GQA ratio and head dim of the CPU grid, and float32."""
+    with every GQA ratio and head dim of the CPU grid, and float32 (the quick grid: the
+    CPU's two)."""
     cpu = [Case("cpu", torch.bfloat16, 3, 8, 64), Case("cpu", torch.float32, 2, 16, 80)]
     cuda = [
         Case("cuda", dtype, group, 16, dim)
@@ -373,6 +374,8 @@ def _fp8_cases() -> list:
             (torch.bfloat16, torch.float16), (1, 3, 8), (64, 128, 80)
         )
     ] + [Case("cuda", torch.float32, 4, 16, 128)]
+    if os.environ.get("PAGEDBATCH_KERNEL_GRID") == "quick":  # the CPU's, on CUDA
+        cuda = [Case("cuda", *c[1:]) for c in cpu]
     return [pytest.param(c, marks=ON_CPU, id=f"fp8-{_case_id(c)}") for c in cpu] + [
         pytest.param(c, marks=ON_CUDA, id=f"fp8-{_case_id(c)}") for c in cuda
     ]
