@@ -15,7 +15,15 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from pagedbatch.kernels.triton_common import LOG2_E, attend_span, row_tile_size, tile_warps
+from pagedbatch.kernels.triton_common import (
+    LOG2_E,
+    attend_span,
+    kv_head_scales,
+    pipeline_stages,
+    row_tile_size,
+    scale_args,
+    tile_warps,
+)
 
 
 class DecodeCascade(NamedTuple):
@@ -69,6 +77,9 @@ def _cascade_prefix_kernel(
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
     BY_TOKEN: tl.constexpr = False,  # members are token rows (extend), outputs by token row
+    k_scale_ptr=None,  # [num_kv_heads] float32: an fp8 cache's scales (KV_FP8)
+    v_scale_ptr=None,
+    KV_FP8: tl.constexpr = False,
 ):
     """One group, one KV head, BLOCK_M of its (member, query head) rows: every K/V tile of
     the group's prefix is loaded once and used by all of them (no mask: the prefix is
@@ -101,14 +112,15 @@ def _cascade_prefix_kernel(
         q = q.to(tl.float32)
     table_ptr = prefix_tables_ptr + g * stride_pt
     prefix_len = tl.load(prefix_lens_ptr + g)
+    k_scale, v_scale = kv_head_scales(k_scale_ptr, v_scale_ptr, kv_head, KV_FP8)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     m_i, l_i, acc = attend_span(
         q, k_cache_ptr, v_cache_ptr, table_ptr, 0, prefix_len, kv_head, offs_n, offs_d, d_mask,
-        m_i, l_i, acc, qk_scale, stride_cb, stride_ct, stride_ch, stride_cd,
-        BLOCK_SIZE, BLOCK_N, DOT_F32,
+        m_i, l_i, acc, qk_scale, k_scale, v_scale, stride_cb, stride_ct, stride_ch, stride_cd,
+        BLOCK_SIZE, BLOCK_N, DOT_F32, KV_FP8,
     )  # fmt: skip
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -137,6 +149,8 @@ def cascade_prefix(
     block_d: int,
     dot_f32: bool,
     by_token: bool = False,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch the prefix part of every cascade group into split `slot` of the workspace
     (rows: sequences; `by_token`: the members are token rows, and so are the rows)."""
@@ -146,6 +160,7 @@ def cascade_prefix(
     rows = cascade.max_members * group  # (member, query head) rows of the largest group
     block_m = min(row_tile_size(query.dtype), max(16, triton.next_power_of_2(rows)))
     grid = (num_groups, k_cache.shape[2], triton.cdiv(rows, block_m))
+    stages = pipeline_stages(query.dtype, k_scale is not None)
     _cascade_prefix_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
         query_start_loc_ptr=query_start_loc, prefix_tables_ptr=cascade.prefix_tables,
@@ -160,5 +175,5 @@ def cascade_prefix(
         stride_pd=part_out.stride(3), stride_ls=part_lse.stride(0), stride_lh=part_lse.stride(1),
         stride_lk=part_lse.stride(2), BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=block_d, DOT_F32=dot_f32, BY_TOKEN=by_token,
-        num_warps=tile_warps(block_m, block_d), num_stages=2,
+        num_warps=tile_warps(block_m, block_d), num_stages=stages, **scale_args(k_scale, v_scale),
     )  # fmt: skip

@@ -32,6 +32,9 @@ from pagedbatch.kernels.triton_common import (
     dot_in_float32,
     head_tile_size,
     key_tile_size,
+    kv_head_scales,
+    pipeline_stages,
+    scale_args,
 )
 
 MIN_SPLIT_TOKENS = 256  # shorter chunks cost more to merge than their parallelism gains
@@ -77,6 +80,9 @@ def _decode_split_kernel(
     WRITE_OUT: tl.constexpr,  # one split: write the final rows (by token) and no lse
     starts_ptr=None,  # [num_seqs] int32: first key each sequence reads (cascade: its prefix)
     HAS_STARTS: tl.constexpr = False,  # then split `num_splits` is the prefix part's slot
+    k_scale_ptr=None,  # [num_kv_heads] float32: an fp8 cache's scales (KV_FP8)
+    v_scale_ptr=None,
+    KV_FP8: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -105,14 +111,15 @@ def _decode_split_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
     table_ptr = block_tables_ptr + seq * stride_bt
+    k_scale, v_scale = kv_head_scales(k_scale_ptr, v_scale_ptr, kv_head, KV_FP8)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     m_i, l_i, acc = attend_span(
         q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head, offs_n, offs_d, d_mask,
-        m_i, l_i, acc, qk_scale, stride_cb, stride_ct, stride_ch, stride_cd,
-        BLOCK_SIZE, BLOCK_N, DOT_F32,
+        m_i, l_i, acc, qk_scale, k_scale, v_scale, stride_cb, stride_ct, stride_ch, stride_cd,
+        BLOCK_SIZE, BLOCK_N, DOT_F32, KV_FP8,
     )  # fmt: skip
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -237,6 +244,8 @@ def decode_attention(
     out: torch.Tensor | None = None,
     workspace: SplitWorkspace | None = None,
     cascade: DecodeCascade | None = None,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Attention of each sequence's one new token over its pages.
 
@@ -246,11 +255,12 @@ def decode_attention(
     With one split the first kernel writes `out` itself and the merge does not run;
     otherwise the partial results go to `workspace` (allocated here when None). With
     `cascade`, each group's prefix part is one more split of its members (no sliding
-    window then: every prefix key is visible).
+    window then: every prefix key is visible). An fp8 cache is read with its scales.
     """
     out = torch.empty_like(query) if out is None else out
     group = check_attention_args(query, k_cache, v_cache, block_tables, context_lens,
-                                 query_start_loc, out, sliding_window)  # fmt: skip
+                                 query_start_loc, out, sliding_window,
+                                 k_scale, v_scale)  # fmt: skip
     num_seqs, (num_heads, head_dim) = block_tables.shape[0], query.shape[1:]
     num_kv_heads = k_cache.shape[2]
     if num_splits is None:
@@ -271,6 +281,7 @@ def decode_attention(
     block_d = head_tile_size(head_dim)
     block_n = key_tile_size(head_dim, query.dtype)
     dot_f32 = dot_in_float32(query.dtype)
+    stages = pipeline_stages(query.dtype, k_scale is not None)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc,
@@ -285,13 +296,15 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_F32=dot_f32, WRITE_OUT=direct,
         starts_ptr=context_lens if cascade is None else cascade.starts,
-        HAS_STARTS=cascade is not None, num_warps=4, num_stages=2,
+        HAS_STARTS=cascade is not None, num_warps=4, num_stages=stages,
+        **scale_args(k_scale, v_scale),
     )  # fmt: skip
     if direct:
         return out
     if cascade is not None:
         cascade_prefix(query, k_cache, v_cache, query_start_loc, cascade, part_out, part_lse,
-                        scale, num_splits, group, block_n, block_d, dot_f32)  # fmt: skip
+                       scale, num_splits, group, block_n, block_d, dot_f32,
+                       k_scale=k_scale, v_scale=v_scale)  # fmt: skip
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out_ptr=part_out, part_lse_ptr=part_lse, out_ptr=out,
         query_start_loc_ptr=query_start_loc, num_splits=total_splits, head_dim=head_dim,

@@ -28,8 +28,11 @@ from pagedbatch.kernels.triton_common import (
     dot_in_float32,
     head_tile_size,
     key_tile_size,
+    kv_head_scales,
     load_page_tile,
+    pipeline_stages,
     row_tile_size,
+    scale_args,
     tile_warps,
 )
 
@@ -73,6 +76,9 @@ def _prefill_kernel(
     stride_lt=0,
     stride_lh=0,
     HAS_STARTS: tl.constexpr = False,
+    k_scale_ptr=None,  # [num_kv_heads] float32: an fp8 cache's scales (KV_FP8)
+    v_scale_ptr=None,
+    KV_FP8: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     first_row = tl.program_id(1) * BLOCK_M
@@ -105,6 +111,7 @@ def _prefill_kernel(
     lo = tl.maximum(tl.maximum(prefix_len + first_row // group - window + 1, 0), start)
     hi = prefix_len + tl.minimum((first_row + BLOCK_M - 1) // group, query_len - 1) + 1
     table_ptr = block_tables_ptr + seq * stride_bt
+    k_scale, v_scale = kv_head_scales(k_scale_ptr, v_scale_ptr, kv_head, KV_FP8)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -121,7 +128,8 @@ def _prefill_kernel(
             & (pos[None, :] <= q_pos[:, None])
             & (pos[None, :] > q_pos[:, None] - window)
         )
-        m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_F32)
+        m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, k_scale, v_scale,
+                                    DOT_F32, KV_FP8)  # fmt: skip
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past the sequence's tokens see nothing
     # Compiled, `start` is a runtime value even without HAS_STARTS (Triton makes an int
@@ -158,6 +166,8 @@ def prefill_attention(
     min_query_len: int = 1,
     out: torch.Tensor | None = None,
     cascade: ExtendCascade | None = None,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its pages (cached prefix included).
 
@@ -165,11 +175,13 @@ def prefill_attention(
     `out` left as they were (`min_query_len=2` leaves decode rows to `decode_attention`).
     With `cascade`, the new tokens of each group's sequences attend to the group's prefix
     together (each prefix K/V tile loaded once for all of them) and each sequence to its
-    own keys after it; the two parts are merged by log-sum-exp. No host synchronisation.
+    own keys after it; the two parts are merged by log-sum-exp. An fp8 cache is read with
+    its scales. No host synchronisation.
     """
     out = torch.empty_like(query) if out is None else out
     group = check_attention_args(query, k_cache, v_cache, block_tables, context_lens,
-                                 query_start_loc, out, sliding_window)  # fmt: skip
+                                 query_start_loc, out, sliding_window,
+                                 k_scale, v_scale)  # fmt: skip
     num_seqs, head_dim = block_tables.shape[0], query.shape[2]
     if num_seqs == 0 or max_query_len < max(min_query_len, 1):
         return out
@@ -189,6 +201,7 @@ def prefill_attention(
     block_d = head_tile_size(head_dim)
     grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), k_cache.shape[2])
     dot_f32 = dot_in_float32(query.dtype)
+    stages = pipeline_stages(query.dtype, k_scale is not None)
     _prefill_kernel[grid](
         query_ptr=query, k_cache_ptr=k_cache, v_cache_ptr=v_cache, block_tables_ptr=block_tables,
         context_lens_ptr=context_lens, query_start_loc_ptr=query_start_loc, out_ptr=out,
@@ -199,7 +212,8 @@ def prefill_attention(
         stride_cd=k_cache.stride(3), stride_bt=block_tables.stride(0),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_F32=dot_f32, num_warps=tile_warps(block_m, block_d), num_stages=2, **parts,
+        DOT_F32=dot_f32, num_warps=tile_warps(block_m, block_d), num_stages=stages, **parts,
+        **scale_args(k_scale, v_scale),
     )  # fmt: skip
     if cascade is not None:
         prefix = torch.empty_like(own)[:, :, None, :]
@@ -207,6 +221,7 @@ def prefill_attention(
         cascade_prefix(
             query, k_cache, v_cache, query_start_loc, cascade.groups, prefix, prefix_lse,
             scale, 0, group, block_n, block_d, dot_f32, by_token=True,
+            k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
         rows = cascade.rows
         l1, l2 = prefix_lse[rows, :, 0], own_lse[rows]

@@ -1,11 +1,52 @@
-"""Triton store of a step's new K and V into the paged cache (reference: `reference.store_kv`)."""
+"""Triton store of a step's new K and V into the paged cache (reference: `reference.store_kv`).
+
+An fp8 cache gets K / k_scale and V / v_scale of each KV head, saturated at +-448 and
+rounded to the nearest float8 e4m3 (ties to even), as the reference writes them, byte
+for byte: the rounding is done in float32 (`_round_to_e4m3`), so the cast to e4m3 is
+exact wherever it runs (Triton 3.6's interpreter rounds halves up and drops the carry
+into the exponent; a GPU's cvt rounds right).
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from pagedbatch.kernels.triton_common import check_head_dim, check_tensors
+from pagedbatch.kernels.reference import FP8_MAX
+from pagedbatch.kernels.triton_common import (
+    check_head_dim,
+    check_kv_scales,
+    check_tensors,
+    scale_args,
+)
+
+# Globals a compiled kernel reads must be constexpr.
+E4M3_MAX = tl.constexpr(FP8_MAX)
+E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)  # below it e4m3 steps by 2**-9
+SUBNORMAL_ROUNDER = tl.constexpr(2.0**14)  # float32's step at 2**14 is 2**-9
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x (float32, |x| <= E4M3_MAX) rounded to the nearest float8 e4m3 value, ties to even."""
+    mag = tl.abs(x)
+    bits = mag.to(tl.int32, bitcast=True)
+    # Keep 3 of float32's 23 mantissa bits: add just under half a step, plus the kept
+    # lowest bit (ties to even), and clear the rest; a carry moves into the exponent.
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER  # float32 addition rounds
+    mag = tl.where(mag < E4M3_MIN_NORMAL, subnormal, normal).to(tl.int32, bitcast=True)
+    sign = x.to(tl.int32, bitcast=True) & -0x80000000  # -0.0 stays -0.0
+    return (mag | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize(x, scale, dtype: tl.constexpr):
+    """x / scale as `dtype` (float8 e4m3), saturated at +-E4M3_MAX; scale broadcasts."""
+    x = tl.math.div_rn(x.to(tl.float32), scale)  # IEEE division, as torch's
+    x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)
+    return _round_to_e4m3(x).to(dtype)
 
 
 @triton.jit
@@ -30,6 +71,9 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    k_scale_ptr=None,  # [num_kv_heads] float32: an fp8 cache's scales (KV_FP8)
+    v_scale_ptr=None,
+    KV_FP8: tl.constexpr = False,
 ):
     # One program per new token: all its KV heads.
     token = tl.program_id(0)
@@ -49,6 +93,12 @@ def _store_kv_kernel(
     v_src = token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd
     k = tl.load(key_ptr + k_src, mask=mask)
     v = tl.load(value_ptr + v_src, mask=mask)
+    if KV_FP8:
+        h_mask = offs_h < num_kv_heads
+        k_scale = tl.load(k_scale_ptr + offs_h, mask=h_mask, other=1.0)
+        v_scale = tl.load(v_scale_ptr + offs_h, mask=h_mask, other=1.0)
+        k = _quantize(k, k_scale[:, None], k_cache_ptr.dtype.element_ty)
+        v = _quantize(v, v_scale[:, None], v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
@@ -59,9 +109,13 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, block * block_size + offset; < 0 skipped
+    *,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write each token's K and V into its slot of the paged cache."""
-    check_tensors(key.dtype, key=key, value=value, k_cache=k_cache, v_cache=v_cache,
+    """Write each token's K and V into its slot of the paged cache (fp8: quantized)."""
+    fp8 = ("k_cache", "v_cache") if check_kv_scales(k_cache, k_scale, v_scale) else ()
+    check_tensors(key.dtype, fp8, key=key, value=value, k_cache=k_cache, v_cache=v_cache,
                   slot_mapping=slot_mapping)  # fmt: skip
     num_tokens, num_kv_heads, head_dim = key.shape
     if value.shape != key.shape:
@@ -85,4 +139,5 @@ def store_kv(
         stride_cb=k_cache.stride(0), stride_ct=k_cache.stride(1), stride_ch=k_cache.stride(2),
         stride_cd=k_cache.stride(3), BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        **scale_args(k_scale, v_scale),
     )  # fmt: skip

@@ -1,6 +1,14 @@
 """What the Triton kernels share: where they can run, tile loads from the pages, one
 online-softmax step.
 
+An fp8 cache (float8 e4m3, `reference.FP8`) is read and written with its layer's scales
+(k_scale, v_scale: [num_kv_heads] float32, pointers passed to every kernel): the store
+writes K / k_scale, the attention kernels load fp8 tiles and dequantize them in registers
+(times their KV head's scale, in float32, then the query's dtype) before the dot
+products. The constexpr KV_FP8 picks that code, so the kernels of a 16- or 32-bit cache
+are compiled as before. Converting to and from e4m3 needs compute capability 8.9 on CUDA
+(`fp8_problem`); the interpreter runs it anywhere.
+
 Where: CUDA tensors always; CPU tensors only under Triton's interpreter, which needs
 `TRITON_INTERPRET=1` in the environment before triton is imported, and importing torch
 (2.13) imports triton: set it before Python starts.
@@ -11,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pagedbatch.kernels.reference import FP8
 from triton.runtime.interpreter import InterpretedFunction
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,19 +59,65 @@ def launch_problem(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA device, got {device.type!r}"
 
 
-def check_tensors(dtype: torch.dtype, **tensors: torch.Tensor) -> None:
-    """Raise ValueError unless all `tensors` share `dtype` (one we support) and a device."""
+def fp8_problem(device: torch.device) -> str | None:
+    """Why the kernels cannot read or write an fp8 cache on `device`, or None when they can."""
+    if device.type != "cuda":
+        return None  # the interpreter (launch_problem says whether it runs)
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= (8, 9):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return (
+        "an fp8 KV cache on the Triton kernels needs a CUDA GPU of compute capability 8.9 or "
+        f"more (float8 e4m3 conversion); {name} has {capability[0]}.{capability[1]}: pass "
+        "--attention torch, or --kv-dtype auto"
+    )
+
+
+def check_tensors(dtype: torch.dtype, fp8: tuple[str, ...] = (), **tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all `tensors` share `dtype` (one we support) and a device;
+    those named in `fp8` are float8 e4m3 instead (an fp8 cache)."""
     if dtype not in DTYPES:
         raise ValueError(f"Triton kernels support float32, float16, bfloat16; got {dtype}")
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"tensors on several devices: {sorted(map(str, devices))}")
-    problem = launch_problem(devices.pop())
+    device = devices.pop()
+    problem = launch_problem(device) or (fp8_problem(device) if fp8 else None)
     if problem is not None:
         raise ValueError(problem)
     for name, t in tensors.items():
-        if t.is_floating_point() and t.dtype != dtype:
-            raise ValueError(f"{name} is {t.dtype}, expected {dtype}")
+        want = FP8 if name in fp8 else dtype
+        if t.is_floating_point() and t.dtype != want:
+            raise ValueError(f"{name} is {t.dtype}, expected {want}")
+
+
+def check_kv_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> bool:
+    """Whether the cache is fp8; raise ValueError unless an fp8 cache comes with its scales
+    ([num_kv_heads] float32, contiguous, on its device) and any other cache without."""
+    given = [s for s in (k_scale, v_scale) if s is not None]
+    if k_cache.dtype != FP8:
+        if given:
+            raise ValueError(f"k_scale and v_scale are an fp8 cache's; this one is {k_cache.dtype}")
+        return False
+    if len(given) != 2:
+        raise ValueError("an fp8 cache is read and written with its scales (k_scale, v_scale)")
+    heads = k_cache.shape[2] if k_cache.dim() == 4 else None
+    for s in given:
+        if s.dtype != torch.float32 or s.shape != (heads,) or s.stride() != (1,):
+            raise ValueError(f"k_scale and v_scale must be [{heads}] float32, contiguous")
+        if s.device != k_cache.device:
+            raise ValueError(f"k_scale is on {s.device}, the cache on {k_cache.device}")
+    return True
+
+
+def scale_args(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> dict:
+    """A kernel's keyword arguments for an fp8 cache's scales (none for another cache)."""
+    if k_scale is None:
+        return {}
+    return dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale, KV_FP8=True)
 
 
 def check_head_dim(head_dim: int) -> None:
@@ -114,12 +169,18 @@ def attend_tile(
     l_i,  # [BLOCK_M] running sum of exp2(score - m_i)
     acc,  # [BLOCK_M, BLOCK_D] float32 running sum of exp2(score - m_i) * v
     qk_scale,  # softmax scale * log2(e)
+    k_scale,  # KV_FP8: the KV head's scales (float32 scalars); else unused
+    v_scale,
     DOT_F32: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One key tile of the online softmax; returns the updated (m_i, l_i, acc).
 
     A row with no visible key so far keeps m_i = -inf, l_i = 0, acc = 0 (no NaN).
     """
+    if KV_FP8:  # dequantized in registers, into the dot dtype (the query's)
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -152,6 +213,8 @@ def attend_span(
     l_i,
     acc,
     qk_scale,
+    k_scale,
+    v_scale,
     stride_cb,
     stride_ct,
     stride_ch,
@@ -159,6 +222,7 @@ def attend_span(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """The online softmax of `q` over the paged keys [start, end), tile by tile (each K/V
     tile loaded once for all rows); returns the updated (m_i, l_i, acc)."""
@@ -169,8 +233,20 @@ def attend_span(
                            stride_cb, stride_ct, stride_ch, stride_cd, BLOCK_SIZE)  # fmt: skip
         v = load_page_tile(v_cache_ptr, table_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                            stride_cb, stride_ct, stride_ch, stride_cd, BLOCK_SIZE)  # fmt: skip
-        m_i, l_i, acc = attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, DOT_F32)
+        m_i, l_i, acc = attend_tile(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale,
+                                    k_scale, v_scale, DOT_F32, KV_FP8)  # fmt: skip
     return m_i, l_i, acc
+
+
+@triton.jit
+def kv_head_scales(k_scale_ptr, v_scale_ptr, kv_head, KV_FP8: tl.constexpr):
+    """An fp8 cache's (k_scale, v_scale) of `kv_head`; (1.0, 1.0), unused, for any other."""
+    k_scale = 1.0
+    v_scale = 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+    return k_scale, v_scale
 
 
 def check_attention_args(
@@ -182,9 +258,12 @@ def check_attention_args(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int
     out: torch.Tensor,  # like query
     sliding_window: int | None,
+    k_scale: torch.Tensor | None = None,  # [num_kv_heads] float32: an fp8 cache's scales
+    v_scale: torch.Tensor | None = None,
 ) -> int:
     """Raise ValueError on a malformed paged attention call; return query heads per KV head."""
-    check_tensors(query.dtype, query=query, k_cache=k_cache, v_cache=v_cache, out=out,
+    fp8 = ("k_cache", "v_cache") if check_kv_scales(k_cache, k_scale, v_scale) else ()
+    check_tensors(query.dtype, fp8, query=query, k_cache=k_cache, v_cache=v_cache, out=out,
                   block_tables=block_tables, context_lens=context_lens,
                   query_start_loc=query_start_loc)  # fmt: skip
     if query.dim() != 3 or k_cache.dim() != 4:
@@ -239,6 +318,13 @@ def tile_warps(block_m: int, block_d: int) -> int:
     """Warps of a program whose float32 accumulator is [block_m, block_d]: 4, or 8 from
     64 x 128 on (with 4, sm_80 spills there, at 255 registers)."""
     return 8 if block_m * block_d >= 64 * 128 else 4
+
+
+def pipeline_stages(dtype: torch.dtype, fp8: bool) -> int:
+    """num_stages of an attention kernel with `dtype` queries: 2; 1 for an fp8 cache under
+    float32 queries (pipelined, its fp8 tiles take 255 registers and spill ~350 bytes on
+    sm_90; unpipelined 72 and none: tests/test_kernel_compile.py)."""
+    return 1 if fp8 and dtype == torch.float32 else 2
 
 
 def row_tile_size(dtype: torch.dtype) -> int:

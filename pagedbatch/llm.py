@@ -73,7 +73,7 @@ class LLM:
             torch.set_num_threads(threads)  # process-wide: the latest LLM's count holds
         self.device, dtype = self.config.torch_device, self.config.torch_dtype
         kv_dtype = self.config.torch_kv_dtype
-        problem = kv_dtype_problem(self.config.attention_backend, kv_dtype, dtype)
+        problem = kv_dtype_problem(self.config.attention_backend, kv_dtype, dtype, self.device)
         if problem is not None:
             raise ValueError(problem)
         free = free_memory(self.device)  # before the weights: see num_blocks_for

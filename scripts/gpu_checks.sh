@@ -11,7 +11,8 @@
 #   engine-tests.txt    greedy tokens on CUDA: triton vs transformers (float32), CUDA-graph
 #                       decode vs eager vs transformers, triton vs torch in bf16; whole
 #                       steps under set_sync_debug_mode("error") (tests/test_host_copies.py)
-#   kernel-bench.txt    decode kernel GB/s and % of copy bandwidth
+#   kernel-bench.txt    decode kernel GB/s and % of copy bandwidth, bf16 and fp8 caches
+#                       (batch 256, contexts 1024 and 4096: 8 cases, as many as before)
 #   host-overhead.txt   host ms per step by phase at 256 sequences, sharing on (CUDA, graphs)
 #   bench-share.txt     share workload, llama-1b-random bf16: pagedbatch (CUDA graphs) vs
 #                       transformers generate and generate_batch in one run, % of the HBM
@@ -57,7 +58,8 @@ wait "$compiling"
 SUMMARY+=("$(cat "$OUT/kernel-compile.summary")")
 check engine-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py \
     tests/test_host_copies.py::test_cuda_engine_steps_never_synchronise_but_on_their_readback
-check kernel-bench 45 python3 -m pagedbatch.cli.kernel_bench --batch-sizes 64 256 --contexts 1024 4096
+check kernel-bench 45 python3 -m pagedbatch.cli.kernel_bench --batch-sizes 256 --contexts 1024 4096 \
+    --kv-dtype auto fp8
 check host-overhead 70 python3 -m pagedbatch bench --host-overhead --device cuda --json
 check bench-share 120 python3 -m pagedbatch bench --workload share --model llama-1b-random \
     --config gpu --num-prompts 256 --skip pagedbatch-no-cascade

@@ -28,6 +28,7 @@ def test_the_goal_is_judged_on_the_slowest_large_case_only():
         result(64, 128, 1.0, 10.0),  # context < 1024: not judged
         result(64, 1024, 0.8, 1.0),  # 800 GB/s: 80%
         result(256, 4096, 3.0, 5.0),  # 600 GB/s: 60%, the worst judged
+        result(256, 4096, 1.5, 5.0, kv_dtype="fp8"),  # 30%: an fp8 cache is not judged
     ]
     verdict = goal_verdict(results, copy_bw)
     assert verdict is not None and verdict.worst is results[3]
@@ -42,7 +43,7 @@ def test_the_goal_is_judged_on_the_slowest_large_case_only():
 def test_a_row_has_the_header_s_columns():
     line = row(result(64, 1024, 0.8, 1.0), 1000 * GB)
     assert len(line) == len(HEADER)
-    assert line.split() == ["llama-3.2-1b", "64", "1024", "1", "1000.0", "800", "80%",
+    assert line.split() == ["llama-3.2-1b", "auto", "64", "1024", "1", "1000.0", "800", "80%",
                             "4000.0", "200", "20%", "4.0x", "1.0e-03"]  # fmt: skip
     out_of_memory = row(result(64, 1024, 0.8, 1.0, torch_ms=None, max_error=None), 1000 * GB)
     assert out_of_memory.split()[-3:] == ["out", "of", "memory"]  # no speedup, no error

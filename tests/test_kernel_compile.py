@@ -16,7 +16,11 @@ prefix kernel and the merge); extend with and without cascade; bfloat16, float16
 float32; head dims 64 and 128; GQA 1, 3, 4; one KV head; block tables 1, 16 and 20
 blocks wide (Triton specialises on 1 and on multiples of 16). Every pair of 16-bit dtype,
 head dim and GQA ratio is covered, not every combination, and float32 at both head dims:
-about 100 specialisations per architecture, 40 s of one core each.
+about 100 specialisations per architecture, 40 s of one core each. And an fp8 KV cache
+under bfloat16, float16 and float32 queries (about 36 more): on sm_90 they compile like
+the rest; on sm_80 they cannot (no float8 e4m3 conversion below compute capability 8.9),
+every fp8 launch fails there, quickly, and only those: why `triton_common.fp8_problem`
+refuses it.
 
 One child process per architecture compiles (the stub driver is process-wide, and under
 TRITON_INTERPRET=1 the kernels cannot be compiled in-process). By hand:
@@ -47,10 +51,11 @@ if TYPE_CHECKING:
     from pagedbatch.engine.cascade import CascadePlan
 
 ARCHS = (90, 80)  # H100 / H200, A100
+FP8_ARCH = 89  # the first with float8 e4m3 conversion (triton_common.fp8_problem)
 # Bytes of spill stores a kernel may have, in any dtype: ptxas may trade a word for
 # occupancy (decode, head dim 128, GQA 1: 4 bytes at 96 registers rather than 118).
 SPILL_BUDGET = 16
-TIMEOUT = 600  # seconds per architecture (about 45 on an idle core)
+TIMEOUT = 600  # seconds per architecture (about 45 on an idle core before fp8's ~15)
 
 
 class Compiled(NamedTuple):
@@ -75,13 +80,14 @@ class Shape(NamedTuple):
     num_kv_heads: int
     width: int  # blocks per table row: the longest context needs exactly these
     splits: int  # decode splits when there are several (num_splits_for on a GPU: 2..64)
+    fp8: bool = False  # the KV cache in float8 e4m3 (with its scales), else in `dtype`
 
     @property
     def label(self) -> str:
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
         return (
             f"{dtype[self.dtype]} d{self.head_dim} gqa{self.group} kv{self.num_kv_heads} "
-            f"w{self.width}"
+            f"w{self.width}{' fp8-kv' if self.fp8 else ''}"
         )
 
 
@@ -96,6 +102,9 @@ SHAPES = (  # every pair of (16-bit dtype, head dim, GQA); widths 20, 16 and 1 a
     Shape(BF16, 128, 4, 1, 1, 8),  # one KV head; every context within one block
     Shape(FP32, 64, 4, 8, 20, 8),
     Shape(FP32, 128, 1, 4, 16, 16),
+    Shape(BF16, 64, 4, 8, 20, 8, fp8=True),
+    Shape(FP16, 128, 1, 4, 16, 16, fp8=True),
+    Shape(FP32, 128, 3, 2, 20, 8, fp8=True),
 )
 BLOCK_SIZE = 16  # the engine's default
 
@@ -108,6 +117,7 @@ class Step(NamedTuple):
     key: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor
+    scales: dict[str, torch.Tensor]  # an fp8 cache's k_scale and v_scale, else empty
     slot_mapping: torch.Tensor  # [num_tokens] int64
     block_tables: torch.Tensor  # [num_seqs, width] int32
     context_lens: torch.Tensor  # [num_seqs] int32
@@ -141,11 +151,16 @@ def make_step(shape: Shape) -> Step:
     num_tokens, num_heads = starts[-1], shape.num_kv_heads * shape.group
     kv_shape = (len(seqs) * width, bs, shape.num_kv_heads, shape.head_dim)
     plan = make_plan(groups, tables.numpy(), bs, starts, torch.device("cpu"))
+    kv_dtype = torch.float8_e4m3fn if shape.fp8 else shape.dtype
+    scales = {}
+    if shape.fp8:  # a layer's rows of KVCache.k_scale / v_scale
+        scales = {n: torch.ones(3, shape.num_kv_heads)[1] for n in ("k_scale", "v_scale")}
     return Step(
         query=torch.empty(num_tokens, num_heads, shape.head_dim, dtype=shape.dtype),
         key=torch.empty(num_tokens, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype),
-        k_cache=torch.empty(kv_shape, dtype=shape.dtype),
-        v_cache=torch.empty(kv_shape, dtype=shape.dtype),
+        k_cache=torch.empty(kv_shape, dtype=kv_dtype),
+        v_cache=torch.empty(kv_shape, dtype=kv_dtype),
+        scales=scales,
         slot_mapping=torch.arange(num_tokens, dtype=torch.int64),
         block_tables=tables,
         context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
@@ -166,7 +181,7 @@ def run_launches(shape: Shape, compiler: Compiler) -> None:
     args = (step.query, step.k_cache, step.v_cache, step.block_tables, step.context_lens,
             step.query_start_loc, shape.head_dim**-0.5)  # fmt: skip
     compiler.launch = f"{shape.label}: store"
-    store_kv(step.key, step.key, step.k_cache, step.v_cache, step.slot_mapping)
+    store_kv(step.key, step.key, step.k_cache, step.v_cache, step.slot_mapping, **step.scales)
     workspace = SplitWorkspace(step.query.device)
     plans = [None] if step.cascade is None else [None, step.cascade]
     for plan in plans:
@@ -174,11 +189,12 @@ def run_launches(shape: Shape, compiler: Compiler) -> None:
         for splits in (1, shape.splits):
             compiler.launch = f"{shape.label}: decode, {splits} split(s){with_plan}"
             decode_attention(*args, 4096, num_splits=splits, out=torch.empty_like(step.query),
-                             workspace=workspace, cascade=plan and plan.decode_part)  # fmt: skip
+                             workspace=workspace, cascade=plan and plan.decode_part,
+                             **step.scales)  # fmt: skip
         compiler.launch = f"{shape.label}: extend{with_plan}"
         prefill_attention(*args, step.max_query_len, min_query_len=2,
                           out=torch.empty_like(step.query),
-                          cascade=plan and plan.extend_part)  # fmt: skip
+                          cascade=plan and plan.extend_part, **step.scales)  # fmt: skip
 
 
 class CompileOnlyDriver:
@@ -270,6 +286,11 @@ def compile_all(arch: int) -> list[Compiled]:
     return list(compiler.compiled.values())
 
 
+def _fp8_below_89(r: Compiled) -> bool:
+    """A kernel of an fp8 cache's launch compiled below sm_89 (the merge reads no cache)."""
+    return "fp8-kv" in r.launch and r.arch < FP8_ARCH and r.kernel != "_decode_merge_kernel"
+
+
 def launchable_kernels() -> set[str]:
     """The names of every kernel in pagedbatch.kernels (JIT functions named *_kernel)."""
     names = set()
@@ -329,9 +350,16 @@ def compiled() -> list[Compiled]:
 
 
 def test_every_launch_compiles_for_sm90_and_sm80(compiled: list[Compiled]):
-    failed = [r for r in compiled if r.error]
+    """All of them, but an fp8 cache's on sm_80: those fail, every one (the refusal)."""
+    failed = [r for r in compiled if r.error and not _fp8_below_89(r)]
     assert not failed, "kernels that do not compile:\n" + table(failed)
-    unreported = [r.kernel for r in compiled if r.regs is None or r.spills is None]
+    fp8_below = [r for r in compiled if _fp8_below_89(r)]
+    assert fp8_below and all(r.error and "fp8e4nv" in r.error for r in fp8_below), (
+        "fp8 launches below sm_89 should fail to compile:\n" + table(fp8_below)
+    )
+    fp8_above = {r.kernel for r in compiled if "fp8-kv" in r.launch and r.arch >= FP8_ARCH}
+    assert fp8_above >= launchable_kernels() - {"_decode_merge_kernel"}, fp8_above
+    unreported = [r.kernel for r in compiled if not r.error and None in (r.regs, r.spills)]
     assert not unreported, f"no ptxas -v report for {unreported}"
     for arch in ARCHS:
         names = {r.kernel for r in compiled if r.arch == arch}
@@ -339,7 +367,8 @@ def test_every_launch_compiles_for_sm90_and_sm80(compiled: list[Compiled]):
 
 
 def test_no_kernel_spills_registers(compiled: list[Compiled]):
-    """In every dtype: float32 too, on its 16 x 16 tiles (triton_common.FLOAT32_TILE)."""
+    """In every dtype: float32 too, on its 16 x 16 tiles (triton_common.FLOAT32_TILE), and
+    with an fp8 cache (under float32 queries unpipelined: triton_common.pipeline_stages)."""
     spilling = [r for r in compiled if not r.error and r.spills > SPILL_BUDGET]
     assert not spilling, f"spills over {SPILL_BUDGET} bytes:\n" + table(spilling)
 

@@ -254,11 +254,12 @@ def test_cascade_decode_reads_shared_prefixes_once_and_matches_reference(case: C
         assert_close(out, paged.reference(0.125), case.dtype)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_cascade_extend_reads_shared_prefixes_once_and_matches_reference(case: Case):
+def extend_cascade_inputs(case: Case) -> tuple[Paged, ExtendCascade, int]:
+    """Six extending sequences: 0-2 share their first 3 blocks, 3-4 their first 2, 5 none;
+    and the most new tokens of one."""
     bs = case.block_size
-    # (context, new tokens): 0-2 share 3 blocks, 3-4 share 2, 5 shares none; every
-    # shared block was cached before the step (context - new tokens >= the prefix).
+    # (context, new tokens): every shared block was cached before the step (context - new
+    # tokens >= the prefix).
     seqs = [(3 * bs + 5, 4), (4 * bs + 2, bs + 1), (3 * bs + 3, 3), (2 * bs + 6, 5),
             (case.long, 7), (bs + 4, 4)]  # fmt: skip
     paged = paged_inputs(case, [c for c, _ in seqs], [q for _, q in seqs])
@@ -290,11 +291,17 @@ def test_cascade_extend_reads_shared_prefixes_once_and_matches_reference(case: C
         ),
         rows=torch.tensor([r for rs in token_rows for r in rs], device=device),
     )
+    return paged, cascade, max(q for _, q in seqs)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cascade_extend_reads_shared_prefixes_once_and_matches_reference(case: Case):
+    paged, cascade, max_query_len = extend_cascade_inputs(case)
     context_lens, query_start_loc = paged.device_lens()
     out = torch.full_like(paged.query, NAN)
     prefill_attention(
         paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
-        query_start_loc, 0.125, max(q for _, q in seqs), out=out, cascade=cascade,
+        query_start_loc, 0.125, max_query_len, out=out, cascade=cascade,
     )  # fmt: skip
     assert_close(out, paged.reference(0.125), case.dtype)
 
@@ -354,6 +361,135 @@ def test_mixed_batch_with_sliding_window(case: Case):
     prefill_attention(*args, max(query_lens), window, min_query_len=2, out=out)
 
     assert_close(out, paged.reference(0.125, window), case.dtype)
+
+
+def _fp8_cases() -> list:
+    """An fp8 cache under a 16- and a 32-bit model. CPU: two cases; CUDA: 16-bit queries
+    with every GQA ratio and head dim of the CPU grid, and float32 (the quick grid: the
+    CPU's two)."""
+    cpu = [Case("cpu", torch.bfloat16, 3, 8, 64), Case("cpu", torch.float32, 2, 16, 80)]
+    cuda = [
+        Case("cuda", dtype, group, 16, dim)
+        for dtype, group, dim in itertools.product(
+            (torch.bfloat16, torch.float16), (1, 3, 8), (64, 128, 80)
+        )
+    ] + [Case("cuda", torch.float32, 4, 16, 128)]
+    if os.environ.get("PAGEDBATCH_KERNEL_GRID") == "quick":  # the CPU's, on CUDA
+        cuda = [Case("cuda", *c[1:]) for c in cpu]
+    return [pytest.param(c, marks=ON_CPU, id=f"fp8-{_case_id(c)}") for c in cpu] + [
+        pytest.param(c, marks=ON_CUDA, id=f"fp8-{_case_id(c)}") for c in cuda
+    ]
+
+
+FP8_CASES = _fp8_cases()
+
+
+def to_fp8(paged: Paged) -> tuple[Paged, dict[str, torch.Tensor]]:
+    """`paged` with its caches quantized to fp8 by random scales of each KV head (a few
+    entries saturate; slots holding no token stay NaN), and those scales."""
+    heads, device = paged.k_cache.shape[2], paged.query.device
+    scales = {n: (torch.rand(heads) / 100 + 0.004).to(device) for n in ("k_scale", "v_scale")}
+    k8 = reference.quantize(paged.k_cache, scales["k_scale"])
+    v8 = reference.quantize(paged.v_cache, scales["v_scale"])
+    return paged._replace(k_cache=k8, v_cache=v8), scales
+
+
+def fp8_reference(paged: Paged, scales: dict, window: int | None = None) -> torch.Tensor:
+    """The torch reference's fp8 path (dequantized into float32) on the same inputs."""
+    return reference.paged_attention(
+        paged.query.float(), paged.k_cache, paged.v_cache, paged.block_tables,
+        paged.context_lens, paged.query_start_loc, 0.125, window, **scales,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_store_writes_the_reference_bytes(case: Case):
+    """Quantized as the reference quantizes: ties to even, subnormals, saturation, -0."""
+    heads, dim, device = case.num_kv_heads, case.head_dim, case.device
+    num_blocks, num_tokens = 5, 2 * case.block_size + 3
+    slots = torch.randperm(num_blocks * case.block_size)[:num_tokens]
+    slots[::5] = -1  # padding
+    spread = torch.logspace(-3, 1.5, heads)[None, :, None]  # tiny to saturating, per head
+    key = (torch.randn(heads, num_tokens, dim) * spread.transpose(0, 1)).transpose(0, 1)
+    value = torch.randn(num_tokens, heads, dim) * spread
+    key[0, 0, :2] = torch.tensor([-0.0, 1e9])
+    scales = {n: (torch.rand(heads) / 10 + 0.01).to(device) for n in ("k_scale", "v_scale")}
+    # Every e4m3 value times the scale, and every midpoint between two (ties): in head 0.
+    grid = torch.arange(256, dtype=torch.uint8).view(reference.FP8).float()
+    grid = grid[grid.isfinite()].unique()
+    exact = torch.cat([grid, (grid[1:] + grid[:-1]) / 2]) * scales["v_scale"][0].cpu()
+    head0 = value[:, 0].flatten()
+    head0[: exact.numel()] = exact[: head0.numel()]
+    value[:, 0] = head0.view(num_tokens, dim)
+    key, value = key.to(device, case.dtype), value.to(device, case.dtype)
+    cache = torch.full((num_blocks, case.block_size, heads, dim), 0x7F, dtype=torch.uint8)
+    caches = [cache.clone().to(device).view(reference.FP8) for _ in range(4)]
+    slots = slots.to(device)
+
+    store_kv(key, value, *caches[:2], slots, **scales)
+
+    reference.store_kv(key, value, *caches[2:], slots, **scales)
+    for got, want in zip(caches[:2], caches[2:]):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_decode_and_prefill_match_the_references_fp8_path(case: Case):
+    """A mixed batch with a sliding window, and the prefill of whole prompts."""
+    bs = case.block_size
+    window = bs + 3
+    pairs = [(1, case.long), (bs + 2, bs + 2), (1, 2), (5, case.long - 4), (1, window + 1)]
+    query_lens, lens = zip(*pairs)
+    paged, scales = to_fp8(paged_inputs(case, list(lens), list(query_lens)))
+    context_lens, query_start_loc = paged.device_lens()
+    args = (paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+            query_start_loc, 0.125)  # fmt: skip
+    for seen in (window, None):
+        out = torch.full_like(paged.query, NAN)
+        decode_attention(*args, max(lens), seen, num_splits=3, out=out, **scales)
+        prefill_attention(*args, max(query_lens), seen, min_query_len=2, out=out, **scales)
+        assert_close(out, fp8_reference(paged, scales, seen), case.dtype)
+
+
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_cascade_decode_and_extend_match_the_references_fp8_path(case: Case):
+    paged, cascade = cascade_inputs(case)
+    paged, scales = to_fp8(paged)
+    context_lens, query_start_loc = paged.device_lens()
+    out = torch.full_like(paged.query, NAN)
+    decode_attention(
+        paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+        query_start_loc, 0.125, max(paged.context_lens), num_splits=3, out=out,
+        cascade=cascade, **scales,
+    )  # fmt: skip
+    assert_close(out, fp8_reference(paged, scales), case.dtype)
+
+    paged, cascade, max_query_len = extend_cascade_inputs(case)
+    paged, scales = to_fp8(paged)
+    context_lens, query_start_loc = paged.device_lens()
+    out = torch.full_like(paged.query, NAN)
+    prefill_attention(
+        paged.query, paged.k_cache, paged.v_cache, paged.block_tables, context_lens,
+        query_start_loc, 0.125, max_query_len, out=out, cascade=cascade, **scales,
+    )  # fmt: skip
+    assert_close(out, fp8_reference(paged, scales), case.dtype)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or triton_common.INTERPRETED), reason="no Triton device here")
+def test_fp8_calls_without_their_scales_are_value_errors():
+    case = Case("cuda" if HAS_CUDA else "cpu", torch.bfloat16, 2, 16, 64)
+    paged = paged_inputs(case, [5], [5])
+    fp8, scales = to_fp8(paged)
+    context_lens, query_start_loc = paged.device_lens()
+    tail = (paged.block_tables, context_lens, query_start_loc, 0.125, 5)
+    with pytest.raises(ValueError, match="an fp8 cache is read and written with its scales"):
+        prefill_attention(fp8.query, fp8.k_cache, fp8.v_cache, *tail)
+    with pytest.raises(ValueError, match="k_scale and v_scale are an fp8 cache's"):
+        decode_attention(paged.query, paged.k_cache, paged.v_cache, *tail, **scales)
+    with pytest.raises(ValueError, match=r"k_scale and v_scale must be \[2\] float32"):
+        store_kv(paged.query[:, :2], paged.query[:, :2], fp8.k_cache, fp8.v_cache,
+                 torch.arange(5, device=case.device), k_scale=scales["k_scale"][:1],
+                 v_scale=scales["v_scale"][:1])  # fmt: skip
 
 
 @pytest.mark.skipif(not (HAS_CUDA or triton_common.INTERPRETED), reason="no Triton device here")
@@ -471,6 +607,37 @@ def test_engine_choices_and_logprobs_on_triton_match_torch(tiny_model_dirs, devi
     for got, want in zip(entries, want_entries, strict=True):
         assert [t for t, _ in got] == [t for t, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+
+
+@pytest.mark.parametrize("device", ENGINE_DEVICES)
+def test_engine_fp8_cache_on_triton_matches_torch(tiny_model_dirs, device):
+    """Store, decode, extend, cascade, forks (copy-on-write) and the choice scorer on an
+    fp8 cache: the same scales, the same greedy tokens and scores as the torch backend."""
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randint(3, 400, (37,), generator=gen).tolist()  # 2 whole blocks of 16
+    prompts = [shared + torch.randint(3, 400, (n,), generator=gen).tolist() for n in (2, 9)]
+    config = {"device": device, "dtype": "float32", "kv_dtype": "fp8", "block_size": 16,
+              "num_blocks": 64, "max_batch_tokens": 32}  # fmt: skip
+    greedy = SamplingParams(max_tokens=4, n=2, ignore_eos=True)
+    choices = SamplingParams(choices=("the cat", "a"))
+
+    def run(attention: str, scales: tuple | None = None):
+        llm = LLM(tiny_model_dirs["llama"], attention=attention, **config)
+        assert llm.engine.attention.backend == attention and llm.kv_cache.quantized
+        measured = (llm.kv_cache.k_scale.clone(), llm.kv_cache.v_scale.clone())
+        if scales is not None:  # measured by the other backend: rounding apart, the same
+            torch.testing.assert_close(measured, scales, rtol=1e-4, atol=0)
+            llm.kv_cache.set_scales(*scales, "the torch backend's")
+        llm.engine.runner.cascade_rule = ANY_GROUP
+        tokens = [[list(c.token_ids) for c in o.completions] for o in llm.generate(prompts, greedy)]
+        scores = [c.logprob for o in llm.generate(prompts, choices) for c in o.choices]
+        assert llm.stats().cascade_saved_token_reads > 0
+        return tokens, scores, measured
+
+    want_tokens, want_scores, scales = run("torch")
+    tokens, scores, _ = run("triton", scales)
+    assert tokens == want_tokens
+    assert scores == pytest.approx(want_scores, abs=1e-4)
 
 
 def _spy(launch, kind: str, counts: dict):

@@ -200,7 +200,7 @@ def test_cli_fp8_run_plan_and_bad_combinations(forked, tmp_path, tiny_model_dirs
     triton.write_text('attention = "triton"\n')  # plan has no --attention of its own
     for flags, says in (
         (["--kv-dtype", "fp9"], "kv_dtype must be auto or one of fp32, bf16, fp16, fp8"),
-        (["--kv-dtype", "fp8", "--config", triton], "a float8_e4m3fn KV cache runs with "
+        (["--kv-dtype", "fp16", "--config", triton], "a float16 KV cache runs with "
                                                      "--attention torch"),
     ):  # fmt: skip
         for command in (["run", src, "-o", out, "--overwrite", *tiny_args(model, *flags)],
@@ -230,3 +230,24 @@ def test_bench_kv_agreement_reports_fp8_against_the_model_dtype(tmp_path, tiny_m
     assert fp8["kv_dtype"] == "float8_e4m3fn" and fp8["records"] == 4
     assert fp8["mean_abs_logprob_diff"] > 0 and fp8["choice_mean_abs_logprob_diff"] > 0
     assert 0 <= fp8["token_agreement"] <= 1 and 0 <= fp8["choice_agreement"] <= 1
+
+
+def test_fp8_on_triton_is_refused_below_compute_capability_8_9_only(monkeypatch):
+    """The kernels convert to and from e4m3, which sm_80 cannot compile
+    (tests/test_kernel_compile.py); no GPU here, so the device's answers are stood in for."""
+    pytest.importorskip("triton")
+    from pagedbatch.engine.attention import kv_dtype_problem
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    problem = kv_dtype_problem("triton", FP8, bf16, cuda)
+    assert problem is not None and "\n" not in problem
+    assert "compute capability 8.9" in problem and "A100 has 8.0" in problem
+    assert "pass --attention torch" in problem
+    assert kv_dtype_problem("torch", FP8, bf16, cuda) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert kv_dtype_problem("triton", FP8, bf16, cuda) is None
+    assert kv_dtype_problem("triton", FP8, torch.float32, torch.device("cpu")) is None
+    other = kv_dtype_problem("triton", torch.float16, bf16, cuda)
+    assert other is not None and "a float16 KV cache runs with --attention torch" in other

@@ -2,8 +2,9 @@
 
     python -m pagedbatch.cli.kernel_bench                # SmolLM2 and Llama-3.2-1B heads
     python -m pagedbatch.cli.kernel_bench --batch-sizes 64 256 --contexts 1024 4096 --shapes qwen3-0.6b
+    python -m pagedbatch.cli.kernel_bench --kv-dtype auto fp8   # an fp8 cache beside bf16's
 
-A line per head shape, batch size and context length: the Triton decode kernel and the
+A line per head shape, batch size, context length and KV dtype: the Triton decode kernel and the
 torch reference, each in microseconds per call, GB/s of the KV bytes decode must read and
 % of the device's copy bandwidth; the last line says whether the goal is met. What is
 measured, and how: pagedbatch/kernels/bench.py.
@@ -12,6 +13,7 @@ measured, and how: pagedbatch/kernels/bench.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
@@ -19,6 +21,7 @@ import torch
 from pagedbatch.kernels.bench import (
     DTYPES,
     GOAL,
+    KV_DTYPES,
     SHAPES,
     Goal,
     Result,
@@ -28,7 +31,7 @@ from pagedbatch.kernels.bench import (
 )
 
 HEADER = (
-    f"{'shape':<14} {'batch':>5} {'context':>7} {'splits':>6} "
+    f"{'shape':<14} {'kv':>4} {'batch':>5} {'context':>7} {'splits':>6} "
     f"{'triton us':>10} {'GB/s':>8} {'% copy':>8} {'torch us':>10} {'GB/s':>8} {'% copy':>8} "
     f"{'speedup':>8} {'max err':>9}"
 )
@@ -46,7 +49,7 @@ def row(result: Result, copy_bw: float) -> str:
     speedup = f"{result.torch_ms / result.triton_ms:7.1f}x" if result.torch_ms else f"{'':>8}"
     error = f"{result.max_error:9.1e}" if result.max_error is not None else f"{'':>9}"
     return (
-        f"{result.shape:<14} {result.batch:>5} {result.context:>7} {result.splits:>6} "
+        f"{result.shape:<14} {result.kv_dtype:>4} {result.batch:>5} {result.context:>7} {result.splits:>6} "
         f"{rate(result.triton_ms)} {rate(result.torch_ms)} {speedup} {error}"
     )
 
@@ -75,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 2048, 4096, 8192])
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--kv-dtype", nargs="+", choices=KV_DTYPES, default=["auto"],
+        help="the cache's dtype: auto (--dtype's) and/or fp8 (float8 e4m3, scaled per KV head; "
+        "compute capability 8.9+)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -96,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.shapes:
         for batch in args.batch_sizes:
-            for context in args.contexts:
+            for context, kv in itertools.product(args.contexts, args.kv_dtype):
                 result = bench_case(
-                    name, batch, context, DTYPES[args.dtype], args.block_size, device
+                    name, batch, context, DTYPES[args.dtype], args.block_size, device, kv
                 )
                 results.append(result)
                 print(row(result, copy_bw), flush=True)

@@ -223,7 +223,7 @@ def pool_sizing(engine: EngineConfig, model_config: Any) -> PoolSizing:
     from pagedbatch.models.weights import config_model_bytes
 
     dtype, device = engine.torch_dtype, engine.torch_device
-    problem = kv_dtype_problem(engine.attention_backend, engine.torch_kv_dtype, dtype)
+    problem = kv_dtype_problem(engine.attention_backend, engine.torch_kv_dtype, dtype, device)
     if problem is not None:
         raise ValueError(problem)
     quantization = weight_quantization(model_config, engine.model, engine.quantize, device, dtype)

@@ -33,15 +33,26 @@ def triton_problem(device: torch.device) -> str | None:
     return launch_problem(device)
 
 
-def kv_dtype_problem(backend: str, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
-    """Why attention `backend` cannot keep K/V in `kv_dtype` for a `model_dtype` model."""
-    if backend == "triton" and kv_dtype != model_dtype:
-        kv, model = (str(d).removeprefix("torch.") for d in (kv_dtype, model_dtype))
-        return (
-            f"a {kv} KV cache runs with --attention torch: the Triton kernels read and write "
-            f"K/V in the model's dtype ({model}); pass --attention torch, or --kv-dtype auto"
-        )
-    return None
+def kv_dtype_problem(
+    backend: str, kv_dtype: torch.dtype, model_dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """Why attention `backend` cannot keep K/V in `kv_dtype` for a `model_dtype` model on
+    `device`: the Triton kernels read and write the model's dtype or fp8 (on CUDA from
+    compute capability 8.9: `triton_common.fp8_problem`); the torch backend any."""
+    if backend != "triton" or kv_dtype == model_dtype:
+        return None
+    if kv_dtype == reference.FP8:
+        if device.type != "cuda" or triton_problem(device) is not None:
+            return None  # the interpreter runs it; else PagedAttention says what is missing
+        from pagedbatch.kernels.triton_common import fp8_problem
+
+        return fp8_problem(device)
+    kv, model = (str(d).removeprefix("torch.") for d in (kv_dtype, model_dtype))
+    return (
+        f"a {kv} KV cache runs with --attention torch: the Triton kernels read and write "
+        f"K/V in the model's dtype ({model}) or fp8; pass --attention torch, or --kv-dtype "
+        "auto or fp8"
+    )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -58,7 +69,8 @@ class PagedAttention:
     sequences, their gathers and masks), then in each layer one fused attention call per
     bucket, in the cache's dtype. Backend "triton": the store kernel, then the decode
     kernel for sequences with one new token and the prefill kernel for the others, both
-    writing into one output; launches are sized
+    writing into one output (an fp8 cache: each kernel gets the layer's scales, the store
+    quantizes, the attention kernels dequantize in registers); launches are sized
     from the batch's host lists, so nothing waits on the device. The decode split count
     follows the batch size and `max_model_len` (not the step's context: a decode step's
     launches depend only on its batch size), and its split buffers are allocated once.
@@ -103,11 +115,12 @@ class PagedAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        k_scale, v_scale = self.kv_cache.scales(layer)  # an fp8 cache's; else None
         if self.before_store is not None:
             self.before_store(layer, key, value)
         if self.backend == "triton":
-            return self._triton(query, key, value, k_cache, v_cache, batch, scale, sliding_window)
-        k_scale, v_scale = self.kv_cache.scales(layer)  # an fp8 cache's; else None
+            cache = (k_cache, v_cache, k_scale, v_scale)
+            return self._triton(query, key, value, cache, batch, scale, sliding_window)
         reference.store_kv(key, value, k_cache, v_cache, batch.slot_mapping,
                            k_scale=k_scale, v_scale=v_scale)  # fmt: skip
         cascade = self._plan(batch, sliding_window)
@@ -150,13 +163,15 @@ class PagedAttention:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
         batch: Batch,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        self._store(key, value, k_cache, v_cache, batch.slot_mapping)
+        """`cache`: the layer's (k_cache, v_cache, k_scale, v_scale); scales None but fp8."""
+        k_cache, v_cache, k_scale, v_scale = cache
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
+        self._store(key, value, k_cache, v_cache, batch.slot_mapping, **scales)
         out = torch.empty_like(query)
         args = (query, k_cache, v_cache, batch.block_tables, batch.context_lens,
                 batch.query_start_loc, scale)  # fmt: skip
@@ -167,10 +182,10 @@ class PagedAttention:
         if batch.has_decode:
             bound = self.max_model_len or batch.max_context_len
             self._decode(*args, bound, sliding_window, out=out, workspace=self._workspace,
-                         cascade=plan and plan.decode_part)  # fmt: skip
+                         cascade=plan and plan.decode_part, **scales)  # fmt: skip
         if batch.max_query_len > 1:
             self._prefill(*args, batch.max_query_len, sliding_window, min_query_len=2, out=out,
-                          cascade=plan and plan.extend_part)  # fmt: skip
+                          cascade=plan and plan.extend_part, **scales)  # fmt: skip
         return out
 
 
