@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from job_helpers import by_id, invoke, read_lines, start, wait_for_lines, write_jsonl
+from job_helpers import (
+    by_id,
+    invoke,
+    one_line_error,
+    read_lines,
+    start,
+    wait_for_lines,
+    write_jsonl,
+)
 from tiny_models import CORPUS
 
 from pagedbatch.ray.shards import cut_points, make_shards
@@ -454,3 +462,40 @@ def test_a_cluster_lost_under_the_job_is_one_line_with_the_resume_command(
     assert "Resume with: pagedbatch run in.jsonl" in line and line.endswith("--resume"), line
     lines = read_lines(tmp_path / "out.jsonl")
     assert 2 <= len(by_id(lines)) < len(rows)
+
+
+def test_replicas_that_no_node_can_hold_are_refused_before_any_actor_starts():
+    """A replica of N ranks needs N GPUs (or CPUs) of one node: the pool counts what each
+    node holds, and refuses in one line before it asks Ray for anything."""
+    from pagedbatch.engine.config import EngineConfig
+    from pagedbatch.ray.cluster import Cluster, ClusterError, ReplicaPool
+
+    gpus = Cluster(False, gpus=10, cpus=64, nodes=3, node_gpus=(4, 4, 2), node_cpus=(32, 16, 16))
+    cpus = Cluster(False, gpus=0, cpus=8, nodes=1, node_gpus=(0,), node_cpus=(8,))
+    refusals = {
+        (gpus, 8, None): "tensor_parallel 8 needs 8 GPUs on one node; the cluster's largest "
+        "node has 4",
+        (gpus, 4, 3): "3 replicas of 4 GPUs on one node each do not fit: the cluster's nodes "
+        "(GPUs 4, 4, 2) hold 2",
+        (gpus, 2, 6): "6 replicas of 2 GPUs on one node each do not fit: the cluster's nodes "
+        "(GPUs 4, 4, 2) hold 5",
+        (cpus, 2, 5): "5 replicas of 2 CPUs on one node each do not fit: the cluster's nodes "
+        "(CPUs 8) hold 4",
+        (gpus, 1, 11): "11 replicas need 11 GPUs; the cluster has 10",
+    }
+    for (cluster, ranks, size), message in refusals.items():
+        with pytest.raises(ClusterError) as raised:
+            ReplicaPool(EngineConfig(tensor_parallel=ranks), cluster, size)
+        assert str(raised.value) == message
+
+
+def test_run_refuses_tensor_parallel_replicas_the_cluster_cannot_hold_in_one_line(ray_cluster, job):
+    root, flags, _, _ = job
+    out = root / "too-many.jsonl"
+    result = invoke(root / "in.jsonl", "-o", out, *flags, "--ray", "--replicas", "5",
+                    "--tensor-parallel", "2")  # fmt: skip
+    assert one_line_error(result) == (
+        "error: 5 replicas of 2 CPUs on one node each do not fit: the cluster's nodes "
+        "(CPUs 8) hold 4"
+    )
+    assert not out.exists()

@@ -190,7 +190,9 @@ class ReplicaPool:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             group = placement_group([bundle], strategy="STRICT_PACK")
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, 0)
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0
+            )
         actor = ray.remote(Replica).options(**options).remote(self.config)
         if group is not None:
             self._groups[actor] = group
