@@ -14,10 +14,19 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from job_helpers import by_id, invoke, read_lines, start, wait_for_lines, write_jsonl
+from job_helpers import (
+    by_id,
+    invoke,
+    one_line_error,
+    read_lines,
+    start,
+    wait_for_lines,
+    write_jsonl,
+)
 from tiny_models import CORPUS
 
 from pagedbatch.ray.shards import cut_points, make_shards
@@ -133,6 +142,76 @@ def test_a_killed_driver_resumes_on_ray_with_the_same_text(ray_cluster, job):
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output
     assert texts(by_id(read_lines(out))) == texts(single)
+
+
+def greedy_rows(count: int) -> list[dict]:
+    """The first `count` greedy records of the label workload, and the one that cannot run."""
+    rows = [row for row in label_rows() if "temperature" not in row]
+    return [*rows[:count], rows[-1]]
+
+
+def test_tensor_parallel_replicas_write_the_one_process_greedy_text(ray_cluster, job):
+    """`--ray --tensor-parallel 2`: 2 replicas, each a placement group of 2 CPUs holding an
+    LLM whose rank 1 is its child process; every record once, with the text of one process
+    without Ray or tensor parallelism (its float32 logits differ in the last bits only:
+    tests/test_tensor_parallel.py); the memory report and the summary show the ranks."""
+    root, flags, _, _ = job
+    write_jsonl(root / "tp.jsonl", greedy_rows(24))
+    outs, results = {}, {}
+    tp = ["--ray", "--replicas", "2", "--tensor-parallel", "2"]
+    for name, extra in (("one", []), ("tp", tp)):
+        outs[name] = root / f"tp-{name}.jsonl"
+        results[name] = invoke(root / "tp.jsonl", "-o", outs[name], *flags, *extra,
+                               "--memory-report")  # fmt: skip
+        assert results[name].exit_code == 0, results[name].output
+    one, ray = by_id(read_lines(outs["one"])), by_id(read_lines(outs["tp"]))
+    assert texts(ray) == texts(one)
+    assert ray["bad"]["error"]["code"] == "invalid_params"
+    output = " ".join(results["tp"].output.split())
+    assert "On Ray: 2 replicas of 2 tensor-parallel ranks" in output
+    assert "per rank (2 tensor-parallel)" in output
+    single = json.loads((root / "tp-one.memory.json").read_text())
+    report = json.loads((root / "tp-tp.memory.json").read_text())
+    assert [r["tensor_parallel"]["ranks"] for r in report["replicas"]] == [2, 2]
+    # each replica's pool is one process's (512 blocks), half of it on each rank
+    assert report["kv_pool_bytes"] == 2 * single["kv_pool_bytes"]
+    assert 2 * report["tensor_parallel"]["rank_kv_pool_bytes"] == single["kv_pool_bytes"]
+
+
+def _children(pid: int, word: bytes) -> list[int]:
+    """The children of process `pid` whose command line holds `word`."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if word in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_replica_whose_rank_dies_is_replaced_and_its_shard_runs_again(ray_cluster, job):
+    """SIGKILL the tensor-parallel worker of the one replica mid-job: the replica counts as
+    dead, a new one (with a new worker) runs the shard's records that had not come back,
+    and every record is written once with one process's text."""
+    import ray
+
+    root, flags, _, _ = job
+    write_jsonl(root / "tp-kill.jsonl", greedy_rows(40))
+    one = root / "tp-kill-one.jsonl"
+    assert invoke(root / "tp-kill.jsonl", "-o", one, *flags).exit_code == 0
+    out = root / "tp-kill-ray.jsonl"
+    args = [str(root / "tp-kill.jsonl"), "-o", str(out), *flags, "--ray", "--replicas", "1",
+            "--tensor-parallel", "2", "--ray-address", ray_cluster]  # fmt: skip
+    process = start(args, root)
+    try:
+        written = wait_for_lines(out, 3, process, timeout=180)
+        [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"pagedbatch-replica-{process.pid}-")]  # fmt: skip
+        replica = ray.get(ray.get_actor(name, "pagedbatch").ready.remote())["pid"]
+        [worker] = _children(replica, b"pagedbatch.engine.tp_worker")
+        os.kill(worker, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert written < 41
+    assert "1 replica died and was replaced" in " ".join((stdout + stderr).split())
+    assert texts(by_id(read_lines(out))) == texts(by_id(read_lines(one)))
 
 
 def test_choices_on_ray_score_as_one_process(ray_cluster, job):
@@ -383,3 +462,40 @@ def test_a_cluster_lost_under_the_job_is_one_line_with_the_resume_command(
     assert "Resume with: pagedbatch run in.jsonl" in line and line.endswith("--resume"), line
     lines = read_lines(tmp_path / "out.jsonl")
     assert 2 <= len(by_id(lines)) < len(rows)
+
+
+def test_replicas_that_no_node_can_hold_are_refused_before_any_actor_starts():
+    """A replica of N ranks needs N GPUs (or CPUs) of one node: the pool counts what each
+    node holds, and refuses in one line before it asks Ray for anything."""
+    from pagedbatch.engine.config import EngineConfig
+    from pagedbatch.ray.cluster import Cluster, ClusterError, ReplicaPool
+
+    gpus = Cluster(False, gpus=10, cpus=64, nodes=3, node_gpus=(4, 4, 2), node_cpus=(32, 16, 16))
+    cpus = Cluster(False, gpus=0, cpus=8, nodes=1, node_gpus=(0,), node_cpus=(8,))
+    refusals = {
+        (gpus, 8, None): "tensor_parallel 8 needs 8 GPUs on one node; the cluster's largest "
+        "node has 4",
+        (gpus, 4, 3): "3 replicas of 4 GPUs on one node each do not fit: the cluster's nodes "
+        "(GPUs 4, 4, 2) hold 2",
+        (gpus, 2, 6): "6 replicas of 2 GPUs on one node each do not fit: the cluster's nodes "
+        "(GPUs 4, 4, 2) hold 5",
+        (cpus, 2, 5): "5 replicas of 2 CPUs on one node each do not fit: the cluster's nodes "
+        "(CPUs 8) hold 4",
+        (gpus, 1, 11): "11 replicas need 11 GPUs; the cluster has 10",
+    }
+    for (cluster, ranks, size), message in refusals.items():
+        with pytest.raises(ClusterError) as raised:
+            ReplicaPool(EngineConfig(tensor_parallel=ranks), cluster, size)
+        assert str(raised.value) == message
+
+
+def test_run_refuses_tensor_parallel_replicas_the_cluster_cannot_hold_in_one_line(ray_cluster, job):
+    root, flags, _, _ = job
+    out = root / "too-many.jsonl"
+    result = invoke(root / "in.jsonl", "-o", out, *flags, "--ray", "--replicas", "5",
+                    "--tensor-parallel", "2")  # fmt: skip
+    assert one_line_error(result) == (
+        "error: 5 replicas of 2 CPUs on one node each do not fit: the cluster's nodes "
+        "(CPUs 8) hold 4"
+    )
+    assert not out.exists()

@@ -40,7 +40,6 @@ from pagedbatch.engine.tp_shards import (
     support_problem,
 )
 from pagedbatch.models.loader import ModelLoadError
-from pagedbatch.ray.ray_llm import RayLLM
 
 LOGPROB_TOL = 1e-4
 NEAR_TIE = 1e-3
@@ -160,8 +159,6 @@ def test_refusals_are_one_line():
             EngineConfig(tensor_parallel=2, **kw)
     with pytest.raises(ValueError, match="tensor_parallel must be >= 1"):
         EngineConfig(tensor_parallel=0)
-    with pytest.raises(ValueError, match="Ray"):
-        RayLLM(EngineConfig(tensor_parallel=2, device="cpu"))
     assert EngineConfig(tensor_parallel=2, device="cpu").attention_backend == "torch"
     assert not EngineConfig(tensor_parallel=2, device="cpu").use_cuda_graphs
 

@@ -45,9 +45,12 @@ def load_ray_llm(settings: RunSettings, options: RayOptions) -> Any:
 
 
 def ray_note(llm: Any) -> None:
-    """One line after the summary: the replicas, their load time, and any that died."""
+    """One line after the summary: the replicas (and their tensor-parallel ranks), their
+    load time, and any that died."""
     loads = ", ".join(f"{s:.1f}" for s in llm.load_seconds)
-    text = f"On Ray: {llm.replicas} replicas (model loads {loads} s)"
+    ranks = llm.config.tensor_parallel
+    each = f" of {ranks} tensor-parallel ranks" if ranks > 1 else ""
+    text = f"On Ray: {llm.replicas} replicas{each} (model loads {loads} s)"
     if llm.replaced:
         text += (
             f"; {llm.replaced} replica{'s' if llm.replaced > 1 else ''} died and "

@@ -31,6 +31,11 @@ def memory_table(report: dict[str, Any]) -> Table:
         ("preemptions / recomputed tokens", f"{r['preemptions']} / {r['recomputed_tokens']}"),
         ("evicted cached blocks", str(r["evictions"])),
     ]  # fmt: skip
+    if "tensor_parallel" in r:  # what one rank holds
+        tp = r["tensor_parallel"]
+        rows.append((f"per rank ({tp['ranks']} tensor-parallel)",
+                     f"weights {_mib(tp['rank_weight_bytes'])}, KV pool "
+                     f"{_mib(tp['rank_kv_pool_bytes'])}"))  # fmt: skip
     if "compiled_grammar_bytes" in r:  # structured output: host memory
         rows.append(("compiled grammars (host)", _mib(r["compiled_grammar_bytes"])))
     for name, value in rows:

@@ -107,7 +107,7 @@ def run(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress display.", rich_help_panel=OUTPUT_PANEL)] = True,
     ray: Annotated[bool | None, opt(RAY_PANEL, "Run the job on a Ray cluster: replicas of the model take shards of it, this process writes the output (needs pip install -e \".[ray]\").", "--ray")] = None,
     ray_address: Annotated[Str, opt(RAY_PANEL, "The cluster to join. [default: auto, the one running on this machine (never another job's own), else a local one started for the job]", "--ray-address")] = None,
-    replicas: Annotated[Int, opt(RAY_PANEL, "Replicas of the model, one per GPU (or CPU slot) of the cluster. [default: the cluster's GPUs, or its nodes without GPUs]", "--replicas")] = None,
+    replicas: Annotated[Int, opt(RAY_PANEL, "Replicas of the model, each on one GPU (or CPU slot) of the cluster, or on --tensor-parallel N of one node. [default: as many as the nodes' GPUs hold, or the nodes without GPUs]", "--replicas")] = None,
 ) -> None:  # fmt: skip
     """Generate a completion for every record of INPUT and write them to a JSONL file."""
     given = {k: v for k, v in locals().items() if v is not None and k not in _NOT_SETTINGS}
@@ -120,8 +120,6 @@ def run(
         )  # fmt: skip
     except ValueError as e:
         fail(str(e))
-    if cluster is not None and settings.engine.tensor_parallel > 1:
-        fail("--tensor-parallel does not run with --ray yet: a replica is one GPU")  # RayLLM too
     _run_job(input, settings, policy, progress, resume_command(ctx), cluster)
 
 

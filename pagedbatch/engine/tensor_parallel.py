@@ -292,13 +292,22 @@ def start_tensor_parallel(config: EngineConfig) -> TensorParallel | None:
     config is checked first (ModelLoadError naming what cannot be split)."""
     if config.tensor_parallel == 1:
         return None
-    from pagedbatch.models.loader import ModelLoadError, load_tokenizer_and_config
+    from pagedbatch.models.loader import load_tokenizer_and_config
+
+    _, model_config = load_tokenizer_and_config(config.model, config.cache_dir)
+    check_splits(config, model_config)
+    return TensorParallel(config)
+
+
+def check_splits(config: EngineConfig, model_config: Any) -> None:
+    """ModelLoadError naming why `config.model` (its transformers config: `model_config`)
+    cannot be split over `config.tensor_parallel` ranks; the Ray driver asks too, before
+    any replica starts."""
+    from pagedbatch.models.loader import ModelLoadError
     from pagedbatch.models.random_presets import RANDOM_PRESETS
 
     if config.model in RANDOM_PRESETS:
         raise ModelLoadError(f"tensor parallel runs checkpoints, not random preset {config.model}")
-    _, model_config = load_tokenizer_and_config(config.model, config.cache_dir)
     problem = support_problem(model_config, config.tensor_parallel)
     if problem is not None:
         raise ModelLoadError(problem)
-    return TensorParallel(config)

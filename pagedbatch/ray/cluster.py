@@ -1,5 +1,11 @@
 """The Ray side of a job: joining (or starting) a cluster, and the pool of replica actors.
 
+A replica of one rank is an actor with one GPU (or one CPU). A replica of
+`tensor_parallel` N ranks is a placement group of one bundle, N GPUs (or N CPUs on a
+cluster without GPUs), packed on one node (STRICT_PACK), and an actor that takes the whole
+bundle: Ray gives it the bundle's GPUs in CUDA_VISIBLE_DEVICES, and its `LLM` starts the
+N-1 tensor-parallel workers as child processes, which inherit them (rank r on the r-th).
+
 Only this module and `ray_llm.py` import Ray, and only when a job asks for it.
 """
 
@@ -50,12 +56,14 @@ class Cluster:
     cpus: int
     nodes: int
     address: str = ""
+    node_gpus: tuple[int, ...] = ()  # each live node's GPUs
+    node_cpus: tuple[int, ...] = ()  # each live node's (logical) CPUs
 
 
-def connect(address: str = "auto", *, replicas: int | None = None) -> Cluster:
+def connect(address: str = "auto", *, replicas: int | None = None, ranks: int = 1) -> Cluster:
     """Join the cluster at `address` ("auto": the one running on this machine, if any), or
-    start a local one when `address` is "auto" and none runs. Reuses a connection this
-    process already has.
+    start a local one when `address` is "auto" and none runs, with a CPU for each of the
+    `replicas` x `ranks` processes (at least). Reuses a connection this process already has.
 
     A local cluster started here carries the resource PRIVATE: "auto" finds any running
     cluster, but one that another job started is left alone (that job stops it when it
@@ -75,16 +83,20 @@ def connect(address: str = "auto", *, replicas: int | None = None) -> Cluster:
             if address != "auto":
                 raise ClusterError(f"cannot join the Ray cluster at {address}: {e}") from None
         if not joined:
-            cpus = max(process_cpus(), replicas or 1) + SPARE_CPUS
+            cpus = max(process_cpus(), (replicas or 1) * ranks) + SPARE_CPUS
             ray.init(
                 address="local", num_cpus=cpus, resources={PRIVATE: 1}, namespace=NAMESPACE,
                 include_dashboard=False, **quiet,
             )  # fmt: skip
             started = True
     resources = ray.cluster_resources()
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     gcs = ray.get_runtime_context().gcs_address
-    return Cluster(started, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), nodes, gcs)
+    return Cluster(
+        started, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), len(nodes), gcs,
+        node_gpus=tuple(int(n.get("GPU", 0)) for n in nodes),
+        node_cpus=tuple(int(n.get("CPU", 0)) for n in nodes),
+    )  # fmt: skip
 
 
 def reachable(address: str, timeout: float = 1.0) -> bool:
@@ -105,17 +117,20 @@ def lost(cluster: Cluster) -> ClusterError:
 
 
 class ReplicaPool:
-    """`size` replica actors of one model: started, replaced when one dies, stopped."""
+    """`size` replica actors of one model (each of `config.tensor_parallel` ranks): started,
+    replaced when one dies, stopped."""
 
     def __init__(self, config: EngineConfig, cluster: Cluster, size: int | None = None) -> None:
         self.cluster = cluster
+        self.ranks = config.tensor_parallel
         self.use_gpus = cluster.gpus > 0 and config.device != "cpu"
         if config.device.startswith("cuda") and not cluster.gpus:
             raise ClusterError(f"device {config.device} was asked for, but the cluster has no GPU")
-        self.size = size or (cluster.gpus if self.use_gpus else cluster.nodes) or 1
+        self.size = size or (self._fitting() if self.use_gpus else cluster.nodes) or 1
         self._check_fits()
         self.config = self._replica_config(config)
         self._names = (f"{ACTOR_PREFIX}-{os.getpid()}-{i}" for i in itertools.count())
+        self._groups: dict[Any, Any] = {}  # actor -> its placement group (ranks > 1)
         self.actors: list[Any] = [self._start() for _ in range(self.size)]
         self.load_seconds: list[float] = []
         self.dtypes: list[str] = []  # what the replicas run in (auto: per machine)
@@ -145,8 +160,16 @@ class ReplicaPool:
         return actor
 
     def kill(self, actor: Any) -> None:
+        """Stop `actor` (its tensor-parallel workers die with it) and free its GPUs."""
+        ray = import_ray()
         with contextlib.suppress(Exception):  # already gone
-            import_ray().kill(actor)
+            ray.kill(actor)
+        group = self._groups.pop(actor, None)
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(group)
 
     def close(self) -> None:
         for actor in self.actors:
@@ -159,25 +182,59 @@ class ReplicaPool:
             "name": next(self._names), "namespace": NAMESPACE, "max_concurrency": 2,
             "scheduling_strategy": "SPREAD", "max_restarts": 0,
         }  # fmt: skip
+        bundle = {"GPU": self.ranks, "CPU": 1} if self.use_gpus else {"CPU": self.ranks}
+        options.update(num_gpus=bundle.get("GPU", 0), num_cpus=bundle["CPU"])
+        group = None
+        if self.ranks > 1:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            group = placement_group([bundle], strategy="STRICT_PACK")
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0
+            )
+        actor = ray.remote(Replica).options(**options).remote(self.config)
+        if group is not None:
+            self._groups[actor] = group
+        return actor
+
+    def _units(self) -> tuple[tuple[int, ...], str]:
+        """What a rank takes on each node (GPUs, or CPUs on a cluster without), and its name."""
         if self.use_gpus:
-            options.update(num_gpus=1, num_cpus=1)
-        else:
-            options.update(num_cpus=1)
-        return ray.remote(Replica).options(**options).remote(self.config)
+            return self.cluster.node_gpus or (self.cluster.gpus,), "GPUs"
+        return self.cluster.node_cpus or (self.cluster.cpus,), "CPUs"
+
+    def _fitting(self) -> int:
+        """How many replicas of `ranks` fit the cluster, each on one node."""
+        units, _ = self._units()
+        return sum(n // self.ranks for n in units)
 
     def _check_fits(self) -> None:
         if self.size < 1:
             raise ClusterError(f"--replicas must be >= 1, got {self.size}")
-        have, what = (self.cluster.gpus, "GPUs") if self.use_gpus else (self.cluster.cpus, "CPUs")
-        if self.size > have:
+        units, what = self._units()
+        if self.ranks == 1 and self.size > sum(units):
             raise ClusterError(
-                f"{self.size} replicas need {self.size} {what}; the cluster has {have}"
+                f"{self.size} replicas need {self.size} {what}; the cluster has {sum(units)}"
+            )
+        if self.ranks > max(units):
+            raise ClusterError(
+                f"tensor_parallel {self.ranks} needs {self.ranks} {what} on one node; the "
+                f"cluster's largest node has {max(units)}"
+            )
+        if self.size > self._fitting():
+            raise ClusterError(
+                f"{self.size} replicas of {self.ranks} {what} on one node each do not fit: "
+                f"the cluster's nodes ({what} {', '.join(map(str, units))}) hold "
+                f"{self._fitting()}"
             )
 
     def _replica_config(self, config: EngineConfig) -> EngineConfig:
-        """On a CPU cluster this process started, the CPUs are shared among the replicas."""
+        """On a CPU cluster this process started, the CPUs are shared among the replicas'
+        processes (each rank's torch threads)."""
         if self.use_gpus or config.threads is not None or not self.cluster.started_here:
             return config
         if "OMP_NUM_THREADS" in os.environ:
             return config
-        return dataclasses.replace(config, threads=max(1, process_cpus() // self.size))
+        threads = max(1, process_cpus() // (self.size * self.ranks))
+        return dataclasses.replace(config, threads=threads)

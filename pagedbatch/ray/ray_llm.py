@@ -3,8 +3,9 @@
 The driver tokenizes the records (tokenizer only, no weights), orders them depth-first and
 cuts them into shards at weak prefix boundaries (`shards.py`); idle replicas take the next
 shard; finished outputs stream back through `take` and reach `on_output` here, once per
-record: a shard whose replica dies runs again elsewhere without the records already
-returned, with the same seeds (they derive from the job seed and the record id).
+record: a shard whose replica dies (or loses a tensor-parallel rank) runs again elsewhere
+without the records already returned, with the same seeds (they derive from the job seed
+and the record id).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.inputs.id_keys import id_key, key_array, repeated
 from pagedbatch.outputs import RequestOutput
 from pagedbatch.ray.cluster import ClusterError, ReplicaPool, connect, import_ray, lost, reachable
+from pagedbatch.ray.replica import ReplicaBroken
 from pagedbatch.ray.shards import Shard, make_shards
 from pagedbatch.ray.stats import merge_memory_reports, merge_stats
 from pagedbatch.requests.prompt_store import PromptStore
@@ -39,8 +41,8 @@ LIVENESS_S = 2.0  # how often the driver checks that the cluster's head is still
 
 class RayLLM:
     """The LLM interface `Job.run` needs (`generate`, `config`, `stats`, `memory_report`,
-    `dtype`),
-    run by `replicas` actors each holding an ordinary `LLM` of `config`.
+    `dtype`), run by `replicas` actors each holding an ordinary `LLM` of `config` (with
+    `config.tensor_parallel` N: N GPUs, or N CPUs, of one node each).
 
     `config.max_num_seqs` here is the cluster's: each replica's times the replicas.
     """
@@ -50,11 +52,13 @@ class RayLLM:
     ) -> None:
         from pagedbatch.models.loader import load_tokenizer_and_config
 
+        tokenizer, model_config = load_tokenizer_and_config(config.model, config.cache_dir)
         if config.tensor_parallel > 1:
-            raise ValueError("tensor_parallel does not run on Ray yet: a replica is one GPU")
-        tokenizer, _ = load_tokenizer_and_config(config.model, config.cache_dir)
+            from pagedbatch.engine.tensor_parallel import check_splits
+
+            check_splits(config, model_config)
         self._prompts = PromptBuilder(tokenizer, config.chat, config.chat_template_kwargs)
-        self.cluster = connect(address, replicas=replicas)
+        self.cluster = connect(address, replicas=replicas, ranks=config.tensor_parallel)
         self._pool: ReplicaPool | None = None
         self.replaced = 0  # replicas that died and were replaced
         self.lost = False  # the cluster went away under the job
@@ -237,7 +241,7 @@ class _Dispatch:
             return
         try:
             self.ray.get(run)  # raises what the replica's generate raised
-        except self.ray.exceptions.RayActorError:
+        except (self.ray.exceptions.RayActorError, ReplicaBroken):
             self._lost(actor, shard)
 
     def _check_cluster(self) -> None:
@@ -248,8 +252,8 @@ class _Dispatch:
             raise lost(self.llm.cluster)
 
     def _lost(self, actor: Any, shard: Shard) -> None:
-        """A replica died: its shard's unreturned records go first to the next idle one
-        (ClusterError when the whole cluster is gone)."""
+        """A replica died (or lost a tensor-parallel rank): its shard's unreturned records
+        go first to the next idle one (ClusterError when the whole cluster is gone)."""
         self._check_cluster()
         pool = self.llm._pool
         assert pool is not None

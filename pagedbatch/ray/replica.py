@@ -2,8 +2,10 @@
 
 `run(shard, records, params)` blocks while the shard generates (an actor with two
 threads); meanwhile `take(shard)` hands the driver the outputs finished since the last
-take, waiting up to a moment for one, with the replica's latest statistics. The class
-imports no Ray: `cluster.py` makes it an actor.
+take, waiting up to a moment for one, with the replica's latest statistics. A replica
+whose tensor-parallel rank died cannot run again: `run` raises `ReplicaBroken`, and the
+driver replaces it as one that died. The class imports no Ray: `cluster.py` makes it an
+actor.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class Report:
     outputs: list[RequestOutput] = field(default_factory=list)
     stats: EngineStats | None = None
     finished: bool = False
+
+
+class ReplicaBroken(RuntimeError):
+    """The replica's `LLM` cannot run any more (one of its tensor-parallel ranks died)."""
 
 
 class Replica:
@@ -62,12 +68,16 @@ class Replica:
         """Generate `records`; their outputs wait in the outbox for `take`."""
         if self.llm is None:
             raise RuntimeError(f"the replica could not load its model: {self.problem}")
+        from pagedbatch.engine.tensor_parallel import TensorParallelError
+
         self._stop.clear()
         try:
             self.llm.generate(
                 records, params, on_output=self._put, on_step=self._step,
                 should_stop=self._stop.is_set, keep_outputs=False,
             )  # fmt: skip
+        except TensorParallelError as e:
+            raise ReplicaBroken(str(e)) from None
         finally:
             with self._changed:
                 self._stats = self.llm.stats()
