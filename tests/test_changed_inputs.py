@@ -19,7 +19,8 @@ from job_helpers import by_id, read_lines, write_jsonl
 from pagedbatch.inputs.reader import read_index
 
 JOB = [
-    "--device", "cpu", "--num-blocks", "64", "--max-tokens", "6", "--max-num-seqs", "1",
+    "--device", "cpu", "--dtype", "float32", "--num-blocks", "64", "--max-tokens", "6",
+    "--max-num-seqs", "1",
     "--threads", "1", "--no-progress",
 ]  # fmt: skip
 ANIMALS = ["cat", "dog", "owl", "fox", "cow", "pig", "rat", "bee"]

@@ -30,7 +30,7 @@ from job_helpers import by_id, read_lines
 
 SEED = 16
 FLAGS = [
-    "--model", "tiny-random", "--max-tokens", "5", "--temperature", "0.9", "--top-k", "40",
+    "--model", "tiny-random", "--dtype", "float32", "--max-tokens", "5", "--temperature", "0.9", "--top-k", "40",
     "--n", "3", "--num-blocks", "256", "--max-num-seqs", "4", "--no-progress", "--seed", "7",
 ]  # fmt: skip
 PHASES = ("start", "first line", "mid-job", "all lines")
@@ -115,7 +115,8 @@ def test_killed_at_random_points_the_job_ends_exactly_as_an_uninterrupted_one(
 # --- Inputs rewritten in place at random points ----------------------------------------
 
 REWRITE_FLAGS = [
-    "--device", "cpu", "--num-blocks", "64", "--max-tokens", "4", "--max-num-seqs", "1",
+    "--device", "cpu", "--dtype", "float32", "--num-blocks", "64", "--max-tokens", "4",
+    "--max-num-seqs", "1",
     "--threads", "1", "--no-progress",
 ]  # fmt: skip
 ANIMALS = ("cat", "dog", "owl", "fox", "cow", "pig", "rat", "bee")

@@ -273,8 +273,8 @@ def test_ray_data_processor_adds_ray_data_llm_columns(ray_cluster, tiny_model_di
 
     rows = [{"id": f"q{i}", "prompt": f"story number {i} " * 3, "max_tokens": 6} for i in range(7)]
     rows[3]["max_tokens"] = -5
-    engine = {"model": str(tiny_model_dirs["llama"]), "device": "cpu", "num_blocks": 64,
-              "threads": 1}  # fmt: skip
+    engine = {"model": str(tiny_model_dirs["llama"]), "device": "cpu", "dtype": "float32",
+              "num_blocks": 64, "threads": 1}  # fmt: skip
     done = ray.data.from_items(rows).map_batches(
         PagedBatchProcessor, fn_constructor_kwargs={**engine, "should_continue_on_error": True},
         concurrency=1, batch_size=4,
