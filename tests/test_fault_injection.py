@@ -31,7 +31,8 @@ from job_helpers import by_id, read_lines
 SEED = 16
 FLAGS = [
     "--model", "tiny-random", "--dtype", "float32", "--max-tokens", "5", "--temperature", "0.9",
-    "--top-k", "40", "--n", "3", "--num-blocks", "256", "--max-num-seqs", "4", "--no-progress", "--seed", "7",
+    "--top-k", "40", "--n", "3", "--num-blocks", "256", "--max-num-seqs", "4", "--no-progress",
+    "--seed", "7",
 ]  # fmt: skip
 PHASES = ("start", "first line", "mid-job", "all lines")
 
