@@ -133,7 +133,8 @@ def num_blocks_for(
     loading would depend on how the weights load: on CPU a float32 checkpoint is mapped
     from the page cache, which still counts as available, a converted one is copied.)
 
-    Default memory: 0.8 of that on a GPU, or a quarter of it up to 4 GiB on CPU.
+    Default memory: 0.8 of that on a GPU, or a quarter of it up to 4 GiB on CPU (which a
+    job may lower to what its records need: engine/job_pool.py).
     """
     if num_blocks is not None:
         return num_blocks
