@@ -19,7 +19,13 @@ from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.constraints import Grammars
 from pagedbatch.engine.engine import Engine
 from pagedbatch.engine.job_pool import PoolFit, job_num_blocks
-from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
+from pagedbatch.engine.kv_cache import (
+    KVCache,
+    KVCacheSpec,
+    address_space_left,
+    free_memory,
+    num_blocks_for,
+)
 from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.reasoning import think_tokens
@@ -33,11 +39,12 @@ from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import (
     eos_token_ids,
     load_model,
+    model_config,
     model_directory,
     model_quantization,
 )
 from pagedbatch.models.quantization import checkpoint_kv_scales
-from pagedbatch.models.weights import model_bytes
+from pagedbatch.models.weights import config_model_bytes, model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
     Completion,
@@ -58,6 +65,9 @@ _PREPARE_BATCH = 512  # records tokenized at a time
 # memory is this window, not its records.
 _ADMIT_PER_SEQ = 2
 _ADMIT_MIN = 64
+# Address space a CPU job maps beside its weights and KV pool: the tokenizer and its
+# threads, the threads' malloc arenas (64 MiB each), a step's activations.
+_LOAD_RESERVE = 128 * 2**20
 
 
 class LLM:
@@ -83,6 +93,8 @@ class LLM:
         self.quantization = model_quantization(
             self.config.model, self.config.quantize, self.device, dtype, self.config.cache_dir
         )
+        if self.device.type == "cpu":
+            _check_address_space(self.config.model, self.config.cache_dir, dtype, self.quantization)
         # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
         self.tensor_parallel = start_tensor_parallel(self.config)
         tp = self.tensor_parallel
@@ -450,6 +462,23 @@ class _Group:
         self.rid = rid
         self.seqs = seqs
         self.pending = len(seqs)
+
+
+def _check_address_space(name: str, cache_dir: Any, dtype: torch.dtype, quantization: Any) -> None:
+    """Refuse, before anything loads, a model that does not fit the process's address-space
+    limit (`ulimit -v`): past it the tokenizer's Rust code aborts the process, no line said."""
+    left = address_space_left()
+    if left is None:
+        return
+    weights = config_model_bytes(model_config(name, cache_dir), dtype, quantization)
+    need = weights + _LOAD_RESERVE
+    if left < need:
+        raise ValueError(
+            f"the address-space limit (ulimit -v) leaves this process {left / 2**20:,.0f} MiB, "
+            f"and {name} needs about {need / 2**20:,.0f} MiB ({weights / 2**20:,.0f} MiB of "
+            f"weights, {_LOAD_RESERVE // 2**20} MiB for the tokenizer and threads); raise "
+            "ulimit -v (or unset it)"
+        )
 
 
 def _check_fits(kv_bytes: int, free: int, device: torch.device) -> None:
