@@ -144,6 +144,7 @@ class RayLLM:
         self._pool = None
         if self.cluster.started_here or self.lost:
             import_ray().shutdown()
+        self.cluster.stop_watchdog()
 
     def __enter__(self) -> RayLLM:
         return self
