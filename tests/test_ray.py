@@ -428,7 +428,7 @@ def test_a_killed_driver_leaves_no_process_of_its_own_cluster(tmp_path, tiny_mod
     write_jsonl(tmp_path / "in.jsonl", label_rows())
     # A temp dir of its own: "auto" finds no other cluster (a test's, a person's) to join.
     ray_dir = tempfile.mkdtemp(prefix="pbray", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_dir}
+    env = _ray_env(RAY_TMPDIR=ray_dir)
     args = [sys.executable, "-m", "pagedbatch", "run", "in.jsonl", "-o", "out.jsonl",
             "-m", str(tiny_model_dirs["llama"]), "--device", "cpu", "--threads", "1",
             "--max-tokens", "64", "--max-num-seqs", "2", "--no-progress", "--ray",
