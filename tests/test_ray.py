@@ -8,16 +8,12 @@ jobs here are few and share one input and one single-process run to compare with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -387,78 +383,3 @@ def test_a_cluster_lost_under_the_job_is_one_line_with_the_resume_command(
     assert "Resume with: pagedbatch run in.jsonl" in line and line.endswith("--resume"), line
     lines = read_lines(tmp_path / "out.jsonl")
     assert 2 <= len(by_id(lines)) < len(rows)
-
-
-def _ray_below(pid: int) -> dict[int, float]:
-    """The Ray processes below process `pid`: pid -> start time."""
-    import psutil
-
-    found = {}
-    for process in psutil.Process(pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "ray" in " ".join(process.cmdline()):
-                found[process.pid] = process.create_time()
-    return found
-
-
-def _running(processes: dict[int, float]) -> list[str]:
-    """Those of `processes` still running (zombies are gone but for their parent's wait)."""
-    import psutil
-
-    left = []
-    for pid, started in processes.items():
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(pid)
-            if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
-                left.append(process.name())
-    return left
-
-
-@pytest.mark.parametrize(
-    ("when", "how"),
-    [("loading", signal.SIGKILL), ("generating", signal.SIGKILL), ("loading", signal.SIGINT)],
-)
-def test_a_killed_driver_leaves_no_process_of_its_own_cluster(tmp_path, tiny_model_dirs, when, how):
-    """kill -9 (or Ctrl-C) of a `--ray` job that started its own local cluster, while its
-    replica loads or generates: Ray stops the GCS and raylet with it, and the job's
-    watchdog the agents (they used to wait 1-2 min)."""
-    pytest.importorskip("ray")
-    import psutil
-
-    write_jsonl(tmp_path / "in.jsonl", label_rows())
-    # A temp dir of its own: "auto" finds no other cluster (a test's, a person's) to join.
-    ray_dir = tempfile.mkdtemp(prefix="pbray", dir="/tmp")
-    env = _ray_env(RAY_TMPDIR=ray_dir)
-    args = [sys.executable, "-m", "pagedbatch", "run", "in.jsonl", "-o", "out.jsonl",
-            "-m", str(tiny_model_dirs["llama"]), "--device", "cpu", "--threads", "1",
-            "--max-tokens", "64", "--max-num-seqs", "2", "--no-progress", "--ray",
-            "--replicas", "1"]  # fmt: skip
-    driver = subprocess.Popen(
-        args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and driver.poll() is None:
-            cluster = _ray_below(driver.pid)
-            names = " ".join(psutil.Process(p).name() for p in cluster if psutil.pid_exists(p))
-            ready = "DashboardAgent" in names and "ray::Replica" in names  # loading
-            if when == "generating":
-                out = tmp_path / "out.jsonl"
-                ready = ready and out.exists() and out.stat().st_size > 0
-            if ready:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"the job did not get to {when}: {driver.stderr.read()[-2000:]}")
-        cluster = _ray_below(driver.pid)  # the agents, the GCS, the raylet, the replica
-        os.kill(driver.pid, how)
-        driver.wait(timeout=60)
-        deadline = time.monotonic() + 15
-        while (left := _running(cluster)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not left, f"still running 15 s after the kill: {left}"
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        shutil.rmtree(ray_dir, ignore_errors=True)
