@@ -29,7 +29,7 @@ class Generator(Protocol):
         self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
         on_output: OnOutput | None = None, on_step: OnStep | None = None,
         should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
-        keep_outputs: bool = True,
+        keep_outputs: bool = True, fit_pool: bool = False,
     ) -> list[RequestOutput]: ...  # fmt: skip
 
     def stats(self) -> EngineStats:

@@ -18,7 +18,14 @@ from pagedbatch.engine.attention import ATTN_IMPLEMENTATION, kv_dtype_problem
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.constraints import Grammars
 from pagedbatch.engine.engine import Engine
-from pagedbatch.engine.kv_cache import KVCache, KVCacheSpec, free_memory, num_blocks_for
+from pagedbatch.engine.job_pool import PoolFit, job_num_blocks
+from pagedbatch.engine.kv_cache import (
+    KVCache,
+    KVCacheSpec,
+    address_space_left,
+    free_memory,
+    num_blocks_for,
+)
 from pagedbatch.engine.memory import memory_report
 from pagedbatch.engine.model_runner import ModelRunner
 from pagedbatch.engine.reasoning import think_tokens
@@ -32,11 +39,12 @@ from pagedbatch.generator import OnOutput, OnPrepared, OnStep, ShouldStop
 from pagedbatch.models.loader import (
     eos_token_ids,
     load_model,
+    model_config,
     model_directory,
     model_quantization,
 )
 from pagedbatch.models.quantization import checkpoint_kv_scales
-from pagedbatch.models.weights import model_bytes
+from pagedbatch.models.weights import config_model_bytes, model_bytes
 from pagedbatch.outputs import (
     ChoiceScore,
     Completion,
@@ -46,7 +54,7 @@ from pagedbatch.outputs import (
 )
 from pagedbatch.requests.ahead import ahead
 from pagedbatch.requests.preparer import Limits, Preparer
-from pagedbatch.requests.prompt_store import PromptStore
+from pagedbatch.requests.prompt_store import PromptStore, shared_blocks
 from pagedbatch.requests.prompts import PromptBuilder
 from pagedbatch.requests.records import Input, record_batches, to_record
 from pagedbatch.sampling_params import SamplingParams
@@ -57,6 +65,9 @@ _PREPARE_BATCH = 512  # records tokenized at a time
 # memory is this window, not its records.
 _ADMIT_PER_SEQ = 2
 _ADMIT_MIN = 64
+# Address space a CPU job maps beside its weights and KV pool: the tokenizer and its
+# threads, the threads' malloc arenas (64 MiB each), a step's activations.
+_LOAD_RESERVE = 128 * 2**20
 
 
 class LLM:
@@ -82,6 +93,8 @@ class LLM:
         self.quantization = model_quantization(
             self.config.model, self.config.quantize, self.device, dtype, self.config.cache_dir
         )
+        if self.device.type == "cpu":
+            _check_address_space(self.config.model, self.config.cache_dir, dtype, self.quantization)
         # Ranks 1..N-1 (engine/tensor_parallel.py), started before this rank loads its shard.
         self.tensor_parallel = start_tensor_parallel(self.config)
         tp = self.tensor_parallel
@@ -98,13 +111,7 @@ class LLM:
         stop = StopChecker(self.tokenizer, eos, self.think)
         # Structured output: the logits' width is the model's vocabulary, not the tokenizer's.
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, eos)
-        self.engine = Engine(
-            self.model, self.kv_cache, stop, self.config.max_batch_tokens,
-            self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
-            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
-            cascade=self.config.cascade, grammars=self.grammars,
-            make_runner=tp.runner if tp is not None else ModelRunner,
-        )  # fmt: skip
+        self.engine = self._make_engine(stop)
         if self.kv_cache.quantized:
             self._set_kv_scales()
         self.cuda_graphs_problem: str | None = None  # why auto CUDA graphs fell back to eager
@@ -113,11 +120,23 @@ class LLM:
         self.prompts = PromptBuilder(
             self.tokenizer, self.config.chat, self.config.chat_template_kwargs
         )
+        # A record must fit the default pool (what the memory allows), also when
+        # generate(fit_pool=True) sizes a smaller one (which then holds every record).
         limits = Limits(
             self.model.get_input_embeddings().num_embeddings, self.max_model_len,
             self.kv_cache.spec.block_size, self.kv_cache.num_blocks,
         )  # fmt: skip
         self.preparer = Preparer(self.prompts, limits, self.grammars, thinks=self.think is not None)
+
+    def _make_engine(self, stop: StopChecker) -> Engine:
+        tp = self.tensor_parallel
+        return Engine(
+            self.model, self.kv_cache, stop, self.config.max_batch_tokens,
+            self.config.max_num_seqs, self.max_model_len, self.config.attention_backend,
+            prefix_sharing=self.config.prefix_sharing, keep_timeline=self.config.memory_report,
+            cascade=self.config.cascade, grammars=self.grammars,
+            make_runner=tp.runner if tp is not None else ModelRunner,
+        )  # fmt: skip
 
     def _load(self, tp: TensorParallel | None, free: int, dtype: torch.dtype) -> None:
         """Load the model (this rank's shard) and allocate the KV cache (its KV heads)."""
@@ -185,7 +204,7 @@ class LLM:
         self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
         on_output: OnOutput | None = None, on_step: OnStep | None = None,
         should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
-        keep_outputs: bool = True,
+        keep_outputs: bool = True, fit_pool: bool = False,
     ) -> list[RequestOutput]:  # fmt: skip
         """Generate for every input; return outputs in input order.
 
@@ -200,6 +219,11 @@ class LLM:
         `generate` returns the outputs of the records that finished, in input order. With
         `keep_outputs=False` an output is not held once `on_output` has it (a job that
         streams its outputs to a file), and `generate` returns an empty list.
+        With `fit_pool=True` and the CPU default pool (`EngineConfig.pool_from_job`: neither
+        num_blocks nor kv_memory), the KV pool is sized from these inputs once they are
+        tokenized, before the first step: what they could hold at once, at most the
+        default (engine/job_pool.py); the same outputs in less memory. The engine starts
+        anew (its statistics and prefix cache), so a job asks for it on its one call.
 
         `inputs` that are a sequence (a list, a job's `RecordView`) are read twice, and
         not held: once in order to tokenize them (token ids kept compactly: prompt_store.py),
@@ -219,22 +243,44 @@ class LLM:
 
         prepared = self._tokenize(items, params, emit, stop, on_prepared)
         if prepared is not None:
-            self._run(items, *prepared, params, emit, on_step, stop)
+            store, numbers, blocks = prepared
+            order = store.order() if self.config.prefix_sharing else range(len(store))
+            if fit_pool and self.config.pool_from_job:
+                self._fit_pool(store, order, blocks)
+            self._run(items, store, numbers, order, params, emit, on_step, stop)
         return [results[i] for i in sorted(results)]
+
+    def _fit_pool(self, store: PromptStore, order: Seq[int], held: int) -> None:
+        """Size the pool for prompts that hold `held` blocks (`Preparer.check`), in `order`:
+        engine/job_pool.py; `Limits.num_blocks` stays the default pool's."""
+        spec, default = self.kv_cache.spec, self.preparer.limits.num_blocks
+        shared = 0
+        if self.config.prefix_sharing and len(store):
+            lcps = store.common_prefixes(order)
+            shared = int(shared_blocks(store.lengths(), order, lcps, spec.block_size).sum())
+        fit = PoolFit(self.config.max_batch_tokens, self.config.max_num_seqs)
+        num_blocks = job_num_blocks(default, held, shared, fit, spec.block_size)
+        if num_blocks == self.kv_cache.num_blocks:
+            return
+        old = self.kv_cache
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        if old.k_scale is not None and old.v_scale is not None and old.scales_source:
+            self.kv_cache.set_scales(old.k_scale, old.v_scale, old.scales_source)
+        self.engine = self._make_engine(self.engine.stop_checker)
 
     def _tokenize(
         self, items: Seq[Input], params: SamplingParams, emit: _Emit, stop: ShouldStop,
         on_prepared: OnPrepared | None,
-    ) -> tuple[PromptStore, array[int]] | None:  # fmt: skip
+    ) -> tuple[PromptStore, array[int], int] | None:  # fmt: skip
         """Check and tokenize every input, a batch at a time (in a worker thread, while the
         next batch is read: requests/ahead.py; only that thread touches the tokenizer and the
-        Preparer meanwhile); emit the errors. Returns the prompts and the input number of
-        each (None when stopped)."""
+        Preparer meanwhile); emit the errors. Returns the prompts, the input number of
+        each and the KV blocks they may hold (`Checked.blocks`), or None when stopped."""
         store = PromptStore(self.preparer.limits.vocab_size)
         numbers = array("q")  # numbers[k]: the input whose prompt store[k] is
         batches = record_batches(items, _PREPARE_BATCH)
-        budget = 0  # the most output tokens of the records that passed
-        for (start, _), (checked, most) in ahead(
+        budget = blocks = 0  # the most output tokens, KV blocks of the records that passed
+        for (start, _), (checked, most, held) in ahead(
             batches, lambda b: self.preparer.check(b[1], params)
         ):
             if stop():
@@ -246,20 +292,21 @@ class LLM:
                     store.append(ids)
                     numbers.append(start + j)
             budget += most
+            blocks += held
             if on_prepared is not None:
                 on_prepared(start + len(checked), len(items), budget / max(len(store), 1))
-        return store, numbers
+        return store, numbers, blocks
 
     def _run(
-        self, items: Seq[Input], store: PromptStore, numbers: array[int],
+        self, items: Seq[Input], store: PromptStore, numbers: array[int], order: Seq[int],
         defaults: SamplingParams, emit: _Emit, on_step: OnStep | None, stop: ShouldStop,
     ) -> None:  # fmt: skip
-        """Admit the prompts a window at a time and step until all are done (or `stop`).
+        """Admit the prompts in `order` a window at a time and step until all are done (or
+        `stop`).
 
-        With prefix sharing, records are admitted in depth-first order of their prompts
-        (sorted token ids), so records sharing a prefix run together while it is cached.
+        With prefix sharing, `order` is the depth-first order of the prompts (sorted token
+        ids), so records sharing a prefix run together while they are cached.
         """
-        order = store.order() if self.config.prefix_sharing else range(len(store))
         pending = iter(order)
         window = max(_ADMIT_MIN, _ADMIT_PER_SEQ * self.config.max_num_seqs)
         owner: dict[int, _Group] = {}
@@ -415,6 +462,23 @@ class _Group:
         self.rid = rid
         self.seqs = seqs
         self.pending = len(seqs)
+
+
+def _check_address_space(name: str, cache_dir: Any, dtype: torch.dtype, quantization: Any) -> None:
+    """Refuse, before anything loads, a model that does not fit the process's address-space
+    limit (`ulimit -v`): past it the tokenizer's Rust code aborts the process, no line said."""
+    left = address_space_left()
+    if left is None:
+        return
+    weights = config_model_bytes(model_config(name, cache_dir), dtype, quantization)
+    need = weights + _LOAD_RESERVE
+    if left < need:
+        raise ValueError(
+            f"the address-space limit (ulimit -v) leaves this process {left / 2**20:,.0f} MiB, "
+            f"and {name} needs about {need / 2**20:,.0f} MiB ({weights / 2**20:,.0f} MiB of "
+            f"weights, {_LOAD_RESERVE // 2**20} MiB for the tokenizer and threads); raise "
+            "ulimit -v (or unset it)"
+        )
 
 
 def _check_fits(kv_bytes: int, free: int, device: torch.device) -> None:

@@ -312,3 +312,37 @@ def test_too_few_open_files_is_one_line(job, tiny_model_dirs):
             ), done.stderr
             failed.append(limit)
     assert failed, "no limit was low enough to fail"
+
+
+def _run_under_address_limit(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run(
+        [str(BIN / "pagedbatch"), *args], cwd=cwd, capture_output=True, text=True,
+        timeout=600, preexec_fn=capped,
+    )  # fmt: skip
+
+
+def test_a_model_larger_than_the_address_space_limit_is_one_line(job, tiny_model_dirs, tmp_path):
+    """`ulimit -v` below what the model needs: one line naming the limit, before any weight
+    loads (past the limit the tokenizer's Rust code aborts the process: exit 134, silent)."""
+    big = tmp_path / "big-model"
+    shutil.copytree(tiny_model_dirs["llama"], big)
+    config = json.loads((big / "config.json").read_text())
+    config.update(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16)
+    (big / "config.json").write_text(json.dumps(config))  # about 3 GB of float32 weights
+    args = ["run", str(job), "-m", str(big), "--device", "cpu", "--threads", "1", "--no-progress"]
+    done = _run_under_address_limit(args, job.parent, 2 * 2**30)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: the address-space limit (ulimit -v) leaves this process ")
+    assert done.stderr.count("\n") == 1 and "raise ulimit -v" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_ulimit_v_of_a_million_kib_is_one_line(job, smollm2_dir):
+    """The red team's reproduction: `ulimit -v 1000000` and the embedded model."""
+    args = ["run", str(job), "--device", "cpu", "--threads", "1", "--no-progress"]
+    done = _run_under_address_limit(args, job.parent, 1_000_000 * 1024)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "raise ulimit -v" in done.stderr, done.stderr

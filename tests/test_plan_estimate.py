@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -199,3 +202,30 @@ def test_plan_without_estimate_loads_no_model(tmp_path, monkeypatch):
     assert json.loads(result.stdout)["estimate"] is None
     table = CliRunner().invoke(app, [*args, "--no-estimate"])
     assert "not asked (--no-estimate)" in table.stdout
+
+
+def test_probe_keeps_prompts_shorter_than_a_block_whole():
+    chosen = probe_prompts(
+        [[5, 6, 7], [5, 6, 8, 9]], budget=80, max_len=1000, block_size=16, most=4
+    )
+    assert chosen == [[5, 6, 7], [5, 6, 8, 9]]
+
+
+@pytest.mark.parametrize("texts", [["hi 1", "hi 2", "hi 3"], ["a", "b"]])
+def test_plan_probe_measures_prompts_shorter_than_a_block(tmp_path, texts):
+    """Every prompt shorter than one KV block (even of one token): the probe measures
+    them as they are (it used to cut each to one token and fail: "ran no prefill step")."""
+    src = tmp_path / "short.jsonl"
+    src.write_text("".join(json.dumps({"id": t, "prompt": t}) + "\n" for t in texts))
+    env = {**os.environ, "PAGEDBATCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pagedbatch", "plan", str(src), "-m", "tiny-random", "--device",
+         "cpu", "--threads", "1", "--probe", "--json"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert "estimate_problem" not in plan
+    rates = plan["estimate"]["rates"]
+    assert rates["source"] == "probe" and rates["prefill_tok_s"] > 0 and rates["decode_tok_s"] > 0
+    assert plan["estimate"]["prefill_tokens"] == plan["prompt_tokens"]

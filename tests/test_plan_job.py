@@ -62,6 +62,7 @@ CRAFTED_PLAN = {  # what the plan of before gave for this job
     "kv_bytes_per_token": 128,
     "constrained_records": 0, "constraint_problems": [],
     "tensor_parallel": 1, "rank_weight_bytes": None, "rank_kv_bytes": None,
+    "pool_from_job": False,  # --num-blocks given
 }  # fmt: skip
 
 
@@ -102,6 +103,7 @@ def test_label_job_plan_json_is_as_before():
         "kv_bytes_per_token": 128,
         "constrained_records": 0, "constraint_problems": [],
         "tensor_parallel": 1, "rank_weight_bytes": None, "rank_kv_bytes": None,
+        "pool_from_job": False,  # --num-blocks given
     }  # fmt: skip
 
 

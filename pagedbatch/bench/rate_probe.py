@@ -42,12 +42,15 @@ def probe_prompts(
     """The first prompts (at most `most`) in the engine's (sorted) order whose tokens left to
     compute after sharing fit in `budget` (at least one), each cut to `min(budget, max_len)`
     tokens and then to one token past a block boundary: a copy of it (the decode batch)
-    then finds every block but its last token cached and computes just that token."""
+    then finds every block but its last token cached and computes just that token. A
+    prompt that is not longer than a block is kept whole (cut, it would be one token): its
+    copies compute it again, a few tokens each."""
     chosen: list[list[int]] = []
     left = budget
     for ids in sorted(prompts)[:most]:
         ids = ids[: min(budget, max_len)]
-        ids = ids[: len(ids) - (len(ids) - 1) % block_size]
+        if len(ids) > block_size:
+            ids = ids[: len(ids) - (len(ids) - 1) % block_size]
         cost = len(ids) - (common_prefix(chosen[-1], ids) if chosen else 0)
         if chosen and cost > left:
             break
@@ -79,14 +82,14 @@ def probe_rates(
     llm.generate(copies, _greedy(1 + DECODE_STEPS))
     decoded = llm.stats()
     rates = Rates(
-        prefill_tok_s=_rate(prefilled, before, "prefill"),
+        prefill_tok_s=_prefill_rate(prefilled, before),
         decode_tok_s=_rate(decoded, prefilled, "decode"),
         decode_seqs=(decoded.decode_step_tokens - prefilled.decode_step_tokens)
         / max(decoded.decode_steps - prefilled.decode_steps, 1),
         source=PROBE,
         measured_at=time.strftime("%Y-%m-%d %H:%M"),
     )
-    measured = prefilled.prefill_step_tokens - before.prefill_step_tokens
+    measured = _step_tokens(prefilled) - _step_tokens(before)
     return ProbeResult(rates, loaded - started, time.perf_counter() - started, measured)
 
 
@@ -97,6 +100,22 @@ def _greedy(max_tokens: int) -> SamplingParams:
 def _cascade(config: EngineConfig) -> bool:
     """The probe shares its prompts' blocks to be short; cascade only where the job has it."""
     return config.cascade and config.prefix_sharing
+
+
+def _step_tokens(stats: EngineStats) -> int:
+    return stats.prefill_step_tokens + stats.decode_step_tokens
+
+
+def _prefill_rate(after: EngineStats, before: EngineStats) -> float:
+    """Prompt tokens a second over the prefill call's steps, whatever their kind: with one
+    output token a record, that call runs only its prompts' steps (a step of one-token
+    prompts counts as a decode step)."""
+    seconds = after.prefill_step_seconds + after.decode_step_seconds
+    seconds -= before.prefill_step_seconds + before.decode_step_seconds
+    tokens = _step_tokens(after) - _step_tokens(before)
+    if tokens <= 0 or seconds <= 0:
+        raise ValueError("the probe ran no prefill step")
+    return tokens / seconds
 
 
 def _rate(after: EngineStats, before: EngineStats, kind: str) -> float:

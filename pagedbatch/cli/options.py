@@ -49,7 +49,7 @@ CudaGraphs = Annotated[bool | None, opt(MODEL_PANEL, "Replay decode-only steps f
 
 BlockSize = Annotated[Int, opt(MEMORY_PANEL, f"Tokens per KV block (power of two). [default: {_ENGINE.block_size}]")]
 NumBlocks = Annotated[Int, opt(MEMORY_PANEL, "Number of KV blocks (instead of --kv-memory).")]
-KvMemory = Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction like 0.5 of the memory free once the weights are loaded (as `pagedbatch plan` counts it). [default: 0.8 on CUDA; 0.25 of available RAM up to 4GiB on CPU]")]
+KvMemory = Annotated[Str, opt(MEMORY_PANEL, "KV cache size: bytes like 2GiB or 512MB, or a fraction like 0.5 of the memory free once the weights are loaded (as `pagedbatch plan` counts it). [default: 0.8 on CUDA; on CPU what the job could hold at once (as plan reports), at most 0.25 of available RAM up to 4GiB]")]
 KvDtype = Annotated[Str, opt(MEMORY_PANEL, "The KV cache's dtype: auto (the model's), fp32, bf16, fp16 or fp8 (float8 e4m3 with a scale per layer and KV head: the checkpoint's k_scale/v_scale, else measured on a fixed text at load; half of bf16's bytes). fp8 runs on both attention backends (triton: CUDA compute capability 8.9+); another dtype than the model's with --attention torch only. [default: auto]", "--kv-dtype")]
 MaxBatchTokens = Annotated[Int, opt(MEMORY_PANEL, f"Token budget of one step; longer prompts are prefilled in chunks. [default: {_ENGINE.max_batch_tokens}]")]
 MaxNumSeqs = Annotated[Int, opt(MEMORY_PANEL, f"Most sequences running at once. [default: {_ENGINE.max_num_seqs}]")]

@@ -123,6 +123,7 @@ def plan_job(
     try:
         resolve_model_name(engine.model)  # the input first, then the model, before torch
 
+        from pagedbatch.engine.job_pool import PoolFit
         from pagedbatch.models.loader import load_tokenizer_and_config
         from pagedbatch.plan.plan import make_plan
         from pagedbatch.plan.plan_prompts import read_plan_prompts
@@ -136,12 +137,18 @@ def plan_job(
     finally:
         index.rows.close()
     sizing = pool_sizing(engine, model_config)
+    # `run` sizes a CPU default pool from the job when it generates in one call
+    # (completion order), as `LLM.generate(fit_pool=True)`.
+    fit = None
+    if engine.pool_from_job and settings.order == "completion":
+        fit = PoolFit(engine.max_batch_tokens, engine.max_num_seqs)
     plan = make_plan(
         prompts,
         block_size=engine.block_size,
         num_blocks=sizing.num_blocks,
         max_model_len=context,
         prefix_sharing=engine.prefix_sharing,
+        fit_pool=fit,
     )
     plan = dataclasses.replace(
         plan, weight_bytes=sizing.weight_bytes, weights=sizing.weights,
@@ -286,7 +293,11 @@ def _tables(p: Plan, block_size: int, asked: bool, problem: str | None) -> Table
         ("KV blocks for all at once, no sharing", f"{p.blocks_needed:,}"),
         ("KV blocks for all at once, shared", f"{p.blocks_needed_shared:,}"),
         ("weights", f"{p.weight_bytes / 2**20:,.1f} MiB, {p.weights}"),
-        ("KV blocks configured", f"{p.num_blocks:,} of {block_size} tokens, {p.kv_dtype}"),
+        (
+            "KV blocks configured",
+            f"{p.num_blocks:,} of {block_size} tokens, {p.kv_dtype}"
+            + (", sized from the job" if p.pool_from_job else ""),
+        ),
         (
             "KV pool",
             f"{p.num_blocks * block_size * p.kv_bytes_per_token / 2**20:,.1f} MiB "

@@ -132,6 +132,15 @@ class EngineConfig:
         return None
 
     @property
+    def pool_from_job(self) -> bool:
+        """The KV pool is the CPU default (neither num_blocks nor kv_memory, one rank): a
+        job may size it from its records instead (engine/job_pool.py)."""
+        return (
+            self.num_blocks is None and self.kv_memory is None and self.tensor_parallel == 1
+            and self.torch_device.type == "cpu"
+        )  # fmt: skip
+
+    @property
     def torch_device(self) -> torch.device:
         import torch
 

@@ -9,6 +9,7 @@ checkpoint's own `k_scale` / `v_scale` when it has them, else measured at load
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +103,27 @@ class KVCache:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes that could still be allocated on `device`."""
+    """Bytes that could still be allocated on `device`: on CPU, what is available and this
+    process may still map (`address_space_left`)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
+    available = int(info["MemAvailable"].split()[0]) * 1024
+    left = address_space_left()
+    return available if left is None else min(available, left)
+
+
+def address_space_left() -> int | None:
+    """Bytes this process may still map under its address-space limit (`ulimit -v`,
+    RLIMIT_AS), or None when it has none. Every thread's stack and malloc arena counts,
+    and an allocation past it fails: in the tokenizer's Rust code that aborts the process."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    return max(limit - mapped, 0)
 
 
 CPU_KV_CAP = 4 * 2**30  # the default CPU cache stops here, whatever the RAM
@@ -133,7 +149,8 @@ def num_blocks_for(
     loading would depend on how the weights load: on CPU a float32 checkpoint is mapped
     from the page cache, which still counts as available, a converted one is copied.)
 
-    Default memory: 0.8 of that on a GPU, or a quarter of it up to 4 GiB on CPU.
+    Default memory: 0.8 of that on a GPU, or a quarter of it up to 4 GiB on CPU (which a
+    job may lower to what its records need: engine/job_pool.py).
     """
     if num_blocks is not None:
         return num_blocks

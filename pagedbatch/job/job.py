@@ -297,6 +297,7 @@ class Job:
                 on_prepared=on_prepared
                 and (lambda done, _, most: on_prepared(done, total, most)),
                 keep_outputs=False,  # each is written as it finishes
+                fit_pool=True,  # one call: a CPU default pool sized from the job
             )  # fmt: skip
             return
         # On a stop, outputs held behind an unfinished record are dropped: the file stays

@@ -133,11 +133,16 @@ def model_quantization(
 ) -> WeightQuantization | None:  # fmt: skip
     """How `load_model` quantizes `name`'s weights (None: full precision), from its config
     alone; ModelLoadError, one line, when that cannot run here."""
-    if name in RANDOM_PRESETS:
-        return weight_quantization(preset_config(name), name, quantize, device, dtype)
-    source, cached_only = _resolve_source(name, cache_dir)
-    config = _load_config(source, name, cached_only)
+    config = model_config(name, cache_dir)
     return weight_quantization(config, name, quantize, device, dtype)
+
+
+def model_config(name: str, cache_dir: Path | None = None) -> PretrainedConfig:
+    """The config of `name` alone (no tokenizer, no weights); ModelLoadError, one line."""
+    if name in RANDOM_PRESETS:
+        return preset_config(name)
+    source, cached_only = _resolve_source(name, cache_dir)
+    return _load_config(source, name, cached_only)
 
 
 def load_tokenizer_and_config(

@@ -9,8 +9,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pagedbatch.engine.job_pool import PoolFit, job_num_blocks, record_blocks
 from pagedbatch.plan.estimate import Estimate
 from pagedbatch.plan.plan_prompts import PlanPrompt, PlanPrompts
+from pagedbatch.requests.prompt_store import shared_blocks
 
 __all__ = ["Plan", "PlanPrompt", "PlanPrompts", "SharedPrefix", "make_plan"]
 
@@ -36,7 +38,7 @@ class Plan:
     too_long: list[Any]
     blocks_needed: int  # every record's prompt + max_tokens, all at once, no sharing
     blocks_needed_shared: int  # the same, each shared prefix block counted once
-    num_blocks: int
+    num_blocks: int  # the pool `run` allocates
     concurrent_sequences: int
     largest_shared_prefixes: list[SharedPrefix] = field(default_factory=list)
     output_tokens: int = 0  # the most the records can generate: max_tokens x n each
@@ -52,6 +54,7 @@ class Plan:
     tensor_parallel: int = 1  # ranks; with more than one, what the fullest rank holds:
     rank_weight_bytes: int | None = None  # its shard of the weights
     rank_kv_bytes: int | None = None  # its KV heads' part of the pool
+    pool_from_job: bool = False  # num_blocks sized from the job (engine/job_pool.py)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -71,6 +74,7 @@ def make_plan(
     max_model_len: int,
     prefix_sharing: bool = True,
     top: int = 5,
+    fit_pool: PoolFit | None = None,
 ) -> Plan:
     """Plan `prompts` (`PlanPrompts`, or [PlanPrompt (id, token ids, max_tokens[, n])]) as
     the engine runs them.
@@ -79,6 +83,9 @@ def make_plan(
     shares with the records before it, which in sorted order is the common prefix with
     its predecessor (capped so that its last token is computed). This assumes the cache
     keeps what a group needs while the group runs, which the engine's ordering aims at.
+
+    With `fit_pool` (a CPU pool of the default size), `num_blocks` is the default's and the
+    plan's pool is sized from the job as `run` sizes it (engine/job_pool.py).
     """
     if not isinstance(prompts, PlanPrompts):
         prompts = PlanPrompts.of(prompts, max_model_len)
@@ -98,10 +105,13 @@ def make_plan(
     if prefix_sharing and len(lengths):
         order = prompts.order()
         lcps = prompts.store.common_prefixes(order)
-        cached[order] = np.minimum(lcps, lengths[order] - 1) // block_size * block_size
+        cached = shared_blocks(lengths, order, lcps, block_size) * block_size
         groups = shared_prefix_groups(lcps, block_size)
     total, saved = int(lengths.sum()), int(cached.sum())
     private = int(held.sum()) - saved // block_size
+    if fit_pool is not None:
+        held_all = _record_blocks(prompts, lengths, block_size, max_model_len)
+        num_blocks = job_num_blocks(num_blocks, held_all, saved // block_size, fit_pool, block_size)
     mean_private = max(private / len(lengths), 1) if len(lengths) else 0
     return Plan(
         records=prompts.records,
@@ -120,6 +130,25 @@ def make_plan(
         max_model_len=max_model_len,
         constrained_records=prompts.constrained,
         constraint_problems=list(prompts.constraint_problems),
+        pool_from_job=fit_pool is not None,
+    )
+
+
+def _record_blocks(
+    prompts: PlanPrompts, lengths: np.ndarray, block_size: int, max_model_len: int
+) -> int:
+    """`record_blocks` summed over the prompts, as `Preparer.check` sums them for `run`."""
+    ends = prompts.choice_ends
+    return sum(
+        record_blocks(
+            int(lengths[k]),
+            prompts.max_tokens[k],
+            prompts.n[k],
+            prompts.choice_tokens[ends[k - 1] if k else 0 : ends[k]],
+            block_size,
+            max_model_len,
+        )  # fmt: skip
+        for k in range(len(lengths))
     )
 
 

@@ -17,12 +17,13 @@ import itertools
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pagedbatch.engine.config import EngineConfig
 from pagedbatch.engine.threads import process_cpus
 from pagedbatch.ray.replica import Replica
+from pagedbatch.ray.watchdog import start_watchdog
 
 RAY_MISSING = 'Ray is not installed; --ray needs it: pip install -e ".[ray]"'
 NAMESPACE = "pagedbatch"
@@ -49,7 +50,8 @@ def import_ray() -> Any:
 @dataclass(frozen=True)
 class Cluster:
     """The cluster a job runs on: whether this process started it, its resources, and the
-    address of its head (GCS)."""
+    address of its head (GCS); for one started here, the watchdog that stops what is left of
+    it when this process ends (ray/watchdog.py)."""
 
     started_here: bool
     gpus: int
@@ -58,6 +60,13 @@ class Cluster:
     address: str = ""
     node_gpus: tuple[int, ...] = ()  # each live node's GPUs
     node_cpus: tuple[int, ...] = ()  # each live node's (logical) CPUs
+    watchdog: Any = field(default=None, compare=False, repr=False)  # subprocess.Popen
+
+    def stop_watchdog(self) -> None:
+        """Let the watchdog stop what is left of a cluster started here (after
+        `ray.shutdown()`: the agents that would wait for the GCS a minute or two)."""
+        if self.watchdog is not None and self.watchdog.stdin is not None:
+            self.watchdog.stdin.close()
 
 
 def connect(address: str = "auto", *, replicas: int | None = None, ranks: int = 1) -> Cluster:
@@ -70,7 +79,7 @@ def connect(address: str = "auto", *, replicas: int | None = None, ranks: int = 
     ends), and this job starts its own.
     """
     ray = import_ray()
-    started = False
+    started, watchdog = False, None
     if not ray.is_initialized():
         quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
         joined = False
@@ -88,14 +97,14 @@ def connect(address: str = "auto", *, replicas: int | None = None, ranks: int = 
                 address="local", num_cpus=cpus, resources={PRIVATE: 1}, namespace=NAMESPACE,
                 include_dashboard=False, **quiet,
             )  # fmt: skip
-            started = True
+            started, watchdog = True, start_watchdog()
     resources = ray.cluster_resources()
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     gcs = ray.get_runtime_context().gcs_address
     return Cluster(
         started, int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), len(nodes), gcs,
         node_gpus=tuple(int(n.get("GPU", 0)) for n in nodes),
-        node_cpus=tuple(int(n.get("CPU", 0)) for n in nodes),
+        node_cpus=tuple(int(n.get("CPU", 0)) for n in nodes), watchdog=watchdog,
     )  # fmt: skip
 
 

@@ -77,10 +77,11 @@ class RayLLM:
         self, inputs: Iterable[Input], params: SamplingParams | None = None, *,
         on_output: OnOutput | None = None, on_step: OnStep | None = None,
         should_stop: ShouldStop | None = None, on_prepared: OnPrepared | None = None,
-        keep_outputs: bool = True,
+        keep_outputs: bool = True, fit_pool: bool = False,
     ) -> list[RequestOutput]:  # fmt: skip
         """As `LLM.generate`; `on_step` gets the statistics summed over the replicas as they
-        report. Record ids must be distinct (they tell the outputs apart)."""
+        report. Record ids must be distinct (they tell the outputs apart). `fit_pool` is
+        not used: each replica keeps the pool it loaded with."""
         params = params or SamplingParams()
         items = inputs if isinstance(inputs, Seq) and not isinstance(inputs, str) else list(inputs)
         stop = should_stop or (lambda: False)
@@ -147,6 +148,7 @@ class RayLLM:
         self._pool = None
         if self.cluster.started_here or self.lost:
             import_ray().shutdown()
+        self.cluster.stop_watchdog()
 
     def __enter__(self) -> RayLLM:
         return self

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pagedbatch.engine.block_pool import blocks_for
 from pagedbatch.engine.constraints import Grammars
+from pagedbatch.engine.job_pool import record_blocks
 from pagedbatch.outputs import (
     ENGINE_ERROR,
     INVALID_PARAMS,
@@ -41,6 +43,16 @@ class Limits:
     num_blocks: int
 
 
+class Checked(NamedTuple):
+    """A batch of records checked: each one's prompt token ids or its error output; for the
+    records that passed, the most output tokens they may generate (max_tokens x n each;
+    choices: none) and the most KV blocks they may hold (engine/job_pool.py)."""
+
+    prompts: list[list[int] | RequestOutput]
+    output_tokens: int
+    blocks: int
+
+
 class Preparer:
     """Checks records and gives what the engine needs to run them, for one LLM."""
 
@@ -53,22 +65,26 @@ class Preparer:
         self.thinks = thinks  # the model marks its thinking (engine/reasoning.py)
         self._choices: dict[str, list[int]] = {}
 
-    def check(
-        self, records: Seq[Record], defaults: SamplingParams
-    ) -> tuple[list[list[int] | RequestOutput], int]:
-        """Each record's prompt token ids, or its error output; and the most output tokens
-        the records that passed may generate (max_tokens x n each; choices: none)."""
-        vocab = self.limits.vocab_size
+    def check(self, records: Seq[Record], defaults: SamplingParams) -> Checked:
+        """Each record's prompt token ids, or its error output; what the records that passed
+        may generate and hold (`Checked`)."""
+        limits = self.limits
         checked: list[list[int] | RequestOutput] = []
-        budget = 0
-        for record, ids in zip(records, prompt_ids(self.prompts, records, defaults, vocab)):
+        budget = blocks = 0
+        prompts = prompt_ids(self.prompts, records, defaults, limits.vocab_size)
+        for record, ids in zip(records, prompts):
             if not isinstance(ids, RequestOutput):
                 params = ids[1]
                 ids = self._check_fit(record, *ids)
                 if not isinstance(ids, RequestOutput):
                     budget += params.most_output_tokens
+                    choices = [len(self._choice_tokens(c)) for c in params.choices or ()]
+                    blocks += record_blocks(
+                        len(ids), params.max_output_tokens, params.n, choices,
+                        limits.block_size, limits.max_model_len,
+                    )  # fmt: skip
             checked.append(ids)
-        return checked, budget
+        return Checked(checked, budget, blocks)
 
     def params(self, record: Record, defaults: SamplingParams) -> SamplingParams:
         """The sampling params of a record that passed `check`."""

@@ -127,6 +127,17 @@ class PromptStore:
         return flat[at]
 
 
+def shared_blocks(
+    lengths: np.ndarray, order: np.ndarray, lcps: np.ndarray, block_size: int
+) -> np.ndarray:
+    """By prompt number, the whole blocks of each prompt that the prompt before it in
+    `order` computed (`lcps`: `PromptStore.common_prefixes(order)`), capped so that its last
+    token is computed: what prefix sharing saves it, with nothing evicted."""
+    blocks = np.zeros(len(lengths), dtype=np.int64)
+    blocks[order] = np.minimum(lcps, lengths[order] - 1) // block_size
+    return blocks
+
+
 def depth_first_order(
     lengths: np.ndarray, token_at: Callable[[np.ndarray, int], np.ndarray]
 ) -> np.ndarray:
